@@ -1,0 +1,176 @@
+"""Input checks run once at each public entry, before anything is traced.
+
+Every check collects all the mismatches it finds and raises one error whose
+message names the argument, what was expected and what came (chex style).
+Shapes and dtypes are static in JAX, so the checks also run on tracers, at
+trace time, before XLA sees the program.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbp._typing import Array, Params
+
+if TYPE_CHECKING:
+    from jaxbp.mlp import MLP
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in np.shape(value))
+
+
+def as_array(name: str, value: Any) -> Any:
+    """``value`` itself if it is an array (JAX, NumPy, tracer), else as a NumPy array.
+
+    Raises:
+      TypeError: ``value`` is not array-like (a string, a dict, ragged lists).
+    """
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return value
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be an array, got {type(value).__name__}: {err}") from None
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise TypeError(f"{name} must be a numeric array, got {type(value).__name__} "
+                        f"of dtype {array.dtype}")
+    return array
+
+
+def _is_float(dtype: Any) -> bool:
+    return jnp.issubdtype(dtype, jnp.floating)
+
+
+def check_x(net: MLP, x: Any) -> Any:
+    """Check x: (batch, n_in), floating, batch >= 1. Returns x as an array.
+
+    Raises:
+      TypeError: x is not an array or not floating.
+      ValueError: x's rank, width or batch is wrong.
+    """
+    x = as_array("x", x)
+    n_in = net.sizes[0]
+    shape = _shape(x)
+    if not _is_float(x.dtype):
+        raise TypeError(f"x must have a floating dtype (float16/bfloat16/float32/float64), "
+                        f"got {x.dtype}; cast it, e.g. x.astype({net.dtype!r})")
+    if len(shape) != 2 or shape[1] != n_in:
+        raise ValueError(f"x has shape {shape} but expected (batch, {n_in}): "
+                         f"rank 2 with n_in = sizes[0] = {n_in}")
+    if shape[0] < 1:
+        raise ValueError(f"x has shape {shape}: the batch is empty, expected at least 1 row")
+    return x
+
+
+def check_y(net: MLP, y: Any, batch: int) -> Any:
+    """Check y against the loss and the batch of x. Returns y as an array.
+
+    * ``squared_error`` and ``sigmoid_cross_entropy``: y of shape
+      ``(batch, n_out)``, floating or integer.
+    * ``softmax_cross_entropy``: y of shape ``(batch, n_out)`` (one-hot or
+      probabilities) or integer labels of shape ``(batch,)``; labels held on
+      the host (NumPy, lists) are also checked to lie in ``[0, n_out)``.
+
+    Raises:
+      TypeError: y is not numeric, or (batch,) labels that are not integers.
+      ValueError: y's shape does not fit, or a label is out of range.
+    """
+    from jaxbp.losses import get_loss
+
+    y = as_array("y", y)
+    n_out = net.sizes[-1]
+    shape = _shape(y)
+    loss = get_loss(net.loss)
+    if not (_is_float(y.dtype) or jnp.issubdtype(y.dtype, jnp.integer)
+            or y.dtype == jnp.bool_):
+        raise TypeError(f"y must be numeric, got dtype {y.dtype}")
+    if loss.integer_labels and len(shape) == 1:
+        if shape[0] != batch:
+            raise ValueError(f"y has shape {shape} but expected ({batch},) integer labels "
+                             f"or ({batch}, {n_out}) targets: the batch of x is {batch}")
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise TypeError(f"y of shape {shape} is read as class labels and must have an "
+                            f"integer dtype, got {y.dtype}; pass one-hot targets of shape "
+                            f"({batch}, {n_out}) for soft labels")
+        _check_label_range(y, n_out)
+        return y
+    if shape != (batch, n_out):
+        allowed = f"({batch}, {n_out})"
+        if loss.integer_labels:
+            allowed += f" or ({batch},) integer labels"
+        raise ValueError(f"y has shape {shape} but expected {allowed} for loss "
+                         f"{net.loss!r}: batch of x = {batch}, n_out = sizes[-1] = {n_out}")
+    return y
+
+
+def _check_label_range(y: Any, n_out: int) -> None:
+    """Labels on the host must lie in [0, n_out); device arrays are not pulled back."""
+    if isinstance(y, jax.Array):  # includes tracers: checking would sync or is impossible
+        return
+    labels = np.asarray(y)
+    bad = np.flatnonzero((labels < 0) | (labels >= n_out))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"y holds labels outside [0, {n_out}): y[{i}] = {labels[i]} "
+                         f"({bad.size} out of range); n_out = sizes[-1] = {n_out}")
+
+
+def check_params(net: MLP, params: Any) -> None:
+    """Check params: a sequence of ``{"w": (fan_in, fan_out), "b": (fan_out,)}``, one dtype.
+
+    Raises:
+      TypeError: wrong container, keys or dtypes.
+      ValueError: wrong number of layers or a leaf of the wrong shape (every
+        mismatch is listed).
+    """
+    n_layers = len(net.sizes) - 1
+    if not isinstance(params, Sequence) or isinstance(params, str):
+        raise TypeError(f"params must be a tuple of {n_layers} dicts with keys 'w' and 'b' "
+                        f"(as net.init returns), got {type(params).__name__}")
+    if len(params) != n_layers:
+        raise ValueError(f"params has {len(params)} layers but expected {n_layers} for "
+                         f"sizes {net.sizes}")
+    problems: list[str] = []
+    dtypes = set()
+    for l, layer in enumerate(params):
+        if not isinstance(layer, Mapping) or set(layer) != {"w", "b"}:
+            got = sorted(layer) if isinstance(layer, Mapping) else type(layer).__name__
+            raise TypeError(f"params[{l}] must be a dict with keys ['b', 'w'], got {got}")
+        fan_in, fan_out = net.sizes[l], net.sizes[l + 1]
+        for key, expected in (("w", (fan_in, fan_out)), ("b", (fan_out,))):
+            leaf = as_array(f"params[{l}][{key!r}]", layer[key])
+            dtypes.add(jnp.dtype(leaf.dtype))
+            if _shape(leaf) != expected:
+                problems.append(f"params[{l}][{key!r}] has shape {_shape(leaf)} but "
+                                f"expected {expected}")
+    if problems:
+        raise ValueError(f"params do not fit sizes {net.sizes}: " + "; ".join(problems))
+    if len(dtypes) != 1 or not _is_float(next(iter(dtypes))):
+        raise TypeError(f"params must all share one floating dtype, got "
+                        f"{sorted(d.name for d in dtypes)}")
+
+
+def params_dtype(params: Params) -> Any:
+    """The one dtype of checked params."""
+    return jnp.dtype(params[0]["w"].dtype)
+
+
+def check_inputs(net: MLP, params: Any, x: Any, y: Any = None) -> tuple[Array, Any]:
+    """Check params, x (and y when given); return x (and y) ready for the math.
+
+    x and targets y are cast to the dtype of the params, the dtype every
+    computation runs in; integer labels stay integers.
+    """
+    check_params(net, params)
+    dtype = params_dtype(params)
+    x = check_x(net, x)
+    if y is not None:
+        y = check_y(net, y, _shape(x)[0])
+        y = jnp.asarray(y) if np.ndim(y) == 1 else jnp.asarray(y, dtype=dtype)
+    return jnp.asarray(x, dtype=dtype), y

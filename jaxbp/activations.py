@@ -1,0 +1,147 @@
+"""Activation functions g, each beside its hand-written derivative g'.
+
+Every record holds the forward map ``g(z)`` and ``dg(z, a)``, the derivative
+g'(z) given both the pre-activation ``z`` and the output ``a = g(z)``. Passing
+both lets each derivative use whichever is cheaper: sigmoid reads
+``a * (1 - a)`` off the cached output, ReLU only looks at the sign of ``z``.
+No derivative here calls :mod:`jax`'s autodiff.
+
+At the kinks the derivative is the one ``jax.grad`` takes, so the hand-written
+gradient and the reference agree everywhere: ``relu'(0) = 0`` (``jax.nn.relu``'s
+custom rule), ``leaky_relu'(0) = 1`` and ``elu'(0) = alpha`` (the branch
+``jnp.where`` selects at 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbp._typing import Array
+
+LEAKY_RELU_SLOPE = 0.01
+ELU_ALPHA = 1.0
+_GELU_C = float(np.sqrt(2.0 / np.pi))
+_GELU_K = 0.044715
+
+
+class Activation(NamedTuple):
+    """An activation g with its hand-written derivative.
+
+    Attributes:
+      name: the registry name, e.g. ``"relu"``.
+      g: ``z -> a``, elementwise.
+      dg: ``(z, a) -> g'(z)``, elementwise, where ``a = g(z)``.
+      he_init: whether ``MLP.init`` draws this layer's weights with He
+        (variance 2 / fan_in, the ReLU family) rather than Glorot scaling.
+    """
+
+    name: str
+    g: Callable[[Array], Array]
+    dg: Callable[[Array, Array], Array]
+    he_init: bool
+
+
+def _identity_dg(z: Array, a: Array) -> Array:
+    """identity'(z) = 1."""
+    del a
+    return jnp.ones_like(z)
+
+
+def _sigmoid_dg(z: Array, a: Array) -> Array:
+    """sigma'(z) = sigma(z) (1 - sigma(z)) = a (1 - a)."""
+    del z
+    return a * (1 - a)
+
+
+def _tanh_dg(z: Array, a: Array) -> Array:
+    """tanh'(z) = 1 - tanh(z)^2 = 1 - a^2."""
+    del z
+    return 1 - a * a
+
+
+def _relu_dg(z: Array, a: Array) -> Array:
+    """relu'(z) = 1 if z > 0 else 0 (0 at z = 0, as ``jax.nn.relu``)."""
+    del a
+    return (z > 0).astype(z.dtype)
+
+
+def _leaky_relu(z: Array) -> Array:
+    """leaky_relu(z) = z if z >= 0 else 0.01 z."""
+    return jax.nn.leaky_relu(z, LEAKY_RELU_SLOPE)
+
+
+def _leaky_relu_dg(z: Array, a: Array) -> Array:
+    """leaky_relu'(z) = 1 if z >= 0 else 0.01."""
+    del a
+    return jnp.where(z >= 0, jnp.ones_like(z), jnp.full_like(z, LEAKY_RELU_SLOPE))
+
+
+def _elu(z: Array) -> Array:
+    """elu(z) = z if z > 0 else alpha (e^z - 1), alpha = 1."""
+    return jax.nn.elu(z, ELU_ALPHA)
+
+
+def _elu_dg(z: Array, a: Array) -> Array:
+    """elu'(z) = 1 if z > 0 else alpha e^z = a + alpha."""
+    return jnp.where(z > 0, jnp.ones_like(z), a + ELU_ALPHA)
+
+
+def _softplus_dg(z: Array, a: Array) -> Array:
+    """softplus'(z) = d/dz log(1 + e^z) = sigma(z)."""
+    del a
+    return jax.nn.sigmoid(z)
+
+
+def _gelu(z: Array) -> Array:
+    """gelu(z) = z/2 (1 + tanh(c (z + k z^3))), c = sqrt(2/pi), k = 0.044715."""
+    return jax.nn.gelu(z, approximate=True)
+
+
+def _gelu_dg(z: Array, a: Array) -> Array:
+    """gelu'(z) = (1 + t)/2 + z/2 (1 - t^2) c (1 + 3 k z^2), t = tanh(c (z + k z^3))."""
+    del a
+    t = jnp.tanh(_GELU_C * (z + _GELU_K * z**3))
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_K * z * z)
+
+
+def _silu_dg(z: Array, a: Array) -> Array:
+    """silu'(z) = d/dz z sigma(z) = sigma(z) (1 + z (1 - sigma(z)))."""
+    del a
+    s = jax.nn.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    act.name: act
+    for act in (
+        Activation("identity", lambda z: z, _identity_dg, he_init=False),
+        Activation("sigmoid", jax.nn.sigmoid, _sigmoid_dg, he_init=False),
+        Activation("tanh", jnp.tanh, _tanh_dg, he_init=False),
+        Activation("relu", jax.nn.relu, _relu_dg, he_init=True),
+        Activation("leaky_relu", _leaky_relu, _leaky_relu_dg, he_init=True),
+        Activation("elu", _elu, _elu_dg, he_init=True),
+        Activation("softplus", jax.nn.softplus, _softplus_dg, he_init=True),
+        Activation("gelu", _gelu, _gelu_dg, he_init=True),
+        Activation("silu", jax.nn.silu, _silu_dg, he_init=True),
+    )
+}
+"""Every activation by name; ``MLP`` accepts exactly these keys."""
+
+
+def get_activation(name: str) -> Activation:
+    """The registered activation called ``name``.
+
+    Raises:
+      ValueError: ``name`` is not one of :data:`ACTIVATIONS`.
+    """
+    try:
+        return ACTIVATIONS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown activation {name!r}. It needs to be one of {sorted(ACTIVATIONS)}."
+        ) from None

@@ -1,0 +1,39 @@
+"""The reference: the same cost differentiated by :func:`jax.value_and_grad`.
+
+This is what the hand-written recursion is checked against; it shares the
+forward pass (:func:`jaxbp.mlp.cost`) and nothing of the backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from jaxbp import _checks
+from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp.mlp import MLP, cost
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_autodiff(net: MLP, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
+    return jax.value_and_grad(cost, argnums=1)(net, params, x, y)
+
+
+def value_and_autodiff(
+    net: MLP, params: Params, x: ArrayLike, y: ArrayLike
+) -> tuple[Array, Params]:
+    """The cost and ``jax.value_and_grad`` of it: the reference gradient.
+
+    Args:
+      net: the network description (static under jit).
+      params: as ``net.init`` returns.
+      x: (batch, n_in), floating; cast to the params' dtype.
+      y: (batch, n_out) targets, or (batch,) integer labels for
+        ``softmax_cross_entropy``.
+
+    Returns:
+      ``(C, grads)``: the scalar cost and grads shaped like ``params``.
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    return _value_and_autodiff(net, params, x, y)

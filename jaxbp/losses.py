@@ -1,0 +1,136 @@
+"""Losses C, each beside its hand-written output gradient dl/da.
+
+Every loss is a sum over the output units of one sample, averaged over the
+samples of a batch, as in seed 000:
+
+.. math::
+    C = \\frac{1}{N} \\sum_{n=1}^{N} l(a_n, y_n)
+
+A record holds the per-sample loss ``l`` and its gradient ``dl/da`` for one
+sample (not divided by N); the batch-mean versions are derived from them
+(:func:`mean_loss`, :func:`mean_loss_grad`). For the two cross-entropies ``a``
+are logits and the gradient is the fused form (``p - y``), never the product of
+the softmax Jacobian with ``dl/dp``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp._typing import Array
+
+
+class Loss(NamedTuple):
+    """A loss with its hand-written gradient with respect to the network output.
+
+    Attributes:
+      name: the registry name, e.g. ``"squared_error"``.
+      sample_loss: ``(a, y) -> (batch,)``, the loss of each sample.
+      sample_grad: ``(a, y) -> (batch, n_out)``, d l_n / d a_n for each sample.
+      integer_labels: whether ``y`` may also be integer class labels ``(batch,)``.
+    """
+
+    name: str
+    sample_loss: Callable[[Array, Array], Array]
+    sample_grad: Callable[[Array, Array], Array]
+    integer_labels: bool
+
+
+def _squared_error(a: Array, y: Array) -> Array:
+    """l = sum_j (a_j - y_j)^2, the cost C_0 of seed 000."""
+    return jnp.sum((a - y) ** 2, axis=-1)
+
+
+def _squared_error_grad(a: Array, y: Array) -> Array:
+    """dl/da_j = 2 (a_j - y_j)."""
+    return 2 * (a - y)
+
+
+def _as_targets(a: Array, y: Array) -> Array:
+    """y as (batch, classes) probabilities: integer labels become one-hot rows."""
+    if y.ndim == 1:
+        return jax.nn.one_hot(y, a.shape[-1], dtype=a.dtype)
+    return y.astype(a.dtype)
+
+
+def _softmax_cross_entropy(a: Array, y: Array) -> Array:
+    """l = sum_j y_j (logsumexp(a) - a_j), stable for any logits."""
+    y = _as_targets(a, y)
+    # logsumexp(a) = m + log sum_j exp(a_j - m), m = max_j a_j: no overflow.
+    log_z = jax.nn.logsumexp(a, axis=-1)
+    return jnp.sum(y, axis=-1) * log_z - jnp.sum(y * a, axis=-1)
+
+
+def _softmax_cross_entropy_grad(a: Array, y: Array) -> Array:
+    """dl/da_k = p_k sum_j y_j - y_k, p = softmax(a); = p - y for one-hot y."""
+    y = _as_targets(a, y)
+    p = jax.nn.softmax(a, axis=-1)
+    return p * jnp.sum(y, axis=-1, keepdims=True) - y
+
+
+def _sigmoid_cross_entropy(a: Array, y: Array) -> Array:
+    """l = sum_j BCE(a_j, y_j) = sum_j softplus(a_j) - a_j y_j."""
+    y = y.astype(a.dtype)
+    # -y log sigma(a) - (1 - y) log(1 - sigma(a)) = log(1 + e^a) - a y, and
+    # softplus(a) = logaddexp(a, 0) never overflows.
+    return jnp.sum(jax.nn.softplus(a) - a * y, axis=-1)
+
+
+def _sigmoid_cross_entropy_grad(a: Array, y: Array) -> Array:
+    """dl/da_j = sigma(a_j) - y_j."""
+    return jax.nn.sigmoid(a) - y.astype(a.dtype)
+
+
+LOSSES: dict[str, Loss] = {
+    loss.name: loss
+    for loss in (
+        Loss("squared_error", _squared_error, _squared_error_grad, integer_labels=False),
+        Loss(
+            "softmax_cross_entropy",
+            _softmax_cross_entropy,
+            _softmax_cross_entropy_grad,
+            integer_labels=True,
+        ),
+        Loss(
+            "sigmoid_cross_entropy",
+            _sigmoid_cross_entropy,
+            _sigmoid_cross_entropy_grad,
+            integer_labels=False,
+        ),
+    )
+}
+"""Every loss by name; ``MLP`` accepts exactly these keys."""
+
+
+def get_loss(name: str) -> Loss:
+    """The registered loss called ``name``.
+
+    Raises:
+      ValueError: ``name`` is not one of :data:`LOSSES`.
+    """
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown loss {name!r}. It needs to be one of {sorted(LOSSES)}."
+        ) from None
+
+
+def mean_loss(loss: Loss, a: Array, y: Array) -> Array:
+    """C = (1/N) sum_n l(a_n, y_n), a scalar.
+
+    Args:
+      loss: the loss record.
+      a: (batch, n_out) network outputs (logits for the cross-entropies).
+      y: (batch, n_out) targets, or (batch,) integer labels where allowed.
+    """
+    return jnp.mean(loss.sample_loss(a, y))
+
+
+def mean_loss_grad(loss: Loss, a: Array, y: Array) -> Array:
+    """dC/da = (1/N) dl/da, shape (batch, n_out)."""
+    return loss.sample_grad(a, y) / a.shape[0]

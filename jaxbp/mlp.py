@@ -1,0 +1,246 @@
+"""The multi-layer perceptron: a static description, its parameters and its forward pass.
+
+Batch-first, row vectors, as everywhere in jaxbp:
+
+.. math::
+    z^l = a^{l-1} W^l + b^l, \\qquad a^l = g^l(z^l), \\qquad a^0 = x
+
+with ``W^l: (fan_in, fan_out)`` and ``b^l: (fan_out,)``. Seed 000's weight
+``w_jk`` (from node k of layer l-1 to node j of layer l) is ``W^l[k, j]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp import _checks
+from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
+from jaxbp.activations import ACTIVATIONS, Activation, get_activation
+from jaxbp.losses import LOSSES, Loss, get_loss, mean_loss
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class Cache(NamedTuple):
+    """What the forward pass keeps for the backward recursion.
+
+    Attributes:
+      acts: ``(a^0, ..., a^L)``; ``a^0 = x: (batch, n_in)``, ``a^l: (batch, sizes[l])``.
+      zs: ``(z^1, ..., z^L)``; ``z^l: (batch, sizes[l])``.
+    """
+
+    acts: tuple[Array, ...]
+    zs: tuple[Array, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MLP:
+    """A fully connected network: sizes, activations, loss. Frozen and hashable.
+
+    Being hashable, an ``MLP`` can be a static argument of :func:`jax.jit`
+    (``jax.jit(f, static_argnums=0)``). It holds no parameters: those are the
+    pytree :meth:`init` returns.
+
+    Args:
+      sizes: ``(n_in, hidden_1, ..., n_out)``, at least two ints >= 1.
+      activation: one name for every hidden layer, or a sequence with one name
+        per hidden layer (``len(sizes) - 2`` of them). Names: see
+        :data:`jaxbp.activations.ACTIVATIONS`.
+      output_activation: the activation g^L of the output layer.
+      loss: one of :data:`jaxbp.losses.LOSSES`. The cross-entropies read
+        the network output a^L as logits.
+      dtype: the floating dtype :meth:`init` gives the parameters. The
+        forward and backward passes run in the dtype of the params they get.
+
+    Raises:
+      ValueError: a size < 1, fewer than two sizes, an unknown activation,
+        loss or dtype, or an activation sequence of the wrong length.
+      TypeError: sizes that are not integers.
+    """
+
+    sizes: tuple[int, ...]
+    activation: str | tuple[str, ...] = "relu"
+    output_activation: str = "identity"
+    loss: str = "softmax_cross_entropy"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sizes", _checked_sizes(self.sizes))
+        if not isinstance(self.activation, str):
+            object.__setattr__(self, "activation", _checked_activation_list(
+                self.activation, len(self.sizes) - 2))
+        else:
+            get_activation(self.activation)
+        _name_in("output_activation", self.output_activation, ACTIVATIONS)
+        _name_in("loss", self.loss, LOSSES)
+        object.__setattr__(self, "dtype", _checked_dtype(self.dtype))
+
+    @property
+    def n_layers(self) -> int:
+        """L, the number of weight layers (``len(sizes) - 1``)."""
+        return len(self.sizes) - 1
+
+    @property
+    def hidden_activations(self) -> tuple[str, ...]:
+        """The activation name of each hidden layer, ``len(sizes) - 2`` of them."""
+        if isinstance(self.activation, str):
+            return (self.activation,) * (len(self.sizes) - 2)
+        return self.activation
+
+    @property
+    def activations(self) -> tuple[Activation, ...]:
+        """The records ``(g^1, ..., g^L)``, the output activation last."""
+        names = (*self.hidden_activations, self.output_activation)
+        return tuple(get_activation(name) for name in names)
+
+    @property
+    def loss_fn(self) -> Loss:
+        """The loss record named by :attr:`loss`."""
+        return get_loss(self.loss)
+
+    def init(self, key: PRNGKey) -> Params:
+        """Fresh parameters: He (ReLU family) or Glorot weights, zero biases.
+
+        A layer's scheme follows its own activation g^l: ``Var(W) = 2 / fan_in``
+        (He et al. 2015) for relu, leaky_relu, elu, softplus, gelu and silu;
+        ``Var(W) = 2 / (fan_in + fan_out)`` (Glorot and Bengio 2010) for
+        identity, sigmoid and tanh. Weights are normals truncated at two
+        standard deviations and rescaled to that variance, as
+        :func:`jax.nn.initializers.variance_scaling` draws them, but all
+        layers come from one draw (one small compiled program per net).
+
+        Args:
+          key: a PRNG key (``jax.random.key`` or ``jax.random.PRNGKey``).
+
+        Returns:
+          A tuple of L dicts ``{"w": (fan_in, fan_out), "b": (fan_out,)}``.
+
+        Raises:
+          ValueError: ``dtype`` is float64 while 64-bit JAX is off.
+        """
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError("dtype 'float64' needs 64-bit JAX: call "
+                             "jax.config.update('jax_enable_x64', True) or use "
+                             "`with jax.enable_x64(True):` first")
+        return _init(self, key)
+
+    def apply(self, params: Params, x: ArrayLike) -> Array:
+        """The network output a^L.
+
+        Args:
+          params: as :meth:`init` returns.
+          x: (batch, n_in), floating; cast to the params' dtype.
+
+        Returns:
+          (batch, n_out) a^L (logits when the loss is a cross-entropy).
+        """
+        x, _ = _checks.check_inputs(self, params, x)
+        return forward(self, params, x).acts[-1]
+
+    def cost(self, params: Params, x: ArrayLike, y: ArrayLike) -> Array:
+        """The scalar cost C = (1/N) sum_n l(a^L_n, y_n).
+
+        Args:
+          params: as :meth:`init` returns.
+          x: (batch, n_in), floating.
+          y: (batch, n_out) targets, or (batch,) integer labels for
+            ``softmax_cross_entropy``.
+
+        Returns:
+          A scalar of the params' dtype.
+        """
+        x, y = _checks.check_inputs(self, params, x, y)
+        return cost(self, params, x, y)
+
+
+# The std of a standard normal truncated to [-2, 2]; dividing by it restores unit variance.
+_TRUNCATED_NORMAL_STD = 0.87962566103423978
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(net: MLP, key: PRNGKey) -> Params:
+    dtype = jnp.dtype(net.dtype)
+    fans = list(zip(net.sizes[:-1], net.sizes[1:]))
+    unit = jax.random.truncated_normal(
+        key, -2.0, 2.0, (sum(i * o for i, o in fans),), jnp.float32) / _TRUNCATED_NORMAL_STD
+    params, start = [], 0
+    for act, (fan_in, fan_out) in zip(net.activations, fans):
+        # He: Var(W) = 2 / fan_in; Glorot: Var(W) = 2 / (fan_in + fan_out).
+        variance = 2.0 / fan_in if act.he_init else 2.0 / (fan_in + fan_out)
+        w = unit[start:start + fan_in * fan_out].reshape(fan_in, fan_out) * variance**0.5
+        params.append({"w": w.astype(dtype), "b": jnp.zeros((fan_out,), dtype)})
+        start += fan_in * fan_out
+    return tuple(params)
+
+
+def forward(net: MLP, params: Params, x: Array) -> Cache:
+    """The forward pass, keeping every z^l and a^l (no input checks).
+
+    .. math::
+        z^l = a^{l-1} W^l + b^l, \\qquad a^l = g^l(z^l)
+
+    Args:
+      net: the network description.
+      params: checked parameters.
+      x: (batch, n_in), already in the params' dtype.
+    """
+    acts, zs = [x], []
+    for layer, act in zip(params, net.activations):
+        z = acts[-1] @ layer["w"] + layer["b"]
+        zs.append(z)
+        acts.append(act.g(z))
+    return Cache(tuple(acts), tuple(zs))
+
+
+def cost(net: MLP, params: Params, x: Array, y: Array) -> Array:
+    """C = (1/N) sum_n l(a^L_n, y_n) for checked inputs (no input checks)."""
+    return mean_loss(net.loss_fn, forward(net, params, x).acts[-1], y)
+
+
+def _checked_sizes(sizes: Any) -> tuple[int, ...]:
+    if isinstance(sizes, str) or not isinstance(sizes, Sequence):
+        raise TypeError(f"sizes must be a sequence of ints (n_in, ..., n_out), "
+                        f"got {type(sizes).__name__}: {sizes!r}")
+    bad_type = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int)]
+    if bad_type:
+        raise TypeError(f"sizes must hold ints, got {sizes!r} "
+                        f"(not ints: {bad_type!r})")
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must have at least 2 entries (n_in, n_out), got {tuple(sizes)}")
+    if min(sizes) < 1:
+        raise ValueError(f"sizes must all be >= 1, got {tuple(sizes)}")
+    return tuple(int(s) for s in sizes)
+
+
+def _checked_activation_list(names: Any, n_hidden: int) -> tuple[str, ...]:
+    if not isinstance(names, Sequence):
+        raise TypeError(f"activation must be a name or a sequence of names, "
+                        f"got {type(names).__name__}")
+    names = tuple(names)
+    if len(names) != n_hidden:
+        raise ValueError(f"activation has {len(names)} names but expected {n_hidden}, "
+                         f"one per hidden layer (len(sizes) - 2), got {names!r}")
+    for i, name in enumerate(names):
+        _name_in(f"activation[{i}]", name, ACTIVATIONS)
+    return names
+
+
+def _name_in(arg: str, name: Any, registry: dict[str, Any]) -> None:
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"Unknown {arg} {name!r}. It needs to be one of {sorted(registry)}.")
+
+
+def _checked_dtype(dtype: Any) -> str:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {list(_FLOAT_DTYPES)}, got {dtype!r}")
+    return name

@@ -1,0 +1,50 @@
+"""Shared test helpers: the per-dtype tolerances (loosened here only, with the reason)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+# Manual vs jax.grad, normwise relative error per leaf: max|m - r| / max|r|.
+# float64/float32: the issue's targets (1e-12, 1e-5), about 1e4 and 100x eps.
+# bfloat16 (eps 7.8e-3): the two gradients round differently at every step; a
+# leaf that is small because its batch sum cancels keeps the error of the terms,
+# so bf16 is measured against the largest entry of the whole gradient (1e-2),
+# and only on small nets: deep bf16 nets are checked against the float64 truth
+# instead (test_backprop.py::test_bfloat16_*).
+RTOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-2}
+
+
+def to_f64(tree):
+    """A pytree of host float64 arrays."""
+    return jax.tree.map(lambda a: np.asarray(a).astype(np.float64), tree)
+
+
+def leaf_rel_errors(manual, reference):
+    """Per leaf max|m - r| / max|r| (0 when both are exactly 0)."""
+    errors = []
+    for m, r in zip(jax.tree.leaves(to_f64(manual)), jax.tree.leaves(to_f64(reference))):
+        err = np.max(np.abs(m - r), initial=0.0)
+        scale = np.max(np.abs(r), initial=0.0)
+        errors.append(0.0 if err == 0 else err / scale if scale > 0 else np.inf)
+    return errors
+
+
+def global_rel_error(manual, reference):
+    """max over all leaves of |m - r| divided by the largest |r| of the whole gradient."""
+    m_leaves = jax.tree.leaves(to_f64(manual))
+    r_leaves = jax.tree.leaves(to_f64(reference))
+    err = max(np.max(np.abs(m - r), initial=0.0) for m, r in zip(m_leaves, r_leaves))
+    scale = max(np.max(np.abs(r), initial=0.0) for r in r_leaves)
+    return 0.0 if err == 0 else err / scale
+
+
+def assert_trees_close(manual, reference, dtype):
+    """Manual vs reference within RTOL[dtype] (per leaf; bf16 against the global scale)."""
+    assert jax.tree.structure(manual) == jax.tree.structure(reference)
+    if dtype == "bfloat16":
+        err = global_rel_error(manual, reference)
+        assert err <= RTOL[dtype], f"bfloat16 global relative error {err:.3e}"
+        return
+    errors = leaf_rel_errors(manual, reference)
+    assert max(errors) <= RTOL[dtype], f"{dtype} per-leaf relative errors {errors}"
