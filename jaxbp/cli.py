@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -22,8 +23,8 @@ def _verify(args: argparse.Namespace) -> int:
           f"{'Taylor':>6}  status")
     worst: dict[str, float] = {}
     failed, start = 0, time.perf_counter()
-    for i, case in enumerate(random_cases(args.seed, dtypes, max_depth=args.max_depth,
-                                          max_width=args.max_width)):
+    cases = random_cases(args.seed, dtypes, max_depth=args.max_depth, max_width=args.max_width)
+    for i, case in enumerate(itertools.islice(cases, args.cases)):
         report = run_case(case, n_fd=args.n_fd)
         fd = max((d.fd_error_manual for d in report.directions), default=math.nan)
         orders = [d.taylor_order_manual for d in report.directions
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random directions for FD and Taylor per case (default 2)")
     verify.add_argument("--max-depth", type=int, default=4, help="max weight layers (4)")
     verify.add_argument("--max-width", type=int, default=16, help="max layer width (16)")
+    verify.add_argument("--cases", type=int, default=None,
+                        help="run only the first N cases (default: all, 27 per dtype)")
     verify.set_defaults(run=_verify)
     return parser
 

@@ -1,0 +1,122 @@
+"""Each activation and loss against an independent NumPy formula, and its derivative too."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbp
+from jaxbp.losses import mean_loss, mean_loss_grad
+
+Z = np.linspace(-6, 6, 241)
+Z = Z[np.abs(Z) > 1e-9]  # away from the kink at 0; the kink has its own test
+
+
+def _numpy_g(name: str, z: np.ndarray) -> np.ndarray:
+    sig = 1 / (1 + np.exp(-z))
+    return {
+        "identity": z,
+        "sigmoid": sig,
+        "tanh": np.tanh(z),
+        "relu": np.maximum(z, 0),
+        "leaky_relu": np.where(z >= 0, z, 0.01 * z),
+        "elu": np.where(z > 0, z, np.exp(z) - 1),
+        "softplus": np.log1p(np.exp(z)),
+        "gelu": 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3))),
+        "silu": z * sig,
+    }[name]
+
+
+def test_registry_is_the_design_list():
+    assert set(jaxbp.ACTIVATIONS) == {"identity", "sigmoid", "tanh", "relu", "leaky_relu",
+                                      "elu", "softplus", "gelu", "silu"}
+    assert set(jaxbp.LOSSES) == {"squared_error", "softmax_cross_entropy",
+                                 "sigmoid_cross_entropy"}
+
+
+@pytest.mark.parametrize("name", sorted(jaxbp.ACTIVATIONS))
+def test_activation_matches_numpy(name):
+    with jax.enable_x64(True):
+        a = jaxbp.ACTIVATIONS[name].g(jnp.asarray(Z))
+        # atol: gelu's 1 + tanh(u) cancels for z << 0 (1e-16 absolute in either formula)
+        np.testing.assert_allclose(a, _numpy_g(name, Z), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(jaxbp.ACTIVATIONS))
+def test_derivative_matches_central_differences(name):
+    """g'(z) vs (g(z + h) - g(z - h)) / 2h of the NumPy formula, in float64."""
+    with jax.enable_x64(True):
+        act = jaxbp.ACTIVATIONS[name]
+        z = jnp.asarray(Z)
+        dg = act.dg(z, act.g(z))
+    h = 1e-6
+    fd = (_numpy_g(name, Z + h) - _numpy_g(name, Z - h)) / (2 * h)
+    np.testing.assert_allclose(dg, fd, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(jaxbp.ACTIVATIONS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_derivative_keeps_dtype(name, dtype):
+    act = jaxbp.ACTIVATIONS[name]
+    z = jnp.linspace(-3, 3, 7, dtype=dtype)
+    assert act.dg(z, act.g(z)).dtype == jnp.dtype(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(jaxbp.ACTIVATIONS))
+def test_derivative_at_zero_follows_jax_grad(name):
+    """At the kink the hand-written g'(0) is jax's convention (relu'(0) = 0, ...)."""
+    act = jaxbp.ACTIVATIONS[name]
+    z = jnp.zeros(1)
+    assert float(act.dg(z, act.g(z))[0]) == float(jax.grad(lambda t: act.g(t).sum())(z)[0])
+
+
+def _numpy_losses(name, a, y):
+    if name == "squared_error":
+        return np.mean([sum((a[n, j] - y[n, j]) ** 2 for j in range(a.shape[1]))
+                        for n in range(a.shape[0])])
+    if name == "sigmoid_cross_entropy":
+        p = 1 / (1 + np.exp(-a))
+        return np.mean(np.sum(-y * np.log(p) - (1 - y) * np.log(1 - p), axis=1))
+    p = np.exp(a) / np.exp(a).sum(axis=1, keepdims=True)
+    return np.mean(np.sum(-y * np.log(p), axis=1))
+
+
+@pytest.mark.parametrize("name", sorted(jaxbp.LOSSES))
+def test_loss_matches_numpy_and_grad_matches_jax(name):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 4))
+    y = rng.random((5, 4))
+    if name == "softmax_cross_entropy":
+        y /= y.sum(axis=1, keepdims=True)
+    loss = jaxbp.LOSSES[name]
+    with jax.enable_x64(True):
+        value = mean_loss(loss, jnp.asarray(a), jnp.asarray(y))
+        grad = mean_loss_grad(loss, jnp.asarray(a), jnp.asarray(y))
+        reference = jax.grad(lambda t: mean_loss(loss, t, jnp.asarray(y)))(jnp.asarray(a))
+    np.testing.assert_allclose(value, _numpy_losses(name, a, y), rtol=1e-13)
+    np.testing.assert_allclose(grad, reference, rtol=1e-13, atol=1e-16)
+
+
+def test_softmax_grad_with_unnormalised_targets():
+    """dl/da_k = p_k sum_j y_j - y_k holds for any y, not only rows summing to 1."""
+    with jax.enable_x64(True):
+        a, y = jnp.array([[0.3, -1.0, 2.0]]), jnp.array([[0.5, 2.0, 0.0]])
+        loss = jaxbp.LOSSES["softmax_cross_entropy"]
+        reference = jax.grad(lambda t: loss.sample_loss(t, y).sum())(a)
+        np.testing.assert_allclose(loss.sample_grad(a, y), reference, rtol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["softmax_cross_entropy", "sigmoid_cross_entropy"])
+def test_cross_entropies_are_stable(name):
+    loss = jaxbp.LOSSES[name]
+    a = jnp.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 3.0]])
+    y = jnp.array([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    values, grads = loss.sample_loss(a, y), loss.sample_grad(a, y)
+    assert np.all(np.isfinite(values)) and np.all(np.isfinite(grads))
+    if name == "softmax_cross_entropy":  # logsumexp(a) - a_1 = 1e4 - (-1e4)
+        expected = (2e4, 1e4 - 1e4)
+    else:  # sum_j softplus(a_j) - a_j y_j: 1e4 + 1e4 + log 2, then 0 + 0 + softplus(3)
+        expected = (2e4 + np.log(2), np.log1p(np.exp(3.0)))
+    np.testing.assert_allclose(values, expected, rtol=1e-6, atol=1e-6)

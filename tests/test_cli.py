@@ -1,0 +1,63 @@
+"""The `jaxbp` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from jaxbp import cli
+
+
+@pytest.fixture
+def restore_x64():
+    """`jaxbp verify` turns on 64-bit JAX for its process; undo it for the other tests."""
+    before = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", before)
+    jax.clear_caches()
+
+
+def test_verify_passes_and_prints_the_table(restore_x64, capsys):
+    code = cli.main(["verify", "--cases", "5", "--dtypes", "float64,float32", "--n-fd", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "all ok: 0 of 5 cases failed" in out
+    assert "worst relative error vs jax.grad: float64" in out
+    assert out.count(" ok") >= 5
+
+
+def test_verify_fails_with_exit_code_one_on_a_wrong_derivative(restore_x64, capsys, monkeypatch):
+    from jaxbp import activations
+
+    for name, act in list(activations.ACTIVATIONS.items()):  # every g' off by 10%
+        monkeypatch.setitem(activations.ACTIVATIONS, name,
+                            act._replace(dg=lambda z, a, dg=act.dg: 1.1 * dg(z, a)))
+    jax.clear_caches()
+    code = cli.main(["verify", "--cases", "3", "--dtypes", "float64", "--n-fd", "1"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED: 3 of 3 cases failed" in out
+    assert "reference" in out
+
+
+def test_unknown_dtype_is_a_usage_error(capsys):
+    assert cli.main(["verify", "--dtypes", "float8"]) == 2
+    assert "--dtypes: unknown ['float8']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "jaxbp.cli", "verify", "--cases", "2",
+                             "--dtypes", "float32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all ok" in result.stdout
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--help"])
+    assert info.value.code == 0
+    assert "verify" in capsys.readouterr().out
