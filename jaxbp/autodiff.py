@@ -1,7 +1,8 @@
 """The reference: the same cost differentiated by :func:`jax.value_and_grad`.
 
 This is what the hand-written recursion is checked against; it shares the
-forward pass (:func:`jaxbp.mlp.cost`) and nothing of the backward pass.
+forward pass (:func:`jaxbp.mlp.forward`) and the loss value, and nothing of
+the backward pass.
 """
 
 from __future__ import annotations
@@ -12,12 +13,26 @@ import jax
 
 from jaxbp import _checks
 from jaxbp._typing import Array, ArrayLike, Params
-from jaxbp.mlp import MLP, cost
+from jaxbp.losses import mean_loss
+from jaxbp.mlp import MLP, forward
+
+
+def value_grads_and_output(
+    net: MLP, params: Params, x: Array, y: Array
+) -> tuple[Array, Params, Array]:
+    """C, dC/dparams by ``jax.value_and_grad``, and a^L, for checked inputs."""
+
+    def cost_and_output(params: Params) -> tuple[Array, Array]:
+        out = forward(net, params, x).acts[-1]
+        return mean_loss(net.loss_fn, out, y), out
+
+    (value, out), grads = jax.value_and_grad(cost_and_output, has_aux=True)(params)
+    return value, grads, out
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _value_and_autodiff(net: MLP, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
-    return jax.value_and_grad(cost, argnums=1)(net, params, x, y)
+    return value_grads_and_output(net, params, x, y)[:2]
 
 
 def value_and_autodiff(

@@ -80,11 +80,23 @@ def grads_from_deltas(acts: tuple[Array, ...], deltas: tuple[Array, ...]) -> Par
     )
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _value_and_backprop(net: MLP, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
+def value_grads_and_output(
+    net: MLP, params: Params, x: Array, y: Array
+) -> tuple[Array, Params, Array]:
+    """C, dC/dparams by the recursion, and a^L, for checked inputs (no input checks).
+
+    The training step uses the output a^L for its metrics without a second
+    forward pass.
+    """
     cache = forward(net, params, x)
     deltas = layer_deltas(net, params, cache, output_delta(net, cache, y))
-    return mean_loss(net.loss_fn, cache.acts[-1], y), grads_from_deltas(cache.acts, deltas)
+    value = mean_loss(net.loss_fn, cache.acts[-1], y)
+    return value, grads_from_deltas(cache.acts, deltas), cache.acts[-1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_backprop(net: MLP, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
+    return value_grads_and_output(net, params, x, y)[:2]
 
 
 def value_and_backprop(

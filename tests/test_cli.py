@@ -61,3 +61,31 @@ def test_help_lists_the_subcommands(capsys):
         cli.main(["--help"])
     assert info.value.code == 0
     assert "verify" in capsys.readouterr().out
+
+
+def test_train_verifies_then_trains(capsys, tmp_path):
+    code = cli.main(["train", "--epochs", "3", "--sizes", "64,32,10", "--quiet",
+                     "--checkpoint-dir", str(tmp_path / "ckpt"), "--plot",
+                     str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "gradient check at the initial params" in out and "verify_grads: OK" in out
+    assert "final test accuracy" in out
+    assert (tmp_path / "c.png").exists() and len(list((tmp_path / "ckpt").iterdir())) == 3
+    assert not jax.config.jax_enable_x64  # the float64 check did not leak
+
+
+@pytest.mark.slow
+def test_default_train_reaches_97_percent_on_digits(capsys):
+    """The README's main job: plain `jaxbp train` (64,256,256,10 relu, adam 1e-3, 30 epochs)."""
+    assert cli.main(["train", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    accuracy = float(out.split("final test accuracy ")[1].split(",")[0])
+    assert accuracy >= 0.97, out
+
+
+def test_train_regression_on_teacher_data(capsys):
+    code = cli.main(["train", "--data", "teacher", "--epochs", "2", "--sizes", "32,16,8",
+                     "--quiet", "--optimizer", "momentum", "--lr", "0.01"])
+    out = capsys.readouterr().out
+    assert code == 0 and "final test loss" in out and "accuracy" not in out.split("final")[1]

@@ -1,0 +1,236 @@
+"""Atomic checkpoints of any pytree (a TrainState, its RNG, the loop's position) as ``.npz``.
+
+A checkpoint is one ``ckpt_<step>.npz`` holding every leaf as an array plus a
+JSON header: the tree structure, each leaf's shape and dtype, a SHA-256 of the
+leaf bytes and the caller's metadata. It is written to a temporary file in the
+same folder, flushed to disk, and renamed over the final name (``os.replace``
+is atomic on POSIX and Windows), so a crash leaves the previous checkpoints
+untouched and never a half-written one under a checkpoint's name. After a
+successful save only the newest ``keep`` checkpoints are kept.
+
+Restoring checks everything it can and raises :class:`CheckpointError` naming
+the file: a truncated or corrupt archive, a digest that does not match, a
+tree that does not fit the template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import tempfile
+import warnings
+import zipfile
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxbp._typing import PyTree
+
+_NAME = re.compile(r"^ckpt_(\d+)\.npz$")
+_HEADER = "__header__"
+FORMAT = "jaxbp-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be restored (corrupt, truncated or of another tree)."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A sound checkpoint of a different tree than the template (another net or optimizer)."""
+
+
+def _digest(leaves: list[np.ndarray]) -> str:
+    sha = hashlib.sha256()
+    for leaf in leaves:
+        sha.update(str((leaf.shape, leaf.dtype.str)).encode())
+        sha.update(np.ascontiguousarray(leaf).tobytes())
+    return sha.hexdigest()
+
+
+def _host_leaves(tree: PyTree) -> list[np.ndarray]:
+    """Leaves as host arrays; typed PRNG keys are stored as their key data."""
+    leaves = []
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
+                                                                  jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        leaves.append(np.asarray(leaf))
+    return leaves
+
+
+def path_for(directory: str | pathlib.Path, step: int) -> pathlib.Path:
+    """The file name of the checkpoint for ``step`` in ``directory``."""
+    return pathlib.Path(directory) / f"ckpt_{step:09d}.npz"
+
+
+def list_checkpoints(directory: str | pathlib.Path) -> list[pathlib.Path]:
+    """The checkpoints in ``directory``, oldest (smallest step) first."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save(
+    directory: str | pathlib.Path,
+    step: int,
+    tree: PyTree,
+    metadata: dict[str, Any] | None = None,
+    keep: int | None = 3,
+) -> pathlib.Path:
+    """Write ``tree`` (and JSON-serialisable ``metadata``) atomically as checkpoint ``step``.
+
+    Args:
+      directory: created if missing.
+      step: a non-negative int; names the file ``ckpt_<step>.npz``.
+      tree: any pytree of arrays (jax, NumPy, scalars; typed PRNG keys too).
+      metadata: JSON-serialisable extras (epoch, history, ...).
+      keep: keep only this many newest checkpoints after saving (None: all).
+
+    Returns:
+      The path written.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 or None, got {keep!r}")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    leaves = _host_leaves(tree)
+    header = {
+        "format": FORMAT,
+        "step": step,
+        "treedef": str(jax.tree.structure(tree)),
+        "leaves": [[list(leaf.shape), leaf.dtype.str] for leaf in leaves],
+        "sha256": _digest(leaves),
+        "metadata": metadata or {},
+    }
+    arrays = {f"leaf_{i:05d}": leaf for i, leaf in enumerate(leaves)}
+    arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    final = path_for(directory, step)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+    if keep is not None:
+        for old in list_checkpoints(directory)[:-keep]:
+            old.unlink(missing_ok=True)
+    return final
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows); the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read(path: str | pathlib.Path) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The leaves and header of a checkpoint file, integrity-checked.
+
+    Raises:
+      FileNotFoundError: no such file.
+      CheckpointError: unreadable, truncated, not a jaxbp checkpoint, or its
+        leaves do not match the digest written with them.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(bytes(data[_HEADER]).decode())
+            leaves = [data[f"leaf_{i:05d}"] for i in range(len(header["leaves"]))]
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupt: "
+                              f"{type(err).__name__}: {err}") from None
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format {header.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    if _digest(leaves) != header["sha256"]:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its arrays do not match "
+                              f"the SHA-256 written with them")
+    return leaves, header
+
+
+def restore(path: str | pathlib.Path, template: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """Load checkpoint ``path`` into the structure of ``template``.
+
+    Args:
+      path: a file written by :func:`save`.
+      template: a pytree of the same structure, shapes and dtypes (for
+        example ``TrainState.create(net.init(key), optimizer)``); typed PRNG
+        key leaves are rebuilt as keys of the template's implementation.
+
+    Returns:
+      ``(tree, metadata)``: the restored pytree (jax arrays) and the metadata.
+
+    Raises:
+      CheckpointError: corrupt or truncated.
+      CheckpointMismatchError: a structure/shape/dtype other than the
+        template's (every mismatch named).
+    """
+    leaves, header = read(path)
+    template_leaves, treedef = jax.tree.flatten(template)
+    if len(leaves) != len(template_leaves) or header["treedef"] != str(treedef):
+        raise CheckpointMismatchError(f"checkpoint {str(path)!r} holds a tree of {len(leaves)} leaves "
+                              f"{header['treedef']} but the template has "
+                              f"{len(template_leaves)}: {treedef}")
+    restored, problems = [], []
+    for i, (leaf, like) in enumerate(zip(leaves, template_leaves)):
+        is_key = isinstance(like, jax.Array) and jax.dtypes.issubdtype(like.dtype,
+                                                                        jax.dtypes.prng_key)
+        expected = jax.random.key_data(like) if is_key else np.asarray(like)
+        if leaf.shape != expected.shape or leaf.dtype != expected.dtype:
+            problems.append(f"leaf {i} is {leaf.dtype}{list(leaf.shape)}, template "
+                            f"{expected.dtype}{list(expected.shape)}")
+            continue
+        value = jax.numpy.asarray(leaf)
+        restored.append(jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
+                        if is_key else value)
+    if problems:
+        raise CheckpointMismatchError(f"checkpoint {str(path)!r} does not fit the template: "
+                              + "; ".join(problems))
+    return jax.tree.unflatten(treedef, restored), header["metadata"]
+
+
+def restore_latest(
+    directory: str | pathlib.Path, template: PyTree
+) -> tuple[PyTree, dict[str, Any], pathlib.Path] | None:
+    """The newest checkpoint in ``directory`` that restores, or None if there is none.
+
+    A newest file that is corrupt is reported with a warning naming it and
+    the next older one is tried; files are never deleted here.
+
+    Raises:
+      CheckpointMismatchError: a sound checkpoint that does not fit the
+        template (another run's folder): resuming from an older one would
+        be wrong, so nothing is skipped.
+    """
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            tree, metadata = restore(path, template)
+        except CheckpointMismatchError:
+            raise
+        except CheckpointError as err:
+            warnings.warn(f"skipping {err}", RuntimeWarning, stacklevel=2)
+            continue
+        return tree, metadata, path
+    return None

@@ -1,0 +1,224 @@
+"""Data sets that need no download, the user's own arrays, and a deterministic batch iterator.
+
+* :func:`load_digits`: scikit-learn's 8x8 handwritten digits (1797 images,
+  10 classes), shipped inside this package as ``jaxbp/data/digits.npz``; a fixed
+  train/test split and standardisation with the training set's statistics.
+* :func:`teacher_regression`: inputs through a random "teacher" MLP plus noise,
+  any size.
+* :func:`load_npz`: the user's ``.npz`` with arrays ``x`` and ``y`` (and
+  optionally ``x_test``, ``y_test``).
+* :func:`batches`: shuffled by a PRNG key, the last partial batch kept or dropped.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import zipfile
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from jaxbp._typing import PRNGKey
+
+_DIGITS = pathlib.Path(__file__).parent / "data" / "digits.npz"
+
+
+class Dataset(NamedTuple):
+    """Train and test arrays on the host (NumPy).
+
+    Attributes:
+      x_train: (n_train, n_in) float32.
+      y_train: (n_train,) int32 labels or (n_train, n_out) float32 targets.
+      x_test, y_test: the same for the held-out set.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def n_in(self) -> int:
+        """Input width."""
+        return int(self.x_train.shape[1])
+
+    @property
+    def n_out(self) -> int:
+        """Output width: the number of classes for labels, else the target width."""
+        if self.y_train.ndim == 1:
+            return int(max(self.y_train.max(), self.y_test.max(initial=0)) + 1)
+        return int(self.y_train.shape[1])
+
+    @property
+    def is_classification(self) -> bool:
+        """True when y holds integer class labels."""
+        return self.y_train.ndim == 1
+
+
+def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, round(n * test_fraction))
+    return order[n_test:], order[:n_test]
+
+
+def _standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x - mean) / std with the training set's per-feature statistics (std 0 -> 1)."""
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return ((x_train - mean) / std).astype(np.float32), ((x_test - mean) / std).astype(np.float32)
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's digits: 1797 8x8 images (pixels 0..16), labels 0..9.
+
+    The split is fixed by ``seed`` (default: 1438 train, 359 test); pixels are
+    standardised per feature with the training set's mean and std. The data
+    ship with jaxbp (UCI Optical Recognition of Handwritten Digits, as in
+    ``sklearn.datasets.load_digits``; CC BY 4.0), so nothing is downloaded.
+
+    Returns:
+      A :class:`Dataset` with x: (n, 64) float32 and y: (n,) int32.
+    """
+    with np.load(_DIGITS) as data:
+        x, y = data["x"].astype(np.float64), data["y"].astype(np.int32)
+    train, test = _split(len(x), test_fraction, seed)
+    x_train, x_test = _standardise(x[train], x[test])
+    return Dataset(x_train, y[train], x_test, y[test])
+
+
+def teacher_regression(
+    key: PRNGKey,
+    n_train: int = 4096,
+    n_test: int = 1024,
+    sizes: tuple[int, ...] = (32, 64, 8),
+    activation: str = "tanh",
+    noise: float = 0.1,
+) -> Dataset:
+    """A regression set: ``y = teacher(x) + noise * N(0, 1)``, ``x ~ N(0, I)``.
+
+    The teacher is a freshly initialised :class:`~jaxbp.MLP` with ``sizes`` and
+    ``activation`` (identity output); any size can be asked for.
+
+    Returns:
+      A :class:`Dataset` with x: (n, sizes[0]) and y: (n, sizes[-1]), float32.
+    """
+    from jaxbp.mlp import MLP
+
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
+    teacher = MLP(sizes, activation, "identity", "squared_error")
+    key_params, key_x, key_noise = jax.random.split(key, 3)
+    params = teacher.init(key_params)
+    x = jax.random.normal(key_x, (n_train + n_test, sizes[0]))
+    y = teacher.apply(params, x) + noise * jax.random.normal(key_noise, (len(x), sizes[-1]))
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+def load_npz(path: str | pathlib.Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """The user's data from an ``.npz`` file.
+
+    The file holds ``x`` (n, n_in) and ``y``: (n,) integer labels or (n, n_out)
+    targets; optionally ``x_test`` and ``y_test`` as well, otherwise a fixed
+    split by ``seed`` holds out ``test_fraction``. x is standardised with the
+    training statistics.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not a readable ``.npz``, an array missing, or shapes that do
+        not fit (the message names the file and the array).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise ValueError(f"data file {str(path)!r} is not a readable .npz file: {err}") from None
+    for name in ("x", "y"):
+        if name not in arrays:
+            raise ValueError(f"data file {str(path)!r} has no array {name!r} "
+                             f"(it holds {sorted(arrays)})")
+    has_test = "x_test" in arrays or "y_test" in arrays
+    if has_test and not ("x_test" in arrays and "y_test" in arrays):
+        raise ValueError(f"data file {str(path)!r} must hold both 'x_test' and 'y_test' "
+                         f"or neither (it holds {sorted(arrays)})")
+    pairs = [("x", "y")] + ([("x_test", "y_test")] if has_test else [])
+    for x_name, y_name in pairs:
+        _check_pair(path, x_name, arrays[x_name], y_name, arrays[y_name])
+    if has_test and arrays["x_test"].shape[1] != arrays["x"].shape[1]:
+        raise ValueError(f"data file {str(path)!r}: array 'x_test' has {arrays['x_test'].shape[1]}"
+                         f" columns but 'x' has {arrays['x'].shape[1]}")
+    x, y = arrays["x"].astype(np.float64), _targets(arrays["y"])
+    if has_test:
+        x_test, y_test = arrays["x_test"].astype(np.float64), _targets(arrays["y_test"])
+    else:
+        train, test = _split(len(x), test_fraction, seed)
+        x, x_test, y, y_test = x[train], x[test], y[train], y[test]
+    x_train, x_test = _standardise(x, x_test)
+    return Dataset(x_train, y, x_test, y_test)
+
+
+def _check_pair(path: pathlib.Path, x_name: str, x: np.ndarray, y_name: str,
+                y: np.ndarray) -> None:
+    where = f"data file {str(path)!r}"
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"{where}: array {x_name!r} has shape {x.shape} but expected "
+                         f"(n, n_in) with n >= 1")
+    if not (np.issubdtype(x.dtype, np.number) and np.all(np.isfinite(x))):
+        raise ValueError(f"{where}: array {x_name!r} must be finite numbers (dtype {x.dtype})")
+    if y.ndim not in (1, 2) or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{where}: array {y_name!r} has shape {y.shape} but expected "
+                         f"({x.shape[0]},) labels or ({x.shape[0]}, n_out) targets")
+    if y.ndim == 1 and not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{where}: array {y_name!r} of shape {y.shape} holds class labels "
+                         f"and must be integers, got {y.dtype}")
+    if y.ndim == 1 and y.min() < 0:
+        raise ValueError(f"{where}: array {y_name!r} holds negative labels (min {y.min()})")
+
+
+def _targets(y: np.ndarray) -> np.ndarray:
+    return y.astype(np.int32) if y.ndim == 1 else y.astype(np.float32)
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    """How many batches :func:`batches` yields for n samples."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    key: PRNGKey | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Mini-batches of ``(x, y)``, in an order fixed by ``key``.
+
+    Args:
+      x: (n, n_in); y: (n, ...).
+      batch_size: rows per batch, >= 1.
+      key: a PRNG key; the order is ``jax.random.permutation(key, n)``, the
+        same for the same key on every machine. None keeps the stored order.
+      drop_last: drop the last batch when it is shorter than ``batch_size``
+        (every batch then has one shape: one compiled step). With False the
+        short last batch is yielded (one more compile of a jitted step).
+
+    Yields:
+      ``(x_batch, y_batch)`` NumPy views/copies of ``batch_size`` rows (the
+      last one possibly fewer).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+    n = len(x)
+    order = np.arange(n) if key is None else np.asarray(jax.random.permutation(key, n))
+    for start in range(0, num_batches(n, batch_size, drop_last) * batch_size, batch_size):
+        index = order[start:start + batch_size]
+        yield x[index], y[index]

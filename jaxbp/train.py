@@ -1,0 +1,239 @@
+"""Training: a pure TrainState, the jitted step, k steps in one scan, evaluation.
+
+One step, for any optax ``GradientTransformation``:
+
+.. math::
+    (C, g) = \\text{backprop}(\\theta_t; x, y), \\quad
+    (u, s_{t+1}) = \\text{update}(g, s_t, \\theta_t), \\quad
+    \\theta_{t+1} = \\theta_t + u
+
+The step is a pure function ``(state, x, y) -> (state, metrics)`` compiled
+once; :func:`make_train_loop` runs k of them inside one ``lax.scan`` (no
+Python between steps: the benchmarkable unit). The epoch loop with progress,
+evaluation, checkpoints and plots is :func:`jaxbp.fit.fit`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxbp import _checks
+from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
+from jaxbp.backprop import value_grads_and_output as _backprop_grads
+from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp.mlp import MLP, forward
+
+GradFn = Callable[[MLP, Params, Array, Array], tuple[Array, Params, Array]]
+"""``(net, params, x, y) -> (C, grads, a^L)`` for checked inputs."""
+
+GRADIENTS: dict[str, GradFn] = {
+    "backprop": _backprop_grads,
+    "autodiff": _autodiff_grads,
+}
+"""The gradient sources a train step can use, by name."""
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training, as one pytree.
+
+    Attributes:
+      step: int32 scalar, the number of updates applied.
+      params: the network parameters.
+      opt_state: the optax optimizer's state.
+    """
+
+    step: Array
+    params: Params
+    opt_state: optax.OptState
+
+    @classmethod
+    def create(cls, params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+        """A step-0 state for ``params`` and any optax optimizer."""
+        return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def _gradient(grad: str) -> GradFn:
+    if grad not in GRADIENTS:
+        raise ValueError(f"Unknown grad {grad!r}. It needs to be one of {sorted(GRADIENTS)}.")
+    return GRADIENTS[grad]
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation (with init and "
+                        f"update), got {type(optimizer).__name__}")
+
+
+CLASSIFICATION_LOSSES = ("softmax_cross_entropy", "sigmoid_cross_entropy")
+"""Losses whose metrics include an accuracy."""
+
+
+def correct(net: MLP, out: Array, y: Array) -> Array | None:
+    """Per-sample correctness for classification losses, else None.
+
+    softmax cross-entropy: ``argmax(a^L) == label`` (labels, or argmax of
+    one-hot/probability rows); sigmoid cross-entropy: the fraction of output
+    units with ``(a^L > 0) == (y >= 1/2)``. Shape (batch,), float.
+    """
+    if net.loss == "softmax_cross_entropy":
+        labels = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
+        return (jnp.argmax(out, axis=-1) == labels).astype(jnp.float32)
+    if net.loss == "sigmoid_cross_entropy":
+        return jnp.mean((out > 0) == (y >= 0.5), axis=-1, dtype=jnp.float32)
+    return None
+
+
+def _nonfinite_layer(grads: Params) -> Array:
+    """Index of the first layer whose grads hold a NaN/inf, or -1."""
+    bad = jnp.stack([~jnp.all(jnp.isfinite(jnp.concatenate([g["w"].ravel(), g["b"].ravel()])))
+                     for g in grads])
+    return jnp.where(jnp.any(bad), jnp.argmax(bad), -1)
+
+
+def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
+          state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+    loss, grads, out = gradient(net, state.params, x, y)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss.astype(jnp.float32),
+               "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
+               "nonfinite_layer": _nonfinite_layer(grads)}
+    hits = correct(net, out, y)
+    if hits is not None:
+        metrics["accuracy"] = jnp.mean(hits)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def make_train_step(
+    net: MLP,
+    optimizer: optax.GradientTransformation,
+    grad: str = "backprop",
+    donate: bool = True,
+) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
+    """One jitted, pure training step ``(state, x, y) -> (state, metrics)``.
+
+    Args:
+      net: the network description.
+      optimizer: any optax ``GradientTransformation`` (sgd, adam, chains with
+        clipping and schedules, ...).
+      grad: ``"backprop"`` (the hand-written recursion) or ``"autodiff"``
+        (``jax.value_and_grad``), see :data:`GRADIENTS`.
+      donate: donate the input state's buffers to the output (updates in
+        place; the state passed in must not be used again). False keeps it.
+
+    Returns:
+      ``step(state, x, y)``; x: (batch, n_in), y as for ``net.cost``.
+      ``metrics`` holds float32 scalars ``loss`` (C before the update),
+      ``grad_norm`` (global 2-norm of the gradient), ``accuracy`` for the
+      cross-entropies (see :func:`correct`) and the int ``nonfinite_layer``
+      (first layer whose gradient is not finite, -1 if none).
+
+    Inputs are checked when the step is traced (once per shape), before XLA.
+    """
+    gradient = _gradient(grad)
+    _check_optimizer(optimizer)
+
+    def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+        x, y = _checks.check_inputs(net, state.params, x, y)
+        return _step(net, optimizer, gradient, state, x, y)
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_train_loop(
+    net: MLP,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    grad: str = "backprop",
+    donate: bool = True,
+) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
+    """``steps`` training steps inside one ``lax.scan``, compiled as one program.
+
+    Args:
+      net, optimizer, grad, donate: as :func:`make_train_step`.
+      steps: k >= 1.
+
+    Returns:
+      ``loop(state, xs, ys) -> (state, metrics)``. ``xs: (k, batch, n_in)``
+      and ``ys: (k, batch, ...)`` give one batch per step; ``xs: (batch,
+      n_in)`` and ``ys: (batch, ...)`` reuse one batch for all k steps (the
+      benchmark setting). Every metric comes back with a leading axis of k.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    gradient = _gradient(grad)
+    _check_optimizer(optimizer)
+
+    def loop(state: TrainState, xs: Array, ys: Array) -> tuple[TrainState, dict[str, Array]]:
+        xs = _checks.as_array("xs", xs)
+        per_step = np.ndim(xs) == 3
+        if per_step and (np.shape(xs)[0] != steps or np.shape(ys)[0] != steps):
+            raise ValueError(f"xs has shape {np.shape(xs)} and ys {np.shape(ys)} but expected "
+                             f"a leading axis of steps = {steps} (or one batch for all steps)")
+        x0, y0 = (xs[0], ys[0]) if per_step else (xs, ys)
+        x0, y0 = _checks.check_inputs(net, state.params, x0, y0)
+        # cast like the first batch: x to the params' dtype, targets too, labels stay ints
+        xs, ys = (jnp.asarray(xs, x0.dtype), jnp.asarray(ys, y0.dtype)) if per_step else (x0, y0)
+
+        def body(state: TrainState, batch: tuple[Array, Array] | None):
+            x, y = batch if per_step else (xs, ys)
+            return _step(net, optimizer, gradient, state, x, y)
+
+        return jax.lax.scan(body, state, (xs, ys) if per_step else None, length=steps)
+
+    return jax.jit(loop, donate_argnums=(0,) if donate else ())
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums(net: MLP, params: Params, x: Array, y: Array, mask: Array) -> tuple[Array, Array]:
+    out = forward(net, params, x).acts[-1]
+    losses = net.loss_fn.sample_loss(out, y).astype(jnp.float32)
+    hits = correct(net, out, y)
+    hits = jnp.zeros_like(losses) if hits is None else hits
+    return jnp.sum(losses * mask), jnp.sum(hits * mask)
+
+
+def evaluate(
+    net: MLP, params: Params, x: ArrayLike, y: ArrayLike, batch_size: int = 1024
+) -> dict[str, float]:
+    """Mean loss (and accuracy for the cross-entropies) over a whole data set.
+
+    Runs in batches of ``batch_size``; the last batch is padded and masked so
+    one compiled program serves every batch, and every sample counts once.
+
+    Args:
+      net: the network description.
+      params: the parameters to evaluate.
+      x: (n, n_in); y as for ``net.cost``.
+      batch_size: rows per evaluated batch.
+
+    Returns:
+      ``{"loss": C, "accuracy": ...}`` as Python floats (accuracy only for
+      classification losses).
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    n = x.shape[0]
+    size = min(batch_size, n)
+    loss_sum = hit_sum = 0.0
+    for start in range(0, n, size):
+        x_b, y_b = x[start:start + size], y[start:start + size]
+        pad = size - x_b.shape[0]
+        mask = jnp.arange(size) < x_b.shape[0]
+        if pad:
+            x_b = jnp.concatenate([x_b, jnp.zeros((pad, *x_b.shape[1:]), x_b.dtype)])
+            y_b = jnp.concatenate([y_b, jnp.zeros((pad, *y_b.shape[1:]), y_b.dtype)])
+        loss_b, hits_b = _eval_sums(net, params, x_b, y_b, mask)
+        loss_sum, hit_sum = loss_sum + float(loss_b), hit_sum + float(hits_b)
+    result = {"loss": loss_sum / n}
+    if net.loss in CLASSIFICATION_LOSSES:
+        result["accuracy"] = hit_sum / n
+    return result

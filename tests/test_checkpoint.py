@@ -1,0 +1,112 @@
+"""Atomic checkpoints: round trip, keep-last-k, crashes, corruption, mismatches."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbp
+from jaxbp import checkpoint
+from jaxbp.checkpoint import CheckpointError, CheckpointMismatchError
+from jaxbp.train import TrainState
+
+
+def _tree(seed=0):
+    net = jaxbp.MLP((3, 4, 2))
+    state = TrainState.create(net.init(jax.random.key(seed)), optax.adam(1e-3))
+    return {"state": state, "key": jax.random.key(seed), "raw": jnp.arange(3)}
+
+
+def _assert_equal(a, b):
+    a = jax.tree.map(lambda t: jax.random.key_data(t) if jax.dtypes.issubdtype(
+        t.dtype, jax.dtypes.prng_key) else t, a)
+    b = jax.tree.map(lambda t: jax.random.key_data(t) if jax.dtypes.issubdtype(
+        t.dtype, jax.dtypes.prng_key) else t, b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_round_trip_with_metadata(tmp_path):
+    tree = _tree(1)
+    path = checkpoint.save(tmp_path, 7, tree, {"epoch": 3, "history": {"loss": [1.0, 0.5]}})
+    assert path.name == "ckpt_000000007.npz"
+    restored, metadata = checkpoint.restore(path, _tree(2))
+    _assert_equal(restored, tree)
+    assert metadata == {"epoch": 3, "history": {"loss": [1.0, 0.5]}}
+    assert isinstance(restored["state"], TrainState)
+
+
+def test_keeps_the_newest_k(tmp_path):
+    for step in range(5):
+        checkpoint.save(tmp_path, step, _tree(), keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "ckpt_000000003.npz", "ckpt_000000004.npz"]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_crash_while_writing_leaves_no_file_and_the_old_ones_intact(tmp_path, monkeypatch):
+    good = checkpoint.save(tmp_path, 1, _tree(1))
+
+    def crash(file, **arrays):
+        file.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, _tree(2))
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [good.name]
+    _assert_equal(checkpoint.restore(good, _tree())[0], _tree(1))
+
+
+def test_truncated_file_is_a_clear_error_and_the_previous_one_restores(tmp_path):
+    old = checkpoint.save(tmp_path, 1, _tree(1))
+    new = checkpoint.save(tmp_path, 2, _tree(2))
+    new.write_bytes(new.read_bytes()[: new.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"ckpt_000000002.npz.*truncated or corrupt"):
+        checkpoint.restore(new, _tree())
+    with pytest.warns(RuntimeWarning, match="ckpt_000000002.npz"):
+        restored, _, path = checkpoint.restore_latest(tmp_path, _tree())
+    assert path == old
+    _assert_equal(restored, _tree(1))
+    assert new.exists()  # nothing the user saved is deleted
+
+
+def test_flipped_bits_fail_the_digest(tmp_path):
+    path = checkpoint.save(tmp_path, 1, _tree(1))
+    leaves, header = checkpoint.read(path)
+    leaves[3] = leaves[3].copy()
+    leaves[3].flat[0] += 1
+    arrays = {f"leaf_{i:05d}": leaf for i, leaf in enumerate(leaves)}
+    with np.load(path) as data:
+        arrays["__header__"] = data["__header__"]
+    np.savez(path, **arrays)  # a well-formed zip with one changed number
+    with pytest.raises(CheckpointError, match="do not match the SHA-256"):
+        checkpoint.restore(path, _tree())
+
+
+def test_another_tree_is_a_mismatch_not_skipped(tmp_path):
+    checkpoint.save(tmp_path, 1, _tree())
+    other = {"state": TrainState.create(jaxbp.MLP((3, 5, 2)).init(jax.random.key(0)),
+                                        optax.adam(1e-3)),
+             "key": jax.random.key(0), "raw": jnp.arange(3)}
+    with pytest.raises(CheckpointMismatchError, match=r"leaf \d+ is float32\[3, 4\], "
+                                                      r"template float32\[3, 5\]"):
+        checkpoint.restore_latest(tmp_path, other)
+    with pytest.raises(CheckpointMismatchError, match="template has"):
+        checkpoint.restore(checkpoint.list_checkpoints(tmp_path)[0], {"only": jnp.ones(2)})
+
+
+def test_empty_folder_and_bad_arguments(tmp_path):
+    assert checkpoint.restore_latest(tmp_path / "none", _tree()) is None
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        checkpoint.save(tmp_path, -1, _tree())
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        checkpoint.save(tmp_path, 1, _tree(), keep=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.restore(tmp_path / "ckpt_000000001.npz", _tree())

@@ -1,0 +1,115 @@
+"""Data sets, the user's .npz files, and the batch iterator."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxbp import data
+
+
+class TestDigits:
+    def test_fixed_split_and_standardisation(self):
+        ds = data.load_digits()
+        assert ds.x_train.shape == (1438, 64) and ds.x_test.shape == (359, 64)
+        assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+        assert set(np.unique(ds.y_train)) == set(range(10)) and ds.n_out == 10
+        assert ds.is_classification and ds.n_in == 64
+        used = ds.x_train.std(axis=0) > 0
+        np.testing.assert_allclose(ds.x_train.mean(axis=0), 0, atol=1e-5)
+        np.testing.assert_allclose(ds.x_train.std(axis=0)[used], 1, rtol=1e-4)
+
+    def test_deterministic(self):
+        a, b = data.load_digits(), data.load_digits()
+        np.testing.assert_array_equal(a.x_test, b.x_test)
+        np.testing.assert_array_equal(a.y_train, b.y_train)
+        c = data.load_digits(seed=1)
+        assert not np.array_equal(a.y_test, c.y_test)
+
+    def test_matches_scikit_learn_when_installed(self):
+        datasets = pytest.importorskip("sklearn.datasets")
+        reference = datasets.load_digits()
+        with np.load(data._DIGITS) as shipped:
+            np.testing.assert_array_equal(shipped["x"], reference.data)
+            np.testing.assert_array_equal(shipped["y"], reference.target)
+
+
+def test_teacher_regression():
+    ds = data.teacher_regression(jax.random.key(0), n_train=100, n_test=20, sizes=(5, 7, 3))
+    assert ds.x_train.shape == (100, 5) and ds.y_train.shape == (100, 3)
+    assert ds.x_test.shape == (20, 5) and not ds.is_classification and ds.n_out == 3
+    again = data.teacher_regression(jax.random.key(0), n_train=100, n_test=20, sizes=(5, 7, 3))
+    np.testing.assert_array_equal(ds.y_test, again.y_test)
+
+
+class TestNpz:
+    def test_labels_with_automatic_split(self, tmp_path):
+        rng = np.random.default_rng(0)
+        path = tmp_path / "mine.npz"
+        np.savez(path, x=rng.normal(size=(50, 3)) * 5 + 2, y=rng.integers(0, 4, 50))
+        ds = data.load_npz(path)
+        assert ds.x_train.shape == (40, 3) and ds.x_test.shape == (10, 3)
+        assert ds.y_train.dtype == np.int32 and ds.is_classification
+        np.testing.assert_allclose(ds.x_train.mean(axis=0), 0, atol=1e-5)
+
+    def test_explicit_test_arrays(self, tmp_path):
+        path = tmp_path / "mine.npz"
+        np.savez(path, x=np.ones((8, 2)), y=np.zeros((8, 3)), x_test=np.ones((4, 2)),
+                 y_test=np.zeros((4, 3)))
+        ds = data.load_npz(path)
+        assert ds.x_train.shape == (8, 2) and ds.y_test.shape == (4, 3)
+        assert ds.y_train.dtype == np.float32
+
+    @pytest.mark.parametrize("arrays,message", [
+        ({"x": np.ones((4, 2))}, "has no array 'y'"),
+        ({"y": np.ones(4, int)}, "has no array 'x'"),
+        ({"x": np.ones(4), "y": np.ones(4, int)}, "array 'x' has shape (4,)"),
+        ({"x": np.ones((4, 2)), "y": np.ones(5, int)}, "array 'y' has shape (5,)"),
+        ({"x": np.ones((4, 2)), "y": np.ones(4)}, "must be integers, got float64"),
+        ({"x": np.ones((4, 2)), "y": -np.ones(4, int)}, "negative labels"),
+        ({"x": np.full((4, 2), np.nan), "y": np.ones(4, int)}, "'x' must be finite"),
+        ({"x": np.ones((4, 2)), "y": np.ones(4, int), "x_test": np.ones((2, 2))},
+         "both 'x_test' and 'y_test'"),
+        ({"x": np.ones((4, 2)), "y": np.ones(4, int), "x_test": np.ones((2, 3)),
+          "y_test": np.ones(2, int)}, "'x_test' has 3 columns but 'x' has 2"),
+    ])
+    def test_bad_files_name_the_file_and_array(self, tmp_path, arrays, message):
+        path = tmp_path / "bad.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(ValueError) as info:
+            data.load_npz(path)
+        assert message in str(info.value) and "bad.npz" in str(info.value)
+
+    def test_missing_and_unreadable_files(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="nope.npz"):
+            data.load_npz(tmp_path / "nope.npz")
+        (tmp_path / "text.npz").write_text("not a zip")
+        with pytest.raises(ValueError, match="text.npz.*not a readable .npz"):
+            data.load_npz(tmp_path / "text.npz")
+
+
+class TestBatches:
+    def test_same_key_same_order_and_every_sample_once(self):
+        x, y = np.arange(10)[:, None].astype(np.float32), np.arange(10)
+        first = list(data.batches(x, y, 3, jax.random.key(1)))
+        second = list(data.batches(x, y, 3, jax.random.key(1)))
+        assert [len(b[1]) for b in first] == [3, 3, 3, 1]
+        for (xa, ya), (xb, yb) in zip(first, second):
+            np.testing.assert_array_equal(ya, yb)
+            np.testing.assert_array_equal(xa[:, 0], ya)
+        assert sorted(np.concatenate([b[1] for b in first])) == list(range(10))
+        other = np.concatenate([b[1] for b in data.batches(x, y, 3, jax.random.key(2))])
+        assert not np.array_equal(other, np.concatenate([b[1] for b in first]))
+
+    def test_drop_last_and_no_key(self):
+        x, y = np.zeros((10, 1)), np.arange(10)
+        kept = list(data.batches(x, y, 4, drop_last=True))
+        assert [list(b[1]) for b in kept] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        assert data.num_batches(10, 4, True) == 2 and data.num_batches(10, 4, False) == 3
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+            list(data.batches(np.zeros((2, 1)), np.zeros(2), 0))
+        with pytest.raises(ValueError, match="x has 2 rows but y has 3"):
+            list(data.batches(np.zeros((2, 1)), np.zeros(3), 1))

@@ -1,0 +1,92 @@
+"""fit: training on digits, NaN stops, bit-identical resume, corrupt checkpoints, plots."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxbp
+from jaxbp import checkpoint
+from jaxbp.data import Dataset, load_digits
+from jaxbp.fit import fit
+
+NET = jaxbp.MLP((64, 64, 10), "relu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_trains_digits_and_records_history(digits):
+    result = fit(NET, optax.adam(3e-3), digits, epochs=4, batch_size=64,
+                 key=jax.random.key(0), progress=False)
+    history = result.history
+    assert history["epoch"] == [1, 2, 3, 4]
+    assert history["test_accuracy"][-1] > 0.9
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert int(result.state.step) == 4 * (1438 // 64)
+
+
+def test_prints_one_line_per_epoch(digits, capsys):
+    fit(NET, optax.adam(3e-3), digits, epochs=2, batch_size=256, key=jax.random.key(0))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2 and "test loss" in lines[0] and "acc" in lines[0]
+
+
+def test_nan_stops_with_the_step_and_layer(digits):
+    x = digits.x_train.copy()
+    x[70] = np.nan  # one poisoned sample: the step that draws it must stop the run
+    bad = Dataset(x, digits.y_train, digits.x_test, digits.y_test)
+    with pytest.raises(FloatingPointError,
+                       match=r"training stopped at step \d+: loss nan; the gradient of "
+                             r"layer 0 \(params\[0\]\) is the first that is not finite"):
+        fit(NET, optax.sgd(0.1), bad, epochs=1, batch_size=64, key=jax.random.key(0),
+            progress=False)
+
+
+@pytest.mark.slow
+def test_resume_after_epoch_3_is_bit_identical(digits, tmp_path):
+    optimizer = optax.adam(1e-3)
+    whole = fit(NET, optimizer, digits, epochs=5, batch_size=128, key=jax.random.key(7),
+                progress=False)
+    fit(NET, optimizer, digits, epochs=3, batch_size=128, key=jax.random.key(7),
+        checkpoint_dir=tmp_path, progress=False)
+    assert len(checkpoint.list_checkpoints(tmp_path)) == 3
+    resumed = fit(NET, optimizer, digits, epochs=5, batch_size=128, key=jax.random.key(7),
+                  checkpoint_dir=tmp_path, progress=False)
+    for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(resumed.state)):
+        np.testing.assert_array_equal(a, b)  # bit for bit: params, adam moments, step
+    assert resumed.history == whole.history | {"seconds": resumed.history["seconds"]}
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "ckpt_000000003.npz", "ckpt_000000004.npz", "ckpt_000000005.npz"]
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(digits, tmp_path):
+    optimizer = optax.sgd(0.05)
+    fit(NET, optimizer, digits, epochs=2, batch_size=256, key=jax.random.key(1),
+        checkpoint_dir=tmp_path, progress=False)
+    newest = checkpoint.list_checkpoints(tmp_path)[-1]
+    newest.write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning, match="ckpt_000000002.npz"):
+        result = fit(NET, optimizer, digits, epochs=2, batch_size=256, key=jax.random.key(1),
+                     checkpoint_dir=tmp_path, progress=False)
+    assert result.history["epoch"] == [1, 2]  # epoch 2 trained again from epoch 1's state
+    checkpoint.restore(checkpoint.list_checkpoints(tmp_path)[-1],
+                       {"state": result.state, "key": jax.random.split(jax.random.key(1))[1]})
+
+
+def test_plot_is_written(digits, tmp_path):
+    path = tmp_path / "curves.png"
+    fit(NET, optax.adam(3e-3), digits, epochs=2, batch_size=256, key=jax.random.key(0),
+        progress=False, plot=path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments(digits):
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        fit(NET, optax.sgd(0.1), digits, epochs=0, batch_size=8, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="larger than the 1438 training samples"):
+        fit(NET, optax.sgd(0.1), digits, epochs=1, batch_size=5000, key=jax.random.key(0))
