@@ -190,9 +190,9 @@ def restore(path: str | pathlib.Path, template: PyTree) -> tuple[PyTree, dict[st
     leaves, header = read(path)
     template_leaves, treedef = jax.tree.flatten(template)
     if len(leaves) != len(template_leaves) or header["treedef"] != str(treedef):
-        raise CheckpointMismatchError(f"checkpoint {str(path)!r} holds a tree of {len(leaves)} leaves "
-                              f"{header['treedef']} but the template has "
-                              f"{len(template_leaves)}: {treedef}")
+        raise CheckpointMismatchError(
+            f"checkpoint {str(path)!r} holds a tree of {len(leaves)} leaves "
+            f"{header['treedef']} but the template has {len(template_leaves)}: {treedef}")
     restored, problems = [], []
     for i, (leaf, like) in enumerate(zip(leaves, template_leaves)):
         is_key = isinstance(like, jax.Array) and jax.dtypes.issubdtype(like.dtype,

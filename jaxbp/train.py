@@ -25,9 +25,9 @@ import numpy as np
 import optax
 
 from jaxbp import _checks
+from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
-from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.mlp import MLP, forward
 
 GradFn = Callable[[MLP, Params, Array, Array], tuple[Array, Params, Array]]

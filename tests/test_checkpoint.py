@@ -79,7 +79,7 @@ def test_truncated_file_is_a_clear_error_and_the_previous_one_restores(tmp_path)
 
 def test_flipped_bits_fail_the_digest(tmp_path):
     path = checkpoint.save(tmp_path, 1, _tree(1))
-    leaves, header = checkpoint.read(path)
+    leaves, _header = checkpoint.read(path)
     leaves[3] = leaves[3].copy()
     leaves[3].flat[0] += 1
     arrays = {f"leaf_{i:05d}": leaf for i, leaf in enumerate(leaves)}

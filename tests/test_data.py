@@ -82,10 +82,10 @@ class TestNpz:
         assert message in str(info.value) and "bad.npz" in str(info.value)
 
     def test_missing_and_unreadable_files(self, tmp_path):
-        with pytest.raises(FileNotFoundError, match="nope.npz"):
+        with pytest.raises(FileNotFoundError, match=r"nope\.npz"):
             data.load_npz(tmp_path / "nope.npz")
         (tmp_path / "text.npz").write_text("not a zip")
-        with pytest.raises(ValueError, match="text.npz.*not a readable .npz"):
+        with pytest.raises(ValueError, match=r"text\.npz.*not a readable \.npz"):
             data.load_npz(tmp_path / "text.npz")
 
 
@@ -95,7 +95,7 @@ class TestBatches:
         first = list(data.batches(x, y, 3, jax.random.key(1)))
         second = list(data.batches(x, y, 3, jax.random.key(1)))
         assert [len(b[1]) for b in first] == [3, 3, 3, 1]
-        for (xa, ya), (xb, yb) in zip(first, second):
+        for (xa, ya), (_xb, yb) in zip(first, second):
             np.testing.assert_array_equal(ya, yb)
             np.testing.assert_array_equal(xa[:, 0], ya)
         assert sorted(np.concatenate([b[1] for b in first])) == list(range(10))

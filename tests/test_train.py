@@ -49,7 +49,7 @@ class TestTrainState:
         assert float(metrics["loss"]) < first
 
     def test_state_is_a_pytree(self):
-        net, params, _, _ = _problem()
+        _net, params, _, _ = _problem()
         state = TrainState.create(params, optax.adam(1e-3))
         leaves = jax.tree.leaves(state)
         assert state.step.dtype == jnp.int32 and int(state.step) == 0
@@ -113,7 +113,7 @@ class TestStep:
         net = jaxbp.MLP((2, 2))
         with pytest.raises(ValueError, match="Unknown grad 'manual'"):
             make_train_step(net, optax.sgd(0.1), grad="manual")
-        with pytest.raises(TypeError, match="optimizer must be an optax.GradientTransformation"):
+        with pytest.raises(TypeError, match=r"optimizer must be an optax\.GradientTransformation"):
             make_train_step(net, "adam")
         with pytest.raises(ValueError, match="steps must be an int >= 1"):
             make_train_loop(net, optax.sgd(0.1), steps=0)
