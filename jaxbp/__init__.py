@@ -1,5 +1,6 @@
 """jaxbp: hand-written backpropagation for multi-layer perceptrons in JAX."""
 
+from jaxbp import checkpoint, data
 from jaxbp.activations import ACTIVATIONS, Activation
 from jaxbp.autodiff import value_and_autodiff
 from jaxbp.backprop import (
@@ -10,8 +11,11 @@ from jaxbp.backprop import (
     output_delta,
     value_and_backprop,
 )
+from jaxbp.fit import FitResult, fit
 from jaxbp.losses import LOSSES, Loss
 from jaxbp.mlp import MLP, Cache, forward
+from jaxbp.suite import verify_mlp
+from jaxbp.train import TrainState, evaluate, make_train_loop, make_train_step
 from jaxbp.verify import GradientCheckError, GradReport, verify_grads
 
 __version__ = "0.1.0"
@@ -22,16 +26,25 @@ __all__ = [
     "MLP",
     "Activation",
     "Cache",
+    "FitResult",
     "GradReport",
     "GradientCheckError",
     "Loss",
+    "TrainState",
     "apply_with_manual_vjp",
     "backprop",
+    "checkpoint",
+    "data",
+    "evaluate",
+    "fit",
     "forward",
     "grads_from_deltas",
     "layer_deltas",
+    "make_train_loop",
+    "make_train_step",
     "output_delta",
     "value_and_autodiff",
     "value_and_backprop",
     "verify_grads",
+    "verify_mlp",
 ]

@@ -126,7 +126,9 @@ def make_train_step(
       grad: ``"backprop"`` (the hand-written recursion) or ``"autodiff"``
         (``jax.value_and_grad``), see :data:`GRADIENTS`.
       donate: donate the input state's buffers to the output (updates in
-        place; the state passed in must not be used again). False keeps it.
+        place). The state passed in, and any array it shares with other
+        objects (the params it was created from), must not be used again.
+        False keeps them.
 
     Returns:
       ``step(state, x, y)``; x: (batch, n_in), y as for ``net.cost``.

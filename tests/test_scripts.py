@@ -1,0 +1,37 @@
+"""The research scripts in scripts/ run end to end (short settings)."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_train_digits_script(tmp_path):
+    out = _run("scripts/train_digits.py", "--epochs", "2", "--plot", str(tmp_path / "c.png"))
+    assert "verify_grads: OK" in out and "test accuracy" in out
+    assert (tmp_path / "c.png").exists()
+
+
+@pytest.mark.slow
+def test_manual_vs_autodiff_script(tmp_path):
+    out = _run("scripts/manual_vs_autodiff.py", "--steps", "20", "--out",
+               str(tmp_path / "drift.png"))
+    float32 = float(out.split("float32: max relative param difference after 20 steps ")[1]
+                    .split()[0])
+    float64 = float(out.split("float64: max relative param difference after 20 steps ")[1]
+                    .split()[0])
+    assert float32 < 1e-5 and float64 < 1e-13
+    assert (tmp_path / "drift.png").exists()
