@@ -9,11 +9,21 @@ from jaxbp.backprop import (
     grads_from_deltas,
     layer_deltas,
     output_delta,
+    sample_output_delta,
     value_and_backprop,
 )
 from jaxbp.fit import FitResult, fit
 from jaxbp.losses import LOSSES, Loss
 from jaxbp.mlp import MLP, Cache, forward
+from jaxbp.per_example import (
+    clipped_grad,
+    clipped_gradient,
+    dp_sgd_grad,
+    dp_sgd_gradient,
+    per_example_grad_norms,
+    per_example_grad_variance,
+    per_example_grads,
+)
 from jaxbp.suite import verify_mlp
 from jaxbp.train import TrainState, evaluate, make_train_loop, make_train_step
 from jaxbp.verify import GradientCheckError, GradReport, verify_grads
@@ -34,7 +44,11 @@ __all__ = [
     "apply_with_manual_vjp",
     "backprop",
     "checkpoint",
+    "clipped_grad",
+    "clipped_gradient",
     "data",
+    "dp_sgd_grad",
+    "dp_sgd_gradient",
     "evaluate",
     "fit",
     "forward",
@@ -43,6 +57,10 @@ __all__ = [
     "make_train_loop",
     "make_train_step",
     "output_delta",
+    "per_example_grad_norms",
+    "per_example_grad_variance",
+    "per_example_grads",
+    "sample_output_delta",
     "value_and_autodiff",
     "value_and_backprop",
     "verify_grads",

@@ -28,18 +28,29 @@ import jax
 
 from jaxbp import _checks
 from jaxbp._typing import Array, ArrayLike, Params
-from jaxbp.losses import mean_loss, mean_loss_grad
-from jaxbp.mlp import MLP, Cache, forward
+from jaxbp.losses import mean_loss
+from jaxbp.mlp import MLP, Cache, forward, matmul
+
+
+def sample_output_delta(net: MLP, cache: Cache, y: Array) -> Array:
+    """delta^L of each sample's own loss: dl_n/da^L_n * g^L'(z^L_n), shape (batch, n_out).
+
+    Not divided by N: row n is the output error of the loss of sample n alone
+    (the fused ``p - y`` for the cross-entropies on logits). Per-example
+    gradients start here.
+    """
+    a_out, z_out = cache.acts[-1], cache.zs[-1]
+    return net.loss_fn.sample_grad(a_out, y) * net.activations[-1].dg(z_out, a_out)
 
 
 def output_delta(net: MLP, cache: Cache, y: Array) -> Array:
-    """delta^L = dC/da^L * g^L'(z^L), shape (batch, n_out).
+    """delta^L = dC/da^L * g^L'(z^L) for the batch mean C, shape (batch, n_out).
 
-    dC/da^L is the loss's hand-written gradient divided by N (the batch mean);
-    for softmax and sigmoid cross-entropy on logits it is the fused (p - y)/N.
+    C is the mean of the N sample losses, so delta^L is the per-sample output
+    error divided by N; for softmax and sigmoid cross-entropy on logits it is
+    the fused (p - y)/N.
     """
-    a_out, z_out = cache.acts[-1], cache.zs[-1]
-    return mean_loss_grad(net.loss_fn, a_out, y) * net.activations[-1].dg(z_out, a_out)
+    return sample_output_delta(net, cache, y) / cache.acts[-1].shape[0]
 
 
 def layer_deltas(net: MLP, params: Params, cache: Cache, delta_out: Array) -> tuple[Array, ...]:
@@ -60,15 +71,16 @@ def layer_deltas(net: MLP, params: Params, cache: Cache, delta_out: Array) -> tu
     deltas = [delta_out]
     for l in range(net.n_layers - 1, 0, -1):  # hidden layers l = L-1, ..., 1 (0-based: l-1)
         act = net.activations[l - 1]
-        back = deltas[-1] @ params[l]["w"].T  # delta^{l+1} W^{l+1 T}: (batch, sizes[l])
+        back = matmul(net, deltas[-1], params[l]["w"].T)  # delta^{l+1} W^{l+1 T}
         deltas.append(back * act.dg(cache.zs[l - 1], cache.acts[l]))
     return tuple(reversed(deltas))
 
 
-def grads_from_deltas(acts: tuple[Array, ...], deltas: tuple[Array, ...]) -> Params:
+def grads_from_deltas(net: MLP, acts: tuple[Array, ...], deltas: tuple[Array, ...]) -> Params:
     """dC/dW^l = a^{l-1 T} delta^l and dC/db^l = sum_n delta^l_n, for every layer.
 
     Args:
+      net: the network description (its matmul precision).
       acts: ``(a^0, ..., a^L)`` (only ``a^0 .. a^{L-1}`` are read).
       deltas: ``(delta^1, ..., delta^L)``.
 
@@ -76,7 +88,8 @@ def grads_from_deltas(acts: tuple[Array, ...], deltas: tuple[Array, ...]) -> Par
       Grads shaped like the params: a tuple of ``{"w", "b"}`` dicts.
     """
     return tuple(
-        {"w": a_in.T @ delta, "b": delta.sum(axis=0)} for a_in, delta in zip(acts, deltas)
+        {"w": matmul(net, a_in.T, delta), "b": delta.sum(axis=0)}
+        for a_in, delta in zip(acts, deltas)
     )
 
 
@@ -91,7 +104,7 @@ def value_grads_and_output(
     cache = forward(net, params, x)
     deltas = layer_deltas(net, params, cache, output_delta(net, cache, y))
     value = mean_loss(net.loss_fn, cache.acts[-1], y)
-    return value, grads_from_deltas(cache.acts, deltas), cache.acts[-1]
+    return value, grads_from_deltas(net, cache.acts, deltas), cache.acts[-1]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -146,8 +159,8 @@ def _apply_manual_bwd(
     delta_out = a_out_bar * net.activations[-1].dg(cache.zs[-1], cache.acts[-1])
     deltas = layer_deltas(net, params, cache, delta_out)
     # dC/dx = dC/da^0 = delta^1 W^{1 T}: the recursion taken one step further.
-    x_bar = deltas[0] @ params[0]["w"].T
-    return grads_from_deltas(cache.acts, deltas), x_bar
+    x_bar = matmul(net, deltas[0], params[0]["w"].T)
+    return grads_from_deltas(net, cache.acts, deltas), x_bar
 
 
 _apply_manual.defvjp(_apply_manual_fwd, _apply_manual_bwd)

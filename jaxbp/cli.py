@@ -110,6 +110,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from jaxbp import bench_suite
+
+    cases = bench_suite.QUICK if args.quick else bench_suite.FULL
+    name = args.name or f"step_{'quick' if args.quick else 'full'}_{jax.devices()[0].platform}"
+    bench_suite.run_suite(cases, args.out, name, steps=args.steps, budget_s=args.budget,
+                          max_gflop=args.max_gflop)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``jaxbp`` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -156,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plot", default=None, help="write a PNG of the curves here")
     train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
     train.set_defaults(run=_train)
+
+    bench = commands.add_parser(
+        "bench", help="benchmark the training step: manual vs autodiff vs the GEMM rate",
+        description="Time the k-step scan train loop with the hand-written gradient and "
+                    "with jax.grad, interleaved in one process, over widths x depths x "
+                    "batches x losses x precisions; report ratios, roofline fractions and "
+                    "memory; write JSON, markdown and PNG.")
+    bench.add_argument("--quick", action="store_true",
+                       help="24 small cases (under 2 minutes on 2 CPU cores)")
+    bench.add_argument("--out", default="benchmarks/results", help="results folder")
+    bench.add_argument("--name", default=None, help="file stem (default step_<preset>_<platform>)")
+    bench.add_argument("--steps", type=int, default=10, help="train steps per timed call (10)")
+    bench.add_argument("--budget", type=float, default=1.0, help="timing seconds per case (1)")
+    bench.add_argument("--max-gflop", type=float, default=None,
+                       help="leave out cases above this many matmul GFLOP per step")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -24,7 +24,13 @@ from jaxbp import checkpoint
 from jaxbp._typing import Params, PRNGKey
 from jaxbp.data import Dataset, batches, num_batches
 from jaxbp.mlp import MLP
-from jaxbp.train import CLASSIFICATION_LOSSES, TrainState, evaluate, make_train_step
+from jaxbp.train import (
+    CLASSIFICATION_LOSSES,
+    GradFn,
+    TrainState,
+    evaluate,
+    make_train_step,
+)
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                 "seconds")
@@ -63,7 +69,7 @@ def fit(
     epochs: int,
     batch_size: int,
     key: PRNGKey,
-    grad: str = "backprop",
+    grad: str | GradFn = "backprop",
     params: Params | None = None,
     drop_last: bool = True,
     eval_batch_size: int = 1024,
@@ -82,7 +88,8 @@ def fit(
       batch_size: training batch size.
       key: PRNG key, split in two: the first initialises the params (unless
         ``params`` is given), the second orders the batches of every epoch.
-      grad: ``"backprop"`` or ``"autodiff"``.
+      grad: ``"backprop"``, ``"autodiff"`` or a gradient source such as
+        ``jaxbp.dp_sgd_gradient(...)`` (see :func:`jaxbp.make_train_step`).
       params: start here instead of ``net.init(jax.random.split(key)[0])``.
       drop_last: drop each epoch's short last batch (one compiled shape); the
         shuffle differs per epoch, so every sample is still used.

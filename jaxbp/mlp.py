@@ -57,6 +57,12 @@ class MLP:
         the network output a^L as logits.
       dtype: the floating dtype :meth:`init` gives the parameters. The
         forward and backward passes run in the dtype of the params they get.
+      compute_dtype: None, or a lower precision for the matrix multiplies
+        only (mixed precision, e.g. ``"bfloat16"`` with float32 params): both
+        operands of every matmul are rounded to it and the products are
+        accumulated in the params' dtype (``preferred_element_type``); params
+        (the master weights), activations, deltas and gradients stay in the
+        params' dtype. See :func:`matmul`.
 
     Raises:
       ValueError: a size < 1, fewer than two sizes, an unknown activation,
@@ -69,6 +75,7 @@ class MLP:
     output_activation: str = "identity"
     loss: str = "softmax_cross_entropy"
     dtype: str = "float32"
+    compute_dtype: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", _checked_sizes(self.sizes))
@@ -80,6 +87,9 @@ class MLP:
         _name_in("output_activation", self.output_activation, ACTIVATIONS)
         _name_in("loss", self.loss, LOSSES)
         object.__setattr__(self, "dtype", _checked_dtype(self.dtype))
+        if self.compute_dtype is not None:
+            object.__setattr__(self, "compute_dtype",
+                               _checked_dtype(self.compute_dtype, "compute_dtype"))
 
     @property
     def n_layers(self) -> int:
@@ -192,10 +202,25 @@ def forward(net: MLP, params: Params, x: Array) -> Cache:
     """
     acts, zs = [x], []
     for layer, act in zip(params, net.activations):
-        z = acts[-1] @ layer["w"] + layer["b"]
+        z = matmul(net, acts[-1], layer["w"]) + layer["b"]
         zs.append(z)
         acts.append(act.g(z))
     return Cache(tuple(acts), tuple(zs))
+
+
+def matmul(net: MLP, a: Array, b: Array) -> Array:
+    """``a @ b`` in the net's precision.
+
+    Without ``net.compute_dtype`` this is plain ``a @ b``. With it, both
+    operands are rounded to the compute dtype and the products accumulate in
+    ``a``'s dtype (the params' dtype): ``dot(bf16(a), bf16(b))`` with
+    ``preferred_element_type=float32``, what bf16 tensor cores do. Every
+    matmul of the forward pass and of the recursion goes through here.
+    """
+    if net.compute_dtype is None:
+        return a @ b
+    low = jnp.dtype(net.compute_dtype)
+    return jnp.matmul(a.astype(low), b.astype(low), preferred_element_type=a.dtype)
 
 
 def cost(net: MLP, params: Params, x: Array, y: Array) -> Array:
@@ -236,11 +261,11 @@ def _name_in(arg: str, name: Any, registry: dict[str, Any]) -> None:
         raise ValueError(f"Unknown {arg} {name!r}. It needs to be one of {sorted(registry)}.")
 
 
-def _checked_dtype(dtype: Any) -> str:
+def _checked_dtype(dtype: Any, arg: str = "dtype") -> str:
     try:
         name = jnp.dtype(dtype).name
     except TypeError:
         name = None
     if name not in _FLOAT_DTYPES:
-        raise ValueError(f"dtype must be one of {list(_FLOAT_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"{arg} must be one of {list(_FLOAT_DTYPES)}, got {dtype!r}")
     return name

@@ -30,14 +30,17 @@ from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
 from jaxbp.mlp import MLP, forward
 
-GradFn = Callable[[MLP, Params, Array, Array], tuple[Array, Params, Array]]
-"""``(net, params, x, y) -> (C, grads, a^L)`` for checked inputs."""
+GradFn = Callable[[MLP, Params, Array, Array, Array], tuple[Array, Params, Array]]
+"""``(net, params, x, y, step) -> (C, grads, a^L)`` for checked inputs; ``step`` is the
+int32 update count (for sources that need fresh randomness each step, like DP-SGD)."""
 
 GRADIENTS: dict[str, GradFn] = {
-    "backprop": _backprop_grads,
-    "autodiff": _autodiff_grads,
+    "backprop": lambda net, params, x, y, step: _backprop_grads(net, params, x, y),
+    "autodiff": lambda net, params, x, y, step: _autodiff_grads(net, params, x, y),
 }
-"""The gradient sources a train step can use, by name."""
+"""The gradient sources a train step can use by name: the hand-written recursion and
+``jax.value_and_grad``. Others are passed as a :data:`GradFn` (e.g.
+:func:`jaxbp.per_example.dp_sgd_gradient`)."""
 
 
 class TrainState(NamedTuple):
@@ -59,7 +62,9 @@ class TrainState(NamedTuple):
         return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
-def _gradient(grad: str) -> GradFn:
+def _gradient(grad: str | GradFn) -> GradFn:
+    if callable(grad):
+        return grad
     if grad not in GRADIENTS:
         raise ValueError(f"Unknown grad {grad!r}. It needs to be one of {sorted(GRADIENTS)}.")
     return GRADIENTS[grad]
@@ -99,7 +104,7 @@ def _nonfinite_layer(grads: Params) -> Array:
 
 def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
           state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
-    loss, grads, out = gradient(net, state.params, x, y)
+    loss, grads, out = gradient(net, state.params, x, y, state.step)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss.astype(jnp.float32),
@@ -114,7 +119,7 @@ def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
 def make_train_step(
     net: MLP,
     optimizer: optax.GradientTransformation,
-    grad: str = "backprop",
+    grad: str | GradFn = "backprop",
     donate: bool = True,
 ) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
     """One jitted, pure training step ``(state, x, y) -> (state, metrics)``.
@@ -123,8 +128,9 @@ def make_train_step(
       net: the network description.
       optimizer: any optax ``GradientTransformation`` (sgd, adam, chains with
         clipping and schedules, ...).
-      grad: ``"backprop"`` (the hand-written recursion) or ``"autodiff"``
-        (``jax.value_and_grad``), see :data:`GRADIENTS`.
+      grad: ``"backprop"`` (the hand-written recursion), ``"autodiff"``
+        (``jax.value_and_grad``), or a :data:`GradFn` such as
+        ``jaxbp.dp_sgd_gradient(clip_norm, noise_multiplier, key)``.
       donate: donate the input state's buffers to the output (updates in
         place). The state passed in, and any array it shares with other
         objects (the params it was created from), must not be used again.
@@ -153,7 +159,7 @@ def make_train_loop(
     net: MLP,
     optimizer: optax.GradientTransformation,
     steps: int,
-    grad: str = "backprop",
+    grad: str | GradFn = "backprop",
     donate: bool = True,
 ) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
     """``steps`` training steps inside one ``lax.scan``, compiled as one program.

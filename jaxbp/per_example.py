@@ -1,0 +1,314 @@
+"""Per-example gradients, their norms, clipping and DP-SGD, from the one recursion's deltas.
+
+Let ``l_i`` be sample i's own loss (not divided by the batch size B), so the
+batch cost is ``C = (1/B) sum_i l_i`` and its gradient the mean of the
+per-example gradients ``g_i = dl_i/dtheta``. For a dense layer the recursion
+already holds the per-sample input ``a_i = a^{l-1}_i`` (fan_in) and error
+``delta_i = delta^l_i`` (fan_out), and
+
+.. math::
+    g_i^{W} = a_i \\otimes \\delta_i, \\qquad g_i^{b} = \\delta_i, \\qquad
+    \\|g_i^{W,b}\\|^2 = \\|\\delta_i\\|^2 (\\|a_i\\|^2 + 1)
+
+(the norm of an outer product is the product of the norms). So norms,
+clipping and variances need only ``(B, width)`` arrays per layer, never the
+``(B, fan_in, fan_out)`` per-example weight gradients; only
+:func:`per_example_grads` builds those, because it is asked to.
+
+References:
+  Goodfellow, "Efficient per-example gradient computations", 2015.
+  Abadi et al., "Deep learning with differential privacy", CCS 2016.
+  Bu et al., "Differentially private optimization on large model at small
+  cost" (book-keeping), 2022.
+  Dangel et al., "BackPACK: packing more into backprop", ICLR 2020.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbp import _checks
+from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
+from jaxbp.backprop import layer_deltas, sample_output_delta
+from jaxbp.losses import mean_loss
+from jaxbp.mlp import MLP, Cache, forward, matmul
+
+ClipNorm = float | Sequence[float] | Array
+"""One global clip norm C, or one C_l per layer."""
+
+
+def _sample_deltas(net: MLP, params: Params, x: Array, y: Array) -> tuple[Cache, tuple[Array, ...]]:
+    """The forward cache and ``(delta^1, ..., delta^L)`` of the per-sample losses l_i."""
+    cache = forward(net, params, x)
+    return cache, layer_deltas(net, params, cache, sample_output_delta(net, cache, y))
+
+
+def _layer_sq_norms(acts: tuple[Array, ...], deltas: tuple[Array, ...]) -> Array:
+    """(B, L): ||g_i^l||^2 = ||delta_i^l||^2 (||a_i^{l-1}||^2 + 1) for W^l and b^l together."""
+    return jnp.stack([jnp.sum(delta * delta, axis=1) * (jnp.sum(a_in * a_in, axis=1) + 1)
+                      for a_in, delta in zip(acts, deltas)], axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_grads(net: MLP, params: Params, x: Array, y: Array) -> Params:
+    cache, deltas = _sample_deltas(net, params, x, y)
+    return tuple({"w": jnp.einsum("bi,bj->bij", a_in, delta), "b": delta}
+                 for a_in, delta in zip(cache.acts, deltas))
+
+
+def per_example_grads(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
+    """Every sample's own gradient: the grads pytree with a leading batch axis.
+
+    .. math::
+        g_i^{W^l} = a^{l-1}_i \\otimes \\delta^l_i, \\qquad g_i^{b^l} = \\delta^l_i
+
+    ``g_i`` is the gradient of sample i's loss alone, not divided by B: the
+    batch gradient of :func:`jaxbp.backprop` is ``mean_i g_i``. Memory is
+    O(B * P): use :func:`per_example_grad_norms` or :func:`clipped_grad` when
+    only norms or the clipped mean are needed.
+
+    Args:
+      net, params: the network and its parameters.
+      x: (B, n_in); y: as for ``net.cost``.
+
+    Returns:
+      A tuple of ``{"w": (B, fan_in, fan_out), "b": (B, fan_out)}``.
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    return _per_example_grads(net, params, x, y)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_grad_norms(net: MLP, params: Params, x: Array, y: Array) -> Array:
+    cache, deltas = _sample_deltas(net, params, x, y)
+    return jnp.sqrt(jnp.sum(_layer_sq_norms(cache.acts, deltas), axis=1))
+
+
+def per_example_grad_norms(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Array:
+    """``||g_i||`` for every sample, exactly, without forming any g_i.
+
+    .. math::
+        \\|g_i\\|^2 = \\sum_l \\|\\delta^l_i\\|^2 (\\|a^{l-1}_i\\|^2 + 1)
+
+    One forward and one backward pass; memory O(B * sum of widths).
+
+    Returns:
+      (B,) the 2-norms over all parameters of each sample's gradient.
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    return _per_example_grad_norms(net, params, x, y)
+
+
+def _check_clip_norm(net: MLP, clip_norm: Any) -> Any:
+    """clip_norm checked: one number, or L numbers (one per layer), all > 0.
+
+    Concrete values come back as a float64 NumPy array (shape () or (L,));
+    traced ones are returned as they are.
+    """
+    if isinstance(clip_norm, jax.core.Tracer):
+        return clip_norm
+    values = np.asarray(clip_norm, dtype=np.float64)
+    if values.ndim > 1 or (values.ndim == 1 and len(values) != net.n_layers):
+        raise ValueError(f"clip_norm must be one number or {net.n_layers} numbers (one per "
+                         f"layer), got shape {values.shape}: {clip_norm!r}")
+    if not np.all(values > 0):
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
+    return values
+
+
+def _clip_factors(acts: tuple[Array, ...], deltas: tuple[Array, ...], clip_norm: Array) -> Array:
+    """(B, L): the factor each sample's layer error is scaled by.
+
+    Global C: ``min(1, C / ||g_i||)`` for every layer; per-layer C_l:
+    ``min(1, C_l / ||g_i^l||)``. A zero gradient keeps factor 1.
+    """
+    sq = _layer_sq_norms(acts, deltas)
+    clip_norm = jnp.asarray(clip_norm, sq.dtype)
+    norms = jnp.sqrt(sq) if clip_norm.ndim == 1 else jnp.sqrt(jnp.sum(sq, axis=1,
+                                                                      keepdims=True))
+    factors = jnp.where(norms > clip_norm, clip_norm / jnp.where(norms > 0, norms, 1), 1)
+    return jnp.broadcast_to(factors, sq.shape)
+
+
+def _clipped_mean(net: MLP, params: Params, x: Array, y: Array,
+                  clip_norm: Array) -> tuple[Array, Params, Array]:
+    """(C, (1/B) sum_i clip(g_i), a^L): one forward, one backward, then a^T (s * delta) / B."""
+    cache, deltas = _sample_deltas(net, params, x, y)
+    factors = _clip_factors(cache.acts, deltas, clip_norm)
+    batch = x.shape[0]
+    grads = []
+    for l, (a_in, delta) in enumerate(zip(cache.acts, deltas)):
+        # book-keeping: rescale each sample's error row, then the usual a^T delta
+        scaled = delta * (factors[:, l:l + 1] / batch)
+        grads.append({"w": matmul(net, a_in.T, scaled), "b": scaled.sum(axis=0)})
+    value = mean_loss(net.loss_fn, cache.acts[-1], y)
+    return value, tuple(grads), cache.acts[-1]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _clipped_grad(net: MLP, params: Params, x: Array, y: Array, clip_norm: Array) -> Params:
+    return _clipped_mean(net, params, x, y, clip_norm)[1]
+
+
+def clipped_grad(
+    net: MLP, params: Params, x: ArrayLike, y: ArrayLike, clip_norm: ClipNorm
+) -> Params:
+    """The mean of per-example gradients, each clipped to ``clip_norm``, in one backward pass.
+
+    .. math::
+        \\bar g = \\frac{1}{B} \\sum_i g_i \\min\\left(1, \\frac{C}{\\|g_i\\|}\\right)
+        \\quad\\Rightarrow\\quad
+        \\bar g^{W^l} = \\frac{1}{B} a^{l-1\\top} (s \\odot \\delta^l), \\;
+        s_i = \\min(1, C / \\|g_i\\|)
+
+    The per-sample deltas give every ``||g_i||`` (:func:`per_example_grad_norms`);
+    scaling each sample's error row by ``s_i`` and contracting with the
+    activations gives the clipped mean directly (the book-keeping of Bu et
+    al. 2022): no second backward pass, no per-example gradient formed.
+
+    Args:
+      net, params, x, y: as :func:`jaxbp.backprop`.
+      clip_norm: C > 0 for the whole gradient of a sample, or a sequence of
+        L values C_l, each clipping that sample's (W^l, b^l) gradient.
+
+    Returns:
+      Grads shaped like ``params``.
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    return _clipped_grad(net, params, x, y, _check_clip_norm(net, clip_norm))
+
+
+def _noise_std(clip_norm: Array, noise_multiplier: Array) -> Array:
+    """sigma * C, with C = sqrt(sum_l C_l^2) for per-layer norms (the total sensitivity)."""
+    clip_norm = jnp.asarray(clip_norm)
+    total = jnp.sqrt(jnp.sum(clip_norm**2)) if clip_norm.ndim == 1 else clip_norm
+    return noise_multiplier * total
+
+
+def _add_noise(grads: Params, key: PRNGKey, std: Array, batch: int) -> Params:
+    """grads + N(0, std^2 I) / B, leaf by leaf, in the grads' dtype."""
+    leaves, treedef = jax.tree.flatten(grads)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [g + (std / batch).astype(g.dtype) * jax.random.normal(k, g.shape, g.dtype)
+             for g, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _dp_sgd_grad(net: MLP, params: Params, x: Array, y: Array, clip_norm: Array,
+                 noise_multiplier: Array, key: PRNGKey) -> Params:
+    grads = _clipped_mean(net, params, x, y, clip_norm)[1]
+    return _add_noise(grads, key, _noise_std(clip_norm, noise_multiplier), x.shape[0])
+
+
+def _check_noise(noise_multiplier: Any) -> Any:
+    if isinstance(noise_multiplier, jax.core.Tracer):
+        return noise_multiplier
+    value = np.asarray(noise_multiplier, dtype=np.float64)
+    if value.ndim != 0 or not value >= 0:
+        raise ValueError(f"noise_multiplier must be one number >= 0, got {noise_multiplier!r}")
+    return value
+
+
+def dp_sgd_grad(
+    net: MLP,
+    params: Params,
+    x: ArrayLike,
+    y: ArrayLike,
+    clip_norm: ClipNorm,
+    noise_multiplier: float,
+    key: PRNGKey,
+) -> Params:
+    """The DP-SGD gradient of Abadi et al. (2016): clipped mean plus Gaussian noise.
+
+    .. math::
+        \\tilde g = \\frac{1}{B}\\left(\\sum_i \\text{clip}_C(g_i)
+        + \\mathcal{N}(0, \\sigma^2 C^2 I)\\right)
+
+    with ``sigma = noise_multiplier``; for per-layer norms C_l the
+    sensitivity is ``C = sqrt(sum_l C_l^2)``. B is the batch actually given
+    (the privacy accounting, e.g. with Poisson sampling, is the caller's).
+
+    Args:
+      net, params, x, y: as :func:`jaxbp.backprop`.
+      clip_norm: as :func:`clipped_grad`.
+      noise_multiplier: sigma >= 0.
+      key: PRNG key of the noise.
+
+    Returns:
+      Grads shaped like ``params``.
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    return _dp_sgd_grad(net, params, x, y, _check_clip_norm(net, clip_norm),
+                        _check_noise(noise_multiplier), key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_example_grad_variance(net: MLP, params: Params, x: Array, y: Array) -> Params:
+    cache, deltas = _sample_deltas(net, params, x, y)
+    batch = x.shape[0]
+    out = []
+    for a_in, delta in zip(cache.acts, deltas):
+        # Var = E[g^2] - E[g]^2 with E[g_W^2] = (a^2)^T (delta^2) / B: no (B, fan_in, fan_out).
+        mean_w, mean_b = matmul(net, a_in.T, delta) / batch, delta.mean(axis=0)
+        second_w = matmul(net, (a_in * a_in).T, delta * delta) / batch
+        second_b = (delta * delta).mean(axis=0)
+        out.append({"w": jnp.maximum(second_w - mean_w * mean_w, 0),
+                    "b": jnp.maximum(second_b - mean_b * mean_b, 0)})
+    return tuple(out)
+
+
+def per_example_grad_variance(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
+    """Elementwise variance over the batch of the per-example gradients (BackPACK's Variance).
+
+    .. math::
+        \\mathrm{Var}[g^{W}]_{jk} = \\frac{1}{B}\\sum_i a_{ij}^2 \\delta_{ik}^2
+        - \\Big(\\frac{1}{B}\\sum_i a_{ij}\\delta_{ik}\\Big)^2
+
+    The population variance (divide by B). For dense layers both moments are
+    matrix products of (B, width) arrays, so nothing per-example is ever
+    materialised (a layer type whose g_i is not an outer product would need
+    it). ``E[g^2] - E[g]^2`` cancels where the variance is tiny against the
+    squared mean; rounding below zero is clipped to 0.
+
+    Returns:
+      Variances shaped like ``params``.
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    return _per_example_grad_variance(net, params, x, y)
+
+
+def clipped_gradient(clip_norm: ClipNorm):
+    """A train-step gradient source: the clipped mean of :func:`clipped_grad`.
+
+    ``make_train_step(net, optimizer, grad=clipped_gradient(1.0))``.
+    """
+    def gradient(net: MLP, params: Params, x: Array, y: Array, step: Array):
+        return _clipped_mean(net, params, x, y, _check_clip_norm(net, clip_norm))
+
+    return gradient
+
+
+def dp_sgd_gradient(clip_norm: ClipNorm, noise_multiplier: float, key: PRNGKey):
+    """A train-step gradient source for DP-SGD: :func:`dp_sgd_grad` with fresh noise each step.
+
+    The noise of step t uses ``jax.random.fold_in(key, t)``, so a run is
+    reproducible and resumable. The reported loss is the plain batch mean (not
+    private). ``make_train_step(net, optax.sgd(lr), grad=dp_sgd_gradient(1.0, 1.1, key))``.
+    """
+    sigma = _check_noise(noise_multiplier)
+
+    def gradient(net: MLP, params: Params, x: Array, y: Array, step: Array):
+        clip = _check_clip_norm(net, clip_norm)
+        value, grads, out = _clipped_mean(net, params, x, y, clip)
+        noisy = _add_noise(grads, jax.random.fold_in(key, step), _noise_std(clip, sigma),
+                           x.shape[0])
+        return value, noisy, out
+
+    return gradient
