@@ -12,6 +12,7 @@ from jaxbp.backprop import (
     sample_output_delta,
     value_and_backprop,
 )
+from jaxbp.curvature import ggn_diag, hvp
 from jaxbp.fit import FitResult, fit
 from jaxbp.losses import LOSSES, Loss
 from jaxbp.mlp import MLP, Cache, forward
@@ -52,7 +53,9 @@ __all__ = [
     "evaluate",
     "fit",
     "forward",
+    "ggn_diag",
     "grads_from_deltas",
+    "hvp",
     "layer_deltas",
     "make_train_loop",
     "make_train_step",

@@ -1,7 +1,8 @@
-"""Activation functions g, each beside its hand-written derivative g'.
+"""Activation functions g, each beside its hand-written derivatives g' and g''.
 
-Every record holds the forward map ``g(z)`` and ``dg(z, a)``, the derivative
-g'(z) given both the pre-activation ``z`` and the output ``a = g(z)``. Passing
+Every record holds the forward map ``g(z)``, ``dg(z, a)``, the derivative
+g'(z) given both the pre-activation ``z`` and the output ``a = g(z)``, and
+``d2g(z, a)``, the second derivative g''(z) (for Hessian-vector products). Passing
 both lets each derivative use whichever is cheaper: sigmoid reads
 ``a * (1 - a)`` off the cached output, ReLU only looks at the sign of ``z``.
 No derivative here calls :mod:`jax`'s autodiff.
@@ -38,12 +39,14 @@ class Activation(NamedTuple):
       dg: ``(z, a) -> g'(z)``, elementwise, where ``a = g(z)``.
       he_init: whether ``MLP.init`` draws this layer's weights with He
         (variance 2 / fan_in, the ReLU family) rather than Glorot scaling.
+      d2g: ``(z, a) -> g''(z)``, elementwise (0 for the piecewise-linear ones).
     """
 
     name: str
     g: Callable[[Array], Array]
     dg: Callable[[Array, Array], Array]
     he_init: bool
+    d2g: Callable[[Array, Array], Array]
 
 
 def _identity_dg(z: Array, a: Array) -> Array:
@@ -116,18 +119,64 @@ def _silu_dg(z: Array, a: Array) -> Array:
     return s * (1 + z * (1 - s))
 
 
+def _zero_d2g(z: Array, a: Array) -> Array:
+    """g''(z) = 0: identity, and relu / leaky_relu away from the kink (jax's value at it)."""
+    del a
+    return jnp.zeros_like(z)
+
+
+def _sigmoid_d2g(z: Array, a: Array) -> Array:
+    """sigma''(z) = a (1 - a) (1 - 2a)."""
+    del z
+    return a * (1 - a) * (1 - 2 * a)
+
+
+def _tanh_d2g(z: Array, a: Array) -> Array:
+    """tanh''(z) = -2 a (1 - a^2)."""
+    del z
+    return -2 * a * (1 - a * a)
+
+
+def _elu_d2g(z: Array, a: Array) -> Array:
+    """elu''(z) = 0 if z > 0 else alpha e^z = a + alpha."""
+    return jnp.where(z > 0, jnp.zeros_like(z), a + ELU_ALPHA)
+
+
+def _softplus_d2g(z: Array, a: Array) -> Array:
+    """softplus''(z) = sigma(z) (1 - sigma(z))."""
+    del a
+    s = jax.nn.sigmoid(z)
+    return s * (1 - s)
+
+
+def _gelu_d2g(z: Array, a: Array) -> Array:
+    """gelu''(z) = (1 - t^2) u' + z/2 (1 - t^2) (u'' - 2 t u'^2), u = c (z + k z^3), t = tanh u."""
+    del a
+    t = jnp.tanh(_GELU_C * (z + _GELU_K * z**3))
+    du = _GELU_C * (1 + 3 * _GELU_K * z * z)
+    d2u = 6 * _GELU_C * _GELU_K * z
+    return (1 - t * t) * du + 0.5 * z * (1 - t * t) * (d2u - 2 * t * du * du)
+
+
+def _silu_d2g(z: Array, a: Array) -> Array:
+    """silu''(z) = sigma(z) (1 - sigma(z)) (2 + z (1 - 2 sigma(z)))."""
+    del a
+    s = jax.nn.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
 ACTIVATIONS: dict[str, Activation] = {
     act.name: act
     for act in (
-        Activation("identity", lambda z: z, _identity_dg, he_init=False),
-        Activation("sigmoid", jax.nn.sigmoid, _sigmoid_dg, he_init=False),
-        Activation("tanh", jnp.tanh, _tanh_dg, he_init=False),
-        Activation("relu", jax.nn.relu, _relu_dg, he_init=True),
-        Activation("leaky_relu", _leaky_relu, _leaky_relu_dg, he_init=True),
-        Activation("elu", _elu, _elu_dg, he_init=True),
-        Activation("softplus", jax.nn.softplus, _softplus_dg, he_init=True),
-        Activation("gelu", _gelu, _gelu_dg, he_init=True),
-        Activation("silu", jax.nn.silu, _silu_dg, he_init=True),
+        Activation("identity", lambda z: z, _identity_dg, False, _zero_d2g),
+        Activation("sigmoid", jax.nn.sigmoid, _sigmoid_dg, False, _sigmoid_d2g),
+        Activation("tanh", jnp.tanh, _tanh_dg, False, _tanh_d2g),
+        Activation("relu", jax.nn.relu, _relu_dg, True, _zero_d2g),
+        Activation("leaky_relu", _leaky_relu, _leaky_relu_dg, True, _zero_d2g),
+        Activation("elu", _elu, _elu_dg, True, _elu_d2g),
+        Activation("softplus", jax.nn.softplus, _softplus_dg, True, _softplus_d2g),
+        Activation("gelu", _gelu, _gelu_dg, True, _gelu_d2g),
+        Activation("silu", jax.nn.silu, _silu_dg, True, _silu_d2g),
     )
 }
 """Every activation by name; ``MLP`` accepts exactly these keys."""

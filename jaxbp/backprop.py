@@ -25,10 +25,11 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from jaxbp import _checks
 from jaxbp._typing import Array, ArrayLike, Params
-from jaxbp.losses import mean_loss
+from jaxbp.losses import sample_loss_and_grad
 from jaxbp.mlp import MLP, Cache, forward, matmul
 
 
@@ -71,7 +72,7 @@ def layer_deltas(net: MLP, params: Params, cache: Cache, delta_out: Array) -> tu
     deltas = [delta_out]
     for l in range(net.n_layers - 1, 0, -1):  # hidden layers l = L-1, ..., 1 (0-based: l-1)
         act = net.activations[l - 1]
-        back = matmul(net, deltas[-1], params[l]["w"].T)  # delta^{l+1} W^{l+1 T}
+        back = matmul(net, deltas[-1], params[l]["w"], transpose_b=True)  # delta W^T
         deltas.append(back * act.dg(cache.zs[l - 1], cache.acts[l]))
     return tuple(reversed(deltas))
 
@@ -88,7 +89,7 @@ def grads_from_deltas(net: MLP, acts: tuple[Array, ...], deltas: tuple[Array, ..
       Grads shaped like the params: a tuple of ``{"w", "b"}`` dicts.
     """
     return tuple(
-        {"w": matmul(net, a_in.T, delta), "b": delta.sum(axis=0)}
+        {"w": matmul(net, a_in, delta, transpose_a=True), "b": delta.sum(axis=0)}
         for a_in, delta in zip(acts, deltas)
     )
 
@@ -102,9 +103,12 @@ def value_grads_and_output(
     forward pass.
     """
     cache = forward(net, params, x)
-    deltas = layer_deltas(net, params, cache, output_delta(net, cache, y))
-    value = mean_loss(net.loss_fn, cache.acts[-1], y)
-    return value, grads_from_deltas(net, cache.acts, deltas), cache.acts[-1]
+    a_out, z_out = cache.acts[-1], cache.zs[-1]
+    # C and delta^L from one evaluation of the loss (softmax shares its exp)
+    losses, dl_da = sample_loss_and_grad(net.loss_fn, a_out, y)
+    delta_out = dl_da * net.activations[-1].dg(z_out, a_out) / a_out.shape[0]
+    deltas = layer_deltas(net, params, cache, delta_out)
+    return jnp.mean(losses), grads_from_deltas(net, cache.acts, deltas), a_out
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -159,7 +163,7 @@ def _apply_manual_bwd(
     delta_out = a_out_bar * net.activations[-1].dg(cache.zs[-1], cache.acts[-1])
     deltas = layer_deltas(net, params, cache, delta_out)
     # dC/dx = dC/da^0 = delta^1 W^{1 T}: the recursion taken one step further.
-    x_bar = matmul(net, deltas[0], params[0]["w"].T)
+    x_bar = matmul(net, deltas[0], params[0]["w"], transpose_b=True)
     return grads_from_deltas(net, cache.acts, deltas), x_bar
 
 

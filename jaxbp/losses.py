@@ -32,12 +32,22 @@ class Loss(NamedTuple):
       sample_loss: ``(a, y) -> (batch,)``, the loss of each sample.
       sample_grad: ``(a, y) -> (batch, n_out)``, d l_n / d a_n for each sample.
       integer_labels: whether ``y`` may also be integer class labels ``(batch,)``.
+      sample_loss_and_grad: ``(a, y) -> (losses, grads)`` computing both from
+        shared intermediates (softmax: one exp for the loss and p), or None
+        to call the two above.
+      sample_hvp: ``(a, y, r) -> H_n r_n``, the per-sample Hessian of l with
+        respect to a^L times r: (batch, n_out).
+      sample_hessian_factor: ``(a, y) -> S`` of shape (batch, n_out, k) with
+        ``H_n = S_n S_n^T`` (for the generalised Gauss-Newton).
     """
 
     name: str
     sample_loss: Callable[[Array, Array], Array]
     sample_grad: Callable[[Array, Array], Array]
     integer_labels: bool
+    sample_loss_and_grad: Callable[[Array, Array], tuple[Array, Array]] | None = None
+    sample_hvp: Callable[[Array, Array, Array], Array] | None = None
+    sample_hessian_factor: Callable[[Array, Array], Array] | None = None
 
 
 def _squared_error(a: Array, y: Array) -> Array:
@@ -72,6 +82,15 @@ def _softmax_cross_entropy_grad(a: Array, y: Array) -> Array:
     return p * jnp.sum(y, axis=-1, keepdims=True) - y
 
 
+def _softmax_cross_entropy_and_grad(a: Array, y: Array) -> tuple[Array, Array]:
+    """Both of the above from one pass: p = exp(a - logsumexp(a)) reuses the loss's lse."""
+    y = _as_targets(a, y)
+    log_z = jax.nn.logsumexp(a, axis=-1, keepdims=True)
+    mass = jnp.sum(y, axis=-1, keepdims=True)
+    losses = (mass * log_z - jnp.sum(y * a, axis=-1, keepdims=True))[:, 0]
+    return losses, jnp.exp(a - log_z) * mass - y
+
+
 def _sigmoid_cross_entropy(a: Array, y: Array) -> Array:
     """l = sum_j BCE(a_j, y_j) = sum_j softplus(a_j) - a_j y_j."""
     y = y.astype(a.dtype)
@@ -85,21 +104,72 @@ def _sigmoid_cross_entropy_grad(a: Array, y: Array) -> Array:
     return jax.nn.sigmoid(a) - y.astype(a.dtype)
 
 
+def _squared_error_hvp(a: Array, y: Array, r: Array) -> Array:
+    """H = 2 I: H r = 2 r."""
+    del a, y
+    return 2 * r
+
+
+def _squared_error_factor(a: Array, y: Array) -> Array:
+    """S = sqrt(2) I, (batch, n_out, n_out)."""
+    del y
+    return jnp.broadcast_to(jnp.sqrt(2.0).astype(a.dtype) * jnp.eye(a.shape[-1], dtype=a.dtype),
+                            (*a.shape, a.shape[-1]))
+
+
+def _softmax_cross_entropy_hvp(a: Array, y: Array, r: Array) -> Array:
+    """H = m (diag(p) - p p^T), m = sum_j y_j: H r = m (p * r - p <p, r>)."""
+    y = _as_targets(a, y)
+    p = jax.nn.softmax(a, axis=-1)
+    mass = jnp.sum(y, axis=-1, keepdims=True)
+    return mass * (p * r - p * jnp.sum(p * r, axis=-1, keepdims=True))
+
+
+def _softmax_cross_entropy_factor(a: Array, y: Array) -> Array:
+    """S = sqrt(m) (diag(sqrt p) - p sqrt(p)^T): S S^T = m (diag(p) - p p^T) as sum p = 1."""
+    y = _as_targets(a, y)
+    p = jax.nn.softmax(a, axis=-1)
+    root = jnp.sqrt(p)
+    mass = jnp.sum(y, axis=-1)[:, None, None]
+    eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+    return jnp.sqrt(mass) * (eye * root[:, None, :] - p[:, :, None] * root[:, None, :])
+
+
+def _sigmoid_cross_entropy_hvp(a: Array, y: Array, r: Array) -> Array:
+    """H = diag(sigma(a) (1 - sigma(a))): H r elementwise."""
+    del y
+    s = jax.nn.sigmoid(a)
+    return s * (1 - s) * r
+
+
+def _sigmoid_cross_entropy_factor(a: Array, y: Array) -> Array:
+    """S = diag(sqrt(sigma (1 - sigma)))."""
+    del y
+    s = jax.nn.sigmoid(a)
+    return jnp.sqrt(s * (1 - s))[:, :, None] * jnp.eye(a.shape[-1], dtype=a.dtype)
+
+
 LOSSES: dict[str, Loss] = {
     loss.name: loss
     for loss in (
-        Loss("squared_error", _squared_error, _squared_error_grad, integer_labels=False),
+        Loss("squared_error", _squared_error, _squared_error_grad, integer_labels=False,
+             sample_hvp=_squared_error_hvp, sample_hessian_factor=_squared_error_factor),
         Loss(
             "softmax_cross_entropy",
             _softmax_cross_entropy,
             _softmax_cross_entropy_grad,
             integer_labels=True,
+            sample_loss_and_grad=_softmax_cross_entropy_and_grad,
+            sample_hvp=_softmax_cross_entropy_hvp,
+            sample_hessian_factor=_softmax_cross_entropy_factor,
         ),
         Loss(
             "sigmoid_cross_entropy",
             _sigmoid_cross_entropy,
             _sigmoid_cross_entropy_grad,
             integer_labels=False,
+            sample_hvp=_sigmoid_cross_entropy_hvp,
+            sample_hessian_factor=_sigmoid_cross_entropy_factor,
         ),
     )
 }
@@ -129,6 +199,13 @@ def mean_loss(loss: Loss, a: Array, y: Array) -> Array:
       y: (batch, n_out) targets, or (batch,) integer labels where allowed.
     """
     return jnp.mean(loss.sample_loss(a, y))
+
+
+def sample_loss_and_grad(loss: Loss, a: Array, y: Array) -> tuple[Array, Array]:
+    """``(l_n, dl_n/da_n)`` for every sample, fused where the loss has a fused form."""
+    if loss.sample_loss_and_grad is not None:
+        return loss.sample_loss_and_grad(a, y)
+    return loss.sample_loss(a, y), loss.sample_grad(a, y)
 
 
 def mean_loss_grad(loss: Loss, a: Array, y: Array) -> Array:

@@ -208,19 +208,25 @@ def forward(net: MLP, params: Params, x: Array) -> Cache:
     return Cache(tuple(acts), tuple(zs))
 
 
-def matmul(net: MLP, a: Array, b: Array) -> Array:
-    """``a @ b`` in the net's precision.
+def matmul(net: MLP, a: Array, b: Array, transpose_a: bool = False,
+           transpose_b: bool = False) -> Array:
+    """``a @ b`` (``a.T``/``b.T`` when asked) in the net's precision, as one dot_general.
 
-    Without ``net.compute_dtype`` this is plain ``a @ b``. With it, both
-    operands are rounded to the compute dtype and the products accumulate in
-    ``a``'s dtype (the params' dtype): ``dot(bf16(a), bf16(b))`` with
-    ``preferred_element_type=float32``, what bf16 tensor cores do. Every
-    matmul of the forward pass and of the recursion goes through here.
+    The transposes are contraction dimensions of a single ``lax.dot_general``,
+    never separate transpose ops. Without ``net.compute_dtype`` this is
+    ``a @ b``. With it, both operands are rounded to the compute dtype and the
+    products accumulate in ``a``'s dtype (the params' dtype):
+    ``dot(bf16(a), bf16(b))`` with ``preferred_element_type=float32``, what
+    bf16 tensor cores do. Rounding before the transpose lets XLA reuse the
+    forward pass's rounded copies in the backward pass. Every matmul of the
+    forward pass and of the recursion goes through here.
     """
+    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
     if net.compute_dtype is None:
-        return a @ b
+        return jax.lax.dot_general(a, b, dims)
     low = jnp.dtype(net.compute_dtype)
-    return jnp.matmul(a.astype(low), b.astype(low), preferred_element_type=a.dtype)
+    return jax.lax.dot_general(a.astype(low), b.astype(low), dims,
+                               preferred_element_type=a.dtype)
 
 
 def cost(net: MLP, params: Params, x: Array, y: Array) -> Array:

@@ -146,7 +146,8 @@ def _clipped_mean(net: MLP, params: Params, x: Array, y: Array,
     for l, (a_in, delta) in enumerate(zip(cache.acts, deltas)):
         # book-keeping: rescale each sample's error row, then the usual a^T delta
         scaled = delta * (factors[:, l:l + 1] / batch)
-        grads.append({"w": matmul(net, a_in.T, scaled), "b": scaled.sum(axis=0)})
+        grads.append({"w": matmul(net, a_in, scaled, transpose_a=True),
+                      "b": scaled.sum(axis=0)})
     value = mean_loss(net.loss_fn, cache.acts[-1], y)
     return value, tuple(grads), cache.acts[-1]
 
@@ -256,8 +257,9 @@ def _per_example_grad_variance(net: MLP, params: Params, x: Array, y: Array) -> 
     out = []
     for a_in, delta in zip(cache.acts, deltas):
         # Var = E[g^2] - E[g]^2 with E[g_W^2] = (a^2)^T (delta^2) / B: no (B, fan_in, fan_out).
-        mean_w, mean_b = matmul(net, a_in.T, delta) / batch, delta.mean(axis=0)
-        second_w = matmul(net, (a_in * a_in).T, delta * delta) / batch
+        mean_w = matmul(net, a_in, delta, transpose_a=True) / batch
+        mean_b = delta.mean(axis=0)
+        second_w = matmul(net, a_in * a_in, delta * delta, transpose_a=True) / batch
         second_b = (delta * delta).mean(axis=0)
         out.append({"w": jnp.maximum(second_w - mean_w * mean_w, 0),
                     "b": jnp.maximum(second_b - mean_b * mean_b, 0)})

@@ -120,3 +120,17 @@ def test_cross_entropies_are_stable(name):
     else:  # sum_j softplus(a_j) - a_j y_j: 1e4 + 1e4 + log 2, then 0 + 0 + softplus(3)
         expected = (2e4 + np.log(2), np.log1p(np.exp(3.0)))
     np.testing.assert_allclose(values, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(jaxbp.LOSSES))
+def test_fused_loss_and_grad_equal_the_separate_ones(name):
+    from jaxbp.losses import sample_loss_and_grad
+
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.normal(size=(6, 5)) * 3)
+    y = jnp.asarray(rng.integers(0, 5, size=6)) if name == "softmax_cross_entropy" \
+        else jnp.asarray(rng.random((6, 5)))
+    loss = jaxbp.LOSSES[name]
+    losses, grads = sample_loss_and_grad(loss, a, y)
+    np.testing.assert_allclose(losses, loss.sample_loss(a, y), rtol=1e-6)
+    np.testing.assert_allclose(grads, loss.sample_grad(a, y), rtol=1e-6, atol=1e-7)

@@ -35,3 +35,17 @@ def test_manual_vs_autodiff_script(tmp_path):
                     .split()[0])
     assert float32 < 1e-5 and float64 < 1e-13
     assert (tmp_path / "drift.png").exists()
+
+
+@pytest.mark.slow
+def test_data_parallel_script_on_a_2d_mesh():
+    import os
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run([sys.executable, "scripts/data_parallel.py", "--model", "2",
+                             "--epochs", "2"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mesh {'data': 2, 'model': 2} over 4 devices" in result.stdout
+    assert float(result.stdout.split("test accuracy ")[-1]) > 0.9

@@ -1,0 +1,144 @@
+"""Second order from the same recursion: Hessian-vector products (R-op) and the GGN diagonal.
+
+**Hessian-vector product** (Pearlmutter 1994). The R-operator
+``R{f} = d/dr f(theta + r v) at r = 0`` is applied to every line of the forward
+pass and of the recursion, with V = (dW^l, db^l) the direction:
+
+.. math::
+    R z^l = R a^{l-1} W^l + a^{l-1} dW^l + db^l, \\qquad
+    R a^l = g'(z^l) \\odot R z^l, \\qquad R a^0 = 0
+
+    R\\delta^L = \\tfrac1N \\big[(H_n R a^L) \\odot g'(z^L)
+                 + \\partial_a l \\odot g''(z^L) \\odot R z^L\\big]
+
+    R\\delta^l = (R\\delta^{l+1} W^{l+1\\top} + \\delta^{l+1} dW^{l+1\\top}) \\odot g'(z^l)
+                 + (\\delta^{l+1} W^{l+1\\top}) \\odot g''(z^l) \\odot R z^l
+
+    (Hv)_{W^l} = R a^{l-1\\top} \\delta^l + a^{l-1\\top} R\\delta^l, \\qquad
+    (Hv)_{b^l} = \\textstyle\\sum_n R\\delta^l_n
+
+with ``H_n`` the per-sample Hessian of the loss with respect to a^L and g''
+written by hand beside g and g' (:mod:`jaxbp.activations`).
+
+**GGN diagonal** (BackPACK's DiagGGNExact). With ``H_n = S_n S_n^T`` (the
+loss's symmetric factor, k columns), each column of S is propagated back as
+an output error, all k at once (a batched pass):
+
+.. math::
+    \\mathrm{diag}(G)_{W^l} = \\tfrac1N \\sum_{n,c} (a^{l-1}_n)^2 \\otimes (\\delta^l_{n,c})^2
+
+No JAX autodiff is called; ``jax.vmap`` (a batching transform) runs the
+recursion over the k columns.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp import _checks
+from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp.backprop import layer_deltas, sample_output_delta
+from jaxbp.mlp import MLP, forward, matmul
+
+
+def _check_direction(params: Params, v: Params) -> None:
+    if jax.tree.structure(v) != jax.tree.structure(params):
+        raise ValueError(f"v must have the structure of params, {jax.tree.structure(params)}, "
+                         f"got {jax.tree.structure(v)}")
+    bad = [f"v{jax.tree_util.keystr(path)} has shape {leaf.shape} but expected {p.shape}"
+           for (path, leaf), p in zip(jax.tree_util.tree_flatten_with_path(v)[0],
+                                      jax.tree.leaves(params)) if leaf.shape != p.shape]
+    if bad:
+        raise ValueError("v does not fit params: " + "; ".join(bad))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hvp(net: MLP, params: Params, x: Array, y: Array, v: Params) -> Params:
+    acts_g = net.activations
+    cache = forward(net, params, x)
+    batch = x.shape[0]
+    # forward R-pass
+    r_acts, r_zs = [jnp.zeros_like(x)], []
+    for l, (layer, dlayer) in enumerate(zip(params, v)):
+        a_in = cache.acts[l]
+        r_z = (matmul(net, r_acts[-1], layer["w"]) + matmul(net, a_in, dlayer["w"])
+               + dlayer["b"])
+        r_zs.append(r_z)
+        r_acts.append(acts_g[l].dg(cache.zs[l], cache.acts[l + 1]) * r_z)
+    # output layer: delta^L and R delta^L (per sample, then / N)
+    a_out, z_out = cache.acts[-1], cache.zs[-1]
+    dl_da = net.loss_fn.sample_grad(a_out, y)
+    g1, g2 = acts_g[-1].dg(z_out, a_out), acts_g[-1].d2g(z_out, a_out)
+    deltas = layer_deltas(net, params, cache, sample_output_delta(net, cache, y) / batch)
+    r_delta = (net.loss_fn.sample_hvp(a_out, y, r_acts[-1]) * g1
+               + dl_da * g2 * r_zs[-1]) / batch
+    r_deltas = [r_delta]
+    for l in range(net.n_layers - 1, 0, -1):  # hidden layers, output side first
+        w, dw = params[l]["w"], v[l]["w"]
+        back = matmul(net, deltas[l], w, transpose_b=True)  # delta^{l+1} W^{l+1 T}
+        r_back = (matmul(net, r_deltas[-1], w, transpose_b=True)
+                  + matmul(net, deltas[l], dw, transpose_b=True))
+        z, a = cache.zs[l - 1], cache.acts[l]
+        r_deltas.append(r_back * acts_g[l - 1].dg(z, a) + back * acts_g[l - 1].d2g(z, a)
+                        * r_zs[l - 1])
+    r_deltas.reverse()
+    return tuple(
+        {"w": matmul(net, r_acts[l], deltas[l], transpose_a=True)
+              + matmul(net, cache.acts[l], r_deltas[l], transpose_a=True),
+         "b": r_deltas[l].sum(axis=0)}
+        for l in range(net.n_layers))
+
+
+def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Params:
+    """The Hessian of the cost times a direction, ``H v``, by the R-operator (no autodiff).
+
+    Args:
+      net, params, x, y: as :func:`jaxbp.backprop`; C is the batch-mean cost.
+      v: a direction shaped like ``params``.
+
+    Returns:
+      ``H v`` shaped like ``params``, ``H = d^2 C / dparams^2``.
+
+    Raises:
+      ValueError: v does not have the structure and shapes of params (and the
+        input errors of :func:`jaxbp.backprop`).
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    _check_direction(params, v)
+    v = jax.tree.map(lambda t, p: jnp.asarray(t, p.dtype), v, params)
+    return _hvp(net, params, x, y, v)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _ggn_diag(net: MLP, params: Params, x: Array, y: Array) -> Params:
+    cache = forward(net, params, x)
+    a_out, z_out = cache.acts[-1], cache.zs[-1]
+    factor = net.loss_fn.sample_hessian_factor(a_out, y)  # (B, n_out, k)
+    g1 = net.activations[-1].dg(z_out, a_out)
+    columns = jnp.moveaxis(factor, -1, 0) * g1  # (k, B, n_out): S_c * g'(z^L)
+    deltas = jax.vmap(lambda d: layer_deltas(net, params, cache, d))(columns)
+    batch = x.shape[0]
+    out = []
+    for a_in, delta in zip(cache.acts, deltas):  # delta: (k, B, width)
+        sq = jnp.sum(delta * delta, axis=0)  # sum over the k columns: (B, width)
+        out.append({"w": matmul(net, a_in * a_in, sq, transpose_a=True) / batch,
+                    "b": sq.sum(axis=0) / batch})
+    return tuple(out)
+
+
+def ggn_diag(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
+    """The exact diagonal of the generalised Gauss-Newton ``(1/N) sum_n J_n^T H_n J_n``.
+
+    ``J_n = d a^L_n / dparams``, ``H_n`` the Hessian of the sample loss with
+    respect to a^L (squared error: 2I; sigmoid cross-entropy: diag(s(1-s));
+    softmax cross-entropy: diag(p) - pp^T). One forward pass and one batched
+    backward pass of n_out columns (BackPACK's DiagGGNExact).
+
+    Returns:
+      The diagonal, shaped like ``params``.
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    return _ggn_diag(net, params, x, y)

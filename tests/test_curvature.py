@@ -1,0 +1,125 @@
+"""Hessian-vector products and the GGN diagonal against jax's autodiff, in float64."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import to_f64
+
+import jaxbp
+
+ACTS = sorted(jaxbp.ACTIVATIONS)
+LOSSES = sorted(jaxbp.LOSSES)
+
+
+def case(i: int):
+    rng = np.random.default_rng(900 + i)
+    depth = 1 + i % 3
+    sizes = [int(s) for s in rng.integers(2, 7, size=depth + 1)]
+    loss = LOSSES[i % 3]
+    net = jaxbp.MLP(tuple(sizes), ACTS[i % 9], ACTS[(i * 2) % 9] if loss == "squared_error"
+                    else ("identity" if i % 2 else ACTS[(i * 4) % 9]), loss, "float64")
+    batch = 1 + i % 5
+    x = jnp.asarray(rng.normal(size=(batch, sizes[0])))
+    if loss == "softmax_cross_entropy":
+        y = jnp.asarray(rng.integers(0, sizes[-1], size=batch))
+    elif loss == "sigmoid_cross_entropy":
+        y = jnp.asarray(rng.random((batch, sizes[-1])))
+    else:
+        y = jnp.asarray(rng.normal(size=(batch, sizes[-1])))
+    params = net.init(jax.random.key(i))
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape)), params)
+    v = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+    return net, params, x, y, v
+
+
+def flat(tree) -> np.ndarray:
+    return np.concatenate([np.ravel(a) for a in jax.tree.leaves(to_f64(tree))])
+
+
+def rel(a, b) -> float:
+    err = np.max(np.abs(a - b), initial=0.0)
+    return 0.0 if err == 0 else err / np.max(np.abs(b))
+
+
+@pytest.mark.parametrize("name", ACTS)
+def test_second_derivative_matches_central_differences(name):
+    with jax.enable_x64(True):
+        act = jaxbp.ACTIVATIONS[name]
+        z = jnp.linspace(-4, 4, 161)
+        z = z[jnp.abs(z) > 1e-6]
+        h = 1e-5
+        fd = (act.dg(z + h, act.g(z + h)) - act.dg(z - h, act.g(z - h))) / (2 * h)
+        np.testing.assert_allclose(act.d2g(z, act.g(z)), fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("i", range(27))
+def test_hvp_equals_jvp_of_grad(i):
+    with jax.enable_x64(True):
+        net, params, x, y, v = case(i)
+        manual = jaxbp.hvp(net, params, x, y, v)
+        grad = jax.grad(lambda p: net.cost(p, x, y))
+        reference = jax.jvp(grad, (params,), (v,))[1]
+        assert rel(flat(manual), flat(reference)) <= 1e-10
+
+
+@pytest.mark.parametrize("i", range(0, 27, 2))
+def test_ggn_diag_equals_jacobian_hessian_product(i):
+    with jax.enable_x64(True):
+        net, params, x, y, _ = case(i)
+        flat_params, unravel = jax.flatten_util.ravel_pytree(params)
+        loss = net.loss_fn
+        diag = np.zeros(flat_params.size)
+        for n in range(x.shape[0]):
+            out = lambda p, n=n: net.apply(unravel(p), x[n:n + 1])[0]  # noqa: E731
+            jac = jax.jacfwd(out)(flat_params)  # (n_out, P)
+            hess = jax.hessian(lambda a, n=n: loss.sample_loss(a[None], y[n:n + 1])[0])(
+                out(flat_params))
+            diag += np.einsum("cp,cd,dp->p", jac, hess, jac)
+        diag /= x.shape[0]
+        manual = flat(jaxbp.ggn_diag(net, params, x, y))
+        assert rel(manual, diag) <= 1e-10
+
+
+def test_hessian_factors_reproduce_the_loss_hessians():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        a = jnp.asarray(rng.normal(size=(3, 4)))
+        for name, y in (("squared_error", jnp.asarray(rng.normal(size=(3, 4)))),
+                        ("sigmoid_cross_entropy", jnp.asarray(rng.random((3, 4)))),
+                        ("softmax_cross_entropy", jnp.asarray([0, 3, 1]))):
+            loss = jaxbp.LOSSES[name]
+            s = loss.sample_hessian_factor(a, y)
+            r = jnp.asarray(rng.normal(size=(3, 4)))
+            for n in range(3):
+                hess = jax.hessian(lambda t, n=n, loss=loss, y=y:
+                                   loss.sample_loss(t[None], y[n:n + 1])[0])(a[n])
+                np.testing.assert_allclose(s[n] @ s[n].T, hess, atol=1e-12)
+                np.testing.assert_allclose(loss.sample_hvp(a, y, r)[n], hess @ r[n],
+                                           atol=1e-12)
+
+
+def test_manual_curvature_calls_no_autodiff(monkeypatch):
+    net = jaxbp.MLP((3, 4, 2), "tanh", loss="softmax_cross_entropy")
+    params = net.init(jax.random.key(0))
+    x, y = jnp.ones((2, 3)), jnp.array([0, 1])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("autodiff called")
+
+    for name in ("grad", "value_and_grad", "vjp", "jvp", "jacrev", "jacfwd", "linearize",
+                 "hessian"):
+        monkeypatch.setattr(jax, name, forbidden)
+    jax.clear_caches()
+    jaxbp.hvp(net, params, x, y, params)
+    jaxbp.ggn_diag(net, params, x, y)
+
+
+def test_bad_direction():
+    net = jaxbp.MLP((3, 4, 2), "tanh")
+    params = net.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"v\[0\]\['w'\] has shape \(4, 3\) but expected"):
+        jaxbp.hvp(net, params, np.ones((2, 3), np.float32), np.array([0, 1]),
+                  ({"w": jnp.ones((4, 3)), "b": jnp.ones(4)}, params[1]))

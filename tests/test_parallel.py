@@ -1,0 +1,107 @@
+"""The sharded step on 8 host devices and a 2-process run, each in its own Python process.
+
+XLA_FLAGS must be set before JAX starts, so these tests launch workers
+(tests/workers/) with --xla_force_host_platform_device_count.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jaxbp
+from jaxbp import parallel
+
+WORKERS = pathlib.Path(__file__).parent / "workers"
+ROOT = WORKERS.parent.parent
+
+
+def _env(devices: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_single_device_on_1d_and_2d_meshes():
+    result = subprocess.run([sys.executable, str(WORKERS / "mesh_checks.py")], env=_env(8),
+                            capture_output=True, text=True, timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok mesh") == 9 and "ok uneven batch" in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_single_process_params(tmp_path):
+    port = _free_port()
+    out = tmp_path / "params"
+    procs = [subprocess.Popen(
+        [sys.executable, str(WORKERS / "multiprocess_train.py"), str(out)],
+        env=_env(2, JAXBP_COORDINATOR=f"127.0.0.1:{port}", JAXBP_NUM_PROCESSES="2",
+                 JAXBP_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stdout + stderr
+        assert "of 2, 4 devices" in stdout
+
+    # the same 5 adam steps on one device, here
+    net = jaxbp.MLP((12, 16, 10), "tanh")
+    optimizer = optax.adam(1e-2)
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(5, 32, 12)).astype(np.float32)
+    ys = rng.integers(0, 10, size=(5, 32)).astype(np.int32)
+    step = jaxbp.make_train_step(net, optimizer)
+    state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optimizer)
+    for x, y in zip(xs, ys):
+        state, _ = step(state, x, y)
+    reference = [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
+    for i in range(2):
+        with np.load(f"{out}.{i}.npz") as saved:
+            got = [saved[f"arr_{k}"] for k in range(len(reference))]
+        for a, b in zip(got, reference):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_make_mesh_and_process_rows_on_one_device():
+    mesh = parallel.make_mesh()
+    assert mesh.shape == {"data": jax.device_count(), "model": 1}
+    with pytest.raises(ValueError, match="data x model"):
+        parallel.make_mesh(data=3, model=1)
+    with pytest.raises(ValueError, match="model must be >= 1 and divide"):
+        parallel.make_mesh(model=0)
+    batch = np.arange(8)
+    assert list(parallel.process_rows(batch, 1, 2)) == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        parallel.process_rows(batch, 0, 3)
+
+
+def test_sharded_step_on_a_one_device_mesh_equals_the_plain_step():
+    net = jaxbp.MLP((5, 8, 3), "relu")
+    optimizer = optax.sgd(0.1)
+    params = net.init(jax.random.key(0))
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    y = np.arange(4) % 3
+    plain, _ = jaxbp.make_train_step(net, optimizer, donate=False)(
+        jaxbp.TrainState.create(params, optimizer), x, y)
+    sharded, metrics = parallel.make_sharded_train_step(net, optimizer, parallel.make_mesh())(
+        jaxbp.TrainState.create(jax.tree.map(np.array, params), optimizer), x, y)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert metrics["loss"].shape == ()
