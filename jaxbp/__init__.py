@@ -12,7 +12,8 @@ from jaxbp.backprop import (
     sample_output_delta,
     value_and_backprop,
 )
-from jaxbp.curvature import ggn_diag, hvp
+from jaxbp.curvature import ggn_diag, hvp, kfac_factors
+from jaxbp.diagnostics import layer_stats
 from jaxbp.fit import FitResult, fit
 from jaxbp.losses import LOSSES, Loss
 from jaxbp.mlp import MLP, Cache, forward
@@ -56,7 +57,9 @@ __all__ = [
     "ggn_diag",
     "grads_from_deltas",
     "hvp",
+    "kfac_factors",
     "layer_deltas",
+    "layer_stats",
     "make_train_loop",
     "make_train_step",
     "output_delta",

@@ -31,6 +31,7 @@ class Timing:
       median, p25, p75: quantiles over the timed calls.
       runs: how many calls were timed (over all rounds).
       compile_s: seconds spent lowering and compiling (not in the quantiles).
+      rounds: the per-round seconds per call, in round order (for paired ratios).
     """
 
     median: float
@@ -38,6 +39,7 @@ class Timing:
     p75: float
     runs: int
     compile_s: float
+    rounds: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +112,19 @@ def time_interleaved(
     compile_s = compile_s or {}
     return {name: Timing(float(np.median(s)), float(np.percentile(s, 25)),
                          float(np.percentile(s, 75)), len(s) * reps[name],
-                         compile_s.get(name, float("nan")))
+                         compile_s.get(name, float("nan")), tuple(s))
             for name, s in samples.items()}
+
+
+def paired_ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of ``a``'s time / ``b``'s time in the same round.
+
+    Both ran back to back in each round, so a slow spell of a shared machine
+    (other tenants, CPU steal) scales both and cancels in the ratio, where a
+    ratio of the two medians could take one candidate's slow rounds and the
+    other's fast ones.
+    """
+    return float(np.median(np.asarray(a.rounds) / np.asarray(b.rounds)))
 
 
 def _cpu_model() -> str:

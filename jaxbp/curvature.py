@@ -142,3 +142,62 @@ def ggn_diag(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
     """
     x, y = _checks.check_inputs(net, params, x, y)
     return _ggn_diag(net, params, x, y)
+
+
+def _sample_targets(net: MLP, a_out: Array, key: Array) -> Array:
+    """y drawn from the model's own predictive distribution at a^L (for the MC Fisher).
+
+    softmax cross-entropy: a class from softmax(a) (one-hot); sigmoid
+    cross-entropy: Bernoulli(sigmoid(a)); squared error ``sum (a - y)^2`` is the
+    negative log-likelihood of N(a, 1/2): y = a + N(0, 1/2).
+    """
+    if net.loss == "softmax_cross_entropy":
+        labels = jax.random.categorical(key, a_out, axis=-1)
+        return jax.nn.one_hot(labels, a_out.shape[-1], dtype=a_out.dtype)
+    if net.loss == "sigmoid_cross_entropy":
+        return jax.random.bernoulli(key, jax.nn.sigmoid(a_out)).astype(a_out.dtype)
+    return a_out + jnp.sqrt(0.5).astype(a_out.dtype) * jax.random.normal(
+        key, a_out.shape, a_out.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _kfac_factors(net: MLP, params: Params, x: Array, y: Array, kind: str,
+                  key: Array | None) -> tuple[dict[str, Array], ...]:
+    cache = forward(net, params, x)
+    targets = y if kind == "empirical" else _sample_targets(net, cache.acts[-1], key)
+    deltas = layer_deltas(net, params, cache, sample_output_delta(net, cache, targets))
+    batch = x.shape[0]
+    factors = []
+    for a_in, delta in zip(cache.acts, deltas):
+        a_bar = jnp.concatenate([a_in, jnp.ones((batch, 1), a_in.dtype)], axis=1)
+        factors.append({"A": matmul(net, a_bar, a_bar, transpose_a=True) / batch,
+                        "G": matmul(net, delta, delta, transpose_a=True) / batch})
+    return tuple(factors)
+
+
+def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
+                 kind: str = "empirical", key: Array | None = None) -> tuple[dict[str, Array], ...]:
+    """The Kronecker factors of each layer's Fisher block (K-FAC, Martens and Grosse 2015).
+
+    With ``a_bar = [a^{l-1}, 1]`` (the bias as a column of ones) and the
+    per-sample error ``delta^l_n`` of sample n's own loss:
+
+    .. math::
+        A_l = \\tfrac1N \\sum_n \\bar a_n \\bar a_n^\\top, \\qquad
+        G_l = \\tfrac1N \\sum_n \\delta_n \\delta_n^\\top, \\qquad
+        F_l \\approx A_l \\otimes G_l
+
+    where ``F_l`` is the Fisher of the layer's parameters ``[W^l; b^l]``
+    ((fan_in + 1, fan_out), flattened row by row). For a batch of one sample
+    ``A \\otimes G = g g^T`` exactly. ``kind="empirical"`` uses the given y;
+    ``kind="mc"`` draws y from the model's predictive distribution (needs ``key``).
+
+    Returns:
+      A tuple of ``{"A": (fan_in + 1, fan_in + 1), "G": (fan_out, fan_out)}``.
+    """
+    if kind not in ("empirical", "mc"):
+        raise ValueError(f"Unknown kind {kind!r}. It needs to be one of ['empirical', 'mc'].")
+    if kind == "mc" and key is None:
+        raise ValueError("kind='mc' samples targets from the model: pass a PRNG key")
+    x, y = _checks.check_inputs(net, params, x, y)
+    return _kfac_factors(net, params, x, y, kind, key)

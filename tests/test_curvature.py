@@ -123,3 +123,40 @@ def test_bad_direction():
     with pytest.raises(ValueError, match=r"v\[0\]\['w'\] has shape \(4, 3\) but expected"):
         jaxbp.hvp(net, params, np.ones((2, 3), np.float32), np.array([0, 1]),
                   ({"w": jnp.ones((4, 3)), "b": jnp.ones(4)}, params[1]))
+
+
+class TestKFAC:
+    def test_batch_of_one_gives_the_exact_fisher_block(self):
+        with jax.enable_x64(True):
+            for i in range(3):  # the three losses
+                net, params, x, y, _ = case(i)
+                x1, y1 = x[:1], y[:1]
+                factors = jaxbp.kfac_factors(net, params, x1, y1)
+                per_sample = jaxbp.per_example_grads(net, params, x1, y1)
+                for layer, f in zip(per_sample, factors):
+                    g = np.concatenate([np.asarray(layer["w"][0]), np.asarray(layer["b"])],
+                                       axis=0).ravel()  # [W; b] row by row
+                    np.testing.assert_allclose(np.kron(f["A"], f["G"]), np.outer(g, g),
+                                               rtol=1e-12, atol=1e-14)
+
+    def test_factors_are_batch_means(self):
+        with jax.enable_x64(True):
+            net, params, x, y, _ = case(7)
+            factors = jaxbp.kfac_factors(net, params, x, y)
+            cache = jaxbp.forward(net, params, x)
+            a_bar = np.concatenate([np.asarray(cache.acts[0]), np.ones((x.shape[0], 1))], 1)
+            np.testing.assert_allclose(factors[0]["A"], a_bar.T @ a_bar / x.shape[0],
+                                       rtol=1e-13)
+
+    @pytest.mark.parametrize("i", range(3))
+    def test_mc_samples_targets_and_needs_a_key(self, i):
+        with jax.enable_x64(True):
+            net, params, x, y, _ = case(i)
+            with pytest.raises(ValueError, match="pass a PRNG key"):
+                jaxbp.kfac_factors(net, params, x, y, kind="mc")
+            with pytest.raises(ValueError, match="Unknown kind 'exact'"):
+                jaxbp.kfac_factors(net, params, x, y, kind="exact")
+            a = jaxbp.kfac_factors(net, params, x, y, kind="mc", key=jax.random.key(0))
+            b = jaxbp.kfac_factors(net, params, x, y, kind="mc", key=jax.random.key(0))
+            np.testing.assert_array_equal(a[-1]["G"], b[-1]["G"])
+            assert np.all(np.linalg.eigvalsh(np.asarray(a[-1]["G"])) > -1e-12)

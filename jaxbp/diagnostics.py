@@ -1,0 +1,58 @@
+"""Gradient flow: per-layer error, gradient, weight and update sizes, from the recursion.
+
+Seed 001 closes on vanishing gradients: through a deep stack of sigmoids the
+error ``delta^l = (delta^{l+1} W^{l+1 T}) * g'(z^l)`` shrinks by the factor
+``g' <= 1/4`` at every layer. :func:`layer_stats` shows it layer by layer.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp import _checks
+from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp.backprop import grads_from_deltas, layer_deltas, output_delta
+from jaxbp.mlp import MLP, forward
+
+STATS = ("mean_abs_delta", "grad_norm", "weight_norm", "update_ratio")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _layer_stats(net: MLP, params: Params, x: Array, y: Array,
+                 updates: Params | None) -> dict[str, Array]:
+    cache = forward(net, params, x)
+    deltas = layer_deltas(net, params, cache, output_delta(net, cache, y))
+    grads = grads_from_deltas(net, cache.acts, deltas)
+    steps = grads if updates is None else updates
+    weight = jnp.stack([jnp.linalg.norm(layer["w"]) for layer in params])
+    return {
+        # delta^l of the batch-mean cost, times N: the per-sample scale of the error
+        "mean_abs_delta": jnp.stack([jnp.mean(jnp.abs(d)) * x.shape[0] for d in deltas]),
+        "grad_norm": jnp.stack([jnp.linalg.norm(g["w"]) for g in grads]),
+        "weight_norm": weight,
+        "update_ratio": jnp.stack([jnp.linalg.norm(u["w"]) for u in steps]) / weight,
+    }
+
+
+def layer_stats(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
+                updates: Params | None = None) -> dict[str, Array]:
+    """Per weight layer l = 1..L: how large the error, gradient, weights and update are.
+
+    Returns a dict of (L,) arrays:
+
+    * ``mean_abs_delta``: mean over batch and units of ``|delta^l|`` for the
+      per-sample loss (the batch-mean delta times N);
+    * ``grad_norm``: ``||dC/dW^l||`` (Frobenius);
+    * ``weight_norm``: ``||W^l||``;
+    * ``update_ratio``: ``||update of W^l|| / ||W^l||`` for the given
+      ``updates`` (e.g. an optax update); without them, ``||dC/dW^l|| /
+      ||W^l||`` (the ratio for a unit-learning-rate sgd step).
+    """
+    x, y = _checks.check_inputs(net, params, x, y)
+    if updates is not None and jax.tree.structure(updates) != jax.tree.structure(params):
+        raise ValueError(f"updates must have the structure of params, "
+                         f"{jax.tree.structure(params)}, got {jax.tree.structure(updates)}")
+    return _layer_stats(net, params, x, y, updates)

@@ -1,0 +1,64 @@
+"""layer_stats against autodiff, and the vanishing-gradient picture of seed 001."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbp
+
+
+def test_stats_match_autodiff():
+    with jax.enable_x64(True):
+        net = jaxbp.MLP((5, 7, 6, 3), "tanh", "identity", "softmax_cross_entropy", "float64")
+        params = net.init(jax.random.key(0))
+        rng = np.random.default_rng(0)
+        x, y = jnp.asarray(rng.normal(size=(9, 5))), jnp.asarray(rng.integers(0, 3, 9))
+        stats = jaxbp.layer_stats(net, params, x, y)
+        grads = jax.grad(lambda p: net.cost(p, x, y))(params)
+
+        def sample_loss(p, x_i, y_i):
+            return net.loss_fn.sample_loss(net.apply(p, x_i[None]), y_i[None])[0]
+
+        # per-sample bias gradients are the per-sample errors delta_i^l
+        per_sample = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0))(params, x, y)
+        for l in range(3):
+            np.testing.assert_allclose(stats["grad_norm"][l], jnp.linalg.norm(grads[l]["w"]),
+                                       rtol=1e-12)
+            np.testing.assert_allclose(stats["weight_norm"][l],
+                                       jnp.linalg.norm(params[l]["w"]), rtol=1e-12)
+            np.testing.assert_allclose(stats["mean_abs_delta"][l],
+                                       jnp.mean(jnp.abs(per_sample[l]["b"])), rtol=1e-12)
+            np.testing.assert_allclose(stats["update_ratio"][l],
+                                       stats["grad_norm"][l] / stats["weight_norm"][l],
+                                       rtol=1e-12)
+
+
+def test_update_ratio_uses_the_given_updates():
+    net = jaxbp.MLP((4, 5, 2), "relu")
+    params = net.init(jax.random.key(1))
+    x, y = np.ones((3, 4), np.float32), np.array([0, 1, 1])
+    grads = jaxbp.backprop(net, params, x, y)
+    updates, _ = optax.sgd(0.01).update(grads, optax.sgd(0.01).init(params))
+    stats = jaxbp.layer_stats(net, params, x, y, updates)
+    expected = [np.linalg.norm(np.asarray(u["w"], np.float64))
+                / np.linalg.norm(np.asarray(p["w"], np.float64)) for u, p in zip(updates, params)]
+    np.testing.assert_allclose(stats["update_ratio"], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="updates must have the structure of params"):
+        jaxbp.layer_stats(net, params, x, y, updates[:1])
+
+
+def test_sigmoid_errors_vanish_and_relu_he_errors_do_not():
+    digits = jaxbp.data.load_digits()
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    ratios = {}
+    for activation in ("sigmoid", "relu"):
+        net = jaxbp.MLP((64,) + (64,) * 9 + (10,), activation)
+        stats = jaxbp.layer_stats(net, net.init(jax.random.key(0)), x, y)
+        delta = np.asarray(stats["mean_abs_delta"])
+        ratios[activation] = delta[0] / delta[-1]
+    assert ratios["sigmoid"] < 1e-4   # measured 1.5e-6: g' <= 1/4 at each of 9 layers
+    assert 0.1 < ratios["relu"] < 10  # measured 0.39
