@@ -12,7 +12,7 @@ from jaxbp.backprop import (
     sample_output_delta,
     value_and_backprop,
 )
-from jaxbp.curvature import ggn_diag, hvp, kfac_factors
+from jaxbp.curvature import ggn_diag, hvp, kfac_factors, kfac_gradient, kfac_preconditioner
 from jaxbp.diagnostics import layer_stats
 from jaxbp.fit import FitResult, fit
 from jaxbp.losses import LOSSES, Loss
@@ -58,6 +58,8 @@ __all__ = [
     "grads_from_deltas",
     "hvp",
     "kfac_factors",
+    "kfac_gradient",
+    "kfac_preconditioner",
     "layer_deltas",
     "layer_stats",
     "make_train_loop",

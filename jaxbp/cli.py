@@ -98,7 +98,8 @@ def _train(args: argparse.Namespace) -> int:
 
     result = fit(net, optimizer, dataset, epochs=args.epochs, batch_size=args.batch_size,
                  key=key, grad=args.grad, checkpoint_dir=args.checkpoint_dir,
-                 progress=not args.quiet, plot=args.plot)
+                 progress=not args.quiet, plot=args.plot,
+                 diagnostics=args.diagnostics is not None)
     history = result.history
     final = f"final test loss {history['test_loss'][-1]:.4f}"
     if dataset.is_classification:
@@ -107,6 +108,11 @@ def _train(args: argparse.Namespace) -> int:
           f"({time.perf_counter() - start:.1f} s in all)")
     if args.plot:
         print(f"wrote {args.plot}")
+    if args.diagnostics:
+        from jaxbp.fit import plot_flow
+
+        plot_flow(history, args.diagnostics)
+        print(f"wrote {args.diagnostics}")
     return 0
 
 
@@ -164,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-dir", default=None,
                        help="save after every epoch; resume from here if it has checkpoints")
     train.add_argument("--plot", default=None, help="write a PNG of the curves here")
+    train.add_argument("--diagnostics", default=None, metavar="FLOW.png",
+                       help="record per-layer gradient flow every epoch and plot it here")
     train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
     train.set_defaults(run=_train)
 

@@ -165,14 +165,7 @@ def _kfac_factors(net: MLP, params: Params, x: Array, y: Array, kind: str,
                   key: Array | None) -> tuple[dict[str, Array], ...]:
     cache = forward(net, params, x)
     targets = y if kind == "empirical" else _sample_targets(net, cache.acts[-1], key)
-    deltas = layer_deltas(net, params, cache, sample_output_delta(net, cache, targets))
-    batch = x.shape[0]
-    factors = []
-    for a_in, delta in zip(cache.acts, deltas):
-        a_bar = jnp.concatenate([a_in, jnp.ones((batch, 1), a_in.dtype)], axis=1)
-        factors.append({"A": matmul(net, a_bar, a_bar, transpose_a=True) / batch,
-                        "G": matmul(net, delta, delta, transpose_a=True) / batch})
-    return tuple(factors)
+    return _kfac_from_cache(net, params, cache, targets)[1]  # the unused grads are dropped
 
 
 def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
@@ -201,3 +194,86 @@ def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
         raise ValueError("kind='mc' samples targets from the model: pass a PRNG key")
     x, y = _checks.check_inputs(net, params, x, y)
     return _kfac_factors(net, params, x, y, kind, key)
+
+
+def _kfac_from_cache(net: MLP, params: Params, cache, y: Array) -> tuple[Params, tuple]:
+    """Grads and K-FAC factors from one backward pass of the per-sample errors."""
+    sample_deltas = layer_deltas(net, params, cache, sample_output_delta(net, cache, y))
+    batch = cache.acts[0].shape[0]
+    grads, factors = [], []
+    for a_in, delta in zip(cache.acts, sample_deltas):
+        mean_delta = delta / batch  # the batch-mean cost's delta
+        grads.append({"w": matmul(net, a_in, mean_delta, transpose_a=True),
+                      "b": mean_delta.sum(axis=0)})
+        a_bar = jnp.concatenate([a_in, jnp.ones((batch, 1), a_in.dtype)], axis=1)
+        factors.append({"A": matmul(net, a_bar, a_bar, transpose_a=True) / batch,
+                        "G": matmul(net, delta, delta, transpose_a=True) / batch})
+    return tuple(grads), tuple(factors)
+
+
+def kfac_gradient():
+    """A train-step gradient source that also hands the optimizer the K-FAC factors.
+
+    Use with an optimizer containing :func:`kfac_preconditioner`::
+
+        optimizer = optax.chain(jaxbp.kfac_preconditioner(1e-3), optax.sgd(0.1, 0.9))
+        step = jaxbp.make_train_step(net, optimizer, grad=jaxbp.kfac_gradient())
+
+    The gradient and the empirical factors come from the same forward and
+    backward pass.
+    """
+    from jaxbp.losses import mean_loss
+
+    def gradient(net: MLP, params: Params, x: Array, y: Array, step: Array):
+        cache = forward(net, params, x)
+        grads, factors = _kfac_from_cache(net, params, cache, y)
+        value = mean_loss(net.loss_fn, cache.acts[-1], y)
+        return value, grads, cache.acts[-1], {"factors": factors}
+
+    return gradient
+
+
+def kfac_preconditioner(damping: float = 1e-3):
+    """An optax transformation: each layer's gradient times the damped inverse K-FAC block.
+
+    .. math::
+        [\\Delta W; \\Delta b] = (A + \\pi \\sqrt{\\lambda} I)^{-1}\\,
+        [g_W; g_b]\\, (G + \\tfrac{\\sqrt{\\lambda}}{\\pi} I)^{-1}, \\qquad
+        \\pi = \\sqrt{\\frac{\\mathrm{tr}(A) / \\dim A}{\\mathrm{tr}(G) / \\dim G}}
+
+    the inverse of ``(A + pi sqrt(l) I) kron (G + sqrt(l)/pi I)``, the factored
+    Tikhonov damping of Martens and Grosse (2015). Its ``update`` takes the
+    factors as an extra argument (``factors=``), which
+    :func:`kfac_gradient` provides through the train step; chain it before an
+    optax optimizer (``optax.chain(kfac_preconditioner(1e-3), optax.sgd(lr))``).
+    """
+    import optax
+
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0, got {damping!r}")
+
+    def init(params: Params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates: Params, state, params: Params | None = None, *, factors=None,
+               **extra):
+        del params, extra
+        if factors is None:
+            raise ValueError("kfac_preconditioner needs the K-FAC factors: train with "
+                             "grad=jaxbp.kfac_gradient()")
+        out = []
+        for g, f in zip(updates, factors):
+            a, gg = f["A"], f["G"]
+            pi = jnp.sqrt((jnp.trace(a) / a.shape[0]) / jnp.maximum(
+                jnp.trace(gg) / gg.shape[0], 1e-30))
+            root = jnp.sqrt(jnp.asarray(damping, a.dtype))
+            a_damped = a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype)
+            g_damped = gg + root / pi * jnp.eye(gg.shape[0], dtype=gg.dtype)
+            stacked = jnp.concatenate([g["w"], g["b"][None]], axis=0)  # [g_W; g_b]
+            left = jnp.linalg.solve(a_damped, stacked)
+            pre = jnp.linalg.solve(g_damped, left.T).T  # G is symmetric
+            out.append({"w": pre[:-1], "b": pre[-1]})
+        return tuple(out), state
+
+    return optax.GradientTransformationExtraArgs(init, update)

@@ -23,6 +23,7 @@ import optax
 from jaxbp import checkpoint
 from jaxbp._typing import Params, PRNGKey
 from jaxbp.data import Dataset, batches, num_batches
+from jaxbp.diagnostics import layer_stats
 from jaxbp.mlp import MLP
 from jaxbp.train import (
     CLASSIFICATION_LOSSES,
@@ -77,6 +78,7 @@ def fit(
     keep: int = 3,
     progress: bool = True,
     plot: str | pathlib.Path | None = None,
+    diagnostics: bool = False,
 ) -> FitResult:
     """Train ``net`` on ``data`` for ``epochs`` epochs with the jitted step.
 
@@ -101,6 +103,9 @@ def fit(
       progress: show a tqdm bar per epoch and print one line per epoch.
       plot: write a PNG of train/test loss and accuracy here at the end
         (needs matplotlib: ``pip install 'jaxbp[plot]'``).
+      diagnostics: after every epoch, record :func:`jaxbp.layer_stats` on the
+        first ``eval_batch_size`` training samples in ``history["layer_stats"]``
+        (one dict of per-layer lists per epoch; see :func:`plot_flow`).
 
     Returns:
       A :class:`FitResult` ``(state, history)``.
@@ -156,6 +161,11 @@ def fit(
                "seconds": time.perf_counter() - start}
         for name in HISTORY_KEYS:
             history[name].append(row[name])
+        if diagnostics:
+            stats = layer_stats(net, state.params, data.x_train[:eval_batch_size],
+                                data.y_train[:eval_batch_size])
+            history.setdefault("layer_stats", []).append(
+                {k: [float(v) for v in np.asarray(a)] for k, a in stats.items()})
         if progress:
             print(_epoch_line(net, row, epochs))
         if checkpoint_dir is not None:
@@ -214,6 +224,45 @@ def plot_history(history: dict[str, list[float]], path: str | pathlib.Path) -> p
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
+    return path
+
+
+def plot_flow(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
+    """A PNG of the recorded gradient flow: per layer, mean |delta| and the update ratio by epoch.
+
+    Needs a history from ``fit(..., diagnostics=True)``; written atomically.
+    """
+    if not history.get("layer_stats"):
+        raise ValueError("history has no layer_stats: run fit(..., diagnostics=True)")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plotting needs matplotlib: pip install 'jaxbp[plot]'") from err
+    path = pathlib.Path(path)
+    epochs = history["epoch"][-len(history["layer_stats"]):]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    n_layers = len(history["layer_stats"][0]["mean_abs_delta"])
+    for l in range(n_layers):
+        for ax, key in zip(axes, ("mean_abs_delta", "update_ratio")):
+            ax.semilogy(epochs, [s[key][l] for s in history["layer_stats"]], label=f"layer {l + 1}")
+    axes[0].set(xlabel="epoch", ylabel="mean |delta^l|", title="error per layer")
+    axes[1].set(xlabel="epoch", ylabel="||dC/dW^l|| / ||W^l||", title="gradient / weight")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)

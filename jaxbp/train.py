@@ -30,9 +30,11 @@ from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
 from jaxbp.mlp import MLP, forward
 
-GradFn = Callable[[MLP, Params, Array, Array, Array], tuple[Array, Params, Array]]
+GradFn = Callable[[MLP, Params, Array, Array, Array], tuple[Any, ...]]
 """``(net, params, x, y, step) -> (C, grads, a^L)`` for checked inputs; ``step`` is the
-int32 update count (for sources that need fresh randomness each step, like DP-SGD)."""
+int32 update count (for sources that need fresh randomness each step, like DP-SGD). A
+fourth element, a dict, is passed to ``optimizer.update`` as keyword arguments (the
+K-FAC factors of :func:`jaxbp.kfac_gradient`)."""
 
 GRADIENTS: dict[str, GradFn] = {
     "backprop": lambda net, params, x, y, step: _backprop_grads(net, params, x, y),
@@ -104,8 +106,10 @@ def _nonfinite_layer(grads: Params) -> Array:
 
 def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
           state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
-    loss, grads, out = gradient(net, state.params, x, y, state.step)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    loss, grads, out, *extra = gradient(net, state.params, x, y, state.step)
+    # a source may hand the optimizer extra arguments (K-FAC factors)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                          **(extra[0] if extra else {}))
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss.astype(jnp.float32),
                "grad_norm": optax.tree.norm(grads).astype(jnp.float32),

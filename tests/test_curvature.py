@@ -160,3 +160,49 @@ class TestKFAC:
             b = jaxbp.kfac_factors(net, params, x, y, kind="mc", key=jax.random.key(0))
             np.testing.assert_array_equal(a[-1]["G"], b[-1]["G"])
             assert np.all(np.linalg.eigvalsh(np.asarray(a[-1]["G"])) > -1e-12)
+
+
+class TestKFACPreconditioner:
+    def test_is_the_inverse_of_the_damped_kronecker_block(self):
+        with jax.enable_x64(True):
+            net, params, x, y, _ = case(6)
+            loss, grads, _, extra = jaxbp.kfac_gradient()(net, params, x, y, 0)
+            np.testing.assert_allclose(loss, net.cost(params, x, y), rtol=1e-13)
+            for g, r in zip(jax.tree.leaves(grads),
+                            jax.tree.leaves(jaxbp.backprop(net, params, x, y))):
+                np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15)
+            damping = 0.3
+            pre, _ = jaxbp.kfac_preconditioner(damping).update(grads, None, **extra)
+            for layer, p, f in zip(grads, pre, extra["factors"]):
+                a, gg = np.asarray(f["A"]), np.asarray(f["G"])
+                pi = np.sqrt((np.trace(a) / len(a)) / (np.trace(gg) / len(gg)))
+                a_d = a + pi * np.sqrt(damping) * np.eye(len(a))
+                g_d = gg + np.sqrt(damping) / pi * np.eye(len(gg))
+                stacked = np.concatenate([layer["w"], layer["b"][None]], 0)
+                expected = np.linalg.solve(np.kron(a_d, g_d), stacked.ravel())
+                got = np.concatenate([p["w"], p["b"][None]], 0).ravel()
+                np.testing.assert_allclose(got, expected, rtol=1e-9)
+
+    def test_trains_digits_fast(self):
+        import optax
+
+        digits = jaxbp.data.load_digits()
+        net = jaxbp.MLP((64, 64, 10), "relu")
+        optimizer = optax.chain(jaxbp.kfac_preconditioner(0.1), optax.sgd(0.3, momentum=0.9))
+        result = jaxbp.fit(net, optimizer, digits, epochs=2, batch_size=128,
+                           key=jax.random.key(0), grad=jaxbp.kfac_gradient(), progress=False)
+        assert result.history["test_accuracy"][-1] > 0.9
+
+    def test_without_factors_is_a_clear_error(self):
+        import optax
+
+        net = jaxbp.MLP((3, 4, 2), "tanh")
+        params = net.init(jax.random.key(0))
+        step = jaxbp.make_train_step(net, optax.chain(jaxbp.kfac_preconditioner(),
+                                                      optax.sgd(0.1)))
+        with pytest.raises(ValueError, match="needs the K-FAC factors"):
+            step(jaxbp.TrainState.create(params, optax.chain(jaxbp.kfac_preconditioner(),
+                                                             optax.sgd(0.1))),
+                 np.ones((2, 3), np.float32), np.array([0, 1]))
+        with pytest.raises(ValueError, match="damping must be > 0"):
+            jaxbp.kfac_preconditioner(0.0)

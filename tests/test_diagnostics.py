@@ -62,3 +62,22 @@ def test_sigmoid_errors_vanish_and_relu_he_errors_do_not():
         ratios[activation] = delta[0] / delta[-1]
     assert ratios["sigmoid"] < 1e-4   # measured 1.5e-6: g' <= 1/4 at each of 9 layers
     assert 0.1 < ratios["relu"] < 10  # measured 0.39
+
+
+def test_fit_records_flow_and_the_cli_plots_it(tmp_path, capsys):
+    from jaxbp import cli
+    from jaxbp.fit import plot_flow
+
+    digits = jaxbp.data.load_digits()
+    net = jaxbp.MLP((64, 32, 32, 10), "sigmoid")
+    result = jaxbp.fit(net, optax.adam(1e-3), digits, epochs=2, batch_size=256,
+                       key=jax.random.key(0), progress=False, diagnostics=True)
+    stats = result.history["layer_stats"]
+    assert len(stats) == 2 and len(stats[0]["mean_abs_delta"]) == 3
+    assert plot_flow(result.history, tmp_path / "flow.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no layer_stats"):
+        plot_flow({"epoch": [1]}, tmp_path / "x.png")
+    code = cli.main(["train", "--epochs", "2", "--sizes", "64,16,10", "--quiet",
+                     "--diagnostics", str(tmp_path / "cli_flow.png")])
+    assert code == 0 and (tmp_path / "cli_flow.png").exists()
+    assert "wrote" in capsys.readouterr().out

@@ -49,3 +49,11 @@ def test_data_parallel_script_on_a_2d_mesh():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mesh {'data': 2, 'model': 2} over 4 devices" in result.stdout
     assert float(result.stdout.split("test accuracy ")[-1]) > 0.9
+
+
+@pytest.mark.slow
+def test_vanishing_and_kfac_scripts(tmp_path):
+    out = _run("scripts/vanishing_gradients.py", "--out", str(tmp_path / "v.png"))
+    assert "sigmoid, Glorot" in out and (tmp_path / "v.png").exists()
+    out = _run("scripts/kfac_vs_adam.py", "--epochs", "2", "--out", str(tmp_path / "k.png"))
+    assert "K-FAC" in out and (tmp_path / "k.png").exists()
