@@ -225,16 +225,7 @@ def plot_history(history: dict[str, list[float]], path: str | pathlib.Path) -> p
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_flow(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path:
@@ -264,6 +255,13 @@ def plot_flow(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: pathlib.Path) -> pathlib.Path:
+    """fig as a PNG at path: written to a temporary file, then renamed over it."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
