@@ -27,3 +27,12 @@ def test_readme_line_references_point_at_their_code():
     for path, line, snippet in refs:
         lines = (ROOT / path).read_text().splitlines()
         assert snippet in lines[line - 1], f"{path}:{line} is {lines[line - 1]!r}, not {snippet!r}"
+
+
+def test_readme_quickstart_runs():
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Quickstart")[1].split("```python")[1].split("```")[0]
+    namespace: dict = {}
+    exec(code, namespace)  # the README's own quickstart, as a user would paste it
+    assert namespace["report"].ok
+    assert namespace["loss"].shape == ()
