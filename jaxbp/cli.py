@@ -48,6 +48,9 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+CPU_MAX_GFLOP = 20.0
+"""The full bench suite's default cap on a CPU: its largest cases need TFLOPs per step."""
+
 OPTIMIZERS = {
     "sgd": lambda lr: optax.sgd(lr),
     "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
@@ -120,9 +123,15 @@ def _bench(args: argparse.Namespace) -> int:
     from jaxbp import bench_suite
 
     cases = bench_suite.QUICK if args.quick else bench_suite.FULL
-    name = args.name or f"step_{'quick' if args.quick else 'full'}_{jax.devices()[0].platform}"
+    platform = jax.devices()[0].platform
+    name = args.name or f"step_{'quick' if args.quick else 'full'}_{platform}"
+    max_gflop = args.max_gflop
+    if max_gflop is None and platform == "cpu" and not args.quick:
+        max_gflop = CPU_MAX_GFLOP
+        print(f"jaxbp bench: on a CPU the full suite leaves out cases above {max_gflop:g} "
+              f"matmul GFLOP per step (set --max-gflop to change)")
     bench_suite.run_suite(cases, args.out, name, steps=args.steps, budget_s=args.budget,
-                          max_gflop=args.max_gflop)
+                          max_gflop=max_gflop)
     return 0
 
 
@@ -188,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=10, help="train steps per timed call (10)")
     bench.add_argument("--budget", type=float, default=1.0, help="timing seconds per case (1)")
     bench.add_argument("--max-gflop", type=float, default=None,
-                       help="leave out cases above this many matmul GFLOP per step")
+                       help="leave out cases above this many matmul GFLOP per step "
+                            f"(default: none on accelerators, {CPU_MAX_GFLOP:g} for the full "
+                            "suite on a CPU)")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -61,3 +61,16 @@ def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys):
     assert "W64 D2 B32 CE float32" in text and "bf16-mixed" in text and "Left out" in text
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "t.json").exists()
+
+
+def test_full_suite_on_cpu_is_capped_by_default(monkeypatch, capsys):
+    from jaxbp import bench_suite, cli
+
+    seen = {}
+    monkeypatch.setattr(bench_suite, "run_suite",
+                        lambda cases, out, name, **kw: seen.update(kw, cases=len(cases)))
+    assert cli.main(["bench"]) == 0
+    assert seen["max_gflop"] == cli.CPU_MAX_GFLOP and seen["cases"] == len(bench_suite.FULL)
+    assert "leaves out cases above 20" in capsys.readouterr().out
+    assert cli.main(["bench", "--max-gflop", "5"]) == 0 and seen["max_gflop"] == 5
+    assert cli.main(["bench", "--quick"]) == 0 and seen["max_gflop"] is None
