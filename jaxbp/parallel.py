@@ -127,7 +127,7 @@ def make_sharded_train_step(
         raise ValueError(f"mesh has axes {tuple(mesh.shape)}, no data_axis {data_axis!r}")
     n_data = mesh.shape[data_axis]
     replicated = NamedSharding(mesh, PartitionSpec())
-    compiled: dict[Any, Callable] = {}
+    compiled: dict[Any, tuple[Any, ...]] = {}
 
     def body(state: TrainState, x: Array, y: Array):
         x, y = _checks.check_inputs(net, state.params, x, y)
@@ -141,17 +141,19 @@ def make_sharded_train_step(
             raise ValueError(f"the global batch of {global_rows} rows does not split evenly "
                              f"over the {n_data} devices of mesh axis {data_axis!r}; use a "
                              f"multiple of {n_data} (drop or pad the last batch)")
-        state_sh = state_shardings(state, mesh, model_axis)
-        x_sh, y_sh = batch_sharding(mesh, np.ndim(x), data_axis), batch_sharding(
-            mesh, np.ndim(y), data_axis)
-        state = jax.device_put(state, state_sh)
-        x, y = _place(x, x_sh), _place(y, y_sh)
-        key = (jax.tree.structure(state), x.shape, y.shape, str(x.dtype), str(y.dtype))
-        if key not in compiled:
-            compiled[key] = jax.jit(
-                body, in_shardings=(state_sh, x_sh, y_sh),
-                out_shardings=(state_sh, replicated), donate_argnums=(0,) if donate else ())
-        return compiled[key](state, x, y)
+        key = (jax.tree.structure(state), tuple(np.shape(a) for a in jax.tree.leaves(state)),
+               np.shape(x), np.shape(y), str(x.dtype), str(y.dtype))
+        if key not in compiled:  # shardings and the program, once per shape
+            state_sh = state_shardings(state, mesh, model_axis)
+            x_sh = batch_sharding(mesh, np.ndim(x), data_axis)
+            y_sh = batch_sharding(mesh, np.ndim(y), data_axis)
+            fn = jax.jit(body, in_shardings=(state_sh, x_sh, y_sh),
+                         out_shardings=(state_sh, replicated),
+                         donate_argnums=(0,) if donate else ())
+            compiled[key] = (fn, state_sh, x_sh, y_sh)
+        fn, state_sh, x_sh, y_sh = compiled[key]
+        state = jax.device_put(state, state_sh)  # a no-op once the state lives there
+        return fn(state, _place(x, x_sh), _place(y, y_sh))
 
     return step
 

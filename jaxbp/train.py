@@ -99,7 +99,8 @@ def correct(net: MLP, out: Array, y: Array) -> Array | None:
 
 def _nonfinite_layer(grads: Params) -> Array:
     """Index of the first layer whose grads hold a NaN/inf, or -1."""
-    bad = jnp.stack([~jnp.all(jnp.isfinite(jnp.concatenate([g["w"].ravel(), g["b"].ravel()])))
+    # one fused reduction per leaf: no copy of the gradient into a concatenated buffer
+    bad = jnp.stack([~(jnp.all(jnp.isfinite(g["w"])) & jnp.all(jnp.isfinite(g["b"])))
                      for g in grads])
     return jnp.where(jnp.any(bad), jnp.argmax(bad), -1)
 
