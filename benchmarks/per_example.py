@@ -68,8 +68,9 @@ def run_case(batch: int, width: int, budget: float, max_bytes: float) -> dict:
     calls, compile_s, memory, skipped = {}, {}, {}, []
     for name, fn in candidates(net, clip=1.0).items():
         compiled, seconds, mem = compile_ahead(fn, params, x, y)
-        compile_s[name], memory[name] = seconds, mem.peak
-        if mem.peak > max_bytes:
+        # memory_analysis can be unavailable on some backends: then no figure, no skip
+        compile_s[name], memory[name] = seconds, None if mem is None else mem.peak
+        if mem is not None and mem.peak > max_bytes:
             skipped.append(name)
             continue
         calls[name] = (lambda c: lambda: c(params, x, y))(compiled)
@@ -92,7 +93,9 @@ def run_case(batch: int, width: int, budget: float, max_bytes: float) -> dict:
 
 def ratio(row: dict, slow: str, fast: str, kind: str = "time_s") -> float:
     table = row[kind]
-    return table[slow] / table[fast] if slow in table and fast in table else float("nan")
+    if table.get(slow) is None or table.get(fast) is None:  # not run, or not measured
+        return float("nan")
+    return table[slow] / table[fast]
 
 
 def times(value: float, digits: int = 1) -> str:

@@ -98,7 +98,7 @@ def check_y(net: MLP, y: Any, batch: int) -> Any:
             raise TypeError(f"y of shape {shape} is read as class labels and must have an "
                             f"integer dtype, got {y.dtype}; pass one-hot targets of shape "
                             f"({batch}, {n_out}) for soft labels")
-        _check_label_range(y, n_out)
+        check_target_values(net, y)
         return y
     if shape != (batch, n_out):
         allowed = f"({batch}, {n_out})"
@@ -106,19 +106,66 @@ def check_y(net: MLP, y: Any, batch: int) -> Any:
             allowed += f" or ({batch},) integer labels"
         raise ValueError(f"y has shape {shape} but expected {allowed} for loss "
                          f"{net.loss!r}: batch of x = {batch}, n_out = sizes[-1] = {n_out}")
+    check_target_values(net, y)
     return y
 
 
-def _check_label_range(y: Any, n_out: int) -> None:
-    """Labels on the host must lie in [0, n_out); device arrays are not pulled back."""
-    if isinstance(y, jax.Array):  # includes tracers: checking would sync or is impossible
+def _is_concrete(value: Any) -> bool:
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _first_bad(bad: Any) -> tuple[int, int]:
+    """(count, first flat index) of a boolean mask, host or device (one small sync)."""
+    if isinstance(bad, jax.Array):
+        count, first = jax.device_get((jnp.sum(bad), jnp.argmax(jnp.ravel(bad))))
+        return int(count), int(first)
+    flat = np.flatnonzero(bad)
+    return int(flat.size), int(flat[0]) if flat.size else 0
+
+
+def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
+    """Check the values of concrete targets against the loss (tracers are left alone).
+
+    * integer labels (softmax cross-entropy): in ``[0, n_out)``; another value
+      selects no class and would count as a zero loss;
+    * sigmoid cross-entropy targets: probabilities in ``[0, 1]``;
+    * softmax cross-entropy rows: probabilities in ``[0, 1]`` summing to 1
+      (within 1e-3); other targets give a loss that can go negative.
+
+    Host arrays are checked in NumPy; a device array with one reduction and one
+    small transfer. Inside ``jax.jit`` values are unknown: compiled train
+    steps report bad labels as the ``invalid_labels`` metric instead.
+
+    Raises:
+      ValueError: naming the first bad entry and how many there are.
+    """
+    if not _is_concrete(y):
         return
-    labels = np.asarray(y)
-    bad = np.flatnonzero((labels < 0) | (labels >= n_out))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"y holds labels outside [0, {n_out}): y[{i}] = {labels[i]} "
-                         f"({bad.size} out of range); n_out = sizes[-1] = {n_out}")
+    xp = jnp if isinstance(y, jax.Array) else np
+    n_out = net.sizes[-1]
+    name = net.loss
+    if np.ndim(y) == 1 and jnp.issubdtype(y.dtype, jnp.integer):
+        count, i = _first_bad((y < 0) | (y >= n_out))
+        if count:
+            raise ValueError(f"{what} holds labels outside [0, {n_out}): {what}[{i}] = "
+                             f"{int(y[i])} ({count} out of range); n_out = sizes[-1] = {n_out}")
+        return
+    if name not in ("sigmoid_cross_entropy", "softmax_cross_entropy"):
+        return
+    count, i = _first_bad(~((y >= 0) & (y <= 1)))
+    if count:
+        row = np.unravel_index(i, np.shape(y))
+        raise ValueError(f"{what} must hold probabilities in [0, 1] for loss {name!r}: "
+                         f"{what}[{', '.join(map(str, row))}] = {float(y[row])} ({count} "
+                         f"outside); squared-error targets with a cross-entropy give a loss "
+                         f"that can go negative")
+    if name == "softmax_cross_entropy":
+        sums = xp.sum(y, axis=-1, dtype=xp.float32)
+        count, i = _first_bad(xp.abs(sums - 1) > 1e-3)
+        if count:
+            raise ValueError(f"{what} rows must sum to 1 (one-hot or probabilities) for loss "
+                             f"{name!r}: row {i} sums to {float(sums[i]):.6g} ({count} rows "
+                             f"do not)")
 
 
 def check_params(net: MLP, params: Any) -> None:

@@ -13,14 +13,18 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
+import math
 import os
 import platform
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from jaxbp.peaks import current_precision, device_peaks, precision_scope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +32,11 @@ class Timing:
     """Wall-clock seconds per call of one candidate.
 
     Attributes:
-      median, p25, p75: quantiles over the timed calls.
+      median, p25, p75: quantiles over the timed samples (seconds per call).
       runs: how many calls were timed (over all rounds).
       compile_s: seconds spent lowering and compiling (not in the quantiles).
       rounds: the per-round seconds per call, in round order (for paired ratios).
+      reps: calls per round sample (enough for ``min_sample_s`` of work).
     """
 
     median: float
@@ -40,6 +45,7 @@ class Timing:
     runs: int
     compile_s: float
     rounds: tuple[float, ...] = ()
+    reps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,28 +53,52 @@ class Memory:
     """Bytes of a compiled program, from XLA's ``memory_analysis()``.
 
     ``temp`` is the scratch XLA allocates while running: the measure of what a
-    computation materialises beyond its inputs and outputs.
+    computation materialises beyond its inputs and outputs. ``alias`` is the
+    part of the outputs that reuses donated input buffers (a donated train
+    state is updated in place and so is not held twice).
     """
 
     argument: int
     output: int
     temp: int
+    alias: int = 0
 
     @property
     def peak(self) -> int:
-        """argument + output + temp: the most the program can hold at once."""
-        return self.argument + self.output + self.temp
+        """argument + output - alias + temp: the most the program can hold at once."""
+        return self.argument + self.output - self.alias + self.temp
 
 
-def compile_ahead(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, Memory]:
-    """``jax.jit(fn)`` lowered and compiled for ``args``; with its compile time and memory."""
+def memory_of(compiled: Any) -> Memory | None:
+    """The compiled program's :class:`Memory`, or None where XLA does not say.
+
+    ``memory_analysis()`` has raised, returned None or returned zeros/-1 on
+    some GPU/TPU versions of JAX; then there is no figure rather than a wrong one.
+    """
+    try:
+        analysis = compiled.memory_analysis()
+        values = [int(getattr(analysis, f"{name}_size_in_bytes"))
+                  for name in ("argument", "output", "temp", "alias")]
+    except Exception:  # any backend's failure means "not available"
+        return None
+    if any(v < 0 for v in values) or values[0] + values[1] <= 0:
+        return None
+    return Memory(*values)
+
+
+def compile_ahead(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, Memory | None]:
+    """``fn`` lowered and compiled for ``args``; with its compile time and memory.
+
+    A function that is already jitted (``make_train_step``'s, with its
+    donation) is lowered as it is; anything else is wrapped in ``jax.jit``
+    first. Wrapping a jitted, donating function in another ``jit`` would
+    drop its donation: benchmark the function a user calls.
+    """
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - start
-    analysis = compiled.memory_analysis()
-    memory = Memory(int(analysis.argument_size_in_bytes), int(analysis.output_size_in_bytes),
-                    int(analysis.temp_size_in_bytes))
-    return compiled, seconds, memory
+    return compiled, seconds, memory_of(compiled)
 
 
 def time_interleaved(
@@ -78,13 +108,16 @@ def time_interleaved(
     max_rounds: int = 10_000,
     warmup: int = 2,
     compile_s: dict[str, float] | None = None,
+    min_sample_s: float = 1e-3,
 ) -> dict[str, Timing]:
     """Time zero-argument callables in turn, round by round, within one budget.
 
     Each call's outputs are waited for (``jax.block_until_ready``). After
     ``warmup`` untimed calls, each round gives every candidate about the same
-    wall time: a fast candidate is called ``reps`` times in a row (``reps``
-    from the warm-up timings) and its round sample is the mean per call.
+    wall time, and at least ``min_sample_s``: a fast candidate is called
+    ``reps`` times in a row (from the warm-up timings) and its round sample is
+    the mean per call, so that one dispatch and one host sync are a small
+    part of a sample even where a call is microseconds of device work.
     Rounds repeat until ``budget_s`` has passed and ``min_rounds`` are done.
 
     Returns:
@@ -95,9 +128,10 @@ def time_interleaved(
         for _ in range(warmup):
             t0 = time.perf_counter()
             jax.block_until_ready(call())
-            first[name] = time.perf_counter() - t0
-    slowest = max(first.values(), default=0.0)
-    reps = {name: max(1, min(1000, int(slowest / max(t, 1e-7)))) for name, t in first.items()}
+            elapsed = time.perf_counter() - t0
+            first[name] = min(first.get(name, elapsed), elapsed)
+    target = max(max(first.values(), default=0.0), min_sample_s)
+    reps = {name: _calibrated_reps(call, target, first[name]) for name, call in calls.items()}
     samples: dict[str, list[float]] = {name: [] for name in calls}
     start = time.perf_counter()
     for rounds in range(1, max_rounds + 1):
@@ -112,8 +146,24 @@ def time_interleaved(
     compile_s = compile_s or {}
     return {name: Timing(float(np.median(s)), float(np.percentile(s, 25)),
                          float(np.percentile(s, 75)), len(s) * reps[name],
-                         compile_s.get(name, float("nan")), tuple(s))
+                         compile_s.get(name, float("nan")), tuple(s), reps[name])
             for name, s in samples.items()}
+
+
+def _calibrated_reps(call: Callable[[], Any], target: float, guess_s: float) -> int:
+    """Calls in a row that take at least ``target`` seconds, found by timing (untimed for
+    the results): the warm-up time of one call overstates a fast call's cost."""
+    reps = max(1, min(100_000, math.ceil(target / max(guess_s, 1e-7))))
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = call()
+        jax.block_until_ready(out)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= target or reps >= 100_000:
+            break
+        reps = min(100_000, math.ceil(reps * 1.2 * target / max(elapsed, 1e-9)))
+    return reps
 
 
 def paired_ratio(a: Timing, b: Timing) -> float:
@@ -138,13 +188,18 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on: device, CPU, cores, versions, date."""
+def machine_info(precision: str | None = None) -> dict[str, Any]:
+    """What the numbers were measured on: device, its datasheet peaks, CPU, versions, date,
+    the matmul precision in force and ``XLA_FLAGS``."""
     device = jax.devices()[0]
+    peaks = device_peaks(device.device_kind)
     return {
         "device_platform": device.platform,
         "device_kind": device.device_kind,
         "device_count": jax.device_count(),
+        "peaks": None if peaks is None else dataclasses.asdict(peaks),
+        "matmul_precision": current_precision(precision),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpu": _cpu_model(),
         "cpu_cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -157,9 +212,10 @@ def machine_info() -> dict[str, Any]:
 def describe_machine(info: dict[str, Any] | None = None) -> str:
     """One line naming the machine of :func:`machine_info`."""
     info = info or machine_info()
+    flags = f"; XLA_FLAGS={info['xla_flags']!r}" if info.get("xla_flags") else ""
     return (f"{info['device_platform']} ({info['device_kind']}, {info['device_count']} "
             f"device(s)); CPU {info['cpu']}, {info['cpu_cores']} cores; jax {info['jax']}; "
-            f"{info['date']}")
+            f"matmul precision {info.get('matmul_precision', 'default')}{flags}; {info['date']}")
 
 
 def step_matmul_flops(sizes: tuple[int, ...], batch: int) -> dict[str, int]:
@@ -171,50 +227,122 @@ def step_matmul_flops(sizes: tuple[int, ...], batch: int) -> dict[str, int]:
     passed on to the input). Elementwise work (activations, g', the loss, the
     optimizer) is O(B * widths + P) and is left out here; XLA's count
     includes it.
+
+    Returns:
+      ``forward``, ``weight_grad``, ``input_error``, ``backward`` (the last
+      two summed) and ``total``.
     """
     weights = sum(i * o for i, o in itertools.pairwise(sizes))
-    forward = 2 * batch * weights
-    backward = 2 * batch * weights + 2 * batch * (weights - sizes[0] * sizes[1])
-    return {"forward": forward, "backward": backward, "total": forward + backward}
+    forward = weight_grad = 2 * batch * weights
+    input_error = 2 * batch * (weights - sizes[0] * sizes[1])
+    return {"forward": forward, "weight_grad": weight_grad, "input_error": input_error,
+            "backward": weight_grad + input_error, "total": forward + weight_grad + input_error}
 
 
-def xla_cost(compiled: Any) -> dict[str, float]:
-    """``flops`` and ``bytes accessed`` of a compiled program (XLA's estimate)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, list):  # older jax returns one dict per device program
-        analysis = analysis[0]
-    return {"flops": float(analysis.get("flops", float("nan"))),
-            "bytes": float(analysis.get("bytes accessed", float("nan")))}
+def xla_cost(compiled: Any) -> dict[str, float] | None:
+    """``flops`` and ``bytes`` accessed of a compiled program (XLA's estimate), or None.
 
-
-def gemm_rate(m: int, k: int, n: int, dtype: str = "float32", compute_dtype: str | None = None,
-              budget_s: float = 0.5, inner: int | None = None) -> float:
-    """The machine's measured FLOP/s for ``(m, k) @ (k, n)`` in this precision.
-
-    ``inner`` matmuls run inside one compiled ``fori_loop`` (each input scaled
-    by the previous result's first entry, so XLA can neither hoist nor drop
-    them), timed by :func:`time_interleaved`; ``compute_dtype`` rounds the
-    operands and accumulates in ``dtype`` as :func:`jaxbp.mlp.matmul` does.
-    By default ``inner`` gives each call about 2e8 FLOPs (8 to 4096 matmuls).
-    For tiny shapes the loop's own overhead per matmul still counts, so the
-    rate is a lower bound there (a step can then reach more than 1.0 of it).
+    ``cost_analysis()`` has raised, returned None, an empty list or -1 on some
+    GPU/TPU versions of JAX; then there is no figure ("not available")
+    rather than a wrong one.
     """
-    if inner is None:
-        inner = int(min(4096, max(8, 2e8 // (2 * m * k * n))))
-    low = jax.numpy.dtype(compute_dtype or dtype)
-    out_dtype = jax.numpy.dtype(dtype)
+    try:
+        analysis = compiled.cost_analysis()
+        if isinstance(analysis, list):  # older jax returns one dict per device program
+            analysis = analysis[0]
+        flops = float(analysis["flops"])
+        accessed = float(analysis["bytes accessed"])
+    except Exception:  # any backend's failure means "not available"
+        return None
+    if not (flops > 0 and accessed > 0):
+        return None
+    return {"flops": flops, "bytes": accessed}
 
-    def loop(a, b):
+
+class MatmulShape(NamedTuple):
+    """One matmul ``(m, k) @ (k, n)`` of a step, as :func:`jaxbp.mlp.matmul` lays it out.
+
+    ``transpose_a``/``transpose_b``: the operand is stored transposed and its
+    other axis is contracted (no transpose op): the input error
+    ``delta W^T`` contracts W's fan_out, the weight gradient ``a^T delta``
+    contracts the batch.
+    """
+
+    name: str
+    m: int
+    k: int
+    n: int
+    transpose_a: bool = False
+    transpose_b: bool = False
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.k * self.n
+
+
+def step_matmul_shapes(batch: int, fan_in: int, fan_out: int) -> tuple[MatmulShape, ...]:
+    """The three matmuls a dense layer costs a training step (batch B, W: (fan_in, fan_out)).
+
+    forward ``z = a W``: (B, fan_in) @ (fan_in, fan_out); input error
+    ``delta W^T``: (B, fan_out) @ (fan_out, fan_in); weight gradient
+    ``a^T delta``: (fan_in, B) @ (B, fan_out), the batch as inner dimension.
+    """
+    return (MatmulShape("forward", batch, fan_in, fan_out),
+            MatmulShape("input_error", batch, fan_out, fan_in, transpose_b=True),
+            MatmulShape("weight_grad", fan_in, batch, fan_out, transpose_a=True))
+
+
+def gemm_rate(shape: MatmulShape, dtype: str = "float32", compute_dtype: str | None = None,
+              budget_s: float = 0.5, precision: str | None = None,
+              min_sample_s: float = 2e-3) -> float:
+    """The machine's measured FLOP/s for one matmul shape, in this precision.
+
+    The matmul runs ``inner`` times inside one compiled ``fori_loop`` (each
+    input scaled by the previous result's first entry, so XLA can neither
+    hoist nor drop them). ``inner`` is a run-time argument: a probe call
+    measures the time per matmul, then ``inner`` is set so that one call is
+    at least ``min_sample_s`` of device work, and the timed samples of
+    :func:`time_interleaved` hold several such calls. So dispatch and host
+    sync are a small part of every sample on a fast accelerator too. The rate
+    is that of the fastest sample (a roof is the best the machine does; a
+    slow spell of a shared machine must not lower it). For tiny shapes the
+    loop's own overhead per matmul still counts, so the rate is a lower bound
+    there.
+
+    Args:
+      shape: the matmul (:func:`step_matmul_shapes`).
+      dtype: the dtype of the operands as stored and of the result.
+      compute_dtype: round the operands to this and accumulate in ``dtype``,
+        as :func:`jaxbp.mlp.matmul` does for mixed precision.
+      precision: the matmul precision (:data:`jaxbp.peaks.MATMUL_PRECISIONS`),
+        None for JAX's current setting.
+    """
+    low = jnp.dtype(compute_dtype or dtype)
+    out_dtype = jnp.dtype(dtype)
+    dims = (((0 if shape.transpose_a else 1,), (1 if shape.transpose_b else 0,)), ((), ()))
+
+    def loop(a, b, inner):
         def body(_, carry):
             scale, _ = carry
-            c = jax.numpy.matmul((a * scale).astype(low), b.astype(low),
-                                 preferred_element_type=out_dtype)
+            c = jax.lax.dot_general((a * scale).astype(low), b.astype(low), dims,
+                                    preferred_element_type=out_dtype)
             return 1 + c[0, 0] * 1e-30, c
-        return jax.lax.fori_loop(0, inner, body, (jax.numpy.ones((), a.dtype),
-                                                  jax.numpy.zeros((m, n), out_dtype)))[1]
+        with precision_scope(precision):
+            return jax.lax.fori_loop(0, inner, body, (jnp.ones((), a.dtype),
+                                                      jnp.zeros((shape.m, shape.n), out_dtype)))[1]
 
-    a = jax.numpy.ones((m, k), out_dtype)
-    b = jax.numpy.ones((k, n), out_dtype)
-    compiled, _, _ = compile_ahead(loop, a, b)
-    timing = time_interleaved({"gemm": lambda: compiled(a, b)}, budget_s=budget_s)["gemm"]
-    return 2.0 * m * k * n * inner / timing.median
+    a = jnp.ones((shape.k, shape.m) if shape.transpose_a else (shape.m, shape.k), out_dtype)
+    b = jnp.ones((shape.n, shape.k) if shape.transpose_b else (shape.k, shape.n), out_dtype)
+    compiled, _, _ = compile_ahead(loop, a, b, jnp.int32(1))
+    probe_inner = 4
+    jax.block_until_ready(compiled(a, b, jnp.int32(probe_inner)))  # warm
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(a, b, jnp.int32(probe_inner)))
+    per_matmul = max((time.perf_counter() - t0) / probe_inner, 1e-9)
+    inner = int(min(1 << 20, max(probe_inner, math.ceil(min_sample_s / per_matmul))))
+    inner_arg = jnp.int32(inner)
+    timing = time_interleaved({"gemm": lambda: compiled(a, b, inner_arg)}, budget_s=budget_s,
+                              min_sample_s=min_sample_s)["gemm"]
+    # the roof is the best the machine did: the fastest sample, not the median
+    return shape.flops * inner / min(timing.rounds)
+

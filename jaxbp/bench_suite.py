@@ -1,25 +1,40 @@
-"""The training-step benchmark: manual vs autodiff vs the machine's GEMM rate, per case.
+"""The training-step benchmark: manual vs autodiff vs the machine's GEMM rate and peaks, per case.
 
 Each case is an MLP ``(W, ..., W, 10)`` with ``depth`` weight layers, batch B,
 a loss and a precision (``float32``, or ``bf16-mixed``: float32 master weights,
 bfloat16 matmul operands with float32 accumulation). For each case:
 
-* the k-step ``lax.scan`` train loop (sgd) with ``grad="backprop"`` and with
-  ``grad="autodiff"`` is compiled (compile time and XLA's memory and cost
-  analysis recorded), then both are timed interleaved in one process;
+* the donated single step a user runs (:func:`jaxbp.make_train_step`) is
+  compiled with ``grad="backprop"`` and with ``grad="autodiff"``: its compile
+  time, XLA's memory analysis (a donated state counted once) and cost
+  analysis (where the backend gives one; else "n/a");
+* a few calls of it estimate the step time, and the k-step ``lax.scan`` loop
+  (:func:`jaxbp.make_train_loop`, donated) is built with k chosen so that one
+  call is at least ``min_sample_s`` of device work; both loops are timed
+  interleaved in one process, each timed sample holding ``steps_per_sample``
+  steps;
 * the matmul FLOPs of one step are counted by hand
   (:func:`jaxbp.bench.step_matmul_flops`) and set against XLA's count;
-* the machine's own GEMM rate is measured for the step's largest matmul
-  shape in the same precision, and the step's achieved FLOP/s is reported as
-  a fraction of it (the roofline fraction), with the step's arithmetic
-  intensity (XLA FLOPs / XLA bytes).
+* the machine's own GEMM rate is measured for the three matmul shapes of the
+  widest layer (forward, input error, weight gradient with the batch as
+  inner dimension), in the same precision; ``roofline`` is the time those
+  rates would need for the step's matmuls over the step's time;
+* on a known accelerator (:mod:`jaxbp.peaks`) the achieved FLOP/s is also a
+  fraction of the datasheet peak for the arithmetic that ran (TF32 for
+  float32 at default precision on NVIDIA, ...), and the step's arithmetic
+  intensity is set against the device's balance point.
+
+A fraction above 1 is never reported silently: the row carries a warning
+that says which figure exceeds which and why it can.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,10 +50,12 @@ from jaxbp.bench import (
     machine_info,
     paired_ratio,
     step_matmul_flops,
+    step_matmul_shapes,
     time_interleaved,
     xla_cost,
 )
 from jaxbp.mlp import MLP
+from jaxbp.peaks import device_peaks, matmul_arithmetic
 from jaxbp.train import TrainState, make_train_loop, make_train_step
 
 PRECISIONS = ("float32", "bf16-mixed")
@@ -69,9 +86,11 @@ class BenchCase:
         """Matmul GFLOP of one training step."""
         return step_matmul_flops(self.sizes, self.batch)["total"] / 1e9
 
-    def label(self) -> str:
+    def label(self, arithmetic: str | None = None) -> str:
+        """``W512 D2 B32 CE float32``, with the arithmetic that ran: ``float32 (tf32)``."""
         loss = "CE" if self.loss == "softmax_cross_entropy" else "SE"
-        return f"W{self.width} D{self.depth} B{self.batch} {loss} {self.precision}"
+        ran = f" ({arithmetic})" if arithmetic else ""
+        return f"W{self.width} D{self.depth} B{self.batch} {loss} {self.precision}{ran}"
 
 
 def _grid(widths: Iterable[int], depths: Iterable[int], batches: Iterable[int]) -> list[BenchCase]:
@@ -82,11 +101,21 @@ def _grid(widths: Iterable[int], depths: Iterable[int], batches: Iterable[int]) 
 
 QUICK = [c for c in _grid((64, 512), (2, 4), (32, 512))
          if not (c.loss == "squared_error" and c.depth == 4)]
-"""The ``--quick`` preset: 24 small cases, under 2 minutes on 2 CPU cores."""
+"""The CPU ``--quick`` preset: 24 small cases, about 2 minutes on 2 CPU cores."""
+
+QUICK_ACCELERATOR = [c for c in _grid((1024, 4096), (2, 4), (512, 8192))
+                     if not (c.loss == "squared_error" and c.depth == 4)]
+"""The ``--quick`` preset on a GPU/TPU: 24 cases of 3 to 3300 matmul GFLOP per step, so
+that no case is launch-bound (the CPU preset's smallest would be microseconds there)."""
 
 FULL = _grid((64, 256, 1024, 4096), (2, 4, 8), (32, 256, 4096))
 """Widths 64..4096, depths 2..8, batch 32..4096, both losses and precisions (144 cases);
-``max_gflop`` leaves out what a small machine cannot run in reasonable time."""
+``max_gflop`` and ``time_limit_s`` leave out what a machine cannot run in reasonable time."""
+
+
+def quick_cases(platform: str) -> list[BenchCase]:
+    """The quick preset for a platform: :data:`QUICK` on a CPU, else :data:`QUICK_ACCELERATOR`."""
+    return QUICK if platform == "cpu" else QUICK_ACCELERATOR
 
 
 def _data(case: BenchCase) -> tuple[jax.Array, jax.Array]:
@@ -97,25 +126,61 @@ def _data(case: BenchCase) -> tuple[jax.Array, jax.Array]:
     return x, jnp.asarray(rng.normal(size=(case.batch, case.n_out)), jnp.float32)
 
 
-def benchmark_case(case: BenchCase, steps: int = 10, budget_s: float = 1.0) -> dict[str, Any]:
-    """Time, count and place one case (see the module docstring). Returns a JSON-able row."""
+def _estimate_step_s(compiled: Any, state: TrainState, x: jax.Array, y: jax.Array,
+                     calls: int = 10) -> tuple[float, TrainState]:
+    """Seconds per call of a compiled donated step (after two warm calls); the state it leaves.
+
+    An upper bound on the device time (dispatch included), so the k chosen from it
+    errs towards longer samples.
+    """
+    for _ in range(2):
+        state, metrics = compiled(state, x, y)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        state, metrics = compiled(state, x, y)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - t0) / calls, state
+
+
+def _fraction(value: float | None, roof: float | None) -> float | None:
+    return None if value is None or not roof else value / roof
+
+
+def benchmark_case(case: BenchCase, budget_s: float = 1.0, precision: str | None = None,
+                   steps: int | None = None, min_sample_s: float = 5e-3,
+                   max_steps: int = 1000) -> dict[str, Any]:
+    """Time, count and place one case (see the module docstring). Returns a JSON-able row.
+
+    Args:
+      case: the case.
+      budget_s: seconds of interleaved timing (the GEMM rates get as much again).
+      precision: matmul precision (:data:`jaxbp.peaks.MATMUL_PRECISIONS`), None for
+        JAX's current setting.
+      steps: steps per loop call; None chooses k so that one call is at least
+        ``min_sample_s`` of work (at most ``max_steps``).
+    """
     net = case.net()
     params = net.init(jax.random.key(0))
     x, y = _data(case)
     optimizer = optax.sgd(1e-4)
-    compiled, compile_s, memory, cost, states = {}, {}, {}, {}, {}
-    for grad in ("backprop", "autodiff"):
-        loop = make_train_loop(net, optimizer, steps=steps, grad=grad)
+    grads = ("backprop", "autodiff")
+    memory, cost, step_s = {}, {}, {}
+    for grad in grads:
+        # exactly the donated step a user runs: its memory counts the state once
+        step = make_train_step(net, optimizer, grad=grad, precision=precision)
+        state = TrainState.create(jax.tree.map(jnp.copy, params), optimizer)
+        single, _, mem = compile_ahead(step, state, x, y)
+        memory[grad] = None if mem is None else {**dataclasses.asdict(mem), "peak": mem.peak}
+        cost[grad] = xla_cost(single)  # one step: XLA counts a loop body once
+        step_s[grad], _ = _estimate_step_s(single, state, x, y)
+    if steps is None:
+        steps = int(min(max_steps, max(1, math.ceil(min_sample_s / max(step_s.values())))))
+    compiled, compile_s, states = {}, {}, {}
+    for grad in grads:
+        loop = make_train_loop(net, optimizer, steps=steps, grad=grad, precision=precision)
         states[grad] = TrainState.create(jax.tree.map(jnp.copy, params), optimizer)
-        compiled[grad], compile_s[grad], _ = compile_ahead(
-            lambda s, x, y, loop=loop: loop(s, x, y), states[grad], x, y)
-        # XLA's cost analysis counts a while-loop body once, so cost and memory are
-        # read off the single-step program.
-        one_step = make_train_step(net, optimizer, grad=grad, donate=False)
-        single, _, mem = compile_ahead(lambda s, x, y, f=one_step: f(s, x, y),
-                                       states[grad], x, y)
-        memory[grad] = dataclasses.asdict(mem)
-        cost[grad] = xla_cost(single)
+        compiled[grad], compile_s[grad], _ = compile_ahead(loop, states[grad], x, y)
 
     def call(grad: str):
         def run():
@@ -123,105 +188,181 @@ def benchmark_case(case: BenchCase, steps: int = 10, budget_s: float = 1.0) -> d
             return metrics
         return run
 
-    timings = time_interleaved({g: call(g) for g in compiled}, budget_s=budget_s,
-                               compile_s=compile_s)
+    timings = time_interleaved({g: call(g) for g in grads}, budget_s=budget_s,
+                               compile_s=compile_s, min_sample_s=min_sample_s)
     flops = step_matmul_flops(case.sizes, case.batch)
     width = max(case.sizes[:-1])
-    gemm = gemm_rate(case.batch, width, width, "float32",
-                     "bfloat16" if case.precision == "bf16-mixed" else None,
-                     budget_s=budget_s / 2)
-    row: dict[str, Any] = {**dataclasses.asdict(case), "label": case.label(),
-                           "steps_per_call": steps, "matmul_flops_per_step": flops["total"],
-                           "gemm_flops_per_s": gemm}
+    compute = "bfloat16" if case.precision == "bf16-mixed" else None
+    shapes = step_matmul_shapes(case.batch, width, width)
+    rates = {shape.name: gemm_rate(shape, "float32", compute, budget_s=budget_s / 3,
+                                   precision=precision) for shape in shapes}
+    # time the measured rates need for the step's matmuls: each kind at its own shape's rate
+    matmul_s = (flops["forward"] / rates["forward"]
+                + flops["weight_grad"] / rates["weight_grad"]
+                + flops["input_error"] / rates["input_error"])
+    device = jax.devices()[0]
+    arithmetic = matmul_arithmetic(device.platform, compute or "float32", precision)
+    peaks = device_peaks(device.device_kind)
+    peak = None if peaks is None else peaks.peak(arithmetic)
+    balance = None if peaks is None else peaks.balance_point(arithmetic)
+    row: dict[str, Any] = {**dataclasses.asdict(case), "label": case.label(arithmetic),
+                           "arithmetic": arithmetic, "steps_per_call": steps,
+                           "matmul_flops_per_step": flops["total"],
+                           "gemm_flops_per_s": rates, "peak_flops_per_s": peak,
+                           "balance_point": balance, "warnings": []}
     for grad, timing in timings.items():
         per_step = timing.median / steps
-        xla_flops = cost[grad]["flops"]
+        achieved = flops["total"] / per_step
+        xla = cost[grad]
+        intensity = None if xla is None else xla["flops"] / xla["bytes"]
         row[grad] = {
             "step_s": per_step,
             "step_iqr_s": [timing.p25 / steps, timing.p75 / steps],
+            "steps_per_sample": steps * timing.reps,
             "compile_s": compile_s[grad],
-            "xla_flops_per_step": xla_flops,
-            "xla_bytes_per_step": cost[grad]["bytes"],
-            "arithmetic_intensity": cost[grad]["flops"] / cost[grad]["bytes"],
-            "achieved_flops_per_s": flops["total"] / per_step,
-            "roofline_fraction": flops["total"] / per_step / gemm,
+            "xla_flops_per_step": None if xla is None else xla["flops"],
+            "xla_bytes_per_step": None if xla is None else xla["bytes"],
+            "arithmetic_intensity": intensity,
+            "achieved_flops_per_s": achieved,
+            "roofline_fraction": matmul_s / per_step,
+            "peak_fraction": _fraction(achieved, peak),
             "memory_bytes": memory[grad],
         }
+        row["warnings"] += _warnings(grad, row[grad])
     row["manual_over_autodiff"] = paired_ratio(timings["backprop"], timings["autodiff"])
     return row
 
 
-def run_suite(cases: list[BenchCase], out_dir: str | pathlib.Path, name: str,
-              steps: int = 10, budget_s: float = 1.0, max_gflop: float | None = None,
-              log: Any = print) -> dict[str, Any]:
-    """Benchmark ``cases`` and write ``<name>.json``, ``<name>.md`` and ``<name>.png``.
+def _warnings(grad: str, result: dict[str, Any]) -> list[str]:
+    """Why a fraction above 1 can appear, for each one that did."""
+    notes = []
+    if result["roofline_fraction"] > 1:
+        notes.append(f"{grad}: roofline fraction {result['roofline_fraction']:.2f} > 1: the "
+                     f"step ran its matmuls faster than the GEMM loop measured them alone "
+                     f"(for small shapes the loop's per-iteration overhead lowers the measured "
+                     f"rate; or a noisy round); read it as ~1")
+    if result["peak_fraction"] is not None and result["peak_fraction"] > 1:
+        notes.append(f"{grad}: {result['peak_fraction']:.2f} of the datasheet peak > 1: the "
+                     f"arithmetic that ran is not the one assumed (check the matmul precision "
+                     f"and XLA_FLAGS) or the device kind was matched to the wrong datasheet")
+    return notes
 
-    Cases above ``max_gflop`` matmul GFLOP per step are listed as left out.
+
+def run_suite(cases: list[BenchCase], out_dir: str | pathlib.Path, name: str,
+              budget_s: float = 1.0, max_gflop: float | None = None,
+              time_limit_s: float | None = None, precision: str | None = None,
+              steps: int | None = None, min_sample_s: float = 5e-3,
+              log: Any = print) -> dict[str, Any]:
+    """Benchmark ``cases`` and write ``<name>.json``, ``<name>.md`` (and ``<name>.png``).
+
+    Cases above ``max_gflop`` matmul GFLOP per step, and those not started
+    before ``time_limit_s`` seconds have passed, are listed as left out with
+    the reason. The PNG is written only when there is a row to plot.
     """
-    info = machine_info()
+    info = machine_info(precision)
     log(f"jaxbp bench: {len(cases)} cases on {describe_machine(info)}")
     rows, left_out = [], []
+    start = time.perf_counter()
     for case in cases:
         if max_gflop is not None and case.gflop > max_gflop:
-            left_out.append(case.label())
+            left_out.append(f"{case.label()} (over {max_gflop:g} GFLOP)")
             continue
-        row = benchmark_case(case, steps=steps, budget_s=budget_s)
+        if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+            left_out.append(f"{case.label()} (time limit {time_limit_s:g} s)")
+            continue
+        row = benchmark_case(case, budget_s=budget_s, precision=precision, steps=steps,
+                             min_sample_s=min_sample_s)
         rows.append(row)
-        log(f"{case.label():<32} manual/autodiff {row['manual_over_autodiff']:.3f}  "
-            f"roofline {row['backprop']['roofline_fraction']:.2f}  "
-            f"step {row['backprop']['step_s'] * 1e3:.3f} ms")
-    result = {"machine": info, "rows": rows, "left_out": left_out, "max_gflop": max_gflop}
+        m = row["backprop"]
+        peak = "" if m["peak_fraction"] is None else f"  peak {m['peak_fraction']:.2f}"
+        log(f"{row['label']:<38} manual/autodiff {row['manual_over_autodiff']:.3f}  "
+            f"roofline {m['roofline_fraction']:.2f}{peak}  step {m['step_s'] * 1e3:.3f} ms "
+            f"({m['steps_per_sample']} steps/sample)")
+        for warning in row["warnings"]:
+            log(f"  warning: {warning}")
+    result = {"machine": info, "rows": rows, "left_out": left_out, "max_gflop": max_gflop,
+              "time_limit_s": time_limit_s}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     (out / f"{name}.md").write_text(markdown(result))
-    plot(result, out / f"{name}.png")
+    written = [f"{name}.json", f"{name}.md"]
+    if rows and plot(result, out / f"{name}.png"):
+        written.append(f"{name}.png")
     if rows:
         worst = max(rows, key=lambda r: r["manual_over_autodiff"])
         best = max(rows, key=lambda r: r["backprop"]["roofline_fraction"])
         log(f"worst manual/autodiff {worst['manual_over_autodiff']:.3f} ({worst['label']}); "
             f"best roofline fraction {best['backprop']['roofline_fraction']:.2f} "
             f"({best['label']})")
-    log(f"wrote {out / name}.json, .md, .png")
+    else:
+        log(f"no case was run ({len(left_out)} left out)")
+    log(f"wrote {', '.join(str(out / w) for w in written)}")
     return result
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value / scale, spec)
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown table, with the machine and the method."""
+    peaks = result["machine"].get("peaks")
+    peak_note = (f"`peak`: achieved / the datasheet peak of {peaks['name']} for the arithmetic "
+                 f"that ran ({peaks['source']}); `AI/balance`: the step's arithmetic intensity "
+                 f"over the device's balance point (peak / memory bandwidth): below 1 the "
+                 f"step is memory-bound." if peaks else
+                 "`peak`: n/a, this device kind has no datasheet entry in jaxbp.peaks; the "
+                 "measured GEMM rates are the roof.")
     lines = [
         "# Training-step benchmark: hand-written backprop vs jax.grad",
         "",
         f"Machine: {describe_machine(result['machine'])}.",
         "",
-        "One sgd training step (k steps in one `lax.scan`, per-step times), relu MLP "
-        "(W, ..., W, 10) with `D` weight layers. `manual/autodiff`: median step time with "
-        "`grad=\"backprop\"` over `grad=\"autodiff\"`, timed interleaved in one process "
-        "(< 1: the hand-written step is faster), the median over rounds of the two "
-        "back-to-back times' ratio, so a slow spell of this shared machine cancels. "
-        "`GEMM`: the machine's measured rate for the "
-        "step's largest matmul (B x W x W) in the same precision; `roofline`: achieved "
-        "matmul FLOP/s of the manual step / GEMM. `FLOPs XLA/hand`: XLA's cost-analysis "
-        "FLOPs over the hand count of matmul FLOPs (the excess is elementwise work). "
-        "`AI`: arithmetic intensity, XLA FLOPs / XLA bytes. `mem`: compiled peak "
-        "(arguments + outputs + temporaries) of one step.",
+        "One sgd training step, relu MLP (W, ..., W, 10) with `D` weight layers; the label "
+        "ends with the arithmetic the matmuls ran in (float32 is `tf32` on NVIDIA GPUs and "
+        "one bf16 pass on TPUs at the default matmul precision). The timed program is the "
+        "donated k-step `lax.scan` loop a user runs; `steps/sample`: train steps in one "
+        "timed sample (k per call x calls per sample), chosen so that device time "
+        "dominates every sample. `manual/autodiff`: the median over rounds of the ratio of "
+        "the back-to-back step times with `grad=\"backprop\"` and `grad=\"autodiff\"` "
+        "(< 1: the hand-written step is faster). `GEMM fwd/err/wgrad`: the machine's "
+        "measured rate for the widest layer's three matmul shapes (forward B x W x W, input "
+        "error, weight gradient with the batch inner) in the same precision; `roofline`: "
+        "the time those rates need for the step's matmuls / the step's time. "
+        + peak_note + " `FLOPs XLA/hand`: XLA's cost-analysis FLOPs over the hand count of "
+        "matmul FLOPs (the excess is elementwise work). `mem`: compiled peak of the "
+        "donated single step (arguments + outputs - donated aliases + temporaries). n/a: "
+        "the backend gave no figure.",
         "",
-        "| case | manual ms | autodiff ms | manual/autodiff | GEMM GFLOP/s | achieved "
-        "GFLOP/s | roofline | FLOPs XLA/hand | AI | mem MiB | compile s (manual/autodiff) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | steps/sample | manual ms | autodiff ms | manual/autodiff | GEMM fwd/err/wgrad "
+        "GFLOP/s | achieved GFLOP/s | roofline | peak | FLOPs XLA/hand | AI/balance | "
+        "mem MiB | compile s (manual/autodiff) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    warnings = []
     for row in result["rows"]:
         m, a = row["backprop"], row["autodiff"]
+        rates = "/".join(f"{row['gemm_flops_per_s'][k] / 1e9:.0f}"
+                         for k in ("forward", "input_error", "weight_grad"))
+        xla = (None if m["xla_flops_per_step"] is None
+               else m["xla_flops_per_step"] / row["matmul_flops_per_step"])
+        balance = (None if m["arithmetic_intensity"] is None or not row["balance_point"]
+                   else m["arithmetic_intensity"] / row["balance_point"])
+        mem = None if m["memory_bytes"] is None else m["memory_bytes"]["peak"]
+        flag = " (!)" if row["warnings"] else ""
         lines.append(
-            f"| {row['label']} | {m['step_s'] * 1e3:.3f} | {a['step_s'] * 1e3:.3f} | "
-            f"{row['manual_over_autodiff']:.3f} | {row['gemm_flops_per_s'] / 1e9:.1f} | "
-            f"{m['achieved_flops_per_s'] / 1e9:.1f} | {m['roofline_fraction']:.2f} | "
-            f"{m['xla_flops_per_step'] / row['matmul_flops_per_step']:.3f} | "
-            f"{m['arithmetic_intensity']:.1f} | "
-            f"{sum(m['memory_bytes'].values()) / 2**20:.1f} | "
-            f"{m['compile_s']:.2f}/{a['compile_s']:.2f} |")
+            f"| {row['label']} | {m['steps_per_sample']} | {m['step_s'] * 1e3:.3f} | "
+            f"{a['step_s'] * 1e3:.3f} | {row['manual_over_autodiff']:.3f} | {rates} | "
+            f"{m['achieved_flops_per_s'] / 1e9:.1f} | {m['roofline_fraction']:.2f}{flag} | "
+            f"{_fmt(m['peak_fraction'], '.2f')} | {_fmt(xla, '.3f')} | {_fmt(balance, '.2f')} | "
+            f"{_fmt(mem, '.1f', 2**20)} | {m['compile_s']:.2f}/{a['compile_s']:.2f} |")
+        warnings += [f"{row['label']}: {w}" for w in row["warnings"]]
+    if warnings:
+        lines += ["", "Warnings (fractions above 1, and why they can occur):", ""]
+        lines += [f"- {w}" for w in warnings]
     if result["left_out"]:
-        lines += ["", f"Left out (over {result['max_gflop']} matmul GFLOP per step): "
-                      + ", ".join(result["left_out"]) + "."]
+        lines += ["", "Left out: " + ", ".join(result["left_out"]) + "."]
     if result["rows"]:
         ratios = [r["manual_over_autodiff"] for r in result["rows"]]
         lines += ["", f"manual/autodiff: median {np.median(ratios):.3f}, worst "
@@ -229,18 +370,21 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: pathlib.Path) -> None:
-    """manual/autodiff and roofline fraction against the step's matmul FLOPs (PNG)."""
+def plot(result: dict[str, Any], path: pathlib.Path) -> bool:
+    """manual/autodiff and roofline fraction against the step's matmul FLOPs (PNG).
+
+    Returns False (nothing written) without matplotlib or without rows.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return False
     rows = result["rows"]
     if not rows:
-        return
+        return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for precision, marker in zip(PRECISIONS, ("o", "s")):
         chosen = [r for r in rows if r["precision"] == precision]
@@ -257,7 +401,8 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(describe_machine(result["machine"]), fontsize=8)
+    fig.suptitle(describe_machine(result["machine"]), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True

@@ -11,6 +11,18 @@ successful save only the newest ``keep`` checkpoints are kept.
 Restoring checks everything it can and raises :class:`CheckpointError` naming
 the file: a truncated or corrupt archive, a digest that does not match, a
 tree that does not fit the template.
+
+What a user saved is never lost or mixed up:
+
+* a state holding NaN/inf is refused (:func:`save` raises naming the leaf),
+  so the newest checkpoint is always one a run can resume from;
+* keep-last-k removes only checkpoints older than the one just written, so
+  files of another run with higher step numbers never push a new one out;
+* :func:`restore_latest` renames a corrupt file to ``<name>.corrupt`` (kept,
+  never deleted) after warning about it, so it no longer counts;
+* :func:`lock` lets one run at a time use a folder (a file lock); temporary
+  files a killed save left behind are removed by
+  :func:`remove_stale_temporaries` once the lock is held.
 """
 
 from __future__ import annotations
@@ -41,6 +53,60 @@ class CheckpointError(ValueError):
 
 class CheckpointMismatchError(CheckpointError):
     """A sound checkpoint of a different tree than the template (another net or optimizer)."""
+
+
+class CheckpointLockedError(RuntimeError):
+    """Another run holds the checkpoint folder's lock."""
+
+
+LOCK_NAME = ".jaxbp.lock"
+_TEMPORARY = re.compile(r"^\.ckpt_\d+\.npz\..*\.tmp$")
+
+
+def lock(directory: str | pathlib.Path) -> Any:
+    """An acquired file lock on ``directory`` (a ``filelock.FileLock``; release it, or use
+    it in a ``with`` block). Created if missing.
+
+    Raises:
+      CheckpointLockedError: another process holds it; the message names the lock file.
+    """
+    import filelock
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    file_lock = filelock.FileLock(directory / LOCK_NAME)
+    try:
+        file_lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise CheckpointLockedError(
+            f"checkpoint folder {str(directory)!r} is in use by another run (it holds "
+            f"{str(directory / LOCK_NAME)!r}); wait for it to end or use another folder"
+        ) from None
+    return file_lock
+
+
+def remove_stale_temporaries(directory: str | pathlib.Path) -> list[pathlib.Path]:
+    """Delete the temporary files of saves that were killed midway; the paths removed.
+
+    Call it only while holding :func:`lock`: then no save is under way.
+    """
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if _TEMPORARY.match(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _nonfinite_leaf(tree: PyTree, leaves: list[np.ndarray]) -> str | None:
+    """The path of the first floating leaf holding a NaN/inf, or None."""
+    paths = [jax.tree_util.keystr(path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(tree)[0]]
+    for path, leaf in zip(paths, leaves):
+        if np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(leaf)):
+            return path
+    return None
 
 
 def _digest(leaves: list[np.ndarray]) -> str:
@@ -82,6 +148,7 @@ def save(
     tree: PyTree,
     metadata: dict[str, Any] | None = None,
     keep: int | None = 3,
+    allow_nonfinite: bool = False,
 ) -> pathlib.Path:
     """Write ``tree`` (and JSON-serialisable ``metadata``) atomically as checkpoint ``step``.
 
@@ -90,10 +157,16 @@ def save(
       step: a non-negative int; names the file ``ckpt_<step>.npz``.
       tree: any pytree of arrays (jax, NumPy, scalars; typed PRNG keys too).
       metadata: JSON-serialisable extras (epoch, history, ...).
-      keep: keep only this many newest checkpoints after saving (None: all).
+      keep: keep the newest ``keep`` checkpoints up to this one after saving
+        (None: all); checkpoints with a larger step are left alone.
+      allow_nonfinite: write a tree holding NaN/inf (by default refused: a
+        checkpoint is where a run resumes from).
 
     Returns:
       The path written.
+
+    Raises:
+      FloatingPointError: a floating leaf holds NaN/inf; nothing is written.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -102,6 +175,10 @@ def save(
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     leaves = _host_leaves(tree)
+    bad = None if allow_nonfinite else _nonfinite_leaf(tree, leaves)
+    if bad is not None:
+        raise FloatingPointError(f"checkpoint {step} not written: leaf {bad} holds NaN/inf, "
+                                 f"and a run could not resume from it")
     header = {
         "format": FORMAT,
         "step": step,
@@ -125,9 +202,14 @@ def save(
         raise
     _fsync_directory(directory)
     if keep is not None:
-        for old in list_checkpoints(directory)[:-keep]:
+        upto = [p for p in list_checkpoints(directory) if _step_of(p) <= step]
+        for old in upto[:-keep]:
             old.unlink(missing_ok=True)
     return final
+
+
+def _step_of(path: pathlib.Path) -> int:
+    return int(_NAME.match(path.name).group(1))
 
 
 def _fsync_directory(directory: pathlib.Path) -> None:
@@ -216,8 +298,9 @@ def restore_latest(
 ) -> tuple[PyTree, dict[str, Any], pathlib.Path] | None:
     """The newest checkpoint in ``directory`` that restores, or None if there is none.
 
-    A newest file that is corrupt is reported with a warning naming it and
-    the next older one is tried; files are never deleted here.
+    A newest file that is corrupt is reported with a warning naming it,
+    renamed to ``<name>.corrupt`` (kept, so nothing is lost, and no longer
+    counted as a checkpoint), and the next older one is tried.
 
     Raises:
       CheckpointMismatchError: a sound checkpoint that does not fit the
@@ -230,7 +313,10 @@ def restore_latest(
         except CheckpointMismatchError:
             raise
         except CheckpointError as err:
-            warnings.warn(f"skipping {err}", RuntimeWarning, stacklevel=2)
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            warnings.warn(f"skipping {err}; kept as {str(aside)!r}", RuntimeWarning,
+                          stacklevel=2)
             continue
         return tree, metadata, path
     return None

@@ -1,16 +1,34 @@
-"""The ``jaxbp`` command: ``jaxbp verify`` (and the subcommands later issues add)."""
+"""The ``jaxbp`` command: ``jaxbp verify``, ``jaxbp train``, ``jaxbp bench``.
+
+Every error is one line on stderr, ``jaxbp <command>: error: ...``, naming the
+option, file or value; the exit status is 2 for a bad option, file or value
+(all found before any work starts) and 1 for a run that failed; ``--debug``
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import itertools
 import math
+import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import optax
+
+from jaxbp.peaks import MATMUL_PRECISIONS
+
+
+class UsageError(ValueError):
+    """A bad option, file or value: exit status 2, found before any work."""
+
+
+DTYPES = ("float64", "float32", "bfloat16", "float16")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -23,14 +41,15 @@ def _verify(args: argparse.Namespace) -> int:
     print(f"{'#':>3} {'dtype':<9} {'case':<68} {'rel err':>9} {'FD err':>9} "
           f"{'Taylor':>6}  status")
     worst: dict[str, float] = {}
-    failed, start = 0, time.perf_counter()
+    failed, count, start = 0, 0, time.perf_counter()
     cases = random_cases(args.seed, dtypes, max_depth=args.max_depth, max_width=args.max_width)
     for i, case in enumerate(itertools.islice(cases, args.cases)):
+        count += 1
         report = run_case(case, n_fd=args.n_fd)
         fd = max((d.fd_error_manual for d in report.directions), default=math.nan)
         orders = [d.taylor_order_manual for d in report.directions
                   if math.isfinite(d.taylor_order_manual)]
-        status = "ok" if report.ok else "FAIL"
+        status = {"OK": "ok", "FAILED": "FAIL", "INCONCLUSIVE": "inconclusive"}[report.verdict]
         if any("inconclusive" in (d.fd_status, d.taylor_status) for d in report.directions):
             status += " (FD inconclusive)"
         elif not report.directions:
@@ -38,18 +57,22 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{i:>3} {case.net.dtype:<9} {case.describe():<68} {report.max_rel_error:>9.2e} "
               f"{fd:>9.2e} {min(orders) if orders else math.nan:>6.2f}  {status}")
         worst[case.net.dtype] = max(worst.get(case.net.dtype, 0.0), report.max_rel_error)
-        if not report.ok:
+        if report.failed:
             failed += 1
             print(report)
     print("worst relative error vs jax.grad: " +
           ", ".join(f"{dtype} {err:.2e}" for dtype, err in worst.items()))
-    print(f"{'FAILED' if failed else 'all ok'}: {failed} of {i + 1} cases failed "
+    print(f"{'FAILED' if failed else 'all ok'}: {failed} of {count} cases failed "
           f"({time.perf_counter() - start:.1f} s)")
     return 1 if failed else 0
 
 
 CPU_MAX_GFLOP = 20.0
 """The full bench suite's default cap on a CPU: its largest cases need TFLOPs per step."""
+
+ACCELERATOR_TIME_LIMIT_S = 1800.0
+"""The full bench suite's default time limit on a GPU/TPU: cases not started by then are
+listed as left out (the largest need seconds per step and minutes to time)."""
 
 OPTIMIZERS = {
     "sgd": lambda lr: optax.sgd(lr),
@@ -67,27 +90,115 @@ def _load_data(name: str, seed: int):
         return data.load_digits()
     if name == "teacher":
         return data.teacher_regression(jax.random.key(seed + 1))
-    return data.load_npz(name)
+    if not pathlib.Path(name).is_file():
+        raise UsageError(f"--data: {name!r} is neither 'digits', 'teacher' nor an existing "
+                         f".npz file")
+    try:
+        return data.load_npz(name)
+    except ValueError as err:
+        raise UsageError(f"--data: {err}") from None
 
 
-def _train(args: argparse.Namespace) -> int:
+def _writable_dir(option: str, directory: pathlib.Path) -> None:
+    """The folder exists or can be made, and a file can be written in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".jaxbp-write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option}: cannot write in {str(directory)!r}: "
+                         f"{err.strerror or err}") from None
+
+
+def _writable_file(option: str, path: str) -> None:
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option}: {path!r} is a folder, expected a file name such as "
+                         f"{str(target / 'curves.png')!r}")
+    _writable_dir(option, target.parent if str(target.parent) else pathlib.Path("."))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{option}: plotting needs matplotlib: pip install "
+                         f"'jaxbp[plot]'") from None
+
+
+def _positive(option: str, value: float, integer: bool = False, allow_zero: bool = False) -> None:
+    good = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not good:
+        kind = "an integer" if integer else "a finite number"
+        raise UsageError(f"{option} must be {kind} {'>= 0' if allow_zero else '> 0'}, "
+                         f"got {value!r}")
+
+
+def _plan_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of ``jaxbp train`` checked and turned into what fit needs (no training)."""
     import jaxbp
-    from jaxbp.fit import fit
-    from jaxbp.suite import verify_mlp
 
-    start = time.perf_counter()
+    _positive("--lr", args.lr)
+    _positive("--epochs", args.epochs, integer=True)
+    _positive("--batch-size", args.batch_size, integer=True)
+    if args.checkpoint_dir is not None:
+        _writable_dir("--checkpoint-dir", pathlib.Path(args.checkpoint_dir))
+    if args.plot is not None:
+        _writable_file("--plot", args.plot)
+    if args.diagnostics is not None:
+        _writable_file("--diagnostics", args.diagnostics)
     dataset = _load_data(args.data, args.seed)
     loss = args.loss or ("softmax_cross_entropy" if dataset.is_classification
                          else "squared_error")
     if args.sizes:
-        sizes = tuple(int(s) for s in args.sizes.split(","))
+        try:
+            sizes = tuple(int(s) for s in args.sizes.split(","))
+        except ValueError:
+            raise UsageError(f"--sizes must be comma-separated integers, got "
+                             f"{args.sizes!r}") from None
     else:
         sizes = (dataset.n_in, 256, 256, dataset.n_out)
-    net = jaxbp.MLP(sizes, args.activation, args.output_activation, loss)
-    optimizer = OPTIMIZERS[args.optimizer](args.lr)
+    if sizes[0] != dataset.n_in or sizes[-1] != dataset.n_out:
+        raise UsageError(f"--sizes {args.sizes}: the first size must be the data's "
+                         f"{dataset.n_in} inputs and the last its {dataset.n_out} outputs "
+                         f"({args.data})")
+    try:
+        net = jaxbp.MLP(sizes, args.activation, args.output_activation, loss)
+    except (TypeError, ValueError) as err:
+        raise UsageError(_option_for(err, str(err))) from None
+    if dataset.is_classification and not net.loss_fn.integer_labels:
+        raise UsageError(f"--loss {loss}: the data hold integer class labels, which only "
+                         f"softmax_cross_entropy takes; use it or give one-hot targets")
+    if len(dataset.x_train) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the "
+                         f"{len(dataset.x_train)} training samples of {args.data}")
+    try:
+        from jaxbp import _checks
+
+        _checks.check_target_values(net, dataset.y_train, "the training targets")
+        _checks.check_target_values(net, dataset.y_test, "the test targets")
+    except ValueError as err:
+        raise UsageError(f"--data {args.data}: {err}") from None
+    return {"dataset": dataset, "net": net, "optimizer": OPTIMIZERS[args.optimizer](args.lr)}
+
+
+def _option_for(err: Exception, message: str) -> str:
+    """Put the command-line option in front of a library message about an MLP argument."""
+    for word, option in (("output_activation", "--output-activation"),
+                         ("activation", "--activation"), ("loss", "--loss"),
+                         ("sizes", "--sizes")):
+        if word in message:
+            return f"{option}: {message}"
+    return message
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxbp.fit import fit
+    from jaxbp.suite import verify_mlp
+
+    start = time.perf_counter()
+    plan = _plan_train(args)
+    dataset, net, optimizer = plan["dataset"], plan["net"], plan["optimizer"]
     print(f"jaxbp train: {args.data} ({len(dataset.x_train)} train, {len(dataset.x_test)} "
-          f"test), sizes {net.sizes}, {args.activation}, {loss}, {args.optimizer} lr {args.lr}, "
-          f"grad {args.grad}, jax {jax.__version__} on {jax.devices()[0].platform}")
+          f"test), sizes {net.sizes}, {args.activation}, {net.loss}, {args.optimizer} lr "
+          f"{args.lr}, grad {args.grad}, jax {jax.__version__} on {jax.devices()[0].platform}")
 
     key = jax.random.key(args.seed)
     params = net.init(jax.random.split(key)[0])  # the params fit starts from
@@ -95,14 +206,17 @@ def _train(args: argparse.Namespace) -> int:
     report = verify_mlp(net, params, x0, y0, n_fd=2, float64=True)
     print(f"gradient check at the initial params, first {len(x0)} samples, in float64: "
           f"{report.summary()}")
-    if not report.ok:
+    if report.failed:
         print(report)
         return 1
 
     result = fit(net, optimizer, dataset, epochs=args.epochs, batch_size=args.batch_size,
                  key=key, grad=args.grad, checkpoint_dir=args.checkpoint_dir,
                  progress=not args.quiet, plot=args.plot,
-                 diagnostics=args.diagnostics is not None)
+                 diagnostics=args.diagnostics is not None,
+                 run_config={"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed,
+                             "data": args.data},
+                 allow_run_change=args.allow_run_change)
     history = result.history
     final = f"final test loss {history['test_loss'][-1]:.4f}"
     if dataset.is_classification:
@@ -119,29 +233,63 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_bench(args: argparse.Namespace) -> None:
+    if args.max_gflop is not None:
+        _positive("--max-gflop", args.max_gflop)
+    if args.time_limit is not None:
+        _positive("--time-limit", args.time_limit)
+    if args.steps is not None:
+        _positive("--steps", args.steps, integer=True)
+    _positive("--budget", args.budget)
+    _positive("--min-sample-ms", args.min_sample_ms)
+    _writable_dir("--out", pathlib.Path(args.out))
+
+
 def _bench(args: argparse.Namespace) -> int:
     from jaxbp import bench_suite
 
-    cases = bench_suite.QUICK if args.quick else bench_suite.FULL
+    _check_bench(args)
     platform = jax.devices()[0].platform
+    cases = bench_suite.quick_cases(platform) if args.quick else bench_suite.FULL
     name = args.name or f"step_{'quick' if args.quick else 'full'}_{platform}"
-    max_gflop = args.max_gflop
+    max_gflop, time_limit = args.max_gflop, args.time_limit
     if max_gflop is None and platform == "cpu" and not args.quick:
         max_gflop = CPU_MAX_GFLOP
         print(f"jaxbp bench: on a CPU the full suite leaves out cases above {max_gflop:g} "
               f"matmul GFLOP per step (set --max-gflop to change)")
-    bench_suite.run_suite(cases, args.out, name, steps=args.steps, budget_s=args.budget,
-                          max_gflop=max_gflop)
+    if time_limit is None and platform != "cpu" and not args.quick:
+        time_limit = ACCELERATOR_TIME_LIMIT_S
+        print(f"jaxbp bench: on {platform} the full suite starts no case after "
+              f"{time_limit:g} s (set --time-limit to change)")
+    bench_suite.run_suite(cases, args.out, name, budget_s=args.budget, max_gflop=max_gflop,
+                          time_limit_s=time_limit, precision=args.precision,
+                          steps=args.steps, min_sample_s=args.min_sample_ms / 1e3)
     return 0
+
+
+def _check_verify(args: argparse.Namespace) -> None:
+    bad = sorted(set(args.dtypes.split(",")) - set(DTYPES))
+    if bad:
+        raise UsageError(f"--dtypes: unknown {bad}; choose from {', '.join(DTYPES)}")
+    if args.cases is not None:
+        _positive("--cases", args.cases, integer=True)
+    _positive("--n-fd", args.n_fd, integer=True, allow_zero=True)
+    _positive("--max-depth", args.max_depth, integer=True)
+    _positive("--max-width", args.max_width, integer=True)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``jaxbp`` and its subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error")
     parser = argparse.ArgumentParser(
         prog="jaxbp", description="Hand-written backpropagation for MLPs in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser(
-        "verify", help="check the hand-written gradient over random architectures",
+        "verify", parents=[common],
+        help="check the hand-written gradient over random architectures",
         description="Run verify_grads over every activation x loss x dtype, each on a "
                     "random architecture; print the table; exit 1 on any failure.")
     verify.add_argument("--seed", type=int, default=0, help="suite seed (default 0)")
@@ -156,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_verify)
 
     train = commands.add_parser(
-        "train", help="train an MLP with the hand-written gradient",
+        "train", parents=[common], help="train an MLP with the hand-written gradient",
         description="Verify the gradient once on the first batch, then train with the "
                     "jitted step, evaluating every epoch. Defaults reach >= 97%% test "
                     "accuracy on the shipped digits data.")
@@ -182,39 +330,77 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--diagnostics", default=None, metavar="FLOW.png",
                        help="record per-layer gradient flow every epoch and plot it here")
     train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    train.add_argument("--allow-run-change", action="store_true",
+                       help="resume a checkpoint although the net, optimizer, seed, batch "
+                            "size or data differ from the run that wrote it")
     train.set_defaults(run=_train)
 
     bench = commands.add_parser(
-        "bench", help="benchmark the training step: manual vs autodiff vs the GEMM rate",
+        "bench", parents=[common],
+        help="benchmark the training step: manual vs autodiff vs the GEMM rate",
         description="Time the k-step scan train loop with the hand-written gradient and "
                     "with jax.grad, interleaved in one process, over widths x depths x "
                     "batches x losses x precisions; report ratios, roofline fractions and "
                     "memory; write JSON, markdown and PNG.")
     bench.add_argument("--quick", action="store_true",
-                       help="24 small cases (under 2 minutes on 2 CPU cores)")
+                       help="24 cases: small ones on a CPU (about 2 minutes on 2 cores), "
+                            "W1024-4096 x B512-8192 on a GPU/TPU so none is launch-bound")
     bench.add_argument("--out", default="benchmarks/results", help="results folder")
     bench.add_argument("--name", default=None, help="file stem (default step_<preset>_<platform>)")
-    bench.add_argument("--steps", type=int, default=10, help="train steps per timed call (10)")
+    bench.add_argument("--precision", default=None, choices=list(MATMUL_PRECISIONS),
+                       help="matmul precision of the step and the GEMM rates (default: JAX's "
+                            "setting, 'default'; float32 then runs as TF32 on NVIDIA GPUs "
+                            "and one bf16 pass on TPUs; 'highest' is true float32)")
+    bench.add_argument("--steps", type=int, default=None,
+                       help="train steps per timed call (default: chosen per case so that "
+                            "a call is at least --min-sample-ms of work)")
+    bench.add_argument("--min-sample-ms", type=float, default=5.0,
+                       help="least device time of one timed sample, ms (5)")
     bench.add_argument("--budget", type=float, default=1.0, help="timing seconds per case (1)")
     bench.add_argument("--max-gflop", type=float, default=None,
                        help="leave out cases above this many matmul GFLOP per step "
                             f"(default: none on accelerators, {CPU_MAX_GFLOP:g} for the full "
                             "suite on a CPU)")
+    bench.add_argument("--time-limit", type=float, default=None,
+                       help="start no case after this many seconds (default: none on a CPU "
+                            f"or with --quick, {ACCELERATOR_TIME_LIMIT_S:g} for the full "
+                            "suite on a GPU/TPU)")
     bench.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``jaxbp`` command; returns the exit code."""
+    """Entry point of the ``jaxbp`` command; returns the exit code.
+
+    Errors print one line and return 2 (a bad option, file or value) or 1 (a failed
+    run); with ``--debug`` they raise with their traceback.
+    """
     args = build_parser().parse_args(argv)
-    if args.command == "verify":
-        bad = set(args.dtypes.split(",")) - {"float64", "float32", "bfloat16", "float16"}
-        if bad:
-            print(f"jaxbp verify: error: --dtypes: unknown {sorted(bad)}; choose from "
-                  f"float64, float32, bfloat16, float16", file=sys.stderr)
-            return 2
-        jax.config.update("jax_enable_x64", True)
-    return args.run(args)
+    prefix = f"jaxbp {args.command}: error:"
+    try:
+        if args.command == "verify":
+            _check_verify(args)
+            jax.config.update("jax_enable_x64", True)
+        return args.run(args)
+    except UsageError as err:
+        if args.debug:
+            raise
+        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix} interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a failed run: one line, unless --debug
+        if args.debug:
+            raise
+        print(f"{prefix} {type(err).__name__}: {_one_line(err)} (--debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ class Dataset(NamedTuple):
     @property
     def n_out(self) -> int:
         """Output width: the number of classes for labels, else the target width."""
-        if self.y_train.ndim == 1:
-            return int(max(self.y_train.max(), self.y_test.max(initial=0)) + 1)
+        if self.y_train.ndim == 1:  # in Python ints: the largest int32 label + 1 must not wrap
+            return max(int(self.y_train.max()), int(self.y_test.max(initial=0))) + 1
         return int(self.y_train.shape[1])
 
     @property
@@ -135,10 +135,17 @@ def load_npz(path: str | pathlib.Path, test_fraction: float = 0.2, seed: int = 0
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    _check_npz_header(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+    except ValueError as err:
+        if "pickle" in str(err):  # object arrays: never unpickle a data file
+            raise ValueError(f"data file {str(path)!r} holds object arrays (Python objects, "
+                             f"which would have to be unpickled); save plain numeric arrays "
+                             f"with np.savez") from None
+        raise ValueError(f"data file {str(path)!r} is not a readable .npz file: {err}") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise ValueError(f"data file {str(path)!r} is not a readable .npz file: {err}") from None
     for name in ("x", "y"):
         if name not in arrays:
@@ -164,6 +171,26 @@ def load_npz(path: str | pathlib.Path, test_fraction: float = 0.2, seed: int = 0
     return Dataset(x_train, y, x_test, y_test)
 
 
+MAX_CLASSES = 1 << 16
+"""Integer labels up to this many classes; a larger label is taken for a data error."""
+
+_ZIP_MAGIC, _NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"
+
+
+def _check_npz_header(path: pathlib.Path) -> None:
+    """Name what a file is when it is not an .npz archive (a .npy, a text file, ...)."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+    if head.startswith(_ZIP_MAGIC):
+        return
+    if head.startswith(_NPY_MAGIC):
+        raise ValueError(f"data file {str(path)!r} is a single .npy array, not an .npz "
+                         f"archive; save x and y together with np.savez(path, x=x, y=y)")
+    kind = "it is empty" if not head else f"it starts with {head!r}"
+    raise ValueError(f"data file {str(path)!r} is not an .npz archive ({kind}); "
+                     f"save the arrays with np.savez(path, x=x, y=y)")
+
+
 def _check_pair(path: pathlib.Path, x_name: str, x: np.ndarray, y_name: str,
                 y: np.ndarray) -> None:
     where = f"data file {str(path)!r}"
@@ -180,6 +207,12 @@ def _check_pair(path: pathlib.Path, x_name: str, x: np.ndarray, y_name: str,
                          f"and must be integers, got {y.dtype}")
     if y.ndim == 1 and y.min() < 0:
         raise ValueError(f"{where}: array {y_name!r} holds negative labels (min {y.min()})")
+    if y.ndim == 1 and int(y.max()) >= MAX_CLASSES:
+        raise ValueError(f"{where}: array {y_name!r} holds the label {int(y.max())}, which "
+                         f"would mean {int(y.max()) + 1} classes (at most {MAX_CLASSES}); "
+                         f"labels must be 0..n_classes-1")
+    if not np.all(np.isfinite(y.astype(np.float64))):
+        raise ValueError(f"{where}: array {y_name!r} must be finite numbers")
 
 
 def _targets(y: np.ndarray) -> np.ndarray:
@@ -189,6 +222,26 @@ def _targets(y: np.ndarray) -> np.ndarray:
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     """How many batches :func:`batches` yields for n samples."""
     return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def epoch_order(
+    n: int, batch_size: int, key: PRNGKey | None = None, drop_last: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The row indices of one epoch's batches, as :func:`batches` yields them.
+
+    Returns:
+      ``(full, tail)``: ``full`` (n // batch_size, batch_size) int32, row i the
+      indices of batch i; ``tail`` the short last batch's indices, or None
+      (with ``drop_last`` or when batch_size divides n).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    order = (np.arange(n, dtype=np.int32) if key is None
+             else np.asarray(jax.random.permutation(key, n), np.int32))
+    n_full = n // batch_size
+    full = order[:n_full * batch_size].reshape(n_full, batch_size)
+    tail = order[n_full * batch_size:]
+    return full, None if drop_last or tail.size == 0 else tail
 
 
 def batches(
@@ -210,15 +263,11 @@ def batches(
         short last batch is yielded (one more compile of a jitted step).
 
     Yields:
-      ``(x_batch, y_batch)`` NumPy views/copies of ``batch_size`` rows (the
-      last one possibly fewer).
+      ``(x_batch, y_batch)`` NumPy copies of ``batch_size`` rows (the last one
+      possibly fewer), in the order of :func:`epoch_order`.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
-    n = len(x)
-    order = np.arange(n) if key is None else np.asarray(jax.random.permutation(key, n))
-    for start in range(0, num_batches(n, batch_size, drop_last) * batch_size, batch_size):
-        index = order[start:start + batch_size]
+    full, tail = epoch_order(len(x), batch_size, key, drop_last)
+    for index in [*full, *([] if tail is None else [tail])]:
         yield x[index], y[index]

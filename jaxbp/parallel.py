@@ -9,11 +9,17 @@ SPMD partitioner derives the collectives from them:
   rows. ``dC/dW = a^T delta`` contracts over the batch, so XLA sums the
   per-device partial products with an all-reduce; ``delta @ W^T`` and the
   forward pass need no communication.
-* **model parallel** (optional mesh axis ``"model"``): every ``W^l`` and
-  ``b^l`` is split over its fan_out columns (when fan_out divides evenly; a
-  narrow layer such as a 10-class output stays replicated). Then ``a W`` is
-  local, ``delta W^T`` contracts over the split axis (an all-reduce), and
-  ``a^T delta`` gives each device its own columns.
+* **model parallel** (optional mesh axis ``"model"``), Megatron style: the
+  layers alternate between a column split (``W^l`` over its fan_out, ``b^l``
+  with it) and a row split (``W^{l+1}`` over its fan_in, ``b^{l+1}``
+  replicated). In the forward pass ``z^l = a W^l`` is local and leaves
+  ``a^l`` split over its features, exactly the split the row-split
+  ``W^{l+1}`` contracts, so the pair needs one all-reduce (of the partial
+  ``z^{l+1}``); in the recursion ``delta^{l+1} W^{l+1 T}`` is local and
+  ``delta^l W^{l T}`` needs the pair's one all-reduce. Splitting every layer
+  by fan_out instead would all-gather every activation. A layer whose
+  dimension does not divide evenly stays replicated and the alternation
+  starts again after it (:func:`layer_splits`).
 
 Choosing ``jit`` with shardings over ``shard_map`` with hand-placed
 ``psum``: the recursion stays exactly the one of :mod:`jaxbp.backprop`, with
@@ -29,19 +35,24 @@ with ``jax.make_array_from_process_local_data``.
 
 from __future__ import annotations
 
+import math
 import os
+import socket
+import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxbp import _checks
 from jaxbp._typing import Array, ArrayLike, PyTree
 from jaxbp.mlp import MLP
-from jaxbp.train import GradFn, TrainState, _check_optimizer, _gradient, _step
+from jaxbp.peaks import check_precision, precision_scope
+from jaxbp.train import GradFn, TrainState, _check_optimizer, _gradient, _step, make_train_loop
 
 DATA, MODEL = "data", "model"
 
@@ -50,47 +61,156 @@ def make_mesh(data: int | None = None, model: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``(data, model)`` mesh over ``devices`` (default: all of them, every process's).
 
+    Built with :func:`jax.make_mesh`, which orders the devices for the
+    interconnect (TPU rings, NVLink islands); the axes are ``Auto``, so the
+    compiler places the collectives.
+
     Args:
       data: devices along the batch axis; default all devices / ``model``.
-      model: devices along the fan_out axis of the weights (1: pure data parallel).
+      model: devices along the weights' split axis (1: pure data parallel).
       devices: the devices to use, default ``jax.devices()``.
 
     Raises:
       ValueError: the sizes do not multiply to the number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if model < 1 or len(devices) % model:
-        raise ValueError(f"model must be >= 1 and divide the {len(devices)} devices, "
-                         f"got {model}")
+    if isinstance(model, bool) or not isinstance(model, int) or model < 1 \
+            or len(devices) % model:
+        raise ValueError(f"model must be an int >= 1 that divides the {len(devices)} devices, "
+                         f"got {model!r}")
     data = len(devices) // model if data is None else data
-    if data * model != len(devices):
-        raise ValueError(f"data x model = {data} x {model} = {data * model} but there are "
-                         f"{len(devices)} devices")
-    return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
+    if isinstance(data, bool) or not isinstance(data, int) or data * model != len(devices):
+        raise ValueError(f"data x model = {data!r} x {model} must equal the {len(devices)} "
+                         f"devices")
+    return jax.make_mesh((data, model), (DATA, MODEL), (AxisType.Auto, AxisType.Auto),
+                         devices=devices)
 
 
 def _axis_size(mesh: Mesh, axis: str | None) -> int:
     return mesh.shape[axis] if axis is not None and axis in mesh.shape else 1
 
 
-def _leaf_spec(shape: tuple[int, ...], model_axis: str | None, model_size: int) -> PartitionSpec:
-    """W-shaped (fan_in, fan_out) leaves split columns, b-shaped (fan_out,) split entries,
-    when the mesh has a model axis and fan_out divides evenly; anything else replicated."""
-    if model_size > 1 and len(shape) in (1, 2) and shape[-1] % model_size == 0:
-        return PartitionSpec(*([None] * (len(shape) - 1)), model_axis)
-    return PartitionSpec()
+def layer_splits(shapes: Sequence[tuple[int, int]], model_size: int) -> tuple[str, ...]:
+    """Per dense layer ``(fan_in, fan_out)``: ``"column"``, ``"row"`` or ``"replicated"``.
+
+    A layer is row-split when the one before it was column-split (its output
+    arrives split over features) and its fan_in divides evenly; else
+    column-split when its fan_out divides; else replicated. With
+    ``model_size`` 1 everything is replicated.
+    """
+    splits: list[str] = []
+    for fan_in, fan_out in shapes:
+        previous = splits[-1] if splits else None
+        if model_size > 1 and previous == "column" and fan_in % model_size == 0:
+            splits.append("row")
+        elif model_size > 1 and fan_out % model_size == 0:
+            splits.append("column")
+        else:
+            splits.append("replicated")
+    return tuple(splits)
+
+
+def _layer_specs(split: str, model_axis: str | None) -> dict[str, PartitionSpec]:
+    if split == "column":
+        return {"w": PartitionSpec(None, model_axis), "b": PartitionSpec(model_axis)}
+    if split == "row":
+        return {"w": PartitionSpec(model_axis, None), "b": PartitionSpec()}
+    return {"w": PartitionSpec(), "b": PartitionSpec()}
+
+
+def _layer_of(path: tuple[Any, ...]) -> tuple[int, str] | None:
+    """``(l, "w"|"b")`` when a leaf's path ends in ``[l]["w"]`` or ``[l]["b"]``."""
+    if len(path) >= 2 and isinstance(path[-2], jax.tree_util.SequenceKey) \
+            and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key in ("w", "b"):
+        return path[-2].idx, path[-1].key
+    return None
 
 
 def state_shardings(state: PyTree, mesh: Mesh, model_axis: str | None = MODEL) -> PyTree:
-    """A NamedSharding for every leaf of a TrainState (params and optimizer moments alike)."""
+    """A NamedSharding for every leaf of a TrainState.
+
+    The params and every params-shaped optimizer moment (a leaf whose path
+    ends in ``[l]["w"]``/``[l]["b"]`` with the layer's shape) follow
+    :func:`layer_splits`; everything else (the step, counts) is replicated.
+    """
     size = _axis_size(mesh, model_axis)
-    return jax.tree.map(
-        lambda leaf: NamedSharding(mesh, _leaf_spec(np.shape(leaf), model_axis, size)), state)
+    shapes = tuple(tuple(np.shape(layer["w"])) for layer in state.params)
+    specs = [_layer_specs(split, model_axis) for split in layer_splits(shapes, size)]
+
+    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        where = _layer_of(path)
+        if where is not None and where[0] < len(shapes):
+            l, name = where
+            expected = shapes[l] if name == "w" else shapes[l][1:]
+            if tuple(np.shape(leaf)) == expected:
+                return NamedSharding(mesh, specs[l][name])
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(one, state)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, data_axis: str = DATA) -> NamedSharding:
-    """Rows of an ``ndim``-dimensional batch array split over ``data_axis``."""
-    return NamedSharding(mesh, PartitionSpec(data_axis, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int, data_axis: str = DATA,
+                   batch_dim: int = 0) -> NamedSharding:
+    """An ``ndim``-dimensional batch array split over ``data_axis`` along ``batch_dim``
+    (0 for one batch, 1 for a chunk of batches ``(k, batch, ...)``)."""
+    spec = [None] * ndim
+    spec[batch_dim] = data_axis
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _check_step_arguments(optimizer: Any, mesh: Mesh, data_axis: str,
+                          precision: str | None) -> None:
+    _check_optimizer(optimizer)
+    check_precision(precision)
+    if data_axis not in mesh.shape:
+        raise ValueError(f"mesh has axes {tuple(mesh.shape)}, no data_axis {data_axis!r}")
+
+
+def _over_mesh(body: Callable[..., Any], mesh: Mesh, data_axis: str, model_axis: str | None,
+               donate: bool, batch_dim: int) -> Callable[..., Any]:
+    """``body(state, x, y) -> (state, metrics)`` compiled over ``mesh``, once per shape.
+
+    The state is placed on :func:`state_shardings`, x and y split over
+    ``data_axis`` along ``batch_dim``; metrics come back replicated. The returned
+    function has ``.lower(state, x, y)`` for the HLO.
+    """
+    n_data = mesh.shape[data_axis]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    compiled: dict[Any, tuple[Any, ...]] = {}
+
+    def program(state: TrainState, x: ArrayLike, y: ArrayLike):
+        x, y = _checks.as_array("x", x), _checks.as_array("y", y)
+        local_rows = int(np.shape(x)[batch_dim]) if np.ndim(x) > batch_dim else 0
+        global_rows = local_rows * jax.process_count()
+        if global_rows % n_data:
+            raise ValueError(f"the global batch of {global_rows} rows does not split evenly "
+                             f"over the {n_data} devices of mesh axis {data_axis!r}; use a "
+                             f"multiple of {n_data} (drop or pad the last batch)")
+        key = (jax.tree.structure(state), tuple(np.shape(a) for a in jax.tree.leaves(state)),
+               np.shape(x), np.shape(y), str(x.dtype), str(y.dtype))
+        if key not in compiled:  # shardings and the program, once per shape
+            state_sh = state_shardings(state, mesh, model_axis)
+            x_sh = batch_sharding(mesh, np.ndim(x), data_axis, batch_dim)
+            y_sh = batch_sharding(mesh, np.ndim(y), data_axis, batch_dim)
+            fn = jax.jit(body, in_shardings=(state_sh, x_sh, y_sh),
+                         out_shardings=(state_sh, replicated),
+                         donate_argnums=(0,) if donate else ())
+            compiled[key] = (fn, state_sh, x_sh, y_sh)
+        return compiled[key]
+
+    def step(state: TrainState, x: ArrayLike, y: ArrayLike):
+        fn, state_sh, x_sh, y_sh = program(state, x, y)
+        state = jax.device_put(state, state_sh)  # a no-op once the state lives there
+        return fn(state, _place(x, x_sh), _place(y, y_sh))
+
+    def lower(state: TrainState, x: ArrayLike, y: ArrayLike):
+        """The step's ``jax.stages.Lowered`` for these shapes (``.compile().as_text()``
+        shows the collectives XLA placed)."""
+        fn, state_sh, x_sh, y_sh = program(state, x, y)
+        return fn.lower(jax.device_put(state, state_sh), _place(x, x_sh), _place(y, y_sh))
+
+    step.lower = lower
+    return step
 
 
 def make_sharded_train_step(
@@ -101,61 +221,69 @@ def make_sharded_train_step(
     data_axis: str = DATA,
     model_axis: str | None = MODEL,
     donate: bool = True,
+    precision: str | None = None,
 ) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
     """:func:`jaxbp.make_train_step` over ``mesh``: the same numbers, data (and model) parallel.
 
     Args:
-      net, optimizer, grad, donate: as :func:`jaxbp.make_train_step`.
+      net, optimizer, grad, donate, precision: as :func:`jaxbp.make_train_step`.
       mesh: a :class:`jax.sharding.Mesh`, e.g. :func:`make_mesh`.
       data_axis: the mesh axis the batch is split over.
-      model_axis: the mesh axis the weights' fan_out is split over (ignored
-        when the mesh has no such axis or it has size 1).
+      model_axis: the mesh axis the weights are split over (:func:`layer_splits`;
+        ignored when the mesh has no such axis or it has size 1).
 
     Returns:
       ``step(state, x, y) -> (state, metrics)``. ``state`` may live anywhere
       (it is placed on its shardings); x and y may be host or device arrays
       of the global batch, or, with several processes, each process's rows
       (:func:`process_rows`). The state comes back on its declared shardings
-      (:func:`state_shardings`); metrics are replicated.
+      (:func:`state_shardings`); metrics are replicated. ``step.lower(state,
+      x, y)`` gives the lowered program (its HLO shows the collectives).
 
     Raises:
       ValueError: the global batch does not split evenly over ``data_axis``.
     """
     gradient = _gradient(grad)
-    _check_optimizer(optimizer)
-    if data_axis not in mesh.shape:
-        raise ValueError(f"mesh has axes {tuple(mesh.shape)}, no data_axis {data_axis!r}")
-    n_data = mesh.shape[data_axis]
-    replicated = NamedSharding(mesh, PartitionSpec())
-    compiled: dict[Any, tuple[Any, ...]] = {}
+    _check_step_arguments(optimizer, mesh, data_axis, precision)
 
     def body(state: TrainState, x: Array, y: Array):
         x, y = _checks.check_inputs(net, state.params, x, y)
-        return _step(net, optimizer, gradient, state, x, y)
+        with precision_scope(precision):
+            return _step(net, optimizer, gradient, state, x, y)
 
-    def step(state: TrainState, x: ArrayLike, y: ArrayLike):
-        x, y = _checks.as_array("x", x), _checks.as_array("y", y)
-        local_rows = int(np.shape(x)[0]) if np.ndim(x) else 0
-        global_rows = local_rows * jax.process_count()
-        if global_rows % n_data:
-            raise ValueError(f"the global batch of {global_rows} rows does not split evenly "
-                             f"over the {n_data} devices of mesh axis {data_axis!r}; use a "
-                             f"multiple of {n_data} (drop or pad the last batch)")
-        key = (jax.tree.structure(state), tuple(np.shape(a) for a in jax.tree.leaves(state)),
-               np.shape(x), np.shape(y), str(x.dtype), str(y.dtype))
-        if key not in compiled:  # shardings and the program, once per shape
-            state_sh = state_shardings(state, mesh, model_axis)
-            x_sh = batch_sharding(mesh, np.ndim(x), data_axis)
-            y_sh = batch_sharding(mesh, np.ndim(y), data_axis)
-            fn = jax.jit(body, in_shardings=(state_sh, x_sh, y_sh),
-                         out_shardings=(state_sh, replicated),
-                         donate_argnums=(0,) if donate else ())
-            compiled[key] = (fn, state_sh, x_sh, y_sh)
-        fn, state_sh, x_sh, y_sh = compiled[key]
-        state = jax.device_put(state, state_sh)  # a no-op once the state lives there
-        return fn(state, _place(x, x_sh), _place(y, y_sh))
+    return _over_mesh(body, mesh, data_axis, model_axis, donate, batch_dim=0)
 
-    return step
+
+def make_sharded_train_loop(
+    net: MLP,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    steps: int,
+    grad: str | GradFn = "backprop",
+    data_axis: str = DATA,
+    model_axis: str | None = MODEL,
+    donate: bool = True,
+    precision: str | None = None,
+) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
+    """:func:`jaxbp.make_train_loop` over ``mesh``: k steps in one scan, data (and model)
+    parallel, as :func:`make_sharded_train_step` shards one.
+
+    Returns:
+      ``loop(state, xs, ys) -> (state, metrics)`` with ``xs: (k, batch, n_in)``
+      (with several processes each process's rows of every batch,
+      ``(k, batch / processes, n_in)``); the batch axis is split over
+      ``data_axis``. Metrics have a leading axis of k and are replicated.
+    """
+    _check_step_arguments(optimizer, mesh, data_axis, precision)
+    loop = make_train_loop(net, optimizer, steps, grad, donate=False, precision=precision)
+
+    def body(state: TrainState, xs: Array, ys: Array):
+        if np.ndim(xs) != 3:
+            raise ValueError(f"xs has shape {np.shape(xs)} but expected (steps, batch, n_in) "
+                             f"= ({steps}, batch, {net.sizes[0]}): one batch per step")
+        return loop(state, xs, ys)
+
+    return _over_mesh(body, mesh, data_axis, model_axis, donate, batch_dim=1)
 
 
 def _place(value: Any, sharding: NamedSharding) -> Array:
@@ -198,29 +326,126 @@ def fetch(tree: PyTree) -> PyTree:
     return jax.tree.map(one, tree)
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def _env_ids(name: str) -> list[int] | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return [int(part) for part in value.split(",")]
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be comma-separated device ids, "
+                         f"got {value!r}") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: int, process_id: int,
+                          num_processes: int) -> int:
+    """Retry a TCP connection to ``host:port`` until it opens; the seconds left of the wait.
+
+    Raises:
+      RuntimeError: nothing listens there within ``timeout_s``.
+    """
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return max(1, math.ceil(deadline - time.monotonic()))
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"process {process_id} of {num_processes} could not join the run at "
+                    f"{address} within {timeout_s} s: no coordinator (process 0) is "
+                    f"listening there. Start process 0 with the same JAXBP_COORDINATOR, or "
+                    f"raise JAXBP_INIT_TIMEOUT") from None
+            time.sleep(0.2)
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, cpu_collectives: str = "gloo") -> None:
+               process_id: int | None = None, local_device_ids: Sequence[int] | None = None,
+               timeout_s: int | None = None, heartbeat_timeout_s: int | None = None,
+               cpu_collectives: str = "gloo") -> None:
     """Join a multi-process JAX run (``jax.distributed.initialize``) before anything else.
 
-    Arguments left out are read from ``JAXBP_COORDINATOR`` /
-    ``JAXBP_NUM_PROCESSES`` / ``JAXBP_PROCESS_ID``, then left to JAX, which
-    detects Slurm, Open MPI and TPU/GPU pod environments itself. On CPU the
-    collectives go through ``cpu_collectives`` (gloo by default).
+    Arguments left out are read from ``JAXBP_COORDINATOR``,
+    ``JAXBP_NUM_PROCESSES``, ``JAXBP_PROCESS_ID``, ``JAXBP_LOCAL_DEVICE_IDS``
+    (e.g. ``0`` or ``0,1``), ``JAXBP_INIT_TIMEOUT`` and
+    ``JAXBP_HEARTBEAT_TIMEOUT``, then left to JAX, which detects Slurm, Open
+    MPI and TPU/GPU pod environments itself. On CPU the collectives go
+    through ``cpu_collectives`` (gloo by default).
+
+    Args:
+      coordinator_address: ``host:port`` of process 0.
+      num_processes, process_id: this run's size and this process's rank.
+      local_device_ids: the local GPUs this process owns (one process per
+        GPU: process i passes ``[i]``); None gives it every visible device.
+      timeout_s: how long to wait for every process to join (default 300 s).
+        A process other than 0 first waits for the coordinator to listen and
+        raises a ``RuntimeError`` naming it if it never does; a wait for a
+        missing peer that runs out ends the process with XLA's own
+        ``DEADLINE_EXCEEDED`` message (XLA exits rather than raise), after the
+        line this function prints naming what it waits for.
+      heartbeat_timeout_s: how long a silent peer is waited for once the run
+        is up (JAX's default 100 s); then the others stop with an error.
+        Resume from the last checkpoint after restarting every process.
 
     Run the same script in every process, e.g. on two hosts::
 
         JAXBP_COORDINATOR=host0:1234 JAXBP_NUM_PROCESSES=2 JAXBP_PROCESS_ID=0 python train.py
         JAXBP_COORDINATOR=host0:1234 JAXBP_NUM_PROCESSES=2 JAXBP_PROCESS_ID=1 python train.py
 
-    On a TPU pod or a Slurm GPU cluster no variables are needed.
+    On one node with 8 GPUs, one process per GPU: the same with
+    ``JAXBP_NUM_PROCESSES=8``, ``JAXBP_PROCESS_ID=i`` and
+    ``JAXBP_LOCAL_DEVICE_IDS=i``. Under Slurm (``srun --ntasks-per-node=8
+    --gpus-per-task=1``) or on a TPU pod no variables are needed.
+
+    Raises:
+      ValueError: an environment variable that is not a number.
+      RuntimeError: not every process joined within ``timeout_s``.
     """
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("JAXBP_COORDINATOR")
-    if num_processes is None and "JAXBP_NUM_PROCESSES" in env:
-        num_processes = int(env["JAXBP_NUM_PROCESSES"])
-    if process_id is None and "JAXBP_PROCESS_ID" in env:
-        process_id = int(env["JAXBP_PROCESS_ID"])
+    coordinator_address = coordinator_address or os.environ.get("JAXBP_COORDINATOR")
+    num_processes = num_processes if num_processes is not None else _env_int(
+        "JAXBP_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("JAXBP_PROCESS_ID")
+    if local_device_ids is None:
+        local_device_ids = _env_ids("JAXBP_LOCAL_DEVICE_IDS")
+    timeout_s = timeout_s if timeout_s is not None else _env_int("JAXBP_INIT_TIMEOUT")
+    heartbeat_timeout_s = (heartbeat_timeout_s if heartbeat_timeout_s is not None
+                           else _env_int("JAXBP_HEARTBEAT_TIMEOUT"))
+    timeout_s = 300 if timeout_s is None else timeout_s
+    for name, value in (("timeout_s", timeout_s), ("heartbeat_timeout_s", heartbeat_timeout_s)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 second, got {value}")
     # Only the CPU backend reads this; it must be set before any backend starts.
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    extra = {} if heartbeat_timeout_s is None else {
+        "heartbeat_timeout_seconds": heartbeat_timeout_s}
+    if num_processes is not None and num_processes > 1:
+        print(f"jaxbp: process {process_id} of {num_processes} joining {coordinator_address} "
+              f"(waiting up to {timeout_s} s for the others)", file=sys.stderr, flush=True)
+        if process_id and coordinator_address:
+            # XLA ends the whole process (no exception) when its wait runs out; a coordinator
+            # that never comes up is found here first, with a message that says so.
+            timeout_s = _wait_for_coordinator(coordinator_address, timeout_s, process_id,
+                                              num_processes)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id,
+                                   local_device_ids=local_device_ids,
+                                   initialization_timeout=timeout_s, **extra)
+    except Exception as err:  # XLA raises its own status types; name what was waited for
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(
+            f"process {process_id} of {num_processes} could not join the run at "
+            f"{coordinator_address} within {timeout_s} s: {first_line}. Start every process "
+            f"with the same coordinator and number of processes (or raise "
+            f"JAXBP_INIT_TIMEOUT)") from err

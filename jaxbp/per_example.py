@@ -122,6 +122,17 @@ def _check_clip_norm(net: MLP, clip_norm: Any) -> Any:
     return values
 
 
+def _check_noise_and_clip(net: MLP, clip_norm: Any, noise_multiplier: Any) -> tuple[Any, Any]:
+    """Both checked, and together: noise scaled by an infinite clip norm is infinite."""
+    clip_norm, noise_multiplier = _check_clip_norm(net, clip_norm), _check_noise(noise_multiplier)
+    if isinstance(clip_norm, np.ndarray) and isinstance(noise_multiplier, np.ndarray) \
+            and noise_multiplier > 0 and not np.all(np.isfinite(clip_norm)):
+        raise ValueError(f"clip_norm must be finite when noise_multiplier > 0 (the noise std "
+                         f"is noise_multiplier * clip_norm), got clip_norm {clip_norm!r} with "
+                         f"noise_multiplier {float(noise_multiplier)}")
+    return clip_norm, noise_multiplier
+
+
 def _clip_factors(acts: tuple[Array, ...], deltas: tuple[Array, ...], clip_norm: Array) -> Array:
     """(B, L): the factor each sample's layer error is scaled by.
 
@@ -211,9 +222,14 @@ def _dp_sgd_grad(net: MLP, params: Params, x: Array, y: Array, clip_norm: Array,
 def _check_noise(noise_multiplier: Any) -> Any:
     if isinstance(noise_multiplier, jax.core.Tracer):
         return noise_multiplier
-    value = np.asarray(noise_multiplier, dtype=np.float64)
-    if value.ndim != 0 or not value >= 0:
-        raise ValueError(f"noise_multiplier must be one number >= 0, got {noise_multiplier!r}")
+    try:
+        value = np.asarray(noise_multiplier, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"noise_multiplier must be a number, got "
+                        f"{type(noise_multiplier).__name__}: {noise_multiplier!r}") from None
+    if value.ndim != 0 or not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"noise_multiplier must be one finite number >= 0, got "
+                         f"{noise_multiplier!r}")
     return value
 
 
@@ -246,8 +262,8 @@ def dp_sgd_grad(
       Grads shaped like ``params``.
     """
     x, y = _checks.check_inputs(net, params, x, y)
-    return _dp_sgd_grad(net, params, x, y, _check_clip_norm(net, clip_norm),
-                        _check_noise(noise_multiplier), key)
+    return _dp_sgd_grad(net, params, x, y, *_check_noise_and_clip(net, clip_norm,
+                                                                 noise_multiplier), key)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -304,10 +320,10 @@ def dp_sgd_gradient(clip_norm: ClipNorm, noise_multiplier: float, key: PRNGKey):
     reproducible and resumable. The reported loss is the plain batch mean (not
     private). ``make_train_step(net, optax.sgd(lr), grad=dp_sgd_gradient(1.0, 1.1, key))``.
     """
-    sigma = _check_noise(noise_multiplier)
+    _check_noise(noise_multiplier)
 
     def gradient(net: MLP, params: Params, x: Array, y: Array, step: Array):
-        clip = _check_clip_norm(net, clip_norm)
+        clip, sigma = _check_noise_and_clip(net, clip_norm, noise_multiplier)
         value, grads, out = _clipped_mean(net, params, x, y, clip)
         noisy = _add_noise(grads, jax.random.fold_in(key, step), _noise_std(clip, sigma),
                            x.shape[0])

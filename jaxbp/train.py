@@ -29,6 +29,7 @@ from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
 from jaxbp.mlp import MLP, forward
+from jaxbp.peaks import check_precision, precision_scope
 
 GradFn = Callable[[MLP, Params, Array, Array, Array], tuple[Any, ...]]
 """``(net, params, x, y, step) -> (C, grads, a^L)`` for checked inputs; ``step`` is the
@@ -118,7 +119,19 @@ def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
     hits = correct(net, out, y)
     if hits is not None:
         metrics["accuracy"] = jnp.mean(hits)
+    if y.ndim == 1:  # integer labels: values are not known at trace time, so count them here
+        metrics["invalid_labels"] = invalid_label_count(y, net.sizes[-1])
     return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def invalid_label_count(labels: Array, n_classes: int) -> Array:
+    """How many integer labels lie outside ``[0, n_classes)`` (int32 scalar).
+
+    Such a label selects no class: its one-hot row is all zeros and its loss
+    and error come out as if it were right. Compiled steps cannot raise on a
+    value, so they report this count; :func:`jaxbp.fit` stops on it.
+    """
+    return jnp.sum((labels < 0) | (labels >= n_classes), dtype=jnp.int32)
 
 
 def make_train_step(
@@ -126,6 +139,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     grad: str | GradFn = "backprop",
     donate: bool = True,
+    precision: str | None = None,
 ) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
     """One jitted, pure training step ``(state, x, y) -> (state, metrics)``.
 
@@ -140,22 +154,32 @@ def make_train_step(
         place). The state passed in, and any array it shares with other
         objects (the params it was created from), must not be used again.
         False keeps them.
+      precision: the matmul precision the step is compiled with
+        (``"highest"``, ``"high"``, ``"default"``, or any name of
+        :func:`jax.default_matmul_precision`); None keeps JAX's setting. Under
+        ``"default"`` float32 matmuls run as TF32 on NVIDIA GPUs and as one
+        bf16 pass on TPUs; ``"highest"`` is true float32. No effect on a CPU.
 
     Returns:
       ``step(state, x, y)``; x: (batch, n_in), y as for ``net.cost``.
       ``metrics`` holds float32 scalars ``loss`` (C before the update),
       ``grad_norm`` (global 2-norm of the gradient), ``accuracy`` for the
-      cross-entropies (see :func:`correct`) and the int ``nonfinite_layer``
-      (first layer whose gradient is not finite, -1 if none).
+      cross-entropies (see :func:`correct`), the int ``nonfinite_layer``
+      (first layer whose gradient is not finite, -1 if none) and, for integer
+      labels, the int ``invalid_labels`` (labels outside ``[0, n_out)`` in
+      the batch, :func:`invalid_label_count`: labels cannot be checked by
+      value inside a compiled step, so a caller must look at it; ``fit`` does).
 
     Inputs are checked when the step is traced (once per shape), before XLA.
     """
     gradient = _gradient(grad)
     _check_optimizer(optimizer)
+    check_precision(precision)
 
     def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
         x, y = _checks.check_inputs(net, state.params, x, y)
-        return _step(net, optimizer, gradient, state, x, y)
+        with precision_scope(precision):
+            return _step(net, optimizer, gradient, state, x, y)
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
@@ -166,11 +190,12 @@ def make_train_loop(
     steps: int,
     grad: str | GradFn = "backprop",
     donate: bool = True,
+    precision: str | None = None,
 ) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
     """``steps`` training steps inside one ``lax.scan``, compiled as one program.
 
     Args:
-      net, optimizer, grad, donate: as :func:`make_train_step`.
+      net, optimizer, grad, donate, precision: as :func:`make_train_step`.
       steps: k >= 1.
 
     Returns:
@@ -183,6 +208,7 @@ def make_train_loop(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     gradient = _gradient(grad)
     _check_optimizer(optimizer)
+    check_precision(precision)
 
     def loop(state: TrainState, xs: Array, ys: Array) -> tuple[TrainState, dict[str, Array]]:
         xs = _checks.as_array("xs", xs)
@@ -199,7 +225,8 @@ def make_train_loop(
             x, y = batch if per_step else (xs, ys)
             return _step(net, optimizer, gradient, state, x, y)
 
-        return jax.lax.scan(body, state, (xs, ys) if per_step else None, length=steps)
+        with precision_scope(precision):
+            return jax.lax.scan(body, state, (xs, ys) if per_step else None, length=steps)
 
     return jax.jit(loop, donate_argnums=(0,) if donate else ())
 
@@ -220,6 +247,7 @@ def evaluate(
 
     Runs in batches of ``batch_size``; the last batch is padded and masked so
     one compiled program serves every batch, and every sample counts once.
+    The sums stay on the device until the end: one host sync per call.
 
     Args:
       net: the network description.
@@ -236,7 +264,7 @@ def evaluate(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     n = x.shape[0]
     size = min(batch_size, n)
-    loss_sum = hit_sum = 0.0
+    loss_sum = hit_sum = jnp.zeros((), jnp.float32)
     for start in range(0, n, size):
         x_b, y_b = x[start:start + size], y[start:start + size]
         pad = size - x_b.shape[0]
@@ -245,8 +273,9 @@ def evaluate(
             x_b = jnp.concatenate([x_b, jnp.zeros((pad, *x_b.shape[1:]), x_b.dtype)])
             y_b = jnp.concatenate([y_b, jnp.zeros((pad, *y_b.shape[1:]), y_b.dtype)])
         loss_b, hits_b = _eval_sums(net, params, x_b, y_b, mask)
-        loss_sum, hit_sum = loss_sum + float(loss_b), hit_sum + float(hits_b)
-    result = {"loss": loss_sum / n}
+        loss_sum, hit_sum = loss_sum + loss_b, hit_sum + hits_b  # on the device: no sync
+    loss_sum, hit_sum = jax.device_get((loss_sum, hit_sum))  # the one sync
+    result = {"loss": float(loss_sum) / n}
     if net.loss in CLASSIFICATION_LOSSES:
-        result["accuracy"] = hit_sum / n
+        result["accuracy"] = float(hit_sum) / n
     return result

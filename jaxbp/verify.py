@@ -32,6 +32,12 @@ When FD or Taylor are meaningless, the report says so instead of passing:
   disagrees with FD/Taylor as much as the manual gradient does, the check is
   **inconclusive** for that direction, reported as such and not counted as a
   pass; only a manual gradient that fails where the reference succeeds fails.
+* Where the manual gradient agrees with FD and the reference does not (a
+  subgradient choice at a kink: ``d|x|/dx`` at 0 is 0 by hand, 1 by
+  ``jax.grad``), the direction says **reference disagrees**, and a leaf
+  mismatch against that reference makes the report **INCONCLUSIVE**, not
+  FAILED: the witnesses contradict each other, and the manual gradient is
+  not the one FD refutes.
 """
 
 from __future__ import annotations
@@ -101,11 +107,14 @@ class DirectionCheck:
       fd_slope: ``(L(p + h v) - L(p - h v)) / 2h``.
       manual_slope, reference_slope: ``<g, d> / 2h`` for the two gradients.
       fd_error_manual, fd_error_reference: ``|fd - slope| / |reference slope|``.
-      fd_status: ``"ok"``, ``"FAIL"``, ``"inconclusive"`` or ``"skipped"``.
+      fd_status: ``"ok"``, ``"FAIL"``, ``"inconclusive"`` (both gradients miss
+        FD), ``"reference disagrees"`` (the manual one matches FD, the
+        reference does not) or ``"skipped"``.
       taylor_order_manual, taylor_order_reference: the measured order of the
         first-order remainder (2 for a correct gradient; nan when not measured).
-      taylor_status: ``"ok"``, ``"FAIL"``, ``"inconclusive"``, ``"flat"`` (the
-        remainder is at rounding level: L is linear along v) or ``"skipped"``.
+      taylor_status: ``"ok"``, ``"FAIL"``, ``"inconclusive"``, ``"reference
+        disagrees"``, ``"flat"`` (the remainder is at rounding level: L is
+        linear along v) or ``"skipped"``.
     """
 
     h: float
@@ -124,9 +133,11 @@ class DirectionCheck:
 class GradReport:
     """The outcome of :func:`verify_grads`: per-leaf rows, per-direction rows, notes.
 
-    ``ok`` is True when every leaf matches the reference and no FD or Taylor
-    check failed; inconclusive and skipped checks are listed, never counted
-    as passes.
+    :attr:`verdict` is ``"OK"`` when every leaf matches the reference and no
+    FD or Taylor check failed; ``"FAILED"`` when a check refutes the manual
+    gradient; ``"INCONCLUSIVE"`` when leaves differ from the reference but FD
+    sides with the manual gradient ("reference disagrees"). Inconclusive and
+    skipped checks are listed, never counted as passes.
     """
 
     leaves: tuple[LeafCheck, ...]
@@ -135,11 +146,30 @@ class GradReport:
     notes: tuple[str, ...] = ()
 
     @property
+    def reference_disputed(self) -> bool:
+        """FD sides with the manual gradient against the reference somewhere, and
+        nowhere refutes the manual one."""
+        statuses = [s for d in self.directions for s in (d.fd_status, d.taylor_status)]
+        return "reference disagrees" in statuses and "FAIL" not in statuses
+
+    @property
+    def verdict(self) -> str:
+        """``"OK"``, ``"FAILED"`` or ``"INCONCLUSIVE"`` (see the class docstring)."""
+        if any("FAIL" in (d.fd_status, d.taylor_status) for d in self.directions):
+            return "FAILED"
+        if all(leaf.ok for leaf in self.leaves):
+            return "OK"
+        return "INCONCLUSIVE" if self.reference_disputed else "FAILED"
+
+    @property
     def ok(self) -> bool:
-        """Every leaf within tolerance and no direction failed."""
-        return all(leaf.ok for leaf in self.leaves) and not any(
-            "FAIL" in (d.fd_status, d.taylor_status) for d in self.directions
-        )
+        """Every leaf within tolerance and no direction failed (verdict OK)."""
+        return self.verdict == "OK"
+
+    @property
+    def failed(self) -> bool:
+        """A check refutes the manual gradient (verdict FAILED)."""
+        return self.verdict == "FAILED"
 
     @property
     def max_rel_error(self) -> float:
@@ -158,12 +188,15 @@ class GradReport:
                   if math.isfinite(d.taylor_order_manual)]
         fd = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)) or "none"
         taylor = f"order {min(orders):.2f}..{max(orders):.2f}" if orders else "not measured"
-        return (f"verify_grads: {'OK' if self.ok else 'FAILED'}: manual vs reference "
+        why = (" (reference disagrees: the manual gradient matches finite differences "
+               "where jax.grad does not)" if self.verdict == "INCONCLUSIVE" else "")
+        return (f"verify_grads: {self.verdict}{why}: manual vs reference "
                 f"(jax.grad) max rel error {self.max_rel_error:.2e} over {len(self.leaves)} "
                 f"leaves; FD directions: {fd}; Taylor {taylor}")
 
     def __str__(self) -> str:
         lines = [self.summary(), ""]
+        disputed = "differs (reference disputed)" if self.reference_disputed else "FAIL"
         lines.append(f"{'leaf':<16} {'shape':<14} {'dtype':<9} {'max|manual-ref|':>15} "
                      f"{'at index':<12} {'manual':>11} {'reference':>11} {'rel err':>9} "
                      f"{'tol':>9}  status")
@@ -173,25 +206,28 @@ class GradReport:
                 f"{leaf.max_abs_error:>15.3e} {leaf.index!s:<12} "
                 f"{leaf.manual_at_index:>11.4e} {leaf.reference_at_index:>11.4e} "
                 f"{leaf.rel_error:>9.2e} {leaf.tolerance:>9.2e}  "
-                f"{'ok' if leaf.ok else 'FAIL'}")
+                f"{'ok' if leaf.ok else disputed}")
         if self.directions:
             lines.append("")
             lines.append(f"{'dir':<4} {'h':>9} {'FD slope':>12} {'manual':>12} {'reference':>12} "
-                         f"{'err manual':>10} {'err ref':>9} {'FD':<12} "
+                         f"{'err manual':>10} {'err ref':>9} {'FD':<19} "
                          f"{'Taylor order manual/ref':>23} Taylor")
             for i, d in enumerate(self.directions):
                 lines.append(
                     f"{i:<4} {d.h:>9.2e} {d.fd_slope:>12.5e} {d.manual_slope:>12.5e} "
                     f"{d.reference_slope:>12.5e} {d.fd_error_manual:>10.2e} "
-                    f"{d.fd_error_reference:>9.2e} {d.fd_status:<12} "
+                    f"{d.fd_error_reference:>9.2e} {d.fd_status:<19} "
                     f"{d.taylor_order_manual:>11.2f}/{d.taylor_order_reference:<11.2f} "
                     f"{d.taylor_status}")
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
     def raise_if_failed(self) -> None:
-        """Raise :class:`GradientCheckError` with the full table unless :attr:`ok`."""
-        if not self.ok:
+        """Raise :class:`GradientCheckError` with the full table when :attr:`failed`.
+
+        An INCONCLUSIVE report does not raise: nothing refutes the manual gradient.
+        """
+        if self.failed:
             raise GradientCheckError(str(self))
 
 
@@ -243,6 +279,7 @@ def verify_grads(
       ValueError: grad_fn's output does not match params' structure or
         shapes, or loss_fn does not return a scalar.
     """
+    params = _as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     _check_float_leaves(params)
     manual = grad_fn(params, *args)
@@ -277,6 +314,21 @@ def verify_grads(
                              "misses FD/Taylor as well; L is not smooth there (a kink "
                              "such as ReLU at 0 inside the step) or FD noise dominates")
     return GradReport(rows, directions, _rtol_table(rows, rtol), tuple(notes))
+
+
+def _as_arrays(params: PyTree) -> PyTree:
+    """Leaves as arrays: Python/NumPy scalars and lists become JAX arrays (floats in JAX's
+    default float dtype); arrays are kept as they are."""
+    def one(path: Any, leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array | np.ndarray):
+            return leaf
+        try:
+            return jnp.asarray(leaf)
+        except TypeError:
+            raise TypeError(f"params{jax.tree_util.keystr(path)} must be an array or a number, "
+                            f"got {type(leaf).__name__}") from None
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def _check_float_leaves(params: PyTree) -> None:
@@ -416,7 +468,7 @@ def _directional_checks(
 
 def _verdict(manual_ok: bool, reference_ok: bool) -> str:
     if manual_ok:
-        return "ok"
+        return "ok" if reference_ok else "reference disagrees"
     return "inconclusive" if not reference_ok else "FAIL"
 
 

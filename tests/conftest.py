@@ -1,4 +1,9 @@
 import os
 import sys
 
+# Tests that compare float32 results hold on a GPU/TPU too: there JAX's default matmul
+# precision runs float32 as TF32 or one bf16 pass. Set before JAX starts, so the
+# workers the tests launch inherit it.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
 sys.path.insert(0, os.path.dirname(__file__))

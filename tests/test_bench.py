@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import time
+import types
 
+import jax
 import jax.numpy as jnp
+import optax
+import pytest
 
+import jaxbp
 from jaxbp import bench
 
 
@@ -27,11 +32,84 @@ def test_time_interleaved_runs_every_candidate_in_rounds():
     assert timings["fast"].compile_s == 1.0
 
 
-def test_machine_info_names_the_machine():
-    info = bench.machine_info()
-    assert info["device_platform"] == "cpu" and info["cpu_cores"] >= 1
+def test_time_interleaved_makes_every_sample_long_enough():
+    timings = bench.time_interleaved({"tiny": lambda: jnp.zeros(())}, budget_s=0.05,
+                                     min_rounds=3, min_sample_s=5e-3)
+    tiny = timings["tiny"]
+    assert tiny.reps > 1 and all(r * tiny.reps >= 2e-3 for r in tiny.rounds)
+
+
+def test_machine_info_names_the_machine(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/nowhere")
+    info = bench.machine_info("highest")
+    assert info["cpu_cores"] >= 1 and info["matmul_precision"] == "highest"
+    assert info["xla_flags"] == "--xla_dump_to=/nowhere"
     line = bench.describe_machine(info)
-    assert info["jax"] in line and info["cpu"] in line
+    assert info["jax"] in line and info["cpu"] in line and "highest" in line
+    assert "xla_dump_to" in line
+
+
+class _Broken:
+    """A compiled program whose analyses fail the ways some GPU/TPU backends have."""
+
+    def __init__(self, cost, memory):
+        self.cost, self.memory = cost, memory
+
+    def cost_analysis(self):
+        if isinstance(self.cost, Exception):
+            raise self.cost
+        return self.cost
+
+    def memory_analysis(self):
+        if isinstance(self.memory, Exception):
+            raise self.memory
+        return self.memory
+
+
+def test_cost_and_memory_analysis_failures_read_not_available():
+    for cost in (RuntimeError("unimplemented"), None, [], [{"flops": -1.0}],
+                 {"flops": 0.0, "bytes accessed": 0.0}, {}):
+        assert bench.xla_cost(_Broken(cost, None)) is None, cost
+    stats = types.SimpleNamespace(argument_size_in_bytes=-1, output_size_in_bytes=-1,
+                                  temp_size_in_bytes=-1, alias_size_in_bytes=-1)
+    for memory in (NotImplementedError("no"), None, stats):
+        assert bench.memory_of(_Broken(None, memory)) is None, memory
+    assert bench.xla_cost(_Broken({"flops": 10.0, "bytes accessed": 5.0}, None)) == {
+        "flops": 10.0, "bytes": 5.0}
+
+
+def test_donated_step_is_compiled_as_is_and_its_state_counted_once():
+    net = jaxbp.MLP((16, 32, 4))
+    state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optax.sgd(0.1))
+    x, y = jnp.ones((8, 16)), jnp.zeros((8,), jnp.int32)
+    donated = jaxbp.make_train_step(net, optax.sgd(0.1))
+    kept = jaxbp.make_train_step(net, optax.sgd(0.1), donate=False)
+    _, _, mem_donated = bench.compile_ahead(donated, state, x, y)
+    _, _, mem_kept = bench.compile_ahead(kept, state, x, y)
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    assert mem_donated.alias >= state_bytes and mem_kept.alias == 0
+    assert mem_donated.peak < mem_kept.peak  # the aliased state is not held twice
+
+
+def test_step_precision_reaches_the_compiled_program():
+    net = jaxbp.MLP((16, 32, 4))
+    state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optax.sgd(0.1))
+    x, y = jnp.ones((8, 16)), jnp.zeros((8,), jnp.int32)
+    for precision, word in (("highest", "HIGHEST"), ("high", "HIGH")):
+        step = jaxbp.make_train_step(net, optax.sgd(0.1), precision=precision)
+        text = step.lower(state, x, y).as_text()
+        assert f"precision = [{word}, {word}]" in text, precision
+    with pytest.raises(ValueError, match="Unknown precision 'fp33'"):
+        jaxbp.make_train_step(net, optax.sgd(0.1), precision="fp33")
+
+
+def test_three_matmul_shapes_and_their_rates():
+    shapes = bench.step_matmul_shapes(batch=32, fan_in=64, fan_out=16)
+    assert [s.name for s in shapes] == ["forward", "input_error", "weight_grad"]
+    assert [(s.m, s.k, s.n) for s in shapes] == [(32, 64, 16), (32, 16, 64), (64, 32, 16)]
+    assert all(s.flops == 2 * 32 * 64 * 16 for s in shapes)
+    for shape in shapes:
+        assert bench.gemm_rate(shape, budget_s=0.02, min_sample_s=1e-3) > 0
 
 
 def test_hand_flop_count_matches_xla_for_the_matmuls():
@@ -47,7 +125,29 @@ def test_hand_flop_count_matches_xla_for_the_matmuls():
         ratio = row[grad]["xla_flops_per_step"] / row["matmul_flops_per_step"]
         assert 1.0 <= ratio < 1.5, ratio  # XLA adds the elementwise work on top
         assert row[grad]["step_s"] > 0 and row[grad]["memory_bytes"]["argument"] > 0
-    assert row["manual_over_autodiff"] > 0 and row["gemm_flops_per_s"] > 0
+    assert row["manual_over_autodiff"] > 0
+    assert set(row["gemm_flops_per_s"]) == {"forward", "input_error", "weight_grad"}
+    assert all(rate > 0 for rate in row["gemm_flops_per_s"].values())
+    assert row["backprop"]["steps_per_sample"] >= row["steps_per_call"] == 2
+    assert row["label"] == f"W32 D3 B16 CE float32 ({row['arithmetic']})"
+
+
+def test_steps_per_call_scale_with_the_case():
+    from jaxbp.bench_suite import BenchCase, benchmark_case
+
+    small = benchmark_case(BenchCase(width=16, depth=2, batch=8), budget_s=0.02,
+                           min_sample_s=2e-3)
+    assert small["steps_per_call"] > 1  # a tiny step alone would be dispatch-bound
+    per_sample = small["backprop"]["steps_per_sample"] * small["backprop"]["step_s"]
+    assert per_sample >= 1e-3
+
+
+def test_fractions_above_one_carry_a_warning():
+    from jaxbp.bench_suite import _warnings
+
+    assert _warnings("backprop", {"roofline_fraction": 0.9, "peak_fraction": None}) == []
+    notes = _warnings("backprop", {"roofline_fraction": 1.2, "peak_fraction": 1.1})
+    assert len(notes) == 2 and "1.20 > 1" in notes[0] and "datasheet peak" in notes[1]
 
 
 def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys):
@@ -74,3 +174,43 @@ def test_full_suite_on_cpu_is_capped_by_default(monkeypatch, capsys):
     assert "leaves out cases above 20" in capsys.readouterr().out
     assert cli.main(["bench", "--max-gflop", "5"]) == 0 and seen["max_gflop"] == 5
     assert cli.main(["bench", "--quick"]) == 0 and seen["max_gflop"] is None
+    assert seen["time_limit_s"] is None and seen["precision"] is None
+    assert cli.main(["bench", "--quick", "--precision", "highest"]) == 0
+    assert seen["precision"] == "highest"
+
+
+def test_accelerator_presets_are_device_aware(monkeypatch, capsys):
+    from jaxbp import bench_suite, cli
+
+    assert bench_suite.quick_cases("cpu") is bench_suite.QUICK
+    heavy = bench_suite.quick_cases("gpu")
+    assert len(heavy) == 24 and min(c.gflop for c in heavy) > 1  # not launch-bound
+    seen = {}
+    monkeypatch.setattr(bench_suite, "run_suite",
+                        lambda cases, out, name, **kw: seen.update(kw, cases=cases, name=name))
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(platform="gpu")])
+    assert cli.main(["bench"]) == 0
+    assert seen["max_gflop"] is None and seen["time_limit_s"] == cli.ACCELERATOR_TIME_LIMIT_S
+    assert cli.main(["bench", "--quick"]) == 0 and seen["cases"] == heavy
+    assert seen["name"] == "step_quick_gpu"
+
+
+def test_peaks_table_and_the_arithmetic_that_runs():
+    from jaxbp import peaks
+
+    h100 = peaks.device_peaks("NVIDIA H100 80GB HBM3")
+    assert h100.name == "H100 SXM" and h100.peak("bf16") == 989.5e12 / 1
+    assert peaks.device_peaks("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert peaks.device_peaks("NVIDIA H200").bandwidth == 4.8e12
+    assert peaks.device_peaks("NVIDIA A100-SXM4-80GB").name == "A100 80GB SXM"
+    assert peaks.device_peaks("TPU v5 lite").name == "TPU v5e"
+    assert peaks.device_peaks("TPU v5p").name == "TPU v5p"
+    assert peaks.device_peaks("TPU v6 lite").name == "TPU v6e"
+    assert peaks.device_peaks("cpu") is None
+    assert h100.balance_point("tf32") == h100.peak("tf32") / 3.35e12
+    assert peaks.matmul_arithmetic("gpu", "float32", "default") == "tf32"
+    assert peaks.matmul_arithmetic("gpu", "float32", "highest") == "fp32"
+    assert peaks.matmul_arithmetic("tpu", "float32", "default") == "bf16"
+    assert peaks.matmul_arithmetic("tpu", "float32", "highest") == "bf16x6"
+    assert peaks.matmul_arithmetic("cpu", "float32", "default") == "fp32"
+    assert peaks.matmul_arithmetic("gpu", "bfloat16", "highest") == "bf16"

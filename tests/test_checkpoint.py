@@ -68,13 +68,17 @@ def test_truncated_file_is_a_clear_error_and_the_previous_one_restores(tmp_path)
     old = checkpoint.save(tmp_path, 1, _tree(1))
     new = checkpoint.save(tmp_path, 2, _tree(2))
     new.write_bytes(new.read_bytes()[: new.stat().st_size // 2])
+    truncated = new.read_bytes()
     with pytest.raises(CheckpointError, match=r"ckpt_000000002.npz.*truncated or corrupt"):
         checkpoint.restore(new, _tree())
     with pytest.warns(RuntimeWarning, match="ckpt_000000002.npz"):
         restored, _, path = checkpoint.restore_latest(tmp_path, _tree())
     assert path == old
     _assert_equal(restored, _tree(1))
-    assert new.exists()  # nothing the user saved is deleted
+    # nothing the user saved is deleted: the corrupt file is kept aside, out of the count
+    aside = new.with_name(new.name + ".corrupt")
+    assert not new.exists() and aside.read_bytes() == truncated
+    assert checkpoint.list_checkpoints(tmp_path) == [old]
 
 
 def test_flipped_bits_fail_the_digest(tmp_path):

@@ -11,6 +11,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -39,6 +40,7 @@ def test_sharded_step_equals_single_device_on_1d_and_2d_meshes():
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok mesh") == 9 and "ok uneven batch" in result.stdout
+    assert "ok collectives" in result.stdout  # Megatron pairs: no all-gather
 
 
 def _free_port() -> int:
@@ -61,7 +63,18 @@ def test_two_processes_end_with_the_single_process_params(tmp_path):
         assert p.returncode == 0, stdout + stderr
         assert "of 2, 4 devices" in stdout
 
-    # the same 5 adam steps on one device, here
+    # the same 5 adam steps on one device, here: on the CPU like the workers, so an
+    # accelerator's arithmetic never meets the workers' CPU arithmetic
+    with jax.default_device(jax.devices("cpu")[0]):
+        reference = _single_device_reference()
+    for i in range(2):
+        with np.load(f"{out}.{i}.npz") as saved:
+            got = [saved[f"arr_{k}"] for k in range(len(reference))]
+        for a, b in zip(got, reference):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _single_device_reference() -> list[np.ndarray]:
     net = jaxbp.MLP((12, 16, 10), "tanh")
     optimizer = optax.adam(1e-2)
     rng = np.random.default_rng(0)
@@ -71,20 +84,54 @@ def test_two_processes_end_with_the_single_process_params(tmp_path):
     state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optimizer)
     for x, y in zip(xs, ys):
         state, _ = step(state, x, y)
-    reference = [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
-    for i in range(2):
-        with np.load(f"{out}.{i}.npz") as saved:
-            got = [saved[f"arr_{k}"] for k in range(len(reference))]
-        for a, b in zip(got, reference):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(state.params)]
+
+
+def test_megatron_splits_alternate_columns_and_rows():
+    splits = parallel.layer_splits([(64, 512), (512, 512), (512, 512), (512, 10)], 2)
+    assert splits == ("column", "row", "column", "row")
+    # a layer that does not divide stays whole and the pairing starts again after it
+    assert parallel.layer_splits([(6, 9), (9, 8), (8, 8), (8, 3)], 2) == (
+        "replicated", "column", "row", "replicated")
+    assert parallel.layer_splits([(4, 4), (4, 4)], 1) == ("replicated", "replicated")
+
+
+@pytest.mark.slow
+def test_initialize_gives_up_on_a_missing_peer_with_a_message():
+    code = "from jaxbp import parallel\nparallel.initialize(timeout_s=3)\n"
+    address = f"127.0.0.1:{_free_port()}"
+    stderr = {}
+    for rank in ("1", "0"):  # no coordinator; a coordinator whose peer never comes
+        start = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            env=_env(1, JAXBP_COORDINATOR=address, JAXBP_NUM_PROCESSES="2",
+                     JAXBP_PROCESS_ID=rank),
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode != 0 and time.monotonic() - start < 60
+        assert f"process {rank} of 2 joining {address} (waiting up to 3 s" in result.stderr
+        stderr[rank] = result.stderr
+    assert (f"RuntimeError: process 1 of 2 could not join the run at {address} within 3 s: "
+            f"no coordinator (process 0) is listening there") in stderr["1"]
+    assert "DEADLINE_EXCEEDED" in stderr["0"]  # XLA's own exit, after the bounded wait
+
+
+def test_initialize_names_a_bad_environment_variable(monkeypatch):
+    monkeypatch.setenv("JAXBP_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match="JAXBP_NUM_PROCESSES must be an integer, got 'two'"):
+        parallel.initialize()
+    monkeypatch.setenv("JAXBP_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAXBP_LOCAL_DEVICE_IDS", "0;1")
+    with pytest.raises(ValueError, match="JAXBP_LOCAL_DEVICE_IDS must be comma-separated"):
+        parallel.initialize()
 
 
 def test_make_mesh_and_process_rows_on_one_device():
     mesh = parallel.make_mesh()
     assert mesh.shape == {"data": jax.device_count(), "model": 1}
-    with pytest.raises(ValueError, match="data x model"):
-        parallel.make_mesh(data=3, model=1)
-    with pytest.raises(ValueError, match="model must be >= 1 and divide"):
+    with pytest.raises(ValueError, match="data x model = 3 x 1 must equal"):
+        parallel.make_mesh(data=3 * jax.device_count(), model=1)
+    with pytest.raises(ValueError, match="model must be an int >= 1 that divides"):
         parallel.make_mesh(model=0)
     batch = np.arange(8)
     assert list(parallel.process_rows(batch, 1, 2)) == [4, 5, 6, 7]

@@ -236,7 +236,7 @@ def test_norms_never_materialise_per_example_grads():
     (lambda n, p, x, y: jaxbp.clipped_grad(n, p, x, y, (1.0, 2.0, 3.0, 4.0, 5.0)),
      "clip_norm must be one number or 2 numbers (one per layer), got shape (5,)"),
     (lambda n, p, x, y: jaxbp.dp_sgd_grad(n, p, x, y, 1.0, -0.1, jax.random.key(0)),
-     "noise_multiplier must be one number >= 0"),
+     "noise_multiplier must be one finite number >= 0"),
     (lambda n, p, x, y: jaxbp.per_example_grad_norms(n, p, x[:, :2], y),
      "x has shape (4, 2) but expected (batch, 3)"),
 ])

@@ -3,6 +3,7 @@ sharded step against the single-device step. Prints one line per check; exits 1 
 
 from __future__ import annotations
 
+import re
 import sys
 
 import jax
@@ -78,7 +79,31 @@ def main() -> int:
         good = "does not split evenly over the 8 devices" in str(err)
         print(f"{'ok' if good else 'FAIL'} uneven batch: {err}")
         results.append(good)
+    results.append(check_collectives())
     return 0 if all(results) else 1
+
+
+def check_collectives() -> bool:
+    """Megatron splits on a (1, 2) mesh: columns then rows, so no activation is
+    all-gathered; forward: one all-reduce per layer pair, backward: one between pairs
+    (the input layer's error is not passed on), and one for the metrics."""
+    net = jaxbp.MLP((64, 512, 512, 512, 10), "relu")
+    mesh = parallel.make_mesh(data=1, model=2, devices=jax.devices()[:2])
+    optimizer = optax.sgd(1e-3)
+    state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optimizer)
+    step = parallel.make_sharded_train_step(net, optimizer, mesh)
+    x, y = np.ones((16, 64), np.float32), np.zeros(16, np.int32)
+    text = step.lower(state, x, y).compile().as_text()
+    counts = {op: len(re.findall(rf"= [^=]*? {op}(-start)?\(", text))
+              for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all")}
+    specs = [state_leaf.sharding.spec for state_leaf in
+             jax.tree.leaves(step(state, x, y)[0].params)]
+    expected = [PartitionSpec("model"), PartitionSpec(None, "model"),  # layer 1: columns
+                PartitionSpec(), PartitionSpec("model", None)] * 2      # layer 2: rows
+    ok = (counts["all-gather"] == 0 and counts["all-to-all"] == 0
+          and counts["all-reduce"] <= 4 and specs == expected)
+    print(f"{'ok' if ok else 'FAIL'} collectives {counts}, param specs {specs}")
+    return ok
 
 
 if __name__ == "__main__":

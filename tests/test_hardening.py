@@ -1,0 +1,355 @@
+"""No silent wrong result, no lost or mixed-up work, one clear line per bad input.
+
+Grouped by the public function or command each case concerns; every case asserts the
+error type and the words that name the problem, or the files left on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbp
+from jaxbp import checkpoint, cli
+from jaxbp.data import Dataset
+
+NET = jaxbp.MLP((4, 8, 3), "tanh")
+
+
+def _small_data(n: int = 24, seed: int = 0, classes: int = 3) -> Dataset:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = (np.arange(n) % classes).astype(np.int32)
+    return Dataset(x, y, x[:6].copy(), y[:6].copy())
+
+
+def _fit(data=None, **kwargs):
+    options = {"epochs": 1, "batch_size": 8, "key": jax.random.key(0), "progress": False}
+    return jaxbp.fit(NET, kwargs.pop("optimizer", optax.sgd(0.1)), data or _small_data(),
+                     **(options | kwargs))
+
+
+class TestLabels:
+    """Labels outside [0, n_out) never train silently."""
+
+    def test_fit_checks_the_whole_data_set_first(self):
+        data = _small_data()
+        data.y_train[5] = 3
+        with pytest.raises(ValueError, match=r"data.y_train holds labels outside \[0, 3\): "
+                                             r"data.y_train\[5\] = 3 \(1 out of range\)"):
+            _fit(data)
+        data = _small_data()
+        data.y_test[0] = -1
+        with pytest.raises(ValueError, match=r"data.y_test\[0\] = -1"):
+            _fit(data)
+
+    def test_public_entry_checks_device_arrays(self):
+        params = NET.init(jax.random.key(0))
+        x = jnp.ones((4, 4))
+        for bad in (jnp.array([0, 1, 2, 7]), jnp.array([0, -2, 1, 1])):
+            with pytest.raises(ValueError, match=r"y holds labels outside \[0, 3\)"):
+                jaxbp.value_and_backprop(NET, params, x, bad)
+
+    def test_compiled_step_and_loop_report_them(self):
+        state = jaxbp.TrainState.create(NET.init(jax.random.key(0)), optax.sgd(0.1))
+        x = jnp.ones((4, 4))
+        y = jnp.array([0, 1, 5, -1])
+        step = jax.jit(lambda s, x, y: jaxbp.make_train_step(NET, optax.sgd(0.1),
+                                                             donate=False)(s, x, y))
+        _, metrics = step(state, x, y)  # traced: values unknown, so counted
+        assert int(metrics["invalid_labels"]) == 2
+        loop = jaxbp.make_train_loop(NET, optax.sgd(0.1), steps=2, donate=False)
+        _, metrics = jax.jit(lambda s, x, y: loop(s, x, y))(state, jnp.stack([x, x]),
+                                                             jnp.stack([y, y * 0]))
+        assert metrics["invalid_labels"].tolist() == [2, 0]
+
+    def test_fit_turns_the_metric_into_an_error_naming_the_step(self):
+        from jaxbp.fit import _check_chunk
+
+        metrics = {"loss": np.array([1.0, 1.0, 1.0]), "nonfinite_layer": np.array([-1, -1, -1]),
+                   "invalid_labels": np.array([0, 0, 4])}
+        with pytest.raises(ValueError, match=r"training stopped at step 13: its batch holds 4 "
+                                             r"labels outside \[0, n_out\)"):
+            _check_chunk(metrics, first_step=10)
+
+    def test_targets_that_make_a_cross_entropy_negative(self):
+        softmax = jaxbp.MLP((4, 3), "relu", "identity", "softmax_cross_entropy")
+        sigmoid = jaxbp.MLP((4, 3), "relu", "identity", "sigmoid_cross_entropy")
+        x = np.ones((2, 4), np.float32)
+        regression = np.array([[2.0, -1.0, 0.5], [0.0, 0.0, 1.0]], np.float32)
+        for net in (softmax, sigmoid):
+            with pytest.raises(ValueError, match=r"y must hold probabilities in \[0, 1\] .* "
+                                                 r"y\[0, 0\] = 2.0 \(2 outside\)"):
+                jaxbp.backprop(net, net.init(jax.random.key(0)), x, regression)
+        with pytest.raises(ValueError, match=r"y rows must sum to 1 .*: row 0 sums to 0.5"):
+            jaxbp.backprop(softmax, softmax.init(jax.random.key(0)), x,
+                           np.array([[0.5, 0, 0], [0, 0, 1]], np.float32))
+
+
+class TestFitArguments:
+    @pytest.mark.parametrize("kwargs, error, words", [
+        ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1, got 0"),
+        ({"batch_size": 2.5}, ValueError, "batch_size must be an int >= 1, got 2.5"),
+        ({"epochs": 0}, ValueError, "epochs must be an int >= 1"),
+        ({"key": None}, TypeError, "key must be a PRNG key such as jax.random.key(0), got "
+                                   "NoneType"),
+        ({"key": 3}, TypeError, "key must be a PRNG key"),
+        ({"optimizer": "adam"}, TypeError, "optimizer must be an optax.GradientTransformation"),
+        ({"keep": 0}, ValueError, "keep must be an int >= 1"),
+        ({"chunk_steps": 0}, ValueError, "chunk_steps must be an int >= 1"),
+    ])
+    def test_bad_argument_is_named(self, kwargs, error, words):
+        with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+            _fit(**kwargs)
+
+    def test_data_of_the_wrong_type(self):
+        with pytest.raises(TypeError, match=r"data must be a jaxbp.data.Dataset .* got dict"):
+            jaxbp.fit(NET, optax.sgd(0.1), {"x": 1}, epochs=1, batch_size=8,
+                      key=jax.random.key(0))
+
+
+class TestCheckpointsAreNeverLostOrMixed:
+    def test_a_nonfinite_state_is_never_written(self, tmp_path):
+        with pytest.raises(FloatingPointError, match=r"leaf \['w'\] holds NaN/inf"):
+            checkpoint.save(tmp_path, 1, {"w": np.array([1.0, np.nan])})
+        assert checkpoint.list_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".*tmp"))
+        # in fit: an infinite learning rate makes the params inf with finite gradients
+        data = _small_data()
+        with pytest.raises(FloatingPointError, match=r"training stopped after epoch 1 \(step "
+                                                     r"1\): the updated state holds NaN/inf"):
+            _fit(data, batch_size=24, optimizer=optax.sgd(np.inf), checkpoint_dir=tmp_path)
+        assert checkpoint.list_checkpoints(tmp_path) == []
+
+    def test_corrupt_checkpoints_do_not_push_out_new_ones(self, tmp_path):
+        for step in (5, 6, 7):
+            checkpoint.path_for(tmp_path, step).write_bytes(b"garbage")
+        with pytest.warns(RuntimeWarning, match="kept as"):
+            _fit(epochs=2, checkpoint_dir=tmp_path)
+        assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+            "ckpt_000000001.npz", "ckpt_000000002.npz"]
+        assert sorted(p.name for p in tmp_path.glob("*.corrupt")) == [
+            f"ckpt_00000000{s}.npz.corrupt" for s in (5, 6, 7)]  # kept, never deleted
+
+    def test_keep_last_k_only_removes_older_steps(self, tmp_path):
+        later = checkpoint.save(tmp_path, 50, {"w": np.ones(2)})
+        for step in (1, 2, 3, 4):
+            checkpoint.save(tmp_path, step, {"w": np.ones(2)}, keep=2)
+        assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+            "ckpt_000000003.npz", "ckpt_000000004.npz", later.name]
+
+    @pytest.mark.parametrize("change, words", [
+        ({"optimizer": optax.sgd(0.2)}, "optimizer: checkpoint"),
+        ({"batch_size": 6}, "batch_size: checkpoint 8, now 6"),
+        ({"key": jax.random.key(1)}, "seed_key: checkpoint"),
+        ({"data": _small_data(seed=1)}, "data_sha256: checkpoint"),
+        ({"net": jaxbp.MLP((4, 8, 3), "relu")}, "net: checkpoint"),
+    ])
+    def test_resuming_another_run_is_refused_naming_what_differs(self, tmp_path, change, words):
+        _fit(checkpoint_dir=tmp_path)
+        net = change.pop("net", NET)
+        with pytest.raises(checkpoint.CheckpointMismatchError,
+                           match=rf"was written by another run: {words}.*allow_run_change"):
+            jaxbp.fit(net, change.pop("optimizer", optax.sgd(0.1)),
+                      change.pop("data", _small_data()), epochs=2, progress=False,
+                      checkpoint_dir=tmp_path,
+                      **({"batch_size": 8, "key": jax.random.key(0)} | change))
+        assert len(checkpoint.list_checkpoints(tmp_path)) == 1  # nothing written
+
+    def test_a_run_change_can_be_allowed(self, tmp_path, capsys):
+        _fit(checkpoint_dir=tmp_path)
+        result = _fit(epochs=2, optimizer=optax.sgd(0.05), checkpoint_dir=tmp_path,
+                      allow_run_change=True, progress=True)
+        assert result.history["epoch"] == [1, 2]
+        assert "although the run changed: optimizer" in capsys.readouterr().out
+
+    def test_a_second_run_on_the_folder_is_refused(self, tmp_path):
+        held = checkpoint.lock(tmp_path)
+        try:
+            with pytest.raises(checkpoint.CheckpointLockedError,
+                               match=r"is in use by another run .*\.jaxbp\.lock"):
+                _fit(checkpoint_dir=tmp_path)
+        finally:
+            held.release()
+        _fit(checkpoint_dir=tmp_path)  # free again, and fit released it at the end
+        checkpoint.lock(tmp_path).release()
+
+    def test_temporaries_of_a_killed_save_are_removed(self, tmp_path):
+        stale = tmp_path / ".ckpt_000000001.npz.abc123.tmp"
+        stale.write_bytes(b"half")
+        _fit(checkpoint_dir=tmp_path)
+        assert not stale.exists()
+        assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_000000001.npz"]
+
+
+class TestVerifyGrads:
+    def test_manual_subgradient_that_fd_confirms_is_not_failed(self):
+        def loss(p):
+            return jnp.sum(jnp.abs(p["x"]))
+
+        def manual(p):  # sign(0) = 0: matches the central difference at 0 exactly
+            return {"x": jnp.sign(p["x"])}
+
+        report = jaxbp.verify_grads(manual, loss, {"x": jnp.zeros(3)}, n_fd=2)
+        assert report.verdict == "INCONCLUSIVE" and not report.failed and not report.ok
+        assert all(d.fd_status == "reference disagrees" for d in report.directions)
+        assert "reference disagrees" in report.summary()
+        report.raise_if_failed()  # nothing refutes the manual gradient
+        wrong = jaxbp.verify_grads(lambda p: {"x": p["x"] + 0.5}, loss, {"x": jnp.zeros(3)})
+        assert wrong.failed  # a gradient FD refutes still fails
+
+    def test_python_floats_as_params(self):
+        report = jaxbp.verify_grads(lambda p: {"a": 2 * p["a"], "b": [3 * p["b"][0]]},
+                                    lambda p: p["a"] ** 2 + 1.5 * p["b"][0] ** 2,
+                                    {"a": 1.5, "b": [2.0]})
+        assert report.ok, str(report)
+        with pytest.raises(TypeError, match=r"params\['a'\] must be an array or a number, "
+                                            r"got str"):
+            jaxbp.verify_grads(lambda p: p, lambda p: 0.0, {"a": "x"})
+
+
+class TestDpArguments:
+    @pytest.mark.parametrize("noise, words", [
+        (math.inf, "noise_multiplier must be one finite number >= 0, got inf"),
+        (-1.0, "noise_multiplier must be one finite number >= 0, got -1.0"),
+        (math.nan, "noise_multiplier must be one finite number >= 0, got nan"),
+    ])
+    def test_noise_multiplier(self, noise, words):
+        params = NET.init(jax.random.key(0))
+        with pytest.raises(ValueError, match=words):
+            jaxbp.dp_sgd_grad(NET, params, np.ones((2, 4)), np.zeros(2, int), 1.0, noise,
+                              jax.random.key(0))
+        with pytest.raises(ValueError, match=words):
+            jaxbp.dp_sgd_gradient(1.0, noise, jax.random.key(0))
+
+    def test_infinite_clip_norm_with_noise(self):
+        params = NET.init(jax.random.key(0))
+        with pytest.raises(ValueError, match="clip_norm must be finite when noise_multiplier "
+                                             "> 0"):
+            jaxbp.dp_sgd_grad(NET, params, np.ones((2, 4)), np.zeros(2, int), np.inf, 1.0,
+                              jax.random.key(0))
+        # no noise: an infinite clip norm is just "no clipping"
+        jaxbp.dp_sgd_grad(NET, params, np.ones((2, 4)), np.zeros(2, int), np.inf, 0.0,
+                          jax.random.key(0))
+
+
+class TestDataFiles:
+    def test_a_npy_named_npz(self, tmp_path):
+        path = tmp_path / "d.npz"
+        with open(path, "wb") as file:
+            np.save(file, np.ones(3))
+        with pytest.raises(ValueError, match=r"d\.npz' is a single \.npy array, not an \.npz "
+                                             r"archive; save x and y together"):
+            jaxbp.data.load_npz(path)
+
+    def test_a_text_file_is_never_told_to_allow_pickle(self, tmp_path):
+        path = tmp_path / "t.npz"
+        path.write_text("x,y\n1,2\n")
+        with pytest.raises(ValueError) as info:
+            jaxbp.data.load_npz(path)
+        assert "not an .npz archive" in str(info.value) and "pickle" not in str(info.value)
+
+    def test_object_arrays_are_refused_without_suggesting_pickle(self, tmp_path):
+        path = tmp_path / "o.npz"
+        np.savez(path, x=np.array([{"a": 1}], dtype=object), y=np.zeros(1))
+        with pytest.raises(ValueError, match="holds object arrays") as info:
+            jaxbp.data.load_npz(path)
+        assert "allow_pickle" not in str(info.value)
+
+    def test_a_huge_label(self, tmp_path):
+        path = tmp_path / "h.npz"
+        np.savez(path, x=np.ones((4, 2)), y=np.array([0, 1, 2, 2**31 - 1], np.int32))
+        with pytest.raises(ValueError, match=r"holds the label 2147483647, which would mean "
+                                             r"2147483648 classes \(at most 65536\)"):
+            jaxbp.data.load_npz(path)
+
+
+def _cli(capsys, *argv):
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+class TestCommandLine:
+    """One line on stderr naming the option, file or value; 2 for usage, 1 for a failed run."""
+
+    @pytest.mark.parametrize("argv, words", [
+        (["train", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["train", "--lr", "-0.1"], "--lr must be a finite number > 0, got -0.1"),
+        (["train", "--epochs", "0"], "--epochs must be an integer > 0, got 0"),
+        (["train", "--batch-size", "0"], "--batch-size must be an integer > 0, got 0"),
+        (["train", "--batch-size", "5000"], "--batch-size 5000 is larger than the 1438"),
+        (["train", "--sizes", "64,a,10"], "--sizes must be comma-separated integers"),
+        (["train", "--sizes", "63,32,10"], "--sizes 63,32,10: the first size must be the "
+                                           "data's 64 inputs"),
+        (["train", "--activation", "reluu"], "--activation: Unknown activation 'reluu'"),
+        (["train", "--loss", "squared_error"], "--loss squared_error: the data hold integer "
+                                               "class labels"),
+        (["train", "--data", "missing.npz"], "--data: 'missing.npz' is neither 'digits'"),
+        (["verify", "--dtypes", "float8"], "--dtypes: unknown ['float8']"),
+        (["verify", "--cases", "0"], "--cases must be an integer > 0"),
+        (["bench", "--max-gflop", "0"], "--max-gflop must be a finite number > 0, got 0.0"),
+        (["bench", "--budget", "-1"], "--budget must be a finite number > 0"),
+    ])
+    def test_usage_errors(self, capsys, argv, words):
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2, out + err
+        assert err.count("\n") == 1 and err.startswith(f"jaxbp {argv[0]}: error: ")
+        assert words in err and "Traceback" not in err
+        assert "wrote" not in out and "epoch" not in out  # checked before any work
+
+    def test_unwritable_paths_are_found_before_the_first_epoch(self, capsys, tmp_path):
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        for option in ("--checkpoint-dir", "--plot", "--diagnostics"):
+            target = blocker / "sub" / ("x.png" if option != "--checkpoint-dir" else "d")
+            code, out, err = _cli(capsys, "train", option, str(target))
+            assert code == 2 and f"{option}: cannot write in" in err and "epoch" not in out
+
+    def test_bad_data_files_are_one_line(self, capsys, tmp_path):
+        text = tmp_path / "text.npz"
+        text.write_text("hello")
+        npy = tmp_path / "one.npz"
+        with open(npy, "wb") as file:
+            np.save(file, np.ones(3))
+        for path, words in ((text, "is not an .npz archive"), (npy, "is a single .npy array")):
+            code, _, err = _cli(capsys, "train", "--data", str(path))
+            assert code == 2 and words in err and err.count("\n") == 1, err
+            assert "pickle" not in err
+
+    def test_a_failed_run_is_one_line_with_exit_1_and_debug_shows_the_traceback(self):
+        code = ("import sys, optax\n"
+                "from jaxbp import cli\n"
+                "cli.OPTIMIZERS['sgd'] = lambda lr: optax.sgd(float('inf'))\n"
+                "sys.exit(cli.main(sys.argv[1:]))\n")
+        argv = ["train", "--optimizer", "sgd", "--epochs", "1", "--quiet", "--sizes",
+                "64,16,10"]
+        for debug in (False, True):
+            result = subprocess.run([sys.executable, "-c", code, *argv,
+                                     *(["--debug"] if debug else [])],
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 1, result.stderr
+            if debug:
+                assert "Traceback" in result.stderr
+            else:
+                lines = result.stderr.strip().splitlines()
+                assert lines[-1].startswith("jaxbp train: error: FloatingPointError: training "
+                                            "stopped at step ") and "Traceback" not in \
+                    result.stderr
+
+    def test_bench_that_runs_nothing_says_so(self, capsys, tmp_path):
+        from jaxbp import bench_suite
+
+        result = bench_suite.run_suite(bench_suite.QUICK[:1], tmp_path, "none", max_gflop=1e-9,
+                                       log=print)
+        out = capsys.readouterr().out
+        assert result["rows"] == [] and "no case was run (1 left out)" in out
+        assert ".png" not in out and not (tmp_path / "none.png").exists()
+        assert json.loads((tmp_path / "none.json").read_text())["left_out"]
