@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import pathlib
 import sys
 import tempfile
@@ -176,7 +177,52 @@ def _plan_train(args: argparse.Namespace) -> dict[str, Any]:
         _checks.check_target_values(net, dataset.y_test, "the test targets")
     except ValueError as err:
         raise UsageError(f"--data {args.data}: {err}") from None
-    return {"dataset": dataset, "net": net, "optimizer": OPTIMIZERS[args.optimizer](args.lr)}
+    mesh = _parse_mesh(args)
+    if mesh is not None:
+        if args.checkpoint_dir is not None:
+            try:
+                import orbax.checkpoint  # noqa: F401
+            except ImportError:
+                raise UsageError("--checkpoint-dir with --mesh/--devices writes sharded "
+                                 "checkpoints through orbax: pip install "
+                                 "'jaxbp[scale]'") from None
+        n_data = mesh.shape["data"]
+        if args.batch_size % (n_data * jax.process_count()):
+            raise UsageError(f"--batch-size {args.batch_size} does not split over the "
+                             f"{n_data} devices of the mesh's data axis and "
+                             f"{jax.process_count()} process(es)")
+    return {"dataset": dataset, "net": net, "optimizer": OPTIMIZERS[args.optimizer](args.lr),
+            "mesh": mesh}
+
+
+def _parse_mesh(args: argparse.Namespace) -> Any:
+    """``--mesh data=4,model=2`` or ``--devices N`` as a mesh (None for neither)."""
+    if args.mesh is None and args.devices is None:
+        return None
+    from jaxbp import parallel
+
+    if args.mesh is not None and args.devices is not None:
+        raise UsageError("--mesh and --devices: give one of them")
+    devices = jax.devices()
+    if args.devices is not None:
+        _positive("--devices", args.devices, integer=True)
+        if args.devices > len(devices):
+            raise UsageError(f"--devices {args.devices}: only {len(devices)} device(s) are "
+                             f"visible ({devices[0].platform})")
+        return parallel.make_mesh(args.devices, 1, devices[:args.devices])
+    sizes = {}
+    for part in args.mesh.split(","):
+        name, _, value = part.partition("=")
+        if name not in ("data", "model") or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--mesh must look like data=4,model=2 (axes data and model, "
+                             f"sizes >= 1), got {args.mesh!r}")
+        sizes[name] = int(value)
+    model = sizes.get("model", 1)
+    data = sizes.get("data", len(devices) // model)
+    if data * model > len(devices) or data < 1:
+        raise UsageError(f"--mesh {args.mesh}: data x model = {data} x {model} but "
+                         f"{len(devices)} device(s) are visible")
+    return parallel.make_mesh(data, model, devices[:data * model])
 
 
 def _option_for(err: Exception, message: str) -> str:
@@ -193,19 +239,28 @@ def _train(args: argparse.Namespace) -> int:
     from jaxbp.fit import fit
     from jaxbp.suite import verify_mlp
 
+    if os.environ.get("JAXBP_COORDINATOR"):  # one of several processes: join before JAX starts
+        from jaxbp import parallel
+
+        parallel.initialize()
     start = time.perf_counter()
     plan = _plan_train(args)
     dataset, net, optimizer = plan["dataset"], plan["net"], plan["optimizer"]
-    print(f"jaxbp train: {args.data} ({len(dataset.x_train)} train, {len(dataset.x_test)} "
+    main_process = jax.process_index() == 0
+    if main_process:
+        print(f"jaxbp train: {args.data} ({len(dataset.x_train)} train, {len(dataset.x_test)} "
           f"test), sizes {net.sizes}, {args.activation}, {net.loss}, {args.optimizer} lr "
-          f"{args.lr}, grad {args.grad}, jax {jax.__version__} on {jax.devices()[0].platform}")
+              f"{args.lr}, grad {args.grad}, jax {jax.__version__} on "
+              f"{jax.devices()[0].platform}" + (f", mesh {dict(plan['mesh'].shape)}"
+                                                if plan["mesh"] is not None else ""))
 
     key = jax.random.key(args.seed)
     params = net.init(jax.random.split(key)[0])  # the params fit starts from
     x0, y0 = dataset.x_train[:args.batch_size], dataset.y_train[:args.batch_size]
     report = verify_mlp(net, params, x0, y0, n_fd=2, float64=True)
-    print(f"gradient check at the initial params, first {len(x0)} samples, in float64: "
-          f"{report.summary()}")
+    if main_process:
+        print(f"gradient check at the initial params, first {len(x0)} samples, in float64: "
+              f"{report.summary()}")
     if report.failed:
         print(report)
         return 1
@@ -216,7 +271,9 @@ def _train(args: argparse.Namespace) -> int:
                  diagnostics=args.diagnostics is not None,
                  run_config={"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed,
                              "data": args.data},
-                 allow_run_change=args.allow_run_change)
+                 allow_run_change=args.allow_run_change, mesh=plan["mesh"])
+    if not main_process:
+        return 0
     history = result.history
     final = f"final test loss {history['test_loss'][-1]:.4f}"
     if dataset.is_classification:
@@ -330,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--diagnostics", default=None, metavar="FLOW.png",
                        help="record per-layer gradient flow every epoch and plot it here")
     train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    train.add_argument("--mesh", default=None, metavar="data=N,model=M",
+                       help="train over a device mesh: the batch split over data, the "
+                            "weights over model (default: one device)")
+    train.add_argument("--devices", type=int, default=None,
+                       help="train data-parallel over the first N devices")
     train.add_argument("--allow-run-change", action="store_true",
                        help="resume a checkpoint although the net, optimizer, seed, batch "
                             "size or data differ from the run that wrote it")

@@ -34,7 +34,7 @@ from jaxbp.train import (
     GradFn,
     TrainState,
     _check_optimizer,
-    evaluate,
+    evaluate_checked,
     make_train_loop,
 )
 
@@ -347,10 +347,12 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     feed = _EpochFeed(x_train, y_train, batch_size, drop_last,
                       on_device=mesh is None and nbytes <= DEVICE_DATA_BYTES,
                       process_rows=mesh is not None)
-    x_test, y_test = ((jax.device_put(data.x_test), jax.device_put(data.y_test))
-                      if feed.on_device else (data.x_test, data.y_test))
+    x_test = np.asarray(data.x_test, dtype)  # checked once in fit(), cast once here
+    y_test = np.asarray(data.y_test, y_train.dtype)
+    if feed.on_device:
+        x_test, y_test = jax.device_put(x_test), jax.device_put(y_test)
     loops: dict[int, Any] = {}  # one compiled scan per chunk length (at most three)
-    step_count = int(state.step)
+    step_count = int(parallel.fetch(state.step))  # replicated: each process's own copy
     for epoch in range(first_epoch, epochs):
         start = time.perf_counter()
         sums = {"loss": 0.0, "accuracy": 0.0}
@@ -372,7 +374,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
         if bar is not None:
             bar.close()
         params_here = _params_here(state.params)
-        test = evaluate(net, params_here, x_test, y_test, eval_batch_size)
+        test = evaluate_checked(net, params_here, x_test, y_test, eval_batch_size)
         row = {"epoch": epoch + 1,
                "train_loss": sums["loss"] / steps_per_epoch,
                "train_accuracy": sums["accuracy"] / steps_per_epoch,

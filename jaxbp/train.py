@@ -262,6 +262,12 @@ def evaluate(
     x, y = _checks.check_inputs(net, params, x, y)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return evaluate_checked(net, params, x, y, batch_size)
+
+
+def evaluate_checked(net: MLP, params: Params, x: Array, y: Array,
+                     batch_size: int) -> dict[str, float]:
+    """:func:`evaluate` for inputs already checked (``fit`` checks its data set once)."""
     n = x.shape[0]
     size = min(batch_size, n)
     loss_sum = hit_sum = jnp.zeros((), jnp.float32)

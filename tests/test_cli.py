@@ -90,3 +90,18 @@ def test_train_regression_on_teacher_data(capsys):
                      "--quiet", "--optimizer", "momentum", "--lr", "0.01"])
     out = capsys.readouterr().out
     assert code == 0 and "final test loss" in out and "accuracy" not in out.split("final")[1]
+
+
+def test_train_on_a_one_device_mesh_with_sharded_checkpoints(capsys, tmp_path):
+    argv = ["train", "--epochs", "2", "--sizes", "64,16,10", "--quiet", "--devices", "1",
+            "--checkpoint-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mesh {'data': 1, 'model': 1}" in out and "final test accuracy" in out
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == [
+        "ckpt_000000001", "ckpt_000000002"]
+    resume = [a for a in argv if a != "--quiet"]
+    assert cli.main([*resume[:2], "3", *resume[3:]]) == 0  # resumes from the orbax step
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "ckpt_000000002 (after epoch 2)" in out
+    assert out.count("epoch   3/3") == 1 and "epoch   1/3" not in out

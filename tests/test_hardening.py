@@ -297,6 +297,9 @@ class TestCommandLine:
         (["verify", "--cases", "0"], "--cases must be an integer > 0"),
         (["bench", "--max-gflop", "0"], "--max-gflop must be a finite number > 0, got 0.0"),
         (["bench", "--budget", "-1"], "--budget must be a finite number > 0"),
+        (["train", "--mesh", "data=two"], "--mesh must look like data=4,model=2"),
+        (["train", "--devices", "99"], "--devices 99: only 1 device(s) are visible"),
+        (["train", "--mesh", "data=1", "--devices", "1"], "--mesh and --devices: give one"),
     ])
     def test_usage_errors(self, capsys, argv, words):
         code, out, err = _cli(capsys, *argv)

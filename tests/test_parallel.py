@@ -152,3 +152,49 @@ def test_sharded_step_on_a_one_device_mesh_equals_the_plain_step():
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     assert metrics["loss"].shape == ()
+
+
+@pytest.mark.slow
+def test_fit_over_meshes_and_resume_across_device_counts(tmp_path):
+    result = subprocess.run([sys.executable, str(WORKERS / "fit_mesh_checks.py"), str(tmp_path)],
+                            env=_env(8), capture_output=True, text=True, timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check in ("fit on mesh (8, 1)", "fit on mesh (4, 2)", "mesh resume", "1 device -> 8",
+                  "8 devices -> 1"):
+        assert f"ok {check}:" in result.stdout, check
+
+
+def _fit_two_processes(prefix, epochs, folder=None):
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, str(WORKERS / "fit_multiprocess.py"), str(prefix), str(epochs),
+         *([str(folder)] if folder else [])],
+        env=_env(2, JAXBP_COORDINATOR=f"127.0.0.1:{port}", JAXBP_NUM_PROCESSES="2",
+                 JAXBP_PROCESS_ID=str(i)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stdout + stderr
+    print(outputs[0][0])
+    return [dict(np.load(f"{prefix}.{i}.npz")) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_fit_over_two_processes_resumes_bit_identical(tmp_path):
+    whole = _fit_two_processes(tmp_path / "whole", 2)
+    _fit_two_processes(tmp_path / "first", 1, tmp_path / "ckpt")
+    resumed = _fit_two_processes(tmp_path / "resumed", 2, tmp_path / "ckpt")
+    names = [k for k in whole[0] if k.startswith("arr_")]
+    for i in range(2):  # both processes hold the same, gathered params
+        for name in names:
+            np.testing.assert_array_equal(resumed[i][name], whole[0][name])
+    np.testing.assert_array_equal(resumed[0]["accuracy"], whole[0]["accuracy"])
+    assert len(resumed[0]["saves"]) == 1  # epoch 2 only: epoch 1 came from the checkpoint
+    # the same run on one CPU device here (not an accelerator's arithmetic)
+    with jax.default_device(jax.devices("cpu")[0]):
+        single = jaxbp.fit(jaxbp.MLP((64, 32, 32, 10), "tanh"), optax.sgd(0.05, momentum=0.9),
+                           jaxbp.data.load_digits(), epochs=2, batch_size=64,
+                           key=jax.random.key(3), progress=False)
+    for name, leaf in zip(names, jax.tree.leaves(single.state.params)):
+        np.testing.assert_allclose(whole[0][name], np.asarray(leaf), rtol=1e-5, atol=1e-6)
