@@ -8,6 +8,7 @@ trace time, before XLA sees the program.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ def check_x(net: MLP, x: Any) -> Any:
       ValueError: x's rank, width or batch is wrong.
     """
     x = as_array("x", x)
+    if not hasattr(net, "sizes"):
+        return _check_network_x(net, x)
     n_in = net.sizes[0]
     shape = _shape(x)
     if not _is_float(x.dtype):
@@ -84,7 +87,7 @@ def check_y(net: MLP, y: Any, batch: int) -> Any:
     from jaxbp.losses import get_loss
 
     y = as_array("y", y)
-    n_out = net.sizes[-1]
+    n_out = net.n_out
     shape = _shape(y)
     loss = get_loss(net.loss)
     if not (_is_float(y.dtype) or jnp.issubdtype(y.dtype, jnp.integer)
@@ -105,7 +108,7 @@ def check_y(net: MLP, y: Any, batch: int) -> Any:
         if loss.integer_labels:
             allowed += f" or ({batch},) integer labels"
         raise ValueError(f"y has shape {shape} but expected {allowed} for loss "
-                         f"{net.loss!r}: batch of x = {batch}, n_out = sizes[-1] = {n_out}")
+                         f"{net.loss!r}: batch of x = {batch}, {_n_out_words(net)}")
     check_target_values(net, y)
     return y
 
@@ -142,13 +145,13 @@ def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
     if not _is_concrete(y):
         return
     xp = jnp if isinstance(y, jax.Array) else np
-    n_out = net.sizes[-1]
+    n_out = net.n_out
     name = net.loss
     if np.ndim(y) == 1 and jnp.issubdtype(y.dtype, jnp.integer):
         count, i = _first_bad((y < 0) | (y >= n_out))
         if count:
             raise ValueError(f"{what} holds labels outside [0, {n_out}): {what}[{i}] = "
-                             f"{int(y[i])} ({count} out of range); n_out = sizes[-1] = {n_out}")
+                             f"{int(y[i])} ({count} out of range); {_n_out_words(net)}")
         return
     if name not in ("sigmoid_cross_entropy", "softmax_cross_entropy"):
         return
@@ -168,6 +171,52 @@ def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
                              f"do not)")
 
 
+def _n_out_words(net: Any) -> str:
+    return f"n_out = sizes[-1] = {net.n_out}" if hasattr(net, "sizes") else f"n_out = {net.n_out}"
+
+
+def _check_network_x(net: Any, x: Any) -> Any:
+    """x of a :class:`jaxbp.Network`: (batch, *input_shape), floating, batch >= 1."""
+    shape, expected = _shape(x), tuple(net.input_shape)
+    if not _is_float(x.dtype):
+        raise TypeError(f"x must have a floating dtype (float16/bfloat16/float32/float64), "
+                        f"got {x.dtype}; cast it, e.g. x.astype({net.dtype!r})")
+    if len(shape) != len(expected) + 1 or shape[1:] != expected:
+        wanted = ", ".join(map(str, expected))
+        raise ValueError(f"x has shape {shape} but expected (batch, {wanted}): a batch of "
+                         f"samples of input_shape {expected}")
+    if shape[0] < 1:
+        raise ValueError(f"x has shape {shape}: the batch is empty, expected at least 1 row")
+    return x
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_params(net: Any) -> tuple[Any, list[tuple[str, tuple[int, ...]]]]:
+    shapes = net.param_shapes()
+    leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    return (jax.tree.structure(shapes),
+            [(jax.tree_util.keystr(path), tuple(leaf.shape)) for path, leaf in leaves])
+
+
+def _check_network_params(net: Any, params: Any) -> None:
+    """params of a :class:`jaxbp.Network`: the structure and shapes ``net.init`` gives."""
+    structure, expected = _expected_params(net)
+    if jax.tree.structure(params) != structure:
+        raise TypeError(f"params must have the structure net.init gives, {structure}, got "
+                        f"{jax.tree.structure(params)}")
+    problems, dtypes = [], set()
+    for (path, shape), leaf in zip(expected, jax.tree.leaves(params)):
+        leaf = as_array(f"params{path}", leaf)
+        dtypes.add(jnp.dtype(leaf.dtype))
+        if _shape(leaf) != shape:
+            problems.append(f"params{path} has shape {_shape(leaf)} but expected {shape}")
+    if problems:
+        raise ValueError("params do not fit the network: " + "; ".join(problems))
+    if len(dtypes) > 1 or not all(_is_float(d) for d in dtypes):
+        raise TypeError(f"params must all share one floating dtype, got "
+                        f"{sorted(d.name for d in dtypes)}")
+
+
 def check_params(net: MLP, params: Any) -> None:
     """Check params: a sequence of ``{"w": (fan_in, fan_out), "b": (fan_out,)}``, one dtype.
 
@@ -176,6 +225,8 @@ def check_params(net: MLP, params: Any) -> None:
       ValueError: wrong number of layers or a leaf of the wrong shape (every
         mismatch is listed).
     """
+    if not hasattr(net, "sizes"):
+        return _check_network_params(net, params)
     n_layers = len(net.sizes) - 1
     if not isinstance(params, Sequence) or isinstance(params, str):
         raise TypeError(f"params must be a tuple of {n_layers} dicts with keys 'w' and 'b' "
@@ -204,8 +255,8 @@ def check_params(net: MLP, params: Any) -> None:
 
 
 def params_dtype(params: Params) -> Any:
-    """The one dtype of checked params."""
-    return jnp.dtype(params[0]["w"].dtype)
+    """The one dtype of checked params (their first leaf's)."""
+    return jnp.dtype(jax.tree.leaves(params)[0].dtype)
 
 
 def check_inputs(net: MLP, params: Any, x: Any, y: Any = None) -> tuple[Array, Any]:

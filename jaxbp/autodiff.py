@@ -11,10 +11,11 @@ import functools
 
 import jax
 
-from jaxbp import _checks
+from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.losses import mean_loss
 from jaxbp.mlp import MLP, forward
+from jaxbp.network import Network
 
 
 def value_grads_and_output(
@@ -23,7 +24,8 @@ def value_grads_and_output(
     """C, dC/dparams by ``jax.value_and_grad``, and a^L, for checked inputs."""
 
     def cost_and_output(params: Params) -> tuple[Array, Array]:
-        out = forward(net, params, x).acts[-1]
+        out = (network.forward(net, params, x)[0] if isinstance(net, Network)
+               else forward(net, params, x).acts[-1])
         return mean_loss(net.loss_fn, out, y), out
 
     (value, out), grads = jax.value_and_grad(cost_and_output, has_aux=True)(params)

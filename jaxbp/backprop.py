@@ -27,10 +27,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxbp import _checks
+from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp.layers.chain import chain_backward
 from jaxbp.losses import sample_loss_and_grad
 from jaxbp.mlp import MLP, Cache, forward, matmul
+from jaxbp.network import Network
 
 
 def sample_output_delta(net: MLP, cache: Cache, y: Array) -> Array:
@@ -100,8 +102,11 @@ def value_grads_and_output(
     """C, dC/dparams by the recursion, and a^L, for checked inputs (no input checks).
 
     The training step uses the output a^L for its metrics without a second
-    forward pass.
+    forward pass. A :class:`jaxbp.Network` runs the reversed loop over its
+    layer records (:func:`jaxbp.network.value_grads_and_output`).
     """
+    if isinstance(net, Network):
+        return network.value_grads_and_output(net, params, x, y)
     cache = forward(net, params, x)
     a_out, z_out = cache.acts[-1], cache.zs[-1]
     # C and delta^L from one evaluation of the loss (softmax shares its exp)
@@ -147,10 +152,15 @@ def backprop(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _apply_manual(net: MLP, params: Params, x: Array) -> Array:
+    if isinstance(net, Network):
+        return network.forward(net, params, x)[0]
     return forward(net, params, x).acts[-1]
 
 
 def _apply_manual_fwd(net: MLP, params: Params, x: Array) -> tuple[Array, tuple[Params, Cache]]:
+    if isinstance(net, Network):
+        out, caches = network.forward(net, params, x)
+        return out, (params, caches)
     cache = forward(net, params, x)
     return cache.acts[-1], (params, cache)
 
@@ -159,6 +169,9 @@ def _apply_manual_bwd(
     net: MLP, residuals: tuple[Params, Cache], a_out_bar: Array
 ) -> tuple[Params, Array]:
     params, cache = residuals
+    if isinstance(net, Network):  # the reversed loop, carried to the input
+        x_bar, grads, _ = chain_backward(net.layers, params, cache, a_out_bar, need_input=True)
+        return grads, x_bar
     # delta^L = (dC/da^L) * g^L'(z^L), with dC/da^L the incoming cotangent.
     delta_out = a_out_bar * net.activations[-1].dg(cache.zs[-1], cache.acts[-1])
     deltas = layer_deltas(net, params, cache, delta_out)

@@ -309,11 +309,12 @@ def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown table, with the machine and the method."""
     peaks = result["machine"].get("peaks")
     peak_note = (f"`peak`: achieved / the datasheet peak of {peaks['name']} for the arithmetic "
-                 f"that ran ({peaks['source']}); `AI/balance`: the step's arithmetic intensity "
-                 f"over the device's balance point (peak / memory bandwidth): below 1 the "
-                 f"step is memory-bound." if peaks else
+                 f"that ran ({peaks['source']}); `AI`: the step's arithmetic intensity, XLA "
+                 f"FLOPs / XLA bytes, and in brackets over the device's balance point (peak / "
+                 f"memory bandwidth): below 1 the step is memory-bound." if peaks else
                  "`peak`: n/a, this device kind has no datasheet entry in jaxbp.peaks; the "
-                 "measured GEMM rates are the roof.")
+                 "measured GEMM rates are the roof. `AI`: the step's arithmetic intensity, "
+                 "XLA FLOPs / XLA bytes (no balance point without a datasheet: n/a).")
     lines = [
         "# Training-step benchmark: hand-written backprop vs jax.grad",
         "",
@@ -336,7 +337,7 @@ def markdown(result: dict[str, Any]) -> str:
         "the backend gave no figure.",
         "",
         "| case | steps/sample | manual ms | autodiff ms | manual/autodiff | GEMM fwd/err/wgrad "
-        "GFLOP/s | achieved GFLOP/s | roofline | peak | FLOPs XLA/hand | AI/balance | "
+        "GFLOP/s | achieved GFLOP/s | roofline | peak | FLOPs XLA/hand | AI (AI/balance) | "
         "mem MiB | compile s (manual/autodiff) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -347,15 +348,17 @@ def markdown(result: dict[str, Any]) -> str:
                          for k in ("forward", "input_error", "weight_grad"))
         xla = (None if m["xla_flops_per_step"] is None
                else m["xla_flops_per_step"] / row["matmul_flops_per_step"])
-        balance = (None if m["arithmetic_intensity"] is None or not row["balance_point"]
-                   else m["arithmetic_intensity"] / row["balance_point"])
+        intensity = m["arithmetic_intensity"]
+        balance = (None if intensity is None or not row["balance_point"]
+                   else intensity / row["balance_point"])
         mem = None if m["memory_bytes"] is None else m["memory_bytes"]["peak"]
         flag = " (!)" if row["warnings"] else ""
         lines.append(
             f"| {row['label']} | {m['steps_per_sample']} | {m['step_s'] * 1e3:.3f} | "
             f"{a['step_s'] * 1e3:.3f} | {row['manual_over_autodiff']:.3f} | {rates} | "
             f"{m['achieved_flops_per_s'] / 1e9:.1f} | {m['roofline_fraction']:.2f}{flag} | "
-            f"{_fmt(m['peak_fraction'], '.2f')} | {_fmt(xla, '.3f')} | {_fmt(balance, '.2f')} | "
+            f"{_fmt(m['peak_fraction'], '.2f')} | {_fmt(xla, '.3f')} | "
+            f"{_fmt(intensity, '.1f')} ({_fmt(balance, '.2f')}) | "
             f"{_fmt(mem, '.1f', 2**20)} | {m['compile_s']:.2f}/{a['compile_s']:.2f} |")
         warnings += [f"{row['label']}: {w}" for w in row["warnings"]]
     if warnings:

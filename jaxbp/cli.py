@@ -148,22 +148,25 @@ def _plan_train(args: argparse.Namespace) -> dict[str, Any]:
     dataset = _load_data(args.data, args.seed)
     loss = args.loss or ("softmax_cross_entropy" if dataset.is_classification
                          else "squared_error")
-    if args.sizes:
-        try:
-            sizes = tuple(int(s) for s in args.sizes.split(","))
-        except ValueError:
-            raise UsageError(f"--sizes must be comma-separated integers, got "
-                             f"{args.sizes!r}") from None
+    if args.model == "cnn":
+        net, dataset = _cnn(args, dataset, loss)
     else:
-        sizes = (dataset.n_in, 256, 256, dataset.n_out)
-    if sizes[0] != dataset.n_in or sizes[-1] != dataset.n_out:
-        raise UsageError(f"--sizes {args.sizes}: the first size must be the data's "
-                         f"{dataset.n_in} inputs and the last its {dataset.n_out} outputs "
-                         f"({args.data})")
-    try:
-        net = jaxbp.MLP(sizes, args.activation, args.output_activation, loss)
-    except (TypeError, ValueError) as err:
-        raise UsageError(_option_for(err, str(err))) from None
+        if args.sizes:
+            try:
+                sizes = tuple(int(s) for s in args.sizes.split(","))
+            except ValueError:
+                raise UsageError(f"--sizes must be comma-separated integers, got "
+                                 f"{args.sizes!r}") from None
+        else:
+            sizes = (dataset.n_in, 256, 256, dataset.n_out)
+        if sizes[0] != dataset.n_in or sizes[-1] != dataset.n_out:
+            raise UsageError(f"--sizes {args.sizes}: the first size must be the data's "
+                             f"{dataset.n_in} inputs and the last its {dataset.n_out} outputs "
+                             f"({args.data})")
+        try:
+            net = jaxbp.MLP(sizes, args.activation, args.output_activation, loss)
+        except (TypeError, ValueError) as err:
+            raise UsageError(_option_for(err, str(err))) from None
     if dataset.is_classification and not net.loss_fn.integer_labels:
         raise UsageError(f"--loss {loss}: the data hold integer class labels, which only "
                          f"softmax_cross_entropy takes; use it or give one-hot targets")
@@ -225,6 +228,35 @@ def _parse_mesh(args: argparse.Namespace) -> Any:
     return parallel.make_mesh(data, model, devices[:data * model])
 
 
+def _cnn(args: argparse.Namespace, dataset: Any, loss: str) -> tuple[Any, Any]:
+    """The small CNN of ``--model cnn`` on square one-channel images (digits: 8x8x1).
+
+    Conv 3x3 (16, act) -> MaxPool 2 -> Conv 3x3 (32, act) -> MaxPool 2 -> Flatten ->
+    Dense 64 (act) -> Dense n_out; act is ``--activation``.
+    """
+    from jaxbp import layers
+    from jaxbp.network import Network
+
+    side = math.isqrt(dataset.n_in)
+    if side * side != dataset.n_in or side < 4:
+        raise UsageError(f"--model cnn reads each sample as a square one-channel image, but "
+                         f"{args.data} has {dataset.n_in} features")
+    if args.sizes:
+        raise UsageError("--sizes sets the layers of an MLP; --model cnn has its own")
+    act = args.activation
+    try:
+        net = Network((layers.Conv2D(16, (3, 3), activation=act), layers.MaxPool(2),
+                       layers.Conv2D(32, (3, 3), activation=act), layers.MaxPool(2),
+                       layers.Flatten(), layers.Dense(64, act),
+                       layers.Dense(dataset.n_out, args.output_activation)),
+                      (side, side, 1), loss)
+    except (TypeError, ValueError) as err:
+        raise UsageError(_option_for(err, str(err))) from None
+    images = dataset._replace(x_train=dataset.x_train.reshape(-1, side, side, 1),
+                              x_test=dataset.x_test.reshape(-1, side, side, 1))
+    return net, images
+
+
 def _option_for(err: Exception, message: str) -> str:
     """Put the command-line option in front of a library message about an MLP argument."""
     for word, option in (("output_activation", "--output-activation"),
@@ -236,6 +268,7 @@ def _option_for(err: Exception, message: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from jaxbp import network
     from jaxbp.fit import fit
     from jaxbp.suite import verify_mlp
 
@@ -247,9 +280,11 @@ def _train(args: argparse.Namespace) -> int:
     plan = _plan_train(args)
     dataset, net, optimizer = plan["dataset"], plan["net"], plan["optimizer"]
     main_process = jax.process_index() == 0
+    shape = (f"sizes {net.sizes}" if hasattr(net, "sizes")
+             else f"cnn {network.describe(net)}")
     if main_process:
         print(f"jaxbp train: {args.data} ({len(dataset.x_train)} train, {len(dataset.x_test)} "
-          f"test), sizes {net.sizes}, {args.activation}, {net.loss}, {args.optimizer} lr "
+              f"test), {shape}, {args.activation}, {net.loss}, {args.optimizer} lr "
               f"{args.lr}, grad {args.grad}, jax {jax.__version__} on "
               f"{jax.devices()[0].platform}" + (f", mesh {dict(plan['mesh'].shape)}"
                                                 if plan["mesh"] is not None else ""))
@@ -368,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default="digits",
                        help="'digits' (shipped), 'teacher' (synthetic regression) or a .npz "
                             "file with arrays x and y (default digits)")
+    train.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
+                       help="mlp (--sizes) or cnn: conv 3x3 16, maxpool 2, conv 3x3 32, "
+                            "maxpool 2, dense 64, dense n_out on square one-channel images "
+                            "(digits as 8x8x1)")
     train.add_argument("--sizes", default=None,
                        help="comma-separated layer sizes (default n_in,256,256,n_out)")
     train.add_argument("--activation", default="relu", help="hidden activation (relu)")

@@ -28,6 +28,7 @@ from jaxbp._typing import Params, PRNGKey
 from jaxbp.data import Dataset, epoch_order, num_batches
 from jaxbp.diagnostics import layer_stats
 from jaxbp.mlp import MLP
+from jaxbp.network import Network
 from jaxbp.run_config import describe_run, run_differences
 from jaxbp.train import (
     CLASSIFICATION_LOSSES,
@@ -268,8 +269,8 @@ def _check_int(name: str, value: Any, least: int) -> None:
 def _check_fit_arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch_size: Any,
                          key: Any, keep: Any, eval_batch_size: Any, chunk_steps: Any) -> None:
     """Every argument of :func:`fit` checked before anything is loaded or compiled."""
-    if not isinstance(net, MLP):
-        raise TypeError(f"net must be a jaxbp.MLP, got {type(net).__name__}")
+    if not isinstance(net, MLP | Network):
+        raise TypeError(f"net must be a jaxbp.MLP or jaxbp.Network, got {type(net).__name__}")
     _check_optimizer(optimizer)
     if not all(hasattr(data, name) for name in Dataset._fields):
         raise TypeError(f"data must be a jaxbp.data.Dataset (x_train, y_train, x_test, "

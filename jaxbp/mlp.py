@@ -97,6 +97,11 @@ class MLP:
         return len(self.sizes) - 1
 
     @property
+    def n_out(self) -> int:
+        """The output width, ``sizes[-1]`` (the number of classes for the cross-entropies)."""
+        return self.sizes[-1]
+
+    @property
     def hidden_activations(self) -> tuple[str, ...]:
         """The activation name of each hidden layer, ``len(sizes) - 2`` of them."""
         if isinstance(self.activation, str):

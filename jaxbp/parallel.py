@@ -52,7 +52,15 @@ from jaxbp import _checks
 from jaxbp._typing import Array, ArrayLike, PyTree
 from jaxbp.mlp import MLP
 from jaxbp.peaks import check_precision, precision_scope
-from jaxbp.train import GradFn, TrainState, _check_optimizer, _gradient, _step, make_train_loop
+from jaxbp.train import (
+    GradFn,
+    TrainState,
+    _check_optimizer,
+    _gradient,
+    _step,
+    make_train_loop,
+    sample_rank,
+)
 
 DATA, MODEL = "data", "model"
 
@@ -90,16 +98,23 @@ def _axis_size(mesh: Mesh, axis: str | None) -> int:
     return mesh.shape[axis] if axis is not None and axis in mesh.shape else 1
 
 
-def layer_splits(shapes: Sequence[tuple[int, int]], model_size: int) -> tuple[str, ...]:
+def layer_splits(shapes: Sequence[tuple[int, int] | None],
+                 model_size: int) -> tuple[str, ...]:
     """Per dense layer ``(fan_in, fan_out)``: ``"column"``, ``"row"`` or ``"replicated"``.
 
     A layer is row-split when the one before it was column-split (its output
     arrives split over features) and its fan_in divides evenly; else
     column-split when its fan_out divides; else replicated. With
-    ``model_size`` 1 everything is replicated.
+    ``model_size`` 1 everything is replicated. A ``None`` entry (a layer of a
+    :class:`jaxbp.Network` that is not Dense: conv, pooling, layernorm, ...)
+    stays replicated and ends any pair: the model axis splits dense layers only.
     """
     splits: list[str] = []
-    for fan_in, fan_out in shapes:
+    for shape in shapes:
+        if shape is None:
+            splits.append("replicated")
+            continue
+        fan_in, fan_out = shape
         previous = splits[-1] if splits else None
         if model_size > 1 and previous == "column" and fan_in % model_size == 0:
             splits.append("row")
@@ -118,35 +133,39 @@ def _layer_specs(split: str, model_axis: str | None) -> dict[str, PartitionSpec]
     return {"w": PartitionSpec(), "b": PartitionSpec()}
 
 
-def _layer_of(path: tuple[Any, ...]) -> tuple[int, str] | None:
-    """``(l, "w"|"b")`` when a leaf's path ends in ``[l]["w"]`` or ``[l]["b"]``."""
-    if len(path) >= 2 and isinstance(path[-2], jax.tree_util.SequenceKey) \
-            and isinstance(path[-1], jax.tree_util.DictKey) and path[-1].key in ("w", "b"):
-        return path[-2].idx, path[-1].key
+def _dense_shape(layer: Any) -> tuple[int, int] | None:
+    """``(fan_in, fan_out)`` of a dense layer's params ``{"w", "b"}``, else None."""
+    if isinstance(layer, dict) and set(layer) == {"w", "b"} and np.ndim(layer["w"]) == 2:
+        return tuple(np.shape(layer["w"]))
     return None
 
 
 def state_shardings(state: PyTree, mesh: Mesh, model_axis: str | None = MODEL) -> PyTree:
     """A NamedSharding for every leaf of a TrainState.
 
-    The params and every params-shaped optimizer moment (a leaf whose path
-    ends in ``[l]["w"]``/``[l]["b"]`` with the layer's shape) follow
-    :func:`layer_splits`; everything else (the step, counts) is replicated.
+    The params and every optimizer moment shaped like them (a subtree with
+    the params' structure and shapes: adam's mu and nu, momentum's trace)
+    follow :func:`layer_splits`; everything else (the step, counts, the
+    layers of a Network that are not dense) is replicated.
     """
     size = _axis_size(mesh, model_axis)
-    shapes = tuple(tuple(np.shape(layer["w"])) for layer in state.params)
-    specs = [_layer_specs(split, model_axis) for split in layer_splits(shapes, size)]
+    params = state.params
+    shapes = tuple(_dense_shape(layer) for layer in params)
+    splits = layer_splits(shapes, size)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_shardings = tuple(
+        {name: NamedSharding(mesh, spec) for name, spec in _layer_specs(split, model_axis)
+         .items()} if shape is not None else jax.tree.map(lambda _: replicated, layer)
+        for layer, shape, split in zip(params, shapes, splits))
+    structure = jax.tree.structure(params)
+    leaf_shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
 
-    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
-        where = _layer_of(path)
-        if where is not None and where[0] < len(shapes):
-            l, name = where
-            expected = shapes[l] if name == "w" else shapes[l][1:]
-            if tuple(np.shape(leaf)) == expected:
-                return NamedSharding(mesh, specs[l][name])
-        return NamedSharding(mesh, PartitionSpec())
+    def like_params(node: Any) -> bool:
+        return (jax.tree.structure(node) == structure
+                and [np.shape(leaf) for leaf in jax.tree.leaves(node)] == leaf_shapes)
 
-    return jax.tree_util.tree_map_with_path(one, state)
+    return jax.tree.map(lambda node: param_shardings if like_params(node) else replicated,
+                        state, is_leaf=like_params)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, data_axis: str = DATA,
@@ -278,9 +297,9 @@ def make_sharded_train_loop(
     loop = make_train_loop(net, optimizer, steps, grad, donate=False, precision=precision)
 
     def body(state: TrainState, xs: Array, ys: Array):
-        if np.ndim(xs) != 3:
-            raise ValueError(f"xs has shape {np.shape(xs)} but expected (steps, batch, n_in) "
-                             f"= ({steps}, batch, {net.sizes[0]}): one batch per step")
+        if np.ndim(xs) != sample_rank(net) + 2:
+            raise ValueError(f"xs has shape {np.shape(xs)} but expected (steps, batch, "
+                             f"*sample) with steps = {steps}: one batch per step")
         return loop(state, xs, ys)
 
     return _over_mesh(body, mesh, data_axis, model_axis, donate, batch_dim=1)

@@ -1,40 +1,90 @@
-"""The verification suite: random MLPs x activations x losses x dtypes through verify_grads.
+"""The verification suite: random MLPs and networks x activations x losses x dtypes.
 
 Every hidden activation meets every loss in every dtype asked for; each case
 draws its own depth, widths, batch, output activation and data from a seeded
-NumPy generator, so a run is reproducible from ``seed``.
+NumPy generator, so a run is reproducible from ``seed``. After the MLPs of a
+dtype come random :class:`jaxbp.Network` s (:func:`random_network`: convs
+with stride 1 and 2, SAME and VALID, kernels 1-5, pools, LayerNorm, residual
+blocks), one per loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp import layers, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.activations import ACTIVATIONS
 from jaxbp.backprop import value_and_backprop
 from jaxbp.losses import LOSSES
 from jaxbp.mlp import MLP
+from jaxbp.network import Network
 from jaxbp.verify import GradReport, verify_grads
 
 DTYPES = ("float64", "float32", "bfloat16")
 
 
+def random_network(i: int, dtype: str) -> tuple[Network, int]:
+    """Network case i (and its batch): a conv stem (1-2 convs: stride 1 or 2, SAME or
+    VALID, kernels 1-5), maybe a MaxPool/AvgPool, Flatten, maybe LayerNorm, a Dense,
+    every other case a residual block (Dense, LayerNorm, Dense), the output Dense.
+
+    Over i = 0..17 every layer type, padding, stride 1 and 2, kernel size 1-5,
+    every activation and loss, batch 1, one channel and 1x1 images occur.
+    """
+    acts, losses = sorted(ACTIVATIONS), sorted(LOSSES)
+    rng = np.random.default_rng(2000 + i)
+    h = int(rng.integers(1, 10)) if i % 6 else 1
+    w = int(rng.integers(1, 10)) if i % 6 else 1
+    c = int(rng.integers(1, 4)) if i % 4 else 1
+    chain: list[Any] = []
+    shape = (h, w)
+    for _ in range(int(rng.integers(1, 3))):
+        k = (int(rng.integers(1, 6)), int(rng.integers(1, 6)))
+        fits = all(size >= kk for size, kk in zip(shape, k))
+        padding = "VALID" if rng.random() < 0.4 and fits else "SAME"
+        conv = layers.Conv2D(int(rng.integers(1, 5)), k, int(rng.integers(1, 3)), padding,
+                             acts[(i + len(chain)) % 9])
+        chain.append(conv)
+        shape = conv.output_shape((*shape, 1))[:2]
+    if min(shape) >= 2 and rng.random() < 0.7:
+        chain.append(layers.MaxPool(2) if i % 2 else layers.AvgPool((2, 1)))
+    chain.append(layers.Flatten())
+    if i % 3 == 0:
+        chain.append(layers.LayerNorm())
+    width = int(rng.integers(2, 12))
+    chain.append(layers.Dense(width, acts[i % 9]))
+    if i % 2 == 0:
+        chain.append(layers.Residual((layers.Dense(width, acts[(i + 4) % 9]),
+                                      layers.LayerNorm(), layers.Dense(width))))
+    loss = losses[i % 3]
+    n_out = int(rng.integers(2, 6))
+    chain.append(layers.Dense(n_out, acts[(i // 3) % 9] if loss == "squared_error"
+                              else "identity"))
+    batch = 1 if i % 5 == 0 else int(rng.integers(2, 9))
+    return Network(tuple(chain), (h, w, c), loss, dtype), batch
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One suite case: a network, its data and the PRNG seed of its params."""
+    """One suite case: a network (MLP or Network), its data and the PRNG seed of its params."""
 
-    net: MLP
+    net: MLP | Network
     batch: int
     seed: int
     label_targets: bool
 
     def describe(self) -> str:
-        """``sizes act->out_act loss dtype`` on one line."""
+        """``sizes act->out_act loss dtype`` on one line (the layers for a Network)."""
+        if isinstance(self.net, Network):
+            labels = " (int labels)" if self.label_targets else ""
+            return f"{network.describe(self.net)} B={self.batch}{labels}"
         hidden = ",".join(dict.fromkeys(self.net.hidden_activations)) or "-"
         labels = " (int labels)" if self.label_targets else ""
         return (f"{'x'.join(map(str, self.net.sizes)):<18} B={self.batch:<3} "
@@ -47,8 +97,10 @@ def random_cases(
     max_depth: int = 4,
     max_width: int = 16,
     max_batch: int = 16,
+    networks: int = 3,
 ) -> Iterator[Case]:
-    """Every (activation, loss, dtype) once, each with a random architecture.
+    """Every (activation, loss, dtype) once, each with a random architecture; then per
+    dtype ``networks`` random :class:`jaxbp.Network` s (:func:`random_network`).
 
     Depth (weight layers) in ``[1, max_depth]``, widths in ``[1, max_width]``,
     batch in ``[1, max_batch]``; the output activation is drawn from all
@@ -70,14 +122,19 @@ def random_cases(
                 labels = loss == "softmax_cross_entropy" and bool(rng.random() < 0.5)
                 yield Case(net, int(rng.integers(1, max_batch + 1)),
                            int(rng.integers(2**31)), labels)
+        for _ in range(networks):
+            net, batch = random_network(int(rng.integers(0, 10_000)), dtype)
+            labels = net.loss == "softmax_cross_entropy" and bool(rng.random() < 0.5)
+            yield Case(net, batch, int(rng.integers(2**31)), labels)
 
 
 def case_data(case: Case) -> tuple[tuple[dict[str, Array], ...], Array, Array]:
     """Params, x and y for a case, all drawn from ``case.seed``."""
     key_p, key_x, key_y = jax.random.split(jax.random.key(case.seed), 3)
     net, dtype = case.net, jnp.dtype(case.net.dtype)
-    n_in, n_out = net.sizes[0], net.sizes[-1]
-    x = jax.random.normal(key_x, (case.batch, n_in), dtype)
+    n_out = net.n_out
+    sample = net.input_shape if isinstance(net, Network) else (net.sizes[0],)
+    x = jax.random.normal(key_x, (case.batch, *sample), dtype)
     if case.label_targets:
         y = jax.random.randint(key_y, (case.batch,), 0, n_out)
     elif net.loss == "squared_error":

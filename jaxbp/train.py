@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbp import _checks
+from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
 from jaxbp.mlp import MLP, forward
+from jaxbp.network import Network
 from jaxbp.peaks import check_precision, precision_scope
 
 GradFn = Callable[[MLP, Params, Array, Array, Array], tuple[Any, ...]]
@@ -99,9 +100,12 @@ def correct(net: MLP, out: Array, y: Array) -> Array | None:
 
 
 def _nonfinite_layer(grads: Params) -> Array:
-    """Index of the first layer whose grads hold a NaN/inf, or -1."""
+    """Index of the first layer whose grads hold a NaN/inf, or -1 (a layer without params
+    is finite)."""
     # one fused reduction per leaf: no copy of the gradient into a concatenated buffer
-    bad = jnp.stack([~(jnp.all(jnp.isfinite(g["w"])) & jnp.all(jnp.isfinite(g["b"])))
+    bad = jnp.stack([~functools.reduce(jnp.logical_and,
+                                       [jnp.all(jnp.isfinite(leaf)) for leaf in
+                                        jax.tree.leaves(g)], jnp.bool_(True))
                      for g in grads])
     return jnp.where(jnp.any(bad), jnp.argmax(bad), -1)
 
@@ -120,8 +124,13 @@ def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
     if hits is not None:
         metrics["accuracy"] = jnp.mean(hits)
     if y.ndim == 1:  # integer labels: values are not known at trace time, so count them here
-        metrics["invalid_labels"] = invalid_label_count(y, net.sizes[-1])
+        metrics["invalid_labels"] = invalid_label_count(y, net.n_out)
     return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def sample_rank(net: MLP | Network) -> int:
+    """The rank of one input sample: 1 for an MLP, ``len(input_shape)`` for a Network."""
+    return len(net.input_shape) if isinstance(net, Network) else 1
 
 
 def invalid_label_count(labels: Array, n_classes: int) -> Array:
@@ -212,7 +221,7 @@ def make_train_loop(
 
     def loop(state: TrainState, xs: Array, ys: Array) -> tuple[TrainState, dict[str, Array]]:
         xs = _checks.as_array("xs", xs)
-        per_step = np.ndim(xs) == 3
+        per_step = np.ndim(xs) == sample_rank(net) + 2  # (k, batch, *sample)
         if per_step and (np.shape(xs)[0] != steps or np.shape(ys)[0] != steps):
             raise ValueError(f"xs has shape {np.shape(xs)} and ys {np.shape(ys)} but expected "
                              f"a leading axis of steps = {steps} (or one batch for all steps)")
@@ -233,7 +242,8 @@ def make_train_loop(
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(net: MLP, params: Params, x: Array, y: Array, mask: Array) -> tuple[Array, Array]:
-    out = forward(net, params, x).acts[-1]
+    out = (network.forward(net, params, x)[0] if isinstance(net, Network)
+           else forward(net, params, x).acts[-1])
     losses = net.loss_fn.sample_loss(out, y).astype(jnp.float32)
     hits = correct(net, out, y)
     hits = jnp.zeros_like(losses) if hits is None else hits

@@ -48,3 +48,18 @@ def assert_trees_close(manual, reference, dtype):
         return
     errors = leaf_rel_errors(manual, reference)
     assert max(errors) <= RTOL[dtype], f"{dtype} per-leaf relative errors {errors}"
+
+
+def assert_no_less_accurate(manual, autodiff, truth, dtype):
+    """Manual within RTOL[dtype] of the float64 truth per leaf, or, where the chain is
+    ill-conditioned, no further from it than twice jax.grad's own error in that dtype.
+
+    Why: a LayerNorm over 2 features with 1/std = 18 amplifies float32 rounding about
+    100-fold; there jax.grad is 3e-5 off the truth while the manual gradient is 3e-6 off,
+    so manual vs jax.grad fails a 1e-5 test that manual vs the truth passes.
+    """
+    manual_errors = leaf_rel_errors(manual, truth)
+    autodiff_errors = leaf_rel_errors(autodiff, truth)
+    worst = [(i, m, a) for i, (m, a) in enumerate(zip(manual_errors, autodiff_errors))
+             if m > max(RTOL[dtype], 2 * a)]
+    assert not worst, f"{dtype} leaves (index, manual, jax.grad) off the float64 truth: {worst}"

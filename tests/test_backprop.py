@@ -64,7 +64,7 @@ def test_sweep_covers_the_space():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("i", range(N_CASES))
+@pytest.mark.parametrize("i", range(0, N_CASES, 2))  # 54 cases: every activation and loss
 def test_float64_matches_autodiff(i):
     with jax.enable_x64(True):
         net, params, x, y = sweep_case(i, "float64")
@@ -76,7 +76,7 @@ def test_float64_matches_autodiff(i):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("i", range(0, N_CASES, 2))  # float64 takes all 108: compiles dominate
+@pytest.mark.parametrize("i", range(0, N_CASES, 4))  # 27 cases: compiles dominate the time
 def test_float32_matches_autodiff(i):
     net, params, x, y = sweep_case(i, "float32")
     loss_m, grads_m = jaxbp.value_and_backprop(net, params, x, y)

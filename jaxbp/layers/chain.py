@@ -1,0 +1,82 @@
+"""A chain of layer records: shapes, init, the forward pass and the one reversed loop.
+
+The recursion over any chain is the seeds' recursion with each layer's own
+``J^T``: starting from the error at the chain's output,
+
+.. math::
+    \\delta_{in}^{(l)} = J_l^\\top \\delta_{out}^{(l)}, \\qquad
+    \\delta_{out}^{(l-1)} = \\delta_{in}^{(l)}
+
+and every layer reads its parameter gradient from its cached input and
+``delta_out``. :class:`jaxbp.Network` and :class:`jaxbp.layers.Residual` are chains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from jaxbp._typing import Array
+from jaxbp.layers.base import LAYER_TYPES, LayerError, Shape
+
+
+def check_layers(layers: Any, where: str) -> tuple[Any, ...]:
+    """The layers as a tuple, each a registered record (else a TypeError naming it)."""
+    if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
+        raise TypeError(f"{where} must be a non-empty sequence of layers (jaxbp.layers.Dense, "
+                        f"Conv2D, ...), got {type(layers).__name__}")
+    for i, layer in enumerate(layers):
+        if type(layer).__name__ not in LAYER_TYPES or LAYER_TYPES[type(layer).__name__] \
+                is not type(layer):
+            raise TypeError(f"{where}[{i}] is a {type(layer).__name__}, which is no layer "
+                            f"jaxbp knows; the layer types are {sorted(LAYER_TYPES)}")
+    return tuple(layers)
+
+
+def chain_shapes(layers: tuple[Any, ...], in_shape: Shape, where: str) -> list[Shape]:
+    """``[in_shape, shape after layer 0, ...]``; a layer that does not fit raises
+    :class:`~jaxbp.layers.base.LayerError` naming its index and type."""
+    shapes = [tuple(in_shape)]
+    for i, layer in enumerate(layers):
+        try:
+            shapes.append(tuple(layer.output_shape(shapes[-1])))
+        except LayerError:
+            raise
+        except ValueError as err:
+            raise LayerError(f"{where}[{i}] ({type(layer).__name__}): {err}") from None
+    return shapes
+
+
+def chain_init(layers: tuple[Any, ...], key: Array, shapes: list[Shape],
+               dtype: Any) -> tuple[Any, ...]:
+    keys = jax.random.split(key, len(layers))
+    return tuple(layer.init(k, shape, dtype) for layer, k, shape in zip(layers, keys, shapes))
+
+
+def chain_forward(layers: tuple[Any, ...], params: Sequence[Any],
+                  x: Array) -> tuple[Array, tuple[Any, ...]]:
+    """The output and every layer's cache."""
+    caches = []
+    for layer, p in zip(layers, params):
+        x, cache = layer.forward(p, x)
+        caches.append(cache)
+    return x, tuple(caches)
+
+
+def chain_backward(layers: tuple[Any, ...], params: Sequence[Any], caches: Sequence[Any],
+                   delta: Array, need_input: bool = True
+                   ) -> tuple[Array | None, tuple[Any, ...], tuple[Array, ...]]:
+    """The one reversed loop: ``(delta at the chain's input, grads, delta at each output)``.
+
+    ``deltas[l]`` is the error arriving at layer l's output (what its per-sample
+    rules take). The first layer passes no error on unless ``need_input``.
+    """
+    grads: list[Any] = [None] * len(layers)
+    deltas: list[Array] = [None] * len(layers)
+    for l in reversed(range(len(layers))):
+        deltas[l] = delta
+        delta, grads[l] = layers[l].backward(params[l], caches[l], delta,
+                                             need_input=need_input or l > 0)
+    return delta, tuple(grads), tuple(deltas)

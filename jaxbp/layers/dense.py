@@ -1,0 +1,89 @@
+"""Dense: ``a = g(x W + b)``, the seeds' layer; its three equations are written out here.
+
+.. math::
+    z = a_{in} W + b, \\qquad a = g(z)
+
+    \\delta = \\delta_a \\odot g'(z), \\qquad
+    \\delta_{in} = \\delta W^\\top, \\qquad
+    \\frac{\\partial C}{\\partial W} = a_{in}^\\top \\delta, \\qquad
+    \\frac{\\partial C}{\\partial b} = \\sum_n \\delta_n
+
+(``delta_a`` is the error arriving at the layer's output a; the layer's own
+activation turns it into the error at z, seed 002's ``E = ... R'(Z)``.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp._typing import Array
+from jaxbp.activations import get_activation
+from jaxbp.layers.base import Shape, register, variance_init
+
+
+def _dot(a: Array, b: Array, transpose_a: bool = False, transpose_b: bool = False) -> Array:
+    """``a @ b`` (``a.T``/``b.T`` as contraction dimensions), one dot_general."""
+    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """A fully connected layer on (batch, d) inputs: ``g(x W + b)``, W: (d, units).
+
+    Args:
+      units: the output width (>= 1).
+      activation: a name of :data:`jaxbp.ACTIVATIONS` (default identity).
+    """
+
+    units: int
+    activation: str = "identity"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.units, bool) or not isinstance(self.units, int) or self.units < 1:
+            raise ValueError(f"Dense units must be an int >= 1, got {self.units!r}")
+        get_activation(self.activation)
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        if len(in_shape) != 1:
+            raise ValueError(f"takes (batch, features) inputs but gets samples of shape "
+                             f"{in_shape}; put a Flatten() before it")
+        return (self.units,)
+
+    def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
+        fan_in = in_shape[0]
+        he = get_activation(self.activation).he_init
+        return {"w": variance_init(key, (fan_in, self.units), fan_in, self.units, he, dtype),
+                "b": jnp.zeros((self.units,), dtype)}
+
+    def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, ...]]:
+        z = _dot(x, params["w"]) + params["b"]            # z = a_in W + b
+        a = get_activation(self.activation).g(z)          # a = g(z)
+        return a, (x, z, a)
+
+    def backward(self, params: dict[str, Array], cache: tuple[Array, ...], delta_a: Array,
+                 need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
+        x, z, a = cache
+        delta = delta_a * get_activation(self.activation).dg(z, a)   # delta = delta_a g'(z)
+        grads = {"w": _dot(x, delta, transpose_a=True),              # dC/dW = a_in^T delta
+                 "b": jnp.sum(delta, axis=0)}                        # dC/db = sum_n delta_n
+        delta_in = _dot(delta, params["w"], transpose_b=True) if need_input else None
+        return delta_in, grads                                        # delta_in = delta W^T
+
+    def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
+                         delta_a: Array) -> dict[str, Array]:
+        x, z, a = cache
+        delta = delta_a * get_activation(self.activation).dg(z, a)
+        return {"w": x[:, :, None] * delta[:, None, :], "b": delta}  # g_i = a_i (x) delta_i
+
+    def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
+                            delta_a: Array) -> Array:
+        x, z, a = cache
+        delta = delta_a * get_activation(self.activation).dg(z, a)
+        # ||a_i delta_i^T||^2 + ||delta_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)
+        return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1)

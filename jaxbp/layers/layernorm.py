@@ -1,0 +1,80 @@
+"""LayerNorm over the last axis, with scale and bias; the backward by its formula.
+
+.. math::
+    \\mu = \\frac{1}{d}\\sum_k x_k, \\quad \\sigma^2 = \\frac{1}{d}\\sum_k (x_k - \\mu)^2,
+    \\quad \\hat x = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}, \\quad
+    y = \\gamma \\hat x + \\beta
+
+    \\frac{\\partial C}{\\partial \\gamma} = \\sum \\delta \\hat x, \\quad
+    \\frac{\\partial C}{\\partial \\beta} = \\sum \\delta, \\quad
+    \\delta_{in} = \\frac{1}{\\sqrt{\\sigma^2 + \\epsilon}}\\Big(g - \\overline{g}
+        - \\hat x \\, \\overline{g \\hat x}\\Big), \\quad g = \\gamma \\delta
+
+(bars: means over the last axis; the sums run over every axis but the last).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxbp._typing import Array
+from jaxbp.layers.base import Shape, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class LayerNorm:
+    """Normalise each sample's last axis (per position for images), then scale and shift.
+
+    Args:
+      eps: added to the variance (default 1e-5).
+
+    Params: ``{"scale": (d,), "bias": (d,)}``, initialised to ones and zeros.
+    """
+
+    eps: float = 1e-5
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        if not in_shape:
+            raise ValueError("needs at least one feature axis")
+        return in_shape
+
+    def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
+        d = in_shape[-1]
+        return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
+
+    def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, Array]]:
+        mu = jnp.mean(x, axis=-1, keepdims=True)
+        centred = x - mu
+        inv_std = 1 / jnp.sqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        x_hat = centred * inv_std                                   # (x - mu) / sqrt(var + eps)
+        return x_hat * params["scale"] + params["bias"], (x_hat, inv_std)
+
+    def backward(self, params: dict[str, Array], cache: tuple[Array, Array], delta_out: Array,
+                 need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
+        x_hat, inv_std = cache
+        axes = tuple(range(delta_out.ndim - 1))
+        grads = {"scale": jnp.sum(delta_out * x_hat, axis=axes),
+                 "bias": jnp.sum(delta_out, axis=axes)}
+        if not need_input:
+            return None, grads
+        g = delta_out * params["scale"]
+        # delta_in = (g - mean(g) - x_hat mean(g x_hat)) / sqrt(var + eps)
+        delta_in = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True)
+                              - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+        return delta_in, grads
+
+    def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, Array],
+                         delta_out: Array) -> dict[str, Array]:
+        x_hat = cache[0]
+        axes = tuple(range(1, delta_out.ndim - 1))
+        return {"scale": jnp.sum(delta_out * x_hat, axis=axes),
+                "bias": jnp.sum(delta_out, axis=axes)}
+
+    def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, Array],
+                            delta_out: Array) -> Array:
+        grads = self.per_sample_grads(params, cache, delta_out)
+        return jnp.sum(grads["scale"] ** 2, axis=1) + jnp.sum(grads["bias"] ** 2, axis=1)

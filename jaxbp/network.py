@@ -1,0 +1,173 @@
+"""Network: any chain of layer records with a loss; its forward pass and the one reversed loop.
+
+.. math::
+    a^{(0)} = x, \\quad a^{(l)} = f_l(a^{(l-1)}), \\quad C = \\frac{1}{N}\\sum_n l(a^{(L)}_n, y_n)
+
+    \\delta^{(L)} = \\frac{\\partial C}{\\partial a^{(L)}} = \\frac{1}{N}\\frac{\\partial l}
+        {\\partial a^{(L)}}, \\qquad \\delta^{(l-1)} = J_l^\\top \\delta^{(l)}
+
+(the fused ``(p - y) / N`` for the cross-entropies on logits; each layer's
+``J^T`` and parameter gradient are its record's hand-written backward,
+:mod:`jaxbp.layers`). Nothing here calls JAX's autodiff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp._typing import Array, ArrayLike, PRNGKey
+from jaxbp.layers.base import LayerError
+from jaxbp.layers.chain import (
+    chain_backward,
+    chain_forward,
+    chain_init,
+    chain_shapes,
+    check_layers,
+)
+from jaxbp.losses import LOSSES, Loss, get_loss, mean_loss, sample_loss_and_grad
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A chain of layers, an input shape and a loss. Frozen and hashable (a static jit arg).
+
+    Args:
+      layers: records of :mod:`jaxbp.layers` (``Dense``, ``Conv2D``, ``MaxPool``,
+        ``AvgPool``, ``Flatten``, ``LayerNorm``, ``Residual``).
+      input_shape: one sample's shape, e.g. ``(8, 8, 1)`` for NHWC images or
+        ``(64,)`` for vectors.
+      loss: a name of :data:`jaxbp.LOSSES`; the chain must end in ``(n_out,)``.
+      dtype: the floating dtype :meth:`init` gives the parameters.
+
+    Raises:
+      TypeError: a layer that is not a registered record.
+      jaxbp.layers.LayerError: a layer that does not fit its input (names
+        ``layers[i] (Type)``: a Dense on 4-D activations, a kernel larger
+        than a VALID input, a Residual that changes the shape, ...).
+      ValueError: an unknown loss or dtype, or an output that is not a vector.
+    """
+
+    layers: tuple[Any, ...]
+    input_shape: tuple[int, ...]
+    loss: str = "softmax_cross_entropy"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", check_layers(self.layers, "layers"))
+        shape = self.input_shape
+        if (isinstance(shape, str) or not isinstance(shape, Sequence) or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                           for d in shape)):
+            raise ValueError(f"input_shape must be a non-empty tuple of ints >= 1 (one "
+                             f"sample's shape), got {shape!r}")
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in shape))
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
+            raise ValueError(f"Unknown loss {self.loss!r}. It needs to be one of "
+                             f"{sorted(LOSSES)}.")
+        try:
+            name = jnp.dtype(self.dtype).name
+        except TypeError:
+            name = None
+        if name not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {list(_FLOAT_DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", name)
+        out = self.shapes[-1]
+        if len(out) != 1:
+            raise LayerError(f"layers[{len(self.layers) - 1}] ({type(self.layers[-1]).__name__})"
+                             f": the network must end in a vector (n_out,) for the loss, got "
+                             f"{out}; add Flatten() and a Dense")
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """One sample's shape before the first layer and after every layer."""
+        return chain_shapes(self.layers, self.input_shape, "layers")
+
+    @property
+    def n_out(self) -> int:
+        """The width of the output a^L (the number of classes for the cross-entropies)."""
+        return self.shapes[-1][0]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def loss_fn(self) -> Loss:
+        return get_loss(self.loss)
+
+    def init(self, key: PRNGKey) -> tuple[Any, ...]:
+        """Fresh parameters: a tuple, one entry per layer (``{}`` for a layer without any).
+
+        Dense and Conv2D weights are truncated normals with He (relu family) or
+        Glorot variance by their activation, as :meth:`jaxbp.MLP.init`; biases 0;
+        LayerNorm scale 1 and bias 0.
+        """
+        if self.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise ValueError("dtype 'float64' needs 64-bit JAX: call "
+                             "jax.config.update('jax_enable_x64', True) or use "
+                             "`with jax.enable_x64(True):` first")
+        return chain_init(self.layers, key, self.shapes, jnp.dtype(self.dtype))
+
+    def apply(self, params: Any, x: ArrayLike) -> Array:
+        """The network output a^L, (batch, n_out)."""
+        from jaxbp import _checks
+
+        x, _ = _checks.check_inputs(self, params, x)
+        return forward(self, params, x)[0]
+
+    def cost(self, params: Any, x: ArrayLike, y: ArrayLike) -> Array:
+        """C, the mean over the batch of the per-sample loss."""
+        from jaxbp import _checks
+
+        x, y = _checks.check_inputs(self, params, x, y)
+        return mean_loss(self.loss_fn, forward(self, params, x)[0], y)
+
+    def param_shapes(self) -> Any:
+        """The params' pytree of ``ShapeDtypeStruct`` (no arrays made)."""
+        return jax.eval_shape(self.init, jax.random.key(0))
+
+
+def forward(net: Network, params: Any, x: Array) -> tuple[Array, tuple[Any, ...]]:
+    """The output a^L and every layer's cache, for checked inputs."""
+    return chain_forward(net.layers, params, x)
+
+
+def value_grads_and_output(net: Network, params: Any, x: Array,
+                           y: Array) -> tuple[Array, Any, Array]:
+    """C, dC/dparams by the reversed loop over the layer records, and a^L (checked inputs).
+
+    The loss value and ``dl/da`` come from one pass (the fused softmax form).
+    """
+    out, caches = forward(net, params, x)
+    losses, dl_da = sample_loss_and_grad(net.loss_fn, out, y)
+    delta = dl_da / out.shape[0]                        # dC/da^L = (1/N) dl/da^L
+    _, grads, _ = chain_backward(net.layers, params, caches, delta, need_input=False)
+    return jnp.mean(losses), grads, out
+
+
+def layer_deltas(net: Network, params: Any, x: Array, y: Array,
+                 per_sample: bool = False) -> tuple[Array, tuple[Any, ...], tuple[Array, ...]]:
+    """``(a^L, caches, deltas)``: every layer's cache and the error at its output.
+
+    ``per_sample=True`` gives each sample's own errors (not divided by N).
+    """
+    out, caches = forward(net, params, x)
+    delta = net.loss_fn.sample_grad(out, y)
+    if not per_sample:
+        delta = delta / out.shape[0]
+    _, _, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
+    return out, caches, deltas
+
+
+def describe(net: Network) -> str:
+    """One line: the input, each layer with its output shape, the loss."""
+    parts = [f"{type(layer).__name__}->{'x'.join(map(str, shape))}"
+             for layer, shape in zip(net.layers, net.shapes[1:])]
+    return f"input {'x'.join(map(str, net.input_shape))}: " + ", ".join(parts) + f"; {net.loss}"

@@ -1,0 +1,164 @@
+"""Network: the reversed loop over layer records against jax.grad, over random chains."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import assert_no_less_accurate, assert_trees_close, leaf_rel_errors
+
+import jaxbp
+from jaxbp import layers as L
+from jaxbp.network import Network
+from jaxbp.suite import random_network
+
+LOSSES = sorted(jaxbp.LOSSES)
+N_CASES = 18  # every activation twice, every loss six times
+
+
+def network_case(i: int, dtype: str):
+    net, batch = random_network(i, dtype)
+    rng = np.random.default_rng(i)
+    x = jnp.asarray(rng.standard_normal((batch, *net.input_shape)), dtype)
+    n_out = net.n_out
+    labels = rng.integers(0, n_out, size=batch)
+    if net.loss == "squared_error":
+        y = jnp.asarray(rng.standard_normal((batch, n_out)), dtype)
+    elif net.loss == "sigmoid_cross_entropy":
+        y = jnp.asarray(rng.random((batch, n_out)) < 0.5, dtype)
+    elif i % 2:
+        y = jnp.asarray(labels, jnp.int32)
+    else:
+        y = jnp.asarray(np.eye(n_out)[labels], dtype)
+    return net, net.init(jax.random.key(i)), x, y
+
+
+def test_cases_cover_the_space():
+    nets = [random_network(i, "float32") for i in range(N_CASES)]
+    kinds = {type(layer).__name__ for net, _ in nets for layer in net.layers}
+    assert kinds >= {"Conv2D", "MaxPool", "AvgPool", "Flatten", "LayerNorm", "Dense", "Residual"}
+    convs = [layer for net, _ in nets for layer in net.layers if isinstance(layer, L.Conv2D)]
+    assert {c.padding for c in convs} == {"SAME", "VALID"} and {1, 2} <= {c.stride[0]
+                                                                          for c in convs}
+    assert {k for c in convs for k in c.kernel} == {1, 2, 3, 4, 5}
+    assert {net.loss for net, _ in nets} == set(LOSSES)
+    assert min(b for _, b in nets) == 1 and (1, 1, 1) in {net.input_shape for net, _ in nets}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(N_CASES))
+def test_float64_matches_autodiff(i):
+    with jax.enable_x64(True):
+        net, params, x, y = network_case(i, "float64")
+        loss_m, grads_m = jaxbp.value_and_backprop(net, params, x, y)
+        loss_r, grads_r = jaxbp.value_and_autodiff(net, params, x, y)
+        np.testing.assert_allclose(loss_m, loss_r, rtol=1e-13)
+        errors = leaf_rel_errors(grads_m, grads_r)
+        assert max(errors, default=0.0) <= 1e-10, errors
+
+
+@pytest.mark.parametrize("i", range(0, N_CASES, 3))
+def test_float32_is_as_accurate_as_autodiff(i):
+    net, params, x, y = network_case(i, "float32")
+    _, grads_m = jaxbp.value_and_backprop(net, params, x, y)
+    _, grads_r = jaxbp.value_and_autodiff(net, params, x, y)
+    with jax.enable_x64(True):
+        as64 = lambda t: jax.tree.map(  # noqa: E731
+            lambda a: jnp.asarray(np.asarray(a, np.float64)), t)
+        net64 = Network(net.layers, net.input_shape, net.loss, "float64")
+        _, truth = jaxbp.value_and_autodiff(net64, as64(params), as64(x),
+                                            y if y.ndim == 1 else as64(y))
+    assert_no_less_accurate(grads_m, grads_r, truth, "float32")
+
+
+def test_maxpool_ties_go_to_the_first_input_as_in_jax():
+    # relu before the pool: windows of zeros tie; the error must go where jax.grad sends it
+    net = Network((L.Conv2D(2, (1, 1), activation="relu"), L.MaxPool(2), L.Flatten(),
+                   L.Dense(3)), (4, 4, 1), "squared_error")
+    params = net.init(jax.random.key(0))
+    x = -jnp.abs(jax.random.normal(jax.random.key(1), (3, 4, 4, 1)))  # all relu outputs 0
+    y = jnp.ones((3, 3))
+    _, manual = jaxbp.value_and_backprop(net, params, x, y)
+    _, reference = jaxbp.value_and_autodiff(net, params, x, y)
+    assert_trees_close(manual, reference, "float32")
+
+
+def test_manual_vjp_and_the_dense_rule_against_the_mlp():
+    mlp = jaxbp.MLP((6, 5, 3), "tanh", "identity", "squared_error")
+    net = Network((L.Dense(5, "tanh"), L.Dense(3)), (6,), "squared_error")
+    params = mlp.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    y = jax.random.normal(jax.random.key(2), (4, 3))
+    assert_trees_close(jaxbp.backprop(net, params, x, y), jaxbp.backprop(mlp, params, x, y),
+                       "float32")
+    through_vjp = jax.grad(lambda p: jnp.sum(jaxbp.apply_with_manual_vjp(net, p, x) ** 2))
+    direct = jax.grad(lambda p: jnp.sum(net.apply(p, x) ** 2))
+    assert_trees_close(through_vjp(params), direct(params), "float32")
+
+
+def test_manual_path_calls_no_autodiff(monkeypatch):
+    net, params, x, y = network_case(2, "float32")
+    _, reference = jaxbp.value_and_autodiff(net, params, x, y)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the manual path called jax autodiff")
+
+    for name in ("grad", "value_and_grad", "vjp", "jvp", "jacrev", "jacfwd", "linearize",
+                 "hessian", "linear_transpose"):
+        monkeypatch.setattr(jax, name, forbidden)
+    jax.clear_caches()
+    _, manual = jaxbp.value_and_backprop(net, params, x, y)
+    assert_trees_close(manual, reference, "float32")
+
+
+class TestErrors:
+    @pytest.mark.parametrize("build, error, words", [
+        (lambda: Network((L.Dense(3),), (4, 4, 1)), L.LayerError,
+         "layers[0] (Dense): takes (batch, features) inputs but gets samples of shape "
+         "(4, 4, 1); put a Flatten() before it"),
+        (lambda: Network((L.Conv2D(2, (5, 5), padding="VALID"), L.Flatten(), L.Dense(2)),
+                         (3, 8, 1)), L.LayerError,
+         "layers[0] (Conv2D): kernel (5, 5) is larger than its VALID input (3, 8)"),
+        (lambda: Network((L.Flatten(), L.Residual((L.Dense(3),)), L.Dense(2)), (4,)),
+         L.LayerError, "layers[1] (Residual): its inner chain changes the shape (4,) to (3,)"),
+        (lambda: L.Conv2D(2, (3, 3), padding="FULL"), ValueError,
+         "Unknown Conv2D padding 'FULL'"),
+        (lambda: Network((L.Conv2D(2),), (4, 4, 1)), L.LayerError,
+         "the network must end in a vector"),
+        (lambda: Network((L.Dense(2), "relu"), (4,)), TypeError,
+         "layers[1] is a str, which is no layer jaxbp knows"),
+        (lambda: Network((L.Dense(2),), (0,)), ValueError, "input_shape must be"),
+        (lambda: Network((L.Flatten(), L.MaxPool(2), L.Dense(2)), (4, 4, 1)), L.LayerError,
+         "layers[1] (MaxPool): takes (batch, height, width, channels)"),
+    ])
+    def test_bad_network_is_named(self, build, error, words):
+        with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")
+                           .replace("[", r"\[").replace("]", r"\]")):
+            build()
+
+    def test_bad_inputs(self):
+        net = Network((L.Conv2D(2), L.Flatten(), L.Dense(3)), (4, 4, 1))
+        params = net.init(jax.random.key(0))
+        with pytest.raises(ValueError, match=r"x has shape \(2, 4, 4\) but expected "
+                                             r"\(batch, 4, 4, 1\)"):
+            jaxbp.backprop(net, params, jnp.ones((2, 4, 4)), jnp.zeros(2, int))
+        bad = (dict(params[0], w=jnp.ones((3, 3, 1, 5))), *params[1:])
+        with pytest.raises(ValueError, match=r"params\[0\]\['w'\] has shape \(3, 3, 1, 5\) "
+                                             r"but expected \(3, 3, 1, 2\)"):
+            jaxbp.backprop(net, bad, jnp.ones((2, 4, 4, 1)), jnp.zeros(2, int))
+        with pytest.raises(ValueError, match=r"y holds labels outside \[0, 3\)"):
+            jaxbp.backprop(net, params, jnp.ones((2, 4, 4, 1)), jnp.array([0, 3]))
+
+
+def test_cnn_trains_in_the_step_and_fit():
+    digits = jaxbp.data.load_digits()
+    images = digits._replace(x_train=digits.x_train.reshape(-1, 8, 8, 1),
+                             x_test=digits.x_test.reshape(-1, 8, 8, 1))
+    net = Network((L.Conv2D(8, (3, 3), activation="relu"), L.MaxPool(2), L.Flatten(),
+                   L.Dense(10)), (8, 8, 1))
+    result = jaxbp.fit(net, optax.adam(3e-3), images, epochs=3, batch_size=64,
+                       key=jax.random.key(0), progress=False)
+    assert result.history["test_accuracy"][-1] > 0.85
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
