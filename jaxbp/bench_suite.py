@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxbp import layers
 from jaxbp.bench import (
+    MatmulShape,
     compile_ahead,
     describe_machine,
     gemm_rate,
@@ -55,6 +57,7 @@ from jaxbp.bench import (
     xla_cost,
 )
 from jaxbp.mlp import MLP
+from jaxbp.network import Network
 from jaxbp.peaks import device_peaks, matmul_arithmetic
 from jaxbp.train import TrainState, make_train_loop, make_train_step
 
@@ -82,15 +85,87 @@ class BenchCase:
         return MLP(self.sizes, "relu", "identity", self.loss, "float32", compute)
 
     @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.width,)
+
+    def flops(self) -> dict[str, int]:
+        """Matmul FLOPs of one step by kind (:func:`jaxbp.bench.step_matmul_flops`)."""
+        return step_matmul_flops(self.sizes, self.batch)
+
+    def gemm_shapes(self) -> tuple[MatmulShape, ...]:
+        """The widest layer's three matmuls, whose measured rates are the roof."""
+        width = max(self.sizes[:-1])
+        return step_matmul_shapes(self.batch, width, width)
+
+    @property
     def gflop(self) -> float:
         """Matmul GFLOP of one training step."""
-        return step_matmul_flops(self.sizes, self.batch)["total"] / 1e9
+        return self.flops()["total"] / 1e9
 
     def label(self, arithmetic: str | None = None) -> str:
         """``W512 D2 B32 CE float32``, with the arithmetic that ran: ``float32 (tf32)``."""
         loss = "CE" if self.loss == "softmax_cross_entropy" else "SE"
         ran = f" ({arithmetic})" if arithmetic else ""
         return f"W{self.width} D{self.depth} B{self.batch} {loss} {self.precision}{ran}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCase:
+    """A conv case: ``depth`` Conv2D(filters, 3x3, SAME, relu) on (side, side, channels)
+    images, Flatten, Dense(10); softmax cross-entropy.
+
+    A conv layer's matmul work is an implicit GEMM of ``M = B H W`` rows, ``K = 9 c_in``
+    and ``N = filters``, less the taps that fall on SAME padding's zeros (as XLA counts
+    them): per spatial axis ``3 side - 2`` of the ``3 side`` (position, tap) pairs touch
+    the image, so forward, input error and weight gradient are
+    ``2 B (3 side - 2)^2 c_in filters`` FLOPs each (no input error for the first layer).
+    """
+
+    side: int
+    channels: int
+    filters: int
+    depth: int
+    batch: int
+    precision: str = "float32"
+    loss: str = "softmax_cross_entropy"
+    n_out: int = 10
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.side, self.side, self.channels)
+
+    def net(self) -> Network:
+        convs = tuple(layers.Conv2D(self.filters, (3, 3), activation="relu")
+                      for _ in range(self.depth))
+        return Network((*convs, layers.Flatten(), layers.Dense(self.n_out)),
+                       self.input_shape, self.loss)
+
+    def flops(self) -> dict[str, int]:
+        rows = self.batch * self.side * self.side
+        taps = self.batch * (3 * self.side - 2) ** 2  # (sample, position, tap) on the image
+        per_layer = [2 * taps * c_in * self.filters
+                     for c_in in (self.channels, *(self.filters,) * (self.depth - 1))]
+        dense = 2 * rows * self.filters * self.n_out  # the Dense on the flattened maps
+        forward = weight_grad = sum(per_layer) + dense
+        input_error = sum(per_layer[1:]) + dense
+        return {"forward": forward, "weight_grad": weight_grad, "input_error": input_error,
+                "backward": weight_grad + input_error,
+                "total": forward + weight_grad + input_error}
+
+    def gemm_shapes(self) -> tuple[MatmulShape, ...]:
+        """The implicit GEMM of the widest conv (``B H W`` x ``9 filters`` x ``filters``)."""
+        rows = self.batch * self.side * self.side
+        return step_matmul_shapes(rows, 9 * self.filters, self.filters)
+
+    @property
+    def gflop(self) -> float:
+        return self.flops()["total"] / 1e9
+
+    def label(self, arithmetic: str | None = None) -> str:
+        """``CNN 16x16x8 F32 D2 B32 float32``."""
+        ran = f" ({arithmetic})" if arithmetic else ""
+        return (f"CNN {self.side}x{self.side}x{self.channels} F{self.filters} D{self.depth} "
+                f"B{self.batch} {self.precision}{ran}")
 
 
 def _grid(widths: Iterable[int], depths: Iterable[int], batches: Iterable[int]) -> list[BenchCase]:
@@ -100,13 +175,18 @@ def _grid(widths: Iterable[int], depths: Iterable[int], batches: Iterable[int]) 
 
 
 QUICK = [c for c in _grid((64, 512), (2, 4), (32, 512))
-         if not (c.loss == "squared_error" and c.depth == 4)]
-"""The CPU ``--quick`` preset: 24 small cases, about 2 minutes on 2 CPU cores."""
+         if not (c.loss == "squared_error" and c.depth == 4)] + [
+    ConvCase(8, 1, 16, 2, 32), ConvCase(8, 1, 16, 2, 256), ConvCase(16, 8, 32, 2, 32),
+    ConvCase(16, 8, 32, 2, 128)]
+"""The CPU ``--quick`` preset: 24 small MLP cases and 4 CNNs, about 3 minutes on 2 CPU
+cores."""
 
 QUICK_ACCELERATOR = [c for c in _grid((1024, 4096), (2, 4), (512, 8192))
-                     if not (c.loss == "squared_error" and c.depth == 4)]
-"""The ``--quick`` preset on a GPU/TPU: 24 cases of 3 to 3300 matmul GFLOP per step, so
-that no case is launch-bound (the CPU preset's smallest would be microseconds there)."""
+                     if not (c.loss == "squared_error" and c.depth == 4)] + [
+    ConvCase(32, 16, 64, 2, 256), ConvCase(32, 64, 128, 2, 512)]
+"""The ``--quick`` preset on a GPU/TPU: 24 MLP cases of 3 to 3300 matmul GFLOP per step
+and 2 CNNs, so that no case is launch-bound (the CPU preset's smallest would be
+microseconds there)."""
 
 FULL = _grid((64, 256, 1024, 4096), (2, 4, 8), (32, 256, 4096))
 """Widths 64..4096, depths 2..8, batch 32..4096, both losses and precisions (144 cases);
@@ -118,9 +198,9 @@ def quick_cases(platform: str) -> list[BenchCase]:
     return QUICK if platform == "cpu" else QUICK_ACCELERATOR
 
 
-def _data(case: BenchCase) -> tuple[jax.Array, jax.Array]:
+def _data(case: BenchCase | ConvCase) -> tuple[jax.Array, jax.Array]:
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(case.batch, case.width)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(case.batch, *case.input_shape)), jnp.float32)
     if case.loss == "softmax_cross_entropy":
         return x, jnp.asarray(rng.integers(0, case.n_out, size=case.batch), jnp.int32)
     return x, jnp.asarray(rng.normal(size=(case.batch, case.n_out)), jnp.float32)
@@ -147,7 +227,7 @@ def _fraction(value: float | None, roof: float | None) -> float | None:
     return None if value is None or not roof else value / roof
 
 
-def benchmark_case(case: BenchCase, budget_s: float = 1.0, precision: str | None = None,
+def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision: str | None = None,
                    steps: int | None = None, min_sample_s: float = 5e-3,
                    max_steps: int = 1000) -> dict[str, Any]:
     """Time, count and place one case (see the module docstring). Returns a JSON-able row.
@@ -190,10 +270,9 @@ def benchmark_case(case: BenchCase, budget_s: float = 1.0, precision: str | None
 
     timings = time_interleaved({g: call(g) for g in grads}, budget_s=budget_s,
                                compile_s=compile_s, min_sample_s=min_sample_s)
-    flops = step_matmul_flops(case.sizes, case.batch)
-    width = max(case.sizes[:-1])
+    flops = case.flops()
     compute = "bfloat16" if case.precision == "bf16-mixed" else None
-    shapes = step_matmul_shapes(case.batch, width, width)
+    shapes = case.gemm_shapes()
     rates = {shape.name: gemm_rate(shape, "float32", compute, budget_s=budget_s / 3,
                                    precision=precision) for shape in shapes}
     # time the measured rates need for the step's matmuls: each kind at its own shape's rate
@@ -389,8 +468,10 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> bool:
     if not rows:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for precision, marker in zip(PRECISIONS, ("o", "s")):
-        chosen = [r for r in rows if r["precision"] == precision]
+    groups = [(p, lambda r, p=p: r["precision"] == p and "side" not in r) for p in PRECISIONS]
+    groups.append(("CNN float32", lambda r: "side" in r))
+    for (precision, keep), marker in zip(groups, ("o", "s", "^")):
+        chosen = [r for r in rows if keep(r)]
         flops = [r["matmul_flops_per_step"] for r in chosen]
         axes[0].scatter(flops, [r["manual_over_autodiff"] for r in chosen], marker=marker,
                         label=precision)

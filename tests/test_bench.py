@@ -132,6 +132,19 @@ def test_hand_flop_count_matches_xla_for_the_matmuls():
     assert row["label"] == f"W32 D3 B16 CE float32 ({row['arithmetic']})"
 
 
+def test_conv_case_flops_match_xla_and_its_shapes_are_the_implicit_gemm():
+    from jaxbp.bench_suite import ConvCase, benchmark_case
+
+    case = ConvCase(side=6, channels=2, filters=4, depth=2, batch=4)
+    row = benchmark_case(case, budget_s=0.02, min_sample_s=1e-3)
+    for grad in ("backprop", "autodiff"):
+        ratio = row[grad]["xla_flops_per_step"] / row["matmul_flops_per_step"]
+        assert 1.0 <= ratio < 1.5, ratio  # the convs' in-image taps, plus elementwise work
+    assert [(s.m, s.k, s.n) for s in case.gemm_shapes()] == [(144, 36, 4), (144, 4, 36),
+                                                              (36, 144, 4)]
+    assert row["label"].startswith("CNN 6x6x2 F4 D2 B4 float32")
+
+
 def test_steps_per_call_scale_with_the_case():
     from jaxbp.bench_suite import BenchCase, benchmark_case
 
@@ -184,7 +197,7 @@ def test_accelerator_presets_are_device_aware(monkeypatch, capsys):
 
     assert bench_suite.quick_cases("cpu") is bench_suite.QUICK
     heavy = bench_suite.quick_cases("gpu")
-    assert len(heavy) == 24 and min(c.gflop for c in heavy) > 1  # not launch-bound
+    assert len(heavy) == 26 and min(c.gflop for c in heavy) > 1  # not launch-bound
     seen = {}
     monkeypatch.setattr(bench_suite, "run_suite",
                         lambda cases, out, name, **kw: seen.update(kw, cases=cases, name=name))

@@ -162,3 +162,15 @@ def test_cnn_trains_in_the_step_and_fit():
                        key=jax.random.key(0), progress=False)
     assert result.history["test_accuracy"][-1] > 0.85
     assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+
+
+def test_layer_stats_of_a_network_match_autodiff():
+    net, params, x, y = network_case(3, "float32")
+    stats = jaxbp.layer_stats(net, params, x, y)
+    _, grads = jaxbp.value_and_autodiff(net, params, x, y)
+    weighted = [l for l, p in enumerate(params) if isinstance(p, dict) and "w" in p]
+    expected = [np.linalg.norm(np.asarray(grads[l]["w"])) for l in weighted]
+    np.testing.assert_allclose(stats["grad_norm"], expected, rtol=1e-5)
+    np.testing.assert_allclose(stats["weight_norm"],
+                               [np.linalg.norm(np.asarray(params[l]["w"])) for l in weighted],
+                               rtol=1e-6)
