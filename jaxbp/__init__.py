@@ -1,6 +1,6 @@
-"""jaxbp: hand-written backpropagation for multi-layer perceptrons in JAX."""
+"""jaxbp: hand-written backpropagation in JAX, for MLPs and any chain of layers."""
 
-from jaxbp import checkpoint, data
+from jaxbp import checkpoint, data, layers
 from jaxbp.activations import ACTIVATIONS, Activation
 from jaxbp.autodiff import value_and_autodiff
 from jaxbp.backprop import (
@@ -17,6 +17,7 @@ from jaxbp.diagnostics import layer_stats
 from jaxbp.fit import FitResult, fit
 from jaxbp.losses import LOSSES, Loss
 from jaxbp.mlp import MLP, Cache, forward
+from jaxbp.network import Network
 from jaxbp.per_example import (
     clipped_grad,
     clipped_gradient,
@@ -42,6 +43,7 @@ __all__ = [
     "GradReport",
     "GradientCheckError",
     "Loss",
+    "Network",
     "TrainState",
     "apply_with_manual_vjp",
     "backprop",
@@ -62,6 +64,7 @@ __all__ = [
     "kfac_preconditioner",
     "layer_deltas",
     "layer_stats",
+    "layers",
     "make_train_loop",
     "make_train_step",
     "output_delta",

@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import _checks
+from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
 from jaxbp.backprop import layer_deltas, sample_output_delta
 from jaxbp.losses import mean_loss
 from jaxbp.mlp import MLP, Cache, forward, matmul
+from jaxbp.network import Network
 
 ClipNorm = float | Sequence[float] | Array
 """One global clip norm C, or one C_l per layer."""
@@ -55,8 +56,39 @@ def _layer_sq_norms(acts: tuple[Array, ...], deltas: tuple[Array, ...]) -> Array
                       for a_in, delta in zip(acts, deltas)], axis=1)
 
 
+def _parametrised(params: Params) -> list[int]:
+    """The layers of a Network that have parameters (the ones a gradient has entries for)."""
+    return [l for l, p in enumerate(params) if jax.tree.leaves(p)]
+
+
+def _network_sq_norms(net: Network, params: Params, caches: tuple[Any, ...],
+                      deltas: tuple[Array, ...]) -> Array:
+    """(B, G): each sample's squared gradient norm per parametrised layer, from the records."""
+    return jnp.stack([net.layers[l].per_sample_sq_norms(params[l], caches[l], deltas[l])
+                      for l in _parametrised(params)], axis=1)
+
+
+def _network_clipped_mean(net: Network, params: Params, x: Array, y: Array,
+                          clip_norm: Array) -> tuple[Array, Params, Array]:
+    """The clipped mean for a Network: per-sample errors at every layer's output (one
+    reversed loop), norms from the records, then each parametrised layer's gradient rule
+    applied once to its errors scaled by ``s_i / B`` (every rule is linear in them)."""
+    out, caches, deltas = network.layer_deltas(net, params, x, y, per_sample=True)
+    factors = _clip_factors(_network_sq_norms(net, params, caches, deltas), clip_norm)
+    grads = [jax.tree.map(jnp.zeros_like, p) for p in params]
+    for g, l in enumerate(_parametrised(params)):
+        scale = (factors[:, g] / x.shape[0]).reshape((-1,) + (1,) * (deltas[l].ndim - 1))
+        _, grads[l] = net.layers[l].backward(params[l], caches[l], deltas[l] * scale,
+                                             need_input=False)
+    return mean_loss(net.loss_fn, out, y), tuple(grads), out
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _per_example_grads(net: MLP, params: Params, x: Array, y: Array) -> Params:
+    if isinstance(net, Network):
+        _, caches, deltas = network.layer_deltas(net, params, x, y, per_sample=True)
+        return tuple(layer.per_sample_grads(p, c, d)
+                     for layer, p, c, d in zip(net.layers, params, caches, deltas))
     cache, deltas = _sample_deltas(net, params, x, y)
     return tuple({"w": jnp.einsum("bi,bj->bij", a_in, delta), "b": delta}
                  for a_in, delta in zip(cache.acts, deltas))
@@ -86,6 +118,9 @@ def per_example_grads(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> P
 
 @functools.partial(jax.jit, static_argnums=0)
 def _per_example_grad_norms(net: MLP, params: Params, x: Array, y: Array) -> Array:
+    if isinstance(net, Network):
+        _, caches, deltas = network.layer_deltas(net, params, x, y, per_sample=True)
+        return jnp.sqrt(jnp.sum(_network_sq_norms(net, params, caches, deltas), axis=1))
     cache, deltas = _sample_deltas(net, params, x, y)
     return jnp.sqrt(jnp.sum(_layer_sq_norms(cache.acts, deltas), axis=1))
 
@@ -105,6 +140,14 @@ def per_example_grad_norms(net: MLP, params: Params, x: ArrayLike, y: ArrayLike)
     return _per_example_grad_norms(net, params, x, y)
 
 
+def _clip_groups(net: MLP | Network) -> int:
+    """How many per-layer clip norms a net takes: its weight layers (MLP) or its layers
+    with parameters (Network)."""
+    if isinstance(net, Network):
+        return len(_parametrised(net.param_shapes()))
+    return net.n_layers
+
+
 def _check_clip_norm(net: MLP, clip_norm: Any) -> Any:
     """clip_norm checked: one number, or L numbers (one per layer), all > 0.
 
@@ -114,9 +157,11 @@ def _check_clip_norm(net: MLP, clip_norm: Any) -> Any:
     if isinstance(clip_norm, jax.core.Tracer):
         return clip_norm
     values = np.asarray(clip_norm, dtype=np.float64)
-    if values.ndim > 1 or (values.ndim == 1 and len(values) != net.n_layers):
-        raise ValueError(f"clip_norm must be one number or {net.n_layers} numbers (one per "
-                         f"layer), got shape {values.shape}: {clip_norm!r}")
+    groups = _clip_groups(net)
+    if values.ndim > 1 or (values.ndim == 1 and len(values) != groups):
+        which = "layer with parameters" if isinstance(net, Network) else "layer"
+        raise ValueError(f"clip_norm must be one number or {groups} numbers (one per "
+                         f"{which}), got shape {values.shape}: {clip_norm!r}")
     if not np.all(values > 0):
         raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
     return values
@@ -133,13 +178,12 @@ def _check_noise_and_clip(net: MLP, clip_norm: Any, noise_multiplier: Any) -> tu
     return clip_norm, noise_multiplier
 
 
-def _clip_factors(acts: tuple[Array, ...], deltas: tuple[Array, ...], clip_norm: Array) -> Array:
-    """(B, L): the factor each sample's layer error is scaled by.
+def _clip_factors(sq: Array, clip_norm: Array) -> Array:
+    """(B, L): the factor each sample's layer error is scaled by, from (B, L) ``||g_i^l||^2``.
 
     Global C: ``min(1, C / ||g_i||)`` for every layer; per-layer C_l:
     ``min(1, C_l / ||g_i^l||)``. A zero gradient keeps factor 1.
     """
-    sq = _layer_sq_norms(acts, deltas)
     clip_norm = jnp.asarray(clip_norm, sq.dtype)
     norms = jnp.sqrt(sq) if clip_norm.ndim == 1 else jnp.sqrt(jnp.sum(sq, axis=1,
                                                                       keepdims=True))
@@ -150,8 +194,10 @@ def _clip_factors(acts: tuple[Array, ...], deltas: tuple[Array, ...], clip_norm:
 def _clipped_mean(net: MLP, params: Params, x: Array, y: Array,
                   clip_norm: Array) -> tuple[Array, Params, Array]:
     """(C, (1/B) sum_i clip(g_i), a^L): one forward, one backward, then a^T (s * delta) / B."""
+    if isinstance(net, Network):
+        return _network_clipped_mean(net, params, x, y, clip_norm)
     cache, deltas = _sample_deltas(net, params, x, y)
-    factors = _clip_factors(cache.acts, deltas, clip_norm)
+    factors = _clip_factors(_layer_sq_norms(cache.acts, deltas), clip_norm)
     batch = x.shape[0]
     grads = []
     for l, (a_in, delta) in enumerate(zip(cache.acts, deltas)):
@@ -297,7 +343,15 @@ def per_example_grad_variance(net: MLP, params: Params, x: ArrayLike, y: ArrayLi
 
     Returns:
       Variances shaped like ``params``.
+
+    Raises:
+      TypeError: a :class:`jaxbp.Network` (MLPs only for now: take the variance of
+        :func:`per_example_grads` over the batch).
     """
+    if isinstance(net, Network):
+        raise TypeError("per_example_grad_variance is for an MLP (its dense moments need no "
+                        "per-example gradient); for a Network take the variance of "
+                        "per_example_grads over the batch")
     x, y = _checks.check_inputs(net, params, x, y)
     return _per_example_grad_variance(net, params, x, y)
 

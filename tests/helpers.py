@@ -63,3 +63,21 @@ def assert_no_less_accurate(manual, autodiff, truth, dtype):
     worst = [(i, m, a) for i, (m, a) in enumerate(zip(manual_errors, autodiff_errors))
              if m > max(RTOL[dtype], 2 * a)]
     assert not worst, f"{dtype} leaves (index, manual, jax.grad) off the float64 truth: {worst}"
+
+
+def random_inputs(rng, loss, batch, sample_shape, n_out, dtype, integer_labels):
+    """NumPy-drawn x (batch, *sample_shape) and y for a loss: normal targets for squared
+    error, 0/1 for sigmoid CE, labels or one-hot rows for softmax CE."""
+    import jax.numpy as jnp
+
+    x = jnp.asarray(rng.standard_normal((batch, *sample_shape)), dtype)
+    labels = rng.integers(0, n_out, size=batch)
+    if loss == "squared_error":
+        y = jnp.asarray(rng.standard_normal((batch, n_out)), dtype)
+    elif loss == "sigmoid_cross_entropy":
+        y = jnp.asarray(rng.random((batch, n_out)) < 0.5, dtype)
+    elif integer_labels:
+        y = jnp.asarray(labels, jnp.int32)
+    else:
+        y = jnp.asarray(np.eye(n_out)[labels], dtype)
+    return x, y

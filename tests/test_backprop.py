@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_close, to_f64
+from helpers import assert_trees_close, random_inputs, to_f64
 
 import jaxbp
 
@@ -38,18 +38,8 @@ def sweep_net(i: int, dtype: str) -> tuple[jaxbp.MLP, int]:
 def sweep_case(i: int, dtype: str):
     """Case i: the net, params from net.init, and NumPy-drawn x and y."""
     net, batch = sweep_net(i, dtype)
-    rng = np.random.default_rng(i)
-    n_in, n_out = net.sizes[0], net.sizes[-1]
-    x = jnp.asarray(rng.standard_normal((batch, n_in)), dtype)
-    labels = rng.integers(0, n_out, size=batch)
-    if net.loss == "squared_error":
-        y = jnp.asarray(rng.standard_normal((batch, n_out)), dtype)
-    elif net.loss == "sigmoid_cross_entropy":
-        y = jnp.asarray(rng.random((batch, n_out)) < 0.5, dtype)
-    elif i % 2:
-        y = jnp.asarray(labels, jnp.int32)
-    else:
-        y = jnp.asarray(np.eye(n_out)[labels], dtype)
+    x, y = random_inputs(np.random.default_rng(i), net.loss, batch, (net.sizes[0],),
+                         net.sizes[-1], dtype, integer_labels=bool(i % 2))
     return net, net.init(jax.random.key(i)), x, y
 
 

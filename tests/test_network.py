@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_no_less_accurate, assert_trees_close, leaf_rel_errors
+from helpers import (
+    assert_no_less_accurate,
+    assert_trees_close,
+    leaf_rel_errors,
+    random_inputs,
+)
 
 import jaxbp
 from jaxbp import layers as L
@@ -20,18 +25,8 @@ N_CASES = 18  # every activation twice, every loss six times
 
 def network_case(i: int, dtype: str):
     net, batch = random_network(i, dtype)
-    rng = np.random.default_rng(i)
-    x = jnp.asarray(rng.standard_normal((batch, *net.input_shape)), dtype)
-    n_out = net.n_out
-    labels = rng.integers(0, n_out, size=batch)
-    if net.loss == "squared_error":
-        y = jnp.asarray(rng.standard_normal((batch, n_out)), dtype)
-    elif net.loss == "sigmoid_cross_entropy":
-        y = jnp.asarray(rng.random((batch, n_out)) < 0.5, dtype)
-    elif i % 2:
-        y = jnp.asarray(labels, jnp.int32)
-    else:
-        y = jnp.asarray(np.eye(n_out)[labels], dtype)
+    x, y = random_inputs(np.random.default_rng(i), net.loss, batch, net.input_shape,
+                         net.n_out, dtype, integer_labels=bool(i % 2))
     return net, net.init(jax.random.key(i)), x, y
 
 
@@ -174,3 +169,54 @@ def test_layer_stats_of_a_network_match_autodiff():
     np.testing.assert_allclose(stats["weight_norm"],
                                [np.linalg.norm(np.asarray(params[l]["w"])) for l in weighted],
                                rtol=1e-6)
+
+
+class TestPerExample:
+    """Per-example gradients, norms and clipping of a Network vs vmap(grad) of each sample."""
+
+    @staticmethod
+    def _reference(net, params, x, y):
+        def sample_loss(p, xi, yi):  # sample i's own loss, not divided by B
+            return net.cost(p, xi[None], yi[None])
+
+        return jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0))(params, x, y)
+
+    @pytest.mark.parametrize("i", [0, 4, 7, 11])
+    def test_grads_norms_and_clipping_match_vmap_grad(self, i):
+        with jax.enable_x64(True):
+            net, params, x, y = network_case(i, "float64")
+            reference = self._reference(net, params, x, y)
+            assert_trees_close(jaxbp.per_example_grads(net, params, x, y), reference, "float64")
+            flat = np.concatenate([np.asarray(leaf).reshape(x.shape[0], -1)
+                                   for leaf in jax.tree.leaves(reference)], axis=1)
+            norms = np.linalg.norm(flat, axis=1)
+            np.testing.assert_allclose(jaxbp.per_example_grad_norms(net, params, x, y), norms,
+                                       rtol=1e-12)
+            clip = float(np.median(norms))  # half the samples are clipped
+            scale = np.minimum(1, clip / norms)
+            expected = jax.tree.map(
+                lambda g: np.tensordot(scale, np.asarray(g), axes=1) / x.shape[0], reference)
+            assert_trees_close(jaxbp.clipped_grad(net, params, x, y, clip), expected, "float64")
+
+    def test_per_layer_clip_norms_one_per_layer_with_params(self):
+        with jax.enable_x64(True):
+            net, params, x, y = network_case(2, "float64")
+            groups = [l for l, p in enumerate(params) if jax.tree.leaves(p)]
+            reference = self._reference(net, params, x, y)
+            clips = np.full(len(groups), 0.05)
+            expected = []
+            for l, p in enumerate(reference):
+                if l not in groups:
+                    expected.append(jax.tree.map(lambda a: np.zeros(a.shape[1:]), p))
+                    continue
+                flat = np.concatenate([np.asarray(a).reshape(x.shape[0], -1)
+                                       for a in jax.tree.leaves(p)], axis=1)
+                scale = np.minimum(1, 0.05 / np.linalg.norm(flat, axis=1))
+                expected.append(jax.tree.map(
+                    lambda a, scale=scale: np.tensordot(scale, np.asarray(a), axes=1)
+                    / x.shape[0], p))
+            got = jaxbp.clipped_grad(net, params, x, y, clips)
+            assert_trees_close(got, tuple(expected), "float64")
+            with pytest.raises(ValueError, match=f"{len(groups)} numbers \\(one per layer with "
+                                                 f"parameters\\)"):
+                jaxbp.clipped_grad(net, params, x, y, np.ones(len(groups) + 1))

@@ -49,18 +49,24 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_end_with_the_single_process_params(tmp_path):
+def _run_two_processes(worker: str, *args: str) -> list[str]:
+    """The worker in two processes on 127.0.0.1, 2 host devices each; their stdouts."""
     port = _free_port()
-    out = tmp_path / "params"
     procs = [subprocess.Popen(
-        [sys.executable, str(WORKERS / "multiprocess_train.py"), str(out)],
+        [sys.executable, str(WORKERS / worker), *args],
         env=_env(2, JAXBP_COORDINATOR=f"127.0.0.1:{port}", JAXBP_NUM_PROCESSES="2",
                  JAXBP_PROCESS_ID=str(i)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stdout + stderr
+    return [stdout for stdout, _ in outputs]
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_single_process_params(tmp_path):
+    out = tmp_path / "params"
+    for stdout in _run_two_processes("multiprocess_train.py", str(out)):
         assert "of 2, 4 devices" in stdout
 
     # the same 5 adam steps on one device, here: on the CPU like the workers, so an
@@ -166,17 +172,9 @@ def test_fit_over_meshes_and_resume_across_device_counts(tmp_path):
 
 
 def _fit_two_processes(prefix, epochs, folder=None):
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, str(WORKERS / "fit_multiprocess.py"), str(prefix), str(epochs),
-         *([str(folder)] if folder else [])],
-        env=_env(2, JAXBP_COORDINATOR=f"127.0.0.1:{port}", JAXBP_NUM_PROCESSES="2",
-                 JAXBP_PROCESS_ID=str(i)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outputs):
-        assert p.returncode == 0, stdout + stderr
-    print(outputs[0][0])
+    stdouts = _run_two_processes("fit_multiprocess.py", str(prefix), str(epochs),
+                                 *([str(folder)] if folder else []))
+    print(stdouts[0])
     return [dict(np.load(f"{prefix}.{i}.npz")) for i in range(2)]
 
 
