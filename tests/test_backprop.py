@@ -54,7 +54,7 @@ def test_sweep_covers_the_space():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("i", range(0, N_CASES, 2))  # 54 cases: every activation and loss
+@pytest.mark.parametrize("i", range(0, N_CASES, 4))  # 27 cases: every activation and loss
 def test_float64_matches_autodiff(i):
     with jax.enable_x64(True):
         net, params, x, y = sweep_case(i, "float64")
@@ -66,7 +66,7 @@ def test_float64_matches_autodiff(i):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("i", range(0, N_CASES, 4))  # 27 cases: compiles dominate the time
+@pytest.mark.parametrize("i", range(1, N_CASES, 8))  # 14 cases: compiles dominate the time
 def test_float32_matches_autodiff(i):
     net, params, x, y = sweep_case(i, "float32")
     loss_m, grads_m = jaxbp.value_and_backprop(net, params, x, y)
@@ -88,7 +88,7 @@ def bfloat16_errors():
     data, converted exactly). Also the manual vs jax.grad disagreement.
     """
     rows = []
-    for i in range(0, N_CASES, 5):  # 22 cases: every activation and loss (5 is prime to 9, 3)
+    for i in range(0, N_CASES, 7):  # 16 cases: every activation and loss (7 is prime to 9, 3)
         net, params, x, y = sweep_case(i, "bfloat16")
         manual = _flat64(jaxbp.value_and_backprop(net, params, x, y)[1])
         reference = _flat64(jaxbp.value_and_autodiff(net, params, x, y)[1])
@@ -108,7 +108,7 @@ def bfloat16_errors():
 def test_bfloat16_manual_is_as_accurate_as_autodiff(bfloat16_errors):
     """bf16 rounds at every step, so manual and jax.grad both miss the float64 truth.
 
-    Measured over the sweep (every fifth case): jax.grad in bf16 is itself up
+    Measured over the sweep (every seventh case): jax.grad in bf16 is itself up
     to ~6% off the truth (2-norm). The claim tested is the meaningful one:
     per case the manual error is at most twice jax.grad's (plus eps), and
     over the sweep the median manual error is no larger than jax.grad's
