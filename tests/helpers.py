@@ -81,3 +81,20 @@ def random_inputs(rng, loss, batch, sample_shape, n_out, dtype, integer_labels):
     else:
         y = jnp.asarray(np.eye(n_out)[labels], dtype)
     return x, y
+
+
+AUTODIFF = ("grad", "value_and_grad", "vjp", "jvp", "jacrev", "jacfwd", "linearize", "hessian",
+            "linear_transpose")
+
+
+def forbid_autodiff(monkeypatch):
+    """Make every autodiff entry point of jax raise, and drop compiled caches, so a
+    hand-written path that still runs provably calls none of them."""
+    import jax
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the manual path called jax autodiff")
+
+    for name in AUTODIFF:
+        monkeypatch.setattr(jax, name, forbidden)
+    jax.clear_caches()  # nothing compiled before the patch may answer for the manual path
