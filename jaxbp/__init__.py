@@ -1,6 +1,6 @@
 """jaxbp: hand-written backpropagation in JAX, for MLPs and any chain of layers."""
 
-from jaxbp import checkpoint, data, layers
+from jaxbp import checkpoint, data, feedback, layers, testing
 from jaxbp.activations import ACTIVATIONS, Activation
 from jaxbp.autodiff import value_and_autodiff
 from jaxbp.backprop import (
@@ -30,6 +30,7 @@ from jaxbp.per_example import (
 from jaxbp.suite import verify_mlp
 from jaxbp.train import TrainState, evaluate, make_train_loop, make_train_step
 from jaxbp.verify import GradientCheckError, GradReport, verify_grads
+from jaxbp.verify_fn import verify_jvp, verify_vjp
 
 __version__ = "0.1.0"
 
@@ -54,6 +55,7 @@ __all__ = [
     "dp_sgd_grad",
     "dp_sgd_gradient",
     "evaluate",
+    "feedback",
     "fit",
     "forward",
     "ggn_diag",
@@ -72,8 +74,11 @@ __all__ = [
     "per_example_grad_variance",
     "per_example_grads",
     "sample_output_delta",
+    "testing",
     "value_and_autodiff",
     "value_and_backprop",
     "verify_grads",
+    "verify_jvp",
     "verify_mlp",
+    "verify_vjp",
 ]

@@ -1,7 +1,7 @@
 """The reference: the same cost differentiated by :func:`jax.value_and_grad`.
 
 This is what the hand-written recursion is checked against; it shares the
-forward pass (:func:`jaxbp.mlp.forward`) and the loss value, and nothing of
+forward pass (:func:`jaxbp.network.forward`) and the loss value, and nothing of
 the backward pass.
 """
 
@@ -14,8 +14,7 @@ import jax
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.losses import mean_loss
-from jaxbp.mlp import MLP, forward
-from jaxbp.network import Network
+from jaxbp.mlp import MLP
 
 
 def value_grads_and_output(
@@ -24,8 +23,7 @@ def value_grads_and_output(
     """C, dC/dparams by ``jax.value_and_grad``, and a^L, for checked inputs."""
 
     def cost_and_output(params: Params) -> tuple[Array, Array]:
-        out = (network.forward(net, params, x)[0] if isinstance(net, Network)
-               else forward(net, params, x).acts[-1])
+        out = network.forward(network.as_network(net), params, x)[0]
         return mean_loss(net.loss_fn, out, y), out
 
     (value, out), grads = jax.value_and_grad(cost_and_output, has_aux=True)(params)

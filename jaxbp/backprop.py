@@ -14,25 +14,28 @@ The three equations of the seeds, batch-first (rows are samples):
     \\qquad \\text{(error times input activation)}
 
 For the cross-entropies on logits ``dC/da^L`` is the fused ``(p - y) / N``.
-Nothing here calls JAX's autodiff; every derivative is from
-:mod:`jaxbp.activations` and :mod:`jaxbp.losses`. The pieces
-(:func:`output_delta`, :func:`layer_deltas`, :func:`grads_from_deltas`) are
-public so that per-example, curvature and parallel code reuse the one recursion.
+The equations are written out once, in the Dense rule
+(:meth:`jaxbp.layers.Dense.backward`), and the recursion is the one reversed
+loop over the layer records (:func:`jaxbp.layers.chain.chain_backward`); an
+MLP runs it over its Dense layers (:attr:`jaxbp.MLP.network`). Nothing here
+calls JAX's autodiff; every derivative is from :mod:`jaxbp.activations` and
+:mod:`jaxbp.losses`. The MLP pieces (:func:`output_delta`, :func:`layer_deltas`,
+:func:`grads_from_deltas`) are public so that curvature code reuses the one loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.layers.chain import chain_backward
-from jaxbp.losses import sample_loss_and_grad
-from jaxbp.mlp import MLP, Cache, forward, matmul
-from jaxbp.network import Network
+from jaxbp.mlp import MLP, Cache, cache_to_caches, matmul
+from jaxbp.network import as_network
 
 
 def sample_output_delta(net: MLP, cache: Cache, y: Array) -> Array:
@@ -62,6 +65,12 @@ def layer_deltas(net: MLP, params: Params, cache: Cache, delta_out: Array) -> tu
     .. math::
         \\delta^l = (\\delta^{l+1} W^{l+1\\top}) \\odot g^{l\\prime}(z^l)
 
+    The one reversed loop over the net's Dense records
+    (:func:`jaxbp.layers.chain.chain_backward`), started at the output layer's
+    pre-activation: that layer runs with ``g' = 1`` so that ``delta_out`` is its
+    error as given, and every other layer's error at z is the error arriving at
+    its output times ``g'(z)`` (the first line of :meth:`jaxbp.layers.Dense.backward`).
+
     Args:
       net: the network description.
       params: the parameters the cache was computed with.
@@ -71,12 +80,13 @@ def layer_deltas(net: MLP, params: Params, cache: Cache, delta_out: Array) -> tu
     Returns:
       ``(delta^1, ..., delta^L)``, ``delta^l: (batch, sizes[l])``.
     """
-    deltas = [delta_out]
-    for l in range(net.n_layers - 1, 0, -1):  # hidden layers l = L-1, ..., 1 (0-based: l-1)
-        act = net.activations[l - 1]
-        back = matmul(net, deltas[-1], params[l]["w"], transpose_b=True)  # delta W^T
-        deltas.append(back * act.dg(cache.zs[l - 1], cache.acts[l]))
-    return tuple(reversed(deltas))
+    layers = net.network.layers
+    from_z = (*layers[:-1], dataclasses.replace(layers[-1], activation="identity"))
+    _, _, at_outputs = chain_backward(from_z, params, cache_to_caches(cache), delta_out,
+                                      need_input=False)
+    hidden = tuple(delta_a * act.dg(z, a) for delta_a, act, z, a
+                   in zip(at_outputs[:-1], net.activations, cache.zs, cache.acts[1:]))
+    return (*hidden, delta_out)
 
 
 def grads_from_deltas(net: MLP, acts: tuple[Array, ...], deltas: tuple[Array, ...]) -> Params:
@@ -101,19 +111,12 @@ def value_grads_and_output(
 ) -> tuple[Array, Params, Array]:
     """C, dC/dparams by the recursion, and a^L, for checked inputs (no input checks).
 
+    The reversed loop over the layer records (an MLP's are its Dense layers,
+    :attr:`jaxbp.MLP.network`); see :func:`jaxbp.network.value_grads_and_output`.
     The training step uses the output a^L for its metrics without a second
-    forward pass. A :class:`jaxbp.Network` runs the reversed loop over its
-    layer records (:func:`jaxbp.network.value_grads_and_output`).
+    forward pass.
     """
-    if isinstance(net, Network):
-        return network.value_grads_and_output(net, params, x, y)
-    cache = forward(net, params, x)
-    a_out, z_out = cache.acts[-1], cache.zs[-1]
-    # C and delta^L from one evaluation of the loss (softmax shares its exp)
-    losses, dl_da = sample_loss_and_grad(net.loss_fn, a_out, y)
-    delta_out = dl_da * net.activations[-1].dg(z_out, a_out) / a_out.shape[0]
-    deltas = layer_deltas(net, params, cache, delta_out)
-    return jnp.mean(losses), grads_from_deltas(net, cache.acts, deltas), a_out
+    return network.value_grads_and_output(as_network(net), params, x, y)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -152,32 +155,23 @@ def backprop(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _apply_manual(net: MLP, params: Params, x: Array) -> Array:
-    if isinstance(net, Network):
-        return network.forward(net, params, x)[0]
-    return forward(net, params, x).acts[-1]
+    return network.forward(as_network(net), params, x)[0]
 
 
-def _apply_manual_fwd(net: MLP, params: Params, x: Array) -> tuple[Array, tuple[Params, Cache]]:
-    if isinstance(net, Network):
-        out, caches = network.forward(net, params, x)
-        return out, (params, caches)
-    cache = forward(net, params, x)
-    return cache.acts[-1], (params, cache)
+def _apply_manual_fwd(net: MLP, params: Params, x: Array) -> tuple[Array, tuple[Params, Any]]:
+    out, caches = network.forward(as_network(net), params, x)
+    return out, (params, caches)
 
 
 def _apply_manual_bwd(
-    net: MLP, residuals: tuple[Params, Cache], a_out_bar: Array
+    net: MLP, residuals: tuple[Params, Any], a_out_bar: Array
 ) -> tuple[Params, Array]:
-    params, cache = residuals
-    if isinstance(net, Network):  # the reversed loop, carried to the input
-        x_bar, grads, _ = chain_backward(net.layers, params, cache, a_out_bar, need_input=True)
-        return grads, x_bar
-    # delta^L = (dC/da^L) * g^L'(z^L), with dC/da^L the incoming cotangent.
-    delta_out = a_out_bar * net.activations[-1].dg(cache.zs[-1], cache.acts[-1])
-    deltas = layer_deltas(net, params, cache, delta_out)
-    # dC/dx = dC/da^0 = delta^1 W^{1 T}: the recursion taken one step further.
-    x_bar = matmul(net, deltas[0], params[0]["w"], transpose_b=True)
-    return grads_from_deltas(net, cache.acts, deltas), x_bar
+    params, caches = residuals
+    # The reversed loop from the incoming cotangent dC/da^L, carried one step past
+    # the first layer: dC/dx is the error at the input.
+    x_bar, grads, _ = chain_backward(as_network(net).layers, params, caches, a_out_bar,
+                                     need_input=True)
+    return grads, x_bar
 
 
 _apply_manual.defvjp(_apply_manual_fwd, _apply_manual_bwd)
@@ -187,8 +181,8 @@ def apply_with_manual_vjp(net: MLP, params: Params, x: ArrayLike) -> Array:
     """``net.apply`` whose reverse-mode derivative is the hand-written recursion.
 
     A :func:`jax.custom_vjp`: ``jax.grad`` of any scalar built from the output
-    (any loss, regulariser or downstream model) runs :func:`layer_deltas` with
-    the incoming cotangent dC/da^L in place of the loss gradient, and returns
+    (any loss, regulariser or downstream model) runs the reversed loop over the
+    layer records with the incoming cotangent dC/da^L in place of the loss gradient, and returns
     dC/dparams and dC/dx. Forward-mode (``jax.jvp``) is not defined for it.
 
     Args:

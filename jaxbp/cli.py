@@ -267,6 +267,25 @@ def _option_for(err: Exception, message: str) -> str:
     return message
 
 
+FEEDBACK_RULES = {"fa": "feedback alignment", "dfa": "direct feedback alignment",
+                  "sign": "sign symmetry"}
+
+
+def _gradient_source(name: str, net: Any, key: Any) -> Any:
+    """``--grad``: a name fit knows, or a feedback rule whose fixed matrices come from the
+    run's key (so the same seed gives the same feedback, on resume too)."""
+    from jaxbp import feedback
+
+    feedback_key = jax.random.fold_in(key, 0xFEED)
+    if name == "fa":
+        return feedback.alignment(feedback.random_feedback(net, feedback_key))
+    if name == "dfa":
+        return feedback.direct(feedback.random_feedback(net, feedback_key, "direct"))
+    if name == "sign":
+        return feedback.sign_symmetry()
+    return name
+
+
 def _train(args: argparse.Namespace) -> int:
     from jaxbp import network
     from jaxbp.fit import fit
@@ -301,7 +320,8 @@ def _train(args: argparse.Namespace) -> int:
         return 1
 
     result = fit(net, optimizer, dataset, epochs=args.epochs, batch_size=args.batch_size,
-                 key=key, grad=args.grad, checkpoint_dir=args.checkpoint_dir,
+                 key=key, grad=_gradient_source(args.grad, net, key),
+                 checkpoint_dir=args.checkpoint_dir,
                  progress=not args.quiet, plot=args.plot,
                  diagnostics=args.diagnostics is not None,
                  run_config={"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed,
@@ -418,7 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3)")
     train.add_argument("--epochs", type=int, default=30, help="epochs (30)")
     train.add_argument("--batch-size", type=int, default=128, help="batch size (128)")
-    train.add_argument("--grad", default="backprop", choices=["backprop", "autodiff"])
+    train.add_argument("--grad", default="backprop",
+                       choices=["backprop", "autodiff", *FEEDBACK_RULES],
+                       help="the gradient source: the hand-written recursion, jax.grad, or a "
+                            "feedback rule (fa: feedback alignment, dfa: direct feedback "
+                            "alignment, sign: sign symmetry; jaxbp.feedback)")
     train.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
     train.add_argument("--checkpoint-dir", default=None,
                        help="save after every epoch; resume from here if it has checkpoints")

@@ -14,49 +14,31 @@ import jax.numpy as jnp
 
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
-from jaxbp.backprop import grads_from_deltas, layer_deltas, output_delta
 from jaxbp.layers.chain import chain_backward
-from jaxbp.mlp import MLP, forward
+from jaxbp.mlp import MLP
 from jaxbp.network import Network
 
 STATS = ("mean_abs_delta", "grad_norm", "weight_norm", "update_ratio")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _network_layer_stats(net: Network, params: Params, x: Array, y: Array,
-                         updates: Params | None) -> dict[str, Array]:
-    """The same statistics for the layers of a Network that have a weight ``"w"``."""
-    out, caches = network.forward(net, params, x)
-    delta = net.loss_fn.sample_grad(out, y) / x.shape[0]     # dC/da^L of the batch mean
-    _, grads, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
+def _layer_stats(net: MLP | Network, params: Params, x: Array, y: Array,
+                 updates: Params | None) -> dict[str, Array]:
+    """The statistics of the layers that have a weight ``"w"``, from one reversed loop."""
+    chain = network.as_network(net)
+    out, caches = network.forward(chain, params, x)
+    delta = chain.loss_fn.sample_grad(out, y) / x.shape[0]     # dC/da^L of the batch mean
+    _, grads, deltas = chain_backward(chain.layers, params, caches, delta, need_input=False)
     steps = grads if updates is None else updates
     weighted = [l for l, p in enumerate(params) if isinstance(p, dict) and "w" in p]
+    # delta^l at the pre-activation z^l, of the batch-mean cost, times N: the per-sample scale
+    errors = [chain.layers[l].pre_activation_error(caches[l], deltas[l]) for l in weighted]
     weight = jnp.stack([jnp.linalg.norm(params[l]["w"]) for l in weighted])
     return {
-        "mean_abs_delta": jnp.stack([jnp.mean(jnp.abs(deltas[l])) * x.shape[0]
-                                     for l in weighted]),
+        "mean_abs_delta": jnp.stack([jnp.mean(jnp.abs(e)) * x.shape[0] for e in errors]),
         "grad_norm": jnp.stack([jnp.linalg.norm(grads[l]["w"]) for l in weighted]),
         "weight_norm": weight,
         "update_ratio": jnp.stack([jnp.linalg.norm(steps[l]["w"]) for l in weighted]) / weight,
-    }
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _layer_stats(net: MLP, params: Params, x: Array, y: Array,
-                 updates: Params | None) -> dict[str, Array]:
-    if isinstance(net, Network):
-        return _network_layer_stats(net, params, x, y, updates)
-    cache = forward(net, params, x)
-    deltas = layer_deltas(net, params, cache, output_delta(net, cache, y))
-    grads = grads_from_deltas(net, cache.acts, deltas)
-    steps = grads if updates is None else updates
-    weight = jnp.stack([jnp.linalg.norm(layer["w"]) for layer in params])
-    return {
-        # delta^l of the batch-mean cost, times N: the per-sample scale of the error
-        "mean_abs_delta": jnp.stack([jnp.mean(jnp.abs(d)) * x.shape[0] for d in deltas]),
-        "grad_norm": jnp.stack([jnp.linalg.norm(g["w"]) for g in grads]),
-        "weight_norm": weight,
-        "update_ratio": jnp.stack([jnp.linalg.norm(u["w"]) for u in steps]) / weight,
     }
 
 
@@ -75,8 +57,8 @@ def layer_stats(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
       ||W^l||`` (the ratio for a unit-learning-rate sgd step).
 
     For a :class:`jaxbp.Network` the entries are its top-level layers that have
-    a weight (Dense, Conv2D), in order, and ``mean_abs_delta`` is the error
-    arriving at the layer's output (before its own ``g'``).
+    a weight (Dense, Conv2D), in order; ``mean_abs_delta`` is, as for an MLP,
+    the error at the layer's pre-activation z (after its own ``g'``).
     """
     x, y = _checks.check_inputs(net, params, x, y)
     if updates is not None and jax.tree.structure(updates) != jax.tree.structure(params):

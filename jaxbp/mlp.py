@@ -22,7 +22,10 @@ import jax.numpy as jnp
 from jaxbp import _checks
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
 from jaxbp.activations import ACTIVATIONS, Activation, get_activation
+from jaxbp.layers.chain import chain_forward
+from jaxbp.layers.dense import Dense
 from jaxbp.losses import LOSSES, Loss, get_loss, mean_loss
+from jaxbp.network import Network
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -100,6 +103,24 @@ class MLP:
     def n_out(self) -> int:
         """The output width, ``sizes[-1]`` (the number of classes for the cross-entropies)."""
         return self.sizes[-1]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape, ``(n_in,)``."""
+        return (self.sizes[0],)
+
+    @functools.cached_property
+    def network(self) -> Network:
+        """The same net as a :class:`jaxbp.Network` of :class:`~jaxbp.layers.Dense` layers.
+
+        Its params are this MLP's params (the same tuple of ``{"w", "b"}``), and
+        every computation on an MLP runs through it: the forward pass and the
+        one reversed loop over the Dense records.
+        """
+        names = (*self.hidden_activations, self.output_activation)
+        return Network(tuple(Dense(units, act, self.compute_dtype)
+                             for units, act in zip(self.sizes[1:], names)),
+                       self.input_shape, self.loss, self.dtype)
 
     @property
     def hidden_activations(self) -> tuple[str, ...]:
@@ -200,17 +221,26 @@ def forward(net: MLP, params: Params, x: Array) -> Cache:
     .. math::
         z^l = a^{l-1} W^l + b^l, \\qquad a^l = g^l(z^l)
 
+    The chain of the net's Dense records (:attr:`MLP.network`), its caches
+    ``(a^{l-1}, z^l, a^l)`` gathered into one :class:`Cache`.
+
     Args:
       net: the network description.
       params: checked parameters.
       x: (batch, n_in), already in the params' dtype.
     """
-    acts, zs = [x], []
-    for layer, act in zip(params, net.activations):
-        z = matmul(net, acts[-1], layer["w"]) + layer["b"]
-        zs.append(z)
-        acts.append(act.g(z))
-    return Cache(tuple(acts), tuple(zs))
+    _, caches = chain_forward(net.network.layers, params, x)
+    return caches_to_cache(caches)
+
+
+def caches_to_cache(caches: Sequence[tuple[Array, Array, Array]]) -> Cache:
+    """The Dense records' caches ``(a^{l-1}, z^l, a^l)`` as one :class:`Cache`."""
+    return Cache((caches[0][0], *(a for _, _, a in caches)), tuple(z for _, z, _ in caches))
+
+
+def cache_to_caches(cache: Cache) -> tuple[tuple[Array, Array, Array], ...]:
+    """A :class:`Cache` as the Dense records' caches ``(a^{l-1}, z^l, a^l)``."""
+    return tuple(zip(cache.acts[:-1], cache.zs, cache.acts[1:]))
 
 
 def matmul(net: MLP, a: Array, b: Array, transpose_a: bool = False,

@@ -134,6 +134,11 @@ class Network:
         return jax.eval_shape(self.init, jax.random.key(0))
 
 
+def as_network(net: Any) -> Network:
+    """A :class:`Network` as it is; a :class:`jaxbp.MLP` as its chain of Dense records."""
+    return net if isinstance(net, Network) else net.network
+
+
 def forward(net: Network, params: Any, x: Array) -> tuple[Array, tuple[Any, ...]]:
     """The output a^L and every layer's cache, for checked inputs."""
     return chain_forward(net.layers, params, x)

@@ -50,12 +50,6 @@ def _sample_deltas(net: MLP, params: Params, x: Array, y: Array) -> tuple[Cache,
     return cache, layer_deltas(net, params, cache, sample_output_delta(net, cache, y))
 
 
-def _layer_sq_norms(acts: tuple[Array, ...], deltas: tuple[Array, ...]) -> Array:
-    """(B, L): ||g_i^l||^2 = ||delta_i^l||^2 (||a_i^{l-1}||^2 + 1) for W^l and b^l together."""
-    return jnp.stack([jnp.sum(delta * delta, axis=1) * (jnp.sum(a_in * a_in, axis=1) + 1)
-                      for a_in, delta in zip(acts, deltas)], axis=1)
-
-
 def _parametrised(params: Params) -> list[int]:
     """The layers of a Network that have parameters (the ones a gradient has entries for)."""
     return [l for l, p in enumerate(params) if jax.tree.leaves(p)]
@@ -69,29 +63,42 @@ def _network_sq_norms(net: Network, params: Params, caches: tuple[Any, ...],
 
 
 def _network_clipped_mean(net: Network, params: Params, x: Array, y: Array,
-                          clip_norm: Array) -> tuple[Array, Params, Array]:
+                          clip_norm: Array, mask: Array | None = None,
+                          denominator: Array | float | None = None
+                          ) -> tuple[Array, Params, Array]:
     """The clipped mean for a Network: per-sample errors at every layer's output (one
     reversed loop), norms from the records, then each parametrised layer's gradient rule
-    applied once to its errors scaled by ``s_i / B`` (every rule is linear in them)."""
+    applied once to its errors scaled by ``s_i / B`` (every rule is linear in them).
+
+    With ``mask`` (B,) bool, a padded batch: the errors of rows where it is False are
+    zeroed before anything reads them, so those rows reach no sum, norm or clip factor,
+    the loss is the mean over the real rows, and the clipped sum is divided by
+    ``denominator`` (default B) rather than by the number of real rows.
+    """
     out, caches, deltas = network.layer_deltas(net, params, x, y, per_sample=True)
+    if mask is not None:
+        deltas = tuple(jnp.where(mask.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
+                       for d in deltas)
     factors = _clip_factors(_network_sq_norms(net, params, caches, deltas), clip_norm)
+    denominator = x.shape[0] if denominator is None else denominator
     grads = [jax.tree.map(jnp.zeros_like, p) for p in params]
     for g, l in enumerate(_parametrised(params)):
-        scale = (factors[:, g] / x.shape[0]).reshape((-1,) + (1,) * (deltas[l].ndim - 1))
+        scale = (factors[:, g] / denominator).astype(deltas[l].dtype)
+        scale = scale.reshape((-1,) + (1,) * (deltas[l].ndim - 1))
         _, grads[l] = net.layers[l].backward(params[l], caches[l], deltas[l] * scale,
                                              need_input=False)
-    return mean_loss(net.loss_fn, out, y), tuple(grads), out
+    if mask is None:
+        return mean_loss(net.loss_fn, out, y), tuple(grads), out
+    losses = jnp.where(mask, net.loss_fn.sample_loss(out, y), 0)
+    return jnp.sum(losses) / jnp.maximum(jnp.sum(mask), 1), tuple(grads), out
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _per_example_grads(net: MLP, params: Params, x: Array, y: Array) -> Params:
-    if isinstance(net, Network):
-        _, caches, deltas = network.layer_deltas(net, params, x, y, per_sample=True)
-        return tuple(layer.per_sample_grads(p, c, d)
-                     for layer, p, c, d in zip(net.layers, params, caches, deltas))
-    cache, deltas = _sample_deltas(net, params, x, y)
-    return tuple({"w": jnp.einsum("bi,bj->bij", a_in, delta), "b": delta}
-                 for a_in, delta in zip(cache.acts, deltas))
+def _per_example_grads(net: MLP | Network, params: Params, x: Array, y: Array) -> Params:
+    chain = network.as_network(net)
+    _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
+    return tuple(layer.per_sample_grads(p, c, d)
+                 for layer, p, c, d in zip(chain.layers, params, caches, deltas))
 
 
 def per_example_grads(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
@@ -117,12 +124,10 @@ def per_example_grads(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> P
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _per_example_grad_norms(net: MLP, params: Params, x: Array, y: Array) -> Array:
-    if isinstance(net, Network):
-        _, caches, deltas = network.layer_deltas(net, params, x, y, per_sample=True)
-        return jnp.sqrt(jnp.sum(_network_sq_norms(net, params, caches, deltas), axis=1))
-    cache, deltas = _sample_deltas(net, params, x, y)
-    return jnp.sqrt(jnp.sum(_layer_sq_norms(cache.acts, deltas), axis=1))
+def _per_example_grad_norms(net: MLP | Network, params: Params, x: Array, y: Array) -> Array:
+    chain = network.as_network(net)
+    _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
+    return jnp.sqrt(jnp.sum(_network_sq_norms(chain, params, caches, deltas), axis=1))
 
 
 def per_example_grad_norms(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Array:
@@ -143,9 +148,7 @@ def per_example_grad_norms(net: MLP, params: Params, x: ArrayLike, y: ArrayLike)
 def _clip_groups(net: MLP | Network) -> int:
     """How many per-layer clip norms a net takes: its weight layers (MLP) or its layers
     with parameters (Network)."""
-    if isinstance(net, Network):
-        return len(_parametrised(net.param_shapes()))
-    return net.n_layers
+    return len(_parametrised(network.as_network(net).param_shapes()))
 
 
 def _check_clip_norm(net: MLP, clip_norm: Any) -> Any:
@@ -194,19 +197,7 @@ def _clip_factors(sq: Array, clip_norm: Array) -> Array:
 def _clipped_mean(net: MLP, params: Params, x: Array, y: Array,
                   clip_norm: Array) -> tuple[Array, Params, Array]:
     """(C, (1/B) sum_i clip(g_i), a^L): one forward, one backward, then a^T (s * delta) / B."""
-    if isinstance(net, Network):
-        return _network_clipped_mean(net, params, x, y, clip_norm)
-    cache, deltas = _sample_deltas(net, params, x, y)
-    factors = _clip_factors(_layer_sq_norms(cache.acts, deltas), clip_norm)
-    batch = x.shape[0]
-    grads = []
-    for l, (a_in, delta) in enumerate(zip(cache.acts, deltas)):
-        # book-keeping: rescale each sample's error row, then the usual a^T delta
-        scaled = delta * (factors[:, l:l + 1] / batch)
-        grads.append({"w": matmul(net, a_in, scaled, transpose_a=True),
-                      "b": scaled.sum(axis=0)})
-    value = mean_loss(net.loss_fn, cache.acts[-1], y)
-    return value, tuple(grads), cache.acts[-1]
+    return _network_clipped_mean(network.as_network(net), params, x, y, clip_norm)
 
 
 @functools.partial(jax.jit, static_argnums=0)

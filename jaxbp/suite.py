@@ -133,7 +133,7 @@ def case_data(case: Case) -> tuple[tuple[dict[str, Array], ...], Array, Array]:
     key_p, key_x, key_y = jax.random.split(jax.random.key(case.seed), 3)
     net, dtype = case.net, jnp.dtype(case.net.dtype)
     n_out = net.n_out
-    sample = net.input_shape if isinstance(net, Network) else (net.sizes[0],)
+    sample = net.input_shape
     x = jax.random.normal(key_x, (case.batch, *sample), dtype)
     if case.label_targets:
         y = jax.random.randint(key_y, (case.batch,), 0, n_out)

@@ -28,7 +28,7 @@ from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
-from jaxbp.mlp import MLP, forward
+from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.peaks import check_precision, precision_scope
 
@@ -111,8 +111,12 @@ def _nonfinite_layer(grads: Params) -> Array:
 
 
 def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
-          state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
-    loss, grads, out, *extra = gradient(net, state.params, x, y, state.step)
+          state: TrainState, x: Array, y: Array,
+          mask: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
+    if mask is None:
+        loss, grads, out, *extra = gradient(net, state.params, x, y, state.step)
+    else:  # a padded batch: only the rows where mask is True are samples
+        loss, grads, out, *extra = gradient(net, state.params, x, y, state.step, mask=mask)
     # a source may hand the optimizer extra arguments (K-FAC factors)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
                                           **(extra[0] if extra else {}))
@@ -122,15 +126,28 @@ def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
                "nonfinite_layer": _nonfinite_layer(grads)}
     hits = correct(net, out, y)
     if hits is not None:
-        metrics["accuracy"] = jnp.mean(hits)
+        metrics["accuracy"] = (jnp.mean(hits) if mask is None else
+                               jnp.sum(hits * mask) / jnp.maximum(jnp.sum(mask), 1))
     if y.ndim == 1:  # integer labels: values are not known at trace time, so count them here
-        metrics["invalid_labels"] = invalid_label_count(y, net.n_out)
+        metrics["invalid_labels"] = invalid_label_count(y if mask is None
+                                                        else jnp.where(mask, y, 0), net.n_out)
+    if mask is not None:
+        metrics["batch_size"] = jnp.sum(mask, dtype=jnp.int32)
     return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def _checked_masks(masks: Any, batch_shape: tuple[int, ...]) -> Array:
+    """masks: booleans of the batch shape, (k, batch) or (batch,)."""
+    masks = _checks.as_array("masks", masks)
+    if np.shape(masks) != tuple(batch_shape) or masks.dtype != jnp.bool_:
+        raise ValueError(f"masks must be booleans of shape {tuple(batch_shape)} (one per row "
+                         f"of xs), got {masks.dtype} {np.shape(masks)}")
+    return jnp.asarray(masks)
 
 
 def sample_rank(net: MLP | Network) -> int:
     """The rank of one input sample: 1 for an MLP, ``len(input_shape)`` for a Network."""
-    return len(net.input_shape) if isinstance(net, Network) else 1
+    return len(net.input_shape)
 
 
 def invalid_label_count(labels: Array, n_classes: int) -> Array:
@@ -212,6 +229,10 @@ def make_train_loop(
       and ``ys: (k, batch, ...)`` give one batch per step; ``xs: (batch,
       n_in)`` and ``ys: (batch, ...)`` reuse one batch for all k steps (the
       benchmark setting). Every metric comes back with a leading axis of k.
+      ``loop(state, xs, ys, masks)`` trains on padded batches: ``masks``
+      (k, batch) bool marks the rows that are samples, and ``grad`` must be a
+      source that takes ``mask=`` (the Poisson-sampled DP-SGD of
+      :func:`jaxbp.privacy.dp_gradient`); metrics then include ``batch_size``.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -219,7 +240,8 @@ def make_train_loop(
     _check_optimizer(optimizer)
     check_precision(precision)
 
-    def loop(state: TrainState, xs: Array, ys: Array) -> tuple[TrainState, dict[str, Array]]:
+    def loop(state: TrainState, xs: Array, ys: Array,
+             masks: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
         xs = _checks.as_array("xs", xs)
         per_step = np.ndim(xs) == sample_rank(net) + 2  # (k, batch, *sample)
         if per_step and (np.shape(xs)[0] != steps or np.shape(ys)[0] != steps):
@@ -230,20 +252,23 @@ def make_train_loop(
         # cast like the first batch: x to the params' dtype, targets too, labels stay ints
         xs, ys = (jnp.asarray(xs, x0.dtype), jnp.asarray(ys, y0.dtype)) if per_step else (x0, y0)
 
-        def body(state: TrainState, batch: tuple[Array, Array] | None):
-            x, y = batch if per_step else (xs, ys)
-            return _step(net, optimizer, gradient, state, x, y)
+        if masks is not None:
+            masks = _checked_masks(masks, np.shape(xs)[:np.ndim(xs) - sample_rank(net)])
+
+        def body(state: TrainState, batch: tuple[Array, ...] | None):
+            x, y, mask = batch if per_step else (xs, ys, masks)
+            return _step(net, optimizer, gradient, state, x, y, mask)
 
         with precision_scope(precision):
-            return jax.lax.scan(body, state, (xs, ys) if per_step else None, length=steps)
+            return jax.lax.scan(body, state, (xs, ys, masks) if per_step else None,
+                                length=steps)
 
     return jax.jit(loop, donate_argnums=(0,) if donate else ())
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_sums(net: MLP, params: Params, x: Array, y: Array, mask: Array) -> tuple[Array, Array]:
-    out = (network.forward(net, params, x)[0] if isinstance(net, Network)
-           else forward(net, params, x).acts[-1])
+    out = network.forward(network.as_network(net), params, x)[0]
     losses = net.loss_fn.sample_loss(out, y).astype(jnp.float32)
     hits = correct(net, out, y)
     hits = jnp.zeros_like(losses) if hits is None else hits

@@ -43,6 +43,7 @@ When FD or Taylor are meaningless, the report says so instead of passing:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -144,6 +145,9 @@ class GradReport:
     directions: tuple[DirectionCheck, ...]
     rtol: dict[str, float]
     notes: tuple[str, ...] = ()
+    title: str = "verify_grads"
+    reference_name: str = "jax.grad"
+    has_reference: bool = True
 
     @property
     def reference_disputed(self) -> bool:
@@ -157,6 +161,9 @@ class GradReport:
         """``"OK"``, ``"FAILED"`` or ``"INCONCLUSIVE"`` (see the class docstring)."""
         if any("FAIL" in (d.fd_status, d.taylor_status) for d in self.directions):
             return "FAILED"
+        if not self.has_reference and any("inconclusive" in (d.fd_status, d.taylor_status)
+                                          for d in self.directions):
+            return "INCONCLUSIVE" if all(leaf.ok for leaf in self.leaves) else "FAILED"
         if all(leaf.ok for leaf in self.leaves):
             return "OK"
         return "INCONCLUSIVE" if self.reference_disputed else "FAILED"
@@ -188,11 +195,15 @@ class GradReport:
                   if math.isfinite(d.taylor_order_manual)]
         fd = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)) or "none"
         taylor = f"order {min(orders):.2f}..{max(orders):.2f}" if orders else "not measured"
-        why = (" (reference disagrees: the manual gradient matches finite differences "
-               "where jax.grad does not)" if self.verdict == "INCONCLUSIVE" else "")
-        return (f"verify_grads: {self.verdict}{why}: manual vs reference "
-                f"(jax.grad) max rel error {self.max_rel_error:.2e} over {len(self.leaves)} "
-                f"leaves; FD directions: {fd}; Taylor {taylor}")
+        why = ""
+        if self.verdict == "INCONCLUSIVE":
+            why = (" (reference disagrees: the manual gradient matches finite differences "
+                   f"where {self.reference_name} does not)" if self.has_reference else
+                   " (no reference, and FD/Taylor missed where the function has a kink)")
+        versus = (f"manual vs reference ({self.reference_name}) max rel error "
+                  f"{self.max_rel_error:.2e} over {len(self.leaves)} leaves" if self.leaves
+                  else f"no reference ({self.reference_name})")
+        return f"{self.title}: {self.verdict}{why}: {versus}; FD directions: {fd}; Taylor {taylor}"
 
     def __str__(self) -> str:
         lines = [self.summary(), ""]
@@ -307,8 +318,9 @@ def verify_grads(
                          f"step; only the comparison with jax.grad was made")
         else:
             directions = _directional_checks(
-                loss_fn, params, args, manual_leaves, reference_leaves, treedef, eps,
-                fd_eps, fd_rtol, n_fd, np.random.default_rng(seed))
+                loss_fn, params, args, _gradient_slope(manual_leaves),
+                _gradient_slope(reference_leaves), treedef, eps, fd_eps, fd_rtol, n_fd,
+                np.random.default_rng(seed))
             if any("inconclusive" in (d.fd_status, d.taylor_status) for d in directions):
                 notes.append("inconclusive: along some direction the reference jax.grad "
                              "misses FD/Taylor as well; L is not smooth there (a kink "
@@ -409,31 +421,48 @@ def _loss_value(loss_fn: Callable[..., Any], params: PyTree, args: tuple[Any, ..
     value = loss_fn(params, *args)
     if np.ndim(value) != 0:
         raise ValueError(f"loss_fn must return a scalar, got shape {np.shape(value)}")
+    if isinstance(value, float | np.floating | np.ndarray):   # a host value: keep float64
+        return float(value)
     return float(_to_f64(jnp.asarray(value)))
+
+
+Slope = Callable[[list[np.ndarray]], float]
+"""``d -> <g, d>``: a first-order change along a step d (one float64 array per leaf)."""
+
+
+def _gradient_slope(gradient: list[Any]) -> Slope:
+    """The slope of a gradient given leaf by leaf: ``<g, d>``."""
+    g64 = [_to_f64(g) for g in gradient]
+    return lambda d: float(sum(np.sum(g * di) for g, di in zip(g64, d)))
 
 
 def _directional_checks(
     loss_fn: Callable[..., Any],
     params: PyTree,
     args: tuple[Any, ...],
-    manual: list[Any],
-    reference: list[Any],
+    manual: Slope,
+    reference: Slope | None,
     treedef: Any,
     eps: float,
     fd_eps: float | None,
     fd_rtol: float | None,
     n_fd: int,
     rng: np.random.Generator,
+    level: float | None = None,
 ) -> tuple[DirectionCheck, ...]:
+    """FD and Taylor along ``n_fd`` random unit directions for the ``manual`` slope, with
+    the ``reference`` slope as the second witness. Without a reference (None), a miss
+    where the one-sided differences disagree (a kink inside the step) is inconclusive,
+    any other miss a failure. ``level``: the size of L's terms that rounding acts on
+    (default ``|L(p)|``; larger when L is a sum whose terms cancel)."""
     leaves = treedef.flatten_up_to(params)
     base = [_to_f64(leaf) for leaf in leaves]
-    manual64 = [_to_f64(g) for g in manual]
-    reference64 = [_to_f64(g) for g in reference]
     norm = math.sqrt(sum(float(np.sum(b * b)) for b in base))
     h = fd_eps if fd_eps is not None else eps ** (1 / 3) * max(1.0, norm)
     if fd_rtol is None:
         fd_rtol = DEFAULT_FD_RTOL["float64" if eps < 1e-10 else "float32"]
     loss0 = _loss_value(loss_fn, params, args)
+    level = abs(loss0) if level is None else max(level, abs(loss0))
 
     def moved(v: list[np.ndarray], step: float) -> tuple[PyTree, list[np.ndarray]]:
         """params + step v rounded to the leaves' dtypes, and the step really taken."""
@@ -441,29 +470,68 @@ def _directional_checks(
                for b, vi, leaf in zip(base, v, leaves)]
         return treedef.unflatten(new), [_to_f64(n) - b for n, b in zip(new, base)]
 
-    def dot(grads: list[np.ndarray], d: list[np.ndarray]) -> float:
-        return float(sum(np.sum(g * di) for g, di in zip(grads, d)))
-
     checks = []
     for _ in range(n_fd):
         v = _unit_direction(rng, base)
         plus, d_plus = moved(v, h)
         minus, d_minus = moved(v, -h)
-        delta_loss = _loss_value(loss_fn, plus, args) - _loss_value(loss_fn, minus, args)
+        loss_plus, loss_minus = _loss_value(loss_fn, plus, args), _loss_value(loss_fn, minus, args)
+        delta_loss = loss_plus - loss_minus
         d = [p - m for p, m in zip(d_plus, d_minus)]
-        slope_m, slope_r = dot(manual64, d), dot(reference64, d)
-        noise = _NOISE_FACTOR * eps * abs(loss0)
-        err_m = abs(delta_loss - slope_m) / max(abs(slope_r), 1e-300)
-        err_r = abs(delta_loss - slope_r) / max(abs(slope_r), 1e-300)
-        tol = fd_rtol * abs(slope_r) + noise
-        fd_status = _verdict(abs(delta_loss - slope_m) <= tol, abs(delta_loss - slope_r) <= tol)
+        noise = _NOISE_FACTOR * eps * level
+        slope_m = manual(d)
+        # Is L smooth along v at all? Asked only when a check would fail: across a kink
+        # no difference quotient refutes a gradient (nor confirms one).
+        kink = functools.cache(functools.partial(_kinked, loss_fn, args, loss0, moved, v, eps,
+                                                 h, level))
+        if reference is None:
+            slope_r = float("nan")
+            scale = max(abs(delta_loss), abs(slope_m), 1e-300)
+            tol = fd_rtol * scale + noise
+            err_m = abs(delta_loss - slope_m) / scale
+            err_r = float("nan")
+            fd_status = _verdict_alone(abs(delta_loss - slope_m) <= tol, kink)
+        else:
+            slope_r = reference(d)
+            err_m = abs(delta_loss - slope_m) / max(abs(slope_r), 1e-300)
+            err_r = abs(delta_loss - slope_r) / max(abs(slope_r), 1e-300)
+            tol = fd_rtol * abs(slope_r) + noise
+            fd_status = _unless_kinked(_verdict(abs(delta_loss - slope_m) <= tol,
+                                                abs(delta_loss - slope_r) <= tol), kink)
 
         order_m, order_r, taylor_status = _taylor(
-            loss_fn, args, loss0, moved, v, manual64, reference64, dot, eps, h)
+            loss_fn, args, loss0, moved, v, manual, reference, eps, h, kink, level)
         checks.append(DirectionCheck(h, delta_loss / (2 * h), slope_m / (2 * h),
                                      slope_r / (2 * h), err_m, err_r, fd_status,
                                      order_m, order_r, taylor_status))
     return tuple(checks)
+
+
+def _kinked(loss_fn, args, loss0, moved, v, eps, h_fd, level) -> bool:
+    """Whether L has a kink along v near p: the asymmetry ``|L(p+hv) + L(p-hv) - 2L(p)|``
+    falls like h^2 where L is smooth and only like h across a kink (order < 1.5)."""
+    h0 = eps ** 0.25 * h_fd / eps ** (1 / 3)
+    floor = 20 * eps * max(level, 1e-300)
+    asymmetry = []
+    for k in range(_TAYLOR_STEPS):
+        plus, _ = moved(v, h0 / 2**k)
+        minus, _ = moved(v, -h0 / 2**k)
+        asymmetry.append(abs(_loss_value(loss_fn, plus, args) + _loss_value(loss_fn, minus, args)
+                             - 2 * loss0))
+    order = _order(asymmetry, floor)
+    return not math.isnan(order) and order < TAYLOR_MIN_ORDER
+
+
+def _verdict_alone(manual_ok: bool, kink: Callable[[], bool]) -> str:
+    """A check with no reference: a miss at a kink is inconclusive, any other a failure."""
+    if manual_ok:
+        return "ok"
+    return "inconclusive" if kink() else "FAIL"
+
+
+def _unless_kinked(status: str, kink: Callable[[], bool]) -> str:
+    """A FAIL across a kink of L is inconclusive."""
+    return "inconclusive" if status == "FAIL" and kink() else status
 
 
 def _verdict(manual_ok: bool, reference_ok: bool) -> str:
@@ -479,24 +547,35 @@ def _unit_direction(rng: np.random.Generator, base: list[np.ndarray]) -> list[np
     return [vi / norm for vi in v]
 
 
-def _taylor(loss_fn, args, loss0, moved, v, manual64, reference64, dot, eps, h_fd):
-    """Measured order of r(h) = |L(p + h v) - L(p) - <g, d_h>| over halving h."""
+def _taylor(loss_fn, args, loss0, moved, v, manual, reference, eps, h_fd, kink, level):
+    """Measured order of r(h) = |L(p + h v) - L(p) - <g, d_h>| over halving h.
+
+    ``reference`` None: judged alone, a low order where FD saw a ``kink`` is inconclusive.
+    """
     h0 = eps ** 0.25 * h_fd / eps ** (1 / 3)  # eps^(1/4) * the same parameter scale
-    floor = 20 * eps * max(abs(loss0), 1e-300)
+    floor = 20 * eps * max(level, 1e-300)
     remainders_m, remainders_r = [], []
     for k in range(_TAYLOR_STEPS):
         point, d = moved(v, h0 / 2**k)
         change = _loss_value(loss_fn, point, args) - loss0
-        remainders_m.append(abs(change - dot(manual64, d)))
-        remainders_r.append(abs(change - dot(reference64, d)))
-    order_m, order_r = _order(remainders_m, floor), _order(remainders_r, floor)
+        remainders_m.append(abs(change - manual(d)))
+        if reference is not None:
+            remainders_r.append(abs(change - reference(d)))
+    order_m = _order(remainders_m, floor)
+    if reference is None:
+        if math.isnan(order_m):   # at most one remainder above rounding: nothing to measure
+            return order_m, order_m, "flat"
+        return order_m, float("nan"), _verdict_alone(order_m >= TAYLOR_MIN_ORDER, kink)
+    order_r = _order(remainders_r, floor)
     if math.isnan(order_m) and math.isnan(order_r):
         return order_m, order_r, "flat"
     if math.isnan(order_m):
-        return order_m, order_r, "FAIL" if max(remainders_m) > floor else "flat"
+        return order_m, order_r, _unless_kinked(
+            "FAIL" if max(remainders_m) > floor else "flat", kink)
     manual_ok = order_m >= TAYLOR_MIN_ORDER
     reference_ok = not math.isnan(order_r) and order_r >= TAYLOR_MIN_ORDER
-    return order_m, order_r, _verdict(manual_ok, reference_ok or math.isnan(order_r))
+    return order_m, order_r, _unless_kinked(_verdict(manual_ok, reference_ok
+                                                     or math.isnan(order_r)), kink)
 
 
 def _order(remainders: list[float], floor: float) -> float:

@@ -7,3 +7,13 @@ import sys
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+import jax
+import pytest
+
+
+@pytest.fixture
+def x64():
+    """64-bit JAX for the test's duration."""
+    with jax.enable_x64(True):
+        yield

@@ -103,7 +103,8 @@ class Conv2D:
         a = get_activation(self.activation).g(z)
         return a, (x, z, a)
 
-    def _delta(self, cache: tuple[Array, ...], delta_a: Array) -> Array:
+    def pre_activation_error(self, cache: tuple[Array, ...], delta_a: Array) -> Array:
+        """The error at z from the error at the output a: ``delta = delta_a * g'(z)``."""
         _, z, a = cache
         return delta_a * get_activation(self.activation).dg(z, a)     # delta = delta_a g'(z)
 
@@ -128,7 +129,7 @@ class Conv2D:
     def backward(self, params: dict[str, Array], cache: tuple[Array, ...], delta_a: Array,
                  need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
         x = cache[0]
-        delta = self._delta(cache, delta_a)
+        delta = self.pre_activation_error(cache, delta_a)
         grads = {"w": self._weight_grad(x, delta), "b": jnp.sum(delta, axis=(0, 1, 2))}
         delta_in = self._input_error(params["w"], delta, x.shape[1:3]) if need_input else None
         return delta_in, grads
@@ -136,7 +137,7 @@ class Conv2D:
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_a: Array) -> dict[str, Array]:
         x = cache[0]
-        delta = self._delta(cache, delta_a)
+        delta = self.pre_activation_error(cache, delta_a)
         # each sample's correlation alone: the batch-of-one rule mapped over the batch
         w = jax.vmap(lambda xi, di: self._weight_grad(xi[None], di[None]))(x, delta)
         return {"w": w, "b": jnp.sum(delta, axis=(1, 2))}
