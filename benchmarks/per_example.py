@@ -11,6 +11,9 @@ float32, five programs are compiled and then timed interleaved in one process:
   vmap_norms     jax.vmap(jax.grad(per-sample loss)) then the norms
   clipped        jaxbp.clipped_grad: the clipped mean in one backward pass
   vmap_clipped   jax.vmap(jax.grad(...)), clip each g_i, mean (the usual JAX way)
+  dp             jaxbp.privacy.dp_gradient: the DP-SGD gradient of a Poisson batch of
+                 expected size B from N = 60000 examples, padded with a mask to
+                 max_batch_size(N, B/N) rows (B real rows here), clipped, noised
 
 Memory is XLA's compiled peak (arguments + outputs + temporaries). A vmap
 program whose compiled peak exceeds --max-gb is not run (marked so).
@@ -29,6 +32,24 @@ import numpy as np
 
 import jaxbp
 from jaxbp.bench import compile_ahead, describe_machine, machine_info, time_interleaved
+
+POISSON_N = 60_000
+"""The data set size the dp column's Poisson batches are drawn from (q = B / N)."""
+
+
+def dp_candidate(net: jaxbp.MLP, clip: float, batch: int):
+    """The DP-SGD gradient of a padded Poisson batch: the B given rows real, the rest pad."""
+    from jaxbp import privacy
+
+    padded = privacy.max_batch_size(POISSON_N, batch / POISSON_N)
+    source = privacy.dp_gradient(clip, 1.0, batch, jax.random.key(1))
+
+    def dp(params, x, y):
+        rows = jnp.arange(padded) % batch          # the B rows, then copies as padding
+        x_pad, y_pad = x[rows], y[rows]
+        return source(net, params, x_pad, y_pad, 0, mask=jnp.arange(padded) < batch)[1]
+
+    return dp, padded
 
 
 def candidates(net: jaxbp.MLP, clip: float):
@@ -66,7 +87,8 @@ def run_case(batch: int, width: int, budget: float, max_bytes: float) -> dict:
     x = jnp.asarray(rng.normal(size=(batch, width)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, size=batch), jnp.int32)
     calls, compile_s, memory, skipped = {}, {}, {}, []
-    for name, fn in candidates(net, clip=1.0).items():
+    dp, padded = dp_candidate(net, 1.0, batch)
+    for name, fn in {**candidates(net, clip=1.0), "dp": dp}.items():
         compiled, seconds, mem = compile_ahead(fn, params, x, y)
         # memory_analysis can be unavailable on some backends: then no figure, no skip
         compile_s[name], memory[name] = seconds, None if mem is None else mem.peak
@@ -77,13 +99,13 @@ def run_case(batch: int, width: int, budget: float, max_bytes: float) -> dict:
     # Two interleaved groups: jaxbp against vmap (speed-ups), and clipping against the
     # plain gradient (overhead) on their own, so the slow vmap rounds do not dilute them.
     versus_vmap = time_interleaved(
-        {k: v for k, v in calls.items() if k != "backprop"}, budget_s=budget,
+        {k: v for k, v in calls.items() if k not in ("backprop", "dp")}, budget_s=budget,
         compile_s=compile_s)
     overhead = time_interleaved(
-        {k: calls[k] for k in ("backprop", "clipped", "norms")}, budget_s=budget,
+        {k: calls[k] for k in ("backprop", "clipped", "norms", "dp")}, budget_s=budget,
         compile_s=compile_s)
     n_params = sum(p.size for p in jax.tree.leaves(params))
-    return {"batch": batch, "width": width, "params": int(n_params),
+    return {"batch": batch, "width": width, "params": int(n_params), "dp_padded": padded,
             "time_s": {k: t.median for k, t in versus_vmap.items()},
             "iqr_s": {k: [t.p25, t.p75] for k, t in versus_vmap.items()},
             "overhead_time_s": {k: t.median for k, t in overhead.items()},
@@ -116,11 +138,15 @@ def markdown(rows: list[dict], info: dict) -> str:
         "ratio: vmap peak / jaxbp peak; `clipped / backprop`: the cost of clipping relative",
         "to a plain hand-written gradient of the same batch. \"not run\": the vmap program's",
         "compiled peak exceeds the memory limit (its per-example gradients alone need",
-        "B x P x 4 bytes).",
+        "B x P x 4 bytes). `dp / backprop`: the DP-SGD gradient of a Poisson batch of",
+        f"expected size B from N = {POISSON_N} (padded with a mask to the size exceeded with",
+        "probability 1e-12, clipped, noised: `jaxbp.privacy.dp_gradient`) against the plain",
+        "gradient of B rows, timed in the same group.",
         "",
         "| B | W | params | norms ms | vmap+norm ms | norms speed-up | norms mem ratio "
-        "| clipped ms | vmap+clip ms | clipped speed-up | backprop ms | clipped / backprop |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| clipped ms | vmap+clip ms | clipped speed-up | backprop ms | clipped / backprop "
+        "| DP padded to | dp / backprop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         t = {k: v * 1e3 for k, v in row["time_s"].items()}
@@ -134,7 +160,8 @@ def markdown(rows: list[dict], info: dict) -> str:
             f"{cell('vmap_norms')} | {times(ratio(row, 'vmap_norms', 'norms'))} | "
             f"{times(ratio(row, 'vmap_norms', 'norms', 'peak_bytes'))} | {cell('clipped')} | "
             f"{cell('vmap_clipped')} | {times(ratio(row, 'vmap_clipped', 'clipped'))} | "
-            f"{o['backprop']:.2f} | {o['clipped'] / o['backprop']:.2f} |")
+            f"{o['backprop']:.2f} | {o['clipped'] / o['backprop']:.2f} | "
+            f"{row['dp_padded']} | {o['dp'] / o['backprop']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +185,8 @@ def main() -> None:
             print(f"B={batch:5d} W={width:5d}  norms {times(ratio(row, 'vmap_norms', 'norms'))}"
                   f" faster, {times(ratio(row, 'vmap_norms', 'norms', 'peak_bytes'))} less "
                   f"memory;  clipped {times(ratio(row, 'vmap_clipped', 'clipped'))} faster, "
-                  f"{ratio(row, 'clipped', 'backprop', 'overhead_time_s'):.2f}x backprop"
+                  f"{ratio(row, 'clipped', 'backprop', 'overhead_time_s'):.2f}x backprop, dp "
+                  f"{ratio(row, 'dp', 'backprop', 'overhead_time_s'):.2f}x"
                   + (f"  (not run: {row['not_run']})" if row["not_run"] else ""), flush=True)
     write(pathlib.Path(args.out), info, rows)
 

@@ -118,7 +118,13 @@ def _is_concrete(value: Any) -> bool:
 
 
 def _first_bad(bad: Any) -> tuple[int, int]:
-    """(count, first flat index) of a boolean mask, host or device (one small sync)."""
+    """(count, first flat index) of a boolean mask, host or device (one small sync).
+
+    Under an outer ``jax.jit`` even a closed-over concrete array gives a traced mask:
+    its values are not known at trace time, so nothing is reported (0, 0).
+    """
+    if isinstance(bad, jax.core.Tracer):
+        return 0, 0
     if isinstance(bad, jax.Array):
         count, first = jax.device_get((jnp.sum(bad), jnp.argmax(jnp.ravel(bad))))
         return int(count), int(first)

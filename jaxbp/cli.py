@@ -195,7 +195,41 @@ def _plan_train(args: argparse.Namespace) -> dict[str, Any]:
                              f"{n_data} devices of the mesh's data axis and "
                              f"{jax.process_count()} process(es)")
     return {"dataset": dataset, "net": net, "optimizer": OPTIMIZERS[args.optimizer](args.lr),
-            "mesh": mesh}
+            "mesh": mesh, "privacy": _plan_privacy(args, mesh)}
+
+
+def _plan_privacy(args: argparse.Namespace, mesh: Any) -> Any:
+    """``--dp`` and its options as a :class:`jaxbp.privacy.Privacy` (None without --dp)."""
+    dp_options = {"--target-epsilon": args.target_epsilon,
+                  "--noise-multiplier": args.noise_multiplier}
+    if not args.dp:
+        given = [name for name, value in dp_options.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --dp (differentially private training)")
+        return None
+    if args.grad != "backprop":
+        raise UsageError(f"--dp sets the gradient (clipped, noised per-example gradients): "
+                         f"drop --grad {args.grad}")
+    if mesh is not None:
+        raise UsageError("--dp runs on one device: drop --mesh/--devices")
+    if args.target_epsilon is None and args.noise_multiplier is None:
+        raise UsageError("--dp needs --target-epsilon E (sigma calibrated to it) or "
+                         "--noise-multiplier S")
+    try:
+        import dp_accounting  # noqa: F401
+    except ImportError:
+        raise UsageError('--dp accounts the privacy spent through dp-accounting: pip install '
+                         '"jaxbp[privacy]"') from None
+    from jaxbp.privacy import Privacy
+
+    for name, value in (("--clip-norm", args.clip_norm), ("--delta", args.delta),
+                        *dp_options.items()):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{name} must be a finite number > 0, got {value}")
+    if not args.delta < 1:
+        raise UsageError(f"--delta must be in (0, 1), got {args.delta}")
+    return Privacy(args.clip_norm, args.delta, args.target_epsilon, args.noise_multiplier,
+                   args.accountant)
 
 
 def _parse_mesh(args: argparse.Namespace) -> Any:
@@ -326,7 +360,8 @@ def _train(args: argparse.Namespace) -> int:
                  diagnostics=args.diagnostics is not None,
                  run_config={"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed,
                              "data": args.data},
-                 allow_run_change=args.allow_run_change, mesh=plan["mesh"])
+                 allow_run_change=args.allow_run_change, mesh=plan["mesh"],
+                 privacy=plan["privacy"])
     if not main_process:
         return 0
     history = result.history
@@ -458,6 +493,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-run-change", action="store_true",
                        help="resume a checkpoint although the net, optimizer, seed, batch "
                             "size or data differ from the run that wrote it")
+    private = train.add_argument_group(
+        "differential privacy", "DP-SGD with Poisson sampling (expected batch --batch-size), "
+        "per-example clipping and Gaussian noise; the epsilon spent is printed every epoch "
+        "(needs pip install \"jaxbp[privacy]\")")
+    private.add_argument("--dp", action="store_true", help="train with DP-SGD")
+    private.add_argument("--target-epsilon", type=float, default=None,
+                         help="the privacy budget: sigma is calibrated to spend at most this "
+                              "over all epochs; training stops rather than exceed it")
+    private.add_argument("--noise-multiplier", type=float, default=None,
+                         help="sigma, the noise std over the clip norm (instead of calibrating)")
+    private.add_argument("--delta", type=float, default=1e-5, help="delta (1e-5)")
+    private.add_argument("--clip-norm", type=float, default=1.0,
+                         help="per-example gradient clip norm C (1.0)")
+    private.add_argument("--accountant", default="rdp", choices=["rdp", "pld"],
+                         help="privacy accountant of dp-accounting (rdp)")
     train.set_defaults(run=_train)
 
     bench = commands.add_parser(

@@ -38,10 +38,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxbp import _checks
+from jaxbp import _checks, network_curvature
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.backprop import layer_deltas, sample_output_delta
 from jaxbp.mlp import MLP, forward, matmul
+from jaxbp.network import Network
 
 
 def _check_direction(params: Params, v: Params) -> None:
@@ -102,6 +103,10 @@ def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Para
     Returns:
       ``H v`` shaped like ``params``, ``H = d^2 C / dparams^2``.
 
+    An MLP runs the hand-written R-operator; a :class:`jaxbp.Network` (any layer
+    type) forward mode (``jax.jvp``) over its hand-written gradient
+    (:mod:`jaxbp.network_curvature`).
+
     Raises:
       ValueError: v does not have the structure and shapes of params (and the
         input errors of :func:`jaxbp.backprop`).
@@ -109,6 +114,8 @@ def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Para
     x, y = _checks.check_inputs(net, params, x, y)
     _check_direction(params, v)
     v = jax.tree.map(lambda t, p: jnp.asarray(t, p.dtype), v, params)
+    if isinstance(net, Network):
+        return network_curvature.hvp(net, params, x, y, v)
     return _hvp(net, params, x, y, v)
 
 
@@ -135,12 +142,16 @@ def ggn_diag(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
     ``J_n = d a^L_n / dparams``, ``H_n`` the Hessian of the sample loss with
     respect to a^L (squared error: 2I; sigmoid cross-entropy: diag(s(1-s));
     softmax cross-entropy: diag(p) - pp^T). One forward pass and one batched
-    backward pass of n_out columns (BackPACK's DiagGGNExact).
+    backward pass of n_out columns (BackPACK's DiagGGNExact); for a
+    :class:`jaxbp.Network` the layers other than Dense square their formed
+    per-sample gradients (:mod:`jaxbp.network_curvature`).
 
     Returns:
       The diagonal, shaped like ``params``.
     """
     x, y = _checks.check_inputs(net, params, x, y)
+    if isinstance(net, Network):
+        return network_curvature.ggn_diag(net, params, x, y)
     return _ggn_diag(net, params, x, y)
 
 
@@ -164,35 +175,82 @@ def _sample_targets(net: MLP, a_out: Array, key: Array) -> Array:
 def _kfac_factors(net: MLP, params: Params, x: Array, y: Array, kind: str,
                   key: Array | None) -> tuple[dict[str, Array], ...]:
     cache = forward(net, params, x)
+    if kind == "exact":
+        return _kfac_exact(net, params, cache, y)
     targets = y if kind == "empirical" else _sample_targets(net, cache.acts[-1], key)
     return _kfac_from_cache(net, params, cache, targets)[1]  # the unused grads are dropped
 
 
+def _kfac_exact(net: MLP, params: Params, cache, y: Array) -> tuple[dict[str, Array], ...]:
+    """G from every column of the loss Hessian's factor (as :func:`ggn_diag`): KFLR."""
+    a_out, z_out = cache.acts[-1], cache.zs[-1]
+    factor = net.loss_fn.sample_hessian_factor(a_out, y)            # (B, n_out, k)
+    columns = jnp.moveaxis(factor, -1, 0) * net.activations[-1].dg(z_out, a_out)
+    deltas = jax.vmap(lambda d: layer_deltas(net, params, cache, d))(columns)
+    batch = a_out.shape[0]
+    out = []
+    for a_in, delta in zip(cache.acts, deltas):                      # delta: (k, B, width)
+        a_bar = jnp.concatenate([a_in, jnp.ones((batch, 1), a_in.dtype)], axis=1)
+        flat = delta.reshape(-1, delta.shape[-1])                    # the k B rows
+        out.append({"A": matmul(net, a_bar, a_bar, transpose_a=True) / batch,
+                    "G": matmul(net, flat, flat, transpose_a=True) / batch})
+    return tuple(out)
+
+
+KFAC_KINDS = ("sampled", "exact", "empirical")
+"""The kinds of :func:`kfac_factors` (``"mc"`` is kept as another name of ``"sampled"``)."""
+
+
 def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
-                 kind: str = "empirical", key: Array | None = None) -> tuple[dict[str, Array], ...]:
+                 kind: str = "sampled", key: Array | None = None) -> tuple[dict[str, Array], ...]:
     """The Kronecker factors of each layer's Fisher block (K-FAC, Martens and Grosse 2015).
 
     With ``a_bar = [a^{l-1}, 1]`` (the bias as a column of ones) and the
-    per-sample error ``delta^l_n`` of sample n's own loss:
+    per-sample error ``delta^l_n`` of sample n's own loss at a target ``t_n``:
 
     .. math::
         A_l = \\tfrac1N \\sum_n \\bar a_n \\bar a_n^\\top, \\qquad
-        G_l = \\tfrac1N \\sum_n \\delta_n \\delta_n^\\top, \\qquad
-        F_l \\approx A_l \\otimes G_l
+        G_l = \\tfrac1N \\sum_n \\mathbb{E}_{t_n}\\big[\\delta_n \\delta_n^\\top\\big],
+        \\qquad F_l \\approx A_l \\otimes G_l
 
     where ``F_l`` is the Fisher of the layer's parameters ``[W^l; b^l]``
-    ((fan_in + 1, fan_out), flattened row by row). For a batch of one sample
-    ``A \\otimes G = g g^T`` exactly. ``kind="empirical"`` uses the given y;
-    ``kind="mc"`` draws y from the model's predictive distribution (needs ``key``).
+    ((fan_in + 1, fan_out), flattened row by row). The kinds differ in the targets:
+
+    * ``"sampled"`` (default; ``"mc"`` is the same): ``t_n`` drawn once from the
+      model's own predictive distribution (needs ``key``): an unbiased estimate
+      of the true Fisher of Martens and Grosse (2015).
+    * ``"exact"``: the expectation over ``t_n`` taken exactly, by running the
+      recursion on every column of the loss Hessian's factor (for these losses
+      the Fisher equals the generalised Gauss-Newton): BackPACK's KFLR
+      (Botev et al. 2017). Costs n_out backward passes.
+    * ``"empirical"``: ``t_n = y_n``, the given labels: the empirical Fisher,
+      the mean of ``g_n g_n^T`` (for one sample ``A \\otimes G = g g^T``
+      exactly). Cheap and common, but it is not the Fisher, and as a curvature
+      estimate it can mislead (Kunstner, Balles & Hennig 2019).
 
     Returns:
-      A tuple of ``{"A": (fan_in + 1, fan_in + 1), "G": (fan_out, fan_out)}``.
+      A tuple of ``{"A": (fan_in + 1, fan_in + 1), "G": (fan_out, fan_out)}``. For a
+      :class:`jaxbp.Network`, one entry per layer: Dense as above, Conv2D the KFC
+      factors (patches for A, position-averaged errors for G; see
+      :mod:`jaxbp.network_curvature` for the convention and the row order), ``{}``
+      for a layer without parameters.
+
+    Raises:
+      ValueError: an unknown kind, or ``"sampled"`` without a key.
+      jaxbp.layers.LayerError: a Network layer with parameters that is neither Dense
+        nor Conv2D (LayerNorm, Residual), named.
     """
-    if kind not in ("empirical", "mc"):
-        raise ValueError(f"Unknown kind {kind!r}. It needs to be one of ['empirical', 'mc'].")
-    if kind == "mc" and key is None:
-        raise ValueError("kind='mc' samples targets from the model: pass a PRNG key")
+    if kind not in (*KFAC_KINDS, "mc"):
+        raise ValueError(f"Unknown kind {kind!r}. It needs to be one of {list(KFAC_KINDS)}.")
+    kind = "sampled" if kind == "mc" else kind
+    if kind == "sampled" and key is None:
+        raise ValueError("kind='sampled' (the default) draws targets from the model: pass a "
+                         "PRNG key (key=jax.random.key(0)), or use kind='exact' (no sampling, "
+                         "n_out backward passes) or kind='empirical' (the given labels)")
     x, y = _checks.check_inputs(net, params, x, y)
+    if isinstance(net, Network):
+        network_curvature.check_kfac_layers(net)
+        return network_curvature.kfac_factors(net, params, x, y, kind, key, _sample_targets)
     return _kfac_factors(net, params, x, y, kind, key)
 
 

@@ -9,6 +9,7 @@ the same params, bit for bit, as a run that never stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -152,6 +153,31 @@ def _gather(x: jax.Array, y: jax.Array, index: jax.Array) -> tuple[jax.Array, ja
     return x[index], y[index]
 
 
+class _PoissonFeed:
+    """One epoch of Poisson-sampled batches (DP-SGD) as chunks of ``(xs, ys, masks)``.
+
+    Each step takes every row independently with the sample rate, padded to
+    ``max_batch`` with a mask (:func:`jaxbp.privacy.poisson_batches`). The draw is a
+    pure function of the epoch's key, so a resumed run samples what it would have.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, rate: float, steps: int, max_batch: int):
+        self.x, self.y, self.rate, self.steps, self.max_batch = x, y, rate, steps, max_batch
+        self.overflow = 0
+        self.on_device = False  # gathered on the host: the padded rows differ every step
+
+    def chunks(self, key: PRNGKey, chunk: int):
+        from jaxbp.privacy import poisson_batches
+
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+        index, masks, overflow = poisson_batches(np.random.default_rng(seed), len(self.x),
+                                                 self.rate, self.steps, self.max_batch)
+        self.overflow += overflow
+        for i in range(0, self.steps, chunk):
+            rows = index[i:i + chunk]
+            yield jax.device_put((self.x[rows], self.y[rows], masks[i:i + chunk]))
+
+
 def fit(
     net: MLP,
     optimizer: optax.GradientTransformation,
@@ -173,6 +199,7 @@ def fit(
     run_config: dict[str, Any] | None = None,
     allow_run_change: bool = False,
     mesh: jax.sharding.Mesh | None = None,
+    privacy: Any = None,
 ) -> FitResult:
     """Train ``net`` on ``data`` for ``epochs`` epochs with the jitted step.
 
@@ -221,6 +248,17 @@ def fit(
         through orbax (:mod:`jaxbp.sharded_checkpoint`, ``pip install
         'jaxbp[scale]'``); a run resumes from the newest checkpoint of either
         format, so it can move between one device and a mesh.
+      privacy: a :class:`jaxbp.privacy.Privacy`: differentially private
+        training (DP-SGD, needs ``pip install "jaxbp[privacy]"``). Each step
+        Poisson-samples the training set with rate ``q = batch_size / N``
+        (``batch_size`` is the expected batch), ``round(N / batch_size)``
+        steps make an epoch, per-example gradients are clipped and noised
+        (:func:`jaxbp.privacy.dp_gradient`). A ``target_epsilon`` without a
+        noise multiplier calibrates sigma for all ``epochs`` before training.
+        The epsilon spent is recorded after every epoch (``history["epsilon"]``,
+        the progress line, the checkpoint); training stops, with a warning,
+        before an epoch that would exceed the target. ``grad`` must stay
+        "backprop" and ``mesh`` None.
 
     Returns:
       A :class:`FitResult` ``(state, history)``.
@@ -241,6 +279,7 @@ def fit(
     _check_fit_arguments(net, optimizer, data, epochs, batch_size, key, keep, eval_batch_size,
                          chunk_steps)
     _check_mesh(mesh, len(data.x_train), batch_size, drop_last)
+    _check_privacy(privacy, grad, mesh)
     _checks.check_target_values(net, data.y_train, "data.y_train")
     _checks.check_target_values(net, data.y_test, "data.y_test")
     main_process = jax.process_index() == 0
@@ -255,10 +294,24 @@ def fit(
                     eval_batch_size=eval_batch_size, checkpoint_dir=checkpoint_dir, keep=keep,
                     progress=progress, plot=plot, diagnostics=diagnostics,
                     chunk_steps=chunk_steps, run_config=run_config,
-                    allow_run_change=allow_run_change, mesh=mesh)
+                    allow_run_change=allow_run_change, mesh=mesh, privacy=privacy)
     finally:
         if file_lock is not None:
             file_lock.release()
+
+
+def _check_privacy(privacy: Any, grad: Any, mesh: Any) -> None:
+    if privacy is None:
+        return
+    from jaxbp.privacy import Privacy
+
+    if not isinstance(privacy, Privacy):
+        raise TypeError(f"privacy must be a jaxbp.privacy.Privacy, got {type(privacy).__name__}")
+    if not (isinstance(grad, str) and grad == "backprop"):
+        raise ValueError(f"privacy sets the gradient (clipped, noised per-example gradients): "
+                         f"leave grad as 'backprop', got {grad!r}")
+    if mesh is not None:
+        raise ValueError("privacy runs on one device for now: pass mesh=None")
 
 
 def _check_int(name: str, value: Any, least: int) -> None:
@@ -312,7 +365,8 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
          drop_last: bool, eval_batch_size: int, checkpoint_dir: str | pathlib.Path | None,
          keep: int, progress: bool, plot: str | pathlib.Path | None, diagnostics: bool,
          chunk_steps: int | None, run_config: dict[str, Any] | None,
-         allow_run_change: bool, mesh: jax.sharding.Mesh | None) -> FitResult:
+         allow_run_change: bool, mesh: jax.sharding.Mesh | None, privacy: Any = None
+         ) -> FitResult:
     """:func:`fit` on checked arguments, with the checkpoint folder locked."""
     key_init, key_data = jax.random.split(key)
     if params is None:
@@ -324,6 +378,18 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
         state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
     history: dict[str, list[float]] = {name: [] for name in HISTORY_KEYS}
     first_epoch = 0
+    private = None
+    if privacy is not None:
+        private = _private_plan(privacy, len(data.x_train), batch_size, epochs)
+        grad = private["gradient"](jax.random.fold_in(key_data, 0xD9))
+        history["epsilon"] = []
+        run_config = {**(run_config or {}), "privacy": dataclasses.asdict(privacy),
+                      "noise_multiplier": private["sigma"]}
+        if progress:
+            print(f"private training: sample rate {private['rate']:.5f} (expected batch "
+                  f"{batch_size}, padded to {private['max_batch']}), noise multiplier "
+                  f"{private['sigma']:.4f}, clip norm {privacy.clip_norm}, delta "
+                  f"{privacy.delta}, {privacy.accountant} accountant")
     run = describe_run(net, optimizer, grad, batch_size, drop_last, key_data, data, run_config)
     if checkpoint_dir is not None:
         found = _restore_latest(checkpoint_dir, state, key_data, shardings)
@@ -336,7 +402,8 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
                 print(f"resumed from {path} (after epoch {first_epoch})")
 
     n_train = len(data.x_train)
-    steps_per_epoch = num_batches(n_train, batch_size, drop_last)
+    steps_per_epoch = (num_batches(n_train, batch_size, drop_last) if private is None
+                       else private["steps_per_epoch"])
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} is larger than the {n_train} "
                          f"training samples and drop_last=True leaves no batch")
@@ -347,7 +414,8 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     nbytes = sum(np.asarray(a).nbytes for a in data)
     feed = _EpochFeed(x_train, y_train, batch_size, drop_last,
                       on_device=mesh is None and nbytes <= DEVICE_DATA_BYTES,
-                      process_rows=mesh is not None)
+                      process_rows=mesh is not None) if private is None else \
+        _PoissonFeed(x_train, y_train, private["rate"], steps_per_epoch, private["max_batch"])
     x_test = np.asarray(data.x_test, dtype)  # checked once in fit(), cast once here
     y_test = np.asarray(data.y_test, y_train.dtype)
     if feed.on_device:
@@ -355,15 +423,18 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     loops: dict[int, Any] = {}  # one compiled scan per chunk length (at most three)
     step_count = int(parallel.fetch(state.step))  # replicated: each process's own copy
     for epoch in range(first_epoch, epochs):
+        if private is not None and _over_budget(privacy, private, step_count + steps_per_epoch,
+                                                epoch):
+            break
         start = time.perf_counter()
         sums = {"loss": 0.0, "accuracy": 0.0}
         bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
-        for xs, ys in feed.chunks(jax.random.fold_in(key_data, epoch), chunk):
+        for xs, ys, *masks in feed.chunks(jax.random.fold_in(key_data, epoch), chunk):
             k = len(xs)
             if k not in loops:
                 loops[k] = (make_train_loop(net, optimizer, steps=k, grad=grad) if mesh is None
                             else parallel.make_sharded_train_loop(net, optimizer, mesh, k, grad))
-            state, metrics = loops[k](state, xs, ys)
+            state, metrics = loops[k](state, xs, ys, *masks)
             metrics = parallel.fetch(metrics)  # the one sync of this chunk
             _check_chunk(metrics, step_count)
             step_count += k
@@ -382,6 +453,12 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
                "test_loss": test["loss"],
                "test_accuracy": test.get("accuracy", math.nan),
                "seconds": time.perf_counter() - start}
+        if private is not None:
+            from jaxbp.privacy import epsilon
+
+            row["epsilon"] = epsilon(private["sigma"], private["rate"], step_count,
+                                     privacy.delta, privacy.accountant)
+            history["epsilon"].append(row["epsilon"])
         for name in HISTORY_KEYS:
             history[name].append(row[name])
         if diagnostics:
@@ -403,6 +480,42 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     if plot is not None:
         plot_history(history, plot)
     return FitResult(state, history)
+
+
+def _private_plan(privacy: Any, n_train: int, batch_size: int, epochs: int) -> dict[str, Any]:
+    """Sample rate, steps per epoch, sigma (calibrated to the target if not given), the
+    padded batch size and the gradient source of a private run."""
+    from jaxbp import privacy as dp
+
+    if batch_size > n_train:
+        raise ValueError(f"batch_size {batch_size} (the expected Poisson batch) is larger than "
+                         f"the {n_train} training samples")
+    rate = batch_size / n_train
+    steps_per_epoch = max(1, round(n_train / batch_size))
+    sigma = privacy.noise_multiplier
+    if sigma is None:
+        sigma = dp.noise_multiplier(privacy.target_epsilon, privacy.delta, rate,
+                                    epochs * steps_per_epoch, privacy.accountant)
+    return {"rate": rate, "steps_per_epoch": steps_per_epoch, "sigma": sigma,
+            "max_batch": dp.max_batch_size(n_train, rate),
+            "gradient": lambda key: dp.dp_gradient(privacy.clip_norm, sigma,
+                                                   rate * n_train, key)}
+
+
+def _over_budget(privacy: Any, private: dict[str, Any], steps_after: int, epoch: int) -> bool:
+    """Whether the next epoch would spend more than the target epsilon (then warn)."""
+    if privacy.target_epsilon is None:
+        return False
+    from jaxbp.privacy import epsilon
+
+    spent = epsilon(private["sigma"], private["rate"], steps_after, privacy.delta,
+                    privacy.accountant)
+    if spent <= privacy.target_epsilon * (1 + 1e-9):
+        return False
+    warnings.warn(f"private training stopped before epoch {epoch + 1}: it would spend epsilon "
+                  f"{spent:.4f}, more than the target {privacy.target_epsilon}", RuntimeWarning,
+                  stacklevel=4)
+    return True
 
 
 def _params_here(params: Params) -> Params:
@@ -493,6 +606,8 @@ def _epoch_line(net: MLP, row: dict[str, float], epochs: int) -> str:
     line += f"  test loss {row['test_loss']:.4f}"
     if net.loss in CLASSIFICATION_LOSSES:
         line += f" acc {row['test_accuracy']:.4f}"
+    if "epsilon" in row:
+        line += f"  epsilon {row['epsilon']:.3f}"
     return line + f"  ({row['seconds']:.2f} s)"
 
 

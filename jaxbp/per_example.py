@@ -35,19 +35,13 @@ import numpy as np
 
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
-from jaxbp.backprop import layer_deltas, sample_output_delta
+from jaxbp.layers.dense import Dense
 from jaxbp.losses import mean_loss
-from jaxbp.mlp import MLP, Cache, forward, matmul
+from jaxbp.mlp import MLP
 from jaxbp.network import Network
 
 ClipNorm = float | Sequence[float] | Array
 """One global clip norm C, or one C_l per layer."""
-
-
-def _sample_deltas(net: MLP, params: Params, x: Array, y: Array) -> tuple[Cache, tuple[Array, ...]]:
-    """The forward cache and ``(delta^1, ..., delta^L)`` of the per-sample losses l_i."""
-    cache = forward(net, params, x)
-    return cache, layer_deltas(net, params, cache, sample_output_delta(net, cache, y))
 
 
 def _parametrised(params: Params) -> list[int]:
@@ -60,6 +54,14 @@ def _network_sq_norms(net: Network, params: Params, caches: tuple[Any, ...],
     """(B, G): each sample's squared gradient norm per parametrised layer, from the records."""
     return jnp.stack([net.layers[l].per_sample_sq_norms(params[l], caches[l], deltas[l])
                       for l in _parametrised(params)], axis=1)
+
+
+def _sq_norms_and_sum(layer: Any, params: Any, cache: Any, delta: Array) -> tuple[Array, Any]:
+    """A layer's per-sample squared norms, and a weighted-sum function where the record
+    formed per-sample gradients on the way (Conv2D's formed route), else None."""
+    if hasattr(layer, "per_sample_sq_norms_and_sum"):
+        return layer.per_sample_sq_norms_and_sum(params, cache, delta)
+    return layer.per_sample_sq_norms(params, cache, delta), None
 
 
 def _network_clipped_mean(net: Network, params: Params, x: Array, y: Array,
@@ -79,11 +81,17 @@ def _network_clipped_mean(net: Network, params: Params, x: Array, y: Array,
     if mask is not None:
         deltas = tuple(jnp.where(mask.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
                        for d in deltas)
-    factors = _clip_factors(_network_sq_norms(net, params, caches, deltas), clip_norm)
+    groups = _parametrised(params)
+    norms_and_sums = [_sq_norms_and_sum(net.layers[l], params[l], caches[l], deltas[l])
+                      for l in groups]
+    factors = _clip_factors(jnp.stack([sq for sq, _ in norms_and_sums], axis=1), clip_norm)
     denominator = x.shape[0] if denominator is None else denominator
     grads = [jax.tree.map(jnp.zeros_like, p) for p in params]
-    for g, l in enumerate(_parametrised(params)):
+    for g, (l, (_, weighted_sum)) in enumerate(zip(groups, norms_and_sums)):
         scale = (factors[:, g] / denominator).astype(deltas[l].dtype)
+        if weighted_sum is not None:     # the formed per-sample gradients, reused
+            grads[l] = weighted_sum(scale)
+            continue
         scale = scale.reshape((-1,) + (1,) * (deltas[l].ndim - 1))
         _, grads[l] = net.layers[l].backward(params[l], caches[l], deltas[l] * scale,
                                              need_input=False)
@@ -303,46 +311,58 @@ def dp_sgd_grad(
                                                                  noise_multiplier), key)
 
 
+def _dense_moments_variance(a_in: Array, delta: Array) -> dict[str, Array]:
+    """Var = E[g^2] - E[g]^2 with E[g_W^2] = (a^2)^T (delta^2) / B: no (B, fan_in, fan_out)."""
+    batch = a_in.shape[0]
+    dims = (((0,), (0,)), ((), ()))                      # a^T delta, one dot_general
+    mean_w = jax.lax.dot_general(a_in, delta, dims) / batch
+    mean_b = delta.mean(axis=0)
+    second_w = jax.lax.dot_general(a_in * a_in, delta * delta, dims) / batch
+    second_b = (delta * delta).mean(axis=0)
+    return {"w": jnp.maximum(second_w - mean_w * mean_w, 0),
+            "b": jnp.maximum(second_b - mean_b * mean_b, 0)}
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _per_example_grad_variance(net: MLP, params: Params, x: Array, y: Array) -> Params:
-    cache, deltas = _sample_deltas(net, params, x, y)
-    batch = x.shape[0]
+def _per_example_grad_variance(net: MLP | Network, params: Params, x: Array,
+                               y: Array) -> Params:
+    chain = network.as_network(net)
+    _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
     out = []
-    for a_in, delta in zip(cache.acts, deltas):
-        # Var = E[g^2] - E[g]^2 with E[g_W^2] = (a^2)^T (delta^2) / B: no (B, fan_in, fan_out).
-        mean_w = matmul(net, a_in, delta, transpose_a=True) / batch
-        mean_b = delta.mean(axis=0)
-        second_w = matmul(net, a_in * a_in, delta * delta, transpose_a=True) / batch
-        second_b = (delta * delta).mean(axis=0)
-        out.append({"w": jnp.maximum(second_w - mean_w * mean_w, 0),
-                    "b": jnp.maximum(second_b - mean_b * mean_b, 0)})
+    for layer, p, cache, delta in zip(chain.layers, params, caches, deltas):
+        if isinstance(layer, Dense):   # the moments, from the input and the error at z
+            out.append(_dense_moments_variance(cache[0],
+                                               layer.pre_activation_error(cache, delta)))
+        else:                          # the layer's per-sample gradients, then their variance
+            grads = layer.per_sample_grads(p, cache, delta)
+            out.append(jax.tree.map(lambda g: jnp.var(g, axis=0), grads))
     return tuple(out)
 
 
 def per_example_grad_variance(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
-    """Elementwise variance over the batch of the per-example gradients (BackPACK's Variance).
+    """Elementwise variance over the batch of the per-example gradients ``g_i = dl_i/dtheta``.
 
     .. math::
         \\mathrm{Var}[g^{W}]_{jk} = \\frac{1}{B}\\sum_i a_{ij}^2 \\delta_{ik}^2
         - \\Big(\\frac{1}{B}\\sum_i a_{ij}\\delta_{ik}\\Big)^2
 
-    The population variance (divide by B). For dense layers both moments are
-    matrix products of (B, width) arrays, so nothing per-example is ever
-    materialised (a layer type whose g_i is not an outer product would need
-    it). ``E[g^2] - E[g]^2`` cancels where the variance is tiny against the
+    The population variance (divide by B) of the gradients of each sample's own
+    loss ``l_i`` (not divided by B). Against BackPACK's ``Variance``: BackPACK's
+    individual gradients are those of the loss as the module computes it, so on a
+    *summed* loss (``reduction="sum"``) its Variance is this one; on jaxbp's
+    *mean* cost ``C = (1/B) sum_i l_i`` (``reduction="mean"``) its individual
+    gradients are ``g_i / B`` and its Variance is this one divided by ``B^2``.
+
+    For dense layers both moments are matrix products of (B, width) arrays, so
+    nothing per-example is materialised; for the other layers of a
+    :class:`jaxbp.Network` (Conv2D, LayerNorm, Residual) the layer's per-sample
+    gradients are formed (its record's ``per_sample_grads``) and their variance
+    taken. ``E[g^2] - E[g]^2`` cancels where the variance is tiny against the
     squared mean; rounding below zero is clipped to 0.
 
     Returns:
       Variances shaped like ``params``.
-
-    Raises:
-      TypeError: a :class:`jaxbp.Network` (MLPs only for now: take the variance of
-        :func:`per_example_grads` over the batch).
     """
-    if isinstance(net, Network):
-        raise TypeError("per_example_grad_variance is for an MLP (its dense moments need no "
-                        "per-example gradient); for a Network take the variance of "
-                        "per_example_grads over the batch")
     x, y = _checks.check_inputs(net, params, x, y)
     return _per_example_grad_variance(net, params, x, y)
 

@@ -2,7 +2,7 @@
 (public API only): test accuracy per epoch and each hidden layer's angle to the true
 gradient over training (Lillicrap et al. 2016, their Fig. 2).
 
-    python scripts/feedback_alignment.py [--epochs 40] [--out scripts/figures/feedback_alignment.png]
+    python scripts/feedback_alignment.py [--epochs 40] [--out FIGURE.png]
 
 One MLP 64-128-128-10 (tanh), the same initial params, data order and adam(1e-3) for every
 rule; the feedback matrices are fixed draws (jaxbp.feedback.random_feedback). The angle is

@@ -17,3 +17,12 @@ def x64():
     """64-bit JAX for the test's duration."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def restore_x64():
+    """`jaxbp verify`/`train` turn on 64-bit JAX for their process; undo it for the others."""
+    before = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", before)
+    jax.clear_caches()

@@ -11,15 +11,6 @@ import pytest
 from jaxbp import checkpoint, cli
 
 
-@pytest.fixture
-def restore_x64():
-    """`jaxbp verify` turns on 64-bit JAX for its process; undo it for the other tests."""
-    before = jax.config.jax_enable_x64
-    yield
-    jax.config.update("jax_enable_x64", before)
-    jax.clear_caches()
-
-
 def test_verify_passes_and_prints_the_table(restore_x64, capsys):
     code = cli.main(["verify", "--cases", "5", "--dtypes", "float64,float32", "--n-fd", "1"])
     out = capsys.readouterr().out

@@ -124,7 +124,7 @@ class TestKFAC:
             for i in range(3):  # the three losses
                 net, params, x, y, _ = case(i)
                 x1, y1 = x[:1], y[:1]
-                factors = jaxbp.kfac_factors(net, params, x1, y1)
+                factors = jaxbp.kfac_factors(net, params, x1, y1, kind="empirical")
                 per_sample = jaxbp.per_example_grads(net, params, x1, y1)
                 for layer, f in zip(per_sample, factors):
                     g = np.concatenate([np.asarray(layer["w"][0]), np.asarray(layer["b"])],
@@ -135,24 +135,46 @@ class TestKFAC:
     def test_factors_are_batch_means(self):
         with jax.enable_x64(True):
             net, params, x, y, _ = case(7)
-            factors = jaxbp.kfac_factors(net, params, x, y)
+            factors = jaxbp.kfac_factors(net, params, x, y, kind="exact")
             cache = jaxbp.forward(net, params, x)
             a_bar = np.concatenate([np.asarray(cache.acts[0]), np.ones((x.shape[0], 1))], 1)
             np.testing.assert_allclose(factors[0]["A"], a_bar.T @ a_bar / x.shape[0],
                                        rtol=1e-13)
 
     @pytest.mark.parametrize("i", range(3))
-    def test_mc_samples_targets_and_needs_a_key(self, i):
+    def test_sampled_is_the_default_and_needs_a_key(self, i):
         with jax.enable_x64(True):
             net, params, x, y, _ = case(i)
             with pytest.raises(ValueError, match="pass a PRNG key"):
-                jaxbp.kfac_factors(net, params, x, y, kind="mc")
-            with pytest.raises(ValueError, match="Unknown kind 'exact'"):
-                jaxbp.kfac_factors(net, params, x, y, kind="exact")
-            a = jaxbp.kfac_factors(net, params, x, y, kind="mc", key=jax.random.key(0))
+                jaxbp.kfac_factors(net, params, x, y)
+            with pytest.raises(ValueError, match="Unknown kind 'fisher'"):
+                jaxbp.kfac_factors(net, params, x, y, kind="fisher")
+            a = jaxbp.kfac_factors(net, params, x, y, key=jax.random.key(0))
             b = jaxbp.kfac_factors(net, params, x, y, kind="mc", key=jax.random.key(0))
             np.testing.assert_array_equal(a[-1]["G"], b[-1]["G"])
             assert np.all(np.linalg.eigvalsh(np.asarray(a[-1]["G"])) > -1e-12)
+
+    def test_exact_is_the_expectation_over_the_models_targets(self):
+        """Softmax cross-entropy: G_exact = mean_n sum_c p_nc G_empirical(x_n, e_c); the
+        sampled G converges to it; the empirical G at the given labels is another matrix."""
+        with jax.enable_x64(True):
+            net, params, x, y, _ = case(7)
+            assert net.loss == "softmax_cross_entropy" and x.shape[0] > 1
+            exact = jaxbp.kfac_factors(net, params, x, y, kind="exact")
+            probs = np.asarray(jax.nn.softmax(net.apply(params, x)))
+            expected = [np.zeros_like(f["G"]) for f in exact]
+            for n in range(x.shape[0]):
+                for c in range(net.n_out):
+                    onehot = np.eye(net.n_out)[c][None]
+                    emp = jaxbp.kfac_factors(net, params, x[n:n + 1], onehot, kind="empirical")
+                    for acc, f in zip(expected, emp):
+                        acc += probs[n, c] * np.asarray(f["G"]) / x.shape[0]
+            for f, want in zip(exact, expected):
+                np.testing.assert_allclose(f["G"], want, rtol=1e-10, atol=1e-14)
+            draws = [jaxbp.kfac_factors(net, params, x, y, key=jax.random.key(k))[-1]["G"]
+                     for k in range(400)]
+            scale = np.abs(np.asarray(exact[-1]["G"])).max()
+            assert np.abs(np.mean(draws, axis=0) - exact[-1]["G"]).max() < 0.1 * scale
 
 
 class TestKFACPreconditioner:

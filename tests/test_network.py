@@ -191,6 +191,13 @@ class TestPerExample:
             expected = jax.tree.map(
                 lambda g: np.tensordot(scale, np.asarray(g), axes=1) / x.shape[0], reference)
             assert_trees_close(jaxbp.clipped_grad(net, params, x, y, clip), expected, "float64")
+            variance = jax.tree.map(lambda g: np.var(np.asarray(g), axis=0), reference)
+            got = jaxbp.per_example_grad_variance(net, params, x, y)
+            # E[g^2] - E[g]^2 leaves rounding of the size of E[g^2] (all of it at batch 1)
+            second = max(float(np.max(np.mean(np.asarray(g) ** 2, axis=0)))
+                         for g in jax.tree.leaves(reference))
+            for v, want in zip(jax.tree.leaves(got), jax.tree.leaves(variance)):
+                np.testing.assert_allclose(np.asarray(v), want, rtol=0, atol=1e-12 * second)
 
     def test_per_layer_clip_norms_one_per_layer_with_params(self):
         with jax.enable_x64(True):
@@ -214,3 +221,34 @@ class TestPerExample:
             with pytest.raises(ValueError, match=f"{len(groups)} numbers \\(one per layer with "
                                                  f"parameters\\)"):
                 jaxbp.clipped_grad(net, params, x, y, np.ones(len(groups) + 1))
+
+
+@pytest.mark.parametrize("kernel, filters, side, ghost", [((3, 3), 16, 4, True),
+                                                          ((1, 1), 2, 6, False)])
+def test_conv_norms_by_either_route_match_the_formed_gradients(kernel, filters, side, ghost,
+                                                               monkeypatch):
+    """Mixed ghost clipping: the Gram route when 2 T^2 < d_in d_out and the formed
+    gradients are large (the limit set to 0 here), else the formed P^T E; both give the
+    norms of the per-sample gradients, and the clipped sum either way."""
+    from jaxbp.layers import conv as conv_module
+
+    monkeypatch.setattr(conv_module, "FORMED_BYTES", 0)
+    with jax.enable_x64(True):
+        conv = L.Conv2D(filters, kernel, stride=2, activation="tanh")
+        x = jax.random.normal(jax.random.key(0), (5, side, side, 8), jnp.float64)
+        params = conv.init(jax.random.key(1), x.shape[1:], jnp.float64)
+        out, cache = conv.forward(params, x)
+        delta = jax.random.normal(jax.random.key(2), out.shape, jnp.float64)
+        assert conv.uses_ghost_norm(x.shape[1:], 5, 8) is ghost
+        grads = conv.per_sample_grads(params, cache, delta)
+        want = sum(np.sum(np.asarray(g).reshape(5, -1) ** 2, axis=1) for g in grads.values())
+        np.testing.assert_allclose(conv.per_sample_sq_norms(params, cache, delta), want,
+                                   rtol=1e-12)
+        _, weighted_sum = conv.per_sample_sq_norms_and_sum(params, cache, delta)
+        assert (weighted_sum is None) is ghost
+        if weighted_sum is not None:
+            weights = jnp.arange(1.0, 6.0)
+            for name, g in grads.items():
+                np.testing.assert_allclose(weighted_sum(weights)[name],
+                                           np.tensordot(np.asarray(weights), g, axes=1),
+                                           rtol=1e-12)

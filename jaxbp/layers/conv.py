@@ -20,6 +20,7 @@ result has exactly the kernel's (the input's) spatial size.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -30,6 +31,9 @@ from jaxbp.activations import get_activation
 from jaxbp.layers.base import Shape, register, variance_init
 
 PADDINGS = ("SAME", "VALID")
+FORMED_BYTES = 64 * 2**20
+"""Above this size of a batch's formed per-sample weight gradients, a conv whose Gram
+matrices are smaller takes the ghost route (:meth:`Conv2D.uses_ghost_norm`)."""
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -142,8 +146,61 @@ class Conv2D:
         w = jax.vmap(lambda xi, di: self._weight_grad(xi[None], di[None]))(x, delta)
         return {"w": w, "b": jnp.sum(delta, axis=(1, 2))}
 
+    def _patches(self, x: Array) -> Array:
+        """(B, T, d_in): every output position's input patch, ``d_in = kh kw c_in``."""
+        patches = jax.lax.conv_general_dilated_patches(
+            x, self.kernel, self.stride, self._pads(x.shape[1:3]),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return patches.reshape(x.shape[0], -1, patches.shape[-1])
+
+    def uses_ghost_norm(self, in_shape: Shape, batch: int = 1, itemsize: int = 4) -> bool:
+        """Whether the per-sample norms take the Gram ("ghost") route for this input.
+
+        A sample's weight gradient is ``P^T E`` (T positions, patches ``P: (T, d_in)``,
+        errors ``E: (T, d_out)``). Its squared norm can be had from the T x T Gram
+        matrices, ``<P P^T, E E^T>`` (Li et al. 2022; about ``T^2 (d_in + d_out)``), or
+        by forming ``P^T E`` (about ``T d_in d_out``). In the one-pass clipped step the
+        formed gradients are reused for the clipped sum (book-keeping), while the ghost
+        route still needs the layer's weight-gradient convolution afterwards, so forming
+        is never the slower route; the Gram route saves memory. The rule: ghost when the
+        Gram matrices are the smaller object, ``2 T^2 < d_in d_out`` (Bu et al.'s mixed
+        ghost clipping), *and* the formed gradients of the batch would take more than
+        :data:`FORMED_BYTES` (64 MiB); otherwise formed.
+        """
+        t = math.prod(self.output_shape(in_shape)[:2])
+        d_in, d_out = math.prod(self.kernel) * in_shape[-1], self.filters
+        return 2 * t * t < d_in * d_out and batch * d_in * d_out * itemsize > FORMED_BYTES
+
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
-        grads = self.per_sample_grads(params, cache, delta_a)
-        return (jnp.sum(jnp.square(grads["w"]), axis=(1, 2, 3, 4))
-                + jnp.sum(jnp.square(grads["b"]), axis=1))
+        return self.per_sample_sq_norms_and_sum(params, cache, delta_a)[0]
+
+    def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
+                                    delta_a: Array) -> tuple[Array, Any]:
+        """``(B,)`` squared norms, and ``weights -> sum_i w_i g_i`` where the route formed
+        the per-sample gradients (None on the ghost route).
+
+        Reusing the formed ``g_i = P_i^T E_i`` for a weighted sum (the clipped gradient)
+        costs B d_in d_out instead of another weight-gradient convolution (the
+        book-keeping of Bu et al. 2022); on the ghost route the caller applies
+        :meth:`backward` to the weighted errors.
+        """
+        x = cache[0]
+        delta = self.pre_activation_error(cache, delta_a)
+        patches = self._patches(x)                                     # (B, T, d_in)
+        errors = delta.reshape(x.shape[0], -1, delta.shape[-1])       # (B, T, d_out)
+        bias = jnp.sum(errors, axis=1)                                 # (B, d_out)
+        bias_sq = jnp.sum(jnp.square(bias), axis=1)
+        if self.uses_ghost_norm(x.shape[1:], x.shape[0], x.dtype.itemsize):
+            gram = jnp.einsum("btd,bsd->bts", patches, patches)
+            weight_sq = jnp.sum(gram * jnp.einsum("bto,bso->bts", errors, errors), axis=(1, 2))
+            return weight_sq + bias_sq, None
+        formed = jnp.einsum("btd,bto->bdo", patches, errors)           # (B, d_in, d_out)
+        c_in, (kh, kw) = x.shape[-1], self.kernel
+
+        def weighted_sum(weights: Array) -> dict[str, Array]:
+            w = jnp.einsum("b,bdo->do", weights, formed)               # rows (c, i, j)
+            return {"w": jnp.transpose(w.reshape(c_in, kh, kw, -1), (1, 2, 0, 3)),
+                    "b": jnp.einsum("b,bo->o", weights, bias)}
+
+        return jnp.sum(jnp.square(formed), axis=(1, 2)) + bias_sq, weighted_sum

@@ -1,0 +1,170 @@
+"""Per-example norms, clipping and the DP step of conv and layernorm nets vs jax.vmap(jax.grad).
+
+    python benchmarks/per_example_networks.py [--batch 256] [--budget 2] [--out benchmarks/results]
+
+Nets (float32, softmax cross-entropy, relu), each at --batch:
+
+  cnn8     the digits CNN of `jaxbp train --model cnn` on 8x8x1 images
+  cnn32    conv 3x3 32, maxpool 2, conv 3x3 64, maxpool 2, dense 128, dense 10 on 32x32x3
+  cnn_wide conv 3x3 64, conv 3x3 128, avgpool 2, dense 10 on 8x8x16 (its second conv takes
+           the ghost route: 2 T^2 < d_in d_out and its formed gradients exceed 64 MiB)
+  ln_mlp   dense 512, layernorm, dense 512, layernorm, dense 10 on 256 features
+  mlp      dense 512, dense 512, dense 10 on 256 features (the dense reference)
+
+Programs, compiled ahead and timed interleaved in one process (two groups, as in
+benchmarks/per_example.py): backprop (the plain hand-written gradient), norms
+(jaxbp.per_example_grad_norms), vmap_norms (jax.vmap(jax.grad) then norms), clipped
+(jaxbp.clipped_grad), vmap_clipped, and dp (jaxbp.privacy.dp_gradient on a Poisson batch
+of expected size B from N = 60000, padded with a mask). Memory is XLA's compiled peak.
+Also reported: the compiled peak of the clipped step over the plain step's, and which
+route each conv layer's norms take (ghost Gram or formed gradient; see
+jaxbp.layers.Conv2D.uses_ghost_norm). Writes per_example_networks_<platform>.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from per_example import dp_candidate
+
+import jaxbp
+from jaxbp import layers as L
+from jaxbp.bench import compile_ahead, describe_machine, machine_info, time_interleaved
+
+
+def nets() -> dict[str, jaxbp.Network]:
+    relu = "relu"
+    return {
+        "cnn8": jaxbp.Network((L.Conv2D(16, (3, 3), activation=relu), L.MaxPool(2),
+                               L.Conv2D(32, (3, 3), activation=relu), L.MaxPool(2),
+                               L.Flatten(), L.Dense(64, relu), L.Dense(10)), (8, 8, 1)),
+        "cnn32": jaxbp.Network((L.Conv2D(32, (3, 3), activation=relu), L.MaxPool(2),
+                                L.Conv2D(64, (3, 3), activation=relu), L.MaxPool(2),
+                                L.Flatten(), L.Dense(128, relu), L.Dense(10)), (32, 32, 3)),
+        "cnn_wide": jaxbp.Network((L.Conv2D(64, (3, 3), activation=relu),
+                                   L.Conv2D(128, (3, 3), activation=relu), L.AvgPool(2),
+                                   L.Flatten(), L.Dense(10)), (8, 8, 16)),
+        "ln_mlp": jaxbp.Network((L.Dense(512, relu), L.LayerNorm(), L.Dense(512, relu),
+                                 L.LayerNorm(), L.Dense(10)), (256,)),
+        "mlp": jaxbp.Network((L.Dense(512, relu), L.Dense(512, relu), L.Dense(10)), (256,)),
+    }
+
+
+def candidates(net: jaxbp.Network, clip: float, batch: int) -> dict:
+    def sample_loss(params, x_i, y_i):
+        return net.cost(params, x_i[None], y_i[None])
+
+    vmap_grad = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0))
+
+    def flat_norms(grads):
+        return jnp.sqrt(sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
+                            for g in jax.tree.leaves(grads)))
+
+    def vmap_clipped(params, x, y):
+        grads = vmap_grad(params, x, y)
+        factor = jnp.minimum(1.0, clip / jnp.maximum(flat_norms(grads), 1e-30))
+        return jax.tree.map(lambda g: jnp.tensordot(factor, g, axes=1) / g.shape[0], grads)
+
+    return {
+        "backprop": lambda p, x, y: jaxbp.value_and_backprop(net, p, x, y),
+        "norms": lambda p, x, y: jaxbp.per_example_grad_norms(net, p, x, y),
+        "vmap_norms": lambda p, x, y: flat_norms(vmap_grad(p, x, y)),
+        "clipped": lambda p, x, y: jaxbp.clipped_grad(net, p, x, y, clip),
+        "vmap_clipped": vmap_clipped,
+        "dp": dp_candidate(net, clip, batch)[0],
+    }
+
+
+def run_case(name: str, net: jaxbp.Network, batch: int, budget: float) -> dict:
+    params = net.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(batch, *net.input_shape)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, size=batch), jnp.int32)
+    calls, compile_s, peak = {}, {}, {}
+    for key, fn in candidates(net, 1.0, batch).items():
+        compiled, compile_s[key], mem = compile_ahead(fn, params, x, y)
+        peak[key] = None if mem is None else mem.peak
+        calls[key] = (lambda c: lambda: c(params, x, y))(compiled)
+    versus = time_interleaved({k: calls[k] for k in ("norms", "vmap_norms", "clipped",
+                                                     "vmap_clipped")}, budget_s=budget)
+    overhead = time_interleaved({k: calls[k] for k in ("backprop", "clipped", "dp")},
+                                budget_s=budget)
+
+    def paired(a: str, b: str, group: dict) -> float:
+        return statistics.median(x / y for x, y in zip(group[a].rounds, group[b].rounds))
+
+    shapes = net.shapes
+    routes = [("ghost" if layer.uses_ghost_norm(shapes[i], batch, 4) else "formed")
+              for i, layer in enumerate(net.layers) if isinstance(layer, L.Conv2D)]
+    return {"net": name, "describe": jaxbp.network.describe(net), "batch": batch,
+            "params": int(sum(p.size for p in jax.tree.leaves(params))),
+            "ms": {k: t.median * 1e3 for k, t in {**versus, **overhead}.items()},
+            "norms_speedup": paired("vmap_norms", "norms", versus),
+            "clipped_speedup": paired("vmap_clipped", "clipped", versus),
+            "clipped_over_backprop": paired("clipped", "backprop", overhead),
+            "dp_over_backprop": paired("dp", "backprop", overhead),
+            "peak_bytes": peak, "compile_s": compile_s, "conv_norm_routes": routes}
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    def mem(row, a, b):
+        pa, pb = row["peak_bytes"][a], row["peak_bytes"][b]
+        return "n/a" if pa is None or pb is None else f"{pa / pb:.2f}"
+
+    lines = ["# Per-example quantities of conv and layernorm nets: jaxbp vs jax.vmap(jax.grad)",
+             "", f"Machine: {describe_machine(info)}.", "",
+             "float32, softmax cross-entropy. Ratios are medians of per-round ratios of "
+             "interleaved calls (norms, vmap norms, clipped, vmap clipped in one group; "
+             "backprop, clipped, dp in another). Memory: XLA's compiled peak. dp: the DP-SGD "
+             "gradient of a Poisson batch of expected size B from N = 60000, padded with a "
+             "mask, clipped, noised (jaxbp.privacy.dp_gradient). Conv norm routes: ghost = "
+             "the T x T Gram matrices, formed = P^T E (Conv2D.uses_ghost_norm).", "",
+             "| net | B | params | norms ms | vmap norms ms | norms speed-up | clipped ms | "
+             "vmap clipped ms | clipped speed-up | backprop ms | clipped / backprop | "
+             "clipped peak / backprop peak | dp / backprop | conv norm routes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(
+            f"| {r['net']} | {r['batch']} | {r['params']:,} | {ms['norms']:.2f} | "
+            f"{ms['vmap_norms']:.2f} | {r['norms_speedup']:.1f}x | {ms['clipped']:.2f} | "
+            f"{ms['vmap_clipped']:.2f} | {r['clipped_speedup']:.1f}x | {ms['backprop']:.2f} | "
+            f"{r['clipped_over_backprop']:.2f} | {mem(r, 'clipped', 'backprop')} | "
+            f"{r['dp_over_backprop']:.2f} | {', '.join(r['conv_norm_routes']) or '-'} |")
+    lines += ["", "Nets: " + "; ".join(f"{r['net']}: {r['describe']}" for r in rows) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--budget", type=float, default=2.0)
+    parser.add_argument("--nets", default=",".join(nets()))
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    info = machine_info()
+    print(describe_machine(info))
+    rows = []
+    for name in args.nets.split(","):
+        row = run_case(name, nets()[name], args.batch, args.budget)
+        rows.append(row)
+        print(f"{name}: norms {row['norms_speedup']:.1f}x faster than vmap, clipped "
+              f"{row['clipped_speedup']:.1f}x; clipped/backprop {row['clipped_over_backprop']:.2f}"
+              f", dp/backprop {row['dp_over_backprop']:.2f}, routes {row['conv_norm_routes']}",
+              flush=True)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"per_example_networks_{info['device_platform']}"
+    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(rows, info))
+    print(f"wrote {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

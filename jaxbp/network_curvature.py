@@ -1,0 +1,138 @@
+"""Curvature of any :class:`jaxbp.Network` from its layer records: GGN diagonal, K-FAC
+factors (Dense and Conv2D), Hessian-vector products.
+
+**GGN diagonal** (BackPACK's DiagGGNExact). With the loss Hessian at the output
+``H_n = S_n S_n^T`` (k columns), each column of S is sent back through the one
+reversed loop as an output error (all k at once, ``jax.vmap``), and every layer
+with parameters squares the per-sample gradients of its errors:
+
+.. math::
+    \\mathrm{diag}(G) = \\tfrac1N \\sum_{n,c} g_{n,c} \\odot g_{n,c}
+
+A Dense layer needs no per-sample gradient for it, ``(a^2)^T (delta^2)``;
+Conv2D, LayerNorm and Residual form theirs (their record's ``per_sample_grads``).
+
+**K-FAC** for Dense and Conv2D. A Dense layer's factors are those of
+:func:`jaxbp.kfac_factors`. For a Conv2D (KFC, Grosse and Martens 2016), with
+``p_{n,t}`` the input patch of output position t (T of them) and ``p_bar = [p, 1]``:
+
+.. math::
+    A = \\tfrac1N \\sum_n \\sum_t \\bar p_{n,t} \\bar p_{n,t}^\\top, \\qquad
+    G = \\tfrac1N \\sum_n \\tfrac1T \\sum_t \\mathbb{E}[\\delta_{n,t} \\delta_{n,t}^\\top]
+
+(positions summed for A, averaged for G: the paper's convention, under which
+``A \\otimes G`` is the Fisher block when the errors of different positions are
+uncorrelated). The patch features are in ``lax.conv_general_dilated_patches``
+order, channel first: row ``c kh kw + i kw + j`` of A is ``W[i, j, c, :]``, the
+bias last, so ``A \\otimes G`` acts on ``[W.transpose(2, 0, 1, 3).reshape(-1, O); b]``
+flattened row by row.
+
+**Hessian-vector products**: forward mode over the hand-written gradient,
+``Hv = d/dr grad C(theta + r v)`` by ``jax.jvp`` of
+:func:`jaxbp.network.value_grads_and_output` (Pearlmutter's trick applied to our
+own backward, for every layer type; the MLP keeps its hand-written R-operator).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp import network
+from jaxbp._typing import Array, Params
+from jaxbp.layers import Conv2D, Dense
+from jaxbp.layers.base import LayerError
+from jaxbp.layers.chain import chain_backward
+from jaxbp.network import Network
+
+
+def _column_errors(net: Network, params: Params, caches: Any, columns: Array) -> tuple:
+    """Every layer's output error for each of the k output errors in ``columns`` (k, B, n)."""
+    def one(column: Array) -> tuple[Array, ...]:
+        return chain_backward(net.layers, params, caches, column, need_input=False)[2]
+
+    return jax.vmap(one)(columns)
+
+
+def _hessian_columns(net: Network, out: Array, y: Array) -> Array:
+    """(k, B, n_out): the columns of the loss Hessian's factor at a^L."""
+    return jnp.moveaxis(net.loss_fn.sample_hessian_factor(out, y), -1, 0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def ggn_diag(net: Network, params: Params, x: Array, y: Array) -> Params:
+    """diag((1/N) sum_n J_n^T H_n J_n) for checked inputs."""
+    out, caches = network.forward(net, params, x)
+    errors = _column_errors(net, params, caches, _hessian_columns(net, out, y))
+    batch = x.shape[0]
+    diag = []
+    for layer, p, cache, delta in zip(net.layers, params, caches, errors):
+        if not jax.tree.leaves(p):
+            diag.append(p)
+        elif isinstance(layer, Dense):
+            dz = jax.vmap(layer.pre_activation_error, in_axes=(None, 0))(cache, delta)
+            sq = jnp.sum(dz * dz, axis=0)                                  # (B, units)
+            a_in = cache[0]
+            diag.append({"w": jax.lax.dot_general(a_in * a_in, sq, (((0,), (0,)), ((), ())))
+                              / batch, "b": jnp.sum(sq, axis=0) / batch})
+        else:
+            grads = jax.vmap(layer.per_sample_grads, in_axes=(None, None, 0))(p, cache, delta)
+            diag.append(jax.tree.map(lambda g: jnp.sum(g * g, axis=(0, 1)) / batch, grads))
+    return tuple(diag)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def hvp(net: Network, params: Params, x: Array, y: Array, v: Params) -> Params:
+    """H v by forward mode over the hand-written gradient, for checked inputs."""
+    def gradient(p: Params) -> Params:
+        return network.value_grads_and_output(net, p, x, y)[1]
+
+    return jax.jvp(gradient, (params,), (v,))[1]
+
+
+def check_kfac_layers(net: Network) -> None:
+    """K-FAC covers Dense and Conv2D: any other layer with parameters is an error naming it."""
+    for i, (layer, p) in enumerate(zip(net.layers, net.param_shapes())):
+        if not isinstance(layer, Dense | Conv2D) and jax.tree.leaves(p):
+            raise LayerError(f"layers[{i}] ({type(layer).__name__}): kfac_factors has "
+                             f"Kronecker factors for Dense and Conv2D layers only; this layer "
+                             f"has parameters and no K-FAC rule")
+
+
+def _targets_errors(net: Network, params: Params, x: Array, y: Array, kind: str,
+                    key: Array | None, sample_targets: Any) -> tuple[Any, tuple, int]:
+    """(caches, per-layer errors with a leading axis of k target draws or columns, k)."""
+    out, caches = network.forward(net, params, x)
+    if kind == "exact":
+        columns = _hessian_columns(net, out, y)
+    else:
+        targets = y if kind == "empirical" else sample_targets(net, out, key)
+        columns = net.loss_fn.sample_grad(out, targets)[None]
+    return caches, _column_errors(net, params, caches, columns), columns.shape[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 6))
+def kfac_factors(net: Network, params: Params, x: Array, y: Array, kind: str,
+                 key: Array | None, sample_targets: Any = None) -> tuple[Any, ...]:
+    """``{"A", "G"}`` for every Dense and Conv2D layer, ``{}`` for the rest (checked inputs)."""
+    caches, errors, _ = _targets_errors(net, params, x, y, kind, key, sample_targets)
+    batch = x.shape[0]
+    factors: list[Any] = []
+    for layer, cache, delta in zip(net.layers, caches, errors):
+        if not isinstance(layer, Dense | Conv2D):
+            factors.append({})
+            continue
+        dz = jax.vmap(layer.pre_activation_error, in_axes=(None, 0))(cache, delta)
+        if isinstance(layer, Dense):
+            rows, positions = cache[0], 1
+        else:
+            rows, positions = layer._patches(cache[0]), dz.shape[2] * dz.shape[3]
+        rows = rows.reshape(-1, rows.shape[-1])                        # (B [T], d_in)
+        a_bar = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+        flat = dz.reshape(-1, dz.shape[-1])                             # (k B [T], d_out)
+        factors.append({"A": a_bar.T @ a_bar / batch,
+                        "G": flat.T @ flat / (batch * positions)})
+    return tuple(factors)

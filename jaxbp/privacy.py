@@ -1,0 +1,271 @@
+"""Differentially private training: privacy accounting, Poisson sampling, the DP-SGD step.
+
+DP-SGD (Abadi et al. 2016) with Poisson sampling: at every step each of the N
+training examples joins the batch independently with probability q (the
+sample rate), every per-example gradient is clipped to norm C, and
+
+.. math::
+    \\tilde g = \\frac{1}{qN}\\Big(\\sum_{i \\in \\text{batch}} \\text{clip}_C(g_i)
+    + \\mathcal{N}(0, \\sigma^2 C^2 I)\\Big).
+
+The sum is divided by the *expected* batch size qN, not by the batch's own
+size, as the accountants assume (the sensitivity of the sum is C whatever
+the batch holds). A run of T such steps is the dp-accounting event
+``SelfComposed(PoissonSampled(q, Gaussian(sigma)), T)``; :func:`epsilon` asks
+Google's ``dp-accounting`` library for its epsilon at a delta (RDP by default,
+converted to (epsilon, delta) by dp-accounting's RDP conversion, the tighter
+one of Balle et al. 2020 / Canonne et al.; or the PLD accountant), and
+:func:`noise_multiplier` for the smallest sigma that meets a target. No
+accountant is written here.
+
+Variable batch sizes without recompiling: every step's batch is padded to one
+fixed size ``max_batch`` (:func:`max_batch_size`: the Binomial(N, q) quantile
+exceeded with probability <= 1e-12 per step) and carries a mask. A padded row
+is kept out of everything: its errors are zeroed before any norm, so it adds
+nothing to a sum, a norm or a clip factor; the loss and accuracy are means over
+the real rows; the noise scale is sigma C / (qN), fixed. If a draw ever
+exceeded ``max_batch`` its surplus rows would be dropped: the step reports
+``batch_size`` and :func:`poisson_batches` the overflow count.
+
+``dp-accounting`` is an optional dependency (``pip install "jaxbp[privacy]"``);
+the sampling and the gradient need only JAX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxbp import network
+from jaxbp._typing import Array, Params, PRNGKey
+from jaxbp.per_example import (
+    _add_noise,
+    _check_noise_and_clip,
+    _network_clipped_mean,
+    _noise_std,
+)
+
+ACCOUNTANTS = ("rdp", "pld")
+OVERFLOW_PROBABILITY = 1e-12
+"""Per step, the chance a Poisson batch is larger than :func:`max_batch_size`."""
+INSTALL_HINT = 'privacy accounting needs dp-accounting: pip install "jaxbp[privacy]"'
+
+
+def _dp_accounting() -> Any:
+    try:
+        import dp_accounting
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    return dp_accounting
+
+
+def _check_rate(sample_rate: Any) -> float:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float | np.floating) \
+            or not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1] (the chance an example joins a "
+                         f"step's batch), got {sample_rate!r}")
+    return float(sample_rate)
+
+
+def _check_delta(delta: Any) -> float:
+    if isinstance(delta, bool) or not isinstance(delta, int | float | np.floating) \
+            or not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    return float(delta)
+
+
+def _check_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return int(steps)
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating) \
+            or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_accountant(accountant: Any) -> str:
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {list(ACCOUNTANTS)}, got {accountant!r}")
+    return accountant
+
+
+@contextlib.contextmanager
+def _quiet_orders():
+    """dp-accounting's RDP accountant logs a warning for each Renyi order whose series it
+    cannot sum and then leaves that order out: epsilon stays an upper bound (a minimum over
+    fewer orders), so the warnings are kept from the user's screen."""
+    from absl import logging as absl_logging  # dp-accounting's own logger
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+def _event(noise_multiplier: float, sample_rate: float, steps: int) -> Any:
+    dp = _dp_accounting()
+    return dp.SelfComposedDpEvent(
+        dp.PoissonSampledDpEvent(sample_rate, dp.GaussianDpEvent(noise_multiplier)), steps)
+
+
+def _fresh(accountant: str) -> Any:
+    dp = _dp_accounting()
+    return dp.rdp.RdpAccountant() if accountant == "rdp" else dp.pld.PLDAccountant()
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+            accountant: str = "rdp") -> float:
+    """The epsilon of ``steps`` Poisson-sampled Gaussian steps at ``delta`` (dp-accounting).
+
+    Args:
+      noise_multiplier: sigma > 0 (the noise std over the clip norm).
+      sample_rate: q in (0, 1], each example's chance to join a step's batch.
+      steps: T >= 1.
+      delta: in (0, 1).
+      accountant: ``"rdp"`` (Renyi DP, dp-accounting's conversion to (eps, delta))
+        or ``"pld"`` (privacy loss distributions; tighter, slower).
+    """
+    sigma = _check_positive("noise_multiplier", noise_multiplier)
+    event = _event(sigma, _check_rate(sample_rate), _check_steps(steps))
+    delta = _check_delta(delta)
+    acc = _fresh(_check_accountant(accountant))
+    with _quiet_orders():
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+
+
+def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                     accountant: str = "rdp") -> float:
+    """The smallest sigma whose ``steps`` Poisson-sampled steps spend at most ``target_epsilon``.
+
+    dp-accounting's ``calibrate_dp_mechanism`` (a bracketed search; the value
+    returned meets the target, and sigma 1% smaller does not within its tolerance).
+    """
+    target = _check_positive("target_epsilon", target_epsilon)
+    delta, rate = _check_delta(delta), _check_rate(sample_rate)
+    steps, accountant = _check_steps(steps), _check_accountant(accountant)
+    dp = _dp_accounting()
+    with _quiet_orders():
+        return float(dp.calibrate_dp_mechanism(
+            lambda: _fresh(accountant), lambda sigma: _event(sigma, rate, steps), target, delta,
+            dp.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4))
+
+
+def max_batch_size(n: int, sample_rate: float,
+                   overflow_probability: float = OVERFLOW_PROBABILITY) -> int:
+    """The smallest m with P(Binomial(n, q) > m) <= ``overflow_probability`` (exact tail)."""
+    rate = _check_rate(sample_rate)
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"n must be an int >= 1 (the number of examples), got {n!r}")
+    n = int(n)
+    if rate == 1:
+        return n
+    log_q, log_p = math.log(rate), math.log1p(-rate)
+    log_pmf = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+               + k * log_q + (n - k) * log_p for k in range(n + 1)]
+    tail = 0.0
+    for m in range(n, -1, -1):        # tail = P(X > m - 1) once m's mass is added
+        tail += math.exp(log_pmf[m])
+        if tail > overflow_probability:
+            return min(n, m)
+    return 0
+
+
+def poisson_batches(rng: np.random.Generator, n: int, sample_rate: float, steps: int,
+                    max_batch: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """``steps`` Poisson batches of the rows ``0..n-1``, padded to ``max_batch``.
+
+    Returns:
+      ``(indices, masks, overflow)``: ``indices (steps, max_batch)`` int32 (row 0
+      where padded), ``masks (steps, max_batch)`` bool (True for a sampled row),
+      and how many sampled rows were dropped because a batch exceeded max_batch.
+    """
+    rate = _check_rate(sample_rate)
+    indices = np.zeros((steps, max_batch), np.int32)
+    masks = np.zeros((steps, max_batch), bool)
+    overflow = 0
+    for t in range(steps):
+        chosen = np.flatnonzero(rng.random(n) < rate)
+        overflow += max(0, len(chosen) - max_batch)
+        chosen = chosen[:max_batch]
+        indices[t, :len(chosen)] = chosen
+        masks[t, :len(chosen)] = True
+    return indices, masks, overflow
+
+
+def dp_gradient(clip_norm: float, noise_multiplier: float, expected_batch_size: float,
+                key: PRNGKey) -> Callable[..., tuple[Array, Params, Array]]:
+    """A gradient source for Poisson-sampled DP-SGD on padded batches.
+
+    ``(net, params, x, y, step, mask=None) -> (C, g~, a^L)`` with
+    ``g~ = (sum_i mask_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / expected_batch_size``:
+    one forward and one backward pass, the clipped sum by the book-keeping of
+    :func:`jaxbp.clipped_grad`, the noise of step t from ``fold_in(key, t)``.
+    Use it with ``make_train_loop(...)(state, xs, ys, masks)``; without a mask
+    every row counts. C is the mean loss over the real rows (not private).
+
+    Args:
+      clip_norm: C > 0, or one C_l per layer with parameters (total C = sqrt(sum C_l^2)).
+      noise_multiplier: sigma >= 0.
+      expected_batch_size: qN > 0, the divisor the accountant assumes.
+      key: PRNG key of the noise.
+    """
+    expected = _check_positive("expected_batch_size", expected_batch_size)
+
+    def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
+                 mask: Array | None = None) -> tuple[Array, Params, Array]:
+        clip, sigma = _check_noise_and_clip(net, clip_norm, noise_multiplier)
+        value, grads, out = _network_clipped_mean(network.as_network(net), params, x, y, clip,
+                                                  mask, expected)
+        noisy = _add_noise(grads, jax.random.fold_in(key, step), _noise_std(clip, sigma),
+                           expected)
+        return value, noisy, out
+
+    gradient.__qualname__ = "privacy.dp_gradient"
+    return gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class Privacy:
+    """What :func:`jaxbp.fit` needs for a private run (``fit(..., privacy=Privacy(...))``).
+
+    Give ``noise_multiplier`` (sigma), or ``target_epsilon`` and let fit calibrate
+    sigma for the whole run before training; with both, sigma is used and
+    training stops before an epoch that would spend more than the target.
+
+    Attributes:
+      clip_norm: C > 0.
+      delta: in (0, 1); 1e-5 default (use less than 1/N).
+      target_epsilon: the budget, or None.
+      noise_multiplier: sigma > 0, or None.
+      accountant: ``"rdp"`` or ``"pld"``.
+    """
+
+    clip_norm: float = 1.0
+    delta: float = 1e-5
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        _check_positive("clip_norm", self.clip_norm)
+        _check_delta(self.delta)
+        _check_accountant(self.accountant)
+        if self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("Privacy needs target_epsilon or noise_multiplier (or both)")
+        if self.target_epsilon is not None:
+            _check_positive("target_epsilon", self.target_epsilon)
+        if self.noise_multiplier is not None:
+            _check_positive("noise_multiplier", self.noise_multiplier)

@@ -1,0 +1,131 @@
+"""GGN diagonal, Hessian-vector products and K-FAC factors of any Network, against
+jax.hessian / the exact J^T H J (float64) over random conv / layernorm / residual chains."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_inputs
+
+import jaxbp
+from jaxbp import layers as L
+from jaxbp.layers.base import LayerError
+from jaxbp.suite import random_network
+
+CASES = [1, 4, 6, 9, 13]   # conv stems with pools, layernorms and residual blocks
+
+
+def _case(i):
+    net, batch = random_network(i, "float64")
+    x, y = random_inputs(np.random.default_rng(i), net.loss, batch, net.input_shape,
+                         net.n_out, "float64", integer_labels=bool(i % 2))
+    return net, net.init(jax.random.key(i)), jnp.asarray(x), jnp.asarray(y)
+
+
+def _flat(tree):
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+
+def _exact_ggn(net, params, x, y):
+    """(1/N) sum_n J_n^T H_n J_n from jax.jacfwd of the output and jax.hessian of the loss."""
+    leaves, treedef = jax.tree.flatten(params)
+    sizes = [leaf.size for leaf in leaves]
+
+    def unflat(theta):
+        parts = jnp.split(theta, np.cumsum(sizes)[:-1])
+        return treedef.unflatten([p.reshape(leaf.shape) for p, leaf in zip(parts, leaves)])
+
+    theta = _flat(params)
+    out = net.apply(params, x)
+    jac = jax.jacfwd(lambda t: net.apply(unflat(t), x))(theta)          # (B, n_out, P)
+    total = 0
+    for n in range(x.shape[0]):
+        def sample_loss(a, target=y[n:n + 1]):
+            return net.loss_fn.sample_loss(a[None], target)[0]
+
+        h = jax.hessian(sample_loss)(out[n])
+        total = total + jac[n].T @ h @ jac[n]
+    return total / x.shape[0], unflat
+
+
+def test_cases_cover_the_layer_types():
+    kinds = {type(layer).__name__ for i in CASES for layer in random_network(i, "float64")[0]
+             .layers}
+    assert kinds >= {"Conv2D", "LayerNorm", "Residual", "Dense"}
+
+
+@pytest.mark.parametrize("i", CASES)
+def test_ggn_diag_and_hvp_match_autodiff(i, x64):
+    net, params, x, y = _case(i)
+    ggn, unflat = _exact_ggn(net, params, x, y)
+    diag = jaxbp.ggn_diag(net, params, x, y)
+    np.testing.assert_allclose(_flat(diag), jnp.diag(ggn), rtol=1e-10,
+                               atol=1e-12 * float(jnp.max(jnp.abs(ggn))))
+    v = unflat(jax.random.normal(jax.random.key(i), (ggn.shape[0],), jnp.float64))
+    want = jax.jvp(jax.grad(lambda p: net.cost(p, x, y)), (params,), (v,))[1]
+    got = jaxbp.hvp(net, params, x, y, v)
+    scale = float(jnp.max(jnp.abs(_flat(want))))
+    np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-10, atol=1e-12 * scale)
+
+
+def _conv_dense_net(loss="softmax_cross_entropy"):
+    return jaxbp.Network((L.Conv2D(3, (2, 2), stride=2, activation="tanh", padding="VALID"),
+                          L.MaxPool((1, 1)), L.Flatten(), L.Dense(4, "relu"), L.Dense(3)),
+                         (4, 4, 2), loss, dtype="float64")
+
+
+def test_kfac_of_one_sample_is_its_gradients_outer_product(x64):
+    """Empirical, batch of one, a conv with one output position per sample row of the
+    patches: A kron G equals g g^T with the documented row order ([W (c, i, j); b])."""
+    net = jaxbp.Network((L.Conv2D(3, (4, 4), activation="tanh", padding="VALID"),
+                         L.Flatten(), L.Dense(3)), (4, 4, 2), dtype="float64")
+    params = net.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (1, 4, 4, 2), jnp.float64)
+    y = jnp.array([2])
+    factors = jaxbp.kfac_factors(net, params, x, y, kind="empirical")
+    grads = jaxbp.backprop(net, params, x, y)
+    conv_g = np.concatenate([np.asarray(grads[0]["w"]).transpose(2, 0, 1, 3).reshape(-1, 3),
+                             np.asarray(grads[0]["b"])[None]], axis=0).ravel()
+    np.testing.assert_allclose(np.kron(factors[0]["A"], factors[0]["G"]),
+                               np.outer(conv_g, conv_g), rtol=1e-10, atol=1e-14)
+    dense_g = np.concatenate([np.asarray(grads[2]["w"]), np.asarray(grads[2]["b"])[None]],
+                             axis=0).ravel()
+    np.testing.assert_allclose(np.kron(factors[2]["A"], factors[2]["G"]),
+                               np.outer(dense_g, dense_g), rtol=1e-10, atol=1e-14)
+    assert factors[1] == {}
+
+
+def test_kfac_of_a_dense_network_equals_the_mlps(x64):
+    mlp = jaxbp.MLP((5, 4, 3), "tanh", dtype="float64")
+    params = mlp.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (6, 5), jnp.float64)
+    y = jnp.array([0, 1, 2, 0, 1, 2])
+    for kind, key in (("exact", None), ("empirical", None), ("sampled", jax.random.key(2))):
+        want = jaxbp.kfac_factors(mlp, params, x, y, kind=kind, key=key)
+        got = jaxbp.kfac_factors(mlp.network, params, x, y, kind=kind, key=key)
+        for w, g in zip(want, got):
+            for name in ("A", "G"):
+                np.testing.assert_allclose(g[name], w[name], rtol=1e-12, atol=1e-15)
+
+
+def test_conv_kfac_convention_positions_summed_for_a_averaged_for_g(x64):
+    net = _conv_dense_net()
+    params = net.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, 4, 4, 2), jnp.float64)
+    y = jnp.array([0, 1, 2])
+    factors = jaxbp.kfac_factors(net, params, x, y, kind="empirical")
+    patches = net.layers[0]._patches(x)                                  # (3, T=4, 8)
+    p_bar = np.concatenate([np.asarray(patches), np.ones((3, 4, 1))], axis=2).reshape(-1, 9)
+    np.testing.assert_allclose(factors[0]["A"], p_bar.T @ p_bar / 3, rtol=1e-12)
+    _, caches, deltas = jaxbp.network.layer_deltas(net, params, x, y, per_sample=True)
+    dz = np.asarray(net.layers[0].pre_activation_error(caches[0], deltas[0])).reshape(-1, 3)
+    np.testing.assert_allclose(factors[0]["G"], dz.T @ dz / (3 * 4), rtol=1e-12)
+
+
+def test_kfac_refuses_layernorm_and_residual_by_name(x64):
+    net = jaxbp.Network((L.Dense(4), L.LayerNorm(), L.Dense(2)), (3,), dtype="float64")
+    params = net.init(jax.random.key(0))
+    with pytest.raises(LayerError, match=r"layers\[1\] \(LayerNorm\): kfac_factors"):
+        jaxbp.kfac_factors(net, params, np.ones((2, 3)), np.array([0, 1]), kind="exact")

@@ -1,0 +1,183 @@
+"""Privacy accounting through dp-accounting, Poisson batches, the masked DP-SGD gradient,
+and private fit (calibration, the epsilon per epoch, the stop, resume)."""
+
+from __future__ import annotations
+
+import itertools
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxbp
+from jaxbp import privacy
+from jaxbp.privacy import Privacy
+
+
+def _dp_accounting_epsilon(sigma, q, steps, delta, accountant):
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    acc = (dp_accounting.rdp.RdpAccountant() if accountant == "rdp"
+           else dp_accounting.pld.PLDAccountant())
+    acc.compose(event)
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_epsilon_is_dp_accountings(accountant):
+    for sigma, q, steps in ((1.1, 0.01, 1000), (0.8, 256 / 60000, 2340), (2.0, 0.1, 50)):
+        assert privacy.epsilon(sigma, q, steps, 1e-5, accountant) == pytest.approx(
+            _dp_accounting_epsilon(sigma, q, steps, 1e-5, accountant), rel=1e-12)
+
+
+def test_abadi_et_al_figure_is_not_exceeded():
+    """Abadi et al. 2016: q = 0.01, sigma = 4, 10^4 steps, delta 1e-5 gave about 1.26 with
+    the moments accountant; dp-accounting's RDP conversion is tighter (about 1.04)."""
+    eps = privacy.epsilon(4.0, 0.01, 10_000, 1e-5)
+    assert 0.9 < eps <= 1.26
+    assert eps == pytest.approx(1.035, abs=0.01)
+
+
+def test_epsilon_is_monotonic():
+    base = privacy.epsilon(1.0, 0.02, 500, 1e-5)
+    assert privacy.epsilon(1.5, 0.02, 500, 1e-5) < base       # more noise
+    assert privacy.epsilon(1.0, 0.02, 1000, 1e-5) > base      # more steps
+    assert privacy.epsilon(1.0, 0.04, 500, 1e-5) > base       # larger batches
+    assert privacy.epsilon(1.0, 0.02, 500, 1e-6) > base       # smaller delta
+
+
+def test_calibration_round_trip_gives_the_smallest_sigma():
+    q, steps = 128 / 1438, 330
+    sigma = privacy.noise_multiplier(8.0, 1e-5, q, steps)
+    assert privacy.epsilon(sigma, q, steps, 1e-5) <= 8.0
+    assert privacy.epsilon(0.99 * sigma, q, steps, 1e-5) > 8.0
+    assert privacy.noise_multiplier(2.0, 1e-5, q, steps) > sigma
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: privacy.epsilon(1.0, 1.5, 10, 1e-5), "sample_rate must be in"),
+    (lambda: privacy.epsilon(1.0, 0.0, 10, 1e-5), "sample_rate must be in"),
+    (lambda: privacy.epsilon(1.0, 0.1, 10, 1.0), r"delta must be in \(0, 1\)"),
+    (lambda: privacy.epsilon(0.0, 0.1, 10, 1e-5), "noise_multiplier must be a finite"),
+    (lambda: privacy.epsilon(1.0, 0.1, 0, 1e-5), "steps must be an int >= 1"),
+    (lambda: privacy.epsilon(1.0, 0.1, 10, 1e-5, "moments"), "accountant must be one of"),
+    (lambda: privacy.noise_multiplier(-1.0, 1e-5, 0.1, 10), "target_epsilon must be"),
+    (lambda: Privacy(clip_norm=1.0), "target_epsilon or noise_multiplier"),
+    (lambda: Privacy(clip_norm=0.0, target_epsilon=1.0), "clip_norm must be"),
+])
+def test_bad_privacy_arguments(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_poisson_batches_rate_and_padding():
+    n, q, steps = 1000, 0.05, 400
+    top = privacy.max_batch_size(n, q)
+    assert 50 < top < 110
+    indices, masks, overflow = privacy.poisson_batches(np.random.default_rng(0), n, q, steps,
+                                                       top)
+    assert overflow == 0 and indices.shape == masks.shape == (steps, top)
+    counts = masks.sum(axis=1)
+    # the empirical rate within 4 standard errors of q
+    assert abs(counts.mean() / n - q) < 4 * np.sqrt(q * (1 - q) / n / steps)
+    assert np.all(indices[~masks] == 0)
+    # every example appears with probability q per step, whatever its index
+    per_row = np.bincount(indices[masks], minlength=n) / steps
+    assert abs(per_row[:500].mean() - per_row[500:].mean()) < 0.01
+
+
+def test_masked_rows_contribute_nothing(x64):
+    net = jaxbp.Network((jaxbp.layers.Conv2D(3, (3, 3), activation="tanh"),
+                         jaxbp.layers.Flatten(), jaxbp.layers.LayerNorm(),
+                         jaxbp.layers.Dense(4)), (5, 5, 1), dtype="float64")
+    params = net.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (7, 5, 5, 1), jnp.float64)
+    y = jnp.array([0, 1, 2, 3, 0, 1, 2])
+    source = privacy.dp_gradient(0.5, 0.0, 10.0, jax.random.key(2))
+    real = source(net, params, x[:4], y[:4], 0)
+    # padded with three rows of other data (and one of huge values): the same gradient
+    padded_x = x.at[6].set(1e3)
+    mask = jnp.array([True] * 4 + [False] * 3)
+    padded = source(net, params, padded_x, y, 0, mask=mask)
+    for a, b in zip(jax.tree.leaves(real[1]), jax.tree.leaves(padded[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-15)
+    assert float(padded[0]) == pytest.approx(float(real[0]), rel=1e-13)
+    # the divisor is the expected batch size qN, not the rows present
+    clipped = jaxbp.clipped_grad(net, params, x[:4], y[:4], 0.5)
+    for a, b in zip(jax.tree.leaves(clipped), jax.tree.leaves(real[1])):
+        np.testing.assert_allclose(np.asarray(a) * 4 / 10, np.asarray(b), rtol=1e-12,
+                                   atol=1e-15)
+
+
+def test_noise_scale_is_sigma_c_over_expected_batch(x64):
+    net = jaxbp.MLP((3, 2), loss="squared_error", dtype="float64")
+    params = jax.tree.map(jnp.zeros_like, net.init(jax.random.key(0)))
+    x, y = jnp.zeros((8, 3)), jnp.zeros((8, 2))
+    mask = jnp.zeros(8, bool)                        # an empty Poisson draw: noise only
+    source = privacy.dp_gradient(2.0, 1.5, 4.0, jax.random.key(3))
+    draws = np.concatenate([np.ravel(leaf) for step in range(200)
+                            for leaf in jax.tree.leaves(source(net, params, x, y, step,
+                                                               mask=mask)[1])])
+    assert np.std(draws) == pytest.approx(1.5 * 2.0 / 4.0, rel=0.06)
+
+
+def _private_fit(tmp_path, epochs, **kwargs):
+    digits = jaxbp.data.load_digits()
+    net = jaxbp.MLP((64, 32, 10), "relu")
+    return jaxbp.fit(net, optax.adam(3e-3), digits, epochs=epochs, batch_size=128,
+                     key=jax.random.key(0), progress=False, **kwargs)
+
+
+def test_private_fit_calibrates_reports_and_resumes_exactly(tmp_path):
+    target = Privacy(clip_norm=1.0, target_epsilon=4.0)
+    whole = _private_fit(tmp_path, 4, privacy=target)
+    eps = whole.history["epsilon"]
+    assert len(eps) == 4 and all(a < b for a, b in itertools.pairwise(eps))
+    assert 3.5 < eps[-1] <= 4.0                     # calibrated to spend the budget, no more
+    assert whole.history["test_accuracy"][-1] > 0.5  # it learns
+    # a run stopped after 2 of its 4 epochs and resumed (sigma fixed: calibrating for
+    # --epochs 2 would be another run, which the run record refuses to resume)
+    sigma = privacy.noise_multiplier(4.0, 1e-5, 128 / 1438, 4 * round(1438 / 128))
+    fixed = Privacy(clip_norm=1.0, noise_multiplier=sigma, target_epsilon=4.0)
+    part = _private_fit(tmp_path, 2, privacy=fixed, checkpoint_dir=tmp_path)
+    resumed = _private_fit(tmp_path, 4, privacy=fixed, checkpoint_dir=tmp_path)
+    assert part.history["epsilon"] == eps[:2]
+    assert resumed.history["epsilon"] == eps          # the accounting continues exactly
+    for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(whole.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_private_fit_stops_before_exceeding_the_target():
+    budget = Privacy(clip_norm=1.0, noise_multiplier=1.5, target_epsilon=3.0)  # 6 epochs fit
+    with pytest.warns(RuntimeWarning, match="stopped before epoch"):
+        result = _private_fit(None, 10, privacy=budget)
+    assert len(result.history["epsilon"]) == 6   # epoch 7 would spend 3.07
+    assert result.history["epsilon"][-1] <= 3.0
+
+
+def test_private_fit_refuses_other_gradients():
+    with pytest.raises(ValueError, match="leave grad as 'backprop'"):
+        _private_fit(None, 1, privacy=Privacy(noise_multiplier=1.0), grad="autodiff")
+    with pytest.raises(TypeError, match=r"privacy must be a jaxbp\.privacy\.Privacy"):
+        _private_fit(None, 1, privacy={"noise_multiplier": 1.0})
+
+
+def test_command_line_dp_run_and_its_errors(capsys, restore_x64):
+    from jaxbp import cli
+
+    code = cli.main(["train", "--dp", "--target-epsilon", "8", "--epochs", "2", "--sizes",
+                     "64,32,10", "--lr", "3e-3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "noise multiplier" in out and "epsilon" in out.splitlines()[-2]
+    for argv, message in ((["--target-epsilon", "8"], "--target-epsilon needs --dp"),
+                          (["--dp"], "--dp needs --target-epsilon"),
+                          (["--dp", "--noise-multiplier", "1", "--grad", "fa"],
+                           "--dp sets the gradient"),
+                          (["--dp", "--noise-multiplier", "1", "--delta", "2"],
+                           "--delta must be in")):
+        assert cli.main(["train", *argv]) == 2
+        assert message in capsys.readouterr().err
