@@ -111,7 +111,7 @@ def test_rules_on_a_conv_net_use_the_feedback_only_for_transport(x64):
     # alignment with every layer's own weights is backprop, conv included
     own = tuple(None if shape is None else (p["w"].T if p["w"].ndim == 2 else p["w"])
                 for shape, p in zip(feedback.feedback_shapes(net), params[1:]))
-    _, grads, _ = feedback.alignment(own)(net, params, x, y, 0)
+    _, grads, _ = jax.jit(feedback.alignment(own), static_argnums=0)(net, params, x, y, 0)
     _close(grads, jaxbp.backprop(net, params, x, y), 1e-12)
     # the output layer always gets the true error; every rule changes the hidden ones
     for source in (feedback.alignment(feedback.random_feedback(net, jax.random.key(2))),
@@ -128,7 +128,7 @@ def test_dfa_on_a_network_reaches_every_parametrised_layer_directly(x64):
     x = jax.random.normal(jax.random.key(1), (4, 6, 6, 1), jnp.float64)
     y = jnp.array([0, 2, 1, 2])
     fixed = feedback.random_feedback(net, jax.random.key(3), "direct")
-    _, grads, out = feedback.direct(fixed)(net, params, x, y, 0)
+    _, grads, out = jax.jit(feedback.direct(fixed), static_argnums=0)(net, params, x, y, 0)
     e = (jax.nn.softmax(out) - jax.nn.one_hot(y, 3)) / 4
     first_out, cache = net.layers[0].forward(params[0], x)
     want = net.layers[0].backward(params[0], cache, (e @ fixed[0]).reshape(first_out.shape),

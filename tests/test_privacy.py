@@ -96,7 +96,8 @@ def test_masked_rows_contribute_nothing(x64):
     params = net.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (7, 5, 5, 1), jnp.float64)
     y = jnp.array([0, 1, 2, 3, 0, 1, 2])
-    source = privacy.dp_gradient(0.5, 0.0, 10.0, jax.random.key(2))
+    source = jax.jit(privacy.dp_gradient(0.5, 0.0, 10.0, jax.random.key(2)),
+                     static_argnums=0)
     real = source(net, params, x[:4], y[:4], 0)
     # padded with three rows of other data (and one of huge values): the same gradient
     padded_x = x.at[6].set(1e3)
