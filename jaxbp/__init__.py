@@ -1,6 +1,6 @@
 """jaxbp: hand-written backpropagation in JAX, for MLPs and any chain of layers."""
 
-from jaxbp import checkpoint, data, feedback, layers, testing
+from jaxbp import checkpoint, data, feedback, layers, privacy, testing
 from jaxbp.activations import ACTIVATIONS, Activation
 from jaxbp.autodiff import value_and_autodiff
 from jaxbp.backprop import (
@@ -73,6 +73,7 @@ __all__ = [
     "per_example_grad_norms",
     "per_example_grad_variance",
     "per_example_grads",
+    "privacy",
     "sample_output_delta",
     "testing",
     "value_and_autodiff",
