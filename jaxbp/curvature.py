@@ -269,7 +269,7 @@ def _kfac_from_cache(net: MLP, params: Params, cache, y: Array) -> tuple[Params,
     return tuple(grads), tuple(factors)
 
 
-def kfac_gradient():
+def kfac_gradient(kind: str = "empirical", key: Array | None = None):
     """A train-step gradient source that also hands the optimizer the K-FAC factors.
 
     Use with an optimizer containing :func:`kfac_preconditioner`::
@@ -277,14 +277,34 @@ def kfac_gradient():
         optimizer = optax.chain(jaxbp.kfac_preconditioner(1e-3), optax.sgd(0.1, 0.9))
         step = jaxbp.make_train_step(net, optimizer, grad=jaxbp.kfac_gradient())
 
-    The gradient and the empirical factors come from the same forward and
-    backward pass.
+    The gradient is always that of the given labels. ``kind`` chooses the factors
+    (see :func:`kfac_factors`): ``"empirical"`` (default here: the factors come
+    from the same forward and backward pass as the gradient, no extra work; the
+    empirical Fisher, with its caveat), ``"sampled"`` (targets drawn from the model
+    with ``fold_in(key, step)``: one more backward pass per step, the true Fisher
+    in expectation) or ``"exact"`` (n_out more backward passes, batched). An MLP
+    only (the preconditioner is for dense layers).
     """
     from jaxbp.losses import mean_loss
 
+    if kind not in (*KFAC_KINDS, "mc"):
+        raise ValueError(f"Unknown kind {kind!r}. It needs to be one of {list(KFAC_KINDS)}.")
+    kind = "sampled" if kind == "mc" else kind
+    if kind == "sampled" and key is None:
+        raise ValueError("kfac_gradient(kind='sampled') draws targets from the model at "
+                         "every step: pass a PRNG key (fold_in(key, step) is used)")
+
     def gradient(net: MLP, params: Params, x: Array, y: Array, step: Array):
+        if isinstance(net, Network):
+            raise TypeError("kfac_gradient and kfac_preconditioner are for an MLP (dense "
+                            "layers); for a Network use kfac_factors")
         cache = forward(net, params, x)
         grads, factors = _kfac_from_cache(net, params, cache, y)
+        if kind == "exact":
+            factors = _kfac_exact(net, params, cache, y)
+        elif kind == "sampled":
+            targets = _sample_targets(net, cache.acts[-1], jax.random.fold_in(key, step))
+            factors = _kfac_from_cache(net, params, cache, targets)[1]
         value = mean_loss(net.loss_fn, cache.acts[-1], y)
         return value, grads, cache.acts[-1], {"factors": factors}
 

@@ -177,6 +177,22 @@ class TestKFAC:
             assert np.abs(np.mean(draws, axis=0) - exact[-1]["G"]).max() < 0.1 * scale
 
 
+def test_kfac_gradient_kinds_hand_the_optimizer_those_factors():
+    with jax.enable_x64(True):
+        net, params, x, y, _ = case(7)
+        key = jax.random.key(3)
+        for kind, kwargs in (("exact", {}), ("sampled", {"key": jax.random.fold_in(key, 5)})):
+            _, grads, _, extra = jaxbp.kfac_gradient(kind, key=key)(net, params, x, y, 5)
+            want = jaxbp.kfac_factors(net, params, x, y, kind=kind, **kwargs)
+            for got, w in zip(extra["factors"], want):
+                np.testing.assert_allclose(got["G"], w["G"], rtol=1e-12, atol=1e-15)
+            for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(jaxbp.backprop(net, params,
+                                                                                  x, y))):
+                np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15)
+        with pytest.raises(ValueError, match="pass a PRNG key"):
+            jaxbp.kfac_gradient("sampled")
+
+
 class TestKFACPreconditioner:
     def test_is_the_inverse_of_the_damped_kronecker_block(self):
         with jax.enable_x64(True):
