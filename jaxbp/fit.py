@@ -173,6 +173,10 @@ class _PoissonFeed:
         index, masks, overflow = poisson_batches(np.random.default_rng(seed), len(self.x),
                                                  self.rate, self.steps, self.max_batch)
         self.overflow += overflow
+        if overflow:  # P < 1e-12 per step by max_batch_size; said, never silent
+            warnings.warn(f"{overflow} Poisson-sampled rows did not fit the padded batch of "
+                          f"{self.max_batch} this epoch and were left out of their step",
+                          RuntimeWarning, stacklevel=2)
         for i in range(0, self.steps, chunk):
             rows = index[i:i + chunk]
             yield jax.device_put((self.x[rows], self.y[rows], masks[i:i + chunk]))
