@@ -7,7 +7,7 @@ Nets (float32, softmax cross-entropy, relu), each at --batch:
   cnn8     the digits CNN of `jaxbp train --model cnn` on 8x8x1 images
   cnn32    conv 3x3 32, maxpool 2, conv 3x3 64, maxpool 2, dense 128, dense 10 on 32x32x3
   cnn_wide conv 3x3 64, conv 3x3 128, avgpool 2, dense 10 on 8x8x16 (its second conv takes
-           the ghost route: 2 T^2 < d_in d_out and its formed gradients exceed 64 MiB)
+           the ghost route: T (d_in + d_out) < d_in d_out)
   ln_mlp   dense 512, layernorm, dense 512, layernorm, dense 10 on 256 features
   mlp      dense 512, dense 512, dense 10 on 256 features (the dense reference)
 
@@ -100,7 +100,7 @@ def run_case(name: str, net: jaxbp.Network, batch: int, budget: float) -> dict:
         return statistics.median(x / y for x, y in zip(group[a].rounds, group[b].rounds))
 
     shapes = net.shapes
-    routes = [("ghost" if layer.uses_ghost_norm(shapes[i], batch, 4) else "formed")
+    routes = [("ghost" if layer.uses_ghost_norm(shapes[i]) else "formed")
               for i, layer in enumerate(net.layers) if isinstance(layer, L.Conv2D)]
     return {"net": name, "describe": jaxbp.network.describe(net), "batch": batch,
             "params": int(sum(p.size for p in jax.tree.leaves(params))),

@@ -42,7 +42,7 @@ from jaxbp import _checks, network_curvature
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.backprop import layer_deltas, sample_output_delta
 from jaxbp.mlp import MLP, forward, matmul
-from jaxbp.network import Network
+from jaxbp.network import Network, value_grads_and_output
 
 
 def _check_direction(params: Params, v: Params) -> None:
@@ -282,8 +282,13 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
     from the same forward and backward pass as the gradient, no extra work; the
     empirical Fisher, with its caveat), ``"sampled"`` (targets drawn from the model
     with ``fold_in(key, step)``: one more backward pass per step, the true Fisher
-    in expectation) or ``"exact"`` (n_out more backward passes, batched). An MLP
-    only (the preconditioner is for dense layers).
+    in expectation) or ``"exact"`` (n_out more backward passes, batched).
+
+    A :class:`jaxbp.Network` of Dense and Conv2D layers (and layers without
+    parameters) works too: the gradient is the hand-written one, the factors those of
+    :func:`kfac_factors` (KFC for a conv), from their own backward pass (one more
+    per step for ``"empirical"`` and ``"sampled"``). A LayerNorm or Residual has no
+    K-FAC rule: a :class:`jaxbp.layers.LayerError` names it.
     """
     from jaxbp.losses import mean_loss
 
@@ -294,16 +299,20 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
         raise ValueError("kfac_gradient(kind='sampled') draws targets from the model at "
                          "every step: pass a PRNG key (fold_in(key, step) is used)")
 
-    def gradient(net: MLP, params: Params, x: Array, y: Array, step: Array):
+    def gradient(net: MLP | Network, params: Params, x: Array, y: Array, step: Array):
+        step_key = None if key is None else jax.random.fold_in(key, step)
         if isinstance(net, Network):
-            raise TypeError("kfac_gradient and kfac_preconditioner are for an MLP (dense "
-                            "layers); for a Network use kfac_factors")
+            network_curvature.check_kfac_layers(net)
+            value, grads, out = value_grads_and_output(net, params, x, y)
+            factors = network_curvature.kfac_factors(net, params, x, y, kind, step_key,
+                                                     _sample_targets)
+            return value, grads, out, {"factors": factors}
         cache = forward(net, params, x)
         grads, factors = _kfac_from_cache(net, params, cache, y)
         if kind == "exact":
             factors = _kfac_exact(net, params, cache, y)
         elif kind == "sampled":
-            targets = _sample_targets(net, cache.acts[-1], jax.random.fold_in(key, step))
+            targets = _sample_targets(net, cache.acts[-1], step_key)
             factors = _kfac_from_cache(net, params, cache, targets)[1]
         value = mean_loss(net.loss_fn, cache.acts[-1], y)
         return value, grads, cache.acts[-1], {"factors": factors}
@@ -320,7 +329,10 @@ def kfac_preconditioner(damping: float = 1e-3):
         \\pi = \\sqrt{\\frac{\\mathrm{tr}(A) / \\dim A}{\\mathrm{tr}(G) / \\dim G}}
 
     the inverse of ``(A + pi sqrt(l) I) kron (G + sqrt(l)/pi I)``, the factored
-    Tikhonov damping of Martens and Grosse (2015). Its ``update`` takes the
+    Tikhonov damping of Martens and Grosse (2015). A conv kernel's gradient is taken
+    in the factors' row order (``W.transpose(2, 0, 1, 3).reshape(-1, O)``, see
+    :mod:`jaxbp.network_curvature`) and put back; layers without parameters pass
+    through. Its ``update`` takes the
     factors as an extra argument (``factors=``), which
     :func:`kfac_gradient` provides through the train step; chain it before an
     optax optimizer (``optax.chain(kfac_preconditioner(1e-3), optax.sgd(lr))``).
@@ -342,16 +354,21 @@ def kfac_preconditioner(damping: float = 1e-3):
                              "grad=jaxbp.kfac_gradient()")
         out = []
         for g, f in zip(updates, factors):
+            if not f:                                 # a layer without parameters
+                out.append(g)
+                continue
             a, gg = f["A"], f["G"]
             pi = jnp.sqrt((jnp.trace(a) / a.shape[0]) / jnp.maximum(
                 jnp.trace(gg) / gg.shape[0], 1e-30))
             root = jnp.sqrt(jnp.asarray(damping, a.dtype))
             a_damped = a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype)
             g_damped = gg + root / pi * jnp.eye(gg.shape[0], dtype=gg.dtype)
-            stacked = jnp.concatenate([g["w"], g["b"][None]], axis=0)  # [g_W; g_b]
+            rows = network_curvature.kfac_rows(g["w"])
+            stacked = jnp.concatenate([rows, g["b"][None]], axis=0)  # [g_W; g_b]
             left = jnp.linalg.solve(a_damped, stacked)
             pre = jnp.linalg.solve(g_damped, left.T).T  # G is symmetric
-            out.append({"w": pre[:-1], "b": pre[-1]})
+            out.append({"w": network_curvature.from_kfac_rows(pre[:-1], g["w"].shape),
+                        "b": pre[-1]})
         return tuple(out), state
 
     return optax.GradientTransformationExtraArgs(init, update)

@@ -93,6 +93,20 @@ def hvp(net: Network, params: Params, x: Array, y: Array, v: Params) -> Params:
     return jax.jvp(gradient, (params,), (v,))[1]
 
 
+def kfac_rows(w: Array) -> Array:
+    """A weight as the rows A acts on: a Dense ``(d_in, d_out)`` as it is, a conv kernel
+    ``(kh, kw, c, o)`` as ``(c kh kw, o)``, channel first (the patch order)."""
+    return w if w.ndim == 2 else jnp.transpose(w, (2, 0, 1, 3)).reshape(-1, w.shape[-1])
+
+
+def from_kfac_rows(rows: Array, shape: tuple[int, ...]) -> Array:
+    """The inverse of :func:`kfac_rows`: rows back to a weight of ``shape``."""
+    if len(shape) == 2:
+        return rows
+    kh, kw, c, o = shape
+    return jnp.transpose(rows.reshape(c, kh, kw, o), (1, 2, 0, 3))
+
+
 def check_kfac_layers(net: Network) -> None:
     """K-FAC covers Dense and Conv2D: any other layer with parameters is an error naming it."""
     for i, (layer, p) in enumerate(zip(net.layers, net.param_shapes())):

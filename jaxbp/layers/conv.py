@@ -31,9 +31,6 @@ from jaxbp.activations import get_activation
 from jaxbp.layers.base import Shape, register, variance_init
 
 PADDINGS = ("SAME", "VALID")
-FORMED_BYTES = 64 * 2**20
-"""Above this size of a batch's formed per-sample weight gradients, a conv whose Gram
-matrices are smaller takes the ghost route (:meth:`Conv2D.uses_ghost_norm`)."""
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -142,34 +139,83 @@ class Conv2D:
                          delta_a: Array) -> dict[str, Array]:
         x = cache[0]
         delta = self.pre_activation_error(cache, delta_a)
-        # each sample's correlation alone: the batch-of-one rule mapped over the batch
-        w = jax.vmap(lambda xi, di: self._weight_grad(xi[None], di[None]))(x, delta)
-        return {"w": w, "b": jnp.sum(delta, axis=(1, 2))}
+        grads = jnp.moveaxis(self._formed_grads(x, delta), 0, 1)       # (B, kh kw, c, o)
+        return {"w": grads.reshape(x.shape[0], *params["w"].shape),
+                "b": jnp.sum(delta, axis=(1, 2))}
+
+    def _padded(self, x: Array) -> Array:
+        return jnp.pad(x, ((0, 0), *self._pads(x.shape[1:3]), (0, 0)))
+
+    def _window(self, padded: Array, p: Any, q: Any, out_hw: tuple[int, ...]) -> Array:
+        """``x^{pad}[:, s i + p, s j + q, :]`` at every output position (i, j): the input
+        that kernel offset (p, q) sees, shape (B, H', W', c_in)."""
+        (sh, sw), (h, w) = self.stride, out_hw
+        span = jax.lax.dynamic_slice(padded, (0, p, q, 0), (padded.shape[0], (h - 1) * sh + 1,
+                                                            (w - 1) * sw + 1, padded.shape[3]))
+        return span[:, ::sh, ::sw]
+
+    def _offset_scan(self, x: Array, out_hw: tuple[int, ...], body: Any, init: Any) -> Any:
+        """``lax.scan`` of ``body(carry, window)`` over the kernel offsets (p, q), row major:
+        one window of the padded input is alive at a time."""
+        padded, kw = self._padded(x), self.kernel[1]
+
+        def step(carry: Any, pq: Array) -> Any:
+            return body(carry, self._window(padded, pq // kw, pq % kw, out_hw))
+
+        return jax.lax.scan(step, init, jnp.arange(self.kernel[0] * kw))
+
+    def _formed_grads(self, x: Array, delta: Array) -> Array:
+        """(kh kw, B, c_in, c_out): each sample's weight gradient, one kernel offset at a time,
+
+        .. math:: g_{n,p,q,c,o} = \\sum_{i,j} x^{pad}_{n, s i + p, s j + q, c} \\delta_{n,i,j,o}
+
+        a batched product per offset (no patch matrix, no grouped convolution)."""
+        _, grads = self._offset_scan(
+            x, delta.shape[1:3],
+            lambda _, window: (None, jnp.einsum("nhwc,nhwo->nco", window, delta)), None)
+        return grads
+
+    def _patch_gram(self, x: Array, out_hw: tuple[int, ...]) -> Array:
+        """(B, T, T): each sample's patch Gram matrix ``P P^T``, the sum over kernel offsets
+        of the offsets' window Grams (the patch matrix P is never formed),
+
+        .. math:: (P P^T)_{(i,j),(i',j')} = \\sum_{p,q}
+            \\langle x^{pad}_{s i + p, s j + q}, x^{pad}_{s i' + p, s j' + q} \\rangle
+        """
+        positions = out_hw[0] * out_hw[1]
+
+        def add(gram: Array, window: Array) -> tuple[Array, None]:
+            rows = window.reshape(x.shape[0], positions, -1)
+            return gram + jnp.einsum("ntc,nsc->nts", rows, rows), None
+
+        gram, _ = self._offset_scan(x, out_hw, add,
+                                    jnp.zeros((x.shape[0], positions, positions), x.dtype))
+        return gram
 
     def _patches(self, x: Array) -> Array:
-        """(B, T, d_in): every output position's input patch, ``d_in = kh kw c_in``."""
+        """(B, T, d_in): every output position's input patch, ``d_in = kh kw c_in``, features
+        in ``lax.conv_general_dilated_patches`` order (channel, then kernel row and column)."""
         patches = jax.lax.conv_general_dilated_patches(
             x, self.kernel, self.stride, self._pads(x.shape[1:3]),
             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return patches.reshape(x.shape[0], -1, patches.shape[-1])
 
-    def uses_ghost_norm(self, in_shape: Shape, batch: int = 1, itemsize: int = 4) -> bool:
+    def uses_ghost_norm(self, in_shape: Shape) -> bool:
         """Whether the per-sample norms take the Gram ("ghost") route for this input.
 
         A sample's weight gradient is ``P^T E`` (T positions, patches ``P: (T, d_in)``,
-        errors ``E: (T, d_out)``). Its squared norm can be had from the T x T Gram
-        matrices, ``<P P^T, E E^T>`` (Li et al. 2022; about ``T^2 (d_in + d_out)``), or
-        by forming ``P^T E`` (about ``T d_in d_out``). In the one-pass clipped step the
-        formed gradients are reused for the clipped sum (book-keeping), while the ghost
-        route still needs the layer's weight-gradient convolution afterwards, so forming
-        is never the slower route; the Gram route saves memory. The rule: ghost when the
-        Gram matrices are the smaller object, ``2 T^2 < d_in d_out`` (Bu et al.'s mixed
-        ghost clipping), *and* the formed gradients of the batch would take more than
-        :data:`FORMED_BYTES` (64 MiB); otherwise formed.
+        errors ``E: (T, d_out)``). Its squared norm is either ``<P P^T, E E^T>`` from the
+        T x T Gram matrices (Li et al. 2022; about ``T^2 (d_in + d_out)`` multiply-adds)
+        or the sum of squares of the formed ``P^T E`` (about ``T d_in d_out``). Bu et
+        al.'s mixed ghost clipping takes the cheaper: ghost when
+        ``T (d_in + d_out) < d_in d_out``. Either route's memory is then at most the
+        layer's activations: ``B T^2 <= B T min(d_in, d_out)`` on the ghost route, ``B d_in
+        d_out <= B T (d_in + d_out)`` on the formed one. Wide layers on small images go
+        ghost, early layers on large images (T large, d_in small) go formed.
         """
-        t = math.prod(self.output_shape(in_shape)[:2])
+        positions = math.prod(self.output_shape(in_shape)[:2])
         d_in, d_out = math.prod(self.kernel) * in_shape[-1], self.filters
-        return 2 * t * t < d_in * d_out and batch * d_in * d_out * itemsize > FORMED_BYTES
+        return positions * (d_in + d_out) < d_in * d_out
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
@@ -187,20 +233,19 @@ class Conv2D:
         """
         x = cache[0]
         delta = self.pre_activation_error(cache, delta_a)
-        patches = self._patches(x)                                     # (B, T, d_in)
-        errors = delta.reshape(x.shape[0], -1, delta.shape[-1])       # (B, T, d_out)
-        bias = jnp.sum(errors, axis=1)                                 # (B, d_out)
+        bias = jnp.sum(delta, axis=(1, 2))                             # (B, d_out)
         bias_sq = jnp.sum(jnp.square(bias), axis=1)
-        if self.uses_ghost_norm(x.shape[1:], x.shape[0], x.dtype.itemsize):
-            gram = jnp.einsum("btd,bsd->bts", patches, patches)
-            weight_sq = jnp.sum(gram * jnp.einsum("bto,bso->bts", errors, errors), axis=(1, 2))
+        if self.uses_ghost_norm(x.shape[1:]):
+            errors = delta.reshape(x.shape[0], -1, delta.shape[-1])   # (B, T, d_out)
+            error_gram = jnp.einsum("nto,nso->nts", errors, errors)
+            weight_sq = jnp.sum(self._patch_gram(x, delta.shape[1:3]) * error_gram, axis=(1, 2))
             return weight_sq + bias_sq, None
-        formed = jnp.einsum("btd,bto->bdo", patches, errors)           # (B, d_in, d_out)
-        c_in, (kh, kw) = x.shape[-1], self.kernel
+        formed = self._formed_grads(x, delta)                          # (kh kw, B, c, o)
 
         def weighted_sum(weights: Array) -> dict[str, Array]:
-            w = jnp.einsum("b,bdo->do", weights, formed)               # rows (c, i, j)
-            return {"w": jnp.transpose(w.reshape(c_in, kh, kw, -1), (1, 2, 0, 3)),
-                    "b": jnp.einsum("b,bo->o", weights, bias)}
+            # a fused multiply-reduce: a dot here would copy the formed gradients to its layout
+            w = jnp.sum(weights[:, None, None] * formed, axis=1)
+            return {"w": w.reshape(params["w"].shape),
+                    "b": jnp.einsum("n,no->o", weights, bias)}
 
-        return jnp.sum(jnp.square(formed), axis=(1, 2)) + bias_sq, weighted_sum
+        return jnp.sum(jnp.square(formed), axis=(0, 2, 3)) + bias_sq, weighted_sum
