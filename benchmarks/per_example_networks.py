@@ -13,7 +13,9 @@ Nets (float32, softmax cross-entropy, relu), each at --batch:
 
 Programs, compiled ahead and timed interleaved in one process (two groups, as in
 benchmarks/per_example.py): backprop (the plain hand-written gradient), norms
-(jaxbp.per_example_grad_norms), vmap_norms (jax.vmap(jax.grad) then norms), clipped
+(jaxbp.per_example_grad_norms), vmap_norms (jax.vmap(jax.grad) then norms), errors (the
+forward pass and every layer's per-sample error, no weight gradient: the floor of any
+norm computed from backprop's errors), clipped
 (jaxbp.clipped_grad), vmap_clipped, and dp (jaxbp.privacy.dp_gradient on a Poisson batch
 of expected size B from N = 60000, padded with a mask). Memory is XLA's compiled peak.
 Also reported: the compiled peak of the clipped step over the plain step's, and which
@@ -75,6 +77,7 @@ def candidates(net: jaxbp.Network, clip: float, batch: int) -> dict:
         "backprop": lambda p, x, y: jaxbp.value_and_backprop(net, p, x, y),
         "norms": lambda p, x, y: jaxbp.per_example_grad_norms(net, p, x, y),
         "vmap_norms": lambda p, x, y: flat_norms(vmap_grad(p, x, y)),
+        "errors": lambda p, x, y: jaxbp.network.layer_deltas(net, p, x, y, per_sample=True)[2],
         "clipped": lambda p, x, y: jaxbp.clipped_grad(net, p, x, y, clip),
         "vmap_clipped": vmap_clipped,
         "dp": dp_candidate(net, clip, batch)[0],
@@ -91,7 +94,7 @@ def run_case(name: str, net: jaxbp.Network, batch: int, budget: float) -> dict:
         compiled, compile_s[key], mem = compile_ahead(fn, params, x, y)
         peak[key] = None if mem is None else mem.peak
         calls[key] = (lambda c: lambda: c(params, x, y))(compiled)
-    versus = time_interleaved({k: calls[k] for k in ("norms", "vmap_norms", "clipped",
+    versus = time_interleaved({k: calls[k] for k in ("norms", "vmap_norms", "errors", "clipped",
                                                      "vmap_clipped")}, budget_s=budget)
     overhead = time_interleaved({k: calls[k] for k in ("backprop", "clipped", "dp")},
                                 budget_s=budget)
@@ -106,6 +109,7 @@ def run_case(name: str, net: jaxbp.Network, batch: int, budget: float) -> dict:
             "params": int(sum(p.size for p in jax.tree.leaves(params))),
             "ms": {k: t.median * 1e3 for k, t in {**versus, **overhead}.items()},
             "norms_speedup": paired("vmap_norms", "norms", versus),
+            "norms_speedup_bound": paired("vmap_norms", "errors", versus),
             "clipped_speedup": paired("vmap_clipped", "clipped", versus),
             "clipped_over_backprop": paired("clipped", "backprop", overhead),
             "dp_over_backprop": paired("dp", "backprop", overhead),
@@ -124,16 +128,22 @@ def markdown(rows: list[dict], info: dict) -> str:
              "backprop, clipped, dp in another). Memory: XLA's compiled peak. dp: the DP-SGD "
              "gradient of a Poisson batch of expected size B from N = 60000, padded with a "
              "mask, clipped, noised (jaxbp.privacy.dp_gradient). Conv norm routes: ghost = "
-             "the T x T Gram matrices, formed = P^T E (Conv2D.uses_ghost_norm).", "",
-             "| net | B | params | norms ms | vmap norms ms | norms speed-up | clipped ms | "
+             "the T x T Gram matrices, formed = P^T E (Conv2D.uses_ghost_norm). errors: the "
+             "forward pass and every layer's per-sample output error, no weight gradient "
+             "(jaxbp.network.layer_deltas), the work any exact per-example norm that runs "
+             "backprop's errors needs; bound = vmap norms / errors, the most such a method "
+             "could gain over vmap(grad) on this machine.", "",
+             "| net | B | params | norms ms | vmap norms ms | norms speed-up | errors ms | "
+             "bound | clipped ms | "
              "vmap clipped ms | clipped speed-up | backprop ms | clipped / backprop | "
              "clipped peak / backprop peak | dp / backprop | conv norm routes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
         lines.append(
             f"| {r['net']} | {r['batch']} | {r['params']:,} | {ms['norms']:.2f} | "
-            f"{ms['vmap_norms']:.2f} | {r['norms_speedup']:.1f}x | {ms['clipped']:.2f} | "
+            f"{ms['vmap_norms']:.2f} | {r['norms_speedup']:.1f}x | {ms['errors']:.2f} | "
+            f"{r['norms_speedup_bound']:.1f}x | {ms['clipped']:.2f} | "
             f"{ms['vmap_clipped']:.2f} | {r['clipped_speedup']:.1f}x | {ms['backprop']:.2f} | "
             f"{r['clipped_over_backprop']:.2f} | {mem(r, 'clipped', 'backprop')} | "
             f"{r['dp_over_backprop']:.2f} | {', '.join(r['conv_norm_routes']) or '-'} |")
@@ -154,7 +164,8 @@ def main() -> None:
     for name in args.nets.split(","):
         row = run_case(name, nets()[name], args.batch, args.budget)
         rows.append(row)
-        print(f"{name}: norms {row['norms_speedup']:.1f}x faster than vmap, clipped "
+        print(f"{name}: norms {row['norms_speedup']:.1f}x faster than vmap (bound "
+              f"{row['norms_speedup_bound']:.1f}x), clipped "
               f"{row['clipped_speedup']:.1f}x; clipped/backprop {row['clipped_over_backprop']:.2f}"
               f", dp/backprop {row['dp_over_backprop']:.2f}, routes {row['conv_norm_routes']}",
               flush=True)

@@ -175,22 +175,26 @@ class Conv2D:
             lambda _, window: (None, jnp.einsum("nhwc,nhwo->nco", window, delta)), None)
         return grads
 
-    def _patch_gram(self, x: Array, out_hw: tuple[int, ...]) -> Array:
-        """(B, T, T): each sample's patch Gram matrix ``P P^T``, the sum over kernel offsets
-        of the offsets' window Grams (the patch matrix P is never formed),
+    def _ghost_sq_norms(self, x: Array, delta: Array) -> Array:
+        """(B,): each sample's ``||P^T E||^2 = <P P^T, E E^T>`` from T x T Gram matrices,
+        the patch Gram as the sum over kernel offsets of the windows' Grams,
 
         .. math:: (P P^T)_{(i,j),(i',j')} = \\sum_{p,q}
             \\langle x^{pad}_{s i + p, s j + q}, x^{pad}_{s i' + p, s j' + q} \\rangle
-        """
-        positions = out_hw[0] * out_hw[1]
 
-        def add(gram: Array, window: Array) -> tuple[Array, None]:
+        each window's Gram contracted with ``E E^T`` as it comes (P and P P^T are never
+        held whole)."""
+        positions = delta.shape[1] * delta.shape[2]
+        errors = delta.reshape(x.shape[0], positions, -1)               # (B, T, d_out)
+        error_gram = jnp.einsum("nto,nso->nts", errors, errors)
+
+        def add(total: Array, window: Array) -> tuple[Array, None]:
             rows = window.reshape(x.shape[0], positions, -1)
-            return gram + jnp.einsum("ntc,nsc->nts", rows, rows), None
+            window_gram = jnp.einsum("ntc,nsc->nts", rows, rows)
+            return total + jnp.einsum("nts,nts->n", window_gram, error_gram), None
 
-        gram, _ = self._offset_scan(x, out_hw, add,
-                                    jnp.zeros((x.shape[0], positions, positions), x.dtype))
-        return gram
+        total, _ = self._offset_scan(x, delta.shape[1:3], add, jnp.zeros(x.shape[0], x.dtype))
+        return total
 
     def _patches(self, x: Array) -> Array:
         """(B, T, d_in): every output position's input patch, ``d_in = kh kw c_in``, features
@@ -223,29 +227,35 @@ class Conv2D:
 
     def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
                                     delta_a: Array) -> tuple[Array, Any]:
-        """``(B,)`` squared norms, and ``weights -> sum_i w_i g_i`` where the route formed
-        the per-sample gradients (None on the ghost route).
+        """``(B,)`` squared norms, and ``weights -> sum_i w_i g_i`` (the clipped gradient
+        when ``w_i = s_i / B``) from what the route computed.
 
-        Reusing the formed ``g_i = P_i^T E_i`` for a weighted sum (the clipped gradient)
-        costs B d_in d_out instead of another weight-gradient convolution (the
-        book-keeping of Bu et al. 2022); on the ghost route the caller applies
-        :meth:`backward` to the weighted errors.
+        Formed route: the weighted sum of the formed ``g_i = P_i^T E_i``, B d_in d_out
+        instead of another weight-gradient convolution (the book-keeping of Bu et al.
+        2022). Ghost route: the layer's weight-gradient convolution of the weighted
+        pre-activation errors, ``sum_i w_i g_i = P^T (w E)`` (the rule is linear in E).
         """
         x = cache[0]
         delta = self.pre_activation_error(cache, delta_a)
         bias = jnp.sum(delta, axis=(1, 2))                             # (B, d_out)
         bias_sq = jnp.sum(jnp.square(bias), axis=1)
+
+        def bias_sum(weights: Array) -> Array:
+            return jnp.einsum("n,no->o", weights, bias)
+
         if self.uses_ghost_norm(x.shape[1:]):
-            errors = delta.reshape(x.shape[0], -1, delta.shape[-1])   # (B, T, d_out)
-            error_gram = jnp.einsum("nto,nso->nts", errors, errors)
-            weight_sq = jnp.sum(self._patch_gram(x, delta.shape[1:3]) * error_gram, axis=(1, 2))
-            return weight_sq + bias_sq, None
+            weight_sq = self._ghost_sq_norms(x, delta)
+
+            def weighted_errors_sum(weights: Array) -> dict[str, Array]:
+                return {"w": self._weight_grad(x, delta * weights[:, None, None, None]),
+                        "b": bias_sum(weights)}
+
+            return weight_sq + bias_sq, weighted_errors_sum
         formed = self._formed_grads(x, delta)                          # (kh kw, B, c, o)
 
         def weighted_sum(weights: Array) -> dict[str, Array]:
             # a fused multiply-reduce: a dot here would copy the formed gradients to its layout
             w = jnp.sum(weights[:, None, None] * formed, axis=1)
-            return {"w": w.reshape(params["w"].shape),
-                    "b": jnp.einsum("n,no->o", weights, bias)}
+            return {"w": w.reshape(params["w"].shape), "b": bias_sum(weights)}
 
         return jnp.sum(jnp.square(formed), axis=(0, 2, 3)) + bias_sq, weighted_sum
