@@ -68,7 +68,9 @@ def _both(dtype):
     return jax.enable_x64(dtype == "float64")
 
 
-SWEEP = [(i, "float64") for i in CASES] + [(i, "float32") for i in CASES[1::2]]
+# every hidden activation, every loss, batch 1 and width 1 in each dtype; every output
+# activation in float64
+SWEEP = [(i, "float64") for i in CASES[::2]] + [(i, "float32") for i in CASES[1:18:2]]
 
 
 @pytest.mark.slow
