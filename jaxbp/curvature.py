@@ -42,7 +42,7 @@ from jaxbp import _checks, network_curvature
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.backprop import layer_deltas, sample_output_delta
 from jaxbp.mlp import MLP, forward, matmul
-from jaxbp.network import Network, value_grads_and_output
+from jaxbp.network import Network, value_grads_and_errors
 
 
 def _check_direction(params: Params, v: Params) -> None:
@@ -286,8 +286,8 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
 
     A :class:`jaxbp.Network` of Dense and Conv2D layers (and layers without
     parameters) works too: the gradient is the hand-written one, the factors those of
-    :func:`kfac_factors` (KFC for a conv), from their own backward pass (one more
-    per step for ``"empirical"`` and ``"sampled"``). A LayerNorm or Residual has no
+    :func:`kfac_factors` (KFC for a conv); ``"empirical"`` reads them off the
+    gradient's own pass there too. A LayerNorm or Residual has no
     K-FAC rule: a :class:`jaxbp.layers.LayerError` names it.
     """
     from jaxbp.losses import mean_loss
@@ -303,9 +303,13 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
         step_key = None if key is None else jax.random.fold_in(key, step)
         if isinstance(net, Network):
             network_curvature.check_kfac_layers(net)
-            value, grads, out = value_grads_and_output(net, params, x, y)
-            factors = network_curvature.kfac_factors(net, params, x, y, kind, step_key,
-                                                     _sample_targets)
+            value, grads, out, caches, deltas = value_grads_and_errors(net, params, x, y)
+            if kind == "empirical":     # the gradient's own errors, times N: no extra pass
+                errors = tuple(x.shape[0] * d[None] for d in deltas)
+                factors = network_curvature.kfac_from_errors(net, caches, errors)
+            else:
+                factors = network_curvature.kfac_factors(net, params, x, y, kind, step_key,
+                                                         _sample_targets)
             return value, grads, out, {"factors": factors}
         cache = forward(net, params, x)
         grads, factors = _kfac_from_cache(net, params, cache, y)

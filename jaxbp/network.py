@@ -144,17 +144,24 @@ def forward(net: Network, params: Any, x: Array) -> tuple[Array, tuple[Any, ...]
     return chain_forward(net.layers, params, x)
 
 
-def value_grads_and_output(net: Network, params: Any, x: Array,
-                           y: Array) -> tuple[Array, Any, Array]:
-    """C, dC/dparams by the reversed loop over the layer records, and a^L (checked inputs).
+def value_grads_and_errors(net: Network, params: Any, x: Array, y: Array
+                           ) -> tuple[Array, Any, Array, tuple[Any, ...], tuple[Array, ...]]:
+    """C, dC/dparams by the reversed loop over the layer records, a^L, every layer's
+    cache and the error ``dC/da^l`` at its output, from one pass (checked inputs).
 
     The loss value and ``dl/da`` come from one pass (the fused softmax form).
     """
     out, caches = forward(net, params, x)
     losses, dl_da = sample_loss_and_grad(net.loss_fn, out, y)
     delta = dl_da / out.shape[0]                        # dC/da^L = (1/N) dl/da^L
-    _, grads, _ = chain_backward(net.layers, params, caches, delta, need_input=False)
-    return jnp.mean(losses), grads, out
+    _, grads, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
+    return jnp.mean(losses), grads, out, caches, deltas
+
+
+def value_grads_and_output(net: Network, params: Any, x: Array,
+                           y: Array) -> tuple[Array, Any, Array]:
+    """C, dC/dparams by the reversed loop over the layer records, and a^L (checked inputs)."""
+    return value_grads_and_errors(net, params, x, y)[:3]
 
 
 def layer_deltas(net: Network, params: Any, x: Array, y: Array,

@@ -133,7 +133,14 @@ def kfac_factors(net: Network, params: Params, x: Array, y: Array, kind: str,
                  key: Array | None, sample_targets: Any = None) -> tuple[Any, ...]:
     """``{"A", "G"}`` for every Dense and Conv2D layer, ``{}`` for the rest (checked inputs)."""
     caches, errors, _ = _targets_errors(net, params, x, y, kind, key, sample_targets)
-    batch = x.shape[0]
+    return kfac_from_errors(net, caches, errors)
+
+
+def kfac_from_errors(net: Network, caches: tuple, errors: tuple) -> tuple[Any, ...]:
+    """The factors from every layer's cache and its output errors ``(k, B, ...)`` (k
+    target draws or Hessian columns, each sample's own loss): ``{"A", "G"}`` for every
+    Dense and Conv2D layer, ``{}`` for the rest."""
+    batch = errors[0].shape[1]
     factors: list[Any] = []
     for layer, cache, delta in zip(net.layers, caches, errors):
         if not isinstance(layer, Dense | Conv2D):

@@ -136,7 +136,8 @@ def test_kfac_refuses_layernorm_and_residual_by_name(x64):
 
 def test_kfac_step_on_a_conv_network_preconditions_by_the_damped_kfc_block(x64):
     """kfac_gradient on a conv Network: the hand-written gradient, kfac_factors' factors
-    (sampled draws folded with the step), and the preconditioner solves (A_d kron G_d)
+    (sampled draws folded with the step; empirical ones read off the gradient's own
+    errors), and the preconditioner solves (A_d kron G_d)
     for the conv kernel in the documented row order and puts it back as HWIO."""
     net = _conv_dense_net()
     params = net.init(jax.random.key(0))
@@ -149,6 +150,10 @@ def test_kfac_step_on_a_conv_network_preconditions_by_the_damped_kfc_block(x64):
     jax.tree.map(assert_close, grads, jaxbp.backprop(net, params, x, y))
     jax.tree.map(assert_close, extra["factors"],
                  jaxbp.kfac_factors(net, params, x, y, key=jax.random.fold_in(key, 7)))
+    _, grads_e, _, extra_e = jaxbp.kfac_gradient()(net, params, x, y, 7)  # empirical
+    jax.tree.map(assert_close, grads_e, grads)
+    jax.tree.map(assert_close, extra_e["factors"],
+                 jaxbp.kfac_factors(net, params, x, y, kind="empirical"))
     damping = 0.2
     pre, _ = jaxbp.kfac_preconditioner(damping).update(grads, None, **extra)
     assert pre[1] == {} and pre[2] == {}
