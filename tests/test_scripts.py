@@ -57,3 +57,8 @@ def test_vanishing_and_kfac_scripts(tmp_path):
     assert "sigmoid, Glorot" in out and (tmp_path / "v.png").exists()
     out = _run("scripts/kfac_vs_adam.py", "--epochs", "2", "--out", str(tmp_path / "k.png"))
     assert "K-FAC" in out and (tmp_path / "k.png").exists()
+    out = _run("scripts/kfac_vs_adam.py", "--model", "cnn", "--epochs", "1", "--out",
+               str(tmp_path / "c.png"))
+    kfac_line = next(line for line in out.splitlines() if line.startswith("K-FAC"))
+    assert float(kfac_line.split("epoch 1 ")[1].split(",")[0]) > 0.6  # one epoch: 0.79
+    assert (tmp_path / "c.png").exists()
