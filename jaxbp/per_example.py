@@ -57,8 +57,8 @@ def _network_sq_norms(net: Network, params: Params, caches: tuple[Any, ...],
 
 
 def _sq_norms_and_sum(layer: Any, params: Any, cache: Any, delta: Array) -> tuple[Array, Any]:
-    """A layer's per-sample squared norms, and a weighted-sum function where the record
-    formed per-sample gradients on the way (Conv2D's formed route), else None."""
+    """A layer's per-sample squared norms, and ``weights -> sum_i w_i g_i`` where the
+    record offers one built from what its norms computed (Conv2D), else None."""
     if hasattr(layer, "per_sample_sq_norms_and_sum"):
         return layer.per_sample_sq_norms_and_sum(params, cache, delta)
     return layer.per_sample_sq_norms(params, cache, delta), None
@@ -89,7 +89,7 @@ def _network_clipped_mean(net: Network, params: Params, x: Array, y: Array,
     grads = [jax.tree.map(jnp.zeros_like, p) for p in params]
     for g, (l, (_, weighted_sum)) in enumerate(zip(groups, norms_and_sums)):
         scale = (factors[:, g] / denominator).astype(deltas[l].dtype)
-        if weighted_sum is not None:     # the formed per-sample gradients, reused
+        if weighted_sum is not None:     # what the record's norms computed, reused
             grads[l] = weighted_sum(scale)
             continue
         scale = scale.reshape((-1,) + (1,) * (deltas[l].ndim - 1))
