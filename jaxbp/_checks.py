@@ -132,15 +132,29 @@ def _first_bad(bad: Any) -> tuple[int, int]:
     return int(flat.size), int(flat[0]) if flat.size else 0
 
 
+def target_tolerance(dtype: Any) -> float:
+    """How far a target value may sit from a bound (0, 1, a row sum of 1) in ``dtype``.
+
+    Rounding each of a row's probabilities ``p_j`` to the dtype moves their sum by at
+    most ``sum_j p_j eps / 2 = eps / 2``, and a softmax computed in the dtype can
+    exceed 1 by an ulp; so the bounds hold within ``eps`` of the dtype (bfloat16:
+    7.8e-3, float16: 9.8e-4), and never tighter than 1e-3 for row sums.
+    """
+    dtype = np.dtype(dtype)
+    return float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
+
+
 def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
     """Check the values of concrete targets against the loss (tracers are left alone).
 
     * integer labels (softmax cross-entropy): in ``[0, n_out)``; another value
       selects no class and would count as a zero loss;
-    * sigmoid cross-entropy targets: probabilities in ``[0, 1]``;
-    * softmax cross-entropy rows: probabilities in ``[0, 1]`` summing to 1
-      (within 1e-3); other targets give a loss that can go negative.
+    * sigmoid cross-entropy targets: probabilities in ``[-tol, 1 + tol]``;
+    * softmax cross-entropy rows: probabilities in ``[-tol, 1 + tol]`` summing to 1
+      within ``max(1e-3, tol)``; other targets give a loss that can go negative.
 
+    ``tol`` is :func:`target_tolerance` of ``y``'s dtype (the rounding of the
+    targets' own dtype: soft labels in bfloat16 or float16 are never refused).
     Host arrays are checked in NumPy; a device array with one reduction and one
     small transfer. Inside ``jax.jit`` values are unknown: compiled train
     steps report bad labels as the ``invalid_labels`` metric instead.
@@ -161,20 +175,23 @@ def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
         return
     if name not in ("sigmoid_cross_entropy", "softmax_cross_entropy"):
         return
-    count, i = _first_bad(~((y >= 0) & (y <= 1)))
+    tol = target_tolerance(y.dtype)
+    count, i = _first_bad(~((y >= -tol) & (y <= 1 + tol)))
     if count:
         row = np.unravel_index(i, np.shape(y))
-        raise ValueError(f"{what} must hold probabilities in [0, 1] for loss {name!r}: "
+        raise ValueError(f"{what} must hold probabilities in [0, 1] for loss {name!r} "
+                         f"(within {tol:.2g} for {y.dtype}): "
                          f"{what}[{', '.join(map(str, row))}] = {float(y[row])} ({count} "
                          f"outside); squared-error targets with a cross-entropy give a loss "
                          f"that can go negative")
     if name == "softmax_cross_entropy":
+        sum_tol = max(1e-3, tol)
         sums = xp.sum(y, axis=-1, dtype=xp.float32)
-        count, i = _first_bad(xp.abs(sums - 1) > 1e-3)
+        count, i = _first_bad(xp.abs(sums - 1) > sum_tol)
         if count:
             raise ValueError(f"{what} rows must sum to 1 (one-hot or probabilities) for loss "
-                             f"{name!r}: row {i} sums to {float(sums[i]):.6g} ({count} rows "
-                             f"do not)")
+                             f"{name!r} (within {sum_tol:.2g} for {y.dtype}): row {i} sums "
+                             f"to {float(sums[i]):.6g} ({count} rows do not)")
 
 
 def _n_out_words(net: Any) -> str:

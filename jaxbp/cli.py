@@ -44,7 +44,10 @@ def _verify(args: argparse.Namespace) -> int:
     worst: dict[str, float] = {}
     failed, count, start = 0, 0, time.perf_counter()
     cases = random_cases(args.seed, dtypes, max_depth=args.max_depth, max_width=args.max_width)
-    for i, case in enumerate(itertools.islice(cases, args.cases)):
+    per_dtype = itertools.groupby(cases, key=lambda case: case.net.dtype)
+    cases = itertools.chain.from_iterable(itertools.islice(group, args.cases)
+                                          for _, group in per_dtype)
+    for i, case in enumerate(cases):
         count += 1
         report = run_case(case, n_fd=args.n_fd)
         fd = max((d.fd_error_manual for d in report.directions), default=math.nan)
@@ -447,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--max-depth", type=int, default=4, help="max weight layers (4)")
     verify.add_argument("--max-width", type=int, default=16, help="max layer width (16)")
     verify.add_argument("--cases", type=int, default=None,
-                        help="run only the first N cases (default: all, 27 per dtype)")
+                        help="run only the first N cases of each dtype (default: all, "
+                             "27 per dtype)")
     verify.set_defaults(run=_verify)
 
     train = commands.add_parser(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,13 +13,16 @@ import pytest
 from jaxbp import checkpoint, cli
 
 
-def test_verify_passes_and_prints_the_table(restore_x64, capsys):
-    code = cli.main(["verify", "--cases", "5", "--dtypes", "float64,float32", "--n-fd", "1"])
+def test_verify_runs_in_every_dtype_it_offers(restore_x64, capsys):
+    """`jaxbp verify` over all of --dtypes' choices, two cases each (soft labels in
+    bfloat16/float16 included: their rows sum to 1 only within the dtype's rounding)."""
+    code = cli.main(["verify", "--cases", "2", "--dtypes", ",".join(cli.DTYPES), "--n-fd", "1"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "all ok: 0 of 5 cases failed" in out
-    assert "worst relative error vs jax.grad: float64" in out
-    assert out.count(" ok") >= 5
+    assert f"all ok: 0 of {2 * len(cli.DTYPES)} cases failed" in out
+    worst = out.split("worst relative error vs jax.grad: ")[1].splitlines()[0]
+    assert [part.split()[0] for part in worst.split(", ")] == list(cli.DTYPES)
+    assert out.count(" ok") >= 2 * len(cli.DTYPES)
 
 
 def test_verify_fails_with_exit_code_one_on_a_wrong_derivative(restore_x64, capsys, monkeypatch):
@@ -96,3 +101,57 @@ def test_train_on_a_one_device_mesh_with_sharded_checkpoints(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "resumed from" in out and "ckpt_000000002 (after epoch 2)" in out
     assert out.count("epoch   3/3") == 1 and "epoch   1/3" not in out
+
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+CHEAP = ["--epochs", "1", "--quiet"]
+NOT_RUN_HERE = {
+    "jaxbp bench": "the full suite takes minutes; the --quick preset is run by test_bench",
+    "jaxbp bench --quick": "about 2 minutes on 2 cores; its cases are run by test_bench",
+    "jaxbp bench --quick --precision highest": "as --quick; test_bench runs precisions",
+    "jaxbp verify": "run over every dtype, two cases each, by "
+    "test_verify_runs_in_every_dtype_it_offers",
+    "jaxbp train --devices 2 --checkpoint-dir /shared/run": "two processes on two hosts; "
+    "tests/workers run the same loop on 8 CPU devices",
+}
+
+
+def readme_commands() -> list[str]:
+    """Every `jaxbp ...` command the README shows (code blocks and inline), comments cut,
+    `a|b` alternatives expanded, placeholders (`[...]`, `|` lists of subcommands) left out."""
+    text = README.read_text()
+    found = re.findall(r"^ *(jaxbp [^#&\n]*)", text, flags=re.M)
+    found += re.findall(r"`(jaxbp [^`]*)`", text)
+    commands = set()
+    for command in found:
+        command = " ".join(command.split())
+        if "[" in command or "train|" in command or command.split()[1].endswith(":"):
+            continue
+        match = re.search(r"(\S+\|\S+)", command)
+        choices = match.group(1).split("|") if match else [None]
+        for choice in choices:
+            commands.add(command.replace(match.group(1), choice) if choice else command)
+    return sorted(commands)
+
+
+def test_the_readme_commands_are_all_accounted_for():
+    commands = readme_commands()
+    assert "jaxbp train --model cnn" in commands and "jaxbp train --grad dfa" in commands
+    assert set(NOT_RUN_HERE) <= set(commands), set(NOT_RUN_HERE) - set(commands)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [c for c in readme_commands() if c not in NOT_RUN_HERE])
+def test_every_cheap_readme_command_runs(command, tmp_path, restore_x64, capsys, monkeypatch):
+    """Each README command as written, shortened to one epoch: exit 0 and a summary."""
+    monkeypatch.chdir(tmp_path)
+    argv = command.split()[1:]
+    if argv == ["train", "--help"]:
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 0 and "--epochs" in capsys.readouterr().out
+        return
+    code = cli.main(argv + CHEAP)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "final test" in out

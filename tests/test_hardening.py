@@ -18,7 +18,7 @@ import optax
 import pytest
 
 import jaxbp
-from jaxbp import checkpoint, cli
+from jaxbp import _checks, checkpoint, cli
 from jaxbp.data import Dataset
 
 NET = jaxbp.MLP((4, 8, 3), "tanh")
@@ -92,6 +92,37 @@ class TestLabels:
         with pytest.raises(ValueError, match=r"y rows must sum to 1 .*: row 0 sums to 0.5"):
             jaxbp.backprop(softmax, softmax.init(jax.random.key(0)), x,
                            np.array([[0.5, 0, 0], [0, 0, 1]], np.float32))
+
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+    def test_soft_labels_rounded_to_their_own_dtype_are_accepted(self, dtype):
+        """Rows of probabilities rounded to bf16/f16 sum to 1 only within ~eps / 2 and a
+        softmax computed in the dtype can exceed 1 by an ulp: never refused."""
+        softmax = jaxbp.MLP((4, 7), "relu", "identity", "softmax_cross_entropy", dtype=dtype)
+        sigmoid = jaxbp.MLP((4, 7), "relu", "identity", "sigmoid_cross_entropy", dtype=dtype)
+        logits = 3 * jax.random.normal(jax.random.key(1), (256, 7))
+        rows = jax.nn.softmax(logits).astype(dtype)                   # rounded after
+        in_dtype = jax.nn.softmax(logits.astype(dtype))               # computed in the dtype
+        sums = np.asarray(jnp.sum(rows.astype(jnp.float32), axis=-1))
+        if dtype == "bfloat16":
+            assert np.abs(sums - 1).max() > 1e-3  # the case that was refused
+        x = jnp.ones((256, 4), dtype)
+        one_hot = jax.nn.one_hot(logits.argmax(-1), 7, dtype=dtype)
+        for y in (rows, in_dtype, np.asarray(rows), one_hot):
+            for net in (softmax, sigmoid):
+                _checks.check_target_values(net, y)  # no error
+        jaxbp.backprop(softmax, softmax.init(jax.random.key(0)), x, rows)
+
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+    def test_targets_off_by_more_than_the_dtype_rounds_are_refused(self, dtype):
+        softmax = jaxbp.MLP((4, 3), "relu", "identity", "softmax_cross_entropy", dtype=dtype)
+        tol = _checks.target_tolerance(dtype)
+        short = jnp.asarray([[0.5, 0.2, 0.3 - 3 * max(tol, 1e-3)]], dtype)
+        with pytest.raises(ValueError, match=rf"y rows must sum to 1 .*within .* {dtype}\): "
+                                             r"row 0 sums to 0\.9"):
+            _checks.check_target_values(softmax, short)
+        over = jnp.asarray([[0.0, 0.0, 1 + 4 * tol]], dtype)
+        with pytest.raises(ValueError, match=r"y must hold probabilities in \[0, 1\]"):
+            _checks.check_target_values(softmax, over)
 
 
 class TestFitArguments:
