@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import itertools
 import math
 import os
@@ -292,57 +293,95 @@ def step_matmul_shapes(batch: int, fan_in: int, fan_out: int) -> tuple[MatmulSha
             MatmulShape("weight_grad", fan_in, batch, fan_out, transpose_a=True))
 
 
+GEMM_LOOPS = ((1, 1), (8, 1), (8, 4))
+"""The loops :func:`gemm_rate` takes the best of, as (unroll, independent products):
+a chain of products, the chain unrolled 8-fold, and 4 independent products per step
+unrolled 8-fold (32 products per loop iteration)."""
+
+LONG_PRODUCT_S = 5e-3
+"""A chain iteration (one product) at least this long is timed alone: a loop's overhead
+(microseconds; tens on a GPU's host round trip) is then a percent or less of it."""
+
+_ITERATION_HOOK: Any = None
+"""Tests only: a host function called once per loop iteration (a fake loop overhead)."""
+
+
+def _gemm_loop(shape: MatmulShape, low: Any, out_dtype: Any, unroll: int, independent: int,
+               precision: str | None) -> Any:
+    """``loop(a, bs, iterations)``: ``iterations`` loop steps of ``unroll`` rounds, each
+    round ``independent`` products ``a @ b_i``. One entry of ``a`` is rewritten from the
+    previous round's products (an in-place update: no pass over ``a``), so XLA can
+    neither hoist nor drop a product and the loop adds no elementwise work."""
+    dims = (((0 if shape.transpose_a else 1,), (1 if shape.transpose_b else 0,)), ((), ()))
+
+    def one_round(a, bs):
+        outs = tuple(jax.lax.dot_general(a.astype(low), b.astype(low), dims,
+                                         preferred_element_type=out_dtype) for b in bs)
+        link = sum(out[0, 0].astype(a.dtype) for out in outs) * 1e-30
+        return a.at[0, 0].add(link), outs
+
+    def loop(a, bs, iterations):
+        def body(_, carry):
+            a, outs = carry
+            if _ITERATION_HOOK is not None:
+                jax.debug.callback(_ITERATION_HOOK, a[0, 0])
+            for _ in range(unroll):
+                a, outs = one_round(a, bs)
+            return a, outs
+
+        zeros = tuple(jnp.zeros((shape.m, shape.n), out_dtype) for _ in bs)
+        with precision_scope(precision):
+            return jax.lax.fori_loop(0, iterations, body, (a, zeros))[1]
+
+    return loop
+
+
 def gemm_rate(shape: MatmulShape, dtype: str = "float32", compute_dtype: str | None = None,
               budget_s: float = 0.5, precision: str | None = None,
-              min_sample_s: float = 2e-3) -> float:
-    """The machine's measured FLOP/s for one matmul shape, in this precision.
+              min_sample_s: float = 2e-3, out_dtype: str | None = None) -> float:
+    """The machine's measured FLOP/s for one matmul shape, in this recipe: the best of
+    :data:`GEMM_LOOPS`.
 
-    The matmul runs ``inner`` times inside one compiled ``fori_loop`` (each
-    input scaled by the previous result's first entry, so XLA can neither
-    hoist nor drop them). ``inner`` is a run-time argument: a probe call
-    measures the time per matmul, then ``inner`` is set so that one call is
-    at least ``min_sample_s`` of device work, and the timed samples of
-    :func:`time_interleaved` hold several such calls. So dispatch and host
-    sync are a small part of every sample on a fast accelerator too. The rate
-    is that of the fastest sample (a roof is the best the machine does; a
-    slow spell of a shared machine must not lower it). For tiny shapes the
-    loop's own overhead per matmul still counts, so the rate is a lower bound
-    there.
+    Each loop runs its products inside one compiled ``fori_loop``; the iteration
+    count is a run-time argument, set after a probe call so that one call is at
+    least ``min_sample_s`` of device work, and the timed samples of
+    :func:`time_interleaved` hold several such calls. A loop's per-iteration cost
+    (the trip count's check, on a GPU a host round trip) is spread over up to 32
+    products, so it cannot lower the rate of small shapes (a chain product of
+    :data:`LONG_PRODUCT_S` or more is timed alone: no 32-product calls for large
+    shapes); the rate is that of the
+    fastest sample of the fastest loop (a roof is the best the machine does: a slow
+    spell of a shared machine must not lower it).
 
     Args:
       shape: the matmul (:func:`step_matmul_shapes`).
-      dtype: the dtype of the operands as stored and of the result.
-      compute_dtype: round the operands to this and accumulate in ``dtype``,
-        as :func:`jaxbp.mlp.matmul` does for mixed precision.
+      dtype: the dtype of the operands as stored.
+      compute_dtype: round the operands to this (mixed precision).
       precision: the matmul precision (:data:`jaxbp.peaks.MATMUL_PRECISIONS`),
         None for JAX's current setting.
+      out_dtype: the product's dtype (the bf16 recipe's bf16 outputs); default ``dtype``
+        (products accumulated in it).
     """
     low = jnp.dtype(compute_dtype or dtype)
-    out_dtype = jnp.dtype(dtype)
-    dims = (((0 if shape.transpose_a else 1,), (1 if shape.transpose_b else 0,)), ((), ()))
-
-    def loop(a, b, inner):
-        def body(_, carry):
-            scale, _ = carry
-            c = jax.lax.dot_general((a * scale).astype(low), b.astype(low), dims,
-                                    preferred_element_type=out_dtype)
-            return 1 + c[0, 0] * 1e-30, c
-        with precision_scope(precision):
-            return jax.lax.fori_loop(0, inner, body, (jnp.ones((), a.dtype),
-                                                      jnp.zeros((shape.m, shape.n), out_dtype)))[1]
-
-    a = jnp.ones((shape.k, shape.m) if shape.transpose_a else (shape.m, shape.k), out_dtype)
-    b = jnp.ones((shape.n, shape.k) if shape.transpose_b else (shape.k, shape.n), out_dtype)
-    compiled, _, _ = compile_ahead(loop, a, b, jnp.int32(1))
-    probe_inner = 4
-    jax.block_until_ready(compiled(a, b, jnp.int32(probe_inner)))  # warm
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(a, b, jnp.int32(probe_inner)))
-    per_matmul = max((time.perf_counter() - t0) / probe_inner, 1e-9)
-    inner = int(min(1 << 20, max(probe_inner, math.ceil(min_sample_s / per_matmul))))
-    inner_arg = jnp.int32(inner)
-    timing = time_interleaved({"gemm": lambda: compiled(a, b, inner_arg)}, budget_s=budget_s,
-                              min_sample_s=min_sample_s)["gemm"]
-    # the roof is the best the machine did: the fastest sample, not the median
-    return shape.flops * inner / min(timing.rounds)
+    out = jnp.dtype(out_dtype or dtype)
+    a = jnp.ones((shape.k, shape.m) if shape.transpose_a else (shape.m, shape.k), dtype)
+    b = jnp.ones((shape.n, shape.k) if shape.transpose_b else (shape.k, shape.n), dtype)
+    calls, per_call = {}, {}
+    for unroll, independent in GEMM_LOOPS:
+        loop = _gemm_loop(shape, low, out, unroll, independent, precision)
+        bs = tuple(b + i for i in range(independent))
+        compiled, _, _ = compile_ahead(loop, a, bs, jnp.int32(1))
+        jax.block_until_ready(compiled(a, bs, jnp.int32(1)))  # warm
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(a, bs, jnp.int32(1)))
+        per_iteration = max(time.perf_counter() - t0, 1e-9)
+        iterations = int(min(1 << 20, max(1, math.ceil(min_sample_s / per_iteration))))
+        name = f"unroll {unroll} x {independent}"
+        calls[name] = functools.partial(compiled, a, bs, jnp.int32(iterations))
+        per_call[name] = unroll * independent * iterations
+        if per_iteration >= LONG_PRODUCT_S:
+            break  # loop overheads are microseconds: under 1% of an iteration this long
+    timings = time_interleaved(calls, budget_s=budget_s, min_sample_s=min_sample_s)
+    # the roof is the best the machine did: the fastest sample of the fastest loop
+    return max(shape.flops * per_call[name] / min(t.rounds) for name, t in timings.items())
 

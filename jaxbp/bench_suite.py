@@ -1,8 +1,11 @@
 """The training-step benchmark: manual vs autodiff vs the machine's GEMM rate and peaks, per case.
 
 Each case is an MLP ``(W, ..., W, 10)`` with ``depth`` weight layers, batch B,
-a loss and a precision (``float32``, or ``bf16-mixed``: float32 master weights,
-bfloat16 matmul operands with float32 accumulation). For each case:
+a loss and a numerical recipe (:data:`RECIPES`: ``float32``; ``bf16-operands``: float32
+master weights and activations, bfloat16 matmul operands with float32 accumulation;
+``bf16``: activations and errors stored in bfloat16 too, as flax's
+``Dense(dtype=bfloat16)`` and jmp's bf16 policy). Manual and autodiff run the SAME
+recipe: autodiff is ``jax.grad`` of the same forward. For each case:
 
 * the donated single step a user runs (:func:`jaxbp.make_train_step`) is
   compiled with ``grad="backprop"`` and with ``grad="autodiff"``: its compile
@@ -61,7 +64,11 @@ from jaxbp.network import Network
 from jaxbp.peaks import device_peaks, matmul_arithmetic
 from jaxbp.train import TrainState, make_train_loop, make_train_step
 
-PRECISIONS = ("float32", "bf16-mixed")
+RECIPES = {"float32": {},
+           "bf16-operands": {"compute_dtype": "bfloat16"},
+           "bf16": {"compute_dtype": "bfloat16", "activation_dtype": "bfloat16"}}
+"""The numerical recipes a case can run, as the layers' ``compute_dtype``/``activation_dtype``."""
+PRECISIONS = tuple(RECIPES)
 LOSSES = ("softmax_cross_entropy", "squared_error")
 
 
@@ -81,8 +88,8 @@ class BenchCase:
         return (self.width,) * self.depth + (self.n_out,)
 
     def net(self) -> MLP:
-        compute = "bfloat16" if self.precision == "bf16-mixed" else None
-        return MLP(self.sizes, "relu", "identity", self.loss, "float32", compute)
+        return MLP(self.sizes, "relu", "identity", self.loss, "float32",
+                   **RECIPES[self.precision])
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -138,7 +145,7 @@ class ConvCase:
         convs = tuple(layers.Conv2D(self.filters, (3, 3), activation="relu")
                       for _ in range(self.depth))
         return Network((*convs, layers.Flatten(), layers.Dense(self.n_out)),
-                       self.input_shape, self.loss)
+                       self.input_shape, self.loss, **RECIPES[self.precision])
 
     def flops(self) -> dict[str, int]:
         rows = self.batch * self.side * self.side
@@ -168,25 +175,31 @@ class ConvCase:
                 f"B{self.batch} {self.precision}{ran}")
 
 
-def _grid(widths: Iterable[int], depths: Iterable[int], batches: Iterable[int]) -> list[BenchCase]:
+def _grid(widths: Iterable[int], depths: Iterable[int], batches: Iterable[int],
+          recipes: Iterable[str] = PRECISIONS) -> list[BenchCase]:
     return [BenchCase(w, d, b, loss, precision)
-            for precision in PRECISIONS for loss in LOSSES
+            for precision in recipes for loss in LOSSES
             for w in widths for d in depths for b in batches]
 
 
-QUICK = [c for c in _grid((64, 512), (2, 4), (32, 512))
-         if not (c.loss == "squared_error" and c.depth == 4)] + [
-    ConvCase(8, 1, 16, 2, 32), ConvCase(8, 1, 16, 2, 256), ConvCase(16, 8, 32, 2, 32),
-    ConvCase(16, 8, 32, 2, 128)]
-"""The CPU ``--quick`` preset: 24 small MLP cases and 4 CNNs, about 3 minutes on 2 CPU
-cores."""
+def _quick(widths: tuple[int, int], batches: tuple[int, int], convs: list[ConvCase]
+           ) -> list[Any]:
+    """float32: both losses (squared error at depth 2); each bf16 recipe: cross-entropy;
+    the CNNs in every recipe."""
+    mlps = [c for c in _grid(widths, (2, 4), batches)
+            if c.loss == "softmax_cross_entropy" or (c.precision == "float32" and c.depth == 2)]
+    return mlps + [dataclasses.replace(c, precision=r) for r in PRECISIONS for c in convs]
 
-QUICK_ACCELERATOR = [c for c in _grid((1024, 4096), (2, 4), (512, 8192))
-                     if not (c.loss == "squared_error" and c.depth == 4)] + [
-    ConvCase(32, 16, 64, 2, 256), ConvCase(32, 64, 128, 2, 512)]
-"""The ``--quick`` preset on a GPU/TPU: 24 MLP cases of 3 to 3300 matmul GFLOP per step
-and 2 CNNs, so that no case is launch-bound (the CPU preset's smallest would be
-microseconds there)."""
+
+QUICK = _quick((64, 512), (32, 512), [ConvCase(8, 1, 16, 2, 32), ConvCase(16, 8, 32, 2, 128)])
+"""The CPU ``--quick`` preset: 28 small MLP cases and 6 CNNs (three recipes each),
+about 4 minutes on 2 CPU cores."""
+
+QUICK_ACCELERATOR = _quick((1024, 4096), (512, 8192),
+                           [ConvCase(32, 16, 64, 2, 256), ConvCase(32, 64, 128, 2, 512)])
+"""The ``--quick`` preset on a GPU/TPU: 28 MLP cases of 3 to 3300 matmul GFLOP per step
+and 6 CNNs (two shapes in three recipes), so that no case is launch-bound (the CPU
+preset's smallest would be microseconds there)."""
 
 FULL = _grid((64, 256, 1024, 4096), (2, 4, 8), (32, 256, 4096))
 """Widths 64..4096, depths 2..8, batch 32..4096, both losses and precisions (144 cases);
@@ -271,10 +284,16 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
     timings = time_interleaved({g: call(g) for g in grads}, budget_s=budget_s,
                                compile_s=compile_s, min_sample_s=min_sample_s)
     flops = case.flops()
-    compute = "bfloat16" if case.precision == "bf16-mixed" else None
+    recipe = RECIPES[case.precision]
+    compute = recipe.get("compute_dtype")
     shapes = case.gemm_shapes()
+    # each matmul as the recipe runs it: bf16 outputs in the bf16 recipe, except the weight
+    # gradient (accumulated into float32)
     rates = {shape.name: gemm_rate(shape, "float32", compute, budget_s=budget_s / 3,
-                                   precision=precision) for shape in shapes}
+                                   precision=precision,
+                                   out_dtype=recipe.get("activation_dtype")
+                                   if shape.name != "weight_grad" else None)
+             for shape in shapes}
     # time the measured rates need for the step's matmuls: each kind at its own shape's rate
     matmul_s = (flops["forward"] / rates["forward"]
                 + flops["weight_grad"] / rates["weight_grad"]
@@ -317,9 +336,9 @@ def _warnings(grad: str, result: dict[str, Any]) -> list[str]:
     notes = []
     if result["roofline_fraction"] > 1:
         notes.append(f"{grad}: roofline fraction {result['roofline_fraction']:.2f} > 1: the "
-                     f"step ran its matmuls faster than the GEMM loop measured them alone "
-                     f"(for small shapes the loop's per-iteration overhead lowers the measured "
-                     f"rate; or a noisy round); read it as ~1")
+                     f"step ran its matmuls faster than the best GEMM loop measured them "
+                     f"alone (a noisy round of the loops, or the step's smaller layers "
+                     f"counted at the widest layer's rate); read it as ~1")
     if result["peak_fraction"] is not None and result["peak_fraction"] > 1:
         notes.append(f"{grad}: {result['peak_fraction']:.2f} of the datasheet peak > 1: the "
                      f"arithmetic that ran is not the one assumed (check the matmul precision "
@@ -399,16 +418,23 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Machine: {describe_machine(result['machine'])}.",
         "",
-        "One sgd training step, relu MLP (W, ..., W, 10) with `D` weight layers; the label "
-        "ends with the arithmetic the matmuls ran in (float32 is `tf32` on NVIDIA GPUs and "
-        "one bf16 pass on TPUs at the default matmul precision). The timed program is the "
-        "donated k-step `lax.scan` loop a user runs; `steps/sample`: train steps in one "
-        "timed sample (k per call x calls per sample), chosen so that device time "
-        "dominates every sample. `manual/autodiff`: the median over rounds of the ratio of "
-        "the back-to-back step times with `grad=\"backprop\"` and `grad=\"autodiff\"` "
+        "One sgd training step, relu MLP (W, ..., W, 10) with `D` weight layers (CNN: "
+        "`D` 3x3 SAME relu convs of `F` filters, Dense(10)), in a numerical recipe named "
+        "in the label: `float32`; `bf16-operands` (bf16 matmul operands, float32 "
+        "activations, errors and master weights); `bf16` (activations and errors stored "
+        "in bf16 too, weight gradients accumulated in float32: flax's "
+        "`Dense(dtype=bfloat16)`). autodiff is jax.grad of the SAME recipe's forward. "
+        "The label ends with the arithmetic the matmuls ran in (float32 is `tf32` on "
+        "NVIDIA GPUs and one bf16 pass on TPUs at the default matmul precision). The "
+        "timed program is the donated k-step `lax.scan` loop a user runs; `steps/sample`: "
+        "train steps in one timed sample (k per call x calls per sample), chosen so that "
+        "device time dominates every sample. `manual/autodiff`: the median over rounds of "
+        "the ratio of the back-to-back step times with `grad=\"backprop\"` and `grad=\"autodiff\"` "
         "(< 1: the hand-written step is faster). `GEMM fwd/err/wgrad`: the machine's "
         "measured rate for the widest layer's three matmul shapes (forward B x W x W, input "
-        "error, weight gradient with the batch inner) in the same precision; `roofline`: "
+        "error, weight gradient with the batch inner) in the same recipe, the best of "
+        "three loops (a chain of products, the chain unrolled, independent products "
+        "unrolled) so that no loop overhead lowers it; `roofline`: "
         "the time those rates need for the step's matmuls / the step's time. "
         + peak_note + " `FLOPs XLA/hand`: XLA's cost-analysis FLOPs over the hand count of "
         "matmul FLOPs (the excess is elementwise work). `mem`: compiled peak of the "
@@ -449,6 +475,13 @@ def markdown(result: dict[str, Any]) -> str:
         ratios = [r["manual_over_autodiff"] for r in result["rows"]]
         lines += ["", f"manual/autodiff: median {np.median(ratios):.3f}, worst "
                       f"{max(ratios):.3f}, best {min(ratios):.3f} over {len(ratios)} cases."]
+        for recipe in PRECISIONS:
+            mine = [r["manual_over_autodiff"] for r in result["rows"]
+                    if r["precision"] == recipe]
+            if mine:
+                lines.append(f"- {recipe}: median {np.median(mine):.3f}, worst "
+                             f"{max(mine):.3f} over {len(mine)} cases (autodiff: jax.grad "
+                             f"of the same recipe).")
     return "\n".join(lines) + "\n"
 
 
@@ -469,8 +502,8 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> bool:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     groups = [(p, lambda r, p=p: r["precision"] == p and "side" not in r) for p in PRECISIONS]
-    groups.append(("CNN float32", lambda r: "side" in r))
-    for (precision, keep), marker in zip(groups, ("o", "s", "^")):
+    groups.append(("CNN (every recipe)", lambda r: "side" in r))
+    for (precision, keep), marker in zip(groups, ("o", "s", "^", "D")):
         chosen = [r for r in rows if keep(r)]
         flops = [r["matmul_flops_per_step"] for r in chosen]
         axes[0].scatter(flops, [r["manual_over_autodiff"] for r in chosen], marker=marker,

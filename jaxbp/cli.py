@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import optax
 
+from jaxbp import compilation_cache
 from jaxbp.peaks import MATMUL_PRECISIONS
 
 
@@ -36,8 +37,9 @@ def _verify(args: argparse.Namespace) -> int:
     from jaxbp.suite import random_cases, run_case
 
     dtypes = tuple(args.dtypes.split(","))
-    print(f"jaxbp verify: hand-written backprop vs jax.grad, central FD and the Taylor test; "
-          f"seed {args.seed}, dtypes {', '.join(dtypes)}, jax {jax.__version__} on "
+    print(f"jaxbp verify: hand-written backprop vs jax.grad, central FD and the Taylor test "
+          f"(L at matmul precision highest); seed {args.seed}, dtypes {', '.join(dtypes)}, "
+          f"jax {jax.__version__} on "
           f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})")
     print(f"{'#':>3} {'dtype':<9} {'case':<68} {'rel err':>9} {'FD err':>9} "
           f"{'Taylor':>6}  status")
@@ -334,6 +336,7 @@ def _train(args: argparse.Namespace) -> int:
         parallel.initialize()
     start = time.perf_counter()
     plan = _plan_train(args)
+    compilation_cache.enable(args.compilation_cache)
     dataset, net, optimizer = plan["dataset"], plan["net"], plan["optimizer"]
     main_process = jax.process_index() == 0
     shape = (f"sizes {net.sizes}" if hasattr(net, "sizes")
@@ -489,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--diagnostics", default=None, metavar="FLOW.png",
                        help="record per-layer gradient flow every epoch and plot it here")
     train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    train.add_argument("--compilation-cache", default=compilation_cache.default_dir(),
+                       metavar="DIR",
+                       help="keep compiled programs in DIR so that a rerun skips XLA "
+                            "compilation ('off': no cache; default $JAXBP_COMPILATION_CACHE "
+                            "or ~/.cache/jaxbp/xla)")
     train.add_argument("--mesh", default=None, metavar="data=N,model=M",
                        help="train over a device mesh: the batch split over data, the "
                             "weights over model (default: one device)")

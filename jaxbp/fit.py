@@ -139,6 +139,31 @@ class _EpochFeed:
             yield current
 
 
+_LOOPS: dict[Any, Any] = {}
+"""Compiled train loops of earlier ``fit`` calls, by (net, optimizer, steps, grad, mesh)."""
+_MAX_LOOPS = 32
+
+
+def _train_loop(net: Any, optimizer: Any, steps: int, grad: Any, mesh: Any) -> Any:
+    """The k-step train loop, the same jitted function for the same (net, optimizer object,
+    k, gradient source, mesh): a second ``fit`` of the same setting compiles nothing (jit's
+    cache answers). An unhashable gradient source gets a fresh loop."""
+    key = (net, optimizer, steps, grad, mesh)
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    if key is None or key not in _LOOPS:
+        loop = (make_train_loop(net, optimizer, steps=steps, grad=grad) if mesh is None
+                else parallel.make_sharded_train_loop(net, optimizer, mesh, steps, grad))
+        if key is None:
+            return loop
+        if len(_LOOPS) >= _MAX_LOOPS:
+            _LOOPS.pop(next(iter(_LOOPS)))
+        _LOOPS[key] = loop
+    return _LOOPS[key]
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _device_order(key: PRNGKey, n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:
     """:func:`jaxbp.data.epoch_order` computed on the device: (full, tail) index arrays."""
@@ -436,8 +461,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
         for xs, ys, *masks in feed.chunks(jax.random.fold_in(key_data, epoch), chunk):
             k = len(xs)
             if k not in loops:
-                loops[k] = (make_train_loop(net, optimizer, steps=k, grad=grad) if mesh is None
-                            else parallel.make_sharded_train_loop(net, optimizer, mesh, k, grad))
+                loops[k] = _train_loop(net, optimizer, k, grad, mesh)
             state, metrics = loops[k](state, xs, ys, *masks)
             metrics = parallel.fetch(metrics)  # the one sync of this chunk
             _check_chunk(metrics, step_count)

@@ -26,6 +26,7 @@ from jaxbp.layers.chain import chain_forward
 from jaxbp.layers.dense import Dense
 from jaxbp.losses import LOSSES, Loss, get_loss, mean_loss
 from jaxbp.network import Network
+from jaxbp.network import forward as network_forward
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -66,6 +67,12 @@ class MLP:
         accumulated in the params' dtype (``preferred_element_type``); params
         (the master weights), activations, deltas and gradients stay in the
         params' dtype. See :func:`matmul`.
+      activation_dtype: None, or the dtype activations, pre-activations and
+        errors are stored in (``"bfloat16"`` with ``compute_dtype="bfloat16"``:
+        the bf16 recipe of flax's ``Dense(dtype=bfloat16)`` and jmp's bf16
+        policy; matmul outputs in bf16, weight gradients accumulated in the
+        params' dtype, the loss in the params' dtype). See
+        :mod:`jaxbp.layers.precision`.
 
     Raises:
       ValueError: a size < 1, fewer than two sizes, an unknown activation,
@@ -79,6 +86,7 @@ class MLP:
     loss: str = "softmax_cross_entropy"
     dtype: str = "float32"
     compute_dtype: str | None = None
+    activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", _checked_sizes(self.sizes))
@@ -93,6 +101,9 @@ class MLP:
         if self.compute_dtype is not None:
             object.__setattr__(self, "compute_dtype",
                                _checked_dtype(self.compute_dtype, "compute_dtype"))
+        if self.activation_dtype is not None:
+            object.__setattr__(self, "activation_dtype",
+                               _checked_dtype(self.activation_dtype, "activation_dtype"))
 
     @property
     def n_layers(self) -> int:
@@ -118,7 +129,7 @@ class MLP:
         one reversed loop over the Dense records.
         """
         names = (*self.hidden_activations, self.output_activation)
-        return Network(tuple(Dense(units, act, self.compute_dtype)
+        return Network(tuple(Dense(units, act, self.compute_dtype, self.activation_dtype)
                              for units, act in zip(self.sizes[1:], names)),
                        self.input_shape, self.loss, self.dtype)
 
@@ -266,7 +277,7 @@ def matmul(net: MLP, a: Array, b: Array, transpose_a: bool = False,
 
 def cost(net: MLP, params: Params, x: Array, y: Array) -> Array:
     """C = (1/N) sum_n l(a^L_n, y_n) for checked inputs (no input checks)."""
-    return mean_loss(net.loss_fn, forward(net, params, x).acts[-1], y)
+    return mean_loss(net.loss_fn, network_forward(net.network, params, x)[0], y)
 
 
 def _checked_sizes(sizes: Any) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp._typing import Array, ArrayLike, PRNGKey
+from jaxbp.layers import precision
 from jaxbp.layers.base import LayerError
 from jaxbp.layers.chain import (
     chain_backward,
@@ -45,6 +46,13 @@ class Network:
         ``(64,)`` for vectors.
       loss: a name of :data:`jaxbp.LOSSES`; the chain must end in ``(n_out,)``.
       dtype: the floating dtype :meth:`init` gives the parameters.
+      compute_dtype, activation_dtype: network-wide defaults of the numerical recipe
+        for every layer that has these fields and leaves them None (``Dense``,
+        ``Conv2D``; ``LayerNorm`` takes the activation dtype; inside ``Residual``
+        too): ``compute_dtype="bfloat16"`` alone rounds matmul operands to bf16;
+        with ``activation_dtype="bfloat16"`` activations and errors are stored in
+        bf16 as well (:mod:`jaxbp.layers.precision`). Params and the loss stay in
+        ``dtype``.
 
     Raises:
       TypeError: a layer that is not a registered record.
@@ -58,9 +66,14 @@ class Network:
     input_shape: tuple[int, ...]
     loss: str = "softmax_cross_entropy"
     dtype: str = "float32"
+    compute_dtype: str | None = None
+    activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", check_layers(self.layers, "layers"))
+        layers = check_layers(self.layers, "layers")
+        precision.check_recipe(self)
+        object.__setattr__(self, "layers", precision.with_recipe(
+            layers, compute_dtype=self.compute_dtype, activation_dtype=self.activation_dtype))
         shape = self.input_shape
         if (isinstance(shape, str) or not isinstance(shape, Sequence) or not shape
                 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
@@ -140,8 +153,16 @@ def as_network(net: Any) -> Network:
 
 
 def forward(net: Network, params: Any, x: Array) -> tuple[Array, tuple[Any, ...]]:
-    """The output a^L and every layer's cache, for checked inputs."""
-    return chain_forward(net.layers, params, x)
+    """The output a^L and every layer's cache, for checked inputs.
+
+    a^L comes back in the params' dtype when the layers stored it in a lower
+    activation dtype: the loss and its error are computed in the params' dtype.
+    """
+    out, caches = chain_forward(net.layers, params, x)
+    leaves = jax.tree.leaves(params)
+    if leaves and jnp.promote_types(out.dtype, leaves[0].dtype) != out.dtype:
+        out = out.astype(leaves[0].dtype)
+    return out, caches
 
 
 def value_grads_and_errors(net: Network, params: Any, x: Array, y: Array

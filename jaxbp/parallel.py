@@ -317,14 +317,27 @@ def process_rows(batch: np.ndarray, process_index: int | None = None,
     """This process's contiguous block of a global batch (every process loads the same order).
 
     Rows ``[i * B / n, (i + 1) * B / n)`` of the B rows for process i of n.
+
+    Raises:
+      ValueError: ``process_count`` < 1, ``process_index`` outside ``[0, process_count)``,
+        or a batch that does not split evenly (each named with its value).
+      TypeError: an index or count that is not an integer.
     """
     i = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
+    for name, value in (("process_index", i), ("process_count", n)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if n < 1:
+        raise ValueError(f"process_count must be >= 1, got {n}")
+    if not 0 <= i < n:
+        raise ValueError(f"process_index must be in [0, process_count) = [0, {n}), got {i}")
     if len(batch) % n:
         raise ValueError(f"a global batch of {len(batch)} rows does not split over "
-                         f"{n} processes")
+                         f"process_count = {n} processes ({len(batch)} % {n} = "
+                         f"{len(batch) % n})")
     size = len(batch) // n
-    return batch[i * size:(i + 1) * size]
+    return batch[int(i) * size:(int(i) + 1) * size]
 
 
 def fetch(tree: PyTree) -> PyTree:

@@ -122,7 +122,7 @@ def _event(noise_multiplier: float, sample_rate: float, steps: int) -> Any:
 
 def _fresh(accountant: str) -> Any:
     dp = _dp_accounting()
-    return dp.rdp.RdpAccountant() if accountant == "rdp" else dp.pld.PLDAccountant()
+    return dp.rdp.RdpAccountant() if accountant == "rdp" else _fresh_pld()
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
@@ -152,15 +152,61 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
 
     dp-accounting's ``calibrate_dp_mechanism`` (a bracketed search; the value
     returned meets the target, and sigma 1% smaller does not within its tolerance).
+    For ``"pld"`` the search is bracketed below the RDP solution (PLD never spends
+    more than RDP at the same sigma), so no trial sigma is so small that its privacy
+    loss distribution exhausts memory.
+
+    Raises:
+      ValueError: a bad argument, or the accountant failing (naming the setting).
     """
     target = _check_positive("target_epsilon", target_epsilon)
     delta, rate = _check_delta(delta), _check_rate(sample_rate)
     steps, accountant = _check_steps(steps), _check_accountant(accountant)
     dp = _dp_accounting()
-    with _quiet_orders():
-        return float(dp.calibrate_dp_mechanism(
-            lambda: _fresh(accountant), lambda sigma: _event(sigma, rate, steps), target, delta,
-            dp.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4))
+    setting = (f"target_epsilon={target}, delta={delta}, sample_rate={rate}, steps={steps}, "
+               f"accountant={accountant!r}")
+
+    def calibrate(make_accountant: Callable[[], Any], bracket: Any) -> float:
+        try:
+            with _quiet_orders():
+                return float(dp.calibrate_dp_mechanism(
+                    make_accountant, lambda sigma: _event(sigma, rate, steps), target, delta,
+                    bracket, tol=1e-4))
+        except (MemoryError, ArithmeticError, RuntimeError, ValueError) as err:
+            raise ValueError(f"noise calibration failed for {setting}: dp-accounting raised "
+                             f"{type(err).__name__}: {err}") from None
+
+    sigma_rdp = calibrate(lambda: _fresh("rdp"), dp.LowerEndpointAndGuess(1e-3, 1.0))
+    if accountant == "rdp":
+        return sigma_rdp
+    # PLD's epsilon never exceeds RDP's at the same sigma, so its sigma is at most RDP's:
+    # search below it, from a lower end that already overspends (never a hopeless, tiny
+    # trial sigma whose loss distribution would not fit in memory)
+    lower = sigma_rdp / 2
+    for _ in range(6):
+        if _pld_epsilon(lower, rate, steps, delta, setting) > target:
+            break
+        lower /= 2
+    return calibrate(_fresh_pld, dp.ExplicitBracketInterval(lower, sigma_rdp))
+
+
+PLD_DISCRETIZATION = 1e-4
+"""dp-accounting's value discretisation for the PLD accountant (its default)."""
+
+
+def _fresh_pld() -> Any:
+    return _dp_accounting().pld.PLDAccountant(
+        value_discretization_interval=PLD_DISCRETIZATION)
+
+
+def _pld_epsilon(sigma: float, rate: float, steps: int, delta: float, setting: str) -> float:
+    try:
+        acc = _fresh_pld()
+        acc.compose(_event(sigma, rate, steps))
+        return float(acc.get_epsilon(delta))
+    except (MemoryError, ArithmeticError, RuntimeError, ValueError) as err:
+        raise ValueError(f"noise calibration failed for {setting} at trial sigma {sigma:.4g}: "
+                         f"dp-accounting raised {type(err).__name__}: {err}") from None
 
 
 def max_batch_size(n: int, sample_rate: float,

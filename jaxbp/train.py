@@ -266,13 +266,30 @@ def make_train_loop(
     return jax.jit(loop, donate_argnums=(0,) if donate else ())
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_sums(net: MLP, params: Params, x: Array, y: Array, mask: Array) -> tuple[Array, Array]:
-    out = network.forward(network.as_network(net), params, x)[0]
-    losses = net.loss_fn.sample_loss(out, y).astype(jnp.float32)
-    hits = correct(net, out, y)
-    hits = jnp.zeros_like(losses) if hits is None else hits
-    return jnp.sum(losses * mask), jnp.sum(hits * mask)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _eval_sums(net: MLP, params: Params, x: Array, y: Array, size: int) -> tuple[Array, Array]:
+    """(sum of the per-sample losses, sum of hits) over all n rows, one compiled program:
+    the rows padded to whole batches of ``size``, the batches scanned on the device."""
+    n = x.shape[0]
+    batches = -(-n // size)
+    pad = batches * size - n
+
+    def padded(a: Array) -> Array:
+        a = jnp.pad(a, ((0, pad), *[(0, 0)] * (a.ndim - 1)))
+        return a.reshape(batches, size, *a.shape[1:])
+
+    mask = (jnp.arange(batches * size) < n).reshape(batches, size)
+
+    def body(sums: tuple[Array, Array], batch: tuple[Array, Array, Array]) -> Any:
+        x_b, y_b, mask_b = batch
+        out = network.forward(network.as_network(net), params, x_b)[0]
+        losses = net.loss_fn.sample_loss(out, y_b).astype(jnp.float32)
+        hits = correct(net, out, y_b)
+        hits = jnp.zeros_like(losses) if hits is None else hits
+        return (sums[0] + jnp.sum(losses * mask_b), sums[1] + jnp.sum(hits * mask_b)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    return jax.lax.scan(body, (zero, zero), (padded(x), padded(y), mask))[0]
 
 
 def evaluate(
@@ -280,9 +297,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss (and accuracy for the cross-entropies) over a whole data set.
 
-    Runs in batches of ``batch_size``; the last batch is padded and masked so
-    one compiled program serves every batch, and every sample counts once.
-    The sums stay on the device until the end: one host sync per call.
+    One compiled call: the rows are padded to whole batches of ``batch_size``
+    (masked: every sample counts once) and the batches scanned on the device; one
+    host sync per call. A second call with the same shapes compiles nothing.
 
     Args:
       net: the network description.
@@ -304,18 +321,7 @@ def evaluate_checked(net: MLP, params: Params, x: Array, y: Array,
                      batch_size: int) -> dict[str, float]:
     """:func:`evaluate` for inputs already checked (``fit`` checks its data set once)."""
     n = x.shape[0]
-    size = min(batch_size, n)
-    loss_sum = hit_sum = jnp.zeros((), jnp.float32)
-    for start in range(0, n, size):
-        x_b, y_b = x[start:start + size], y[start:start + size]
-        pad = size - x_b.shape[0]
-        mask = jnp.arange(size) < x_b.shape[0]
-        if pad:
-            x_b = jnp.concatenate([x_b, jnp.zeros((pad, *x_b.shape[1:]), x_b.dtype)])
-            y_b = jnp.concatenate([y_b, jnp.zeros((pad, *y_b.shape[1:]), y_b.dtype)])
-        loss_b, hits_b = _eval_sums(net, params, x_b, y_b, mask)
-        loss_sum, hit_sum = loss_sum + loss_b, hit_sum + hits_b  # on the device: no sync
-    loss_sum, hit_sum = jax.device_get((loss_sum, hit_sum))  # the one sync
+    loss_sum, hit_sum = jax.device_get(_eval_sums(net, params, x, y, min(batch_size, n)))
     result = {"loss": float(loss_sum) / n}
     if net.loss in CLASSIFICATION_LOSSES:
         result["accuracy"] = float(hit_sum) / n

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp._typing import PyTree
+from jaxbp.peaks import check_precision, current_precision, precision_scope
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 """rtol of manual vs jax.grad per leaf dtype (see :func:`verify_grads`)."""
@@ -148,6 +149,7 @@ class GradReport:
     title: str = "verify_grads"
     reference_name: str = "jax.grad"
     has_reference: bool = True
+    matmul_precision: str | None = None
 
     @property
     def reference_disputed(self) -> bool:
@@ -195,6 +197,8 @@ class GradReport:
                   if math.isfinite(d.taylor_order_manual)]
         fd = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses)) or "none"
         taylor = f"order {min(orders):.2f}..{max(orders):.2f}" if orders else "not measured"
+        if self.matmul_precision is not None:
+            taylor += f" (L at matmul precision {self.matmul_precision})"
         why = ""
         if self.verdict == "INCONCLUSIVE":
             why = (" (reference disagrees: the manual gradient matches finite differences "
@@ -253,6 +257,7 @@ def verify_grads(
     fd_rtol: float | None = None,
     n_fd: int = 3,
     seed: int = 0,
+    precision: str | None = "highest",
 ) -> GradReport:
     """Check a gradient function against ``jax.grad``, finite differences and a Taylor test.
 
@@ -280,6 +285,11 @@ def verify_grads(
       fd_rtol: relative tolerance vs FD; default :data:`DEFAULT_FD_RTOL`.
       n_fd: the number of random directions for FD and Taylor (0 for none).
       seed: seeds the NumPy generator that draws the directions.
+      precision: the matmul precision ``loss_fn`` is evaluated at for FD and Taylor
+        (:data:`jaxbp.peaks.MATMUL_PRECISIONS`; default ``"highest"``: on a GPU/TPU
+        JAX's default runs float32 matmuls as TF32 or one bf16 pass, whose rounding
+        swamps the differences of L); None keeps JAX's setting. The report names it.
+        The gradients themselves run as the caller set them up.
 
     Returns:
       A :class:`GradReport`; ``print`` it for the table, call
@@ -290,6 +300,7 @@ def verify_grads(
       ValueError: grad_fn's output does not match params' structure or
         shapes, or loss_fn does not return a scalar.
     """
+    check_precision(precision)
     params = _as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     _check_float_leaves(params)
@@ -317,15 +328,17 @@ def verify_grads(
                          f"makes the rounding noise of L exceed the signal of any usable "
                          f"step; only the comparison with jax.grad was made")
         else:
-            directions = _directional_checks(
-                loss_fn, params, args, _gradient_slope(manual_leaves),
-                _gradient_slope(reference_leaves), treedef, eps, fd_eps, fd_rtol, n_fd,
-                np.random.default_rng(seed))
+            with precision_scope(precision):
+                directions = _directional_checks(
+                    loss_fn, params, args, _gradient_slope(manual_leaves),
+                    _gradient_slope(reference_leaves), treedef, eps, fd_eps, fd_rtol, n_fd,
+                    np.random.default_rng(seed))
             if any("inconclusive" in (d.fd_status, d.taylor_status) for d in directions):
                 notes.append("inconclusive: along some direction the reference jax.grad "
                              "misses FD/Taylor as well; L is not smooth there (a kink "
                              "such as ReLU at 0 inside the step) or FD noise dominates")
-    return GradReport(rows, directions, _rtol_table(rows, rtol), tuple(notes))
+    return GradReport(rows, directions, _rtol_table(rows, rtol), tuple(notes),
+                      matmul_precision=current_precision(precision) if directions else None)
 
 
 def _as_arrays(params: PyTree) -> PyTree:

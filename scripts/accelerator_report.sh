@@ -1,56 +1,87 @@
 #!/usr/bin/env bash
-# The first run on a GPU or TPU, in one command, from the repository root:
+# One device run within one wall-clock budget, from the repository root:
 #
-#   pip install -e ".[test]" "jax[cuda12]"      # or "jax[tpu]"; then
-#   bash scripts/accelerator_report.sh [--full]
+#   bash scripts/accelerator_report.sh [--budget SECONDS] [--out DIR]
 #
-# Runs the fast tests (pytest -m "not slow"), the gradient suite in float32 and bfloat16,
-# and the quick step benchmark at JAX's default matmul precision and at "highest"
-# (--full: the whole suite, capped by its accelerator time limit), and writes one report,
-# benchmarks/results/accelerator_<device kind>.md, beside the bench's own tables. Each
-# part's exit status is recorded; the script exits non-zero if any part failed.
+# Needs JAX with a GPU/TPU backend and the test extras (pytest, pytest-xdist, optax,
+# orbax); installs nothing and runs jaxbp from this tree (PYTHONPATH), so it also runs on a
+# lent machine that has them. The budget (default 600 s: 10 minutes on an H200) is spent in
+# order, each part stopped by `timeout` at its share of what is left:
+#   1. the fast tests (pytest -m "not slow", xdist workers)            40% of the budget
+#   2. jaxbp verify in float32 and bfloat16 (6 cases each)             10%
+#   3. jaxbp bench --quick: MLPs and CNNs in float32, bf16-operands and bf16, each against
+#      jax.grad of the same recipe (the bench's own time limit)        40%
+#   4. benchmarks/fit_overhead.py (fit vs the bare loop)               the rest
+# and writes one report, DIR/accelerator_<device kind>.md (default DIR benchmarks/results),
+# beside the bench's tables. Each part's exit status is recorded (124: stopped by its
+# limit); the script exits non-zero if any part failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+budget=600
+out=benchmarks/results
+while [ $# -gt 0 ]; do
+    case $1 in
+        --budget) budget=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        *) echo "accelerator_report: unknown argument $1 (--budget SECONDS, --out DIR)" >&2
+           exit 2 ;;
+    esac
+done
+case $budget in ''|*[!0-9]*) echo "accelerator_report: --budget must be whole seconds, got $budget" >&2
+                             exit 2 ;; esac
 
 kind=$(python -c "import jax; d = jax.devices()[0]; print(d.platform + '_' + d.device_kind)" \
        | tr 'A-Z' 'a-z' | tr -c 'a-z0-9_\n' '_' | sed 's/__*/_/g; s/_$//')
 platform=${kind%%_*}
-if [ "$platform" = "cpu" ]; then
-    echo "accelerator_report: JAX sees no GPU or TPU (device: $kind); install jax[cuda12] or jax[tpu]" >&2
+if [ "$platform" = "cpu" ] && [ -z "${ACCELERATOR_REPORT_ALLOW_CPU:-}" ]; then
+    echo "accelerator_report: JAX sees no GPU or TPU (device: $kind)" >&2
     exit 2
 fi
-out=benchmarks/results
-report=$out/accelerator_${kind}.md
-preset=--quick
-[ "${1:-}" = "--full" ] && preset=
 mkdir -p "$out"
+report=$out/accelerator_${kind}.md
+start=$(date +%s)
 failed=0
 
-section() {  # section TITLE COMMAND...: run it, keep its output and status in the report
-    local title=$1; shift
-    {
-        echo; echo "## $title"; echo; echo '```'; echo "\$ $*"
-    } >> "$report"
-    "$@" 2>&1 | tee -a "$report"
+share() {  # share PERCENT: seconds for the next part, of what is left of the budget
+    local left=$(( budget - ($(date +%s) - start) ))
+    local s=$(( left * $1 / 100 ))
+    [ "$s" -lt 10 ] && s=10
+    echo "$s"
+}
+
+section() {  # section TITLE SECONDS COMMAND...: run it under `timeout`, keep its output
+    local title=$1 limit=$2; shift 2
+    { echo; echo "## $title (limit ${limit} s)"; echo; echo '```'; echo "\$ $*"; } >> "$report"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$report"
     local status=${PIPESTATUS[0]}
-    { echo "(exit status $status)"; echo '```'; } >> "$report"
+    { echo "(exit status $status$([ "$status" -eq 124 ] && echo ': stopped by its time limit'))"
+      echo '```'; } >> "$report"
     [ "$status" -eq 0 ] || failed=1
 }
 
 {
     echo "# jaxbp on $kind"
     echo
-    echo "Written by scripts/accelerator_report.sh on $(date -u '+%Y-%m-%d %H:%M UTC')."
+    echo "Written by scripts/accelerator_report.sh (budget ${budget} s) on" \
+         "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')."
     echo "XLA_FLAGS='${XLA_FLAGS:-}', JAX_DEFAULT_MATMUL_PRECISION='${JAX_DEFAULT_MATMUL_PRECISION:-}'."
 } > "$report"
-command -v nvidia-smi > /dev/null && section "nvidia-smi" nvidia-smi -L
-section "tests (not slow)" pytest -m "not slow" -q -p no:cacheprovider
-section "gradient suite, float32 and bfloat16" jaxbp verify --dtypes float32,bfloat16
-section "step benchmark, default matmul precision" \
-    jaxbp bench $preset --out "$out" --name "step_${kind}_default"
-section "step benchmark, highest matmul precision" \
-    jaxbp bench $preset --precision highest --out "$out" --name "step_${kind}_highest"
-section "fit overhead" python benchmarks/fit_overhead.py --rounds 3 --out "$out"
+command -v nvidia-smi > /dev/null && section "nvidia-smi" 30 nvidia-smi -L
+
+limit=$(share 40)
+section "tests (not slow)" "$limit" python -m pytest -m "not slow" -q -p no:cacheprovider -n 8 -x
+limit=$(share 17)  # 10% of the budget after the tests' 40%
+section "gradient suite, float32 and bfloat16" "$limit" \
+    python -m jaxbp.cli verify --dtypes float32,bfloat16 --cases 6 --n-fd 1
+limit=$(share 80)  # 40% of the budget
+section "step benchmark (--quick: three recipes, CNNs), default matmul precision" "$limit" \
+    python -m jaxbp.cli bench --quick --time-limit $(( limit - 20 )) --budget 0.5 \
+        --out "$out" --name "step_quick_${kind}"
+limit=$(share 100)
+section "fit overhead" "$limit" python benchmarks/fit_overhead.py --rounds 3 --out "$out"
 echo
-echo "wrote $report (and the bench tables step_${kind}_*.md/json/png in $out)"
+echo "wrote $report (and step_quick_${kind}.md/json/png, fit_overhead in $out) in" \
+     "$(( $(date +%s) - start )) s of ${budget} s"
 exit $failed

@@ -5,6 +5,9 @@ import sys
 # precision runs float32 as TF32 or one bf16 pass. Set before JAX starts, so the
 # workers the tests launch inherit it.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# `jaxbp train` keeps compiled programs on disk by default; the cache is process-wide JAX
+# state, so the in-process CLI tests run without it (test_cli tests the option itself).
+os.environ.setdefault("JAXBP_COMPILATION_CACHE", "off")
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -98,3 +98,38 @@ def forbid_autodiff(monkeypatch):
     for name in AUTODIFF:
         monkeypatch.setattr(jax, name, forbidden)
     jax.clear_caches()  # nothing compiled before the patch may answer for the manual path
+
+
+def jaxpr_equations(fn, *args, primitive):
+    """Every equation of ``primitive`` (a name, e.g. ``"dot_general"``) in the jaxpr of
+    ``fn(*args)``, sub-jaxprs (jit, scan, cond, custom rules) included."""
+    import jax.extend as jex  # noqa: F401  (the core types below live in jax.core)
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == primitive:
+                found.append(eqn)
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def assert_normwise_close(actual, desired, rtol, atol=0.0, err_msg=""):
+    """``max|actual - desired| <= atol + rtol * max|desired|``: the error against the
+    array's scale. For results that are sums of products (gradients, factors, Grams): an
+    entry that is small because its terms cancel keeps the rounding of the terms, and a
+    GPU's summation order moves it by more than an elementwise rtol of 1e-12 allows
+    (measured on an H200: 1.6e-12 on an entry 1e-4 of the largest)."""
+    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    assert actual.shape == desired.shape, (actual.shape, desired.shape, err_msg)
+    err = np.max(np.abs(actual - desired), initial=0.0)
+    scale = np.max(np.abs(desired), initial=0.0)
+    assert err <= atol + rtol * scale, (f"normwise error {err:.3e} > {atol:.1e} + {rtol:.1e} "
+                                        f"x {scale:.3e} {err_msg}")

@@ -112,6 +112,31 @@ def test_three_matmul_shapes_and_their_rates():
         assert bench.gemm_rate(shape, budget_s=0.02, min_sample_s=1e-3) > 0
 
 
+def test_gemm_roof_is_not_lowered_by_a_slow_loop(monkeypatch):
+    """A fake loop overhead of 1 ms per iteration (a host callback that sleeps) on a
+    tiny matmul: the single-product chain measures about one product per overhead; the
+    best loop spreads the overhead over 32 products. Asserted: the roof is at least 8x
+    the chain's own rate under the same overhead (a factor 4 of margin for noise)."""
+    shape = bench.step_matmul_shapes(batch=8, fan_in=8, fan_out=8)[0]
+    monkeypatch.setattr(bench, "_ITERATION_HOOK", lambda _: time.sleep(1e-3))
+    roof = bench.gemm_rate(shape, budget_s=0.2, min_sample_s=1e-3)
+    monkeypatch.setattr(bench, "GEMM_LOOPS", bench.GEMM_LOOPS[:1])
+    chain = bench.gemm_rate(shape, budget_s=0.2, min_sample_s=1e-3)
+    assert roof >= 8 * chain, (roof, chain)
+
+
+def test_every_recipe_runs_its_own_net_and_gemm_outputs():
+    from jaxbp.bench_suite import RECIPES, BenchCase, ConvCase
+
+    for recipe, fields in RECIPES.items():
+        for case in (BenchCase(16, 2, 8, precision=recipe),
+                     ConvCase(6, 2, 4, 2, 4, precision=recipe)):
+            layers = jaxbp.network.as_network(case.net()).layers
+            assert all(getattr(l, k, None) == v for l in layers if hasattr(l, "units")
+                       for k, v in fields.items()), (recipe, layers)
+    assert set(RECIPES) == {"float32", "bf16-operands", "bf16"}
+
+
 def test_hand_flop_count_matches_xla_for_the_matmuls():
     from jaxbp.bench_suite import BenchCase, benchmark_case
 
@@ -171,7 +196,8 @@ def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "worst manual/autodiff" in out
     text = (tmp_path / "t.md").read_text()
-    assert "W64 D2 B32 CE float32" in text and "bf16-mixed" in text and "Left out" in text
+    assert "W64 D2 B32 CE float32" in text and "Left out" in text
+    assert "B32 CE bf16-operands" in text and "B32 CE bf16 (" in text  # both bf16 recipes
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "t.json").exists()
 
@@ -197,7 +223,9 @@ def test_accelerator_presets_are_device_aware(monkeypatch, capsys):
 
     assert bench_suite.quick_cases("cpu") is bench_suite.QUICK
     heavy = bench_suite.quick_cases("gpu")
-    assert len(heavy) == 26 and min(c.gflop for c in heavy) > 1  # not launch-bound
+    assert len(heavy) == 34 and min(c.gflop for c in heavy) > 1  # not launch-bound
+    recipes = {c.precision for c in heavy if hasattr(c, "side")}
+    assert recipes == {"float32", "bf16-operands", "bf16"}  # CNNs in every recipe
     seen = {}
     monkeypatch.setattr(bench_suite, "run_suite",
                         lambda cases, out, name, **kw: seen.update(kw, cases=cases, name=name))

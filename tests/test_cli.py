@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -109,6 +110,8 @@ NOT_RUN_HERE = {
     "jaxbp bench": "the full suite takes minutes; the --quick preset is run by test_bench",
     "jaxbp bench --quick": "about 2 minutes on 2 cores; its cases are run by test_bench",
     "jaxbp bench --quick --precision highest": "as --quick; test_bench runs precisions",
+    "jaxbp train --allow-run-change": "a flag the README names in prose (a resume); "
+    "tests/test_hardening.py runs it",
     "jaxbp verify": "run over every dtype, two cases each, by "
     "test_verify_runs_in_every_dtype_it_offers",
     "jaxbp train --devices 2 --checkpoint-dir /shared/run": "two processes on two hosts; "
@@ -155,3 +158,21 @@ def test_every_cheap_readme_command_runs(command, tmp_path, restore_x64, capsys,
     out = capsys.readouterr().out
     assert code == 0, out
     assert "final test" in out
+
+
+@pytest.mark.slow
+def test_train_keeps_compiled_programs_for_a_rerun(tmp_path):
+    """--compilation-cache DIR: the first run writes JAX's persistent cache entries, the
+    rerun reads them (JAX logs the hits) and writes no new ones."""
+    cache = tmp_path / "xla"
+    argv = [sys.executable, "-m", "jaxbp.cli", "train", "--epochs", "1", "--sizes",
+            "64,16,10", "--quiet", "--compilation-cache", str(cache)]
+    env = {**os.environ, "JAX_LOG_COMPILES": "1"}
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "cache hit" in second.stderr.lower()
+    assert sorted(p.name for p in cache.iterdir()) == entries

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import forbid_autodiff, to_f64
+from helpers import assert_normwise_close, forbid_autodiff, to_f64
 
 import jaxbp
 
@@ -129,7 +129,7 @@ class TestKFAC:
                 for layer, f in zip(per_sample, factors):
                     g = np.concatenate([np.asarray(layer["w"][0]), np.asarray(layer["b"])],
                                        axis=0).ravel()  # [W; b] row by row
-                    np.testing.assert_allclose(np.kron(f["A"], f["G"]), np.outer(g, g),
+                    assert_normwise_close(np.kron(f["A"], f["G"]), np.outer(g, g),
                                                rtol=1e-12, atol=1e-14)
 
     def test_factors_are_batch_means(self):
@@ -185,10 +185,10 @@ def test_kfac_gradient_kinds_hand_the_optimizer_those_factors():
             _, grads, _, extra = jaxbp.kfac_gradient(kind, key=key)(net, params, x, y, 5)
             want = jaxbp.kfac_factors(net, params, x, y, kind=kind, **kwargs)
             for got, w in zip(extra["factors"], want):
-                np.testing.assert_allclose(got["G"], w["G"], rtol=1e-12, atol=1e-15)
+                assert_normwise_close(got["G"], w["G"], rtol=1e-12, atol=1e-15)
             for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(jaxbp.backprop(net, params,
                                                                                   x, y))):
-                np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15)
+                assert_normwise_close(g, r, rtol=1e-12, atol=1e-15)
         with pytest.raises(ValueError, match="pass a PRNG key"):
             jaxbp.kfac_gradient("sampled")
 
@@ -201,7 +201,7 @@ class TestKFACPreconditioner:
             np.testing.assert_allclose(loss, net.cost(params, x, y), rtol=1e-13)
             for g, r in zip(jax.tree.leaves(grads),
                             jax.tree.leaves(jaxbp.backprop(net, params, x, y))):
-                np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-15)
+                assert_normwise_close(g, r, rtol=1e-12, atol=1e-15)
             damping = 0.3
             pre, _ = jaxbp.kfac_preconditioner(damping).update(grads, None, **extra)
             for layer, p, f in zip(grads, pre, extra["factors"]):

@@ -90,3 +90,36 @@ def test_bad_arguments(digits):
         fit(NET, optax.sgd(0.1), digits, epochs=0, batch_size=8, key=jax.random.key(0))
     with pytest.raises(ValueError, match="larger than the 1438 training samples"):
         fit(NET, optax.sgd(0.1), digits, epochs=1, batch_size=5000, key=jax.random.key(0))
+
+
+def _compilations(caplog, run):
+    """The XLA compilations ``run()`` starts, from ``jax.log_compiles``'s log lines."""
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jax"), jax.log_compiles(True):
+        run()
+    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_a_second_fit_of_the_same_setting_compiles_nothing(digits, caplog):
+    net, optimizer = jaxbp.MLP((64, 24, 10), "tanh"), optax.adam(1e-3)
+
+    def run(seed):
+        return lambda: fit(net, optimizer, digits, epochs=1, batch_size=100,
+                           key=jax.random.key(seed), progress=False)
+
+    first = _compilations(caplog, run(0))
+    assert first, "log_compiles reported nothing: the count below would prove nothing"
+    assert _compilations(caplog, run(1)) == []
+
+
+def test_evaluate_is_one_compiled_program_for_any_batch_count(digits, caplog):
+    """The whole (padded) test set in one call; another batch size with the same shapes
+    compiles once, then nothing; the result equals the mean over the samples."""
+    params = NET.init(jax.random.key(0))
+    x, y = digits.x_test, digits.y_test
+    result = jaxbp.evaluate(NET, params, x, y, batch_size=100)  # 359 rows: 4 batches, padded
+    full = jaxbp.evaluate(NET, params, x, y, batch_size=1000)
+    np.testing.assert_allclose(result["loss"], float(NET.cost(params, x, y)), rtol=1e-5)
+    np.testing.assert_allclose(result["accuracy"], full["accuracy"], rtol=1e-6)
+    assert _compilations(caplog, lambda: jaxbp.evaluate(NET, params, x, y, batch_size=100)) \
+        == []

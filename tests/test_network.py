@@ -9,6 +9,7 @@ import optax
 import pytest
 from helpers import (
     assert_no_less_accurate,
+    assert_normwise_close,
     assert_trees_close,
     forbid_autodiff,
     leaf_rel_errors,
@@ -184,7 +185,7 @@ class TestPerExample:
             flat = np.concatenate([np.asarray(leaf).reshape(x.shape[0], -1)
                                    for leaf in jax.tree.leaves(reference)], axis=1)
             norms = np.linalg.norm(flat, axis=1)
-            np.testing.assert_allclose(jaxbp.per_example_grad_norms(net, params, x, y), norms,
+            assert_normwise_close(jaxbp.per_example_grad_norms(net, params, x, y), norms,
                                        rtol=1e-12)
             clip = float(np.median(norms))  # half the samples are clipped
             scale = np.minimum(1, clip / norms)
@@ -239,11 +240,11 @@ def test_conv_norms_by_either_route_match_the_formed_gradients(kernel, filters, 
         assert conv.uses_ghost_norm(x.shape[1:]) is ghost
         grads = conv.per_sample_grads(params, cache, delta)
         want = sum(np.sum(np.asarray(g).reshape(5, -1) ** 2, axis=1) for g in grads.values())
-        np.testing.assert_allclose(conv.per_sample_sq_norms(params, cache, delta), want,
+        assert_normwise_close(conv.per_sample_sq_norms(params, cache, delta), want,
                                    rtol=1e-12)
         _, weighted_sum = conv.per_sample_sq_norms_and_sum(params, cache, delta)
         weights = jnp.arange(1.0, 6.0)
         for name, g in grads.items():
-            np.testing.assert_allclose(weighted_sum(weights)[name],
+            assert_normwise_close(weighted_sum(weights)[name],
                                        np.tensordot(np.asarray(weights), g, axes=1),
                                        rtol=1e-12)

@@ -141,8 +141,22 @@ def test_make_mesh_and_process_rows_on_one_device():
         parallel.make_mesh(model=0)
     batch = np.arange(8)
     assert list(parallel.process_rows(batch, 1, 2)) == [4, 5, 6, 7]
-    with pytest.raises(ValueError, match="does not split over 3 processes"):
+    with pytest.raises(ValueError, match=r"does not split over process_count = 3 processes "
+                                         r"\(8 % 3 = 2\)"):
         parallel.process_rows(batch, 0, 3)
+
+
+@pytest.mark.parametrize("index, count, error, words", [
+    (2, 2, ValueError, r"process_index must be in \[0, process_count\) = \[0, 2\), got 2"),
+    (-1, 2, ValueError, r"process_index must be in \[0, process_count\) = \[0, 2\), got -1"),
+    (0, 0, ValueError, "process_count must be >= 1, got 0"),
+    (0.5, 2, TypeError, "process_index must be an int, got float: 0.5"),
+    (0, "2", TypeError, "process_count must be an int, got str"),
+])
+def test_process_rows_refuses_impossible_processes(index, count, error, words):
+    with pytest.raises(error, match=words):
+        parallel.process_rows(np.arange(8), index, count)
+    assert list(parallel.process_rows(np.arange(8), np.int64(1), np.int64(2))) == [4, 5, 6, 7]
 
 
 def test_sharded_step_on_a_one_device_mesh_equals_the_plain_step():

@@ -207,3 +207,24 @@ class TestOnMLPs:
         assert not report.ok
         assert not report.leaves[0].ok or not report.leaves[1].ok  # layer 0's w or b
         assert any(d.fd_status == "FAIL" for d in report.directions)
+
+
+def test_fd_and_taylor_evaluate_the_loss_at_highest_precision_and_say_so():
+    """On a GPU JAX's default runs float32 matmuls as TF32: FD/Taylor of such a loss are
+    noise. The loss is evaluated at "highest" unless the caller says otherwise."""
+    seen = []
+
+    def loss(p, x):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return jnp.sum(jnp.tanh(x @ p["w"]) ** 2)
+
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 2)), jnp.float32)}
+    x = jnp.ones((4, 3))
+    report = jaxbp.verify_grads(jax.grad(loss), loss, params, x, n_fd=1)
+    assert report.matmul_precision == "highest" and "matmul precision highest" in str(report)
+    assert seen and set(seen[-5:]) == {"highest"}
+    seen.clear()
+    report = jaxbp.verify_grads(jax.grad(loss), loss, params, x, n_fd=1, precision="high")
+    assert report.matmul_precision == "high" and set(seen[-5:]) == {"high"}
+    with pytest.raises(ValueError, match="Unknown precision 'fp33'"):
+        jaxbp.verify_grads(jax.grad(loss), loss, params, x, precision="fp33")

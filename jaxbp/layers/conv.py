@@ -13,8 +13,9 @@ With stride s and the input padded by ``(lo, hi)`` per spatial axis,
     \\delta_{in, n,y,x,c} = \\sum_{i,j,p,q,o:\\ s i + p - lo = y} \\delta_{n,i,j,o} W_{p,q,c,o}
     \\qquad \\text{(the s-dilated error correlated with the flipped kernel)}
 
-each one ``lax.conv_general_dilated``, with the paddings worked out so the
-result has exactly the kernel's (the input's) spatial size.
+each one ``lax.conv_general_dilated`` in the form JAX's transpose rules emit for the
+forward conv (dimension numbers, paddings, dilations; cuDNN picks its algorithm from
+this form): the weight gradient comes out as HWIO directly, the input error as NHWC.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 
 from jaxbp._typing import Array
 from jaxbp.activations import get_activation
+from jaxbp.layers import precision
 from jaxbp.layers.base import Shape, register, variance_init
 
 PADDINGS = ("SAME", "VALID")
@@ -52,6 +54,8 @@ class Conv2D:
       stride: an int or a pair (default 1).
       padding: ``"SAME"`` (output ``ceil(size / stride)``) or ``"VALID"``.
       activation: a name of :data:`jaxbp.ACTIVATIONS` (default identity).
+      compute_dtype, activation_dtype: the numerical recipe, as for
+        :class:`~jaxbp.layers.Dense` (:mod:`jaxbp.layers.precision`).
 
     Params: ``{"w": (kh, kw, c_in, filters), "b": (filters,)}`` (HWIO, as lax and flax).
     """
@@ -61,6 +65,8 @@ class Conv2D:
     stride: int | tuple[int, int] = 1
     padding: str = "SAME"
     activation: str = "identity"
+    compute_dtype: str | None = None
+    activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.filters, bool) or not isinstance(self.filters, int) \
@@ -72,6 +78,7 @@ class Conv2D:
             raise ValueError(f"Unknown Conv2D padding {self.padding!r}. It needs to be one of "
                              f"{list(PADDINGS)}.")
         get_activation(self.activation)
+        precision.check_recipe(self)
 
     def _pads(self, hw: tuple[int, int]) -> list[tuple[int, int]]:
         return jax.lax.padtype_to_pads(hw, self.kernel, self.stride, self.padding)
@@ -97,48 +104,60 @@ class Conv2D:
                           kh * kw * self.filters, he, dtype)
         return {"w": w, "b": jnp.zeros((self.filters,), dtype)}
 
+    def _conv(self, lhs: Array, rhs: Array, out: Any, **conv: Any) -> Array:
+        """One ``conv_general_dilated`` with the layer's operands, its output in ``out``."""
+        lhs, rhs = precision.low_operands(self, lhs, rhs)
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, preferred_element_type=precision.preferred(out, lhs, rhs), **conv)
+
     def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, ...]]:
-        z = jax.lax.conv_general_dilated(
-            x, params["w"], self.stride, self._pads(x.shape[1:3]),
-            dimension_numbers=("NHWC", "HWIO", "NHWC")) + params["b"]
+        x = precision.to_activation(x, self.activation_dtype)
+        out = precision.output_dtype(self, jnp.result_type(x, params["w"]))
+        z = self._conv(x, params["w"], out, window_strides=self.stride,
+                       padding=self._pads(x.shape[1:3]),
+                       dimension_numbers=("NHWC", "HWIO", "NHWC")) \
+            + precision.to_activation(params["b"], self.activation_dtype)
         a = get_activation(self.activation).g(z)
         return a, (x, z, a)
 
     def pre_activation_error(self, cache: tuple[Array, ...], delta_a: Array) -> Array:
         """The error at z from the error at the output a: ``delta = delta_a * g'(z)``."""
         _, z, a = cache
+        delta_a = precision.to_activation(delta_a, self.activation_dtype)
         return delta_a * get_activation(self.activation).dg(z, a)     # delta = delta_a g'(z)
 
-    def _weight_grad(self, x: Array, delta: Array) -> Array:
-        """dC/dW = correlation of x with the stride-dilated delta; the batch is contracted."""
-        pads = [(lo, k + (out - 1) * s - size - lo) for size, k, s, out, (lo, _) in zip(
+    def _weight_grad(self, x: Array, delta: Array, out: Any) -> Array:
+        """dC/dW = correlation of x with the stride-dilated delta, the batch contracted:
+        x read as (C, H, W, N) (channels the "batch", samples the contracted features),
+        delta as the kernel (I = samples, O = filters), the result HWIO directly."""
+        pads = [(lo, k + (n_out - 1) * s - size - lo) for size, k, s, n_out, (lo, _) in zip(
             x.shape[1:3], self.kernel, self.stride, delta.shape[1:3], self._pads(x.shape[1:3]))]
-        # x as (C, H, W, N): channels become the "batch", samples the contracted features
-        grad = jax.lax.conv_general_dilated(
-            x, delta, (1, 1), pads, rhs_dilation=self.stride,
-            dimension_numbers=("CHWN", "IHWO", "NHWC"))
-        return jnp.transpose(grad, (1, 2, 0, 3))                      # (c, kh, kw, o) -> HWIO
+        return self._conv(x, delta, out, window_strides=(1, 1), padding=pads,
+                          rhs_dilation=self.stride,
+                          dimension_numbers=("CHWN", "IHWO", "HWNC"))
 
-    def _input_error(self, w: Array, delta: Array, in_hw: tuple[int, int]) -> Array:
+    def _input_error(self, w: Array, delta: Array, in_hw: tuple[int, int], out: Any) -> Array:
         """delta_in = the stride-dilated delta correlated with the flipped kernel (O <-> I)."""
-        pads = [(k - 1 - lo, size - 1 - (out - 1) * s + lo) for size, k, s, out, (lo, _) in zip(
-            in_hw, self.kernel, self.stride, delta.shape[1:3], self._pads(in_hw))]
-        return jax.lax.conv_general_dilated(
-            delta, w[::-1, ::-1], (1, 1), pads, lhs_dilation=self.stride,
-            dimension_numbers=("NHWC", "HWOI", "NHWC"))
+        pads = [(k - 1 - lo, size - 1 - (n_out - 1) * s + lo) for size, k, s, n_out, (lo, _)
+                in zip(in_hw, self.kernel, self.stride, delta.shape[1:3], self._pads(in_hw))]
+        return self._conv(delta, jax.lax.rev(w, (0, 1)), out, window_strides=(1, 1),
+                          padding=pads, lhs_dilation=self.stride,
+                          dimension_numbers=("NHWC", "HWOI", "NHWC"))
 
     def backward(self, params: dict[str, Array], cache: tuple[Array, ...], delta_a: Array,
                  need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
-        x = cache[0]
+        x, w = cache[0], params["w"]
         delta = self.pre_activation_error(cache, delta_a)
-        grads = {"w": self._weight_grad(x, delta), "b": jnp.sum(delta, axis=(0, 1, 2))}
-        delta_in = self._input_error(params["w"], delta, x.shape[1:3]) if need_input else None
-        return delta_in, grads
+        grads = {"w": self._weight_grad(x, delta, w.dtype),
+                 "b": jnp.sum(delta, axis=(0, 1, 2), dtype=w.dtype)}
+        if not need_input:
+            return None, grads
+        out = precision.output_dtype(self, jnp.result_type(delta, w))
+        return self._input_error(w, delta, x.shape[1:3], out), grads
 
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_a: Array) -> dict[str, Array]:
-        x = cache[0]
-        delta = self.pre_activation_error(cache, delta_a)
+        x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         grads = jnp.moveaxis(self._formed_grads(x, delta), 0, 1)       # (B, kh kw, c, o)
         return {"w": grads.reshape(x.shape[0], *params["w"].shape),
                 "b": jnp.sum(delta, axis=(1, 2))}
@@ -235,8 +254,7 @@ class Conv2D:
         2022). Ghost route: the layer's weight-gradient convolution of the weighted
         pre-activation errors, ``sum_i w_i g_i = P^T (w E)`` (the rule is linear in E).
         """
-        x = cache[0]
-        delta = self.pre_activation_error(cache, delta_a)
+        x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         bias = jnp.sum(delta, axis=(1, 2))                             # (B, d_out)
         bias_sq = jnp.sum(jnp.square(bias), axis=1)
 
@@ -247,7 +265,8 @@ class Conv2D:
             weight_sq = self._ghost_sq_norms(x, delta)
 
             def weighted_errors_sum(weights: Array) -> dict[str, Array]:
-                return {"w": self._weight_grad(x, delta * weights[:, None, None, None]),
+                return {"w": self._weight_grad(x, delta * weights[:, None, None, None],
+                                               params["w"].dtype),
                         "b": bias_sum(weights)}
 
             return weight_sq + bias_sq, weighted_errors_sum

@@ -17,27 +17,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from jaxbp._typing import Array
 from jaxbp.activations import get_activation
+from jaxbp.layers import precision
 from jaxbp.layers.base import Shape, register, variance_init
-
-
-def _dot(a: Array, b: Array, low: str | None, transpose_a: bool = False,
-         transpose_b: bool = False) -> Array:
-    """``a @ b`` (``a.T``/``b.T`` as contraction dimensions), one dot_general.
-
-    With a compute dtype ``low`` both operands are rounded to it and the products
-    accumulate in ``a``'s dtype (``preferred_element_type``), as
-    :func:`jaxbp.mlp.matmul` describes.
-    """
-    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
-    if low is None:
-        return jax.lax.dot_general(a, b, dims)
-    return jax.lax.dot_general(a.astype(low), b.astype(low), dims,
-                               preferred_element_type=a.dtype)
 
 
 @register
@@ -48,28 +33,25 @@ class Dense:
     Args:
       units: the output width (>= 1).
       activation: a name of :data:`jaxbp.ACTIVATIONS` (default identity).
-      compute_dtype: None, or a lower precision for this layer's three matmuls
-        (mixed precision: operands rounded to it, products accumulated in the
-        params' dtype; what :class:`jaxbp.MLP` ``compute_dtype`` builds).
+      compute_dtype: None, or a lower precision for the operands of its three matmuls
+        (bf16 operands: products accumulated in the params' dtype; what
+        :class:`jaxbp.MLP` ``compute_dtype`` builds).
+      activation_dtype: None, or the dtype the layer's input, z, a and errors are
+        stored in (``"bfloat16"``: flax's ``Dense(dtype=bfloat16)``); matmul
+        outputs in it, the weight gradient accumulated in the params' dtype
+        (:mod:`jaxbp.layers.precision`).
     """
 
     units: int
     activation: str = "identity"
     compute_dtype: str | None = None
+    activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.units, bool) or not isinstance(self.units, int) or self.units < 1:
             raise ValueError(f"Dense units must be an int >= 1, got {self.units!r}")
         get_activation(self.activation)
-        if self.compute_dtype is not None:
-            try:
-                name = jnp.dtype(self.compute_dtype).name
-            except TypeError:
-                name = None
-            if name not in ("float16", "bfloat16", "float32", "float64"):
-                raise ValueError(f"Dense compute_dtype must be None or a floating dtype "
-                                 f"name, got {self.compute_dtype!r}")
-            object.__setattr__(self, "compute_dtype", name)
+        precision.check_recipe(self)
 
     def output_shape(self, in_shape: Shape) -> Shape:
         if len(in_shape) != 1:
@@ -84,34 +66,38 @@ class Dense:
                 "b": jnp.zeros((self.units,), dtype)}
 
     def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, ...]]:
-        z = _dot(x, params["w"], self.compute_dtype) + params["b"]   # z = a_in W + b
+        x = precision.to_activation(x, self.activation_dtype)
+        out = precision.output_dtype(self, jnp.result_type(x, params["w"]))
+        z = precision.dot(self, x, params["w"], out) \
+            + precision.to_activation(params["b"], self.activation_dtype)  # z = a_in W + b
         a = get_activation(self.activation).g(z)                     # a = g(z)
         return a, (x, z, a)
 
     def pre_activation_error(self, cache: tuple[Array, ...], delta_a: Array) -> Array:
         """The error at z from the error at the output a: ``delta = delta_a * g'(z)``."""
         _, z, a = cache
+        delta_a = precision.to_activation(delta_a, self.activation_dtype)
         return delta_a * get_activation(self.activation).dg(z, a)   # delta = delta_a g'(z)
 
     def backward(self, params: dict[str, Array], cache: tuple[Array, ...], delta_a: Array,
                  need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
-        x = cache[0]
+        x, w = cache[0], params["w"]
         delta = self.pre_activation_error(cache, delta_a)
-        low = self.compute_dtype
-        grads = {"w": _dot(x, delta, low, transpose_a=True),         # dC/dW = a_in^T delta
-                 "b": jnp.sum(delta, axis=0)}                        # dC/db = sum_n delta_n
-        delta_in = _dot(delta, params["w"], low, transpose_b=True) if need_input else None
-        return delta_in, grads                                       # delta_in = delta W^T
+        leading = tuple(range(delta.ndim - 1))
+        grads = {"w": precision.dot(self, x, delta, w.dtype, transpose_a=True),  # a_in^T delta
+                 "b": jnp.sum(delta, axis=leading, dtype=w.dtype)}   # dC/db = sum_n delta_n
+        if not need_input:
+            return None, grads
+        out = precision.output_dtype(self, jnp.result_type(delta, w))
+        return precision.dot(self, delta, w, out, transpose_b=True), grads  # delta W^T
 
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_a: Array) -> dict[str, Array]:
-        x = cache[0]
-        delta = self.pre_activation_error(cache, delta_a)
+        x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         return {"w": x[:, :, None] * delta[:, None, :], "b": delta}  # g_i = a_i (x) delta_i
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
-        x = cache[0]
-        delta = self.pre_activation_error(cache, delta_a)
+        x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         # ||a_i delta_i^T||^2 + ||delta_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)
         return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1)

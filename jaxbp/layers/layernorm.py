@@ -21,6 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxbp._typing import Array
+from jaxbp.layers import precision
 from jaxbp.layers.base import Shape, register
 
 
@@ -31,11 +32,18 @@ class LayerNorm:
 
     Args:
       eps: added to the variance (default 1e-5).
+      activation_dtype: None, or the dtype its output and the error it passes on are
+        stored in (``"bfloat16"``); the statistics and the normalisation are computed
+        in the params' dtype, as flax's ``LayerNorm(dtype=bfloat16)`` does.
 
     Params: ``{"scale": (d,), "bias": (d,)}``, initialised to ones and zeros.
     """
 
     eps: float = 1e-5
+    activation_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        precision.check_recipe(self)
 
     def output_shape(self, in_shape: Shape) -> Shape:
         if not in_shape:
@@ -47,15 +55,18 @@ class LayerNorm:
         return {"scale": jnp.ones((d,), dtype), "bias": jnp.zeros((d,), dtype)}
 
     def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, Array]]:
+        x = x.astype(jnp.result_type(x, params["scale"]))
         mu = jnp.mean(x, axis=-1, keepdims=True)
         centred = x - mu
         inv_std = 1 / jnp.sqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
         x_hat = centred * inv_std                                   # (x - mu) / sqrt(var + eps)
-        return x_hat * params["scale"] + params["bias"], (x_hat, inv_std)
+        out = x_hat * params["scale"] + params["bias"]
+        return precision.to_activation(out, self.activation_dtype), (x_hat, inv_std)
 
     def backward(self, params: dict[str, Array], cache: tuple[Array, Array], delta_out: Array,
                  need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
         x_hat, inv_std = cache
+        delta_out = delta_out.astype(x_hat.dtype)
         axes = tuple(range(delta_out.ndim - 1))
         grads = {"scale": jnp.sum(delta_out * x_hat, axis=axes),
                  "bias": jnp.sum(delta_out, axis=axes)}
@@ -65,7 +76,7 @@ class LayerNorm:
         # delta_in = (g - mean(g) - x_hat mean(g x_hat)) / sqrt(var + eps)
         delta_in = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True)
                               - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
-        return delta_in, grads
+        return precision.to_activation(delta_in, self.activation_dtype), grads
 
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, Array],
                          delta_out: Array) -> dict[str, Array]:

@@ -1,0 +1,47 @@
+"""JAX's persistent compilation cache for jaxbp runs: compiled programs kept on disk.
+
+A rerun of ``jaxbp train`` (or any process that calls :func:`enable` on the same folder)
+loads the XLA executables of the same programs instead of compiling them again. The
+cache is JAX's own (``jax_compilation_cache_dir``); enabling it is process-wide.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+
+ENV = "JAXBP_COMPILATION_CACHE"
+"""Environment variable naming the cache folder (``off`` disables it)."""
+DEFAULT = pathlib.Path("~/.cache/jaxbp/xla")
+OFF = ("off", "none", "")
+
+
+def default_dir() -> str:
+    """``$JAXBP_COMPILATION_CACHE``, else ``~/.cache/jaxbp/xla``."""
+    return os.environ.get(ENV, str(DEFAULT))
+
+
+def enable(path: str | os.PathLike[str] | None) -> pathlib.Path | None:
+    """Keep compiled programs in ``path`` (created if missing) from now on, every program
+    whatever its compile time; ``None`` or ``"off"`` leaves JAX's setting as it is.
+
+    Returns:
+      The folder in use, or None.
+
+    Raises:
+      ValueError: ``path`` exists and is not a folder, or cannot be created.
+    """
+    if path is None or str(path).strip().lower() in OFF:
+        return None
+    folder = pathlib.Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"compilation cache {str(path)!r} cannot be used as a folder: "
+                         f"{err.strerror or err}") from None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
