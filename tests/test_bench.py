@@ -119,6 +119,8 @@ def test_gemm_roof_is_not_lowered_by_a_slow_loop(monkeypatch):
     the chain's own rate under the same overhead (a factor 4 of margin for noise)."""
     shape = bench.step_matmul_shapes(batch=8, fan_in=8, fan_out=8)[0]
     monkeypatch.setattr(bench, "_ITERATION_HOOK", lambda _: time.sleep(1e-3))
+    # every loop is measured, however slow a loaded machine makes an iteration look
+    monkeypatch.setattr(bench, "LONG_PRODUCT_S", float("inf"))
     roof = bench.gemm_rate(shape, budget_s=0.2, min_sample_s=1e-3)
     monkeypatch.setattr(bench, "GEMM_LOOPS", bench.GEMM_LOOPS[:1])
     chain = bench.gemm_rate(shape, budget_s=0.2, min_sample_s=1e-3)
@@ -164,7 +166,10 @@ def test_conv_case_flops_match_xla_and_its_shapes_are_the_implicit_gemm():
     row = benchmark_case(case, budget_s=0.02, min_sample_s=1e-3)
     for grad in ("backprop", "autodiff"):
         ratio = row[grad]["xla_flops_per_step"] / row["matmul_flops_per_step"]
-        assert 1.0 <= ratio < 1.5, ratio  # the convs' in-image taps, plus elementwise work
+        # XLA:CPU counts the convs' in-image taps plus elementwise work; XLA:GPU counts its
+        # cuDNN convs differently (0.31 of the hand count on an H200), so there: positive
+        on_cpu = jax.devices()[0].platform == "cpu"
+        assert (1.0 <= ratio < 1.5) if on_cpu else (0.0 < ratio < 1.5), ratio
     assert [(s.m, s.k, s.n) for s in case.gemm_shapes()] == [(144, 36, 4), (144, 4, 36),
                                                               (36, 144, 4)]
     assert row["label"].startswith("CNN 6x6x2 F4 D2 B4 float32")
@@ -188,8 +193,11 @@ def test_fractions_above_one_carry_a_warning():
     assert len(notes) == 2 and "1.20 > 1" in notes[0] and "datasheet peak" in notes[1]
 
 
-def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys):
-    from jaxbp import cli
+def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys, monkeypatch):
+    from jaxbp import bench_suite, cli
+
+    # the CPU preset's small cases on any device (the accelerator preset is all > 1 GFLOP)
+    monkeypatch.setattr(bench_suite, "quick_cases", lambda platform: bench_suite.QUICK)
 
     code = cli.main(["bench", "--quick", "--max-gflop", "0.001", "--budget", "0.05",
                      "--steps", "2", "--out", str(tmp_path), "--name", "t"])
@@ -208,6 +216,7 @@ def test_full_suite_on_cpu_is_capped_by_default(monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr(bench_suite, "run_suite",
                         lambda cases, out, name, **kw: seen.update(kw, cases=len(cases)))
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(platform="cpu")])
     assert cli.main(["bench"]) == 0
     assert seen["max_gflop"] == cli.CPU_MAX_GFLOP and seen["cases"] == len(bench_suite.FULL)
     assert "leaves out cases above 20" in capsys.readouterr().out

@@ -5,7 +5,8 @@ fill a window is dropped (VALID) and gets a zero error. The backward passes
 each window's error to its inputs:
 
 * max: all of it to the window's (first) largest input, as XLA's
-  select-and-scatter does, written as a one-hot mask of the argmax;
+  select-and-scatter does, written as a mask: the inputs equal to their window's
+  max, the first of them in row-major window order (:func:`first_max_mask`);
 * average: ``delta / (ph pw)`` to each input of the window.
 
 No parameters: ``{}``.
@@ -31,6 +32,22 @@ def _window(value: Any) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def first_max_mask(blocks: Array) -> Array:
+    """True at the first largest input of each window (row-major order in the window).
+
+    ``blocks``: (N, Ho, ph, Wo, pw, C), windows on axes 2 and 4. ``max`` over them, ``==``,
+    then the smallest window position among the equal ones: elementwise work and
+    reductions over non-minor axes that fuse into one kernel, no transpose and no
+    scatter (XLA's select-and-scatter gives the same result: ties go to the first).
+    """
+    _, _, ph, _, pw, _ = blocks.shape
+    largest = jnp.max(blocks, axis=(2, 4), keepdims=True)
+    position = (jnp.arange(ph)[:, None, None] * pw + jnp.arange(pw)[None, None, :]
+                ).reshape(1, 1, ph, 1, pw, 1)
+    first = jnp.min(jnp.where(blocks == largest, position, ph * pw), axis=(2, 4), keepdims=True)
+    return position == first
+
+
 class _Pool:
     """What both pools share: the window, the output shape, windows as a trailing axis."""
 
@@ -52,19 +69,16 @@ class _Pool:
         ph, pw = self.window
         return jax.lax.reduce_window(x, init, op, (1, ph, pw, 1), (1, ph, pw, 1), "VALID")
 
-    def _windows(self, x: Array) -> Array:
-        """(N, H, W, C) -> (N, Ho, Wo, C, ph * pw): each window's inputs on the last axis."""
+    def _blocks(self, x: Array) -> Array:
+        """(N, H, W, C) -> (N, Ho, ph, Wo, pw, C), windows on axes 2 and 4: a reshape only."""
         (ph, pw), (n, h, w, c) = self.window, x.shape
         ho, wo = h // ph, w // pw
-        cropped = x[:, :ho * ph, :wo * pw]
-        return cropped.reshape(n, ho, ph, wo, pw, c).transpose(0, 1, 3, 5, 2, 4).reshape(
-            n, ho, wo, c, ph * pw)
+        return x[:, :ho * ph, :wo * pw].reshape(n, ho, ph, wo, pw, c)
 
-    def _unwindow(self, per_input: Array, in_hw: tuple[int, int]) -> Array:
-        """The inverse of :meth:`_windows`, zeros where the VALID crop dropped inputs."""
-        (ph, pw), (n, ho, wo, c, _) = self.window, per_input.shape
-        full = per_input.reshape(n, ho, wo, c, ph, pw).transpose(0, 1, 4, 2, 5, 3).reshape(
-            n, ho * ph, wo * pw, c)
+    def _unblock(self, blocks: Array, in_hw: tuple[int, int]) -> Array:
+        """The inverse of :meth:`_blocks`, zeros where the VALID crop dropped inputs."""
+        n, ho, ph, wo, pw, c = blocks.shape
+        full = blocks.reshape(n, ho * ph, wo * pw, c)
         return jnp.pad(full, ((0, 0), (0, in_hw[0] - ho * ph), (0, in_hw[1] - wo * pw), (0, 0)))
 
     def per_sample_grads(self, params: Any, cache: Any, delta_out: Array) -> dict[str, Array]:
@@ -91,10 +105,9 @@ class MaxPool(_Pool):
                  need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
         if not need_input:
             return None, {}
-        windows = self._windows(x)
-        # the error goes to the first largest input of each window (ties: the first)
-        mask = jax.nn.one_hot(jnp.argmax(windows, axis=-1), windows.shape[-1], dtype=x.dtype)
-        return self._unwindow(mask * delta_out[..., None], x.shape[1:3]), {}
+        blocks = self._blocks(x)
+        spread = jnp.where(first_max_mask(blocks), delta_out[:, :, None, :, None, :], 0)
+        return self._unblock(spread.astype(delta_out.dtype), x.shape[1:3]), {}
 
 
 @register
@@ -116,5 +129,7 @@ class AvgPool(_Pool):
         if not need_input:
             return None, {}
         ph, pw = self.window
-        share = jnp.broadcast_to(delta_out[..., None] / (ph * pw), (*delta_out.shape, ph * pw))
-        return self._unwindow(share, in_hw), {}
+        n, ho, wo, c = delta_out.shape
+        share = jnp.broadcast_to((delta_out / (ph * pw))[:, :, None, :, None, :],
+                                 (n, ho, ph, wo, pw, c))
+        return self._unblock(share, in_hw), {}
