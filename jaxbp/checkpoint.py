@@ -293,6 +293,18 @@ def restore(path: str | pathlib.Path, template: PyTree) -> tuple[PyTree, dict[st
     return jax.tree.unflatten(treedef, restored), header["metadata"]
 
 
+def set_aside(path: pathlib.Path) -> pathlib.Path:
+    """Rename a corrupt checkpoint (file or folder) to the first free name of
+    ``<name>.corrupt``, ``<name>.corrupt.2``, ...: kept, never counted as a checkpoint, and
+    never failing on (or replacing) one set aside before. Returns the new path."""
+    aside, n = path.with_name(path.name + ".corrupt"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt.{n}")
+    os.rename(path, aside)
+    return aside
+
+
 def restore_latest(
     directory: str | pathlib.Path, template: PyTree
 ) -> tuple[PyTree, dict[str, Any], pathlib.Path] | None:
@@ -313,8 +325,7 @@ def restore_latest(
         except CheckpointMismatchError:
             raise
         except CheckpointError as err:
-            aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
+            aside = set_aside(path)
             warnings.warn(f"skipping {err}; kept as {str(aside)!r}", RuntimeWarning,
                           stacklevel=2)
             continue

@@ -137,6 +137,22 @@ def _positive(option: str, value: float, integer: bool = False, allow_zero: bool
                          f"got {value!r}")
 
 
+def _check_checkpoint_reader(directory: pathlib.Path) -> None:
+    """Refuse (before anything is read or renamed) a folder of sharded checkpoints that
+    this environment cannot read: a missing library is not a corrupt checkpoint."""
+    from jaxbp import sharded_checkpoint
+
+    steps = sharded_checkpoint.list_steps(directory)
+    if not steps:
+        return
+    try:
+        import orbax.checkpoint  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--checkpoint-dir {directory} holds {len(steps)} sharded checkpoints "
+                         f"(written by a --mesh run through orbax); reading them needs "
+                         f"orbax-checkpoint: pip install 'jaxbp[scale]'") from None
+
+
 def _plan_train(args: argparse.Namespace) -> dict[str, Any]:
     """Every option of ``jaxbp train`` checked and turned into what fit needs (no training)."""
     import jaxbp
@@ -185,6 +201,8 @@ def _plan_train(args: argparse.Namespace) -> dict[str, Any]:
         _checks.check_target_values(net, dataset.y_test, "the test targets")
     except ValueError as err:
         raise UsageError(f"--data {args.data}: {err}") from None
+    if args.checkpoint_dir is not None:
+        _check_checkpoint_reader(pathlib.Path(args.checkpoint_dir))
     mesh = _parse_mesh(args)
     if mesh is not None:
         if args.checkpoint_dir is not None:

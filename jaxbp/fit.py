@@ -420,6 +420,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
                   f"{private['sigma']:.4f}, clip norm {privacy.clip_norm}, delta "
                   f"{privacy.delta}, {privacy.accountant} accountant")
     run = describe_run(net, optimizer, grad, batch_size, drop_last, key_data, data, run_config)
+    metadata: dict[str, Any] = {}
     if checkpoint_dir is not None:
         found = _restore_latest(checkpoint_dir, state, key_data, shardings)
         if found is not None:
@@ -451,8 +452,24 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
         x_test, y_test = jax.device_put(x_test), jax.device_put(y_test)
     loops: dict[int, Any] = {}  # one compiled scan per chunk length (at most three)
     step_count = int(parallel.fetch(state.step))  # replicated: each process's own copy
+    spent: tuple[tuple[float, float, int], ...] = ()
+    if private is not None:
+        spent = _spent_segments(metadata, step_count, private["rate"])
+        if any(segment[:2] != (private["sigma"], private["rate"]) for segment in spent):
+            private = _private_plan(privacy, n_train, batch_size, epochs, spent, first_epoch)
+            grad = private["gradient"](jax.random.fold_in(key_data, 0xD9))
+            if progress:
+                print(f"noise multiplier {private['sigma']:.4f} for the remaining steps: the "
+                      f"{step_count} steps taken ran at {_segment_text(spent)}")
+    spent_steps = sum(segment[2] for segment in spent)
+
+    def segments(steps_now: int) -> list[tuple[float, float, int]]:
+        """Every segment of the run so far, this call's steps at this call's sigma."""
+        now = steps_now - spent_steps
+        return [*spent, *([(private["sigma"], private["rate"], now)] if now else [])]
+
     for epoch in range(first_epoch, epochs):
-        if private is not None and _over_budget(privacy, private, step_count + steps_per_epoch,
+        if private is not None and _over_budget(privacy, segments(step_count + steps_per_epoch),
                                                 epoch):
             break
         start = time.perf_counter()
@@ -482,10 +499,10 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
                "test_accuracy": test.get("accuracy", math.nan),
                "seconds": time.perf_counter() - start}
         if private is not None:
-            from jaxbp.privacy import epsilon
+            from jaxbp.privacy import composed_epsilon
 
-            row["epsilon"] = epsilon(private["sigma"], private["rate"], step_count,
-                                     privacy.delta, privacy.accountant)
+            row["epsilon"] = composed_epsilon(segments(step_count), privacy.delta,
+                                              privacy.accountant)
             history["epsilon"].append(row["epsilon"])
         for name in HISTORY_KEYS:
             history[name].append(row[name])
@@ -498,8 +515,10 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
             print(_epoch_line(net, row, epochs))
         if checkpoint_dir is not None:
             try:
-                _save(checkpoint_dir, epoch + 1, state, key_data,
-                      {"epoch": epoch + 1, "history": history, "run": run}, keep, mesh)
+                record = {"epoch": epoch + 1, "history": history, "run": run}
+                if private is not None:
+                    record["privacy_segments"] = [list(seg) for seg in segments(step_count)]
+                _save(checkpoint_dir, epoch + 1, state, key_data, record, keep, mesh)
             except FloatingPointError as err:
                 raise FloatingPointError(
                     f"training stopped after epoch {epoch + 1} (step {step_count}): the "
@@ -510,8 +529,11 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     return FitResult(state, history)
 
 
-def _private_plan(privacy: Any, n_train: int, batch_size: int, epochs: int) -> dict[str, Any]:
-    """Sample rate, steps per epoch, sigma (calibrated to the target if not given), the
+def _private_plan(privacy: Any, n_train: int, batch_size: int, epochs: int,
+                  spent: tuple[tuple[float, float, int], ...] = (),
+                  first_epoch: int = 0) -> dict[str, Any]:
+    """Sample rate, steps per epoch, sigma (calibrated to the target if not given: for
+    epochs ``first_epoch..epochs`` after the ``spent`` segments of a resumed run), the
     padded batch size and the gradient source of a private run."""
     from jaxbp import privacy as dp
 
@@ -523,21 +545,42 @@ def _private_plan(privacy: Any, n_train: int, batch_size: int, epochs: int) -> d
     sigma = privacy.noise_multiplier
     if sigma is None:
         sigma = dp.noise_multiplier(privacy.target_epsilon, privacy.delta, rate,
-                                    epochs * steps_per_epoch, privacy.accountant)
+                                    max(1, (epochs - first_epoch) * steps_per_epoch),
+                                    privacy.accountant, spent=spent)
     return {"rate": rate, "steps_per_epoch": steps_per_epoch, "sigma": sigma,
             "max_batch": dp.max_batch_size(n_train, rate),
             "gradient": lambda key: dp.dp_gradient(privacy.clip_norm, sigma,
                                                    rate * n_train, key)}
 
 
-def _over_budget(privacy: Any, private: dict[str, Any], steps_after: int, epoch: int) -> bool:
+def _spent_segments(metadata: dict[str, Any], steps: int, rate: float
+                    ) -> tuple[tuple[float, float, int], ...]:
+    """The (sigma, q, steps) segments a resumed private run has taken: as its checkpoint
+    recorded them, or (a checkpoint from before segments were recorded) all its steps at
+    the noise multiplier its run record names and this run's sample rate."""
+    if steps == 0:
+        return ()
+    if "privacy_segments" in metadata:
+        return tuple((float(s), float(q), int(t)) for s, q, t in metadata["privacy_segments"])
+    sigma = (metadata.get("run") or {}).get("noise_multiplier")
+    if sigma is None:
+        raise ValueError("the checkpoint to resume was not written by a private run (its "
+                         "record names no noise multiplier): its steps' privacy cost is "
+                         "unknown; use another checkpoint folder")
+    return ((float(sigma), rate, int(steps)),)
+
+
+def _segment_text(segments: tuple[tuple[float, float, int], ...]) -> str:
+    return ", ".join(f"{t} at sigma {s:.4f} (q {q:.5f})" for s, q, t in segments)
+
+
+def _over_budget(privacy: Any, segments: list[tuple[float, float, int]], epoch: int) -> bool:
     """Whether the next epoch would spend more than the target epsilon (then warn)."""
     if privacy.target_epsilon is None:
         return False
-    from jaxbp.privacy import epsilon
+    from jaxbp.privacy import composed_epsilon
 
-    spent = epsilon(private["sigma"], private["rate"], steps_after, privacy.delta,
-                    privacy.accountant)
+    spent = composed_epsilon(segments, privacy.delta, privacy.accountant)
     if spent <= privacy.target_epsilon * (1 + 1e-9):
         return False
     warnings.warn(f"private training stopped before epoch {epoch + 1}: it would spend epsilon "

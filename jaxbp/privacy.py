@@ -120,6 +120,35 @@ def _event(noise_multiplier: float, sample_rate: float, steps: int) -> Any:
         dp.PoissonSampledDpEvent(sample_rate, dp.GaussianDpEvent(noise_multiplier)), steps)
 
 
+Segment = tuple[float, float, int]
+"""``(noise_multiplier, sample_rate, steps)``: a run of steps at one sigma and rate."""
+
+
+def _checked_segments(segments: Any) -> tuple[Segment, ...]:
+    """Each segment as (sigma > 0, q in (0, 1], steps >= 1), named by its index if not."""
+    if isinstance(segments, str | bytes) or not hasattr(segments, "__iter__"):
+        raise TypeError(f"segments must be a sequence of (noise_multiplier, sample_rate, "
+                        f"steps), got {type(segments).__name__}")
+    checked = []
+    for i, segment in enumerate(segments):
+        if not hasattr(segment, "__len__") or len(segment) != 3:
+            raise ValueError(f"segments[{i}] must be (noise_multiplier, sample_rate, steps), "
+                             f"got {segment!r}")
+        try:
+            sigma, rate, steps = segment
+            checked.append((_check_positive("noise_multiplier", sigma), _check_rate(rate),
+                            _check_steps(steps)))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"segments[{i}]: {err}") from None
+    return tuple(checked)
+
+
+def _composed(segments: tuple[Segment, ...]) -> Any:
+    """One dp-accounting event: the segments composed in order."""
+    events = [_event(*segment) for segment in segments]
+    return events[0] if len(events) == 1 else _dp_accounting().ComposedDpEvent(events)
+
+
 def _fresh(accountant: str) -> Any:
     dp = _dp_accounting()
     return dp.rdp.RdpAccountant() if accountant == "rdp" else _fresh_pld()
@@ -146,9 +175,32 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         return float(acc.get_epsilon(delta))
 
 
+def composed_epsilon(segments: Any, delta: float, accountant: str = "rdp") -> float:
+    """The epsilon of runs of steps at different noise multipliers or rates, composed.
+
+    A resumed private run whose sigma was re-calibrated spent its first steps at the old
+    sigma: its epsilon is that of every segment taken, in order, not of all its steps at
+    the new sigma. Composition only adds privacy loss, so a longer run never reports less.
+
+    Args:
+      segments: ``(noise_multiplier, sample_rate, steps)`` per segment (at least one).
+      delta, accountant: as for :func:`epsilon`.
+    """
+    checked = _checked_segments(segments)
+    if not checked:
+        raise ValueError("segments must hold at least one (noise_multiplier, sample_rate, "
+                         "steps)")
+    delta = _check_delta(delta)
+    acc = _fresh(_check_accountant(accountant))
+    with _quiet_orders():
+        acc.compose(_composed(checked))
+        return float(acc.get_epsilon(delta))
+
+
 def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                     accountant: str = "rdp") -> float:
-    """The smallest sigma whose ``steps`` Poisson-sampled steps spend at most ``target_epsilon``.
+                     accountant: str = "rdp", spent: Any = ()) -> float:
+    """The smallest sigma whose ``steps`` Poisson-sampled steps spend at most ``target_epsilon``
+    (after the ``spent`` segments, composed, when a resumed run has taken steps already).
 
     dp-accounting's ``calibrate_dp_mechanism`` (a bracketed search; the value
     returned meets the target, and sigma 1% smaller does not within its tolerance).
@@ -157,20 +209,31 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
     loss distribution exhausts memory.
 
     Raises:
-      ValueError: a bad argument, or the accountant failing (naming the setting).
+      ValueError: a bad argument, the ``spent`` segments already at or over the target,
+        or the accountant failing (naming the setting).
     """
     target = _check_positive("target_epsilon", target_epsilon)
     delta, rate = _check_delta(delta), _check_rate(sample_rate)
     steps, accountant = _check_steps(steps), _check_accountant(accountant)
+    prior = _checked_segments(spent)
     dp = _dp_accounting()
     setting = (f"target_epsilon={target}, delta={delta}, sample_rate={rate}, steps={steps}, "
-               f"accountant={accountant!r}")
+               f"accountant={accountant!r}" + (f", after {list(prior)}" if prior else ""))
+    if prior:
+        already = composed_epsilon(prior, delta, accountant)
+        if already >= target:
+            raise ValueError(f"the steps already taken spend epsilon {already:.4f}, at or over "
+                             f"the target {target}: no noise multiplier lets more steps meet "
+                             f"it ({setting})")
+
+    def event(sigma: float) -> Any:
+        return _composed((*prior, (sigma, rate, steps)))
 
     def calibrate(make_accountant: Callable[[], Any], bracket: Any) -> float:
         try:
             with _quiet_orders():
                 return float(dp.calibrate_dp_mechanism(
-                    make_accountant, lambda sigma: _event(sigma, rate, steps), target, delta,
+                    make_accountant, event, target, delta,
                     bracket, tol=1e-4))
         except (MemoryError, ArithmeticError, RuntimeError, ValueError) as err:
             raise ValueError(f"noise calibration failed for {setting}: dp-accounting raised "
@@ -184,7 +247,7 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
     # trial sigma whose loss distribution would not fit in memory)
     lower = sigma_rdp / 2
     for _ in range(6):
-        if _pld_epsilon(lower, rate, steps, delta, setting) > target:
+        if _pld_epsilon(event(lower), lower, delta, setting) > target:
             break
         lower /= 2
     return calibrate(_fresh_pld, dp.ExplicitBracketInterval(lower, sigma_rdp))
@@ -199,10 +262,10 @@ def _fresh_pld() -> Any:
         value_discretization_interval=PLD_DISCRETIZATION)
 
 
-def _pld_epsilon(sigma: float, rate: float, steps: int, delta: float, setting: str) -> float:
+def _pld_epsilon(event: Any, sigma: float, delta: float, setting: str) -> float:
     try:
         acc = _fresh_pld()
-        acc.compose(_event(sigma, rate, steps))
+        acc.compose(event)
         return float(acc.get_epsilon(delta))
     except (MemoryError, ArithmeticError, RuntimeError, ValueError) as err:
         raise ValueError(f"noise calibration failed for {setting} at trial sigma {sigma:.4g}: "

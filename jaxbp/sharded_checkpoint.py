@@ -30,7 +30,6 @@ to import): ``pip install 'jaxbp[scale]'``.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import warnings
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp._typing import PyTree
-from jaxbp.checkpoint import CheckpointMismatchError
+from jaxbp.checkpoint import CheckpointMismatchError, set_aside
 
 PREFIX = "ckpt"
 _STEP = re.compile(rf"^{PREFIX}_(\d+)$")
@@ -181,17 +180,22 @@ def restore_latest(directory: str | pathlib.Path, template: PyTree,
 
     Raises:
       CheckpointMismatchError: a sound step of another tree (nothing is skipped).
+      ImportError: steps to read but no orbax-checkpoint to read them, raised before
+        anything is touched (a missing library is never a corrupt step).
     """
-    for step in reversed(list_steps(directory)):
+    steps = list_steps(directory)
+    if steps:
+        _orbax()
+    for step in reversed(steps):
         path = path_for(directory, step)
         try:
             tree, metadata = restore(directory, step, template, shardings)
-        except CheckpointMismatchError:
+        except (CheckpointMismatchError, ImportError):
             raise
         except Exception as err:  # orbax/tensorstore raise many types for a bad step
             aside = path.with_name(path.name + ".corrupt")
             if jax.process_index() == 0:
-                os.replace(path, aside)
+                aside = set_aside(path)
             warnings.warn(f"skipping checkpoint {str(path)!r}: {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}; kept as "
                           f"{str(aside)!r}", RuntimeWarning, stacklevel=2)

@@ -114,3 +114,40 @@ def test_empty_folder_and_bad_arguments(tmp_path):
         checkpoint.save(tmp_path, 1, _tree(), keep=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.restore(tmp_path / "ckpt_000000001.npz", _tree())
+
+
+def test_setting_aside_never_fails_on_a_name_set_aside_before(tmp_path):
+    """A corrupt step whose ``.corrupt`` name is taken (an earlier run set one aside) is
+    kept under the next free name; nothing is replaced."""
+    old = checkpoint.save(tmp_path, 1, _tree(1))
+    for round_ in (1, 2):
+        new = checkpoint.save(tmp_path, 2, _tree(2))
+        new.write_bytes(b"not a checkpoint %d" % round_)
+        with pytest.warns(RuntimeWarning, match="ckpt_000000002.npz"):
+            assert checkpoint.restore_latest(tmp_path, _tree())[2] == old
+    first = new.with_name(new.name + ".corrupt")
+    second = new.with_name(new.name + ".corrupt.2")
+    assert first.read_bytes() == b"not a checkpoint 1"
+    assert second.read_bytes() == b"not a checkpoint 2"
+    assert checkpoint.list_checkpoints(tmp_path) == [old]
+
+
+def test_sharded_steps_without_orbax_are_refused_untouched(tmp_path, monkeypatch, capsys):
+    """A folder of orbax steps read where orbax-checkpoint is not installed: an ImportError
+    that names the fix, before anything is renamed (a missing library is not corruption),
+    and `jaxbp train` exits 2 with one line."""
+    from jaxbp import cli, sharded_checkpoint
+
+    steps = [sharded_checkpoint.path_for(tmp_path, s) for s in (1, 2)]
+    for step in steps:
+        step.mkdir()
+        (step / "data").write_bytes(b"orbax's files")
+    monkeypatch.setitem(__import__("sys").modules, "orbax.checkpoint", None)  # not installed
+    with pytest.raises(ImportError, match=r"need orbax-checkpoint: pip install 'jaxbp\[scale\]'"):
+        sharded_checkpoint.restore_latest(tmp_path, _tree())
+    code = cli.main(["train", "--epochs", "1", "--checkpoint-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "holds 2 sharded checkpoints" in err and "pip install 'jaxbp[scale]'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [s.name for s in steps]
+    assert all((s / "data").read_bytes() == b"orbax's files" for s in steps)

@@ -155,6 +155,52 @@ def test_private_fit_calibrates_reports_and_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_composed_epsilon_is_dp_accountings_composition():
+    first, second = (1.083, 0.2, 10), (1.270, 0.2, 10)   # the issue's resumed run
+    assert privacy.composed_epsilon([first], 1e-5) == privacy.epsilon(*first, 1e-5)
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(s)), t) for s, q, t in (first, second)]))
+    both = privacy.composed_epsilon([first, second], 1e-5)
+    assert both == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    assert both > privacy.epsilon(second[0], 0.2, 20, 1e-5)  # not all steps at the new sigma
+    # calibrating the rest of a run after steps already taken: the composed run meets the
+    # target; steps that already spent it leave no sigma, and say so
+    sigma = privacy.noise_multiplier(5.0, 1e-5, 0.2, 10, spent=[first])
+    assert privacy.composed_epsilon([first, (sigma, 0.2, 10)], 1e-5) <= 5.0 * (1 + 1e-9)
+    assert sigma > privacy.noise_multiplier(5.0, 1e-5, 0.2, 20)
+    with pytest.raises(ValueError, match=r"already taken spend epsilon .* over the target 1"):
+        privacy.noise_multiplier(1.0, 1e-5, 0.2, 10, spent=[first])
+    with pytest.raises(ValueError, match=r"segments\[1\]: .*noise_multiplier"):
+        privacy.composed_epsilon([first, (-1.0, 0.2, 3)], 1e-5)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_more_epochs_composes_its_segments(tmp_path):
+    """The issue's case on the digits: 2 epochs calibrated to epsilon 5, then resumed for 4
+    with the run change allowed. Epsilon never goes down, stays within the target, and is
+    dp-accounting's composition of the two segments the checkpoint records."""
+    from jaxbp import checkpoint
+
+    target = Privacy(clip_norm=1.0, target_epsilon=5.0)
+    first = _private_fit(tmp_path, 2, privacy=target, checkpoint_dir=tmp_path)
+    resumed = _private_fit(tmp_path, 4, privacy=target, checkpoint_dir=tmp_path,
+                           allow_run_change=True)
+    eps = resumed.history["epsilon"]
+    assert eps[:2] == first.history["epsilon"] and len(eps) == 4
+    assert all(a < b for a, b in itertools.pairwise(eps)) and eps[-1] <= 5.0 * (1 + 1e-9)
+    metadata = checkpoint.read(checkpoint.list_checkpoints(tmp_path)[-1])[1]["metadata"]
+    (s1, q1, t1), (s2, q2, t2) = metadata["privacy_segments"]
+    assert (t1, t2) == (22, 22) and q1 == q2 == 128 / 1438 and s2 > s1
+    assert s1 == privacy.noise_multiplier(5.0, 1e-5, q1, 22)
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(s)), t) for s, q, t in ((s1, q1, t1), (s2, q2, t2))]))
+    assert eps[-1] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+
+
 def test_private_fit_stops_before_exceeding_the_target():
     budget = Privacy(clip_norm=1.0, noise_multiplier=1.5, target_epsilon=3.0)  # 6 epochs fit
     with pytest.warns(RuntimeWarning, match="stopped before epoch"):
