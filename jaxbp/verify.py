@@ -13,7 +13,7 @@ function ``grad_fn`` (the "manual" gradient), for a scalar ``loss_fn``:
    ``L(p + h v) - L(p - h v)`` against ``<g, d>`` where ``d`` is the step
    actually taken after rounding ``p +- h v`` to the params' dtype (so rounding
    of the step itself is no error source). The step is chosen per dtype,
-   ``h = cbrt(eps) * max(1, ||p||)``, the balance of truncation (h^2) and
+   ``h = cbrt(eps) * ||p||`` (1 for p = 0), the balance of truncation (h^2) and
    rounding (eps / h). Tolerance: ``fd_rtol * |<g_ref, d>|`` plus the rounding
    noise ``8 eps |L| / h`` of the two evaluations.
 3. **Taylor test** (no step size to tune): the first-order remainder
@@ -63,7 +63,14 @@ DEFAULT_FD_RTOL = {"float64": 1e-6, "float32": 2e-2}
 LOW_PRECISION_EPS = 1e-4
 """Above this machine epsilon FD and Taylor tests are skipped (bfloat16, float16)."""
 TAYLOR_MIN_ORDER = 1.5
+TAYLOR_MAX_ORDER = 3.5
+"""Above this the Taylor remainder is not yet in its asymptotic range (the steps are too
+large for the function's curvature): retried with smaller steps, then inconclusive."""
 _TAYLOR_STEPS = 5
+_SMALLER_STEPS = (1, 16, 256)
+"""FD and Taylor retry a miss at the step divided by these before calling it one (a
+function that curves on a scale far below its input's needs a smaller step; a wrong
+derivative misses at every step)."""
 _NOISE_FACTOR = 8.0
 
 
@@ -281,7 +288,7 @@ def verify_grads(
         keeps the rounding error of the terms, about eps times their size, so
         it is judged against the gradient's scale rather than its own.
       fd_eps: the FD step h along a unit direction; default
-        ``cbrt(eps) * max(1, ||params||)``.
+        ``cbrt(eps) * ||params||`` (1 for params of zeros; a miss retried at h/16, h/256).
       fd_rtol: relative tolerance vs FD; default :data:`DEFAULT_FD_RTOL`.
       n_fd: the number of random directions for FD and Taylor (0 for none).
       seed: seeds the NumPy generator that draws the directions.
@@ -471,7 +478,8 @@ def _directional_checks(
     leaves = treedef.flatten_up_to(params)
     base = [_to_f64(leaf) for leaf in leaves]
     norm = math.sqrt(sum(float(np.sum(b * b)) for b in base))
-    h = fd_eps if fd_eps is not None else eps ** (1 / 3) * max(1.0, norm)
+    # the step is scaled to the input (the unit for an input of zeros)
+    h = fd_eps if fd_eps is not None else eps ** (1 / 3) * (norm if norm > 0 else 1.0)
     if fd_rtol is None:
         fd_rtol = DEFAULT_FD_RTOL["float64" if eps < 1e-10 else "float32"]
     loss0 = _loss_value(loss_fn, params, args)
@@ -483,39 +491,51 @@ def _directional_checks(
                for b, vi, leaf in zip(base, v, leaves)]
         return treedef.unflatten(new), [_to_f64(n) - b for n, b in zip(new, base)]
 
+    noise = _NOISE_FACTOR * eps * level
+
+    def central(v: list[np.ndarray], step: float) -> tuple[float, float, float, bool, bool]:
+        """(L(p + step v) - L(p - step v), manual's and the reference's predictions of it,
+        whether each is within the tolerance)."""
+        plus, d_plus = moved(v, step)
+        minus, d_minus = moved(v, -step)
+        delta_loss = _loss_value(loss_fn, plus, args) - _loss_value(loss_fn, minus, args)
+        d = [p - m for p, m in zip(d_plus, d_minus)]
+        slope_m = manual(d)
+        slope_r = float("nan") if reference is None else reference(d)
+        scale = (max(abs(delta_loss), abs(slope_m), 1e-300) if reference is None
+                 else abs(slope_r))
+        tol = fd_rtol * scale + noise
+        return (delta_loss, slope_m, slope_r, abs(delta_loss - slope_m) <= tol,
+                reference is None or abs(delta_loss - slope_r) <= tol)
+
     checks = []
     for _ in range(n_fd):
         v = _unit_direction(rng, base)
-        plus, d_plus = moved(v, h)
-        minus, d_minus = moved(v, -h)
-        loss_plus, loss_minus = _loss_value(loss_fn, plus, args), _loss_value(loss_fn, minus, args)
-        delta_loss = loss_plus - loss_minus
-        d = [p - m for p, m in zip(d_plus, d_minus)]
-        noise = _NOISE_FACTOR * eps * level
-        slope_m = manual(d)
+        # a miss is retried at smaller steps; if every step misses, the first one's is told
+        tries = []
+        for divisor in _SMALLER_STEPS:
+            tries.append((h / divisor, *central(v, h / divisor)))
+            if all(tries[-1][-2:]):
+                break
+        step, delta_loss, slope_m, slope_r, manual_ok, reference_ok = (
+            tries[-1] if all(tries[-1][-2:]) else tries[0])
         # Is L smooth along v at all? Asked only when a check would fail: across a kink
         # no difference quotient refutes a gradient (nor confirms one).
         kink = functools.cache(functools.partial(_kinked, loss_fn, args, loss0, moved, v, eps,
                                                  h, level))
         if reference is None:
-            slope_r = float("nan")
             scale = max(abs(delta_loss), abs(slope_m), 1e-300)
-            tol = fd_rtol * scale + noise
-            err_m = abs(delta_loss - slope_m) / scale
-            err_r = float("nan")
-            fd_status = _verdict_alone(abs(delta_loss - slope_m) <= tol, kink)
+            err_m, err_r = abs(delta_loss - slope_m) / scale, float("nan")
+            fd_status = _verdict_alone(manual_ok, kink)
         else:
-            slope_r = reference(d)
             err_m = abs(delta_loss - slope_m) / max(abs(slope_r), 1e-300)
             err_r = abs(delta_loss - slope_r) / max(abs(slope_r), 1e-300)
-            tol = fd_rtol * abs(slope_r) + noise
-            fd_status = _unless_kinked(_verdict(abs(delta_loss - slope_m) <= tol,
-                                                abs(delta_loss - slope_r) <= tol), kink)
+            fd_status = _unless_kinked(_verdict(manual_ok, reference_ok), kink)
 
         order_m, order_r, taylor_status = _taylor(
             loss_fn, args, loss0, moved, v, manual, reference, eps, h, kink, level)
-        checks.append(DirectionCheck(h, delta_loss / (2 * h), slope_m / (2 * h),
-                                     slope_r / (2 * h), err_m, err_r, fd_status,
+        checks.append(DirectionCheck(step, delta_loss / (2 * step), slope_m / (2 * step),
+                                     slope_r / (2 * step), err_m, err_r, fd_status,
                                      order_m, order_r, taylor_status))
     return tuple(checks)
 
@@ -565,16 +585,26 @@ def _taylor(loss_fn, args, loss0, moved, v, manual, reference, eps, h_fd, kink, 
 
     ``reference`` None: judged alone, a low order where FD saw a ``kink`` is inconclusive.
     """
-    h0 = eps ** 0.25 * h_fd / eps ** (1 / 3)  # eps^(1/4) * the same parameter scale
     floor = 20 * eps * max(level, 1e-300)
-    remainders_m, remainders_r = [], []
-    for k in range(_TAYLOR_STEPS):
-        point, d = moved(v, h0 / 2**k)
-        change = _loss_value(loss_fn, point, args) - loss0
-        remainders_m.append(abs(change - manual(d)))
-        if reference is not None:
-            remainders_r.append(abs(change - reference(d)))
-    order_m = _order(remainders_m, floor)
+
+    def remainders(h0: float) -> tuple[list[float], list[float]]:
+        rem_m, rem_r = [], []
+        for k in range(_TAYLOR_STEPS):
+            point, d = moved(v, h0 / 2**k)
+            change = _loss_value(loss_fn, point, args) - loss0
+            rem_m.append(abs(change - manual(d)))
+            if reference is not None:
+                rem_r.append(abs(change - reference(d)))
+        return rem_m, rem_r
+
+    for divisor in _SMALLER_STEPS:  # an order far above 2: the steps are still too large
+        # eps^(1/4) * the same input scale as the FD step's
+        remainders_m, remainders_r = remainders(eps ** 0.25 * h_fd / eps ** (1 / 3) / divisor)
+        order_m = _order(remainders_m, floor)
+        if not order_m > TAYLOR_MAX_ORDER:
+            break
+    if order_m > TAYLOR_MAX_ORDER:   # never in the asymptotic range: no verdict
+        return order_m, _order(remainders_r, floor), "inconclusive"
     if reference is None:
         if math.isnan(order_m):   # at most one remainder above rounding: nothing to measure
             return order_m, order_m, "flat"

@@ -9,6 +9,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from planted_rules import CORRECT, PLANTED, make_args
 
@@ -153,3 +154,44 @@ def test_readme_comparison_counts_are_measured(x64):
     theirs, ours = _checkers_side_by_side()
     assert _readme_counts() == (theirs, len(PLANTED), ours)
     assert ours == len(PLANTED)
+
+
+def _exp_fast(x):
+    return jnp.exp(x * 1e6)
+
+
+def test_the_fd_step_follows_the_input_scale_and_both_checkers_judge_alike(x64):
+    """The issue's case: inputs of size 1e-6 and a function that curves on that scale.
+    A step cbrt(eps) max(1, |x|) was six times the inputs (FD 80-140% off, FAILED); scaled
+    to the input, FD agrees, Taylor measures order 2, and verify_grads says the same."""
+    x = 1e-6 * jnp.asarray(np.random.default_rng(0).normal(size=5))
+    report = jaxbp.verify_vjp(_exp_fast, x)
+    assert report.ok, str(report)
+    assert all(d.fd_status == "ok" and d.taylor_status == "ok" for d in report.directions)
+    assert all(abs(d.taylor_order_manual - 2) < 0.2 for d in report.directions)
+    grads = jaxbp.verify_grads(lambda p: 1e6 * jnp.exp(p * 1e6),
+                                lambda p: jnp.sum(jnp.exp(p * 1e6)), x)
+    assert grads.ok, str(grads)
+
+
+def test_smaller_steps_never_pass_a_wrong_derivative(x64):
+    """The retries at smaller steps cannot rescue a derivative 1e-3 off: a wrong slope
+    misses at every step."""
+    @jax.custom_vjp
+    def f(x):
+        return jnp.sin(x)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), lambda x, u: (u * jnp.cos(x) * (1 + 1e-3),))
+    report = jaxbp.verify_vjp(f, jnp.linspace(0.1, 1.0, 5))
+    assert not report.ok
+    assert all(d.fd_status == "FAIL" for d in report.directions)
+
+
+def test_an_order_far_above_two_is_inconclusive_not_ok(x64):
+    """Steps forced far outside the function's asymptotic range (fd_eps 1e-3 for a
+    function that curves on 1e-6): a Taylor order of ~10 is no evidence either way."""
+    x = 1e-6 * jnp.asarray(np.random.default_rng(0).normal(size=5))
+    report = jaxbp.verify_vjp(_exp_fast, x, fd_eps=1e-3)
+    high = [d for d in report.directions if d.taylor_order_manual > jaxbp.verify.TAYLOR_MAX_ORDER]
+    assert high and all(d.taylor_status == "inconclusive" for d in high)
+    assert not report.ok
