@@ -160,7 +160,12 @@ def _plan_train(args: argparse.Namespace) -> dict[str, Any]:
     _positive("--lr", args.lr)
     _positive("--epochs", args.epochs, integer=True)
     _positive("--batch-size", args.batch_size, integer=True)
+    if not -2**63 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
     if args.checkpoint_dir is not None:
+        if not args.checkpoint_dir.strip():
+            raise UsageError("--checkpoint-dir must name a folder, got an empty string "
+                             "(use . for the current folder)")
         _writable_dir("--checkpoint-dir", pathlib.Path(args.checkpoint_dir))
     if args.plot is not None:
         _writable_file("--plot", args.plot)

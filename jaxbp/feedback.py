@@ -274,8 +274,11 @@ def _angles_deg(a: Params, b: Params) -> Array:
             continue
         va = jnp.concatenate([v.ravel() for v in la])
         vb = jnp.concatenate([v.ravel() for v in lb])
-        cos = jnp.vdot(va, vb) / (jnp.linalg.norm(va) * jnp.linalg.norm(vb))
-        out.append(jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0))))
+        na, nb = jnp.linalg.norm(va), jnp.linalg.norm(vb)
+        cos = jnp.vdot(va, vb) / jnp.where(na * nb > 0, na * nb, 1.0)
+        angle = jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0)))
+        # a zero update against a nonzero one: 90 (no descent); both zero: 0 (they agree)
+        out.append(jnp.where(na * nb > 0, angle, jnp.where((na > 0) | (nb > 0), 90.0, 0.0)))
     return jnp.stack(out)
 
 
@@ -286,8 +289,8 @@ def angles(net: Any, params: Params, x: ArrayLike, y: ArrayLike,
 
     0 means the rule's update points where backprop's does; below 90 it still
     descends the cost (Lillicrap et al.'s measure of alignment). The last layer's
-    is 0 for every rule here (it gets the true output error). NaN where either
-    gradient is zero.
+    is 0 for every rule here (it gets the true output error). Where one of the two
+    is zero the angle is 90 (a zero update does not descend), where both are, 0.
 
     Returns:
       A NumPy array, one angle per layer with parameters, in order.

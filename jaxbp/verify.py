@@ -308,6 +308,7 @@ def verify_grads(
         shapes, or loss_fn does not return a scalar.
     """
     check_precision(precision)
+    check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd)
     params = _as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     _check_float_leaves(params)
@@ -387,6 +388,23 @@ def _check_same_structure(params: PyTree, manual: PyTree) -> None:
     ]
     if problems:
         raise ValueError("grad_fn's leaves do not match params: " + "; ".join(problems))
+
+
+def check_knobs(**knobs: Any) -> None:
+    """Tolerances finite and >= 0 (or None for the default), the FD step > 0, ``n_fd`` an
+    int >= 0: a bad one is a ValueError naming it, not a FAILED report."""
+    for name, value in knobs.items():
+        if value is None:
+            continue
+        if name == "n_fd":
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+                raise ValueError(f"n_fd must be an int >= 0, got {value!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0 or (name == "fd_eps" and value == 0):
+            bound = "> 0" if name == "fd_eps" else ">= 0"
+            raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
 def _rtol_for(reference: Any, rtol: float | None) -> float:

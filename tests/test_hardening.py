@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -387,3 +388,41 @@ class TestCommandLine:
         assert result["rows"] == [] and "no case was run (1 left out)" in out
         assert ".png" not in out and not (tmp_path / "none.png").exists()
         assert json.loads((tmp_path / "none.json").read_text())["left_out"]
+
+
+class TestProbedKnobs:
+    """The hostile probe's unvalidated knobs: each a named error before any work."""
+
+    @pytest.mark.parametrize("knob, value, words", [
+        ("rtol", -1.0, "rtol must be a finite number >= 0, got -1.0"),
+        ("atol", float("nan"), "atol must be a finite number >= 0"),
+        ("fd_eps", 0.0, "fd_eps must be a finite number > 0"),
+        ("fd_rtol", float("inf"), "fd_rtol must be a finite number >= 0"),
+        ("n_fd", -2, "n_fd must be an int >= 0, got -2"),
+    ])
+    def test_verify_tolerances(self, knob, value, words):
+        params = {"w": jnp.ones(3)}
+        with pytest.raises(ValueError, match=re.escape(words)):
+            jaxbp.verify_grads(lambda p: {"w": 2 * p["w"]}, lambda p: jnp.sum(p["w"] ** 2),
+                               params, **{knob: value})
+        with pytest.raises(ValueError, match=re.escape(words)):
+            jaxbp.verify_vjp(jnp.sin, jnp.ones(3), **{knob: value})
+
+    @pytest.mark.parametrize("argv, words", [
+        (["--checkpoint-dir", ""], "--checkpoint-dir must name a folder"),
+        (["--seed", str(2**70)], "--seed must be an integer in [-2**63, 2**63)"),
+    ])
+    def test_command_line(self, argv, words, capsys, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        assert cli.main(["train", "--epochs", "1", "--quiet", *argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1
+        assert list(tmp_path.iterdir()) == []  # nothing written into the current folder
+
+    def test_feedback_angle_of_a_zero_update(self):
+        from jaxbp.feedback import _angles_deg
+
+        zero, g = ({"w": jnp.zeros(3)},), ({"w": jnp.array([1.0, 2.0, 0.0])},)
+        assert float(_angles_deg(zero, g)[0]) == 90.0 == float(_angles_deg(g, zero)[0])
+        assert float(_angles_deg(zero, zero)[0]) == 0.0
+        assert float(_angles_deg(g, g)[0]) == pytest.approx(0.0, abs=1e-3)
