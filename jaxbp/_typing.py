@@ -12,3 +12,17 @@ Params: TypeAlias = tuple[Layer, ...]
 """An MLP's parameters, one :data:`Layer` per weight layer, input side first."""
 PyTree: TypeAlias = Any
 PRNGKey: TypeAlias = jax.Array
+
+
+def is_int(value: Any) -> bool:
+    """A Python or NumPy integer, not a bool (``Conv2D(np.int64(3))`` is a kernel of 3)."""
+    import numpy as np
+
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def is_real(value: Any) -> bool:
+    """A Python or NumPy integer or float, not a bool."""
+    import numpy as np
+
+    return is_int(value) or isinstance(value, float | np.floating)

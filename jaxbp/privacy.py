@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from jaxbp import network
-from jaxbp._typing import Array, Params, PRNGKey
+from jaxbp._typing import Array, Params, PRNGKey, is_int, is_real
 from jaxbp.per_example import (
     _add_noise,
     _check_noise_and_clip,
@@ -66,7 +66,7 @@ def _dp_accounting() -> Any:
 
 
 def _check_rate(sample_rate: Any) -> float:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float | np.floating) \
+    if not is_real(sample_rate) \
             or not 0 < sample_rate <= 1:
         raise ValueError(f"sample_rate must be in (0, 1] (the chance an example joins a "
                          f"step's batch), got {sample_rate!r}")
@@ -74,20 +74,20 @@ def _check_rate(sample_rate: Any) -> float:
 
 
 def _check_delta(delta: Any) -> float:
-    if isinstance(delta, bool) or not isinstance(delta, int | float | np.floating) \
+    if not is_real(delta) \
             or not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     return float(delta)
 
 
 def _check_steps(steps: Any) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     return int(steps)
 
 
 def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating) \
+    if not is_real(value) \
             or not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)

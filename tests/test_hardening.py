@@ -426,3 +426,20 @@ class TestProbedKnobs:
         assert float(_angles_deg(zero, g)[0]) == 90.0 == float(_angles_deg(g, zero)[0])
         assert float(_angles_deg(zero, zero)[0]) == 0.0
         assert float(_angles_deg(g, g)[0]) == pytest.approx(0.0, abs=1e-3)
+
+    def test_numpy_scalars_are_numbers(self):
+        """Sizes and privacy settings read from NumPy arrays (np.int64, np.float32) are the
+        numbers they hold; booleans are still refused."""
+        from jaxbp import layers, privacy
+
+        conv = layers.Conv2D(np.int64(3), np.int32(2), stride=(np.int64(1), 1))
+        assert conv == layers.Conv2D(3, 2) and type(conv.filters) is int
+        assert layers.Dense(np.int64(4)) == layers.Dense(4)
+        assert layers.MaxPool(np.int16(2)).window == (2, 2)
+        assert privacy.epsilon(noise_multiplier=np.int64(2), sample_rate=np.float32(0.01),
+                               steps=np.int64(100), delta=1e-5) == privacy.epsilon(
+                                   2.0, float(np.float32(0.01)), 100, 1e-5)
+        with pytest.raises(ValueError, match="Dense units must be an int >= 1, got True"):
+            layers.Dense(True)
+        with pytest.raises(ValueError, match="steps must be an int >= 1"):
+            privacy.epsilon(2.0, 0.01, np.bool_(True), 1e-5)

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array
+from jaxbp._typing import Array, is_int
 from jaxbp.activations import get_activation
 from jaxbp.layers import precision
 from jaxbp.layers.base import Shape, register, variance_init
@@ -36,9 +36,9 @@ PADDINGS = ("SAME", "VALID")
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    pair = (value, value) if is_int(value) else value
     if (not isinstance(pair, tuple | list) or len(pair) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)):
+            or not all(is_int(v) and v >= 1 for v in pair)):
         raise ValueError(f"Conv2D {name} must be an int >= 1 or a pair of them, got {value!r}")
     return int(pair[0]), int(pair[1])
 
@@ -69,9 +69,9 @@ class Conv2D:
     activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.filters, bool) or not isinstance(self.filters, int) \
-                or self.filters < 1:
+        if not is_int(self.filters) or self.filters < 1:
             raise ValueError(f"Conv2D filters must be an int >= 1, got {self.filters!r}")
+        object.__setattr__(self, "filters", int(self.filters))
         object.__setattr__(self, "kernel", _pair(self.kernel, "kernel"))
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
         if self.padding not in PADDINGS:

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbp._typing import Array
+from jaxbp._typing import Array, is_int
 from jaxbp.activations import get_activation
 from jaxbp.layers import precision
 from jaxbp.layers.base import Shape, register, variance_init
@@ -48,8 +48,9 @@ class Dense:
     activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.units, bool) or not isinstance(self.units, int) or self.units < 1:
+        if not is_int(self.units) or self.units < 1:
             raise ValueError(f"Dense units must be an int >= 1, got {self.units!r}")
+        object.__setattr__(self, "units", int(self.units))
         get_activation(self.activation)
         precision.check_recipe(self)
 

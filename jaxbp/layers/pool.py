@@ -20,14 +20,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array
+from jaxbp._typing import Array, is_int
 from jaxbp.layers.base import Shape, register
 
 
 def _window(value: Any) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    pair = (value, value) if is_int(value) else value
     if (not isinstance(pair, tuple | list) or len(pair) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)):
+            or not all(is_int(v) and v >= 1 for v in pair)):
         raise ValueError(f"pool window must be an int >= 1 or a pair of them, got {value!r}")
     return int(pair[0]), int(pair[1])
 
