@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxbp._typing import PyTree
+from jaxbp._typing import PyTree, is_int
 
 _NAME = re.compile(r"^ckpt_(\d+)\.npz$")
 _HEADER = "__header__"
@@ -168,8 +168,9 @@ def save(
     Raises:
       FloatingPointError: a floating leaf holds NaN/inf; nothing is written.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if not is_int(step) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
+    step = int(step)
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep!r}")
     directory = pathlib.Path(directory)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from jaxbp._typing import PRNGKey
+from jaxbp._typing import PRNGKey, is_int
 
 _DIGITS = pathlib.Path(__file__).parent / "data" / "digits.npz"
 
@@ -234,8 +234,9 @@ def epoch_order(
       indices of batch i; ``tail`` the short last batch's indices, or None
       (with ``drop_last`` or when batch_size divides n).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batch_size = int(batch_size)
     order = (np.arange(n, dtype=np.int32) if key is None
              else np.asarray(jax.random.permutation(key, n), np.int32))
     n_full = n // batch_size

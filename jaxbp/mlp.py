@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp import _checks
-from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
+from jaxbp._typing import Array, ArrayLike, Params, PRNGKey, is_int
 from jaxbp.activations import ACTIVATIONS, Activation, get_activation
 from jaxbp.layers.chain import chain_forward
 from jaxbp.layers.dense import Dense
@@ -284,7 +284,7 @@ def _checked_sizes(sizes: Any) -> tuple[int, ...]:
     if isinstance(sizes, str) or not isinstance(sizes, Sequence):
         raise TypeError(f"sizes must be a sequence of ints (n_in, ..., n_out), "
                         f"got {type(sizes).__name__}: {sizes!r}")
-    bad_type = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int)]
+    bad_type = [s for s in sizes if not is_int(s)]
     if bad_type:
         raise TypeError(f"sizes must hold ints, got {sizes!r} "
                         f"(not ints: {bad_type!r})")

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array, ArrayLike, PRNGKey
+from jaxbp._typing import Array, ArrayLike, PRNGKey, is_int
 from jaxbp.layers import precision
 from jaxbp.layers.base import LayerError
 from jaxbp.layers.chain import (
@@ -76,7 +76,7 @@ class Network:
             layers, compute_dtype=self.compute_dtype, activation_dtype=self.activation_dtype))
         shape = self.input_shape
         if (isinstance(shape, str) or not isinstance(shape, Sequence) or not shape
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1
+                or not all(is_int(d) and d >= 1
                            for d in shape)):
             raise ValueError(f"input_shape must be a non-empty tuple of ints >= 1 (one "
                              f"sample's shape), got {shape!r}")

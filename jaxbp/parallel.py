@@ -49,7 +49,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxbp import _checks
-from jaxbp._typing import Array, ArrayLike, PyTree
+from jaxbp._typing import Array, ArrayLike, PyTree, is_int
 from jaxbp.mlp import MLP
 from jaxbp.peaks import check_precision, precision_scope
 from jaxbp.train import (
@@ -82,15 +82,15 @@ def make_mesh(data: int | None = None, model: int = 1,
       ValueError: the sizes do not multiply to the number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if isinstance(model, bool) or not isinstance(model, int) or model < 1 \
+    if not is_int(model) or model < 1 \
             or len(devices) % model:
         raise ValueError(f"model must be an int >= 1 that divides the {len(devices)} devices, "
                          f"got {model!r}")
     data = len(devices) // model if data is None else data
-    if isinstance(data, bool) or not isinstance(data, int) or data * model != len(devices):
+    if not is_int(data) or data * model != len(devices):
         raise ValueError(f"data x model = {data!r} x {model} must equal the {len(devices)} "
                          f"devices")
-    return jax.make_mesh((data, model), (DATA, MODEL), (AxisType.Auto, AxisType.Auto),
+    return jax.make_mesh((int(data), int(model)), (DATA, MODEL), (AxisType.Auto, AxisType.Auto),
                          devices=devices)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from jaxbp import _checks, network
-from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp._typing import Array, ArrayLike, Params, is_int
 from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
 from jaxbp.mlp import MLP
@@ -234,8 +234,9 @@ def make_train_loop(
       source that takes ``mask=`` (the Poisson-sampled DP-SGD of
       :func:`jaxbp.privacy.dp_gradient`); metrics then include ``batch_size``.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    steps = int(steps)
     gradient = _gradient(grad)
     _check_optimizer(optimizer)
     check_precision(precision)
@@ -312,9 +313,9 @@ def evaluate(
       classification losses).
     """
     x, y = _checks.check_inputs(net, params, x, y)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    return evaluate_checked(net, params, x, y, batch_size)
+    return evaluate_checked(net, params, x, y, int(batch_size))
 
 
 def evaluate_checked(net: MLP, params: Params, x: Array, y: Array,

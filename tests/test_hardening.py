@@ -436,6 +436,13 @@ class TestProbedKnobs:
         assert conv == layers.Conv2D(3, 2) and type(conv.filters) is int
         assert layers.Dense(np.int64(4)) == layers.Dense(4)
         assert layers.MaxPool(np.int16(2)).window == (2, 2)
+        mlp = jaxbp.MLP((np.int64(3), np.int32(2)))
+        assert mlp.sizes == (3, 2) and all(type(s) is int for s in mlp.sizes)
+        net = jaxbp.Network((layers.Dense(2),), (np.int64(3),))
+        assert net.input_shape == (3,)
+        x, y = jnp.ones((4, 3)), jnp.eye(2)[jnp.array([0, 1, 0, 1])]
+        assert jaxbp.evaluate(mlp, mlp.init(jax.random.key(0)), x, y,
+                              batch_size=np.int64(2))["loss"] >= 0
         assert privacy.epsilon(noise_multiplier=np.int64(2), sample_rate=np.float32(0.01),
                                steps=np.int64(100), delta=1e-5) == privacy.epsilon(
                                    2.0, float(np.float32(0.01)), 100, 1e-5)
