@@ -362,14 +362,22 @@ def _train(args: argparse.Namespace) -> int:
     compilation_cache.enable(args.compilation_cache)
     dataset, net, optimizer = plan["dataset"], plan["net"], plan["optimizer"]
     main_process = jax.process_index() == 0
-    shape = (f"sizes {net.sizes}" if hasattr(net, "sizes")
-             else f"cnn {network.describe(net)}")
+    shape = (f"sizes {net.sizes}, {args.activation}, {net.loss}" if hasattr(net, "sizes")
+             else f"cnn {network.describe(net)}, {args.activation}")  # describe names the loss
+    grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad
     if main_process:
         print(f"jaxbp train: {args.data} ({len(dataset.x_train)} train, {len(dataset.x_test)} "
-              f"test), {shape}, {args.activation}, {net.loss}, {args.optimizer} lr "
-              f"{args.lr}, grad {args.grad}, jax {jax.__version__} on "
+              f"test), {shape}, {args.optimizer} lr "
+              f"{args.lr}, grad {grad_name}, jax {jax.__version__} on "
               f"{jax.devices()[0].platform}" + (f", mesh {dict(plan['mesh'].shape)}"
                                                 if plan["mesh"] is not None else ""))
+
+    n_train = len(dataset.x_train)
+    if plan["privacy"] is not None and args.delta >= 1 / n_train and main_process:
+        print(f"warning: --delta {args.delta:g} is not below 1/N = 1/{n_train}: publishing "
+              f"one random training example outright is (0, 1/N)-DP, so such a delta permits "
+              f"it; use a delta well below {1 / n_train:.2g}",
+              file=sys.stderr)
 
     key = jax.random.key(args.seed)
     params = net.init(jax.random.split(key)[0])  # the params fit starts from
@@ -397,7 +405,12 @@ def _train(args: argparse.Namespace) -> int:
     final = f"final test loss {history['test_loss'][-1]:.4f}"
     if dataset.is_classification:
         final = f"final test accuracy {history['test_accuracy'][-1]:.4f}, " + final
-    print(f"{final} after {history['epoch'][-1]} epochs "
+    if history.get("epsilon"):  # shown with --quiet too: what the run spent
+        final += f", epsilon {history['epsilon'][-1]:.4f} at delta {args.delta:g}"
+    done = history["epoch"][-1]
+    already = (f" (the checkpoint was already at epoch {done}, past --epochs {args.epochs}: "
+               f"nothing was trained)" if done > args.epochs else "")
+    print(f"{final} after {done} epochs{already} "
           f"({time.perf_counter() - start:.1f} s in all)")
     if args.plot:
         print(f"wrote {args.plot}")

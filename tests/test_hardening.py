@@ -450,3 +450,24 @@ class TestProbedKnobs:
             layers.Dense(True)
         with pytest.raises(ValueError, match="steps must be an int >= 1"):
             privacy.epsilon(2.0, 0.01, np.bool_(True), 1e-5)
+
+    def test_private_run_lines_and_an_epoch_count_already_passed(self, tmp_path, capsys,
+                                                                 restore_x64):
+        """The DP header names the gradient, a delta >= 1/N is warned about, the final
+        line carries epsilon with --quiet, and --epochs below the checkpoint's says that
+        nothing was trained."""
+        rng = np.random.default_rng(0)
+        data = tmp_path / "d.npz"
+        np.savez(data, x=rng.normal(size=(40, 4)).astype(np.float32),
+                 y=rng.integers(0, 3, 40))
+        run = ["train", "--data", str(data), "--sizes", "4,3", "--batch-size", "8",
+               "--checkpoint-dir", str(tmp_path / "c"), "--quiet"]
+        dp = ["--dp", "--noise-multiplier", "1.0", "--delta", "0.1"]
+        assert cli.main([*run, *dp, "--epochs", "2"]) == 0
+        out, err = capsys.readouterr()
+        assert "grad dp-sgd" in out and "grad backprop" not in out
+        assert "--delta 0.1 is not below 1/N = 1/" in err
+        assert re.search(r"epsilon \d+\.\d{4} at delta 0.1 after 2 epochs", out), out
+        assert cli.main([*run, *dp, "--epochs", "1", "--allow-run-change"]) == 0
+        out = capsys.readouterr().out
+        assert "already at epoch 2, past --epochs 1: nothing was trained" in out
