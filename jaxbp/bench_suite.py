@@ -48,12 +48,15 @@ import optax
 
 from jaxbp import layers
 from jaxbp.bench import (
+    ConvShape,
     MatmulShape,
     compile_ahead,
+    conv_rate,
     describe_machine,
     gemm_rate,
     machine_info,
     paired_ratio,
+    step_conv_shapes,
     step_matmul_flops,
     step_matmul_shapes,
     time_interleaved,
@@ -99,7 +102,7 @@ class BenchCase:
         """Matmul FLOPs of one step by kind (:func:`jaxbp.bench.step_matmul_flops`)."""
         return step_matmul_flops(self.sizes, self.batch)
 
-    def gemm_shapes(self) -> tuple[MatmulShape, ...]:
+    def roof_shapes(self) -> tuple[MatmulShape, ...]:
         """The widest layer's three matmuls, whose measured rates are the roof."""
         width = max(self.sizes[:-1])
         return step_matmul_shapes(self.batch, width, width)
@@ -165,10 +168,11 @@ class ConvCase:
                 "backward": weight_grad + input_error,
                 "total": forward + weight_grad + input_error}
 
-    def gemm_shapes(self) -> tuple[MatmulShape, ...]:
-        """The implicit GEMM of the widest conv (``B H W`` x ``9 filters`` x ``filters``)."""
-        rows = self.batch * self.side * self.side
-        return step_matmul_shapes(rows, 9 * self.filters, self.filters)
+    def roof_shapes(self) -> tuple[ConvShape, ...]:
+        """The widest conv's three convolutions (filters -> filters), timed alone: their
+        rates are the roof (the implicit GEMM of the same shape is not what the conv
+        library runs)."""
+        return step_conv_shapes(self.batch, self.side, self.filters, self.filters)
 
     @property
     def gflop(self) -> float:
@@ -296,14 +300,15 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
     flops = case.flops()
     recipe = RECIPES[case.precision]
     compute = recipe.get("compute_dtype")
-    shapes = case.gemm_shapes()
-    # each matmul as the recipe runs it: bf16 outputs in the bf16 recipe, except the weight
-    # gradient (accumulated into float32)
-    rates = {shape.name: gemm_rate(shape, "float32", compute, budget_s=budget_s / 3,
-                                   precision=precision,
-                                   out_dtype=recipe.get("activation_dtype")
-                                   if shape.name != "weight_grad" else None)
-             for shape in shapes}
+    # each product as the recipe runs it: bf16 outputs in the bf16 recipe, except a dense
+    # weight gradient (accumulated into float32; a conv's rounds to bf16, as in Conv2D)
+    rates = {}
+    for shape in case.roof_shapes():
+        conv = isinstance(shape, ConvShape)
+        rate = conv_rate if conv else gemm_rate
+        out = None if shape.name == "weight_grad" and not conv else recipe.get("activation_dtype")
+        rates[shape.name] = rate(shape, "float32", compute, budget_s=budget_s / 3,
+                                 precision=precision, out_dtype=out)
     # time the measured rates need for the step's matmuls: each kind at its own shape's rate
     matmul_s = (flops["forward"] / rates["forward"]
                 + flops["weight_grad"] / rates["weight_grad"]
@@ -442,7 +447,8 @@ def markdown(result: dict[str, Any]) -> str:
         "the ratio of the back-to-back step times with `grad=\"backprop\"` and `grad=\"autodiff\"` "
         "(< 1: the hand-written step is faster). `GEMM fwd/err/wgrad`: the machine's "
         "measured rate for the widest layer's three matmul shapes (forward B x W x W, input "
-        "error, weight gradient with the batch inner) in the same recipe, the best of "
+        "error, weight gradient with the batch inner; for a CNN the widest conv's three "
+        "convolutions, timed alone) in the same recipe, the best of "
         "three loops (a chain of products, the chain unrolled, independent products "
         "unrolled) so that no loop overhead lowers it; `roofline`: "
         "the time those rates need for the step's matmuls / the step's time. "

@@ -170,8 +170,15 @@ def test_conv_case_flops_match_xla_and_its_shapes_are_the_implicit_gemm():
         # cuDNN convs differently (0.31 of the hand count on an H200), so there: positive
         on_cpu = jax.devices()[0].platform == "cpu"
         assert (1.0 <= ratio < 1.5) if on_cpu else (0.0 < ratio < 1.5), ratio
-    assert [(s.m, s.k, s.n) for s in case.gemm_shapes()] == [(144, 36, 4), (144, 4, 36),
-                                                              (36, 144, 4)]
+    assert [(s.name, s.batch, s.side, s.c_in, s.c_out) for s in case.roof_shapes()] == [
+        (kind, 4, 6, 4, 4) for kind in ("forward", "input_error", "weight_grad")]
+    assert all(rate > 0 for rate in row["gemm_flops_per_s"].values())
+    for shape in case.roof_shapes():  # each timed convolution does the work it is credited
+        a, b, product = bench.conv_product(shape, "float32")
+        cost = jax.jit(product).lower(a, b).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        if jax.devices()[0].platform == "cpu":
+            assert cost["flops"] == shape.flops, (shape, cost["flops"])
     assert row["label"].startswith("CNN 6x6x2 F4 D2 B4 float32")
 
 
