@@ -1,12 +1,11 @@
 """jaxbp: hand-written backpropagation in JAX, for MLPs and any chain of layers."""
 
-from jaxbp import checkpoint, data, feedback, layers, privacy, testing
+from jaxbp import checkpoint, data, feedback, layers, models, privacy, testing
 from jaxbp.activations import ACTIVATIONS, Activation
 from jaxbp.autodiff import value_and_autodiff
 from jaxbp.backprop import (
     apply_with_manual_vjp,
     backprop,
-    grads_from_deltas,
     layer_deltas,
     output_delta,
     sample_output_delta,
@@ -59,7 +58,6 @@ __all__ = [
     "fit",
     "forward",
     "ggn_diag",
-    "grads_from_deltas",
     "hvp",
     "kfac_factors",
     "kfac_gradient",
@@ -69,6 +67,7 @@ __all__ = [
     "layers",
     "make_train_loop",
     "make_train_step",
+    "models",
     "output_delta",
     "per_example_grad_norms",
     "per_example_grad_variance",

@@ -87,6 +87,8 @@ def check_y(net: MLP, y: Any, batch: int) -> Any:
     from jaxbp.losses import get_loss
 
     y = as_array("y", y)
+    if getattr(net, "is_sequence", False):
+        return _check_sequence_y(net, y, batch)
     n_out = net.n_out
     shape = _shape(y)
     loss = get_loss(net.loss)
@@ -109,6 +111,41 @@ def check_y(net: MLP, y: Any, batch: int) -> Any:
             allowed += f" or ({batch},) integer labels"
         raise ValueError(f"y has shape {shape} but expected {allowed} for loss "
                          f"{net.loss!r}: batch of x = {batch}, {_n_out_words(net)}")
+    check_target_values(net, y)
+    return y
+
+
+def _check_sequence_y(net: Any, y: Any, batch: int) -> Any:
+    """Targets of a sequence output (T, n_out): (batch, T) integer labels in [-1, n_out)
+    (-1: an ignored token) for softmax cross-entropy, else (batch, T, n_out)."""
+    from jaxbp.losses import get_loss
+
+    steps, n_out = net.shapes[-1]
+    shape = _shape(y)
+    loss = get_loss(net.loss)
+    if loss.integer_labels and len(shape) == 2:
+        if shape != (batch, steps):
+            raise ValueError(f"y has shape {shape} but expected ({batch}, {steps}) token labels "
+                             f"or ({batch}, {steps}, {n_out}) targets: batch of x = {batch}, "
+                             f"T = {steps}")
+        if not jnp.issubdtype(y.dtype, jnp.integer):
+            raise TypeError(f"y of shape {shape} is read as token labels and must have an "
+                            f"integer dtype, got {y.dtype}")
+        if _is_concrete(y):
+            count, i = _first_bad((y < -1) | (y >= n_out))
+            if count:
+                row = np.unravel_index(i, shape)
+                raise ValueError(f"y holds labels outside [-1, {n_out}) (-1: an ignored "
+                                 f"token): y[{row[0]}, {row[1]}] = {int(y[row])} ({count} out "
+                                 f"of range); n_out = {n_out}")
+        return y
+    if shape != (batch, steps, n_out):
+        allowed = f"({batch}, {steps}, {n_out})"
+        if loss.integer_labels:
+            allowed += f" or ({batch}, {steps}) integer labels"
+        raise ValueError(f"y has shape {shape} but expected {allowed} for loss {net.loss!r} "
+                         f"on a sequence output: batch of x = {batch}, T = {steps}, "
+                         f"n_out = {n_out}")
     check_target_values(net, y)
     return y
 
@@ -199,9 +236,14 @@ def _n_out_words(net: Any) -> str:
 
 
 def _check_network_x(net: Any, x: Any) -> Any:
-    """x of a :class:`jaxbp.Network`: (batch, *input_shape), floating, batch >= 1."""
+    """x of a :class:`jaxbp.Network`: (batch, *input_shape), floating (integer tokens for a
+    network with an ``input_dtype``), batch >= 1."""
     shape, expected = _shape(x), tuple(net.input_shape)
-    if not _is_float(x.dtype):
+    if net.input_dtype is not None:
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"x must hold integer tokens (the network's input_dtype is "
+                            f"{net.input_dtype}), got {x.dtype}")
+    elif not _is_float(x.dtype):
         raise TypeError(f"x must have a floating dtype (float16/bfloat16/float32/float64), "
                         f"got {x.dtype}; cast it, e.g. x.astype({net.dtype!r})")
     if len(shape) != len(expected) + 1 or shape[1:] != expected:
@@ -293,5 +335,12 @@ def check_inputs(net: MLP, params: Any, x: Any, y: Any = None) -> tuple[Array, A
     x = check_x(net, x)
     if y is not None:
         y = check_y(net, y, _shape(x)[0])
-        y = jnp.asarray(y) if np.ndim(y) == 1 else jnp.asarray(y, dtype=dtype)
-    return jnp.asarray(x, dtype=dtype), y
+        labels = jnp.issubdtype(y.dtype, jnp.integer) and np.ndim(y) == _label_rank(net)
+        y = jnp.asarray(y) if labels else jnp.asarray(y, dtype=dtype)
+    tokens = getattr(net, "input_dtype", None)
+    return jnp.asarray(x, dtype=tokens or dtype), y
+
+
+def _label_rank(net: Any) -> int:
+    """The rank of integer class labels: (batch,), or (batch, T) for a sequence output."""
+    return 2 if getattr(net, "is_sequence", False) else 1

@@ -19,8 +19,8 @@ The equations are written out once, in the Dense rule
 loop over the layer records (:func:`jaxbp.layers.chain.chain_backward`); an
 MLP runs it over its Dense layers (:attr:`jaxbp.MLP.network`). Nothing here
 calls JAX's autodiff; every derivative is from :mod:`jaxbp.activations` and
-:mod:`jaxbp.losses`. The MLP pieces (:func:`output_delta`, :func:`layer_deltas`,
-:func:`grads_from_deltas`) are public so that curvature code reuses the one loop.
+:mod:`jaxbp.losses`. The MLP pieces (:func:`output_delta`, :func:`layer_deltas`) are
+public so that curvature code reuses the one loop.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jax
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.layers.chain import chain_backward
-from jaxbp.mlp import MLP, Cache, cache_to_caches, matmul
+from jaxbp.mlp import MLP, Cache, cache_to_caches
 from jaxbp.network import as_network
 
 
@@ -87,23 +87,6 @@ def layer_deltas(net: MLP, params: Params, cache: Cache, delta_out: Array) -> tu
     hidden = tuple(delta_a * act.dg(z, a) for delta_a, act, z, a
                    in zip(at_outputs[:-1], net.activations, cache.zs, cache.acts[1:]))
     return (*hidden, delta_out)
-
-
-def grads_from_deltas(net: MLP, acts: tuple[Array, ...], deltas: tuple[Array, ...]) -> Params:
-    """dC/dW^l = a^{l-1 T} delta^l and dC/db^l = sum_n delta^l_n, for every layer.
-
-    Args:
-      net: the network description (its matmul precision).
-      acts: ``(a^0, ..., a^L)`` (only ``a^0 .. a^{L-1}`` are read).
-      deltas: ``(delta^1, ..., delta^L)``.
-
-    Returns:
-      Grads shaped like the params: a tuple of ``{"w", "b"}`` dicts.
-    """
-    return tuple(
-        {"w": matmul(net, a_in, delta, transpose_a=True), "b": delta.sum(axis=0)}
-        for a_in, delta in zip(acts, deltas)
-    )
 
 
 def value_grads_and_output(

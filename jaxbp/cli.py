@@ -296,8 +296,7 @@ def _cnn(args: argparse.Namespace, dataset: Any, loss: str) -> tuple[Any, Any]:
     Conv 3x3 (16, act) -> MaxPool 2 -> Conv 3x3 (32, act) -> MaxPool 2 -> Flatten ->
     Dense 64 (act) -> Dense n_out; act is ``--activation``.
     """
-    from jaxbp import layers
-    from jaxbp.network import Network
+    from jaxbp import models
 
     side = math.isqrt(dataset.n_in)
     if side * side != dataset.n_in or side < 4:
@@ -307,11 +306,7 @@ def _cnn(args: argparse.Namespace, dataset: Any, loss: str) -> tuple[Any, Any]:
         raise UsageError("--sizes sets the layers of an MLP; --model cnn has its own")
     act = args.activation
     try:
-        net = Network((layers.Conv2D(16, (3, 3), activation=act), layers.MaxPool(2),
-                       layers.Conv2D(32, (3, 3), activation=act), layers.MaxPool(2),
-                       layers.Flatten(), layers.Dense(64, act),
-                       layers.Dense(dataset.n_out, args.output_activation)),
-                      (side, side, 1), loss)
+        net = models.cnn(side, dataset.n_out, act, args.output_activation, loss)
     except (TypeError, ValueError) as err:
         raise UsageError(_option_for(err, str(err))) from None
     images = dataset._replace(x_train=dataset.x_train.reshape(-1, side, side, 1),

@@ -156,19 +156,9 @@ def ggn_diag(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
 
 
 def _sample_targets(net: MLP, a_out: Array, key: Array) -> Array:
-    """y drawn from the model's own predictive distribution at a^L (for the MC Fisher).
-
-    softmax cross-entropy: a class from softmax(a) (one-hot); sigmoid
-    cross-entropy: Bernoulli(sigmoid(a)); squared error ``sum (a - y)^2`` is the
-    negative log-likelihood of N(a, 1/2): y = a + N(0, 1/2).
-    """
-    if net.loss == "softmax_cross_entropy":
-        labels = jax.random.categorical(key, a_out, axis=-1)
-        return jax.nn.one_hot(labels, a_out.shape[-1], dtype=a_out.dtype)
-    if net.loss == "sigmoid_cross_entropy":
-        return jax.random.bernoulli(key, jax.nn.sigmoid(a_out)).astype(a_out.dtype)
-    return a_out + jnp.sqrt(0.5).astype(a_out.dtype) * jax.random.normal(
-        key, a_out.shape, a_out.dtype)
+    """y drawn from the model's own predictive distribution at a^L (for the MC Fisher):
+    the loss record's ``sample_targets``."""
+    return net.loss_fn.sample_targets(a_out, key)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))

@@ -18,19 +18,20 @@ from jaxbp.layers.chain import chain_backward
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 
-STATS = ("mean_abs_delta", "grad_norm", "weight_norm", "update_ratio")
-
 
 @functools.partial(jax.jit, static_argnums=0)
 def _layer_stats(net: MLP | Network, params: Params, x: Array, y: Array,
                  updates: Params | None) -> dict[str, Array]:
-    """The statistics of the layers that have a weight ``"w"``, from one reversed loop."""
+    """The statistics of the layers with an activation (the ``pre_activation_error``
+    capability: Dense, Conv2D; their weight is ``"w"``), from one reversed loop."""
     chain = network.as_network(net)
+    network.require_vector_output(chain, "layer_stats")
     out, caches = network.forward(chain, params, x)
     delta = chain.loss_fn.sample_grad(out, y) / x.shape[0]     # dC/da^L of the batch mean
     _, grads, deltas = chain_backward(chain.layers, params, caches, delta, need_input=False)
     steps = grads if updates is None else updates
-    weighted = [l for l, p in enumerate(params) if isinstance(p, dict) and "w" in p]
+    weighted = [l for l, layer in enumerate(chain.layers)
+                if hasattr(layer, "pre_activation_error")]
     # delta^l at the pre-activation z^l, of the batch-mean cost, times N: the per-sample scale
     errors = [chain.layers[l].pre_activation_error(caches[l], deltas[l]) for l in weighted]
     weight = jnp.stack([jnp.linalg.norm(params[l]["w"]) for l in weighted])

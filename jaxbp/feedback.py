@@ -23,9 +23,10 @@ and :func:`jaxbp.fit`. It runs the layer records' own hand-written backward
 for the input error: for Dense and Conv2D the weight gradient reads only the
 layer's input and its error, never its weights, so it stays exact for the
 error the rule delivers. Flatten, MaxPool, AvgPool and LayerNorm pass errors
-back with their own local ``J^T`` (no weight transport); a Residual has no
-rule here (its inner chain would need feedback of its own) and is refused by
-name. The feedback matrices are fixed: a pure function of the key they are
+back with their own local ``J^T`` (no weight transport). A record takes part
+through its ``feedback_shape``/``feedback_transport`` capabilities; one without
+them (Residual: its inner chain would need feedback of its own) is refused with
+the capability error naming it. The feedback matrices are fixed: a pure function of the key they are
 drawn from, never state that drifts. Nothing here calls JAX's autodiff.
 
 References:
@@ -52,43 +53,32 @@ import numpy as np
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
-from jaxbp.layers import AvgPool, Conv2D, Dense, Flatten, LayerNorm, MaxPool
-from jaxbp.layers.base import LayerError, variance_init
-from jaxbp.losses import sample_loss_and_grad
+from jaxbp.layers.base import capability, variance_init
+from jaxbp.losses import cost_and_output_error
 
 Feedback = tuple[Array | None, ...]
 """One entry per layer: a feedback array, or None where the layer keeps its own rule."""
 
 GradientSource = Callable[..., tuple[Array, Params, Array]]
 
-_TRANSPORTING = (Dense, Conv2D)        # layers whose J^T reads their forward weights
-_LOCAL = (Flatten, MaxPool, AvgPool, LayerNorm)   # J^T from their own cache (and scale)
-
-
 def _chain_of(net: Any) -> network.Network:
+    """The net as a chain whose every layer has the ``feedback_shape`` capability (Dense and
+    Conv2D take feedback; Flatten, pools and LayerNorm keep their own J^T)."""
     chain = network.as_network(net)
     for i, layer in enumerate(chain.layers):
-        if not isinstance(layer, (*_TRANSPORTING, *_LOCAL)):
-            raise LayerError(f"layers[{i}] ({type(layer).__name__}): the feedback rules apply "
-                             f"to Dense and Conv2D layers (and pass errors through Flatten, "
-                             f"pools and LayerNorm); a {type(layer).__name__} has no rule here")
+        capability(layer, "feedback_shape", f"layers[{i}]", "the feedback rules")
     return chain
 
 
 def _alignment_shape(layer: Any, in_shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """B^l's shape for layer l: W^T's for Dense, W's (HWIO) for Conv2D, None for the rest."""
-    if isinstance(layer, Dense):
-        return (layer.units, in_shape[0])
-    if isinstance(layer, Conv2D):
-        return (*layer.kernel, in_shape[-1], layer.filters)
-    return None
+    """B^l's shape for layer l: the record's ``feedback_shape`` (W^T's for Dense, the HWIO
+    kernel's for Conv2D; None for a layer that keeps its own J^T)."""
+    return layer.feedback_shape(in_shape)
 
 
-def _direct_shape(layer: Any, out_shape: tuple[int, ...], n_out: int) -> tuple[int, ...] | None:
+def _direct_shape(params: Any, out_shape: tuple[int, ...], n_out: int) -> tuple[int, ...] | None:
     """B^l's shape for DFA: (n_out, size of the layer's output) for a layer with parameters."""
-    if isinstance(layer, (*_TRANSPORTING, LayerNorm)):
-        return (n_out, math.prod(out_shape))
-    return None
+    return (n_out, math.prod(out_shape)) if jax.tree.leaves(params) else None
 
 
 def feedback_shapes(net: Any, kind: str = "alignment") -> tuple[tuple[int, ...] | None, ...]:
@@ -107,8 +97,8 @@ def feedback_shapes(net: Any, kind: str = "alignment") -> tuple[tuple[int, ...] 
         return tuple(_alignment_shape(layer, shapes[l])
                      for l, layer in enumerate(chain.layers) if l > 0)
     if kind == "direct":
-        return tuple(_direct_shape(layer, shapes[l + 1], chain.n_out)
-                     for l, layer in enumerate(chain.layers[:-1]))
+        return tuple(_direct_shape(p, shapes[l + 1], chain.n_out)
+                     for l, p in enumerate(chain.param_shapes()[:-1]))
     raise ValueError(f"kind must be 'alignment' or 'direct', got {kind!r}")
 
 
@@ -162,29 +152,22 @@ def random_feedback(net: Any, key: PRNGKey, kind: str = "alignment") -> Feedback
         elif kind == "direct":
             out.append(variance_init(k, shape, shape[0], shape[1], False, dtype))
         else:
-            w = layer.init(k, in_shape, dtype)["w"]
-            out.append(w.T if isinstance(layer, Dense) else w)
+            out.append(layer.feedback_transport(layer.init(k, in_shape, dtype)["w"]))
     return tuple(out)
-
-
-def _transport(layer: Any, entry: Array) -> Array:
-    """The array the layer's backward reads as "w" so that it passes errors through B."""
-    return entry.T if isinstance(layer, Dense) else entry    # Dense: delta (B^T)^T = delta B
 
 
 def _backward_with(net: network.Network, params: Params, x: Array, y: Array,
                    transports: Sequence[Array | None]) -> tuple[Array, Params, Array]:
     """The reversed loop with ``transports[l]`` read as layer l's weights for its input error."""
     out, caches = network.forward(net, params, x)
-    losses, dl_da = sample_loss_and_grad(net.loss_fn, out, y)
-    delta = dl_da / out.shape[0]
+    cost, delta = cost_and_output_error(net.loss_fn, out, y)
     grads: list[Any] = [None] * net.n_layers
     for l in reversed(range(net.n_layers)):
         layer, p = net.layers[l], params[l]
         seen = p if transports[l] is None else {**p, "w": transports[l]}
         # Dense and Conv2D read "w" only for delta_in: their grads are exact for this delta.
         delta, grads[l] = layer.backward(seen, caches[l], delta, need_input=l > 0)
-    return jnp.mean(losses), tuple(grads), out
+    return cost, tuple(grads), out
 
 
 def alignment(feedback: Sequence[ArrayLike | None]) -> GradientSource:
@@ -201,7 +184,8 @@ def alignment(feedback: Sequence[ArrayLike | None]) -> GradientSource:
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
         entries = _check_feedback(chain, feedback, "alignment")
-        transports = [None] + [None if b is None else _transport(layer, jnp.asarray(b, x.dtype))
+        transports = [None] + [None if b is None
+                               else layer.feedback_transport(jnp.asarray(b, x.dtype))
                                for layer, b in zip(chain.layers[1:], entries)]
         return _backward_with(chain, params, x, y, transports)
 
@@ -221,8 +205,9 @@ def sign_symmetry() -> GradientSource:
     """
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
-        transports = [None] + [jnp.sign(p["w"]) if isinstance(layer, _TRANSPORTING) else None
-                               for layer, p in zip(chain.layers[1:], params[1:])]
+        transports = [None] + [None if layer.feedback_shape(shape) is None
+                               else jnp.sign(p["w"]) for layer, p, shape
+                               in zip(chain.layers[1:], params[1:], chain.shapes[1:])]
         return _backward_with(chain, params, x, y, transports)
 
     gradient.__qualname__ = "feedback.sign_symmetry"
@@ -246,9 +231,8 @@ def direct(feedback: Sequence[ArrayLike | None]) -> GradientSource:
         chain = _chain_of(net)
         entries = _check_feedback(chain, feedback, "direct")
         out, caches = network.forward(chain, params, x)
-        losses, dl_da = sample_loss_and_grad(chain.loss_fn, out, y)
+        cost, delta_out = cost_and_output_error(chain.loss_fn, out, y)
         last = chain.layers[-1]
-        delta_out = dl_da / out.shape[0]
         _, last_grads = last.backward(params[-1], caches[-1], delta_out, need_input=False)
         e = (last.pre_activation_error(caches[-1], delta_out)
              if hasattr(last, "pre_activation_error") else delta_out)
@@ -259,7 +243,7 @@ def direct(feedback: Sequence[ArrayLike | None]) -> GradientSource:
                 continue
             delta_a = (e @ jnp.asarray(b, x.dtype)).reshape((x.shape[0], *chain.shapes[l + 1]))
             grads.append(layer.backward(params[l], caches[l], delta_a, need_input=False)[1])
-        return jnp.mean(losses), (*grads, last_grads), out
+        return cost, (*grads, last_grads), out
 
     gradient.__qualname__ = "feedback.direct"
     return gradient

@@ -32,7 +32,6 @@ from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.run_config import describe_run, run_differences
 from jaxbp.train import (
-    CLASSIFICATION_LOSSES,
     GradFn,
     TrainState,
     _check_optimizer,
@@ -672,10 +671,10 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
 
 def _epoch_line(net: MLP, row: dict[str, float], epochs: int) -> str:
     line = f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f}"
-    if net.loss in CLASSIFICATION_LOSSES:
+    if net.loss_fn.is_classification:
         line += f" acc {row['train_accuracy']:.4f}"
     line += f"  test loss {row['test_loss']:.4f}"
-    if net.loss in CLASSIFICATION_LOSSES:
+    if net.loss_fn.is_classification:
         line += f" acc {row['test_accuracy']:.4f}"
     if "epsilon" in row:
         line += f"  epsilon {row['epsilon']:.3f}"

@@ -39,6 +39,10 @@ class Loss(NamedTuple):
         respect to a^L times r: (batch, n_out).
       sample_hessian_factor: ``(a, y) -> S`` of shape (batch, n_out, k) with
         ``H_n = S_n S_n^T`` (for the generalised Gauss-Newton).
+      hits: ``(a, y) -> (batch,)`` float, each sample's correctness (the accuracy),
+        or None for a loss that is no classification.
+      sample_targets: ``(a, key) -> y`` drawn from the model's own predictive
+        distribution at a (the Monte Carlo Fisher's targets).
     """
 
     name: str
@@ -48,6 +52,13 @@ class Loss(NamedTuple):
     sample_loss_and_grad: Callable[[Array, Array], tuple[Array, Array]] | None = None
     sample_hvp: Callable[[Array, Array, Array], Array] | None = None
     sample_hessian_factor: Callable[[Array, Array], Array] | None = None
+    hits: Callable[[Array, Array], Array] | None = None
+    sample_targets: Callable[[Array, Array], Array] | None = None
+
+    @property
+    def is_classification(self) -> bool:
+        """Whether its metrics include an accuracy (it has ``hits``)."""
+        return self.hits is not None
 
 
 def _squared_error(a: Array, y: Array) -> Array:
@@ -149,11 +160,38 @@ def _sigmoid_cross_entropy_factor(a: Array, y: Array) -> Array:
     return jnp.sqrt(s * (1 - s))[:, :, None] * jnp.eye(a.shape[-1], dtype=a.dtype)
 
 
+def _softmax_hits(a: Array, y: Array) -> Array:
+    """argmax(a) == the label (labels, or the argmax of one-hot/probability rows)."""
+    labels = y if y.ndim == a.ndim - 1 else jnp.argmax(y, axis=-1)
+    return (jnp.argmax(a, axis=-1) == labels).astype(jnp.float32)
+
+
+def _sigmoid_hits(a: Array, y: Array) -> Array:
+    """The fraction of output units with ``(a > 0) == (y >= 1/2)``."""
+    return jnp.mean((a > 0) == (y >= 0.5), axis=-1, dtype=jnp.float32)
+
+
+def _softmax_targets(a: Array, key: Array) -> Array:
+    """A class from softmax(a), one-hot."""
+    return jax.nn.one_hot(jax.random.categorical(key, a, axis=-1), a.shape[-1], dtype=a.dtype)
+
+
+def _sigmoid_targets(a: Array, key: Array) -> Array:
+    """Bernoulli(sigmoid(a)) per unit."""
+    return jax.random.bernoulli(key, jax.nn.sigmoid(a)).astype(a.dtype)
+
+
+def _squared_error_targets(a: Array, key: Array) -> Array:
+    """``sum (a - y)^2`` is the negative log-likelihood of N(a, 1/2): y = a + N(0, 1/2)."""
+    return a + jnp.sqrt(0.5).astype(a.dtype) * jax.random.normal(key, a.shape, a.dtype)
+
+
 LOSSES: dict[str, Loss] = {
     loss.name: loss
     for loss in (
         Loss("squared_error", _squared_error, _squared_error_grad, integer_labels=False,
-             sample_hvp=_squared_error_hvp, sample_hessian_factor=_squared_error_factor),
+             sample_hvp=_squared_error_hvp, sample_hessian_factor=_squared_error_factor,
+             sample_targets=_squared_error_targets),
         Loss(
             "softmax_cross_entropy",
             _softmax_cross_entropy,
@@ -162,6 +200,8 @@ LOSSES: dict[str, Loss] = {
             sample_loss_and_grad=_softmax_cross_entropy_and_grad,
             sample_hvp=_softmax_cross_entropy_hvp,
             sample_hessian_factor=_softmax_cross_entropy_factor,
+            hits=_softmax_hits,
+            sample_targets=_softmax_targets,
         ),
         Loss(
             "sigmoid_cross_entropy",
@@ -170,6 +210,8 @@ LOSSES: dict[str, Loss] = {
             integer_labels=False,
             sample_hvp=_sigmoid_cross_entropy_hvp,
             sample_hessian_factor=_sigmoid_cross_entropy_factor,
+            hits=_sigmoid_hits,
+            sample_targets=_sigmoid_targets,
         ),
     )
 }
@@ -190,15 +232,73 @@ def get_loss(name: str) -> Loss:
         ) from None
 
 
+def tokens(a: Array, y: Array) -> tuple[Array, Array, Array | None]:
+    """``(rows, targets, valid)``: the outputs as (M, n_out) rows, one per sample or, for
+    sequences (batch, T, n_out), per token; valid (M,) bool where integer targets of -1
+    mark ignored tokens (padding), else None (every row counts)."""
+    if a.ndim == 2:
+        return a, y, None
+    rows = a.reshape(-1, a.shape[-1])
+    if y.ndim == a.ndim - 1:                                  # integer labels (batch, T)
+        labels = y.reshape(-1)
+        valid = labels >= 0
+        return rows, jnp.where(valid, labels, 0), valid
+    return rows, y.reshape(-1, y.shape[-1]), None
+
+
+def _count(rows: Array, valid: Array | None) -> Array | int:
+    """How many rows the mean is over: all, or the valid ones (at least 1)."""
+    return rows.shape[0] if valid is None else jnp.maximum(jnp.sum(valid), 1).astype(rows.dtype)
+
+
 def mean_loss(loss: Loss, a: Array, y: Array) -> Array:
-    """C = (1/N) sum_n l(a_n, y_n), a scalar.
+    """C, the mean of the loss over the samples (over the tokens of sequences), a scalar.
 
     Args:
       loss: the loss record.
-      a: (batch, n_out) network outputs (logits for the cross-entropies).
-      y: (batch, n_out) targets, or (batch,) integer labels where allowed.
+      a: (batch, n_out) network outputs (logits for the cross-entropies), or
+        (batch, T, n_out) for sequences.
+      y: (batch, n_out) targets, or (batch,) integer labels where allowed; for
+        sequences (batch, T, n_out) or (batch, T) labels, -1 where a token is
+        ignored (counted nowhere: C is the mean over the other tokens).
     """
-    return jnp.mean(loss.sample_loss(a, y))
+    rows, targets, valid = tokens(a, y)
+    losses = loss.sample_loss(rows, targets)
+    if valid is None:
+        return jnp.mean(losses)
+    return jnp.sum(jnp.where(valid, losses, 0)) / _count(rows, valid)
+
+
+def cost_and_output_error(loss: Loss, a: Array, y: Array) -> tuple[Array, Array]:
+    """``(C, dC/da)``: the mean loss and the output error of the reversed loop, one pass.
+
+    ``dC/da_m = dl_m/da_m / M`` over the M rows (samples, or valid tokens: an ignored
+    token's error is 0), the fused softmax form where the loss has it.
+    """
+    rows, targets, valid = tokens(a, y)
+    losses, grads = sample_loss_and_grad(loss, rows, targets)
+    if valid is not None:
+        losses = jnp.where(valid, losses, 0)
+        grads = jnp.where(valid[:, None], grads, 0)
+    count = _count(rows, valid)
+    return jnp.sum(losses) / count, (grads / count).reshape(a.shape)
+
+
+def sample_sums(loss: Loss, a: Array, y: Array) -> tuple[Array, Array | None, Array]:
+    """Per sample ``(loss sum, hit sum or None, count)``, each (batch,) float32: for vector
+    outputs ``(l_n, hits_n, 1)``; for sequences the sums over the sample's counted tokens
+    (targets not -1) and how many there are. Means over a data set are ratios of sums."""
+    rows, targets, valid = tokens(a, y)
+    losses = loss.sample_loss(rows, targets).astype(jnp.float32)
+    hits = None if loss.hits is None else loss.hits(rows, targets)
+    weight = jnp.ones_like(losses) if valid is None else valid.astype(jnp.float32)
+    batch = a.shape[0]
+
+    def per_sample(values: Array) -> Array:
+        return jnp.sum((values * weight).reshape(batch, -1), axis=1)
+
+    return (per_sample(losses), None if hits is None else per_sample(hits),
+            per_sample(jnp.ones_like(losses)))
 
 
 def sample_loss_and_grad(loss: Loss, a: Array, y: Array) -> tuple[Array, Array]:

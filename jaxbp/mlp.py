@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxbp import _checks
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey, is_int
 from jaxbp.activations import ACTIVATIONS, Activation, get_activation
+from jaxbp.layers.base import TRUNCATED_NORMAL_STD
 from jaxbp.layers.chain import chain_forward
 from jaxbp.layers.dense import Dense
 from jaxbp.losses import LOSSES, Loss, get_loss, mean_loss
@@ -206,16 +207,12 @@ class MLP:
         return cost(self, params, x, y)
 
 
-# The std of a standard normal truncated to [-2, 2]; dividing by it restores unit variance.
-_TRUNCATED_NORMAL_STD = 0.87962566103423978
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _init(net: MLP, key: PRNGKey) -> Params:
     dtype = jnp.dtype(net.dtype)
     fans = list(zip(net.sizes[:-1], net.sizes[1:]))
     unit = jax.random.truncated_normal(
-        key, -2.0, 2.0, (sum(i * o for i, o in fans),), jnp.float32) / _TRUNCATED_NORMAL_STD
+        key, -2.0, 2.0, (sum(i * o for i, o in fans),), jnp.float32) / TRUNCATED_NORMAL_STD
     params, start = [], 0
     for act, (fan_in, fan_out) in zip(net.activations, fans):
         # He: Var(W) = 2 / fan_in; Glorot: Var(W) = 2 / (fan_in + fan_out).

@@ -30,7 +30,7 @@ from jaxbp.layers.chain import (
     chain_shapes,
     check_layers,
 )
-from jaxbp.losses import LOSSES, Loss, get_loss, mean_loss, sample_loss_and_grad
+from jaxbp.losses import LOSSES, Loss, cost_and_output_error, get_loss, mean_loss
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -46,6 +46,9 @@ class Network:
         ``(64,)`` for vectors.
       loss: a name of :data:`jaxbp.LOSSES`; the chain must end in ``(n_out,)``.
       dtype: the floating dtype :meth:`init` gives the parameters.
+      input_dtype: None (floating inputs, cast to the params' dtype), or an integer
+        dtype such as ``"int32"`` for token inputs (an :class:`~jaxbp.layers.Embedding`
+        first): x is then checked to be integers and passed on as it is.
       compute_dtype, activation_dtype: network-wide defaults of the numerical recipe
         for every layer that has these fields and leaves them None (``Dense``,
         ``Conv2D``; ``LayerNorm`` takes the activation dtype; inside ``Residual``
@@ -59,7 +62,8 @@ class Network:
       jaxbp.layers.LayerError: a layer that does not fit its input (names
         ``layers[i] (Type)``: a Dense on 4-D activations, a kernel larger
         than a VALID input, a Residual that changes the shape, ...).
-      ValueError: an unknown loss or dtype, or an output that is not a vector.
+      ValueError: an unknown loss or dtype, or an output that is neither a vector
+        ``(n_out,)`` nor a sequence ``(T, n_out)`` (a loss per token).
     """
 
     layers: tuple[Any, ...]
@@ -68,6 +72,7 @@ class Network:
     dtype: str = "float32"
     compute_dtype: str | None = None
     activation_dtype: str | None = None
+    input_dtype: str | None = None
 
     def __post_init__(self) -> None:
         layers = check_layers(self.layers, "layers")
@@ -91,11 +96,20 @@ class Network:
         if name not in _FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {list(_FLOAT_DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "dtype", name)
+        if self.input_dtype is not None:
+            try:
+                kind = jnp.dtype(self.input_dtype)
+            except TypeError:
+                kind = None
+            if kind is None or not jnp.issubdtype(kind, jnp.integer):
+                raise ValueError(f"input_dtype must be None (floating inputs) or an integer "
+                                 f"dtype such as 'int32' (tokens), got {self.input_dtype!r}")
+            object.__setattr__(self, "input_dtype", kind.name)
         out = self.shapes[-1]
-        if len(out) != 1:
+        if len(out) not in (1, 2):
             raise LayerError(f"layers[{len(self.layers) - 1}] ({type(self.layers[-1]).__name__})"
-                             f": the network must end in a vector (n_out,) for the loss, got "
-                             f"{out}; add Flatten() and a Dense")
+                             f": the network must end in a vector (n_out,) or a sequence "
+                             f"(T, n_out) for the loss, got {out}; add Flatten() and a Dense")
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -105,7 +119,12 @@ class Network:
     @property
     def n_out(self) -> int:
         """The width of the output a^L (the number of classes for the cross-entropies)."""
-        return self.shapes[-1][0]
+        return self.shapes[-1][-1]
+
+    @property
+    def is_sequence(self) -> bool:
+        """Whether the output is a sequence (T, n_out): one loss term per token."""
+        return len(self.shapes[-1]) == 2
 
     @property
     def n_layers(self) -> int:
@@ -129,7 +148,7 @@ class Network:
         return chain_init(self.layers, key, self.shapes, jnp.dtype(self.dtype))
 
     def apply(self, params: Any, x: ArrayLike) -> Array:
-        """The network output a^L, (batch, n_out)."""
+        """The network output a^L, (batch, n_out) or (batch, T, n_out)."""
         from jaxbp import _checks
 
         x, _ = _checks.check_inputs(self, params, x)
@@ -173,10 +192,9 @@ def value_grads_and_errors(net: Network, params: Any, x: Array, y: Array
     The loss value and ``dl/da`` come from one pass (the fused softmax form).
     """
     out, caches = forward(net, params, x)
-    losses, dl_da = sample_loss_and_grad(net.loss_fn, out, y)
-    delta = dl_da / out.shape[0]                        # dC/da^L = (1/N) dl/da^L
+    cost, delta = cost_and_output_error(net.loss_fn, out, y)   # dC/da^L = (1/N) dl/da^L
     _, grads, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
-    return jnp.mean(losses), grads, out, caches, deltas
+    return cost, grads, out, caches, deltas
 
 
 def value_grads_and_output(net: Network, params: Any, x: Array,
@@ -185,12 +203,23 @@ def value_grads_and_output(net: Network, params: Any, x: Array,
     return value_grads_and_errors(net, params, x, y)[:3]
 
 
+def require_vector_output(net: Any, quantity: str) -> None:
+    """A ValueError (at trace time, before XLA) for a quantity defined per sample on vector
+    outputs only, asked of a network with a sequence output (T, n_out)."""
+    if getattr(as_network(net), "is_sequence", False):
+        raise ValueError(f"{quantity} takes networks with a vector output (n_out,); this one "
+                         f"ends in a sequence {as_network(net).shapes[-1]} (a loss per token), "
+                         f"which it does not cover yet")
+
+
 def layer_deltas(net: Network, params: Any, x: Array, y: Array,
                  per_sample: bool = False) -> tuple[Array, tuple[Any, ...], tuple[Array, ...]]:
     """``(a^L, caches, deltas)``: every layer's cache and the error at its output.
 
     ``per_sample=True`` gives each sample's own errors (not divided by N).
     """
+    require_vector_output(net, "a per-sample quantity (per-example gradients, norms, "
+                               "clipping, DP-SGD, variance)")
     out, caches = forward(net, params, x)
     delta = net.loss_fn.sample_grad(out, y)
     if not per_sample:

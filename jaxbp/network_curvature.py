@@ -9,11 +9,11 @@ with parameters squares the per-sample gradients of its errors:
 .. math::
     \\mathrm{diag}(G) = \\tfrac1N \\sum_{n,c} g_{n,c} \\odot g_{n,c}
 
-A Dense layer needs no per-sample gradient for it, ``(a^2)^T (delta^2)``;
-Conv2D, LayerNorm and Residual form theirs (their record's ``per_sample_grads``).
+A Dense layer needs no per-sample gradient for it, ``(a^2)^T (delta^2)`` (its record's
+``sq_grad_sum``); Conv2D, LayerNorm and Residual form theirs (``per_sample_grads``).
 
-**K-FAC** for Dense and Conv2D. A Dense layer's factors are those of
-:func:`jaxbp.kfac_factors`. For a Conv2D (KFC, Grosse and Martens 2016), with
+**K-FAC** for the records with ``kfac_inputs`` (Dense and Conv2D). A Dense layer's
+factors are those of :func:`jaxbp.kfac_factors`. For a Conv2D (KFC, Grosse and Martens 2016), with
 ``p_{n,t}`` the input patch of output position t (T of them) and ``p_bar = [p, 1]``:
 
 .. math::
@@ -43,8 +43,7 @@ import jax.numpy as jnp
 
 from jaxbp import network
 from jaxbp._typing import Array, Params
-from jaxbp.layers import Conv2D, Dense
-from jaxbp.layers.base import LayerError
+from jaxbp.layers.base import capability
 from jaxbp.layers.chain import chain_backward
 from jaxbp.network import Network
 
@@ -59,6 +58,7 @@ def _column_errors(net: Network, params: Params, caches: Any, columns: Array) ->
 
 def _hessian_columns(net: Network, out: Array, y: Array) -> Array:
     """(k, B, n_out): the columns of the loss Hessian's factor at a^L."""
+    network.require_vector_output(net, "the curvature (ggn_diag, kfac_factors)")
     return jnp.moveaxis(net.loss_fn.sample_hessian_factor(out, y), -1, 0)
 
 
@@ -68,20 +68,8 @@ def ggn_diag(net: Network, params: Params, x: Array, y: Array) -> Params:
     out, caches = network.forward(net, params, x)
     errors = _column_errors(net, params, caches, _hessian_columns(net, out, y))
     batch = x.shape[0]
-    diag = []
-    for layer, p, cache, delta in zip(net.layers, params, caches, errors):
-        if not jax.tree.leaves(p):
-            diag.append(p)
-        elif isinstance(layer, Dense):
-            dz = jax.vmap(layer.pre_activation_error, in_axes=(None, 0))(cache, delta)
-            sq = jnp.sum(dz * dz, axis=0)                                  # (B, units)
-            a_in = cache[0]
-            diag.append({"w": jax.lax.dot_general(a_in * a_in, sq, (((0,), (0,)), ((), ())))
-                              / batch, "b": jnp.sum(sq, axis=0) / batch})
-        else:
-            grads = jax.vmap(layer.per_sample_grads, in_axes=(None, None, 0))(p, cache, delta)
-            diag.append(jax.tree.map(lambda g: jnp.sum(g * g, axis=(0, 1)) / batch, grads))
-    return tuple(diag)
+    return tuple(jax.tree.map(lambda g: g / batch, sq_grad_sum(layer, p, cache, delta))
+                 for layer, p, cache, delta in zip(net.layers, params, caches, errors))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -107,18 +95,30 @@ def from_kfac_rows(rows: Array, shape: tuple[int, ...]) -> Array:
     return jnp.transpose(rows.reshape(c, kh, kw, o), (1, 2, 0, 3))
 
 
+def sq_grad_sum(layer: Any, params: Any, cache: Any, deltas: Array) -> Any:
+    """``sum_k sum_i g_{k,i} (.) g_{k,i}`` for (k, B, ...) output errors: the record's own
+    ``sq_grad_sum`` where it has one (Dense: no per-sample gradient formed), else from
+    its ``per_sample_grads``."""
+    if not jax.tree.leaves(params):
+        return params
+    if hasattr(layer, "sq_grad_sum"):
+        return layer.sq_grad_sum(params, cache, deltas)
+    grads = jax.vmap(layer.per_sample_grads, in_axes=(None, None, 0))(params, cache, deltas)
+    return jax.tree.map(lambda g: jnp.sum(g * g, axis=(0, 1)), grads)
+
+
 def check_kfac_layers(net: Network) -> None:
-    """K-FAC covers Dense and Conv2D: any other layer with parameters is an error naming it."""
+    """Every layer with parameters has the ``kfac_inputs`` capability (Dense, Conv2D), else
+    the one capability error naming it."""
     for i, (layer, p) in enumerate(zip(net.layers, net.param_shapes())):
-        if not isinstance(layer, Dense | Conv2D) and jax.tree.leaves(p):
-            raise LayerError(f"layers[{i}] ({type(layer).__name__}): kfac_factors has "
-                             f"Kronecker factors for Dense and Conv2D layers only; this layer "
-                             f"has parameters and no K-FAC rule")
+        if jax.tree.leaves(p):
+            capability(layer, "kfac_inputs", f"layers[{i}]", "K-FAC")
 
 
 def _targets_errors(net: Network, params: Params, x: Array, y: Array, kind: str,
                     key: Array | None, sample_targets: Any) -> tuple[Any, tuple, int]:
     """(caches, per-layer errors with a leading axis of k target draws or columns, k)."""
+    network.require_vector_output(net, "kfac_factors")
     out, caches = network.forward(net, params, x)
     if kind == "exact":
         columns = _hessian_columns(net, out, y)
@@ -143,15 +143,11 @@ def kfac_from_errors(net: Network, caches: tuple, errors: tuple) -> tuple[Any, .
     batch = errors[0].shape[1]
     factors: list[Any] = []
     for layer, cache, delta in zip(net.layers, caches, errors):
-        if not isinstance(layer, Dense | Conv2D):
+        if not hasattr(layer, "kfac_inputs"):
             factors.append({})
             continue
         dz = jax.vmap(layer.pre_activation_error, in_axes=(None, 0))(cache, delta)
-        if isinstance(layer, Dense):
-            rows, positions = cache[0], 1
-        else:
-            rows, positions = layer._patches(cache[0]), dz.shape[2] * dz.shape[3]
-        rows = rows.reshape(-1, rows.shape[-1])                        # (B [T], d_in)
+        rows, positions = layer.kfac_inputs(cache)                     # (B [T], d_in)
         a_bar = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
         flat = dz.reshape(-1, dz.shape[-1])                             # (k B [T], d_out)
         factors.append({"A": a_bar.T @ a_bar / batch,

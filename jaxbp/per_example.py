@@ -35,7 +35,6 @@ import numpy as np
 
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
-from jaxbp.layers.dense import Dense
 from jaxbp.losses import mean_loss
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
@@ -311,16 +310,13 @@ def dp_sgd_grad(
                                                                  noise_multiplier), key)
 
 
-def _dense_moments_variance(a_in: Array, delta: Array) -> dict[str, Array]:
-    """Var = E[g^2] - E[g]^2 with E[g_W^2] = (a^2)^T (delta^2) / B: no (B, fan_in, fan_out)."""
-    batch = a_in.shape[0]
-    dims = (((0,), (0,)), ((), ()))                      # a^T delta, one dot_general
-    mean_w = jax.lax.dot_general(a_in, delta, dims) / batch
-    mean_b = delta.mean(axis=0)
-    second_w = jax.lax.dot_general(a_in * a_in, delta * delta, dims) / batch
-    second_b = (delta * delta).mean(axis=0)
-    return {"w": jnp.maximum(second_w - mean_w * mean_w, 0),
-            "b": jnp.maximum(second_b - mean_b * mean_b, 0)}
+def _moments_variance(layer: Any, params: Any, cache: Any, delta: Array) -> Any:
+    """Var = E[g^2] - E[g]^2 from the record's ``sq_grad_sum`` and its batch gradient
+    (Dense: ``(a^2)^T (delta^2) / B``, no (B, fan_in, fan_out) formed)."""
+    batch = delta.shape[0]
+    second = layer.sq_grad_sum(params, cache, delta[None])
+    mean = layer.backward(params, cache, delta, need_input=False)[1]
+    return jax.tree.map(lambda s, m: jnp.maximum(s / batch - (m / batch) ** 2, 0), second, mean)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -330,9 +326,10 @@ def _per_example_grad_variance(net: MLP | Network, params: Params, x: Array,
     _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
     out = []
     for layer, p, cache, delta in zip(chain.layers, params, caches, deltas):
-        if isinstance(layer, Dense):   # the moments, from the input and the error at z
-            out.append(_dense_moments_variance(cache[0],
-                                               layer.pre_activation_error(cache, delta)))
+        if not jax.tree.leaves(p):
+            out.append(p)
+        elif hasattr(layer, "sq_grad_sum"):   # the moments, no per-sample gradient formed
+            out.append(_moments_variance(layer, p, cache, delta))
         else:                          # the layer's per-sample gradients, then their variance
             grads = layer.per_sample_grads(p, cache, delta)
             out.append(jax.tree.map(lambda g: jnp.var(g, axis=0), grads))

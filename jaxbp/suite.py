@@ -30,6 +30,33 @@ from jaxbp.verify import GradReport, verify_grads
 DTYPES = ("float64", "float32", "bfloat16")
 
 
+def random_transformer(i: int, dtype: str) -> tuple[Network, int]:
+    """Transformer case i (and its batch): a GPT (:func:`jaxbp.models.gpt`) of depth 1-3,
+    1-4 heads of width 1-4, T 1-16 (1 every fourth case), causal or not, LayerNorm or
+    RMSNorm, vocab 2-50, mlp_ratio 1-4. Targets may hold -1 (ignored tokens)."""
+    from jaxbp import models
+
+    rng = np.random.default_rng(3000 + i)
+    heads = int(rng.integers(1, 5))
+    return models.gpt(vocab=int(rng.integers(2, 51)), dim=heads * int(rng.integers(1, 5)),
+                      depth=int(rng.integers(1, 4)), heads=heads,
+                      seq_len=1 if i % 4 == 0 else int(rng.integers(2, 17)),
+                      mlp_ratio=int(rng.integers(1, 5)), norm=("layer", "rms")[i % 2],
+                      dtype=dtype, causal=i % 3 != 2), int(rng.integers(1, 5))
+
+
+def random_tokens(rng: np.random.Generator, net: Network, batch: int,
+                  ignored: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens x (batch, T) and next-token targets y (batch, T) for a GPT-shaped net, about
+    ``ignored`` of the targets -1 (padding: counted nowhere), at least one counted."""
+    steps, vocab = net.shapes[-1]
+    x = rng.integers(0, vocab, (batch, steps)).astype(np.int32)
+    y = rng.integers(0, vocab, (batch, steps)).astype(np.int32)
+    y[rng.random((batch, steps)) < ignored] = -1
+    y[0, 0] = max(int(y[0, 0]), 0)
+    return x, y
+
+
 def random_network(i: int, dtype: str) -> tuple[Network, int]:
     """Network case i (and its batch): a conv stem (1-2 convs: stride 1 or 2, SAME or
     VALID, kernels 1-5), maybe a MaxPool/AvgPool, Flatten, maybe LayerNorm, a Dense,

@@ -28,6 +28,7 @@ from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params, is_int
 from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
+from jaxbp.losses import sample_sums
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.peaks import check_precision, precision_scope
@@ -80,25 +81,6 @@ def _check_optimizer(optimizer: Any) -> None:
                         f"update), got {type(optimizer).__name__}")
 
 
-CLASSIFICATION_LOSSES = ("softmax_cross_entropy", "sigmoid_cross_entropy")
-"""Losses whose metrics include an accuracy."""
-
-
-def correct(net: MLP, out: Array, y: Array) -> Array | None:
-    """Per-sample correctness for classification losses, else None.
-
-    softmax cross-entropy: ``argmax(a^L) == label`` (labels, or argmax of
-    one-hot/probability rows); sigmoid cross-entropy: the fraction of output
-    units with ``(a^L > 0) == (y >= 1/2)``. Shape (batch,), float.
-    """
-    if net.loss == "softmax_cross_entropy":
-        labels = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
-        return (jnp.argmax(out, axis=-1) == labels).astype(jnp.float32)
-    if net.loss == "sigmoid_cross_entropy":
-        return jnp.mean((out > 0) == (y >= 0.5), axis=-1, dtype=jnp.float32)
-    return None
-
-
 def _nonfinite_layer(grads: Params) -> Array:
     """Index of the first layer whose grads hold a NaN/inf, or -1 (a layer without params
     is finite)."""
@@ -124,10 +106,10 @@ def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
     metrics = {"loss": loss.astype(jnp.float32),
                "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
                "nonfinite_layer": _nonfinite_layer(grads)}
-    hits = correct(net, out, y)
+    _, hits, counts = sample_sums(net.loss_fn, out, y)
     if hits is not None:
-        metrics["accuracy"] = (jnp.mean(hits) if mask is None else
-                               jnp.sum(hits * mask) / jnp.maximum(jnp.sum(mask), 1))
+        weights = counts if mask is None else counts * mask
+        metrics["accuracy"] = jnp.sum(hits * (weights > 0)) / jnp.maximum(jnp.sum(weights), 1)
     if y.ndim == 1:  # integer labels: values are not known at trace time, so count them here
         metrics["invalid_labels"] = invalid_label_count(y if mask is None
                                                         else jnp.where(mask, y, 0), net.n_out)
@@ -268,9 +250,11 @@ def make_train_loop(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _eval_sums(net: MLP, params: Params, x: Array, y: Array, size: int) -> tuple[Array, Array]:
-    """(sum of the per-sample losses, sum of hits) over all n rows, one compiled program:
-    the rows padded to whole batches of ``size``, the batches scanned on the device."""
+def _eval_sums(net: MLP, params: Params, x: Array, y: Array,
+               size: int) -> tuple[Array, Array, Array]:
+    """(sum of the losses, sum of hits, count) over all n rows (over their counted tokens
+    for sequences), one compiled program: the rows padded to whole batches of ``size``,
+    the batches scanned on the device."""
     n = x.shape[0]
     batches = -(-n // size)
     pad = batches * size - n
@@ -281,16 +265,16 @@ def _eval_sums(net: MLP, params: Params, x: Array, y: Array, size: int) -> tuple
 
     mask = (jnp.arange(batches * size) < n).reshape(batches, size)
 
-    def body(sums: tuple[Array, Array], batch: tuple[Array, Array, Array]) -> Any:
+    def body(sums: tuple[Array, ...], batch: tuple[Array, Array, Array]) -> Any:
         x_b, y_b, mask_b = batch
         out = network.forward(network.as_network(net), params, x_b)[0]
-        losses = net.loss_fn.sample_loss(out, y_b).astype(jnp.float32)
-        hits = correct(net, out, y_b)
+        losses, hits, counts = sample_sums(net.loss_fn, out, y_b)
         hits = jnp.zeros_like(losses) if hits is None else hits
-        return (sums[0] + jnp.sum(losses * mask_b), sums[1] + jnp.sum(hits * mask_b)), None
+        return tuple(total + jnp.sum(v * mask_b)
+                     for total, v in zip(sums, (losses, hits, counts))), None
 
     zero = jnp.zeros((), jnp.float32)
-    return jax.lax.scan(body, (zero, zero), (padded(x), padded(y), mask))[0]
+    return jax.lax.scan(body, (zero, zero, zero), (padded(x), padded(y), mask))[0]
 
 
 def evaluate(
@@ -310,7 +294,7 @@ def evaluate(
 
     Returns:
       ``{"loss": C, "accuracy": ...}`` as Python floats (accuracy only for
-      classification losses).
+      classification losses); for sequences the means over every counted token.
     """
     x, y = _checks.check_inputs(net, params, x, y)
     if not is_int(batch_size) or batch_size < 1:
@@ -322,8 +306,10 @@ def evaluate_checked(net: MLP, params: Params, x: Array, y: Array,
                      batch_size: int) -> dict[str, float]:
     """:func:`evaluate` for inputs already checked (``fit`` checks its data set once)."""
     n = x.shape[0]
-    loss_sum, hit_sum = jax.device_get(_eval_sums(net, params, x, y, min(batch_size, n)))
-    result = {"loss": float(loss_sum) / n}
-    if net.loss in CLASSIFICATION_LOSSES:
-        result["accuracy"] = float(hit_sum) / n
+    loss_sum, hit_sum, count = jax.device_get(_eval_sums(net, params, x, y,
+                                                         min(batch_size, n)))
+    count = max(float(count), 1.0)
+    result = {"loss": float(loss_sum) / count}
+    if net.loss_fn.is_classification:
+        result["accuracy"] = float(hit_sum) / count
     return result

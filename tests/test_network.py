@@ -129,8 +129,8 @@ def test_manual_path_calls_no_autodiff(monkeypatch):
 class TestErrors:
     @pytest.mark.parametrize("build, error, words", [
         (lambda: Network((L.Dense(3),), (4, 4, 1)), L.LayerError,
-         "layers[0] (Dense): takes (batch, features) inputs but gets samples of shape "
-         "(4, 4, 1); put a Flatten() before it"),
+         "layers[0] (Dense): the network must end in a vector (n_out,) or a sequence "
+         "(T, n_out) for the loss, got (4, 4, 3); add Flatten() and a Dense"),
         (lambda: Network((L.Conv2D(2, (5, 5), padding="VALID"), L.Flatten(), L.Dense(2)),
                          (3, 8, 1)), L.LayerError,
          "layers[0] (Conv2D): kernel (5, 5) is larger than its VALID input (3, 8)"),

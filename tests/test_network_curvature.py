@@ -133,7 +133,8 @@ def test_conv_kfac_convention_positions_summed_for_a_averaged_for_g(x64):
 def test_kfac_refuses_layernorm_and_residual_by_name(x64):
     net = jaxbp.Network((L.Dense(4), L.LayerNorm(), L.Dense(2)), (3,), dtype="float64")
     params = net.init(jax.random.key(0))
-    with pytest.raises(LayerError, match=r"layers\[1\] \(LayerNorm\): kfac_factors"):
+    with pytest.raises(LayerError, match=r"layers\[1\] \(LayerNorm\): has no `kfac_inputs` "
+                                         r"capability, which K-FAC needs"):
         jaxbp.kfac_factors(net, params, np.ones((2, 3)), np.array([0, 1]), kind="exact")
 
 

@@ -16,13 +16,33 @@ holds, written by hand from lax primitives:
   sample apart, a leading batch axis (never by autodiff);
 * ``per_sample_sq_norms(params, cache, delta_out)``: ``(batch,)`` squared norms.
 
+Optional capabilities, each read by the quantity that needs it (a record without
+one is refused by that quantity alone, with one error naming the layer and the
+capability: :func:`capability`):
+
+* ``pre_activation_error(cache, delta_a)``: the error at z from the error at the
+  layer's output (layers with an activation: Dense, Conv2D); ``layer_stats``
+  reports the layers that have it.
+* ``kfac_inputs(cache) -> (rows, positions)``: K-FAC's input rows ``(B [T], d_in)``
+  (a Dense's input, a Conv2D's patches) and the positions per sample they hold.
+* ``feedback_shape(in_shape)``: the shape of the fixed feedback that replaces the
+  weights in the layer's input error (None: the layer keeps its own ``J^T``, it
+  has no weights to replace), and ``feedback_transport(array)``: between that
+  entry's layout and the weight's (its own inverse: a Dense transposes).
+* ``sq_grad_sum(params, cache, deltas)``: ``sum_k sum_i g_{k,i} (.) g_{k,i}`` for k
+  sets of per-sample output errors ``(k, B, ...)`` without forming the per-sample
+  gradients (Dense); the quantities form them through ``per_sample_grads``
+  otherwise.
+* ``per_sample_sq_norms_and_sum(params, cache, delta_out)``: the norms and the
+  clipped sum from what they formed (Conv2D's routes).
+
 Shapes are one sample's (no batch axis); arrays carry the batch first.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +65,37 @@ class LayerError(ValueError):
     """A layer that does not fit where it stands in a network (names its index and type)."""
 
 
-def fail(where: str, message: str) -> LayerError:
-    """A :class:`LayerError` whose message starts with the layer's place, ``layers[2] (Dense)``."""
-    return LayerError(f"{where}: {message}")
+@runtime_checkable
+class LayerRecord(Protocol):
+    """The methods every layer record has (the optional capabilities: the module docs)."""
+
+    def output_shape(self, in_shape: Shape) -> Shape: ...
+
+    def init(self, key: Array, in_shape: Shape, dtype: Any) -> Any: ...
+
+    def forward(self, params: Any, x: Array) -> tuple[Array, Any]: ...
+
+    def backward(self, params: Any, cache: Any, delta_out: Array,
+                 need_input: bool = True) -> tuple[Array | None, Any]: ...
+
+    def per_sample_grads(self, params: Any, cache: Any, delta_out: Array) -> Any: ...
+
+    def per_sample_sq_norms(self, params: Any, cache: Any, delta_out: Array) -> Array: ...
+
+
+def capability(layer: Any, name: str, where: str, quantity: str) -> Any:
+    """The layer's bound method ``name``, or a :class:`LayerError` naming the layer, the
+    capability and the quantity that needs it (the one refusal every quantity gives)."""
+    method = getattr(layer, name, None)
+    if method is None:
+        raise LayerError(f"{where} ({type(layer).__name__}): has no `{name}` capability, "
+                         f"which {quantity} needs (see jaxbp.layers.base for what each "
+                         f"capability is)")
+    return method
+
+
+# The std of a standard normal truncated to [-2, 2]; dividing by it restores unit variance.
+TRUNCATED_NORMAL_STD = 0.87962566103423978
 
 
 def variance_init(key: Array, shape: Shape, fan_in: int, fan_out: int, he: bool,
@@ -57,8 +105,6 @@ def variance_init(key: Array, shape: Shape, fan_in: int, fan_out: int, he: bool,
     The same scheme as :meth:`jaxbp.MLP.init` (normals truncated at two standard
     deviations, rescaled to the variance), per layer.
     """
-    from jaxbp.mlp import _TRUNCATED_NORMAL_STD
-
     variance = 2.0 / fan_in if he else 2.0 / (fan_in + fan_out)
     unit = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
-    return (unit / _TRUNCATED_NORMAL_STD * math.sqrt(variance)).astype(dtype)
+    return (unit / TRUNCATED_NORMAL_STD * math.sqrt(variance)).astype(dtype)

@@ -219,6 +219,19 @@ class Conv2D:
         total, _ = self._offset_scan(x, delta.shape[1:3], add, jnp.zeros(x.shape[0], x.dtype))
         return total
 
+    def kfac_inputs(self, cache: tuple[Array, ...]) -> tuple[Array, int]:
+        """K-FAC's input rows ``(B T, kh kw c_in)``: every output position's patch (KFC)."""
+        patches = self._patches(cache[0])
+        return patches.reshape(-1, patches.shape[-1]), patches.shape[1]
+
+    def feedback_shape(self, in_shape: Shape) -> Shape:
+        """A feedback B in the kernel's place, HWIO: ``(kh, kw, c_in, filters)``."""
+        return (*self.kernel, in_shape[-1], self.filters)
+
+    def feedback_transport(self, array: Array) -> Array:
+        """B is read as the kernel as it is."""
+        return array
+
     def _patches(self, x: Array) -> Array:
         """(B, T, d_in): every output position's input patch, ``d_in = kh kw c_in``, features
         in ``lax.conv_general_dilated_patches`` order (channel, then kernel row and column)."""

@@ -15,8 +15,10 @@ activation turns it into the error at z, seed 002's ``E = ... R'(Z)``.)
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from jaxbp._typing import Array, is_int
@@ -28,7 +30,11 @@ from jaxbp.layers.base import Shape, register, variance_init
 @register
 @dataclasses.dataclass(frozen=True)
 class Dense:
-    """A fully connected layer on (batch, d) inputs: ``g(x W + b)``, W: (d, units).
+    """A fully connected layer on the last axis: ``g(x W + b)``, W: (d, units).
+
+    On (batch, d) inputs the seeds' layer; on (batch, ..., d) (tokens: (batch, T, d))
+    the same W at every position (a token-wise dense), its weight gradient summed
+    over the batch and the positions.
 
     Args:
       units: the output width (>= 1).
@@ -55,13 +61,12 @@ class Dense:
         precision.check_recipe(self)
 
     def output_shape(self, in_shape: Shape) -> Shape:
-        if len(in_shape) != 1:
-            raise ValueError(f"takes (batch, features) inputs but gets samples of shape "
-                             f"{in_shape}; put a Flatten() before it")
-        return (self.units,)
+        if not in_shape:
+            raise ValueError("needs at least one feature axis")
+        return (*in_shape[:-1], self.units)
 
     def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
-        fan_in = in_shape[0]
+        fan_in = in_shape[-1]
         he = get_activation(self.activation).he_init
         return {"w": variance_init(key, (fan_in, self.units), fan_in, self.units, he, dtype),
                 "b": jnp.zeros((self.units,), dtype)}
@@ -95,10 +100,49 @@ class Dense:
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_a: Array) -> dict[str, Array]:
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
-        return {"w": x[:, :, None] * delta[:, None, :], "b": delta}  # g_i = a_i (x) delta_i
+        if x.ndim == 2:
+            return {"w": x[:, :, None] * delta[:, None, :], "b": delta}  # g_i = a_i (x) delta_i
+        x, delta = _positions_flat(x), _positions_flat(delta)           # (B, T, d)
+        return {"w": jnp.einsum("btd,bte->bde", x, delta),         # g_i = sum_t a_it (x) d_it
+                "b": jnp.sum(delta, axis=1)}
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
-        # ||a_i delta_i^T||^2 + ||delta_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)
-        return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1)
+        if x.ndim == 2:
+            # ||a_i delta_i^T||^2 + ||delta_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)
+            return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1)
+        grads = self.per_sample_grads(params, cache, delta_a)
+        return jnp.sum(grads["w"] ** 2, axis=(1, 2)) + jnp.sum(grads["b"] ** 2, axis=1)
+
+    def sq_grad_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
+                    deltas: Array) -> dict[str, Array]:
+        """``sum_k sum_i g_{k,i} (.) g_{k,i}`` for (k, B, ..., units) output errors; on (B, d)
+        inputs without a per-sample gradient: ``(a^2)^T sum_k dz_k^2`` and ``sum dz^2``."""
+        if cache[0].ndim != 2:                  # tokens: each sample's sum over t, formed
+            grads = jax.vmap(self.per_sample_grads, in_axes=(None, None, 0))(params, cache,
+                                                                              deltas)
+            return jax.tree.map(lambda g: jnp.sum(g * g, axis=(0, 1)), grads)
+        dz = jax.vmap(self.pre_activation_error, in_axes=(None, 0))(cache, deltas)
+        x, dz = cache[0].astype(params["w"].dtype), dz.astype(params["w"].dtype)
+        sq = jnp.sum(dz * dz, axis=0)                                       # (B, units)
+        return {"w": jax.lax.dot_general(x * x, sq, (((0,), (0,)), ((), ()))),
+                "b": jnp.sum(sq, axis=0)}
+
+    def kfac_inputs(self, cache: tuple[Array, ...]) -> tuple[Array, int]:
+        """K-FAC's input rows ``(B [T], d_in)`` and the positions per sample (1 on vectors)."""
+        x = cache[0]
+        return x.reshape(-1, x.shape[-1]), math.prod(x.shape[1:-1])
+
+    def feedback_shape(self, in_shape: Shape) -> Shape:
+        """A feedback B in W^T's place: ``(units, fan_in)``."""
+        return (self.units, in_shape[-1])
+
+    def feedback_transport(self, array: Array) -> Array:
+        """B (W^T's shape) as the array the backward reads as W, and back: a transpose."""
+        return array.T
+
+
+def _positions_flat(x: Array) -> Array:
+    """(B, ..., d) as (B, T, d), every position of a sample on one axis."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])

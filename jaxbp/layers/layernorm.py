@@ -85,6 +85,11 @@ class LayerNorm:
         return {"scale": jnp.sum(delta_out * x_hat, axis=axes),
                 "bias": jnp.sum(delta_out, axis=axes)}
 
+    def feedback_shape(self, in_shape: Shape) -> None:
+        """No feedback: the feedback rules keep this layer's own J^T
+        (its J^T reads its own scale and cache)."""
+        return None
+
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, Array],
                             delta_out: Array) -> Array:
         grads = self.per_sample_grads(params, cache, delta_out)

@@ -84,6 +84,11 @@ class _Pool:
     def per_sample_grads(self, params: Any, cache: Any, delta_out: Array) -> dict[str, Array]:
         return {}
 
+    def feedback_shape(self, in_shape: Shape) -> None:
+        """No feedback: the feedback rules keep this layer's own J^T
+        (its J^T reads its own cache)."""
+        return None
+
     def per_sample_sq_norms(self, params: Any, cache: Any, delta_out: Array) -> None:
         return None
 

@@ -1,0 +1,153 @@
+"""Multi-head self-attention, causal or not, with its backward written out by hand.
+
+Per head h (``d_h = d / heads``), with ``Q = x W_q + b_q`` (K, V alike) split into
+heads and M the mask (0 on and below the diagonal, -inf above it when causal):
+
+.. math::
+    S = Q K^\\top / \\sqrt{d_h} + M, \\quad P = \\mathrm{softmax}(S), \\quad O = P V,
+    \\quad a = O W_o + b_o
+
+    dO = \\delta W_o^\\top, \\quad dV = P^\\top dO, \\quad dP = dO\\, V^\\top, \\quad
+    dS = P \\odot \\big(dP - \\mathrm{rowsum}(dP \\odot P)\\big)
+
+    dQ = dS\\, K / \\sqrt{d_h}, \\quad dK = dS^\\top Q / \\sqrt{d_h}, \\quad
+    \\delta_{in} = dQ\\, W_q^\\top + dK\\, W_k^\\top + dV\\, W_v^\\top
+
+and every projection's gradient is a token-wise Dense's, ``x^T dQ`` (O^T delta for
+W_o), its bias the sum of its error over batch and tokens. The masked positions
+have P = 0, so dS is 0 there: they get no error. Memory: P is (batch, heads, T, T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp._typing import Array, is_int
+from jaxbp.layers.base import Shape, register, variance_init
+
+_PROJECTIONS = ("q", "k", "v", "o")
+
+
+def _split(x: Array, heads: int) -> Array:
+    """(B, T, d) -> (B, heads, T, d_h)."""
+    b, t, d = x.shape
+    return x.reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3)
+
+
+def _merge(x: Array) -> Array:
+    """(B, heads, T, d_h) -> (B, T, d)."""
+    b, h, t, dh = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, h * dh)
+
+
+def _tokens_dot(a: Array, b: Array) -> Array:
+    """``a^T b`` over batch and tokens: (B, T, d_a), (B, T, d_b) -> (d_a, d_b)."""
+    return jax.lax.dot_general(a, b, (((0, 1), (0, 1)), ((), ())))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class SelfAttention:
+    """Self-attention on (batch, T, d): softmax(Q K^T / sqrt(d_h) [+ causal mask]) V, then W_o.
+
+    Args:
+      heads: the number of heads (>= 1; must divide d).
+      causal: each token attends to itself and the tokens before it only (default).
+
+    Params: ``{"wq", "wk", "wv", "wo": (d, d), "bq", "bk", "bv", "bo": (d,)}``; the
+    weights Glorot truncated normals, the biases 0.
+    """
+
+    heads: int
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        if not is_int(self.heads) or self.heads < 1:
+            raise ValueError(f"SelfAttention heads must be an int >= 1, got {self.heads!r}")
+        object.__setattr__(self, "heads", int(self.heads))
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"SelfAttention causal must be a bool, got {self.causal!r}")
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        if len(in_shape) != 2:
+            raise ValueError(f"takes (batch, T, d) sequences but gets samples of shape "
+                             f"{in_shape}")
+        if in_shape[1] % self.heads:
+            raise ValueError(f"its {self.heads} heads do not divide the width d = "
+                             f"{in_shape[1]}")
+        return in_shape
+
+    def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
+        d = in_shape[-1]
+        keys = jax.random.split(key, len(_PROJECTIONS))
+        params = {f"w{p}": variance_init(k, (d, d), d, d, False, dtype)
+                  for p, k in zip(_PROJECTIONS, keys)}
+        params.update({f"b{p}": jnp.zeros((d,), dtype) for p in _PROJECTIONS})
+        return params
+
+    def _scores(self, q: Array, k: Array) -> Array:
+        """S = Q K^T / sqrt(d_h), -inf above the diagonal when causal: (B, heads, T, T)."""
+        s = jnp.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(q.shape[-1])
+        if not self.causal:
+            return s
+        t = q.shape[2]
+        return jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+
+    def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, ...]]:
+        x = x.astype(jnp.result_type(x, params["wq"]))
+        q, k, v = (_split(x @ params[f"w{p}"] + params[f"b{p}"], self.heads) for p in "qkv")
+        s = self._scores(q, k)
+        e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+        prob = e / jnp.sum(e, axis=-1, keepdims=True)                  # P = softmax(S)
+        o = _merge(jnp.einsum("bhts,bhsd->bhtd", prob, v))             # O = P V
+        return o @ params["wo"] + params["bo"], (x, q, k, v, prob, o)
+
+    def _projection_errors(self, params: dict[str, Array], cache: tuple[Array, ...],
+                           delta: Array) -> dict[str, Array]:
+        """The error at each projection's output, (B, T, d): dQ, dK, dV and delta itself."""
+        _, q, k, v, prob, _ = cache
+        d_o = _split(delta @ params["wo"].T, self.heads)               # dO = delta W_o^T
+        d_v = jnp.einsum("bhts,bhtd->bhsd", prob, d_o)                 # dV = P^T dO
+        d_p = jnp.einsum("bhtd,bhsd->bhts", d_o, v)                    # dP = dO V^T
+        d_s = prob * (d_p - jnp.sum(d_p * prob, axis=-1, keepdims=True))
+        scale = 1 / math.sqrt(q.shape[-1])
+        d_q = jnp.einsum("bhts,bhsd->bhtd", d_s, k) * scale            # dQ = dS K / sqrt(d_h)
+        d_k = jnp.einsum("bhts,bhtd->bhsd", d_s, q) * scale            # dK = dS^T Q / sqrt(d_h)
+        return {"q": _merge(d_q), "k": _merge(d_k), "v": _merge(d_v), "o": delta}
+
+    def _projection_inputs(self, cache: tuple[Array, ...]) -> dict[str, Array]:
+        x, o = cache[0], cache[-1]
+        return {"q": x, "k": x, "v": x, "o": o}
+
+    def backward(self, params: dict[str, Array], cache: tuple[Array, ...], delta_out: Array,
+                 need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
+        delta = delta_out.astype(params["wq"].dtype)
+        errors = self._projection_errors(params, cache, delta)
+        inputs = self._projection_inputs(cache)
+        grads = {}
+        for p in _PROJECTIONS:
+            grads[f"w{p}"] = _tokens_dot(inputs[p], errors[p])          # x^T dQ, O^T delta
+            grads[f"b{p}"] = jnp.sum(errors[p], axis=(0, 1))
+        if not need_input:
+            return None, grads
+        return sum(errors[p] @ params[f"w{p}"].T for p in "qkv"), grads
+
+    def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
+                         delta_out: Array) -> dict[str, Array]:
+        errors = self._projection_errors(params, cache, delta_out.astype(params["wq"].dtype))
+        inputs = self._projection_inputs(cache)
+        grads = {}
+        for p in _PROJECTIONS:
+            grads[f"w{p}"] = jnp.einsum("btd,bte->bde", inputs[p], errors[p])
+            grads[f"b{p}"] = jnp.sum(errors[p], axis=1)
+        return grads
+
+    def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
+                            delta_out: Array) -> Array:
+        grads = self.per_sample_grads(params, cache, delta_out)
+        return sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in grads.values())

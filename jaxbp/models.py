@@ -1,0 +1,53 @@
+"""Model presets as :class:`jaxbp.Network` s of layer records: the digits CNN and a GPT.
+
+Scripts, the command line and the tests build their models here.
+"""
+
+from __future__ import annotations
+
+from jaxbp import layers
+from jaxbp._typing import is_int
+from jaxbp.network import Network
+
+NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
+"""The norms :func:`gpt` takes by name."""
+
+
+def cnn(side: int, n_out: int, activation: str = "relu", output_activation: str = "identity",
+        loss: str = "softmax_cross_entropy") -> Network:
+    """The digits CNN on (side, side, 1) images.
+
+    Conv 3x3 (16, act) -> MaxPool 2 -> Conv 3x3 (32, act) -> MaxPool 2 -> Flatten ->
+    Dense 64 (act) -> Dense n_out (output_activation).
+    """
+    return Network((layers.Conv2D(16, (3, 3), activation=activation), layers.MaxPool(2),
+                    layers.Conv2D(32, (3, 3), activation=activation), layers.MaxPool(2),
+                    layers.Flatten(), layers.Dense(64, activation),
+                    layers.Dense(n_out, output_activation)),
+                   (side, side, 1), loss)
+
+
+def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: int = 4,
+        norm: str = "layer", dtype: str = "float32", causal: bool = True) -> Network:
+    """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
+    vocab), the mean softmax cross-entropy over every token whose target is not -1.
+
+    ``Embedding(vocab, dim, positions=seq_len)``, then ``depth`` pre-norm blocks
+    ``x + attn(norm(x))`` and ``x + mlp(norm(x))`` (the MLP ``Dense(mlp_ratio dim,
+    gelu) -> Dense(dim)``; causal ``SelfAttention(heads)``), a final norm and a
+    ``Dense(vocab)`` head. ``norm``: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm);
+    ``causal=False`` lets every token attend to the whole sequence (an encoder).
+    """
+    for name, value in (("depth", depth), ("mlp_ratio", mlp_ratio)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"gpt {name} must be an int >= 1, got {value!r}")
+    if norm not in NORMS:
+        raise ValueError(f"gpt norm must be one of {sorted(NORMS)}, got {norm!r}")
+    make_norm = NORMS[norm]
+    block = (layers.Residual((make_norm(), layers.SelfAttention(heads, causal))),
+             layers.Residual((make_norm(), layers.Dense(int(mlp_ratio) * dim, "gelu"),
+                              layers.Dense(dim))))
+    return Network((layers.Embedding(vocab, dim, positions=seq_len), *block * int(depth),
+                    make_norm(), layers.Dense(vocab)),
+                   input_shape=(seq_len,), loss="softmax_cross_entropy", dtype=dtype,
+                   input_dtype="int32")

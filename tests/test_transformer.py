@@ -1,0 +1,244 @@
+"""Transformer records (Embedding, SelfAttention, RMSNorm, token-wise Dense) and models.gpt:
+the hand-written backward against jax.grad over random transformer chains."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import (
+    assert_no_less_accurate,
+    assert_trees_close,
+    forbid_autodiff,
+    global_rel_error,
+    leaf_rel_errors,
+)
+
+import jaxbp
+from jaxbp import layers as L
+from jaxbp import models
+from jaxbp.layers.base import Shape
+from jaxbp.network import Network
+from jaxbp.suite import random_tokens, random_transformer
+
+N_CASES = 8
+
+
+def transformer_case(i: int, dtype: str):
+    net, batch = random_transformer(i, dtype)
+    x, y = random_tokens(np.random.default_rng(i), net, batch)
+    params = net.init(jax.random.key(i))
+    # away from init (zero biases, unit scales) so that every term of the backward shows
+    params = jax.tree.map(lambda a: a + jnp.asarray(
+        0.1 * np.random.default_rng(i + 1).standard_normal(a.shape), a.dtype), params)
+    return net, params, x, y
+
+
+def test_cases_cover_the_space():
+    nets = [random_transformer(i, "float32")[0] for i in range(N_CASES)]
+    attn = [layer.layers[1] for net in nets for layer in net.layers
+            if isinstance(layer, L.Residual) and isinstance(layer.layers[1], L.SelfAttention)]
+    assert {a.heads for a in attn} >= {1, 2, 3, 4} and {a.causal for a in attn} == {True, False}
+    assert {net.input_shape[0] for net in nets} >= {1} and max(n.input_shape[0] for n in nets) > 8
+    kinds = {type(layer).__name__ for net in nets for layer in net.layers}
+    assert {"LayerNorm", "RMSNorm", "Embedding", "Dense", "Residual"} <= kinds
+    assert {len(net.layers) for net in nets} == {5, 7, 9}       # depth 1, 2 and 3
+
+
+@pytest.mark.parametrize("i", range(N_CASES))
+def test_float64_matches_autodiff(i):
+    with jax.enable_x64(True):
+        net, params, x, y = transformer_case(i, "float64")
+        loss_m, grads_m = jaxbp.value_and_backprop(net, params, x, y)
+        loss_r, grads_r = jaxbp.value_and_autodiff(net, params, x, y)
+        np.testing.assert_allclose(loss_m, loss_r, rtol=1e-13)
+        # per leaf where the leaf is not rounding alone: the key bias's exact gradient is 0
+        # (softmax ignores a per-row shift), and a leaf 1e-8 below the largest entry of the
+        # gradient holds the rounding of its terms on both sides; those are checked against
+        # the whole gradient (global_rel_error), every other leaf against its own scale
+        scale = max(float(np.max(np.abs(r))) for r in jax.tree.leaves(grads_r))
+        errors = [e for e, r in zip(leaf_rel_errors(grads_m, grads_r), jax.tree.leaves(grads_r))
+                  if float(np.max(np.abs(r))) > 1e-8 * scale]
+        assert max(errors) <= 1e-10, errors
+        assert global_rel_error(grads_m, grads_r) <= 1e-12
+
+
+@pytest.mark.parametrize("i", [2, 5])
+def test_float32_is_as_accurate_as_autodiff(i):
+    net, params, x, y = transformer_case(i, "float32")
+    with jax.default_matmul_precision("highest"):
+        _, grads_m = jaxbp.value_and_backprop(net, params, x, y)
+        _, grads_r = jaxbp.value_and_autodiff(net, params, x, y)
+    with jax.enable_x64(True):
+        net64 = dataclasses.replace(net, dtype="float64")
+        as64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), params)
+        _, truth = jaxbp.value_and_autodiff(net64, as64, x, y)
+    assert_no_less_accurate(grads_m, grads_r, truth, "float32")
+
+
+def test_bfloat16_is_as_accurate_as_autodiff():
+    net, params, x, y = transformer_case(3, "float32")
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    net16 = dataclasses.replace(net, dtype="bfloat16")
+    _, manual = jaxbp.value_and_backprop(net16, low, x, y)
+    _, autodiff = jaxbp.value_and_autodiff(net16, low, x, y)
+    with jax.default_matmul_precision("highest"):   # the truth: the same bf16 params, float32
+        _, truth = jaxbp.value_and_autodiff(net, jax.tree.map(lambda a: a.astype(jnp.float32),
+                                                              low), x, y)
+    assert_no_less_accurate(manual, autodiff, truth, "bfloat16")
+
+
+def test_manual_path_calls_no_autodiff(monkeypatch, x64):
+    net, params, x, y = transformer_case(1, "float64")
+    _, reference = jaxbp.value_and_autodiff(net, params, x, y)
+    forbid_autodiff(monkeypatch)
+    _, manual = jaxbp.value_and_backprop(net, params, x, y)
+    assert global_rel_error(manual, reference) <= 1e-12
+
+
+def test_verify_grads_passes_on_a_gpt(x64):
+    net = models.gpt(vocab=7, dim=8, depth=1, heads=2, seq_len=5, norm="rms", dtype="float64")
+    x, y = random_tokens(np.random.default_rng(0), net, 2)
+    params = net.init(jax.random.key(0))
+    # atol: the key bias's exact gradient is 0 (softmax ignores a per-row shift), so both
+    # sides hold rounding there (1e-17 against entries of order 1), no relative error
+    report = jaxbp.verify_grads(lambda p: jaxbp.backprop(net, p, x, y),
+                                lambda p: net.cost(p, x, y), params, atol=1e-14)
+    assert report.ok, report
+
+
+def test_ignored_tokens_count_nowhere(x64):
+    net = models.gpt(vocab=5, dim=4, depth=1, heads=1, seq_len=4, dtype="float64")
+    params = net.init(jax.random.key(1))
+    x = np.array([[1, 2, 3, 4], [0, 1, 2, 3]], np.int32)
+    y = np.array([[2, 3, 4, -1], [-1, -1, -1, -1]], np.int32)
+    # the mean over the three counted tokens, whatever the logits of the others
+    logits = np.asarray(net.apply(params, x))[0, :3]
+    lse = np.log(np.sum(np.exp(logits), axis=1))
+    expected = np.mean(lse - logits[np.arange(3), [2, 3, 4]])
+    cost, grads = jaxbp.value_and_backprop(net, params, x, y)
+    np.testing.assert_allclose(cost, expected, rtol=1e-13)
+    # the second sequence has no counted token: changing it changes nothing
+    x2 = x.copy()
+    x2[1] = [4, 4, 4, 4]
+    cost2, grads2 = jaxbp.value_and_backprop(net, params, x2, y)
+    np.testing.assert_allclose(cost2, cost, rtol=1e-15)
+    assert max(leaf_rel_errors(grads2, grads)) <= 1e-13
+
+
+def test_embedding_scatter_adds_repeated_tokens(x64):
+    layer = L.Embedding(4, 3, positions=5)
+    params = layer.init(jax.random.key(0), (3,), jnp.float64)
+    tokens = jnp.array([[2, 2, 0]])
+    delta = jnp.arange(9.0).reshape(1, 3, 3)
+    _, grads = layer.backward(params, tokens, delta)
+    np.testing.assert_array_equal(grads["tokens"][2], delta[0, 0] + delta[0, 1])
+    np.testing.assert_array_equal(grads["tokens"][jnp.array([1, 3])], 0)
+    np.testing.assert_array_equal(grads["positions"][:3], delta[0])
+    np.testing.assert_array_equal(grads["positions"][3:], 0)
+
+
+def test_gpt_trains_in_the_step_and_evaluates():
+    net = models.gpt(vocab=6, dim=8, depth=1, heads=2, seq_len=6)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, (16, 6)).astype(np.int32)
+    y = (x + 1) % 6                                          # a next token to learn
+    state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optax.adam(3e-2))
+    step = jaxbp.make_train_step(net, optax.adam(3e-2))
+    before = jaxbp.evaluate(net, state.params, x, y)
+    for _ in range(40):
+        state, metrics = step(state, x, y)
+    after = jaxbp.evaluate(net, state.params, x, y)
+    assert after["loss"] < 0.5 * before["loss"] and after["accuracy"] > 0.9
+    assert float(metrics["accuracy"]) > 0.9           # the step counts tokens too
+    np.testing.assert_allclose(after["loss"], float(net.cost(state.params, x, y)), rtol=1e-5)
+
+
+class ToyScale:
+    """A record defined by a user: ``a = s x`` per feature, only the required methods."""
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return in_shape
+
+    def init(self, key, in_shape, dtype):
+        return {"s": jnp.full((in_shape[-1],), 1.5, dtype)}
+
+    def forward(self, params, x):
+        return x * params["s"], x
+
+    def backward(self, params, x, delta, need_input=True):
+        grads = {"s": jnp.sum(delta * x, axis=tuple(range(x.ndim - 1)))}
+        return (delta * params["s"] if need_input else None), grads
+
+    def per_sample_grads(self, params, x, delta):
+        return {"s": jnp.sum((delta * x).reshape(x.shape[0], -1, x.shape[-1]), axis=1)}
+
+    def per_sample_sq_norms(self, params, x, delta):
+        return jnp.sum(self.per_sample_grads(params, x, delta)["s"] ** 2, axis=1)
+
+
+def test_a_user_record_works_where_its_capabilities_allow(x64):
+    toy = L.register(dataclasses.dataclass(frozen=True)(ToyScale))
+    assert isinstance(toy(), L.LayerRecord)
+    net = Network((L.Dense(4, "tanh"), toy(), L.Dense(3)), (5,), dtype="float64")
+    params = net.init(jax.random.key(0))
+    x = np.random.default_rng(0).standard_normal((6, 5))
+    y = np.arange(6) % 3
+    _, manual = jaxbp.value_and_backprop(net, params, x, y)
+    _, reference = jaxbp.value_and_autodiff(net, params, x, y)
+    assert_trees_close(manual, reference, "float64")
+    per_example = jaxbp.per_example_grads(net, params, x, y)
+    one = jax.vmap(lambda xi, yi: jaxbp.backprop(net, params, xi[None], yi[None]))(x, y)
+    assert_trees_close(per_example, one, "float64")
+    with pytest.raises(L.LayerError, match=r"layers\[1\] \(ToyScale\): has no `kfac_inputs` "
+                                           r"capability, which K-FAC needs"):
+        jaxbp.kfac_factors(net, params, x, y, kind="empirical")
+    with pytest.raises(L.LayerError, match=r"layers\[1\] \(ToyScale\): has no "
+                                           r"`feedback_shape` capability, which the feedback"):
+        jaxbp.feedback.feedback_shapes(net)
+
+
+def test_sequence_networks_are_refused_by_per_sample_quantities_by_name():
+    net = models.gpt(vocab=5, dim=4, depth=1, heads=1, seq_len=3)
+    params = net.init(jax.random.key(0))
+    x, y = random_tokens(np.random.default_rng(0), net, 2)
+    with pytest.raises(ValueError, match="takes networks with a vector output"):
+        jaxbp.per_example_grad_norms(net, params, x, y)
+    with pytest.raises(L.LayerError, match=r"\(Embedding\): has no `feedback_shape`"):
+        jaxbp.feedback.feedback_shapes(net)
+
+
+@pytest.mark.parametrize("build, error, words", [
+    (lambda: L.SelfAttention(0), ValueError, "SelfAttention heads must be an int >= 1"),
+    (lambda: Network((L.Embedding(5, 6), L.SelfAttention(4), L.Dense(5)), (3,),
+                     input_dtype="int32"), L.LayerError, "its 4 heads do not divide"),
+    (lambda: Network((L.Dense(4), L.SelfAttention(2), L.Dense(2)), (3,)), L.LayerError,
+     "layers[1] (SelfAttention): takes (batch, T, d) sequences"),
+    (lambda: Network((L.Embedding(5, 4, positions=2), L.Dense(5)), (3,), input_dtype="int32"),
+     L.LayerError, "longer than its position table (2 rows)"),
+    (lambda: L.Embedding(0, 4), ValueError, "Embedding vocab must be an int >= 1"),
+    (lambda: L.RMSNorm(eps=0), ValueError, "RMSNorm eps must be a number > 0"),
+    (lambda: Network((L.Embedding(5, 4), L.Dense(5)), (3,), input_dtype="float32"),
+     ValueError, "input_dtype must be None"),
+    (lambda: models.gpt(5, 4, 1, 1, 3, norm="batch"), ValueError, "gpt norm must be one of"),
+])
+def test_bad_transformers_are_named(build, error, words):
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        build()
+
+
+def test_bad_tokens_and_targets_are_named():
+    net = models.gpt(vocab=5, dim=4, depth=1, heads=1, seq_len=3)
+    params = net.init(jax.random.key(0))
+    x = np.zeros((2, 3), np.int32)
+    with pytest.raises(TypeError, match="x must hold integer tokens"):
+        jaxbp.backprop(net, params, x.astype(np.float32), x)
+    with pytest.raises(ValueError, match=r"y holds labels outside \[-1, 5\)"):
+        jaxbp.backprop(net, params, x, np.full((2, 3), 5, np.int32))
+    with pytest.raises(ValueError, match=r"expected \(2, 3\) token labels"):
+        jaxbp.backprop(net, params, x, np.zeros((2, 4), np.int32))
