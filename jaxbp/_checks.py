@@ -131,13 +131,7 @@ def _check_sequence_y(net: Any, y: Any, batch: int) -> Any:
         if not jnp.issubdtype(y.dtype, jnp.integer):
             raise TypeError(f"y of shape {shape} is read as token labels and must have an "
                             f"integer dtype, got {y.dtype}")
-        if _is_concrete(y):
-            count, i = _first_bad((y < -1) | (y >= n_out))
-            if count:
-                row = np.unravel_index(i, shape)
-                raise ValueError(f"y holds labels outside [-1, {n_out}) (-1: an ignored "
-                                 f"token): y[{row[0]}, {row[1]}] = {int(y[row])} ({count} out "
-                                 f"of range); n_out = {n_out}")
+        check_target_values(net, y)
         return y
     if shape != (batch, steps, n_out):
         allowed = f"({batch}, {steps}, {n_out})"
@@ -204,13 +198,22 @@ def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
     xp = jnp if isinstance(y, jax.Array) else np
     n_out = net.n_out
     name = net.loss
+    if np.ndim(y) == label_rank(net) == 2 and jnp.issubdtype(y.dtype, jnp.integer):
+        count, i = _first_bad((y < -1) | (y >= n_out))
+        if count:
+            row = np.unravel_index(i, np.shape(y))
+            raise ValueError(f"{what} holds labels outside [-1, {n_out}) (-1: an ignored "
+                             f"token): {what}[{row[0]}, {row[1]}] = {int(y[row])} ({count} out "
+                             f"of range); n_out = {n_out}")
+        return
     if np.ndim(y) == 1 and jnp.issubdtype(y.dtype, jnp.integer):
         count, i = _first_bad((y < 0) | (y >= n_out))
         if count:
             raise ValueError(f"{what} holds labels outside [0, {n_out}): {what}[{i}] = "
                              f"{int(y[i])} ({count} out of range); {_n_out_words(net)}")
         return
-    if name not in ("sigmoid_cross_entropy", "softmax_cross_entropy"):
+    loss = net.loss_fn
+    if not loss.probability_targets:
         return
     tol = target_tolerance(y.dtype)
     count, i = _first_bad(~((y >= -tol) & (y <= 1 + tol)))
@@ -221,7 +224,7 @@ def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
                          f"{what}[{', '.join(map(str, row))}] = {float(y[row])} ({count} "
                          f"outside); squared-error targets with a cross-entropy give a loss "
                          f"that can go negative")
-    if name == "softmax_cross_entropy":
+    if loss.normalised_targets:
         sum_tol = max(1e-3, tol)
         sums = xp.sum(y, axis=-1, dtype=xp.float32)
         count, i = _first_bad(xp.abs(sums - 1) > sum_tol)
@@ -335,12 +338,12 @@ def check_inputs(net: MLP, params: Any, x: Any, y: Any = None) -> tuple[Array, A
     x = check_x(net, x)
     if y is not None:
         y = check_y(net, y, _shape(x)[0])
-        labels = jnp.issubdtype(y.dtype, jnp.integer) and np.ndim(y) == _label_rank(net)
+        labels = jnp.issubdtype(y.dtype, jnp.integer) and np.ndim(y) == label_rank(net)
         y = jnp.asarray(y) if labels else jnp.asarray(y, dtype=dtype)
     tokens = getattr(net, "input_dtype", None)
     return jnp.asarray(x, dtype=tokens or dtype), y
 
 
-def _label_rank(net: Any) -> int:
+def label_rank(net: Any) -> int:
     """The rank of integer class labels: (batch,), or (batch, T) for a sequence output."""
     return 2 if getattr(net, "is_sequence", False) else 1

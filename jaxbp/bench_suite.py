@@ -62,6 +62,7 @@ from jaxbp.bench import (
     time_interleaved,
     xla_cost,
 )
+from jaxbp.bench_gpt import GptCase
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.peaks import device_peaks, matmul_arithmetic
@@ -194,26 +195,32 @@ def _grid(widths: Iterable[int], depths: Iterable[int], batches: Iterable[int],
 
 
 def _quick(widths: tuple[int, int], batches: tuple[int, int], convs: list[ConvCase],
-           conv_recipes: tuple[str, ...] = PRECISIONS) -> list[Any]:
+           gpts: list[GptCase], conv_recipes: tuple[str, ...] = PRECISIONS) -> list[Any]:
     """float32: both losses (squared error at depth 2); each bf16 recipe: cross-entropy;
-    the CNNs first (so a time limit leaves out MLPs, not them), in ``conv_recipes``."""
+    the CNNs first, in ``conv_recipes``, then the GPTs (float32), then the MLPs (so a time
+    limit leaves out MLPs, not them)."""
     mlps = [c for c in _grid(widths, (2, 4), batches)
             if c.loss == "softmax_cross_entropy" or (c.precision == "float32" and c.depth == 2)]
-    return [dataclasses.replace(c, precision=r) for r in conv_recipes for c in convs] + mlps
+    return [dataclasses.replace(c, precision=r) for r in conv_recipes for c in convs] \
+        + gpts + mlps
 
 
 QUICK = _quick((64, 512), (32, 512),
-               [ConvCase(8, 1, 16, 2, 32), ConvCase(16, 8, 32, 2, 128, pool=2)], ("float32",))
-"""The CPU ``--quick`` preset: 2 float32 CNNs and 28 small MLP cases (three recipes).
-The CNNs run in float32 only: XLA:CPU runs bf16 convolutions at a small fraction of its
-float32 rate (seconds per step), which measures the CPU's conv library, not the step."""
+               [ConvCase(8, 1, 16, 2, 32), ConvCase(16, 8, 32, 2, 128, pool=2)],
+               [GptCase(128, 2, 4, 64, 16), GptCase(192, 3, 6, 128, 4)], ("float32",))
+"""The CPU ``--quick`` preset: 2 float32 CNNs, 2 small float32 GPTs (the shipped text's
+65 characters) and 28 small MLP cases (three recipes). The CNNs run in float32 only:
+XLA:CPU runs bf16 convolutions at a small fraction of its float32 rate (seconds per
+step), which measures the CPU's conv library, not the step."""
 
 QUICK_ACCELERATOR = _quick((1024, 4096), (512, 8192),
                            [ConvCase(32, 64, 128, 2, 256, pool=2),
-                            ConvCase(16, 16, 64, 2, 512, pool=2)])
+                            ConvCase(16, 16, 64, 2, 512, pool=2)],
+                           [GptCase(768, 12, 12, 1024, 8, vocab=50257)])
 """The ``--quick`` preset on a GPU/TPU: 6 CNNs (two shapes with a max pool, in three
-recipes) and 28 MLP cases of 3 to 3300 matmul GFLOP per step, so that no case is
-launch-bound (the CPU preset's smallest would be microseconds there)."""
+recipes), a GPT-2-small-shaped step (d 768, 12 blocks, 12 heads, T 1024, vocab 50257,
+batch 8; float32) and 28 MLP cases of 3 to 3300 matmul GFLOP per step, so that no case
+is launch-bound (the CPU preset's smallest would be microseconds there)."""
 
 FULL = _grid((64, 256, 1024, 4096), (2, 4, 8), (32, 256, 4096))
 """Widths 64..4096, depths 2..8, batch 32..4096, both losses and precisions (144 cases);
@@ -225,8 +232,11 @@ def quick_cases(platform: str) -> list[BenchCase]:
     return QUICK if platform == "cpu" else QUICK_ACCELERATOR
 
 
-def _data(case: BenchCase | ConvCase) -> tuple[jax.Array, jax.Array]:
+def _data(case: BenchCase | ConvCase | GptCase) -> tuple[jax.Array, jax.Array]:
     rng = np.random.default_rng(0)
+    if isinstance(case, GptCase):                      # tokens and next tokens
+        tokens = rng.integers(0, case.vocab, size=(case.batch, case.seq_len + 1))
+        return (jnp.asarray(tokens[:, :-1], jnp.int32), jnp.asarray(tokens[:, 1:], jnp.int32))
     x = jnp.asarray(rng.normal(size=(case.batch, *case.input_shape)), jnp.float32)
     if case.loss == "softmax_cross_entropy":
         return x, jnp.asarray(rng.integers(0, case.n_out, size=case.batch), jnp.int32)
@@ -341,6 +351,8 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
             "peak_fraction": _fraction(achieved, peak),
             "memory_bytes": memory[grad],
         }
+        if isinstance(case, GptCase):
+            row[grad]["tokens_per_s"] = case.tokens / per_step
         row["warnings"] += _warnings(grad, row[grad])
     row["manual_over_autodiff"] = paired_ratio(timings["backprop"], timings["autodiff"])
     return row
@@ -434,7 +446,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {describe_machine(result['machine'])}.",
         "",
         "One sgd training step, relu MLP (W, ..., W, 10) with `D` weight layers (CNN: "
-        "`D` 3x3 SAME relu convs of `F` filters, Dense(10)), in a numerical recipe named "
+        "`D` 3x3 SAME relu convs of `F` filters, Dense(10); GPT: `jaxbp.models.gpt` of "
+        "width d, L blocks, H heads on T tokens, its FLOPs the model FLOPs 6N + 12LTd per "
+        "token, so that `peak` is its MFU), in a numerical recipe named "
         "in the label: `float32`; `bf16-operands` (bf16 matmul operands, float32 "
         "activations, errors and master weights); `bf16` (activations and errors stored "
         "in bf16 too, weight gradients accumulated in float32: flax's "
@@ -487,6 +501,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"- {w}" for w in warnings]
     if result["left_out"]:
         lines += ["", "Left out: " + ", ".join(result["left_out"]) + "."]
+    gpts = [r for r in result["rows"] if "tokens_per_s" in r["backprop"]]
+    if gpts:
+        lines += ["", "GPT rows, tokens/s (manual, autodiff) and MFU (manual): " + "; ".join(
+            f"{r['label']}: {r['backprop']['tokens_per_s']:,.0f}, "
+            f"{r['autodiff']['tokens_per_s']:,.0f}, "
+            f"MFU {_fmt(r['backprop']['peak_fraction'], '.3f')}" for r in gpts) + "."]
     if result["rows"]:
         ratios = [r["manual_over_autodiff"] for r in result["rows"]]
         lines += ["", f"manual/autodiff: median {np.median(ratios):.3f}, worst "

@@ -89,9 +89,14 @@ OPTIMIZERS = {
 }
 
 
-def _load_data(name: str, seed: int):
+def _load_data(name: str, seed: int, seq_len: int | None = None):
     from jaxbp import data
 
+    if seq_len is not None:                      # --model gpt: a text, char-level
+        try:
+            return data.load_text(None if name == "shakespeare" else name, seq_len=seq_len)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UsageError(f"--data: {err}") from None
     if name == "digits":
         return data.load_digits()
     if name == "teacher":
@@ -171,11 +176,17 @@ def _plan_train(args: argparse.Namespace) -> dict[str, Any]:
         _writable_file("--plot", args.plot)
     if args.diagnostics is not None:
         _writable_file("--diagnostics", args.diagnostics)
-    dataset = _load_data(args.data, args.seed)
+    if args.data is None:
+        args.data = "shakespeare" if args.model == "gpt" else "digits"
+    if args.model == "gpt":
+        _positive("--seq-len", args.seq_len, integer=True)
+    dataset = _load_data(args.data, args.seed, args.seq_len if args.model == "gpt" else None)
     loss = args.loss or ("softmax_cross_entropy" if dataset.is_classification
                          else "squared_error")
     if args.model == "cnn":
         net, dataset = _cnn(args, dataset, loss)
+    elif args.model == "gpt":
+        net = _gpt(args, dataset)
     else:
         if args.sizes:
             try:
@@ -314,6 +325,21 @@ def _cnn(args: argparse.Namespace, dataset: Any, loss: str) -> tuple[Any, Any]:
     return net, images
 
 
+def _gpt(args: argparse.Namespace, dataset: Any) -> Any:
+    """The GPT of ``--model gpt`` (:func:`jaxbp.models.gpt`) on the text's characters."""
+    from jaxbp import models
+
+    if args.sizes:
+        raise UsageError("--sizes sets the layers of an MLP; --model gpt takes --dim, "
+                         "--depth and --heads")
+    for option, value in (("--dim", args.dim), ("--depth", args.depth),
+                          ("--heads", args.heads)):
+        _positive(option, value, integer=True)
+    if args.dim % args.heads:
+        raise UsageError(f"--heads {args.heads} must divide --dim {args.dim}")
+    return models.gpt(dataset.n_out, args.dim, args.depth, args.heads, args.seq_len)
+
+
 def _option_for(err: Exception, message: str) -> str:
     """Put the command-line option in front of a library message about an MLP argument."""
     for word, option in (("output_activation", "--output-activation"),
@@ -357,8 +383,13 @@ def _train(args: argparse.Namespace) -> int:
     compilation_cache.enable(args.compilation_cache)
     dataset, net, optimizer = plan["dataset"], plan["net"], plan["optimizer"]
     main_process = jax.process_index() == 0
-    shape = (f"sizes {net.sizes}, {args.activation}, {net.loss}" if hasattr(net, "sizes")
-             else f"cnn {network.describe(net)}, {args.activation}")  # describe names the loss
+    if hasattr(net, "sizes"):
+        shape = f"sizes {net.sizes}, {args.activation}, {net.loss}"
+    elif args.model == "gpt":
+        shape = (f"gpt dim {args.dim}, depth {args.depth}, heads {args.heads}, seq_len "
+                 f"{args.seq_len}, vocab {dataset.n_out} ({_n_params(net)} params)")
+    else:
+        shape = f"cnn {network.describe(net)}, {args.activation}"  # describe names the loss
     grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad
     if main_process:
         print(f"jaxbp train: {args.data} ({len(dataset.x_train)} train, {len(dataset.x_test)} "
@@ -398,6 +429,8 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     history = result.history
     final = f"final test loss {history['test_loss'][-1]:.4f}"
+    if args.model == "gpt":
+        final += f" ({history['test_loss'][-1] / math.log(2):.3f} bits/char)"
     if dataset.is_classification:
         final = f"final test accuracy {history['test_accuracy'][-1]:.4f}, " + final
     if history.get("epsilon"):  # shown with --quiet too: what the run spent
@@ -407,6 +440,8 @@ def _train(args: argparse.Namespace) -> int:
                f"nothing was trained)" if done > args.epochs else "")
     print(f"{final} after {done} epochs{already} "
           f"({time.perf_counter() - start:.1f} s in all)")
+    if args.model == "gpt":
+        _print_sample(net, result.state.params, dataset)
     if args.plot:
         print(f"wrote {args.plot}")
     if args.diagnostics:
@@ -415,6 +450,19 @@ def _train(args: argparse.Namespace) -> int:
         plot_flow(history, args.diagnostics)
         print(f"wrote {args.diagnostics}")
     return 0
+
+
+def _n_params(net: Any) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(net.param_shapes()))
+
+
+def _print_sample(net: Any, params: Any, dataset: Any, length: int = 200) -> None:
+    """A greedy continuation of the validation text's first line, by a jitted forward."""
+    from jaxbp import models
+
+    prompt = dataset.x_test[0][:16]
+    text = dataset.decode(models.generate(net, params, prompt.tolist(), length))
+    print(f"sample (greedy, after {dataset.decode(prompt)!r}):\n{text}")
 
 
 def _check_bench(args: argparse.Namespace) -> None:
@@ -485,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--max-width", type=int, default=16, help="max layer width (16)")
     verify.add_argument("--cases", type=int, default=None,
                         help="run only the first N cases of each dtype (default: all, "
-                             "27 per dtype)")
+                             "29 per dtype)")
     verify.set_defaults(run=_verify)
 
     train = commands.add_parser(
@@ -493,13 +541,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Verify the gradient once on the first batch, then train with the "
                     "jitted step, evaluating every epoch. Defaults reach >= 97%% test "
                     "accuracy on the shipped digits data.")
-    train.add_argument("--data", default="digits",
+    train.add_argument("--data", default=None,
                        help="'digits' (shipped), 'teacher' (synthetic regression) or a .npz "
-                            "file with arrays x and y (default digits)")
-    train.add_argument("--model", default="mlp", choices=["mlp", "cnn"],
-                       help="mlp (--sizes) or cnn: conv 3x3 16, maxpool 2, conv 3x3 32, "
+                            "file with arrays x and y (default digits); for --model gpt "
+                            "'shakespeare' (shipped, the default) or a UTF-8 text file")
+    train.add_argument("--model", default="mlp", choices=["mlp", "cnn", "gpt"],
+                       help="mlp (--sizes); cnn: conv 3x3 16, maxpool 2, conv 3x3 32, "
                             "maxpool 2, dense 64, dense n_out on square one-channel images "
-                            "(digits as 8x8x1)")
+                            "(digits as 8x8x1); gpt: a character-level GPT (--dim, --depth, "
+                            "--heads, --seq-len) on a text, ending with a generated sample")
+    train.add_argument("--dim", type=int, default=128, help="gpt width (128)")
+    train.add_argument("--depth", type=int, default=2, help="gpt blocks (2)")
+    train.add_argument("--heads", type=int, default=4, help="gpt attention heads (4)")
+    train.add_argument("--seq-len", type=int, default=64, help="gpt context length (64)")
     train.add_argument("--sizes", default=None,
                        help="comma-separated layer sizes (default n_in,256,256,n_out)")
     train.add_argument("--activation", default="relu", help="hidden activation (relu)")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbp import _checks, checkpoint, parallel
+from jaxbp import _checks, checkpoint, network, parallel
 from jaxbp._typing import Params, PRNGKey
 from jaxbp.data import Dataset, epoch_order, num_batches
 from jaxbp.diagnostics import layer_stats
@@ -438,14 +438,16 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
                          f"training samples and drop_last=True leaves no batch")
     chunk = min(steps_per_epoch, chunk_steps or CHUNK_STEPS)
     dtype = jax.tree.leaves(state.params)[0].dtype
-    x_train = np.asarray(data.x_train, dtype)  # cast once, not in every step
-    y_train = np.asarray(data.y_train, np.int32 if np.ndim(data.y_train) == 1 else dtype)
+    tokens = getattr(network.as_network(net), "input_dtype", None)   # integer inputs stay
+    x_train = np.asarray(data.x_train, tokens or dtype)  # cast once, not in every step
+    labels = np.ndim(data.y_train) == _checks.label_rank(net)          # class labels
+    y_train = np.asarray(data.y_train, np.int32 if labels else dtype)
     nbytes = sum(np.asarray(a).nbytes for a in data)
     feed = _EpochFeed(x_train, y_train, batch_size, drop_last,
                       on_device=mesh is None and nbytes <= DEVICE_DATA_BYTES,
                       process_rows=mesh is not None) if private is None else \
         _PoissonFeed(x_train, y_train, private["rate"], steps_per_epoch, private["max_batch"])
-    x_test = np.asarray(data.x_test, dtype)  # checked once in fit(), cast once here
+    x_test = np.asarray(data.x_test, x_train.dtype)  # checked once in fit(), cast once here
     y_test = np.asarray(data.y_test, y_train.dtype)
     if feed.on_device:
         x_test, y_test = jax.device_put(x_test), jax.device_put(y_test)

@@ -43,6 +43,8 @@ class Loss(NamedTuple):
         or None for a loss that is no classification.
       sample_targets: ``(a, key) -> y`` drawn from the model's own predictive
         distribution at a (the Monte Carlo Fisher's targets).
+      probability_targets: its float targets must lie in [0, 1] (else the loss can go
+        negative); ``normalised_targets``: and each row must sum to 1.
     """
 
     name: str
@@ -54,6 +56,8 @@ class Loss(NamedTuple):
     sample_hessian_factor: Callable[[Array, Array], Array] | None = None
     hits: Callable[[Array, Array], Array] | None = None
     sample_targets: Callable[[Array, Array], Array] | None = None
+    probability_targets: bool = False
+    normalised_targets: bool = False
 
     @property
     def is_classification(self) -> bool:
@@ -202,6 +206,8 @@ LOSSES: dict[str, Loss] = {
             sample_hessian_factor=_softmax_cross_entropy_factor,
             hits=_softmax_hits,
             sample_targets=_softmax_targets,
+            probability_targets=True,
+            normalised_targets=True,
         ),
         Loss(
             "sigmoid_cross_entropy",
@@ -212,6 +218,7 @@ LOSSES: dict[str, Loss] = {
             sample_hessian_factor=_sigmoid_cross_entropy_factor,
             hits=_sigmoid_hits,
             sample_targets=_sigmoid_targets,
+            probability_targets=True,
         ),
     )
 }

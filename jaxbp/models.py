@@ -1,12 +1,20 @@
-"""Model presets as :class:`jaxbp.Network` s of layer records: the digits CNN and a GPT.
+"""Model presets as :class:`jaxbp.Network` s of layer records: the digits CNN and a GPT,
+and text generation from a GPT.
 
 Scripts, the command line and the tests build their models here.
 """
 
 from __future__ import annotations
 
-from jaxbp import layers
-from jaxbp._typing import is_int
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp import layers, network
+from jaxbp._typing import Array, is_int
 from jaxbp.network import Network
 
 NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
@@ -51,3 +59,35 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
                     make_norm(), layers.Dense(vocab)),
                    input_shape=(seq_len,), loss="softmax_cross_entropy", dtype=dtype,
                    input_dtype="int32")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_at(net: Network, params: Any, window: Array, position: Array) -> Array:
+    """The logits a^L at ``position`` of one window of tokens (seq_len,)."""
+    return network.forward(net, params, window[None])[0][0, position]
+
+
+def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
+             key: Array | None = None, temperature: float = 0.0) -> list[int]:
+    """``length`` tokens continuing ``prompt`` (ids), one jitted forward per token.
+
+    Greedy (argmax) at ``temperature`` 0, else drawn from softmax(logits / temperature)
+    with ``key``. The window is the last ``seq_len`` tokens, right-padded while shorter:
+    in a causal model the padding after a position does not reach it.
+    """
+    seq_len = net.input_shape[0]
+    if not prompt:
+        raise ValueError("prompt must hold at least one token")
+    if temperature > 0 and key is None:
+        raise ValueError("a temperature > 0 samples: pass a PRNG key")
+    tokens = [int(t) for t in prompt]
+    for _ in range(length):
+        window = tokens[-seq_len:]
+        padded = jnp.asarray(window + [0] * (seq_len - len(window)), jnp.int32)
+        logits = _logits_at(net, params, padded, jnp.int32(len(window) - 1))
+        if temperature > 0:
+            key, draw = jax.random.split(key)
+            tokens.append(int(jax.random.categorical(draw, logits / temperature)))
+        else:
+            tokens.append(int(jnp.argmax(logits)))
+    return tokens[len(prompt):]

@@ -109,6 +109,11 @@ class Case:
 
     def describe(self) -> str:
         """``sizes act->out_act loss dtype`` on one line (the layers for a Network)."""
+        if getattr(self.net, "input_dtype", None) is not None:
+            (steps, dim), vocab = self.net.shapes[1], self.net.n_out
+            blocks = (len(self.net.layers) - 3) // 2
+            return (f"gpt T={steps} d={dim} blocks={blocks} vocab={vocab} B={self.batch} "
+                    f"(int labels, -1 ignored)")
         if isinstance(self.net, Network):
             labels = " (int labels)" if self.label_targets else ""
             return f"{network.describe(self.net)} B={self.batch}{labels}"
@@ -125,9 +130,11 @@ def random_cases(
     max_width: int = 16,
     max_batch: int = 16,
     networks: int = 3,
+    transformers: int = 2,
 ) -> Iterator[Case]:
     """Every (activation, loss, dtype) once, each with a random architecture; then per
-    dtype ``networks`` random :class:`jaxbp.Network` s (:func:`random_network`).
+    dtype ``networks`` random :class:`jaxbp.Network` s (:func:`random_network`) and
+    ``transformers`` random GPTs (:func:`random_transformer`, targets with -1 tokens).
 
     Depth (weight layers) in ``[1, max_depth]``, widths in ``[1, max_width]``,
     batch in ``[1, max_batch]``; the output activation is drawn from all
@@ -153,12 +160,18 @@ def random_cases(
             net, batch = random_network(int(rng.integers(0, 10_000)), dtype)
             labels = net.loss == "softmax_cross_entropy" and bool(rng.random() < 0.5)
             yield Case(net, batch, int(rng.integers(2**31)), labels)
+        for _ in range(transformers):
+            net, batch = random_transformer(int(rng.integers(0, 10_000)), dtype)
+            yield Case(net, batch, int(rng.integers(2**31)), True)
 
 
 def case_data(case: Case) -> tuple[tuple[dict[str, Array], ...], Array, Array]:
     """Params, x and y for a case, all drawn from ``case.seed``."""
     key_p, key_x, key_y = jax.random.split(jax.random.key(case.seed), 3)
     net, dtype = case.net, jnp.dtype(case.net.dtype)
+    if getattr(net, "input_dtype", None) is not None:          # a GPT: tokens
+        x, y = random_tokens(np.random.default_rng(case.seed), net, case.batch)
+        return net.init(key_p), jnp.asarray(x), jnp.asarray(y)
     n_out = net.n_out
     sample = net.input_shape
     x = jax.random.normal(key_x, (case.batch, *sample), dtype)
@@ -195,7 +208,9 @@ def verify_mlp(
     if not float64:
         return verify_grads(grad_fn, jax.jit(net.cost), params, x, y, n_fd=n_fd)
     with jax.enable_x64(True):
-        to64 = lambda a: jnp.asarray(np.asarray(a).astype(np.float64))  # noqa: E731
-        y = y if np.ndim(y) == 1 else to64(y)
+        def to64(a: ArrayLike) -> Any:   # integer labels and tokens stay integers
+            a = np.asarray(a)
+            return a if np.issubdtype(a.dtype, np.integer) else jnp.asarray(a.astype(np.float64))
+
         return verify_grads(grad_fn, jax.jit(net.cost), jax.tree.map(to64, params),
-                            to64(x), y, n_fd=n_fd)
+                            to64(x), to64(y), n_fd=n_fd)

@@ -62,6 +62,8 @@ DEFAULT_FD_RTOL = {"float64": 1e-6, "float32": 2e-2}
 """fd_rtol of manual vs central differences per dtype."""
 LOW_PRECISION_EPS = 1e-4
 """Above this machine epsilon FD and Taylor tests are skipped (bfloat16, float16)."""
+ROUNDING_ULPS = 16
+"""A leaf's error below this many ulps of the gradient's largest entry is rounding alone."""
 TAYLOR_MIN_ORDER = 1.5
 TAYLOR_MAX_ORDER = 3.5
 """Above this the Taylor remainder is not yet in its asymptotic range (the steps are too
@@ -92,6 +94,8 @@ class LeafCheck:
       rel_error: ``max_abs_error / reference_scale`` (0 when both are 0).
       tolerance: ``atol + rtol * reference_scale``.
       ok: ``max_abs_error <= tolerance`` and all values finite.
+      rounding_floor: the ``atol`` part: an error below it is rounding alone (the
+        leaf's own scale is at the rounding level of the whole gradient).
     """
 
     path: str
@@ -105,6 +109,13 @@ class LeafCheck:
     rel_error: float
     tolerance: float
     ok: bool
+    rounding_floor: float = 0.0
+
+    @property
+    def at_rounding_level(self) -> bool:
+        """It passes by the rounding floor alone (its relative error is above rtol: its
+        own scale is at the rounding level of the gradient, so that ratio says nothing)."""
+        return self.ok and self.max_abs_error > self.tolerance - self.rounding_floor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +200,10 @@ class GradReport:
 
     @property
     def max_rel_error(self) -> float:
-        """The largest normwise relative error of any leaf, manual vs reference."""
-        return max((leaf.rel_error for leaf in self.leaves), default=0.0)
+        """The largest normwise relative error of any leaf, manual vs reference (leaves
+        whose error is within the rounding floor left out: their scale is rounding)."""
+        return max((leaf.rel_error for leaf in self.leaves if not leaf.at_rounding_level),
+                   default=0.0)
 
     @property
     def max_abs_error(self) -> float:
@@ -211,9 +224,13 @@ class GradReport:
             why = (" (reference disagrees: the manual gradient matches finite differences "
                    f"where {self.reference_name} does not)" if self.has_reference else
                    " (no reference, and FD/Taylor missed where the function has a kink)")
+        rounding = sum(leaf.at_rounding_level for leaf in self.leaves)
         versus = (f"manual vs reference ({self.reference_name}) max rel error "
                   f"{self.max_rel_error:.2e} over {len(self.leaves)} leaves" if self.leaves
                   else f"no reference ({self.reference_name})")
+        if rounding:
+            versus += (f" ({rounding} more at the rounding level of the whole gradient: "
+                       f"their errors are within its floor)")
         return f"{self.title}: {self.verdict}{why}: {versus}; FD directions: {fd}; Taylor {taylor}"
 
     def __str__(self) -> str:
@@ -282,11 +299,13 @@ def verify_grads(
         :data:`DEFAULT_RTOL` (float64 1e-10, float32 1e-4, float16 2e-2,
         bfloat16 5e-2: about 100x the worst error jaxbp's own suite measures).
       atol: absolute tolerance added to ``rtol * max|reference|`` per leaf.
-        Default 0, except for bfloat16/float16 leaves: ``rtol`` times the
-        largest reference entry of the whole gradient. In those dtypes a leaf
-        that is small because its terms cancel (a bias summed over the batch)
-        keeps the rounding error of the terms, about eps times their size, so
-        it is judged against the gradient's scale rather than its own.
+        Default: ``ROUNDING_ULPS`` (16) ulps of the largest reference entry of the
+        whole gradient (float64/float32), and for bfloat16/float16 leaves ``rtol``
+        times it. A leaf that is small because its terms cancel (a bias summed over
+        the batch; attention's key bias, whose exact gradient is 0 as softmax
+        ignores a per-row shift) keeps the rounding error of the terms, about eps
+        times their size, so it is judged against the gradient's scale rather than
+        its own.
       fd_eps: the FD step h along a unit direction; default
         ``cbrt(eps) * ||params||`` (1 for params of zeros; a miss retried at h/16, h/256).
       fd_rtol: relative tolerance vs FD; default :data:`DEFAULT_FD_RTOL`.
@@ -417,8 +436,9 @@ def _atol_for(reference: Any, atol: float | None, rtol: float | None,
               global_scale: float) -> float:
     if atol is not None:
         return atol
-    if float(jnp.finfo(reference.dtype).eps) <= LOW_PRECISION_EPS:
-        return 0.0
+    eps = float(jnp.finfo(reference.dtype).eps)
+    if eps <= LOW_PRECISION_EPS:
+        return ROUNDING_ULPS * eps * global_scale
     return _rtol_for(reference, rtol) * global_scale
 
 
@@ -452,7 +472,7 @@ def _compare_leaf(path: str, manual: Any, reference: Any, rtol: float, atol: flo
     tolerance = atol + rtol * scale
     ok = finite and max_abs <= tolerance
     return LeafCheck(path, shape, dtype, max_abs, index, float(m.flat[flat]),
-                     float(r.flat[flat]), scale, rel, tolerance, ok)
+                     float(r.flat[flat]), scale, rel, tolerance, ok, atol)
 
 
 def _loss_value(loss_fn: Callable[..., Any], params: PyTree, args: tuple[Any, ...]) -> float:

@@ -74,6 +74,29 @@ def test_train_verifies_then_trains(capsys, tmp_path):
 
 
 @pytest.mark.slow
+def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_path):
+    """--model gpt on the user's own text file: verified, trained with checkpoints, bits
+    per character reported, a sample generated; a second run resumes from epoch 2."""
+    text = tmp_path / "poem.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    argv = ["train", "--model", "gpt", "--data", str(text), "--dim", "16", "--depth", "1",
+            "--heads", "2", "--seq-len", "16", "--batch-size", "32", "--lr", "1e-2",
+            "--quiet", "--checkpoint-dir", str(tmp_path / "ckpt"), "--compilation-cache",
+            "off"]
+    code = cli.main([*argv, "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "gpt dim 16, depth 1, heads 2, seq_len 16, vocab 28" in out
+    assert "verify_grads: OK" in out and "bits/char)" in out and "sample (greedy" in out
+    code = cli.main([*argv, "--epochs", "3"])
+    out = capsys.readouterr().out
+    assert code == 0 and "after 3 epochs" in out, out
+    assert len(checkpoint.list_checkpoints(tmp_path / "ckpt")) == 3
+    assert cli.main(["train", "--model", "gpt", "--heads", "3", "--dim", "16"]) == 2
+    assert "--heads 3 must divide --dim 16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_default_train_reaches_97_percent_on_digits(capsys):
     """The README's main job: plain `jaxbp train` (64,256,256,10 relu, adam 1e-3, 30 epochs)."""
     assert cli.main(["train", "--quiet"]) == 0
@@ -114,6 +137,9 @@ NOT_RUN_HERE = {
     "tests/test_hardening.py runs it",
     "jaxbp verify": "run over every dtype, two cases each, by "
     "test_verify_runs_in_every_dtype_it_offers",
+    "jaxbp train --model gpt --epochs 5": "an epoch of the default GPT on the whole text "
+    "takes minutes here; test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples "
+    "runs --model gpt on a small text",
     "jaxbp train --devices 2 --checkpoint-dir /shared/run": "two processes on two hosts; "
     "tests/workers run the same loop on 8 CPU devices",
 }

@@ -114,3 +114,30 @@ class TestBatches:
             list(data.batches(np.zeros((2, 1)), np.zeros(2), 0))
         with pytest.raises(ValueError, match="x has 2 rows but y has 3"):
             list(data.batches(np.zeros((2, 1)), np.zeros(3), 1))
+
+
+def test_load_text_ships_tiny_shakespeare_as_next_character_windows():
+    text = data.load_text(seq_len=32)
+    assert len(text.vocab) == 65 and text.n_out == 65 and text.n_in == 32
+    assert text.x_train.dtype == np.int32 and text.x_train.shape[1] == 32
+    np.testing.assert_array_equal(text.x_train[:, 1:], text.y_train[:, :-1])   # y = x shifted
+    np.testing.assert_array_equal(text.x_train[1:, 0], text.y_train[:-1, -1])  # windows abut
+    assert text.decode(text.x_train[0][:14]) == "First Citizen:"
+    n = len(text.x_train) * 32 + len(text.x_test) * 32
+    assert 0.89 < len(text.x_train) * 32 / n < 0.91                           # a 10% tail
+    np.testing.assert_array_equal(text.encode("First"), text.x_train[0][:5])
+
+
+def test_load_text_reads_a_users_file_and_names_what_is_wrong(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("abcabcabcabcabcabcabcabcabcabc")
+    text = data.load_text(path, seq_len=4, validation_fraction=0.3)
+    assert text.vocab == "abc" and text.decode(text.y_train[0]) == "bcab"
+    with pytest.raises(ValueError, match="too short for one window"):
+        data.load_text(path, seq_len=20)
+    with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
+        data.load_text(path, seq_len=0)
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_text(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        text.encode("abd")

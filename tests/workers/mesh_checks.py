@@ -58,6 +58,30 @@ def check(mesh_shape, sizes, name, optimizer, steps=5, batch=32):
     return ok, spec_w0
 
 
+def check_gpt(mesh_shape, steps=3, batch=8) -> bool:
+    """A GPT (token inputs, per-token loss) on the mesh: the single-device step's result."""
+    net = jaxbp.models.gpt(vocab=11, dim=16, depth=1, heads=2, seq_len=6)
+    mesh = parallel.make_mesh(*mesh_shape)
+    rng = np.random.default_rng(1)
+    xs = rng.integers(0, 11, size=(steps, batch, 6)).astype(np.int32)
+    ys = np.where(rng.random((steps, batch, 6)) < 0.2, -1, (xs + 1) % 11).astype(np.int32)
+    params = net.init(jax.random.key(0))
+    optimizer = optax.sgd(0.1)
+    single = jaxbp.make_train_step(net, optimizer, donate=False)
+    sharded = parallel.make_sharded_train_step(net, optimizer, mesh)
+    state_1 = jaxbp.TrainState.create(params, optimizer)
+    state_n = jaxbp.TrainState.create(jax.tree.map(np.asarray, params), optimizer)
+    for x, y in zip(xs, ys):
+        state_1, m1 = single(state_1, x, y)
+        state_n, mn = sharded(state_n, x, y)
+    diff = rel_diff(state_n.params, state_1.params)
+    loss_diff = abs(float(mn["loss"]) - float(m1["loss"])) / abs(float(m1["loss"]))
+    ok = diff <= 1e-6 and loss_diff <= 1e-6
+    print(f"{'ok' if ok else 'FAIL'} gpt mesh {mesh_shape}: max rel param diff {diff:.2e}, "
+          f"loss diff {loss_diff:.2e}")
+    return ok
+
+
 def main() -> int:
     assert jax.device_count() == 8, jax.devices()
     results = []
@@ -80,6 +104,7 @@ def main() -> int:
         print(f"{'ok' if good else 'FAIL'} uneven batch: {err}")
         results.append(good)
     results.append(check_collectives())
+    results.append(check_gpt((4, 2)))
     return 0 if all(results) else 1
 
 
