@@ -278,3 +278,21 @@ def test_hvp_of_a_gpt_is_forward_mode_over_the_hand_written_gradient(x64):
     hv = jaxbp.hvp(net, params, x, y, v)
     reference = jax.jvp(jax.grad(lambda p: net.cost(p, x, y)), (params,), (v,))[1]
     assert global_rel_error(hv, reference) <= 1e-10
+
+
+def test_token_wise_dense_per_sample_rules_match_vmap_grad(x64):
+    """A Dense on (T, d) samples: g_i = sum_t a_it (x) delta_it, by the per-sample rules."""
+    net = Network((L.Dense(4, "tanh"), L.LayerNorm(), L.Flatten(), L.Dense(3)), (5, 2),
+                  dtype="float64")
+    params = net.init(jax.random.key(0))
+    x = np.random.default_rng(0).standard_normal((6, 5, 2))
+    y = np.arange(6) % 3
+    one = jax.vmap(lambda xi, yi: jaxbp.backprop(net, params, xi[None], yi[None]))(x, y)
+    assert_trees_close(jaxbp.per_example_grads(net, params, x, y), one, "float64")
+    norms = np.sqrt(sum(np.sum(np.asarray(g).reshape(6, -1) ** 2, axis=1)
+                        for g in jax.tree.leaves(one)))
+    np.testing.assert_allclose(jaxbp.per_example_grad_norms(net, params, x, y), norms,
+                               rtol=1e-12)
+    variance = jax.tree.map(lambda g: jnp.var(g, axis=0), one)
+    assert_trees_close(jaxbp.per_example_grad_variance(net, params, x, y), variance,
+                       "float64")
