@@ -54,7 +54,7 @@ def dp_candidate(net: jaxbp.MLP, clip: float, batch: int):
 
 def candidates(net: jaxbp.MLP, clip: float):
     def sample_loss(params, x_i, y_i):
-        out = jaxbp.forward(net, params, x_i[None]).acts[-1]
+        out = jaxbp.network.forward(net.network, params, x_i[None])[0]
         return net.loss_fn.sample_loss(out, y_i[None])[0]
 
     vmap_grad = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0, 0))

@@ -7,15 +7,13 @@ from jaxbp.backprop import (
     apply_with_manual_vjp,
     backprop,
     layer_deltas,
-    output_delta,
-    sample_output_delta,
     value_and_backprop,
 )
 from jaxbp.curvature import ggn_diag, hvp, kfac_factors, kfac_gradient, kfac_preconditioner
 from jaxbp.diagnostics import layer_stats
 from jaxbp.fit import FitResult, fit
 from jaxbp.losses import LOSSES, Loss
-from jaxbp.mlp import MLP, Cache, forward
+from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.per_example import (
     clipped_grad,
@@ -38,7 +36,6 @@ __all__ = [
     "LOSSES",
     "MLP",
     "Activation",
-    "Cache",
     "FitResult",
     "GradReport",
     "GradientCheckError",
@@ -56,7 +53,6 @@ __all__ = [
     "evaluate",
     "feedback",
     "fit",
-    "forward",
     "ggn_diag",
     "hvp",
     "kfac_factors",
@@ -68,12 +64,10 @@ __all__ = [
     "make_train_loop",
     "make_train_step",
     "models",
-    "output_delta",
     "per_example_grad_norms",
     "per_example_grad_variance",
     "per_example_grads",
     "privacy",
-    "sample_output_delta",
     "testing",
     "value_and_autodiff",
     "value_and_backprop",

@@ -1,13 +1,13 @@
 """The hand-written backpropagation recursion: forward cache -> deltas -> grads.
 
-The three equations of the seeds, batch-first (rows are samples):
+The three equations of backpropagation, batch-first (rows are samples):
 
 .. math::
     \\delta^L = \\frac{\\partial C}{\\partial a^L} \\odot g^{L\\prime}(z^L)
-    \\qquad \\text{(output error; seed 002's } E_o\\text{)}
+    \\qquad \\text{(the output error)}
 
     \\delta^l = (\\delta^{l+1} W^{l+1\\top}) \\odot g^{l\\prime}(z^l)
-    \\qquad \\text{(the recursion; seed 002's } E_h\\text{)}
+    \\qquad \\text{(the error passed back)}
 
     \\frac{\\partial C}{\\partial W^l} = a^{l-1\\top} \\delta^l, \\qquad
     \\frac{\\partial C}{\\partial b^l} = \\sum_n \\delta^l_n
@@ -19,13 +19,12 @@ The equations are written out once, in the Dense rule
 loop over the layer records (:func:`jaxbp.layers.chain.chain_backward`); an
 MLP runs it over its Dense layers (:attr:`jaxbp.MLP.network`). Nothing here
 calls JAX's autodiff; every derivative is from :mod:`jaxbp.activations` and
-:mod:`jaxbp.losses`. The MLP pieces (:func:`output_delta`, :func:`layer_deltas`) are
-public so that curvature code reuses the one loop.
+:mod:`jaxbp.losses`. :func:`layer_deltas` gives every layer's error for code
+that reuses them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -34,59 +33,37 @@ import jax
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.layers.chain import chain_backward
-from jaxbp.mlp import MLP, Cache, cache_to_caches
-from jaxbp.network import as_network
+from jaxbp.mlp import MLP
+from jaxbp.network import Network, as_network
 
 
-def sample_output_delta(net: MLP, cache: Cache, y: Array) -> Array:
-    """delta^L of each sample's own loss: dl_n/da^L_n * g^L'(z^L_n), shape (batch, n_out).
-
-    Not divided by N: row n is the output error of the loss of sample n alone
-    (the fused ``p - y`` for the cross-entropies on logits). Per-example
-    gradients start here.
-    """
-    a_out, z_out = cache.acts[-1], cache.zs[-1]
-    return net.loss_fn.sample_grad(a_out, y) * net.activations[-1].dg(z_out, a_out)
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _layer_deltas(net: Network, params: Params, x: Array, y: Array, per_sample: bool):
+    return network.layer_deltas(net, params, x, y, per_sample)
 
 
-def output_delta(net: MLP, cache: Cache, y: Array) -> Array:
-    """delta^L = dC/da^L * g^L'(z^L) for the batch mean C, shape (batch, n_out).
+def layer_deltas(net: MLP | Network, params: Params, x: ArrayLike, y: ArrayLike,
+                 per_sample: bool = False) -> tuple[Array, tuple[Any, ...], tuple[Array, ...]]:
+    """Every layer's cache and the error at its output, from one forward and one backward.
 
-    C is the mean of the N sample losses, so delta^L is the per-sample output
-    error divided by N; for softmax and sigmoid cross-entropy on logits it is
-    the fused (p - y)/N.
-    """
-    return sample_output_delta(net, cache, y) / cache.acts[-1].shape[0]
-
-
-def layer_deltas(net: MLP, params: Params, cache: Cache, delta_out: Array) -> tuple[Array, ...]:
-    """Every layer's error from the output error, by the recursion.
-
-    .. math::
-        \\delta^l = (\\delta^{l+1} W^{l+1\\top}) \\odot g^{l\\prime}(z^l)
-
-    The one reversed loop over the net's Dense records
-    (:func:`jaxbp.layers.chain.chain_backward`), started at the output layer's
-    pre-activation: that layer runs with ``g' = 1`` so that ``delta_out`` is its
-    error as given, and every other layer's error at z is the error arriving at
-    its output times ``g'(z)`` (the first line of :meth:`jaxbp.layers.Dense.backward`).
+    ``deltas[l] = dC/da^l`` for the batch-mean cost C (or, with ``per_sample=True``,
+    each sample's own loss: not divided by N), from the one reversed loop over the
+    layer records. A layer's error at its pre-activation (the textbook's
+    ``delta^l = dC/dz^l``) is its record's ``pre_activation_error(cache, deltas[l])``
+    (``deltas[l] * g'(z^l)`` for a Dense).
 
     Args:
-      net: the network description.
-      params: the parameters the cache was computed with.
-      cache: the forward pass's :class:`~jaxbp.mlp.Cache`.
-      delta_out: (batch, n_out) delta^L, the error at the output pre-activation.
+      net: an :class:`~jaxbp.MLP` (its Dense chain) or a :class:`~jaxbp.Network`
+        with a vector output.
+      params, x, y: as :func:`value_and_backprop`.
+      per_sample: errors of each sample's own loss instead of the batch mean's.
 
     Returns:
-      ``(delta^1, ..., delta^L)``, ``delta^l: (batch, sizes[l])``.
+      ``(a^L, caches, deltas)``: the output, each layer's forward cache (a Dense's
+      ``(a^{l-1}, z^l, a^l)``) and the error at each layer's output.
     """
-    layers = net.network.layers
-    from_z = (*layers[:-1], dataclasses.replace(layers[-1], activation="identity"))
-    _, _, at_outputs = chain_backward(from_z, params, cache_to_caches(cache), delta_out,
-                                      need_input=False)
-    hidden = tuple(delta_a * act.dg(z, a) for delta_a, act, z, a
-                   in zip(at_outputs[:-1], net.activations, cache.zs, cache.acts[1:]))
-    return (*hidden, delta_out)
+    x, y = _checks.check_inputs(net, params, x, y)
+    return _layer_deltas(as_network(net), params, x, y, bool(per_sample))
 
 
 def value_grads_and_output(

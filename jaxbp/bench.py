@@ -261,7 +261,7 @@ def xla_cost(compiled: Any) -> dict[str, float] | None:
 
 
 class MatmulShape(NamedTuple):
-    """One matmul ``(m, k) @ (k, n)`` of a step, as :func:`jaxbp.mlp.matmul` lays it out.
+    """One matmul ``(m, k) @ (k, n)`` of a step, as :func:`jaxbp.layers.precision.dot` lays it out.
 
     ``transpose_a``/``transpose_b``: the operand is stored transposed and its
     other axis is contracted (no transpose op): the input error

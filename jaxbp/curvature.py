@@ -1,24 +1,13 @@
-"""Second order from the same recursion: Hessian-vector products (R-op) and the GGN diagonal.
+"""Second order from the same records: Hessian-vector products, the GGN diagonal, K-FAC.
 
-**Hessian-vector product** (Pearlmutter 1994). The R-operator
-``R{f} = d/dr f(theta + r v) at r = 0`` is applied to every line of the forward
-pass and of the recursion, with V = (dW^l, db^l) the direction:
+Every quantity runs on the layer records of a :class:`jaxbp.Network` (an MLP on
+its Dense chain, :attr:`jaxbp.MLP.network`); the work is in
+:mod:`jaxbp.network_curvature`, this module is the checked public face and the
+optax preconditioner.
 
-.. math::
-    R z^l = R a^{l-1} W^l + a^{l-1} dW^l + db^l, \\qquad
-    R a^l = g'(z^l) \\odot R z^l, \\qquad R a^0 = 0
-
-    R\\delta^L = \\tfrac1N \\big[(H_n R a^L) \\odot g'(z^L)
-                 + \\partial_a l \\odot g''(z^L) \\odot R z^L\\big]
-
-    R\\delta^l = (R\\delta^{l+1} W^{l+1\\top} + \\delta^{l+1} dW^{l+1\\top}) \\odot g'(z^l)
-                 + (\\delta^{l+1} W^{l+1\\top}) \\odot g''(z^l) \\odot R z^l
-
-    (Hv)_{W^l} = R a^{l-1\\top} \\delta^l + a^{l-1\\top} R\\delta^l, \\qquad
-    (Hv)_{b^l} = \\textstyle\\sum_n R\\delta^l_n
-
-with ``H_n`` the per-sample Hessian of the loss with respect to a^L and g''
-written by hand beside g and g' (:mod:`jaxbp.activations`).
+**Hessian-vector product** (Pearlmutter 1994): ``Hv = d/dr grad C(theta + r v)`` at
+``r = 0``, forward mode (``jax.jvp``) over the hand-written gradient: the
+derivative of our own backward, every layer type, no reverse-mode autodiff.
 
 **GGN diagonal** (BackPACK's DiagGGNExact). With ``H_n = S_n S_n^T`` (the
 loss's symmetric factor, k columns), each column of S is propagated back as
@@ -27,22 +16,19 @@ an output error, all k at once (a batched pass):
 .. math::
     \\mathrm{diag}(G)_{W^l} = \\tfrac1N \\sum_{n,c} (a^{l-1}_n)^2 \\otimes (\\delta^l_{n,c})^2
 
-No JAX autodiff is called; ``jax.vmap`` (a batching transform) runs the
+No reverse-mode autodiff is called; ``jax.vmap`` (a batching transform) runs the
 recursion over the k columns.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 
 from jaxbp import _checks, network_curvature
 from jaxbp._typing import Array, ArrayLike, Params
-from jaxbp.backprop import layer_deltas, sample_output_delta
-from jaxbp.mlp import MLP, forward, matmul
-from jaxbp.network import Network, value_grads_and_errors
+from jaxbp.mlp import MLP
+from jaxbp.network import Network, as_network, value_grads_and_errors
 
 
 def _check_direction(params: Params, v: Params) -> None:
@@ -56,45 +42,8 @@ def _check_direction(params: Params, v: Params) -> None:
         raise ValueError("v does not fit params: " + "; ".join(bad))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _hvp(net: MLP, params: Params, x: Array, y: Array, v: Params) -> Params:
-    acts_g = net.activations
-    cache = forward(net, params, x)
-    batch = x.shape[0]
-    # forward R-pass
-    r_acts, r_zs = [jnp.zeros_like(x)], []
-    for l, (layer, dlayer) in enumerate(zip(params, v)):
-        a_in = cache.acts[l]
-        r_z = (matmul(net, r_acts[-1], layer["w"]) + matmul(net, a_in, dlayer["w"])
-               + dlayer["b"])
-        r_zs.append(r_z)
-        r_acts.append(acts_g[l].dg(cache.zs[l], cache.acts[l + 1]) * r_z)
-    # output layer: delta^L and R delta^L (per sample, then / N)
-    a_out, z_out = cache.acts[-1], cache.zs[-1]
-    dl_da = net.loss_fn.sample_grad(a_out, y)
-    g1, g2 = acts_g[-1].dg(z_out, a_out), acts_g[-1].d2g(z_out, a_out)
-    deltas = layer_deltas(net, params, cache, sample_output_delta(net, cache, y) / batch)
-    r_delta = (net.loss_fn.sample_hvp(a_out, y, r_acts[-1]) * g1
-               + dl_da * g2 * r_zs[-1]) / batch
-    r_deltas = [r_delta]
-    for l in range(net.n_layers - 1, 0, -1):  # hidden layers, output side first
-        w, dw = params[l]["w"], v[l]["w"]
-        back = matmul(net, deltas[l], w, transpose_b=True)  # delta^{l+1} W^{l+1 T}
-        r_back = (matmul(net, r_deltas[-1], w, transpose_b=True)
-                  + matmul(net, deltas[l], dw, transpose_b=True))
-        z, a = cache.zs[l - 1], cache.acts[l]
-        r_deltas.append(r_back * acts_g[l - 1].dg(z, a) + back * acts_g[l - 1].d2g(z, a)
-                        * r_zs[l - 1])
-    r_deltas.reverse()
-    return tuple(
-        {"w": matmul(net, r_acts[l], deltas[l], transpose_a=True)
-              + matmul(net, cache.acts[l], r_deltas[l], transpose_a=True),
-         "b": r_deltas[l].sum(axis=0)}
-        for l in range(net.n_layers))
-
-
 def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Params:
-    """The Hessian of the cost times a direction, ``H v``, by the R-operator (no autodiff).
+    """``H v``, the Hessian of the cost times a direction: forward mode over our gradient.
 
     Args:
       net, params, x, y: as :func:`jaxbp.backprop`; C is the batch-mean cost.
@@ -103,9 +52,8 @@ def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Para
     Returns:
       ``H v`` shaped like ``params``, ``H = d^2 C / dparams^2``.
 
-    An MLP runs the hand-written R-operator; a :class:`jaxbp.Network` (any layer
-    type) forward mode (``jax.jvp``) over its hand-written gradient
-    (:mod:`jaxbp.network_curvature`).
+    Forward mode (``jax.jvp``) over the hand-written gradient, for every layer
+    type (an MLP through its Dense chain).
 
     Raises:
       ValueError: v does not have the structure and shapes of params (and the
@@ -114,26 +62,7 @@ def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Para
     x, y = _checks.check_inputs(net, params, x, y)
     _check_direction(params, v)
     v = jax.tree.map(lambda t, p: jnp.asarray(t, p.dtype), v, params)
-    if isinstance(net, Network):
-        return network_curvature.hvp(net, params, x, y, v)
-    return _hvp(net, params, x, y, v)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _ggn_diag(net: MLP, params: Params, x: Array, y: Array) -> Params:
-    cache = forward(net, params, x)
-    a_out, z_out = cache.acts[-1], cache.zs[-1]
-    factor = net.loss_fn.sample_hessian_factor(a_out, y)  # (B, n_out, k)
-    g1 = net.activations[-1].dg(z_out, a_out)
-    columns = jnp.moveaxis(factor, -1, 0) * g1  # (k, B, n_out): S_c * g'(z^L)
-    deltas = jax.vmap(lambda d: layer_deltas(net, params, cache, d))(columns)
-    batch = x.shape[0]
-    out = []
-    for a_in, delta in zip(cache.acts, deltas):  # delta: (k, B, width)
-        sq = jnp.sum(delta * delta, axis=0)  # sum over the k columns: (B, width)
-        out.append({"w": matmul(net, a_in * a_in, sq, transpose_a=True) / batch,
-                    "b": sq.sum(axis=0) / batch})
-    return tuple(out)
+    return network_curvature.hvp(as_network(net), params, x, y, v)
 
 
 def ggn_diag(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
@@ -150,41 +79,7 @@ def ggn_diag(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
       The diagonal, shaped like ``params``.
     """
     x, y = _checks.check_inputs(net, params, x, y)
-    if isinstance(net, Network):
-        return network_curvature.ggn_diag(net, params, x, y)
-    return _ggn_diag(net, params, x, y)
-
-
-def _sample_targets(net: MLP, a_out: Array, key: Array) -> Array:
-    """y drawn from the model's own predictive distribution at a^L (for the MC Fisher):
-    the loss record's ``sample_targets``."""
-    return net.loss_fn.sample_targets(a_out, key)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _kfac_factors(net: MLP, params: Params, x: Array, y: Array, kind: str,
-                  key: Array | None) -> tuple[dict[str, Array], ...]:
-    cache = forward(net, params, x)
-    if kind == "exact":
-        return _kfac_exact(net, params, cache, y)
-    targets = y if kind == "empirical" else _sample_targets(net, cache.acts[-1], key)
-    return _kfac_from_cache(net, params, cache, targets)[1]  # the unused grads are dropped
-
-
-def _kfac_exact(net: MLP, params: Params, cache, y: Array) -> tuple[dict[str, Array], ...]:
-    """G from every column of the loss Hessian's factor (as :func:`ggn_diag`): KFLR."""
-    a_out, z_out = cache.acts[-1], cache.zs[-1]
-    factor = net.loss_fn.sample_hessian_factor(a_out, y)            # (B, n_out, k)
-    columns = jnp.moveaxis(factor, -1, 0) * net.activations[-1].dg(z_out, a_out)
-    deltas = jax.vmap(lambda d: layer_deltas(net, params, cache, d))(columns)
-    batch = a_out.shape[0]
-    out = []
-    for a_in, delta in zip(cache.acts, deltas):                      # delta: (k, B, width)
-        a_bar = jnp.concatenate([a_in, jnp.ones((batch, 1), a_in.dtype)], axis=1)
-        flat = delta.reshape(-1, delta.shape[-1])                    # the k B rows
-        out.append({"A": matmul(net, a_bar, a_bar, transpose_a=True) / batch,
-                    "G": matmul(net, flat, flat, transpose_a=True) / batch})
-    return tuple(out)
+    return network_curvature.ggn_diag(as_network(net), params, x, y)
 
 
 KFAC_KINDS = ("sampled", "exact", "empirical")
@@ -238,25 +133,8 @@ def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
                          "PRNG key (key=jax.random.key(0)), or use kind='exact' (no sampling, "
                          "n_out backward passes) or kind='empirical' (the given labels)")
     x, y = _checks.check_inputs(net, params, x, y)
-    if isinstance(net, Network):
-        network_curvature.check_kfac_layers(net)
-        return network_curvature.kfac_factors(net, params, x, y, kind, key, _sample_targets)
-    return _kfac_factors(net, params, x, y, kind, key)
-
-
-def _kfac_from_cache(net: MLP, params: Params, cache, y: Array) -> tuple[Params, tuple]:
-    """Grads and K-FAC factors from one backward pass of the per-sample errors."""
-    sample_deltas = layer_deltas(net, params, cache, sample_output_delta(net, cache, y))
-    batch = cache.acts[0].shape[0]
-    grads, factors = [], []
-    for a_in, delta in zip(cache.acts, sample_deltas):
-        mean_delta = delta / batch  # the batch-mean cost's delta
-        grads.append({"w": matmul(net, a_in, mean_delta, transpose_a=True),
-                      "b": mean_delta.sum(axis=0)})
-        a_bar = jnp.concatenate([a_in, jnp.ones((batch, 1), a_in.dtype)], axis=1)
-        factors.append({"A": matmul(net, a_bar, a_bar, transpose_a=True) / batch,
-                        "G": matmul(net, delta, delta, transpose_a=True) / batch})
-    return tuple(grads), tuple(factors)
+    network_curvature.check_kfac_layers(as_network(net))
+    return network_curvature.kfac_factors(as_network(net), params, x, y, kind, key)
 
 
 def kfac_gradient(kind: str = "empirical", key: Array | None = None):
@@ -280,8 +158,6 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
     gradient's own pass there too. A LayerNorm or Residual has no
     K-FAC rule: a :class:`jaxbp.layers.LayerError` names it.
     """
-    from jaxbp.losses import mean_loss
-
     if kind not in (*KFAC_KINDS, "mc"):
         raise ValueError(f"Unknown kind {kind!r}. It needs to be one of {list(KFAC_KINDS)}.")
     kind = "sampled" if kind == "mc" else kind
@@ -290,26 +166,16 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
                          "every step: pass a PRNG key (fold_in(key, step) is used)")
 
     def gradient(net: MLP | Network, params: Params, x: Array, y: Array, step: Array):
-        step_key = None if key is None else jax.random.fold_in(key, step)
-        if isinstance(net, Network):
-            network_curvature.check_kfac_layers(net)
-            value, grads, out, caches, deltas = value_grads_and_errors(net, params, x, y)
-            if kind == "empirical":     # the gradient's own errors, times N: no extra pass
-                errors = tuple(x.shape[0] * d[None] for d in deltas)
-                factors = network_curvature.kfac_from_errors(net, caches, errors)
-            else:
-                factors = network_curvature.kfac_factors(net, params, x, y, kind, step_key,
-                                                         _sample_targets)
-            return value, grads, out, {"factors": factors}
-        cache = forward(net, params, x)
-        grads, factors = _kfac_from_cache(net, params, cache, y)
-        if kind == "exact":
-            factors = _kfac_exact(net, params, cache, y)
-        elif kind == "sampled":
-            targets = _sample_targets(net, cache.acts[-1], step_key)
-            factors = _kfac_from_cache(net, params, cache, targets)[1]
-        value = mean_loss(net.loss_fn, cache.acts[-1], y)
-        return value, grads, cache.acts[-1], {"factors": factors}
+        net = as_network(net)
+        network_curvature.check_kfac_layers(net)
+        value, grads, out, caches, deltas = value_grads_and_errors(net, params, x, y)
+        if kind == "empirical":     # the gradient's own errors, times N: no extra pass
+            errors = tuple(x.shape[0] * d[None] for d in deltas)
+            factors = network_curvature.kfac_from_errors(net, caches, errors)
+        else:
+            step_key = jax.random.fold_in(key, step) if kind == "sampled" else None
+            factors = network_curvature.kfac_factors(net, params, x, y, kind, step_key)
+        return value, grads, out, {"factors": factors}
 
     return gradient
 

@@ -1,6 +1,6 @@
 """Gradient flow: per-layer error, gradient, weight and update sizes, from the recursion.
 
-Seed 001 closes on vanishing gradients: through a deep stack of sigmoids the
+The vanishing-gradient problem: through a deep stack of sigmoids the
 error ``delta^l = (delta^{l+1} W^{l+1 T}) * g'(z^l)`` shrinks by the factor
 ``g' <= 1/4`` at every layer. :func:`layer_stats` shows it layer by layer.
 """

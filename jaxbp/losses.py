@@ -1,7 +1,7 @@
 """Losses C, each beside its hand-written output gradient dl/da.
 
 Every loss is a sum over the output units of one sample, averaged over the
-samples of a batch, as in seed 000:
+samples of a batch (the textbook's quadratic cost is ``squared_error``):
 
 .. math::
     C = \\frac{1}{N} \\sum_{n=1}^{N} l(a_n, y_n)
@@ -66,7 +66,7 @@ class Loss(NamedTuple):
 
 
 def _squared_error(a: Array, y: Array) -> Array:
-    """l = sum_j (a_j - y_j)^2, the cost C_0 of seed 000."""
+    """l = sum_j (a_j - y_j)^2, the quadratic cost of one sample."""
     return jnp.sum((a - y) ** 2, axis=-1)
 
 

@@ -1,11 +1,15 @@
-"""The multi-layer perceptron: a static description, its parameters and its forward pass.
+"""The multi-layer perceptron: a builder of a :class:`jaxbp.Network` of Dense records.
 
+An ``MLP`` is a static description (sizes, activations, loss, dtypes) and its
+parameter draw; every computation on it (forward pass, the one reversed loop,
+per-example quantities, curvature) runs on :attr:`MLP.network`, the same net as
+a chain of :class:`~jaxbp.layers.Dense` records with the same params.
 Batch-first, row vectors, as everywhere in jaxbp:
 
 .. math::
     z^l = a^{l-1} W^l + b^l, \\qquad a^l = g^l(z^l), \\qquad a^0 = x
 
-with ``W^l: (fan_in, fan_out)`` and ``b^l: (fan_out,)``. Seed 000's weight
+with ``W^l: (fan_in, fan_out)`` and ``b^l: (fan_out,)``. The textbook's weight
 ``w_jk`` (from node k of layer l-1 to node j of layer l) is ``W^l[k, j]``.
 """
 
@@ -14,34 +18,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxbp import _checks
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey, is_int
 from jaxbp.activations import ACTIVATIONS, Activation, get_activation
 from jaxbp.layers.base import TRUNCATED_NORMAL_STD
-from jaxbp.layers.chain import chain_forward
 from jaxbp.layers.dense import Dense
-from jaxbp.losses import LOSSES, Loss, get_loss, mean_loss
+from jaxbp.losses import LOSSES, Loss, get_loss
 from jaxbp.network import Network
-from jaxbp.network import forward as network_forward
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-class Cache(NamedTuple):
-    """What the forward pass keeps for the backward recursion.
-
-    Attributes:
-      acts: ``(a^0, ..., a^L)``; ``a^0 = x: (batch, n_in)``, ``a^l: (batch, sizes[l])``.
-      zs: ``(z^1, ..., z^L)``; ``z^l: (batch, sizes[l])``.
-    """
-
-    acts: tuple[Array, ...]
-    zs: tuple[Array, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +56,7 @@ class MLP:
         operands of every matmul are rounded to it and the products are
         accumulated in the params' dtype (``preferred_element_type``); params
         (the master weights), activations, deltas and gradients stay in the
-        params' dtype. See :func:`matmul`.
+        params' dtype. See :mod:`jaxbp.layers.precision`.
       activation_dtype: None, or the dtype activations, pre-activations and
         errors are stored in (``"bfloat16"`` with ``compute_dtype="bfloat16"``:
         the bf16 recipe of flax's ``Dense(dtype=bfloat16)`` and jmp's bf16
@@ -188,8 +177,7 @@ class MLP:
         Returns:
           (batch, n_out) a^L (logits when the loss is a cross-entropy).
         """
-        x, _ = _checks.check_inputs(self, params, x)
-        return forward(self, params, x).acts[-1]
+        return self.network.apply(params, x)
 
     def cost(self, params: Params, x: ArrayLike, y: ArrayLike) -> Array:
         """The scalar cost C = (1/N) sum_n l(a^L_n, y_n).
@@ -203,8 +191,7 @@ class MLP:
         Returns:
           A scalar of the params' dtype.
         """
-        x, y = _checks.check_inputs(self, params, x, y)
-        return cost(self, params, x, y)
+        return self.network.cost(params, x, y)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -221,60 +208,6 @@ def _init(net: MLP, key: PRNGKey) -> Params:
         params.append({"w": w.astype(dtype), "b": jnp.zeros((fan_out,), dtype)})
         start += fan_in * fan_out
     return tuple(params)
-
-
-def forward(net: MLP, params: Params, x: Array) -> Cache:
-    """The forward pass, keeping every z^l and a^l (no input checks).
-
-    .. math::
-        z^l = a^{l-1} W^l + b^l, \\qquad a^l = g^l(z^l)
-
-    The chain of the net's Dense records (:attr:`MLP.network`), its caches
-    ``(a^{l-1}, z^l, a^l)`` gathered into one :class:`Cache`.
-
-    Args:
-      net: the network description.
-      params: checked parameters.
-      x: (batch, n_in), already in the params' dtype.
-    """
-    _, caches = chain_forward(net.network.layers, params, x)
-    return caches_to_cache(caches)
-
-
-def caches_to_cache(caches: Sequence[tuple[Array, Array, Array]]) -> Cache:
-    """The Dense records' caches ``(a^{l-1}, z^l, a^l)`` as one :class:`Cache`."""
-    return Cache((caches[0][0], *(a for _, _, a in caches)), tuple(z for _, z, _ in caches))
-
-
-def cache_to_caches(cache: Cache) -> tuple[tuple[Array, Array, Array], ...]:
-    """A :class:`Cache` as the Dense records' caches ``(a^{l-1}, z^l, a^l)``."""
-    return tuple(zip(cache.acts[:-1], cache.zs, cache.acts[1:]))
-
-
-def matmul(net: MLP, a: Array, b: Array, transpose_a: bool = False,
-           transpose_b: bool = False) -> Array:
-    """``a @ b`` (``a.T``/``b.T`` when asked) in the net's precision, as one dot_general.
-
-    The transposes are contraction dimensions of a single ``lax.dot_general``,
-    never separate transpose ops. Without ``net.compute_dtype`` this is
-    ``a @ b``. With it, both operands are rounded to the compute dtype and the
-    products accumulate in ``a``'s dtype (the params' dtype):
-    ``dot(bf16(a), bf16(b))`` with ``preferred_element_type=float32``, what
-    bf16 tensor cores do. Rounding before the transpose lets XLA reuse the
-    forward pass's rounded copies in the backward pass. Every matmul of the
-    forward pass and of the recursion goes through here.
-    """
-    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
-    if net.compute_dtype is None:
-        return jax.lax.dot_general(a, b, dims)
-    low = jnp.dtype(net.compute_dtype)
-    return jax.lax.dot_general(a.astype(low), b.astype(low), dims,
-                               preferred_element_type=a.dtype)
-
-
-def cost(net: MLP, params: Params, x: Array, y: Array) -> Array:
-    """C = (1/N) sum_n l(a^L_n, y_n) for checked inputs (no input checks)."""
-    return mean_loss(net.loss_fn, network_forward(net.network, params, x)[0], y)
 
 
 def _checked_sizes(sizes: Any) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ flattened row by row.
 **Hessian-vector products**: forward mode over the hand-written gradient,
 ``Hv = d/dr grad C(theta + r v)`` by ``jax.jvp`` of
 :func:`jaxbp.network.value_grads_and_output` (Pearlmutter's trick applied to our
-own backward, for every layer type; the MLP keeps its hand-written R-operator).
+own backward, for every layer type; an MLP through its Dense chain).
 """
 
 from __future__ import annotations
@@ -116,23 +116,23 @@ def check_kfac_layers(net: Network) -> None:
 
 
 def _targets_errors(net: Network, params: Params, x: Array, y: Array, kind: str,
-                    key: Array | None, sample_targets: Any) -> tuple[Any, tuple, int]:
+                    key: Array | None) -> tuple[Any, tuple, int]:
     """(caches, per-layer errors with a leading axis of k target draws or columns, k)."""
     network.require_vector_output(net, "kfac_factors")
     out, caches = network.forward(net, params, x)
     if kind == "exact":
         columns = _hessian_columns(net, out, y)
     else:
-        targets = y if kind == "empirical" else sample_targets(net, out, key)
+        targets = y if kind == "empirical" else net.loss_fn.sample_targets(out, key)
         columns = net.loss_fn.sample_grad(out, targets)[None]
     return caches, _column_errors(net, params, caches, columns), columns.shape[0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 6))
+@functools.partial(jax.jit, static_argnums=(0, 4))
 def kfac_factors(net: Network, params: Params, x: Array, y: Array, kind: str,
-                 key: Array | None, sample_targets: Any = None) -> tuple[Any, ...]:
+                 key: Array | None) -> tuple[Any, ...]:
     """``{"A", "G"}`` for every Dense and Conv2D layer, ``{}`` for the rest (checked inputs)."""
-    caches, errors, _ = _targets_errors(net, params, x, y, kind, key, sample_targets)
+    caches, errors, _ = _targets_errors(net, params, x, y, kind, key)
     return kfac_from_errors(net, caches, errors)
 
 

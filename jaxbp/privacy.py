@@ -203,7 +203,8 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
     (after the ``spent`` segments, composed, when a resumed run has taken steps already).
 
     dp-accounting's ``calibrate_dp_mechanism`` (a bracketed search; the value
-    returned meets the target, and sigma 1% smaller does not within its tolerance).
+    returned meets the target, and sigma 1% smaller does not: RDP to 1e-4, PLD to
+    0.1% of sigma).
     For ``"pld"`` the search is bracketed below the RDP solution (PLD never spends
     more than RDP at the same sigma), so no trial sigma is so small that its privacy
     loss distribution exhausts memory.
@@ -229,28 +230,29 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
     def event(sigma: float) -> Any:
         return _composed((*prior, (sigma, rate, steps)))
 
-    def calibrate(make_accountant: Callable[[], Any], bracket: Any) -> float:
+    def calibrate(make_accountant: Callable[[], Any], bracket: Any, tol: float) -> float:
         try:
             with _quiet_orders():
                 return float(dp.calibrate_dp_mechanism(
-                    make_accountant, event, target, delta,
-                    bracket, tol=1e-4))
+                    make_accountant, event, target, delta, bracket, tol=tol))
         except (MemoryError, ArithmeticError, RuntimeError, ValueError) as err:
             raise ValueError(f"noise calibration failed for {setting}: dp-accounting raised "
                              f"{type(err).__name__}: {err}") from None
 
-    sigma_rdp = calibrate(lambda: _fresh("rdp"), dp.LowerEndpointAndGuess(1e-3, 1.0))
+    sigma_rdp = calibrate(lambda: _fresh("rdp"), dp.LowerEndpointAndGuess(1e-3, 1.0), 1e-4)
     if accountant == "rdp":
         return sigma_rdp
     # PLD's epsilon never exceeds RDP's at the same sigma, so its sigma is at most RDP's:
     # search below it, from a lower end that already overspends (never a hopeless, tiny
-    # trial sigma whose loss distribution would not fit in memory)
-    lower = sigma_rdp / 2
-    for _ in range(6):
+    # trial sigma whose loss distribution would not fit in memory). Each PLD trial
+    # composes the whole run, so the search stops at 0.1% of sigma (a few trials).
+    lower = 0.75 * sigma_rdp
+    for _ in range(12):
         if _pld_epsilon(event(lower), lower, delta, setting) > target:
             break
-        lower /= 2
-    return calibrate(_fresh_pld, dp.ExplicitBracketInterval(lower, sigma_rdp))
+        lower *= 0.75
+    return calibrate(_fresh_pld, dp.ExplicitBracketInterval(lower, sigma_rdp),
+                     1e-3 * sigma_rdp)
 
 
 PLD_DISCRETIZATION = 1e-4

@@ -203,8 +203,13 @@ def test_fractions_above_one_carry_a_warning():
 def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys, monkeypatch):
     from jaxbp import bench_suite, cli
 
-    # the CPU preset's small cases on any device (the accelerator preset is all > 1 GFLOP)
-    monkeypatch.setattr(bench_suite, "quick_cases", lambda platform: bench_suite.QUICK)
+    # the CPU preset's smallest MLP in its three recipes and one larger case to leave out,
+    # on any device (the accelerator preset is all > 1 GFLOP)
+    small = [c for c in bench_suite.QUICK if isinstance(c, bench_suite.BenchCase)
+             and (c.width, c.depth, c.batch, c.loss) == (64, 2, 32, "softmax_cross_entropy")]
+    assert len(small) == 3
+    monkeypatch.setattr(bench_suite, "quick_cases",
+                        lambda platform: [*small, bench_suite.QUICK[-1]])
 
     code = cli.main(["bench", "--quick", "--max-gflop", "0.001", "--budget", "0.05",
                      "--steps", "2", "--out", str(tmp_path), "--name", "t"])

@@ -10,6 +10,7 @@ import pytest
 from helpers import to_f64
 
 import jaxbp
+from jaxbp.layers import precision
 
 
 def _flat(tree) -> np.ndarray:
@@ -28,7 +29,7 @@ def test_matmul_rounds_operands_and_accumulates_in_float32():
     net = jaxbp.MLP((2, 2), compute_dtype="bfloat16")
     a = jnp.full((1, 256), 1 + 2**-10, jnp.float32)  # 1 + 2^-10 rounds to 1 in bf16
     b = jnp.ones((256, 1), jnp.float32)
-    out = jaxbp.mlp.matmul(net, a, b)
+    out = precision.dot(net.network.layers[0], a, b, jnp.float32)
     assert out.dtype == jnp.float32
     assert float(out[0, 0]) == 256.0  # bf16 operands, exact f32 sum of 256 ones
 

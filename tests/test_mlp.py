@@ -116,7 +116,9 @@ class TestForward:
     def test_forward_cache_holds_every_layer(self):
         net = jaxbp.MLP((3, 5, 4, 2), "relu")
         params = net.init(jax.random.key(0))
-        cache = jaxbp.forward(net, params, jnp.ones((6, 3)))
-        assert [a.shape for a in cache.acts] == [(6, 3), (6, 5), (6, 4), (6, 2)]
-        assert [z.shape for z in cache.zs] == [(6, 5), (6, 4), (6, 2)]
-        np.testing.assert_array_equal(cache.acts[1], jax.nn.relu(cache.zs[0]))
+        out, caches, _ = jaxbp.layer_deltas(net, params, jnp.ones((6, 3)), jnp.zeros(6, int))
+        assert [a_in.shape for a_in, _, _ in caches] == [(6, 3), (6, 5), (6, 4)]
+        assert [z.shape for _, z, _ in caches] == [(6, 5), (6, 4), (6, 2)]
+        np.testing.assert_array_equal(caches[0][2], jax.nn.relu(caches[0][1]))
+        np.testing.assert_array_equal(caches[1][0], caches[0][2])
+        np.testing.assert_array_equal(out, caches[-1][2])

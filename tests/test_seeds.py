@@ -193,13 +193,12 @@ class TestSeed002MatrixForm:
             net = jaxbp.MLP((1, 2, 2), "relu", "relu", "squared_error", "float64")
             params = ({"w": jnp.asarray(wh), "b": jnp.asarray(bh[0])},
                       {"w": jnp.asarray(wo), "b": jnp.asarray(bo[0])})
-            cache = jaxbp.forward(net, params, jnp.asarray(x))
-            assert [a.shape for a in cache.acts] == [(3, 1), (3, 2), (3, 2)]
-            assert [z.shape for z in cache.zs] == [(3, 2), (3, 2)]
-            np.testing.assert_allclose(cache.acts[-1], o, rtol=1e-15)
-
-            deltas = jaxbp.layer_deltas(net, params, cache,
-                                        jaxbp.output_delta(net, cache, jnp.asarray(y)))
+            out, caches, at_outputs = jaxbp.layer_deltas(net, params, x, y)
+            assert [c[0].shape for c in caches] == [(3, 1), (3, 2)]        # a^0, a^1
+            assert [c[1].shape for c in caches] == [(3, 2), (3, 2)]        # z^1, z^2
+            np.testing.assert_allclose(out, o, rtol=1e-15)
+            deltas = [layer.pre_activation_error(c, d)                     # dC/dz^l
+                      for layer, c, d in zip(net.network.layers, caches, at_outputs)]
             scale = 2 / 3  # d/da of mean_n sum_j (a - y)^2 is 2/N times the seed's (a - y)
             np.testing.assert_allclose(deltas[1], scale * e_o, rtol=1e-14)
             np.testing.assert_allclose(deltas[0], scale * e_h, rtol=1e-14)

@@ -9,7 +9,7 @@
     \\frac{\\partial C}{\\partial b} = \\sum_n \\delta_n
 
 (``delta_a`` is the error arriving at the layer's output a; the layer's own
-activation turns it into the error at z, seed 002's ``E = ... R'(Z)``.)
+activation turns it into the error at z, ``delta = delta_a * g'(z)``.)
 """
 
 from __future__ import annotations
