@@ -11,7 +11,7 @@ float32, five programs are compiled and then timed interleaved in one process:
   vmap_norms     jax.vmap(jax.grad(per-sample loss)) then the norms
   clipped        jaxbp.clipped_grad: the clipped mean in one backward pass
   vmap_clipped   jax.vmap(jax.grad(...)), clip each g_i, mean (the usual JAX way)
-  dp             jaxbp.privacy.dp_gradient: the DP-SGD gradient of a Poisson batch of
+  dp             jaxbp.sources.dp_sgd: the DP-SGD gradient of a Poisson batch of
                  expected size B from N = 60000 examples, padded with a mask to
                  max_batch_size(N, B/N) rows (B real rows here), clipped, noised
 
@@ -39,10 +39,10 @@ POISSON_N = 60_000
 
 def dp_candidate(net: jaxbp.MLP, clip: float, batch: int):
     """The DP-SGD gradient of a padded Poisson batch: the B given rows real, the rest pad."""
-    from jaxbp import privacy
+    from jaxbp import privacy, sources
 
     padded = privacy.max_batch_size(POISSON_N, batch / POISSON_N)
-    source = privacy.dp_gradient(clip, 1.0, batch, jax.random.key(1))
+    source = sources.dp_sgd(clip, 1.0, jax.random.key(1), expected_batch_size=batch)
 
     def dp(params, x, y):
         rows = jnp.arange(padded) % batch          # the B rows, then copies as padding
@@ -140,7 +140,7 @@ def markdown(rows: list[dict], info: dict) -> str:
         "compiled peak exceeds the memory limit (its per-example gradients alone need",
         "B x P x 4 bytes). `dp / backprop`: the DP-SGD gradient of a Poisson batch of",
         f"expected size B from N = {POISSON_N} (padded with a mask to the size exceeded with",
-        "probability 1e-12, clipped, noised: `jaxbp.privacy.dp_gradient`) against the plain",
+        "probability 1e-12, clipped, noised: `jaxbp.sources.dp_sgd`) against the plain",
         "gradient of B rows, timed in the same group.",
         "",
         "| B | W | params | norms ms | vmap+norm ms | norms speed-up | norms mem ratio "

@@ -16,7 +16,7 @@ benchmarks/per_example.py): backprop (the plain hand-written gradient), norms
 (jaxbp.per_example_grad_norms), vmap_norms (jax.vmap(jax.grad) then norms), errors (the
 forward pass and every layer's per-sample error, no weight gradient: the floor of any
 norm computed from backprop's errors), clipped
-(jaxbp.clipped_grad), vmap_clipped, and dp (jaxbp.privacy.dp_gradient on a Poisson batch
+(jaxbp.clipped_grad), vmap_clipped, and dp (jaxbp.sources.dp_sgd on a Poisson batch
 of expected size B from N = 60000, padded with a mask). Memory is XLA's compiled peak.
 Also reported: the compiled peak of the clipped step over the plain step's, and which
 route each conv layer's norms take (ghost Gram or formed gradient; see
@@ -127,7 +127,7 @@ def markdown(rows: list[dict], info: dict) -> str:
              "interleaved calls (norms, vmap norms, clipped, vmap clipped in one group; "
              "backprop, clipped, dp in another). Memory: XLA's compiled peak. dp: the DP-SGD "
              "gradient of a Poisson batch of expected size B from N = 60000, padded with a "
-             "mask, clipped, noised (jaxbp.privacy.dp_gradient). Conv norm routes: ghost = "
+             "mask, clipped, noised (jaxbp.sources.dp_sgd). Conv norm routes: ghost = "
              "the T x T Gram matrices, formed = P^T E (Conv2D.uses_ghost_norm). errors: the "
              "forward pass and every layer's per-sample output error, no weight gradient "
              "(jaxbp.network.layer_deltas), the work any exact per-example norm that runs "

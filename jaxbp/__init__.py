@@ -1,6 +1,6 @@
 """jaxbp: hand-written backpropagation in JAX, for MLPs and any chain of layers."""
 
-from jaxbp import checkpoint, data, feedback, layers, models, privacy, testing
+from jaxbp import checkpoint, data, feedback, layers, models, privacy, sources, testing
 from jaxbp.activations import ACTIVATIONS, Activation
 from jaxbp.autodiff import value_and_autodiff
 from jaxbp.backprop import (
@@ -68,6 +68,7 @@ __all__ = [
     "per_example_grad_variance",
     "per_example_grads",
     "privacy",
+    "sources",
     "testing",
     "value_and_autodiff",
     "value_and_backprop",

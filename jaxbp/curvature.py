@@ -29,6 +29,7 @@ from jaxbp import _checks, network_curvature
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.mlp import MLP
 from jaxbp.network import Network, as_network, value_grads_and_errors
+from jaxbp.sources import SourceResult
 
 
 def _check_direction(params: Params, v: Params) -> None:
@@ -175,8 +176,9 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
         else:
             step_key = jax.random.fold_in(key, step) if kind == "sampled" else None
             factors = network_curvature.kfac_factors(net, params, x, y, kind, step_key)
-        return value, grads, out, {"factors": factors}
+        return SourceResult(value, grads, out, {"factors": factors})
 
+    gradient.__qualname__ = "sources.kfac"
     return gradient
 
 

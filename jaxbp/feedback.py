@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -55,11 +55,11 @@ from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
 from jaxbp.layers.base import capability, variance_init
 from jaxbp.losses import cost_and_output_error
+from jaxbp.sources import GradientSource, SourceResult
 
 Feedback = tuple[Array | None, ...]
 """One entry per layer: a feedback array, or None where the layer keeps its own rule."""
 
-GradientSource = Callable[..., tuple[Array, Params, Array]]
 
 def _chain_of(net: Any) -> network.Network:
     """The net as a chain whose every layer has the ``feedback_shape`` capability (Dense and
@@ -167,7 +167,7 @@ def _backward_with(net: network.Network, params: Params, x: Array, y: Array,
         seen = p if transports[l] is None else {**p, "w": transports[l]}
         # Dense and Conv2D read "w" only for delta_in: their grads are exact for this delta.
         delta, grads[l] = layer.backward(seen, caches[l], delta, need_input=l > 0)
-    return cost, tuple(grads), out
+    return SourceResult(cost, tuple(grads), out)
 
 
 def alignment(feedback: Sequence[ArrayLike | None]) -> GradientSource:
@@ -243,7 +243,7 @@ def direct(feedback: Sequence[ArrayLike | None]) -> GradientSource:
                 continue
             delta_a = (e @ jnp.asarray(b, x.dtype)).reshape((x.shape[0], *chain.shapes[l + 1]))
             grads.append(layer.backward(params[l], caches[l], delta_a, need_input=False)[1])
-        return cost, (*grads, last_grads), out
+        return SourceResult(cost, (*grads, last_grads), out)
 
     gradient.__qualname__ = "feedback.direct"
     return gradient
@@ -290,5 +290,5 @@ def angles(net: Any, params: Params, x: ArrayLike, y: ArrayLike,
 def _angles_between(net: Any, source: GradientSource, params: Params, x: Array,
                     y: Array) -> Array:
     _, true, _ = _backprop_grads(net, params, x, y)
-    _, rule, _ = source(net, params, x, y, jnp.zeros((), jnp.int32))
+    rule = source(net, params, x, y, jnp.zeros((), jnp.int32))[1]
     return _angles_deg(rule, true)

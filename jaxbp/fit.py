@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbp import _checks, checkpoint, network, parallel
+from jaxbp import _checks, checkpoint, network, parallel, sources
 from jaxbp._typing import Params, PRNGKey
 from jaxbp.data import Dataset, epoch_order, num_batches
 from jaxbp.diagnostics import layer_stats
@@ -34,7 +34,7 @@ from jaxbp.run_config import describe_run, run_differences
 from jaxbp.train import (
     GradFn,
     TrainState,
-    _check_optimizer,
+    check_optimizer,
     evaluate_checked,
     make_train_loop,
 )
@@ -240,7 +240,7 @@ def fit(
       key: PRNG key, split in two: the first initialises the params (unless
         ``params`` is given), the second orders the batches of every epoch.
       grad: ``"backprop"``, ``"autodiff"`` or a gradient source such as
-        ``jaxbp.dp_sgd_gradient(...)`` (see :func:`jaxbp.make_train_step`).
+        ``jaxbp.sources.dp_sgd(...)`` (see :func:`jaxbp.make_train_step`).
       params: start here instead of ``net.init(jax.random.split(key)[0])``.
       drop_last: drop each epoch's short last batch (one compiled shape); the
         shuffle differs per epoch, so every sample is still used.
@@ -281,7 +281,7 @@ def fit(
         Poisson-samples the training set with rate ``q = batch_size / N``
         (``batch_size`` is the expected batch), ``round(N / batch_size)``
         steps make an epoch, per-example gradients are clipped and noised
-        (:func:`jaxbp.privacy.dp_gradient`). A ``target_epsilon`` without a
+        (:func:`jaxbp.sources.dp_sgd` with ``expected_batch_size``). A ``target_epsilon`` without a
         noise multiplier calibrates sigma for all ``epochs`` before training.
         The epsilon spent is recorded after every epoch (``history["epsilon"]``,
         the progress line, the checkpoint); training stops, with a warning,
@@ -352,7 +352,7 @@ def _check_fit_arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch
     """Every argument of :func:`fit` checked before anything is loaded or compiled."""
     if not isinstance(net, MLP | Network):
         raise TypeError(f"net must be a jaxbp.MLP or jaxbp.Network, got {type(net).__name__}")
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
     if not all(hasattr(data, name) for name in Dataset._fields):
         raise TypeError(f"data must be a jaxbp.data.Dataset (x_train, y_train, x_test, "
                         f"y_test), got {type(data).__name__}")
@@ -550,8 +550,8 @@ def _private_plan(privacy: Any, n_train: int, batch_size: int, epochs: int,
                                     privacy.accountant, spent=spent)
     return {"rate": rate, "steps_per_epoch": steps_per_epoch, "sigma": sigma,
             "max_batch": dp.max_batch_size(n_train, rate),
-            "gradient": lambda key: dp.dp_gradient(privacy.clip_norm, sigma,
-                                                   rate * n_train, key)}
+            "gradient": lambda key: sources.dp_sgd(privacy.clip_norm, sigma, key,
+                                                   expected_batch_size=rate * n_train)}
 
 
 def _spent_segments(metadata: dict[str, Any], steps: int, rate: float

@@ -55,11 +55,11 @@ from jaxbp.peaks import check_precision, precision_scope
 from jaxbp.train import (
     GradFn,
     TrainState,
-    _check_optimizer,
-    _gradient,
-    _step,
+    check_optimizer,
+    gradient_source,
     make_train_loop,
     sample_rank,
+    update_step,
 )
 
 DATA, MODEL = "data", "model"
@@ -179,7 +179,7 @@ def batch_sharding(mesh: Mesh, ndim: int, data_axis: str = DATA,
 
 def _check_step_arguments(optimizer: Any, mesh: Mesh, data_axis: str,
                           precision: str | None) -> None:
-    _check_optimizer(optimizer)
+    check_optimizer(optimizer)
     check_precision(precision)
     if data_axis not in mesh.shape:
         raise ValueError(f"mesh has axes {tuple(mesh.shape)}, no data_axis {data_axis!r}")
@@ -262,13 +262,13 @@ def make_sharded_train_step(
     Raises:
       ValueError: the global batch does not split evenly over ``data_axis``.
     """
-    gradient = _gradient(grad)
+    gradient = gradient_source(grad)
     _check_step_arguments(optimizer, mesh, data_axis, precision)
 
     def body(state: TrainState, x: Array, y: Array):
         x, y = _checks.check_inputs(net, state.params, x, y)
         with precision_scope(precision):
-            return _step(net, optimizer, gradient, state, x, y)
+            return update_step(net, optimizer, gradient, state, x, y)
 
     return _over_mesh(body, mesh, data_axis, model_axis, donate, batch_dim=0)
 

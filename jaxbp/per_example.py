@@ -63,7 +63,7 @@ def _sq_norms_and_sum(layer: Any, params: Any, cache: Any, delta: Array) -> tupl
     return layer.per_sample_sq_norms(params, cache, delta), None
 
 
-def _network_clipped_mean(net: Network, params: Params, x: Array, y: Array,
+def clipped_mean(net: Network, params: Params, x: Array, y: Array,
                           clip_norm: Array, mask: Array | None = None,
                           denominator: Array | float | None = None
                           ) -> tuple[Array, Params, Array]:
@@ -158,7 +158,7 @@ def _clip_groups(net: MLP | Network) -> int:
     return len(_parametrised(network.as_network(net).param_shapes()))
 
 
-def _check_clip_norm(net: MLP, clip_norm: Any) -> Any:
+def check_clip_norm(net: MLP, clip_norm: Any) -> Any:
     """clip_norm checked: one number, or L numbers (one per layer), all > 0.
 
     Concrete values come back as a float64 NumPy array (shape () or (L,));
@@ -177,9 +177,9 @@ def _check_clip_norm(net: MLP, clip_norm: Any) -> Any:
     return values
 
 
-def _check_noise_and_clip(net: MLP, clip_norm: Any, noise_multiplier: Any) -> tuple[Any, Any]:
+def check_noise_and_clip(net: MLP, clip_norm: Any, noise_multiplier: Any) -> tuple[Any, Any]:
     """Both checked, and together: noise scaled by an infinite clip norm is infinite."""
-    clip_norm, noise_multiplier = _check_clip_norm(net, clip_norm), _check_noise(noise_multiplier)
+    clip_norm, noise_multiplier = check_clip_norm(net, clip_norm), check_noise(noise_multiplier)
     if isinstance(clip_norm, np.ndarray) and isinstance(noise_multiplier, np.ndarray) \
             and noise_multiplier > 0 and not np.all(np.isfinite(clip_norm)):
         raise ValueError(f"clip_norm must be finite when noise_multiplier > 0 (the noise std "
@@ -201,15 +201,9 @@ def _clip_factors(sq: Array, clip_norm: Array) -> Array:
     return jnp.broadcast_to(factors, sq.shape)
 
 
-def _clipped_mean(net: MLP, params: Params, x: Array, y: Array,
-                  clip_norm: Array) -> tuple[Array, Params, Array]:
-    """(C, (1/B) sum_i clip(g_i), a^L): one forward, one backward, then a^T (s * delta) / B."""
-    return _network_clipped_mean(network.as_network(net), params, x, y, clip_norm)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _clipped_grad(net: MLP, params: Params, x: Array, y: Array, clip_norm: Array) -> Params:
-    return _clipped_mean(net, params, x, y, clip_norm)[1]
+    return clipped_mean(network.as_network(net), params, x, y, clip_norm)[1]
 
 
 def clipped_grad(
@@ -237,17 +231,17 @@ def clipped_grad(
       Grads shaped like ``params``.
     """
     x, y = _checks.check_inputs(net, params, x, y)
-    return _clipped_grad(net, params, x, y, _check_clip_norm(net, clip_norm))
+    return _clipped_grad(net, params, x, y, check_clip_norm(net, clip_norm))
 
 
-def _noise_std(clip_norm: Array, noise_multiplier: Array) -> Array:
+def noise_std(clip_norm: Array, noise_multiplier: Array) -> Array:
     """sigma * C, with C = sqrt(sum_l C_l^2) for per-layer norms (the total sensitivity)."""
     clip_norm = jnp.asarray(clip_norm)
     total = jnp.sqrt(jnp.sum(clip_norm**2)) if clip_norm.ndim == 1 else clip_norm
     return noise_multiplier * total
 
 
-def _add_noise(grads: Params, key: PRNGKey, std: Array, batch: int) -> Params:
+def add_noise(grads: Params, key: PRNGKey, std: Array, batch: int) -> Params:
     """grads + N(0, std^2 I) / B, leaf by leaf, in the grads' dtype."""
     leaves, treedef = jax.tree.flatten(grads)
     keys = jax.random.split(key, len(leaves))
@@ -259,11 +253,11 @@ def _add_noise(grads: Params, key: PRNGKey, std: Array, batch: int) -> Params:
 @functools.partial(jax.jit, static_argnums=0)
 def _dp_sgd_grad(net: MLP, params: Params, x: Array, y: Array, clip_norm: Array,
                  noise_multiplier: Array, key: PRNGKey) -> Params:
-    grads = _clipped_mean(net, params, x, y, clip_norm)[1]
-    return _add_noise(grads, key, _noise_std(clip_norm, noise_multiplier), x.shape[0])
+    grads = clipped_mean(network.as_network(net), params, x, y, clip_norm)[1]
+    return add_noise(grads, key, noise_std(clip_norm, noise_multiplier), x.shape[0])
 
 
-def _check_noise(noise_multiplier: Any) -> Any:
+def check_noise(noise_multiplier: Any) -> Any:
     if isinstance(noise_multiplier, jax.core.Tracer):
         return noise_multiplier
     try:
@@ -306,7 +300,7 @@ def dp_sgd_grad(
       Grads shaped like ``params``.
     """
     x, y = _checks.check_inputs(net, params, x, y)
-    return _dp_sgd_grad(net, params, x, y, *_check_noise_and_clip(net, clip_norm,
+    return _dp_sgd_grad(net, params, x, y, *check_noise_and_clip(net, clip_norm,
                                                                  noise_multiplier), key)
 
 
@@ -365,30 +359,22 @@ def per_example_grad_variance(net: MLP, params: Params, x: ArrayLike, y: ArrayLi
 
 
 def clipped_gradient(clip_norm: ClipNorm):
-    """A train-step gradient source: the clipped mean of :func:`clipped_grad`.
-
-    ``make_train_step(net, optimizer, grad=clipped_gradient(1.0))``.
-    """
-    def gradient(net: MLP, params: Params, x: Array, y: Array, step: Array):
-        return _clipped_mean(net, params, x, y, _check_clip_norm(net, clip_norm))
-
-    return gradient
+    """Deprecated: :func:`jaxbp.sources.clipped` (the same source; this name goes next release)."""
+    return _deprecated("clipped_gradient", "jaxbp.sources.clipped")(clip_norm)
 
 
 def dp_sgd_gradient(clip_norm: ClipNorm, noise_multiplier: float, key: PRNGKey):
-    """A train-step gradient source for DP-SGD: :func:`dp_sgd_grad` with fresh noise each step.
+    """Deprecated: :func:`jaxbp.sources.dp_sgd` (the same source; this name goes next release)."""
+    return _deprecated("dp_sgd_gradient", "jaxbp.sources.dp_sgd")(clip_norm, noise_multiplier,
+                                                                   key)
 
-    The noise of step t uses ``jax.random.fold_in(key, t)``, so a run is
-    reproducible and resumable. The reported loss is the plain batch mean (not
-    private). ``make_train_step(net, optax.sgd(lr), grad=dp_sgd_gradient(1.0, 1.1, key))``.
-    """
-    _check_noise(noise_multiplier)
 
-    def gradient(net: MLP, params: Params, x: Array, y: Array, step: Array):
-        clip, sigma = _check_noise_and_clip(net, clip_norm, noise_multiplier)
-        value, grads, out = _clipped_mean(net, params, x, y, clip)
-        noisy = _add_noise(grads, jax.random.fold_in(key, step), _noise_std(clip, sigma),
-                           x.shape[0])
-        return value, noisy, out
+def _deprecated(old: str, new: str) -> Any:
+    """The source ``new`` names, after a DeprecationWarning that ``old`` is its old name."""
+    import warnings
 
-    return gradient
+    from jaxbp import sources
+
+    warnings.warn(f"jaxbp.{old} is deprecated: use {new} (the same gradient source)",
+                  DeprecationWarning, stacklevel=3)
+    return getattr(sources, new.rsplit(".", 1)[1])

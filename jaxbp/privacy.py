@@ -39,17 +39,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
-from jaxbp import network
-from jaxbp._typing import Array, Params, PRNGKey, is_int, is_real
-from jaxbp.per_example import (
-    _add_noise,
-    _check_noise_and_clip,
-    _network_clipped_mean,
-    _noise_std,
-)
+from jaxbp._typing import PRNGKey, is_int, is_real
 
 ACCOUNTANTS = ("rdp", "pld")
 OVERFLOW_PROBABILITY = 1e-12
@@ -317,35 +309,17 @@ def poisson_batches(rng: np.random.Generator, n: int, sample_rate: float, steps:
 
 
 def dp_gradient(clip_norm: float, noise_multiplier: float, expected_batch_size: float,
-                key: PRNGKey) -> Callable[..., tuple[Array, Params, Array]]:
-    """A gradient source for Poisson-sampled DP-SGD on padded batches.
+                key: PRNGKey) -> Callable[..., Any]:
+    """Deprecated: ``jaxbp.sources.dp_sgd(clip_norm, noise_multiplier, key,
+    expected_batch_size=...)``, the same source (this name goes next release)."""
+    import warnings
 
-    ``(net, params, x, y, step, mask=None) -> (C, g~, a^L)`` with
-    ``g~ = (sum_i mask_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / expected_batch_size``:
-    one forward and one backward pass, the clipped sum by the book-keeping of
-    :func:`jaxbp.clipped_grad`, the noise of step t from ``fold_in(key, t)``.
-    Use it with ``make_train_loop(...)(state, xs, ys, masks)``; without a mask
-    every row counts. C is the mean loss over the real rows (not private).
+    from jaxbp import sources
 
-    Args:
-      clip_norm: C > 0, or one C_l per layer with parameters (total C = sqrt(sum C_l^2)).
-      noise_multiplier: sigma >= 0.
-      expected_batch_size: qN > 0, the divisor the accountant assumes.
-      key: PRNG key of the noise.
-    """
-    expected = _check_positive("expected_batch_size", expected_batch_size)
-
-    def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
-                 mask: Array | None = None) -> tuple[Array, Params, Array]:
-        clip, sigma = _check_noise_and_clip(net, clip_norm, noise_multiplier)
-        value, grads, out = _network_clipped_mean(network.as_network(net), params, x, y, clip,
-                                                  mask, expected)
-        noisy = _add_noise(grads, jax.random.fold_in(key, step), _noise_std(clip, sigma),
-                           expected)
-        return value, noisy, out
-
-    gradient.__qualname__ = "privacy.dp_gradient"
-    return gradient
+    warnings.warn("jaxbp.privacy.dp_gradient is deprecated: use jaxbp.sources.dp_sgd(..., "
+                  "expected_batch_size=...) (the same gradient source)", DeprecationWarning,
+                  stacklevel=2)
+    return sources.dp_sgd(clip_norm, noise_multiplier, key, expected_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)

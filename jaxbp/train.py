@@ -24,28 +24,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbp import _checks, network
+from jaxbp import _checks, network, sources
 from jaxbp._typing import Array, ArrayLike, Params, is_int
-from jaxbp.autodiff import value_grads_and_output as _autodiff_grads
-from jaxbp.backprop import value_grads_and_output as _backprop_grads
 from jaxbp.losses import sample_sums
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.peaks import check_precision, precision_scope
+from jaxbp.sources import GradientSource
 
-GradFn = Callable[[MLP, Params, Array, Array, Array], tuple[Any, ...]]
-"""``(net, params, x, y, step) -> (C, grads, a^L)`` for checked inputs; ``step`` is the
-int32 update count (for sources that need fresh randomness each step, like DP-SGD). A
-fourth element, a dict, is passed to ``optimizer.update`` as keyword arguments (the
-K-FAC factors of :func:`jaxbp.kfac_gradient`)."""
+GradFn = GradientSource
+"""A gradient source: ``(net, params, x, y, step, mask=None) -> SourceResult(loss, grads,
+output, extras)`` for checked inputs (see :mod:`jaxbp.sources`); a plain 3- or 4-tuple
+is read too."""
 
-GRADIENTS: dict[str, GradFn] = {
-    "backprop": lambda net, params, x, y, step: _backprop_grads(net, params, x, y),
-    "autodiff": lambda net, params, x, y, step: _autodiff_grads(net, params, x, y),
-}
-"""The gradient sources a train step can use by name: the hand-written recursion and
-``jax.value_and_grad``. Others are passed as a :data:`GradFn` (e.g.
-:func:`jaxbp.per_example.dp_sgd_gradient`)."""
+GRADIENTS: dict[str, GradFn] = sources.NAMED
+"""The gradient sources a train step can use by name: ``"backprop"`` (the hand-written
+recursion) and ``"autodiff"`` (``jax.value_and_grad``). Others are passed as a source
+(:mod:`jaxbp.sources`: clipped, dp_sgd, kfac, the feedback rules)."""
 
 
 class TrainState(NamedTuple):
@@ -67,7 +62,8 @@ class TrainState(NamedTuple):
         return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
 
-def _gradient(grad: str | GradFn) -> GradFn:
+def gradient_source(grad: str | GradFn) -> GradFn:
+    """A source as given, or the one :data:`GRADIENTS` names (else a ValueError)."""
     if callable(grad):
         return grad
     if grad not in GRADIENTS:
@@ -75,7 +71,8 @@ def _gradient(grad: str | GradFn) -> GradFn:
     return GRADIENTS[grad]
 
 
-def _check_optimizer(optimizer: Any) -> None:
+def check_optimizer(optimizer: Any) -> None:
+    """A TypeError unless ``optimizer`` has optax's ``init`` and ``update``."""
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation (with init and "
                         f"update), got {type(optimizer).__name__}")
@@ -92,16 +89,19 @@ def _nonfinite_layer(grads: Params) -> Array:
     return jnp.where(jnp.any(bad), jnp.argmax(bad), -1)
 
 
-def _step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
-          state: TrainState, x: Array, y: Array,
-          mask: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
+def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
+                state: TrainState, x: Array, y: Array,
+                mask: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
+    """One update (uncompiled, for checked inputs): the source's gradient, the optimizer's
+    update, and the step's metrics (loss, grad_norm, nonfinite_layer, accuracy, ...)."""
     if mask is None:
-        loss, grads, out, *extra = gradient(net, state.params, x, y, state.step)
+        result = sources.as_result(gradient(net, state.params, x, y, state.step), gradient)
     else:  # a padded batch: only the rows where mask is True are samples
-        loss, grads, out, *extra = gradient(net, state.params, x, y, state.step, mask=mask)
+        result = sources.as_result(gradient(net, state.params, x, y, state.step, mask=mask),
+                                   gradient)
+    loss, grads, out, extras = result
     # a source may hand the optimizer extra arguments (K-FAC factors)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
-                                          **(extra[0] if extra else {}))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extras)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss.astype(jnp.float32),
                "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
@@ -157,7 +157,7 @@ def make_train_step(
         clipping and schedules, ...).
       grad: ``"backprop"`` (the hand-written recursion), ``"autodiff"``
         (``jax.value_and_grad``), or a :data:`GradFn` such as
-        ``jaxbp.dp_sgd_gradient(clip_norm, noise_multiplier, key)``.
+        ``jaxbp.sources.dp_sgd(clip_norm, noise_multiplier, key)``.
       donate: donate the input state's buffers to the output (updates in
         place). The state passed in, and any array it shares with other
         objects (the params it was created from), must not be used again.
@@ -180,14 +180,14 @@ def make_train_step(
 
     Inputs are checked when the step is traced (once per shape), before XLA.
     """
-    gradient = _gradient(grad)
-    _check_optimizer(optimizer)
+    gradient = gradient_source(grad)
+    check_optimizer(optimizer)
     check_precision(precision)
 
     def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
         x, y = _checks.check_inputs(net, state.params, x, y)
         with precision_scope(precision):
-            return _step(net, optimizer, gradient, state, x, y)
+            return update_step(net, optimizer, gradient, state, x, y)
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
@@ -214,13 +214,13 @@ def make_train_loop(
       ``loop(state, xs, ys, masks)`` trains on padded batches: ``masks``
       (k, batch) bool marks the rows that are samples, and ``grad`` must be a
       source that takes ``mask=`` (the Poisson-sampled DP-SGD of
-      :func:`jaxbp.privacy.dp_gradient`); metrics then include ``batch_size``.
+      :func:`jaxbp.sources.dp_sgd`); metrics then include ``batch_size``.
     """
     if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     steps = int(steps)
-    gradient = _gradient(grad)
-    _check_optimizer(optimizer)
+    gradient = gradient_source(grad)
+    check_optimizer(optimizer)
     check_precision(precision)
 
     def loop(state: TrainState, xs: Array, ys: Array,
@@ -240,7 +240,7 @@ def make_train_loop(
 
         def body(state: TrainState, batch: tuple[Array, ...] | None):
             x, y, mask = batch if per_step else (xs, ys, masks)
-            return _step(net, optimizer, gradient, state, x, y, mask)
+            return update_step(net, optimizer, gradient, state, x, y, mask)
 
         with precision_scope(precision):
             return jax.lax.scan(body, state, (xs, ys, masks) if per_step else None,

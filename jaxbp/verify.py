@@ -328,7 +328,7 @@ def verify_grads(
     """
     check_precision(precision)
     check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd)
-    params = _as_arrays(params)
+    params = as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     _check_float_leaves(params)
     manual = grad_fn(params, *args)
@@ -339,10 +339,10 @@ def verify_grads(
              for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     manual_leaves = treedef.flatten_up_to(manual)
     reference_leaves = treedef.flatten_up_to(reference)
-    global_scale = max((float(np.max(np.abs(_to_f64(r)), initial=0.0))
+    global_scale = max((float(np.max(np.abs(to_f64(r)), initial=0.0))
                         for r in reference_leaves), default=0.0)
     rows = tuple(
-        _compare_leaf(path, m, r, _rtol_for(r, rtol), _atol_for(r, atol, rtol, global_scale))
+        compare_leaf(path, m, r, rtol_for(r, rtol), atol_for(r, atol, rtol, global_scale))
         for path, m, r in zip(paths, manual_leaves, reference_leaves)
     )
 
@@ -356,19 +356,19 @@ def verify_grads(
                          f"step; only the comparison with jax.grad was made")
         else:
             with precision_scope(precision):
-                directions = _directional_checks(
-                    loss_fn, params, args, _gradient_slope(manual_leaves),
-                    _gradient_slope(reference_leaves), treedef, eps, fd_eps, fd_rtol, n_fd,
+                directions = directional_checks(
+                    loss_fn, params, args, gradient_slope(manual_leaves),
+                    gradient_slope(reference_leaves), treedef, eps, fd_eps, fd_rtol, n_fd,
                     np.random.default_rng(seed))
             if any("inconclusive" in (d.fd_status, d.taylor_status) for d in directions):
                 notes.append("inconclusive: along some direction the reference jax.grad "
                              "misses FD/Taylor as well; L is not smooth there (a kink "
                              "such as ReLU at 0 inside the step) or FD noise dominates")
-    return GradReport(rows, directions, _rtol_table(rows, rtol), tuple(notes),
+    return GradReport(rows, directions, rtol_table(rows, rtol), tuple(notes),
                       matmul_precision=current_precision(precision) if directions else None)
 
 
-def _as_arrays(params: PyTree) -> PyTree:
+def as_arrays(params: PyTree) -> PyTree:
     """Leaves as arrays: Python/NumPy scalars and lists become JAX arrays (floats in JAX's
     default float dtype); arrays are kept as they are."""
     def one(path: Any, leaf: Any) -> Any:
@@ -426,34 +426,34 @@ def check_knobs(**knobs: Any) -> None:
             raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
 
 
-def _rtol_for(reference: Any, rtol: float | None) -> float:
+def rtol_for(reference: Any, rtol: float | None) -> float:
     if rtol is not None:
         return rtol
     return DEFAULT_RTOL.get(jnp.dtype(reference.dtype).name, DEFAULT_RTOL["float32"])
 
 
-def _atol_for(reference: Any, atol: float | None, rtol: float | None,
+def atol_for(reference: Any, atol: float | None, rtol: float | None,
               global_scale: float) -> float:
     if atol is not None:
         return atol
     eps = float(jnp.finfo(reference.dtype).eps)
     if eps <= LOW_PRECISION_EPS:
         return ROUNDING_ULPS * eps * global_scale
-    return _rtol_for(reference, rtol) * global_scale
+    return rtol_for(reference, rtol) * global_scale
 
 
-def _rtol_table(rows: Sequence[LeafCheck], rtol: float | None) -> dict[str, float]:
+def rtol_table(rows: Sequence[LeafCheck], rtol: float | None) -> dict[str, float]:
     return {row.dtype: (rtol if rtol is not None else
                         DEFAULT_RTOL.get(row.dtype, DEFAULT_RTOL["float32"])) for row in rows}
 
 
-def _to_f64(value: Any) -> np.ndarray:
+def to_f64(value: Any) -> np.ndarray:
     """A host float64 copy (NumPy converts bfloat16 itself: no XLA compile per shape)."""
     return np.asarray(value).astype(np.float64)
 
 
-def _compare_leaf(path: str, manual: Any, reference: Any, rtol: float, atol: float) -> LeafCheck:
-    m, r = _to_f64(manual), _to_f64(reference)
+def compare_leaf(path: str, manual: Any, reference: Any, rtol: float, atol: float) -> LeafCheck:
+    m, r = to_f64(manual), to_f64(reference)
     shape = tuple(np.shape(r))
     dtype = jnp.dtype(reference.dtype).name
     if m.size == 0:
@@ -481,20 +481,20 @@ def _loss_value(loss_fn: Callable[..., Any], params: PyTree, args: tuple[Any, ..
         raise ValueError(f"loss_fn must return a scalar, got shape {np.shape(value)}")
     if isinstance(value, float | np.floating | np.ndarray):   # a host value: keep float64
         return float(value)
-    return float(_to_f64(jnp.asarray(value)))
+    return float(to_f64(jnp.asarray(value)))
 
 
 Slope = Callable[[list[np.ndarray]], float]
 """``d -> <g, d>``: a first-order change along a step d (one float64 array per leaf)."""
 
 
-def _gradient_slope(gradient: list[Any]) -> Slope:
+def gradient_slope(gradient: list[Any]) -> Slope:
     """The slope of a gradient given leaf by leaf: ``<g, d>``."""
-    g64 = [_to_f64(g) for g in gradient]
+    g64 = [to_f64(g) for g in gradient]
     return lambda d: float(sum(np.sum(g * di) for g, di in zip(g64, d)))
 
 
-def _directional_checks(
+def directional_checks(
     loss_fn: Callable[..., Any],
     params: PyTree,
     args: tuple[Any, ...],
@@ -514,7 +514,7 @@ def _directional_checks(
     any other miss a failure. ``level``: the size of L's terms that rounding acts on
     (default ``|L(p)|``; larger when L is a sum whose terms cancel)."""
     leaves = treedef.flatten_up_to(params)
-    base = [_to_f64(leaf) for leaf in leaves]
+    base = [to_f64(leaf) for leaf in leaves]
     norm = math.sqrt(sum(float(np.sum(b * b)) for b in base))
     # the step is scaled to the input (the unit for an input of zeros)
     h = fd_eps if fd_eps is not None else eps ** (1 / 3) * (norm if norm > 0 else 1.0)
@@ -527,7 +527,7 @@ def _directional_checks(
         """params + step v rounded to the leaves' dtypes, and the step really taken."""
         new = [jnp.asarray(np.asarray(b + step * vi, dtype=leaf.dtype))
                for b, vi, leaf in zip(base, v, leaves)]
-        return treedef.unflatten(new), [_to_f64(n) - b for n, b in zip(new, base)]
+        return treedef.unflatten(new), [to_f64(n) - b for n, b in zip(new, base)]
 
     noise = _NOISE_FACTOR * eps * level
 

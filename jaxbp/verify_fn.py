@@ -69,12 +69,12 @@ def _random_like(rng: np.random.Generator, leaves: list[Any]) -> list[Any]:
 
 def _inner(a: list[Any], b: list[Any]) -> float:
     """``<a, b>`` summed in float64 on the host."""
-    return float(sum(np.sum(verify._to_f64(x) * verify._to_f64(y)) for x, y in zip(a, b)))
+    return float(sum(np.sum(verify.to_f64(x) * verify.to_f64(y)) for x, y in zip(a, b)))
 
 
 def _level(a: list[Any], b: list[Any]) -> float:
     """``sum |a_i b_i|``: the size of the terms of ``<a, b>`` that rounding acts on."""
-    return float(sum(np.sum(np.abs(verify._to_f64(x) * verify._to_f64(y)))
+    return float(sum(np.sum(np.abs(verify.to_f64(x) * verify.to_f64(y)))
                      for x, y in zip(a, b)))
 
 
@@ -85,17 +85,17 @@ def _masked(leaves: list[Any], keep: int) -> list[Any]:
 
 def _rows(paths: list[str], manual: list[Any], reference: list[Any], rtol: float | None,
           atol: float | None) -> list[LeafCheck]:
-    scale = max((float(np.max(np.abs(verify._to_f64(r)), initial=0.0)) for r in reference),
+    scale = max((float(np.max(np.abs(verify.to_f64(r)), initial=0.0)) for r in reference),
                 default=0.0)
-    return [verify._compare_leaf(path, m, r, verify._rtol_for(r, rtol),
-                                 verify._atol_for(r, atol, rtol, scale))
+    return [verify.compare_leaf(path, m, r, verify.rtol_for(r, rtol),
+                                 verify.atol_for(r, atol, rtol, scale))
             for path, m, r in zip(paths, manual, reference)]
 
 
 def _scalar_row(path: str, manual: float, reference: float, dtype: Any,
                 rtol: float | None, level: float) -> LeafCheck:
     """One number against another, judged against ``level`` (the size of its terms)."""
-    tol = verify._rtol_for(jnp.zeros((), dtype), rtol) * max(level, 1e-300)
+    tol = verify.rtol_for(jnp.zeros((), dtype), rtol) * max(level, 1e-300)
     error = abs(manual - reference)
     return LeafCheck(path, (), jnp.dtype(dtype).name, error, (), manual, reference,
                      level, error / max(level, 1e-300), tol, bool(error <= tol))
@@ -111,7 +111,7 @@ class _Setup:
             raise ValueError("verify_vjp/verify_jvp need at least one argument of f to "
                              "differentiate at")
         self.f = f
-        self.args = verify._as_arrays(tuple(args))
+        self.args = verify.as_arrays(tuple(args))
         self.in_leaves, self.in_def = jax.tree.flatten(self.args)
         _floating(self.args, "args")
         self.out = f(*self.args)
@@ -145,7 +145,7 @@ class _Setup:
             return (), [f"FD and Taylor skipped: machine eps {self.eps:.1e} of the inputs' "
                         f"dtype makes the rounding noise of <u, f> exceed the signal of any "
                         f"usable step; only the comparisons with the reference were made"]
-        checks = verify._directional_checks(
+        checks = verify.directional_checks(
             lambda args: self.loss(args), self.args, (), manual, reference, self.in_def,
             self.eps, fd_eps, fd_rtol, n_fd, np.random.default_rng(seed + 1),
             level=_level(self.u, self.out_leaves))
@@ -203,7 +203,7 @@ def verify_vjp(
             r = setup.in_def.flatten_up_to(ref_vjp(u_o))
             rows += _rows([f"{out_path} -> {p}" for p in setup.in_paths], m, r, rtol, atol)
         ref_full = setup.in_def.flatten_up_to(ref_vjp(setup.out_def.unflatten(setup.u)))
-        reference_slope = verify._gradient_slope(ref_full)
+        reference_slope = verify.gradient_slope(ref_full)
     notes: list[str] = []
     try:
         _, jv = jax.jvp(f, setup.args, setup.in_def.unflatten(setup.v))
@@ -212,7 +212,7 @@ def verify_vjp(
                                 _level(manual, setup.v) + _level(setup.u, jax.tree.leaves(jv))))
     except Exception as err:  # a custom_vjp defines no JVP (a TypeError)
         notes.append(f"JVP/VJP consistency not checked: jax.jvp of f fails ({str(err)[:80]})")
-    directions, more = setup.directions(verify._gradient_slope(manual), reference_slope,
+    directions, more = setup.directions(verify.gradient_slope(manual), reference_slope,
                                         fd_eps, fd_rtol, n_fd, seed)
     report = _report("verify_vjp", reference, rows, directions, notes + more, rtol)
     if order == 2:
@@ -311,7 +311,7 @@ def _report(title: str, reference: Any, rows: list[LeafCheck],
             rtol: float | None) -> GradReport:
     name = ("jax.vjp of reference" if title == "verify_vjp" else "jax.jvp of reference") \
         if reference is not None else "none given: FD and Taylor only"
-    return GradReport(tuple(rows), directions, verify._rtol_table(rows, rtol), tuple(notes),
+    return GradReport(tuple(rows), directions, verify.rtol_table(rows, rtol), tuple(notes),
                       title=title, reference_name=name, has_reference=reference is not None)
 
 

@@ -63,7 +63,7 @@ def _close(tree, reference, tol=1e-12):
 def test_alignment_with_the_transposed_weights_is_backprop(x64):
     net, params, x, y = _mlp_case()
     source = feedback.alignment(tuple(p["w"].T for p in params[1:]))
-    value, grads, _ = source(net, params, jnp.asarray(x), jnp.asarray(y), 0)
+    value, grads, _, _ = source(net, params, jnp.asarray(x), jnp.asarray(y), 0)
     ref_value, ref = jaxbp.value_and_backprop(net, params, x, y)
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-14)
     _close(grads, ref, 1e-13)
@@ -74,7 +74,7 @@ def test_random_feedback_matches_a_numpy_recursion(x64):
     net, params, x, y = _mlp_case(1)
     fixed = feedback.random_feedback(net, jax.random.key(7))
     assert [b.shape for b in fixed] == [(6, 7), (4, 6), (3, 4)]
-    _, grads, _ = feedback.alignment(fixed)(net, params, jnp.asarray(x), jnp.asarray(y), 0)
+    _, grads, _, _ = feedback.alignment(fixed)(net, params, jnp.asarray(x), jnp.asarray(y), 0)
     _close(grads, _numpy_rule(net, params, x, y, transport=lambda l: np.asarray(fixed[l - 1])))
     # fixed: a pure function of the key, not of the params or of a previous draw
     again = feedback.random_feedback(net, jax.random.key(7))
@@ -83,7 +83,7 @@ def test_random_feedback_matches_a_numpy_recursion(x64):
 
 def test_sign_symmetry_matches_a_numpy_recursion(x64):
     net, params, x, y = _mlp_case(2)
-    _, grads, _ = feedback.sign_symmetry()(net, params, jnp.asarray(x), jnp.asarray(y), 0)
+    _, grads, _, _ = feedback.sign_symmetry()(net, params, jnp.asarray(x), jnp.asarray(y), 0)
     signs = lambda l: np.sign(np.asarray(params[l]["w"])).T  # noqa: E731
     _close(grads, _numpy_rule(net, params, x, y, transport=signs))
 
@@ -92,7 +92,7 @@ def test_direct_feedback_matches_a_numpy_recursion(x64):
     net, params, x, y = _mlp_case(3)
     fixed = feedback.random_feedback(net, jax.random.key(8), kind="direct")
     assert [b.shape for b in fixed] == [(3, 7), (3, 6), (3, 4)]
-    _, grads, _ = feedback.direct(fixed)(net, params, jnp.asarray(x), jnp.asarray(y), 0)
+    _, grads, _, _ = feedback.direct(fixed)(net, params, jnp.asarray(x), jnp.asarray(y), 0)
     _close(grads, _numpy_rule(net, params, x, y, direct=[np.asarray(b) for b in fixed]))
 
 
@@ -111,7 +111,7 @@ def test_rules_on_a_conv_net_use_the_feedback_only_for_transport(x64):
     # alignment with every layer's own weights is backprop, conv included
     own = tuple(None if shape is None else (p["w"].T if p["w"].ndim == 2 else p["w"])
                 for shape, p in zip(feedback.feedback_shapes(net), params[1:]))
-    _, grads, _ = jax.jit(feedback.alignment(own), static_argnums=0)(net, params, x, y, 0)
+    _, grads, _, _ = jax.jit(feedback.alignment(own), static_argnums=0)(net, params, x, y, 0)
     _close(grads, jaxbp.backprop(net, params, x, y), 1e-12)
     # the output layer always gets the true error; every rule changes the hidden ones
     for source in (feedback.alignment(feedback.random_feedback(net, jax.random.key(2))),
@@ -128,7 +128,7 @@ def test_dfa_on_a_network_reaches_every_parametrised_layer_directly(x64):
     x = jax.random.normal(jax.random.key(1), (4, 6, 6, 1), jnp.float64)
     y = jnp.array([0, 2, 1, 2])
     fixed = feedback.random_feedback(net, jax.random.key(3), "direct")
-    _, grads, out = jax.jit(feedback.direct(fixed), static_argnums=0)(net, params, x, y, 0)
+    _, grads, out, _ = jax.jit(feedback.direct(fixed), static_argnums=0)(net, params, x, y, 0)
     e = (jax.nn.softmax(out) - jax.nn.one_hot(y, 3)) / 4
     first_out, cache = net.layers[0].forward(params[0], x)
     want = net.layers[0].backward(params[0], cache, (e @ fixed[0]).reshape(first_out.shape),

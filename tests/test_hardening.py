@@ -259,7 +259,7 @@ class TestDpArguments:
             jaxbp.dp_sgd_grad(NET, params, np.ones((2, 4)), np.zeros(2, int), 1.0, noise,
                               jax.random.key(0))
         with pytest.raises(ValueError, match=words):
-            jaxbp.dp_sgd_gradient(1.0, noise, jax.random.key(0))
+            jaxbp.sources.dp_sgd(1.0, noise, jax.random.key(0))
 
     def test_infinite_clip_norm_with_noise(self):
         params = NET.init(jax.random.key(0))

@@ -187,7 +187,7 @@ class TestInTheTrainStep:
         digits = jaxbp.data.load_digits()
         net = jaxbp.MLP((64, 32, 10), "relu")
         optimizer = optax.sgd(0.5)
-        grad = jaxbp.dp_sgd_gradient(clip_norm=1.0, noise_multiplier=0.5, key=jax.random.key(9))
+        grad = jaxbp.sources.dp_sgd(clip_norm=1.0, noise_multiplier=0.5, key=jax.random.key(9))
         results = []
         for _ in range(2):
             result = jaxbp.fit(net, optimizer, digits, epochs=3, batch_size=128,
@@ -202,7 +202,7 @@ class TestInTheTrainStep:
         optimizer = optax.sgd(0.1)
         state = jaxbp.TrainState.create(params, optimizer)
         plain, _ = jaxbp.make_train_step(net, optimizer, donate=False)(state, x, y)
-        clipped, _ = jaxbp.make_train_step(net, optimizer, grad=jaxbp.clipped_gradient(1e9),
+        clipped, _ = jaxbp.make_train_step(net, optimizer, grad=jaxbp.sources.clipped(1e9),
                                            donate=False)(state, x, y)
         for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(clipped.params)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

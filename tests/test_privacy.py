@@ -13,7 +13,7 @@ import pytest
 from helpers import assert_normwise_close
 
 import jaxbp
-from jaxbp import privacy
+from jaxbp import privacy, sources
 from jaxbp.privacy import Privacy
 
 # the accounting is the dp-accounting extra's (installed with .[test]; absent on some
@@ -100,7 +100,7 @@ def test_masked_rows_contribute_nothing(x64):
     params = net.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (7, 5, 5, 1), jnp.float64)
     y = jnp.array([0, 1, 2, 3, 0, 1, 2])
-    source = jax.jit(privacy.dp_gradient(0.5, 0.0, 10.0, jax.random.key(2)),
+    source = jax.jit(sources.dp_sgd(0.5, 0.0, jax.random.key(2), expected_batch_size=10.0),
                      static_argnums=0)
     real = source(net, params, x[:4], y[:4], 0)
     # padded with three rows of other data (and one of huge values): the same gradient
@@ -122,7 +122,7 @@ def test_noise_scale_is_sigma_c_over_expected_batch(x64):
     params = jax.tree.map(jnp.zeros_like, net.init(jax.random.key(0)))
     x, y = jnp.zeros((8, 3)), jnp.zeros((8, 2))
     mask = jnp.zeros(8, bool)                        # an empty Poisson draw: noise only
-    source = privacy.dp_gradient(2.0, 1.5, 4.0, jax.random.key(3))
+    source = sources.dp_sgd(2.0, 1.5, jax.random.key(3), expected_batch_size=4.0)
     draws = np.concatenate([np.ravel(leaf) for step in range(200)
                             for leaf in jax.tree.leaves(source(net, params, x, y, step,
                                                                mask=mask)[1])])
