@@ -97,26 +97,25 @@ def _no_mask(name: str, mask: Array | None) -> None:
                         f"Poisson-sampled batches")
 
 
-def backprop() -> GradientSource:
-    """The hand-written recursion: C, dC/dparams and a^L from one forward and one backward."""
+def _unmasked(name: str, value_grads_and_output: Any) -> GradientSource:
+    """A source of ``value_grads_and_output(net, params, x, y) -> (C, grads, a^L)``."""
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
                  mask: Array | None = None) -> SourceResult:
-        _no_mask("backprop", mask)
-        return SourceResult(*_backprop_module.value_grads_and_output(net, params, x, y))
+        _no_mask(name, mask)
+        return SourceResult(*value_grads_and_output(net, params, x, y))
 
-    gradient.__qualname__ = "sources.backprop"
+    gradient.__qualname__ = f"sources.{name}"
     return gradient
+
+
+def backprop() -> GradientSource:
+    """The hand-written recursion: C, dC/dparams and a^L from one forward and one backward."""
+    return _unmasked("backprop", _backprop_module.value_grads_and_output)
 
 
 def autodiff() -> GradientSource:
     """``jax.value_and_grad`` of the same forward pass and loss: the reference."""
-    def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
-                 mask: Array | None = None) -> SourceResult:
-        _no_mask("autodiff", mask)
-        return SourceResult(*_autodiff_module.value_grads_and_output(net, params, x, y))
-
-    gradient.__qualname__ = "sources.autodiff"
-    return gradient
+    return _unmasked("autodiff", _autodiff_module.value_grads_and_output)
 
 
 def clipped(clip_norm: per_example.ClipNorm) -> GradientSource:
