@@ -177,7 +177,10 @@ class MLP:
         Returns:
           (batch, n_out) a^L (logits when the loss is a cross-entropy).
         """
-        return self.network.apply(params, x)
+        from jaxbp import _checks, network
+
+        x, _ = _checks.check_inputs(self, params, x)
+        return network.forward(self.network, params, x)[0]
 
     def cost(self, params: Params, x: ArrayLike, y: ArrayLike) -> Array:
         """The scalar cost C = (1/N) sum_n l(a^L_n, y_n).
@@ -191,7 +194,11 @@ class MLP:
         Returns:
           A scalar of the params' dtype.
         """
-        return self.network.cost(params, x, y)
+        from jaxbp import _checks, network
+        from jaxbp.losses import mean_loss
+
+        x, y = _checks.check_inputs(self, params, x, y)
+        return mean_loss(self.loss_fn, network.forward(self.network, params, x)[0], y)
 
 
 @functools.partial(jax.jit, static_argnums=0)
