@@ -291,6 +291,31 @@ def cost_and_output_error(loss: Loss, a: Array, y: Array) -> tuple[Array, Array]
     return jnp.sum(losses) / count, (grads / count).reshape(a.shape)
 
 
+def per_sample_losses_and_errors(loss: Loss, a: Array, y: Array) -> tuple[Array, Array]:
+    """``(l_i (batch,), dl_i/da_i)``: each sample's own loss and its error at the output, not
+    divided by the batch (what per-example gradients, clipping and DP-SGD differentiate).
+
+    For vector outputs ``l_i`` is the loss of sample i. For sequences (batch, T, n_out)
+
+    .. math:: l_i = \frac{1}{T} \sum_{t\ \mathrm{counted}} l_{i,t}
+
+    with T the sequence length: an ignored token (target -1) adds nothing but still
+    counts in T, so ``l_i`` depends on sample i alone (the per-sample sensitivity DP-SGD's
+    accounting assumes). Without ignored tokens ``mean_i l_i`` is the cost C; with them C
+    divides by the number of counted tokens M instead, ``mean_i l_i = (M / (B T)) C``.
+    """
+    rows, targets, valid = tokens(a, y)
+    losses, grads = sample_loss_and_grad(loss, rows, targets)
+    if a.ndim == 2:
+        return losses, grads
+    if valid is not None:
+        losses = jnp.where(valid, losses, 0)
+        grads = jnp.where(valid[:, None], grads, 0)
+    length = a.shape[1]
+    return (jnp.sum(losses.reshape(a.shape[0], -1), axis=1) / length,
+            (grads / length).reshape(a.shape))
+
+
 def sample_sums(loss: Loss, a: Array, y: Array) -> tuple[Array, Array | None, Array]:
     """Per sample ``(loss sum, hit sum or None, count)``, each (batch,) float32: for vector
     outputs ``(l_n, hits_n, 1)``; for sequences the sums over the sample's counted tokens

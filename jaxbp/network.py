@@ -30,7 +30,14 @@ from jaxbp.layers.chain import (
     chain_shapes,
     check_layers,
 )
-from jaxbp.losses import LOSSES, Loss, cost_and_output_error, get_loss, mean_loss
+from jaxbp.losses import (
+    LOSSES,
+    Loss,
+    cost_and_output_error,
+    get_loss,
+    mean_loss,
+    per_sample_losses_and_errors,
+)
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -216,14 +223,15 @@ def layer_deltas(net: Network, params: Any, x: Array, y: Array,
                  per_sample: bool = False) -> tuple[Array, tuple[Any, ...], tuple[Array, ...]]:
     """``(a^L, caches, deltas)``: every layer's cache and the error at its output.
 
-    ``per_sample=True`` gives each sample's own errors (not divided by N).
+    ``per_sample=True`` gives each sample's own errors, those of ``l_i`` (not divided by
+    the batch; for sequences ``l_i`` is the sum of its tokens' losses over T:
+    :func:`jaxbp.losses.per_sample_losses_and_errors`); else those of the cost C.
     """
-    require_vector_output(net, "a per-sample quantity (per-example gradients, norms, "
-                               "clipping, DP-SGD, variance)")
     out, caches = forward(net, params, x)
-    delta = net.loss_fn.sample_grad(out, y)
-    if not per_sample:
-        delta = delta / out.shape[0]
+    if per_sample:
+        delta = per_sample_losses_and_errors(net.loss_fn, out, y)[1]
+    else:
+        delta = cost_and_output_error(net.loss_fn, out, y)[1]
     _, _, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
     return out, caches, deltas
 

@@ -35,7 +35,8 @@ import numpy as np
 
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
-from jaxbp.losses import mean_loss
+from jaxbp.layers.base import sq_norms_and_sum
+from jaxbp.losses import mean_loss, per_sample_losses_and_errors
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 
@@ -53,14 +54,6 @@ def _network_sq_norms(net: Network, params: Params, caches: tuple[Any, ...],
     """(B, G): each sample's squared gradient norm per parametrised layer, from the records."""
     return jnp.stack([net.layers[l].per_sample_sq_norms(params[l], caches[l], deltas[l])
                       for l in _parametrised(params)], axis=1)
-
-
-def _sq_norms_and_sum(layer: Any, params: Any, cache: Any, delta: Array) -> tuple[Array, Any]:
-    """A layer's per-sample squared norms, and ``weights -> sum_i w_i g_i`` where the
-    record offers one built from what its norms computed (Conv2D), else None."""
-    if hasattr(layer, "per_sample_sq_norms_and_sum"):
-        return layer.per_sample_sq_norms_and_sum(params, cache, delta)
-    return layer.per_sample_sq_norms(params, cache, delta), None
 
 
 def clipped_mean(net: Network, params: Params, x: Array, y: Array,
@@ -81,22 +74,16 @@ def clipped_mean(net: Network, params: Params, x: Array, y: Array,
         deltas = tuple(jnp.where(mask.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
                        for d in deltas)
     groups = _parametrised(params)
-    norms_and_sums = [_sq_norms_and_sum(net.layers[l], params[l], caches[l], deltas[l])
+    norms_and_sums = [sq_norms_and_sum(net.layers[l], params[l], caches[l], deltas[l])
                       for l in groups]
     factors = _clip_factors(jnp.stack([sq for sq, _ in norms_and_sums], axis=1), clip_norm)
     denominator = x.shape[0] if denominator is None else denominator
     grads = [jax.tree.map(jnp.zeros_like, p) for p in params]
     for g, (l, (_, weighted_sum)) in enumerate(zip(groups, norms_and_sums)):
-        scale = (factors[:, g] / denominator).astype(deltas[l].dtype)
-        if weighted_sum is not None:     # what the record's norms computed, reused
-            grads[l] = weighted_sum(scale)
-            continue
-        scale = scale.reshape((-1,) + (1,) * (deltas[l].ndim - 1))
-        _, grads[l] = net.layers[l].backward(params[l], caches[l], deltas[l] * scale,
-                                             need_input=False)
+        grads[l] = weighted_sum((factors[:, g] / denominator).astype(deltas[l].dtype))
     if mask is None:
         return mean_loss(net.loss_fn, out, y), tuple(grads), out
-    losses = jnp.where(mask, net.loss_fn.sample_loss(out, y), 0)
+    losses = jnp.where(mask, per_sample_losses_and_errors(net.loss_fn, out, y)[0], 0)
     return jnp.sum(losses) / jnp.maximum(jnp.sum(mask), 1), tuple(grads), out
 
 

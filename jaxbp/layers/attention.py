@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp._typing import Array, is_int
+from jaxbp.layers import token_grads
 from jaxbp.layers.base import Shape, register, variance_init
 
 _PROJECTIONS = ("q", "k", "v", "o")
@@ -143,11 +144,28 @@ class SelfAttention:
         inputs = self._projection_inputs(cache)
         grads = {}
         for p in _PROJECTIONS:
-            grads[f"w{p}"] = jnp.einsum("btd,bte->bde", inputs[p], errors[p])
+            grads[f"w{p}"] = token_grads.formed_grads(inputs[p], errors[p])
             grads[f"b{p}"] = jnp.sum(errors[p], axis=1)
         return grads
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_out: Array) -> Array:
-        grads = self.per_sample_grads(params, cache, delta_out)
-        return sum(jnp.sum(g * g, axis=tuple(range(1, g.ndim))) for g in grads.values())
+        return self.per_sample_sq_norms_and_sum(params, cache, delta_out)[0]
+
+    def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
+                                    delta_out: Array) -> tuple[Array, Any]:
+        """``(B,)`` squared norms over the four projections and ``weights -> sum_i w_i g_i``:
+        each projection a token-wise weight (input x or O, error dQ, dK, dV or delta) by the
+        routes of :mod:`jaxbp.layers.token_grads`; the softmax backward runs once."""
+        errors = self._projection_errors(params, cache, delta_out.astype(params["wq"].dtype))
+        inputs = self._projection_inputs(cache)
+        total, sums = 0, {}
+        for p in _PROJECTIONS:
+            w_sq, sums[f"w{p}"] = token_grads.weight_sq_norms_and_sum(inputs[p], errors[p])
+            b_sq, sums[f"b{p}"] = token_grads.bias_sq_norms_and_sum(errors[p])
+            total = total + w_sq + b_sq
+
+        def weighted_sum(weights: Array) -> dict[str, Array]:
+            return {name: rule(weights) for name, rule in sums.items()}
+
+        return total, weighted_sum

@@ -33,8 +33,10 @@ capability: :func:`capability`):
   sets of per-sample output errors ``(k, B, ...)`` without forming the per-sample
   gradients (Dense); the quantities form them through ``per_sample_grads``
   otherwise.
-* ``per_sample_sq_norms_and_sum(params, cache, delta_out)``: the norms and the
-  clipped sum from what they formed (Conv2D's routes).
+* ``per_sample_sq_norms_and_sum(params, cache, delta_out)``: the norms and
+  ``weights -> sum_i w_i g_i`` (the clipped sum) from what the norms formed (the
+  routes of :mod:`jaxbp.layers.token_grads`: Dense on tokens, SelfAttention, Conv2D;
+  Residual over its inner layers); :func:`sq_norms_and_sum` reads it or builds it.
 
 Shapes are one sample's (no batch axis); arrays carry the batch first.
 """
@@ -42,6 +44,7 @@ Shapes are one sample's (no batch axis); arrays carry the batch first.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -92,6 +95,31 @@ def capability(layer: Any, name: str, where: str, quantity: str) -> Any:
                          f"which {quantity} needs (see jaxbp.layers.base for what each "
                          f"capability is)")
     return method
+
+
+def weighted_backward(layer: Any, params: Any, cache: Any, delta_out: Array
+                      ) -> Callable[[Array], Any]:
+    """``weights (B,) -> sum_i w_i g_i`` by the layer's own gradient rule applied once to
+    the weighted errors ``w_i delta_i`` (every rule is linear in the error)."""
+    def weighted(weights: Array) -> Any:
+        scale = weights.astype(delta_out.dtype).reshape((-1,) + (1,) * (delta_out.ndim - 1))
+        return layer.backward(params, cache, delta_out * scale, need_input=False)[1]
+
+    return weighted
+
+
+def sq_norms_and_sum(layer: Any, params: Any, cache: Any, delta_out: Array
+                     ) -> tuple[Array | None, Callable[[Array], Any]]:
+    """A layer's ``(B,)`` per-sample squared gradient norms (None: it has no parameters) and
+    ``weights (B,) -> sum_i w_i g_i`` (the clipped sum when ``w_i = s_i / B``).
+
+    The record's ``per_sample_sq_norms_and_sum`` where it has one (what its norms
+    formed, reused); otherwise its ``per_sample_sq_norms`` and :func:`weighted_backward`.
+    """
+    if hasattr(layer, "per_sample_sq_norms_and_sum"):
+        return layer.per_sample_sq_norms_and_sum(params, cache, delta_out)
+    return (layer.per_sample_sq_norms(params, cache, delta_out),
+            weighted_backward(layer, params, cache, delta_out))
 
 
 # The std of a standard normal truncated to [-2, 2]; dividing by it restores unit variance.

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxbp._typing import Array, is_int
 from jaxbp.activations import get_activation
-from jaxbp.layers import precision
+from jaxbp.layers import precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
 
 PADDINGS = ("SAME", "VALID")
@@ -243,19 +243,14 @@ class Conv2D:
     def uses_ghost_norm(self, in_shape: Shape) -> bool:
         """Whether the per-sample norms take the Gram ("ghost") route for this input.
 
-        A sample's weight gradient is ``P^T E`` (T positions, patches ``P: (T, d_in)``,
-        errors ``E: (T, d_out)``). Its squared norm is either ``<P P^T, E E^T>`` from the
-        T x T Gram matrices (Li et al. 2022; about ``T^2 (d_in + d_out)`` multiply-adds)
-        or the sum of squares of the formed ``P^T E`` (about ``T d_in d_out``). Bu et
-        al.'s mixed ghost clipping takes the cheaper: ghost when
-        ``T (d_in + d_out) < d_in d_out``. Either route's memory is then at most the
-        layer's activations: ``B T^2 <= B T min(d_in, d_out)`` on the ghost route, ``B d_in
-        d_out <= B T (d_in + d_out)`` on the formed one. Wide layers on small images go
+        A sample's weight gradient is ``P^T E`` (T output positions, patches ``P: (T,
+        d_in)``, ``d_in = kh kw c_in``, errors ``E: (T, d_out)``), so the choice is
+        :func:`jaxbp.layers.token_grads.prefers_ghost`'s: wide layers on small images go
         ghost, early layers on large images (T large, d_in small) go formed.
         """
         positions = math.prod(self.output_shape(in_shape)[:2])
-        d_in, d_out = math.prod(self.kernel) * in_shape[-1], self.filters
-        return positions * (d_in + d_out) < d_in * d_out
+        return token_grads.prefers_ghost(positions, math.prod(self.kernel) * in_shape[-1],
+                                         self.filters)
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
@@ -272,12 +267,7 @@ class Conv2D:
         pre-activation errors, ``sum_i w_i g_i = P^T (w E)`` (the rule is linear in E).
         """
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
-        bias = jnp.sum(delta, axis=(1, 2))                             # (B, d_out)
-        bias_sq = jnp.sum(jnp.square(bias), axis=1)
-
-        def bias_sum(weights: Array) -> Array:
-            return jnp.einsum("n,no->o", weights, bias)
-
+        bias_sq, bias_sum = token_grads.bias_sq_norms_and_sum(token_grads.positions_flat(delta))
         if self.uses_ghost_norm(x.shape[1:]):
             weight_sq = self._ghost_sq_norms(x, delta)
 

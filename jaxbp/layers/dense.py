@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from jaxbp._typing import Array, is_int
 from jaxbp.activations import get_activation
-from jaxbp.layers import precision
-from jaxbp.layers.base import Shape, register, variance_init
+from jaxbp.layers import precision, token_grads
+from jaxbp.layers.base import Shape, register, variance_init, weighted_backward
 
 
 @register
@@ -102,18 +102,29 @@ class Dense:
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         if x.ndim == 2:
             return {"w": x[:, :, None] * delta[:, None, :], "b": delta}  # g_i = a_i (x) delta_i
-        x, delta = _positions_flat(x), _positions_flat(delta)           # (B, T, d)
-        return {"w": jnp.einsum("btd,bte->bde", x, delta),         # g_i = sum_t a_it (x) d_it
+        x, delta = token_grads.positions_flat(x), token_grads.positions_flat(delta)
+        return {"w": token_grads.formed_grads(x, delta),           # g_i = sum_t a_it (x) d_it
                 "b": jnp.sum(delta, axis=1)}
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
+        return self.per_sample_sq_norms_and_sum(params, cache, delta_a)[0]
+
+    def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
+                                    delta_a: Array) -> tuple[Array, Any]:
+        """``(B,)`` squared norms and ``weights -> sum_i w_i g_i``.
+
+        On vectors ``||a_i delta_i^T||^2 + ||delta_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)``
+        and the sum is the layer's own rule on the weighted errors; on tokens the routes
+        of :mod:`jaxbp.layers.token_grads` (T x T Grams or the formed ``g_i``)."""
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         if x.ndim == 2:
-            # ||a_i delta_i^T||^2 + ||delta_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)
-            return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1)
-        grads = self.per_sample_grads(params, cache, delta_a)
-        return jnp.sum(grads["w"] ** 2, axis=(1, 2)) + jnp.sum(grads["b"] ** 2, axis=1)
+            return (jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1),
+                    weighted_backward(self, params, cache, delta_a))
+        x, delta = token_grads.positions_flat(x), token_grads.positions_flat(delta)
+        w_sq, w_sum = token_grads.weight_sq_norms_and_sum(x, delta)
+        b_sq, b_sum = token_grads.bias_sq_norms_and_sum(delta)
+        return w_sq + b_sq, lambda weights: {"w": w_sum(weights), "b": b_sum(weights)}
 
     def sq_grad_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
                     deltas: Array) -> dict[str, Array]:
@@ -142,7 +153,3 @@ class Dense:
         """B (W^T's shape) as the array the backward reads as W, and back: a transpose."""
         return array.T
 
-
-def _positions_flat(x: Array) -> Array:
-    """(B, ..., d) as (B, T, d), every position of a sample on one axis."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])

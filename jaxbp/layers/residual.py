@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
 from jaxbp._typing import Array
-from jaxbp.layers.base import Shape, register
+from jaxbp.layers.base import Shape, register, sq_norms_and_sum
 from jaxbp.layers.chain import (
     chain_backward,
     chain_forward,
@@ -61,11 +63,23 @@ class Residual:
 
     def per_sample_sq_norms(self, params: tuple[Any, ...], caches: tuple[Any, ...],
                             delta_out: Array) -> Array | None:
+        return self.per_sample_sq_norms_and_sum(params, caches, delta_out)[0]
+
+    def per_sample_sq_norms_and_sum(self, params: tuple[Any, ...], caches: tuple[Any, ...],
+                                    delta_out: Array) -> tuple[Array | None, Any]:
+        """The inner layers' squared norms summed (None: no parameters inside) and
+        ``weights -> sum_i w_i g_i`` for each inner layer, from one pass of the inner
+        errors (each inner layer's own :func:`~jaxbp.layers.base.sq_norms_and_sum`)."""
         _, _, deltas = chain_backward(self.layers, params, caches, delta_out, False)
-        norms = [layer.per_sample_sq_norms(p, c, d)
+        parts = [sq_norms_and_sum(layer, p, c, d) if jax.tree.leaves(p) else (None, None)
                  for layer, p, c, d in zip(self.layers, params, caches, deltas)]
-        norms = [n for n in norms if n is not None]
-        return sum(norms) if norms else None
+        norms = [sq for sq, _ in parts if sq is not None]
+
+        def weighted_sum(weights: Array) -> tuple[Any, ...]:
+            return tuple(p if rule is None else rule(weights)
+                         for p, (_, rule) in zip(params, parts))
+
+        return (sum(norms) if norms else None), weighted_sum
 
 
 
