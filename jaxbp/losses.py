@@ -297,7 +297,7 @@ def per_sample_losses_and_errors(loss: Loss, a: Array, y: Array) -> tuple[Array,
 
     For vector outputs ``l_i`` is the loss of sample i. For sequences (batch, T, n_out)
 
-    .. math:: l_i = \frac{1}{T} \sum_{t\ \mathrm{counted}} l_{i,t}
+    .. math:: l_i = \\frac{1}{T} \\sum_{t\\ \\mathrm{counted}} l_{i,t}
 
     with T the sequence length: an ignored token (target -1) adds nothing but still
     counts in T, so ``l_i`` depends on sample i alone (the per-sample sensitivity DP-SGD's
