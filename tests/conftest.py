@@ -10,7 +10,8 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("JAXBP_COMPILATION_CACHE", "off")
 # The tests' programs are small, so compiling them costs far more than running them: XLA's
 # backend (LLVM) optimisations are off for the suite and the processes it starts (about
-# 1.7x faster on a CPU). The HLO passes, hence the numerics compared, are those users get;
+# 1.7x faster on a CPU). The HLO passes are those users get; only the machine code is less
+# optimised (float rounding may differ in the last bits, within every test's tolerance);
 # `JAX_DISABLE_MOST_OPTIMIZATIONS=0 pytest` compiles exactly as a user's run does.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
