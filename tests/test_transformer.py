@@ -202,12 +202,12 @@ def test_a_user_record_works_where_its_capabilities_allow(x64):
         jaxbp.feedback.feedback_shapes(net)
 
 
-def test_sequence_networks_are_refused_by_per_sample_quantities_by_name():
+def test_sequence_networks_are_refused_by_curvature_and_feedback_by_name():
     net = models.gpt(vocab=5, dim=4, depth=1, heads=1, seq_len=3)
     params = net.init(jax.random.key(0))
     x, y = random_tokens(np.random.default_rng(0), net, 2)
     with pytest.raises(ValueError, match="takes networks with a vector output"):
-        jaxbp.per_example_grad_norms(net, params, x, y)
+        jaxbp.ggn_diag(net, params, x, y)
     with pytest.raises(L.LayerError, match=r"\(Embedding\): has no `feedback_shape`"):
         jaxbp.feedback.feedback_shapes(net)
 
