@@ -137,3 +137,19 @@ def assert_normwise_close(actual, desired, rtol, atol=0.0, err_msg=""):
     scale = np.max(np.abs(desired), initial=0.0)
     assert err <= atol + rtol * scale, (f"normwise error {err:.3e} > {atol:.1e} + {rtol:.1e} "
                                         f"x {scale:.3e} {err_msg}")
+
+
+def transformer_case(i: int, dtype: str):
+    """Random transformer chain i of the suite, its params moved away from init (zero
+    biases, unit scales) so that every term of the backward shows, and its tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxbp.suite import random_tokens, random_transformer
+
+    net, batch = random_transformer(i, dtype)
+    x, y = random_tokens(np.random.default_rng(i), net, batch)
+    params = net.init(jax.random.key(i))
+    params = jax.tree.map(lambda a: a + jnp.asarray(
+        0.1 * np.random.default_rng(i + 1).standard_normal(a.shape), a.dtype), params)
+    return net, params, jnp.asarray(x), jnp.asarray(y)

@@ -16,21 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_no_less_accurate, global_rel_error, to_f64
+from helpers import assert_no_less_accurate, global_rel_error, to_f64, transformer_case
 
 import jaxbp
 from jaxbp import models, sources
-from jaxbp.suite import random_tokens, random_transformer
-
-
-def transformer_case(i: int, dtype: str):
-    net, batch = random_transformer(i, dtype)
-    x, y = random_tokens(np.random.default_rng(i), net, batch)
-    params = net.init(jax.random.key(i))
-    # away from init so that every term of every rule shows
-    params = jax.tree.map(lambda a: a + jnp.asarray(
-        0.1 * np.random.default_rng(i + 1).standard_normal(a.shape), a.dtype), params)
-    return net, params, jnp.asarray(x), jnp.asarray(y)
+from jaxbp.suite import random_tokens
 
 
 def sample_loss(net, params, x_i, y_i):
@@ -76,6 +66,7 @@ def normwise(a, b) -> float:
 
 # T = 1 with one sample's only target padded (a zero gradient), and T = 8 with padding
 # (the deeper chains of the suite were checked the same way by hand: worst 1.0e-13)
+@pytest.mark.slow
 @pytest.mark.parametrize("i", [0, 6])
 def test_per_sample_quantities_match_vmap_grad_in_float64(i, x64):
     net, params, x, y = transformer_case(i, "float64")

@@ -16,6 +16,7 @@ from helpers import (
     forbid_autodiff,
     global_rel_error,
     leaf_rel_errors,
+    transformer_case,
 )
 
 import jaxbp
@@ -26,16 +27,6 @@ from jaxbp.network import Network
 from jaxbp.suite import random_tokens, random_transformer
 
 N_CASES = 8
-
-
-def transformer_case(i: int, dtype: str):
-    net, batch = random_transformer(i, dtype)
-    x, y = random_tokens(np.random.default_rng(i), net, batch)
-    params = net.init(jax.random.key(i))
-    # away from init (zero biases, unit scales) so that every term of the backward shows
-    params = jax.tree.map(lambda a: a + jnp.asarray(
-        0.1 * np.random.default_rng(i + 1).standard_normal(a.shape), a.dtype), params)
-    return net, params, x, y
 
 
 def test_cases_cover_the_space():
