@@ -74,7 +74,9 @@ def ggn_diag(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
     softmax cross-entropy: diag(p) - pp^T). One forward pass and one batched
     backward pass of n_out columns (BackPACK's DiagGGNExact); for a
     :class:`jaxbp.Network` the layers other than Dense square their formed
-    per-sample gradients (:mod:`jaxbp.network_curvature`).
+    per-sample gradients (:mod:`jaxbp.network_curvature`). For a sequence output (a
+    GPT) the mean is over the M counted tokens, ``(1/M) sum_{n,t} J_{n,t}^T H_{n,t}
+    J_{n,t}``: T x n_out columns, each token's at its own position.
 
     Returns:
       The diagonal, shaped like ``params``.

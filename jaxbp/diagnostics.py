@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.layers.chain import chain_backward
+from jaxbp.losses import cost_and_output_error, counted
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 
@@ -25,18 +26,18 @@ def _layer_stats(net: MLP | Network, params: Params, x: Array, y: Array,
     """The statistics of the layers with an activation (the ``pre_activation_error``
     capability: Dense, Conv2D; their weight is ``"w"``), from one reversed loop."""
     chain = network.as_network(net)
-    network.require_vector_output(chain, "layer_stats")
     out, caches = network.forward(chain, params, x)
-    delta = chain.loss_fn.sample_grad(out, y) / x.shape[0]     # dC/da^L of the batch mean
+    delta = cost_and_output_error(chain.loss_fn, out, y)[1]    # dC/da^L of the mean cost
+    count = counted(out, y)                  # M: samples, or counted tokens of sequences
     _, grads, deltas = chain_backward(chain.layers, params, caches, delta, need_input=False)
     steps = grads if updates is None else updates
     weighted = [l for l, layer in enumerate(chain.layers)
                 if hasattr(layer, "pre_activation_error")]
-    # delta^l at the pre-activation z^l, of the batch-mean cost, times N: the per-sample scale
+    # delta^l at the pre-activation z^l, of the mean cost, times M: the per-sample scale
     errors = [chain.layers[l].pre_activation_error(caches[l], deltas[l]) for l in weighted]
     weight = jnp.stack([jnp.linalg.norm(params[l]["w"]) for l in weighted])
     return {
-        "mean_abs_delta": jnp.stack([jnp.mean(jnp.abs(e)) * x.shape[0] for e in errors]),
+        "mean_abs_delta": jnp.stack([jnp.mean(jnp.abs(e)) * count for e in errors]),
         "grad_norm": jnp.stack([jnp.linalg.norm(grads[l]["w"]) for l in weighted]),
         "weight_norm": weight,
         "update_ratio": jnp.stack([jnp.linalg.norm(steps[l]["w"]) for l in weighted]) / weight,
@@ -59,7 +60,10 @@ def layer_stats(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
 
     For a :class:`jaxbp.Network` the entries are its top-level layers that have
     a weight (Dense, Conv2D), in order; ``mean_abs_delta`` is, as for an MLP,
-    the error at the layer's pre-activation z (after its own ``g'``).
+    the error at the layer's pre-activation z (after its own ``g'``). For a sequence
+    output (a GPT) the per-sample scale is that of one counted token's loss (times M,
+    the counted tokens) and the entries are its top-level Dense layers (the head; the
+    blocks' layers sit inside Residuals).
     """
     x, y = _checks.check_inputs(net, params, x, y)
     if updates is not None and jax.tree.structure(updates) != jax.tree.structure(params):

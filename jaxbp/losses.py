@@ -258,6 +258,32 @@ def _count(rows: Array, valid: Array | None) -> Array | int:
     return rows.shape[0] if valid is None else jnp.maximum(jnp.sum(valid), 1).astype(rows.dtype)
 
 
+def counted(a: Array, y: Array) -> Array | int:
+    """M, how many rows the cost C averages: the samples, or the counted tokens of
+    sequences (targets of -1 are not counted; at least 1)."""
+    rows, _, valid = tokens(a, y)
+    return _count(rows, valid)
+
+
+def token_hessian_columns(loss: Loss, a: Array, y: Array) -> Array:
+    """``(T k, batch, T, n_out)``: the loss Hessian's factor of every token, each column
+    an output error at one position only (zero at the other T - 1 and at ignored tokens).
+
+    For sequences the GGN is ``(1/M) sum_{n,t} J_{n,t}^T S_{n,t} S_{n,t}^T J_{n,t}``: the
+    tokens of one sample share its parameters' Jacobian only through attention, so each
+    token's columns go back alone (column ``(t, c)`` is ``S_{n,t}[:, c]`` at position t of
+    every sample n, which the per-sample gradients then keep apart).
+    """
+    rows, targets, valid = tokens(a, y)
+    factor = loss.sample_hessian_factor(rows, targets)                  # (B T, n_out, k)
+    if valid is not None:
+        factor = jnp.where(valid[:, None, None], factor, 0)
+    batch, length, n_out = a.shape
+    factor = factor.reshape(batch, length, n_out, -1)
+    columns = jnp.einsum("tu,bunk->tkbun", jnp.eye(length, dtype=factor.dtype), factor)
+    return columns.reshape(-1, batch, length, n_out)
+
+
 def mean_loss(loss: Loss, a: Array, y: Array) -> Array:
     """C, the mean of the loss over the samples (over the tokens of sequences), a scalar.
 

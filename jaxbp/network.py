@@ -227,13 +227,22 @@ def layer_deltas(net: Network, params: Any, x: Array, y: Array,
     the batch; for sequences ``l_i`` is the sum of its tokens' losses over T:
     :func:`jaxbp.losses.per_sample_losses_and_errors`); else those of the cost C.
     """
-    out, caches = forward(net, params, x)
     if per_sample:
-        delta = per_sample_losses_and_errors(net.loss_fn, out, y)[1]
-    else:
-        delta = cost_and_output_error(net.loss_fn, out, y)[1]
+        return per_sample_deltas(net, params, x, y)[1:]
+    out, caches = forward(net, params, x)
+    delta = cost_and_output_error(net.loss_fn, out, y)[1]
     _, _, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
     return out, caches, deltas
+
+
+def per_sample_deltas(net: Network, params: Any, x: Array, y: Array
+                      ) -> tuple[Array, Array, tuple[Any, ...], tuple[Array, ...]]:
+    """``(l, a^L, caches, deltas)``: each sample's loss ``l_i`` (B,) and the errors of
+    ``l_i`` at every layer's output, from one forward and one reversed loop."""
+    out, caches = forward(net, params, x)
+    losses, delta = per_sample_losses_and_errors(net.loss_fn, out, y)
+    _, _, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
+    return losses, out, caches, deltas
 
 
 def describe(net: Network) -> str:

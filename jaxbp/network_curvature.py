@@ -9,6 +9,10 @@ with parameters squares the per-sample gradients of its errors:
 .. math::
     \\mathrm{diag}(G) = \\tfrac1N \\sum_{n,c} g_{n,c} \\odot g_{n,c}
 
+For a sequence output the rows are the M counted tokens: token t's k columns go back
+as errors at position t alone (T k columns; attention couples the positions, so the
+tokens of one sample cannot share a column), ``1/M`` in place of ``1/N``.
+
 A Dense layer needs no per-sample gradient for it, ``(a^2)^T (delta^2)`` (its record's
 ``sq_grad_sum``); Conv2D, LayerNorm and Residual form theirs (``per_sample_grads``).
 
@@ -41,7 +45,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp import network
+from jaxbp import losses, network
 from jaxbp._typing import Array, Params
 from jaxbp.layers.base import capability
 from jaxbp.layers.chain import chain_backward
@@ -57,18 +61,22 @@ def _column_errors(net: Network, params: Params, caches: Any, columns: Array) ->
 
 
 def _hessian_columns(net: Network, out: Array, y: Array) -> Array:
-    """(k, B, n_out): the columns of the loss Hessian's factor at a^L."""
-    network.require_vector_output(net, "the curvature (ggn_diag, kfac_factors)")
+    """(k, B, n_out): the columns of the loss Hessian's factor at a^L; for a sequence
+    output (T k, B, T, n_out), each token's columns at its own position
+    (:func:`jaxbp.losses.token_hessian_columns`)."""
+    if net.is_sequence:
+        return losses.token_hessian_columns(net.loss_fn, out, y)
     return jnp.moveaxis(net.loss_fn.sample_hessian_factor(out, y), -1, 0)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def ggn_diag(net: Network, params: Params, x: Array, y: Array) -> Params:
-    """diag((1/N) sum_n J_n^T H_n J_n) for checked inputs."""
+    """diag((1/M) sum_m J_m^T H_m J_m) over the M samples (counted tokens of sequences)
+    for checked inputs."""
     out, caches = network.forward(net, params, x)
     errors = _column_errors(net, params, caches, _hessian_columns(net, out, y))
-    batch = x.shape[0]
-    return tuple(jax.tree.map(lambda g: g / batch, sq_grad_sum(layer, p, cache, delta))
+    count = losses.counted(out, y)
+    return tuple(jax.tree.map(lambda g: g / count, sq_grad_sum(layer, p, cache, delta))
                  for layer, p, cache, delta in zip(net.layers, params, caches, errors))
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
 from jaxbp.layers.base import sq_norms_and_sum
-from jaxbp.losses import mean_loss, per_sample_losses_and_errors
+from jaxbp.losses import mean_loss
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 
@@ -52,7 +52,7 @@ def _parametrised(params: Params) -> list[int]:
 def _network_sq_norms(net: Network, params: Params, caches: tuple[Any, ...],
                       deltas: tuple[Array, ...]) -> Array:
     """(B, G): each sample's squared gradient norm per parametrised layer, from the records."""
-    return jnp.stack([net.layers[l].per_sample_sq_norms(params[l], caches[l], deltas[l])
+    return jnp.stack([sq_norms_and_sum(net.layers[l], params[l], caches[l], deltas[l])[0]
                       for l in _parametrised(params)], axis=1)
 
 
@@ -69,7 +69,7 @@ def clipped_mean(net: Network, params: Params, x: Array, y: Array,
     the loss is the mean over the real rows, and the clipped sum is divided by
     ``denominator`` (default B) rather than by the number of real rows.
     """
-    out, caches, deltas = network.layer_deltas(net, params, x, y, per_sample=True)
+    losses, out, caches, deltas = network.per_sample_deltas(net, params, x, y)
     if mask is not None:
         deltas = tuple(jnp.where(mask.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
                        for d in deltas)
@@ -83,7 +83,7 @@ def clipped_mean(net: Network, params: Params, x: Array, y: Array,
         grads[l] = weighted_sum((factors[:, g] / denominator).astype(deltas[l].dtype))
     if mask is None:
         return mean_loss(net.loss_fn, out, y), tuple(grads), out
-    losses = jnp.where(mask, per_sample_losses_and_errors(net.loss_fn, out, y)[0], 0)
+    losses = jnp.where(mask, losses, 0)
     return jnp.sum(losses) / jnp.maximum(jnp.sum(mask), 1), tuple(grads), out
 
 
