@@ -22,6 +22,8 @@ recursion over the k columns.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -172,9 +174,10 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
         net = as_network(net)
         network_curvature.check_kfac_layers(net)
         value, grads, out, caches, deltas = value_grads_and_errors(net, params, x, y)
-        if kind == "empirical":     # the gradient's own errors, times N: no extra pass
-            errors = tuple(x.shape[0] * d[None] for d in deltas)
-            factors = network_curvature.kfac_from_errors(net, caches, errors)
+        if kind == "empirical":     # the gradient's own errors, times M: no extra pass
+            scale = network_curvature.kfac_scale(net, out, y)
+            errors = tuple(scale.count * d[None] for d in deltas)
+            factors = network_curvature.kfac_from_errors(net, params, caches, errors, scale)
         else:
             step_key = jax.random.fold_in(key, step) if kind == "sampled" else None
             factors = network_curvature.kfac_factors(net, params, x, y, kind, step_key)
@@ -216,23 +219,58 @@ def kfac_preconditioner(damping: float = 1e-3):
         if factors is None:
             raise ValueError("kfac_preconditioner needs the K-FAC factors: train with "
                              "grad=jaxbp.kfac_gradient()")
-        out = []
-        for g, f in zip(updates, factors):
-            if not f:                                 # a layer without parameters
-                out.append(g)
-                continue
-            a, gg = f["A"], f["G"]
-            pi = jnp.sqrt((jnp.trace(a) / a.shape[0]) / jnp.maximum(
-                jnp.trace(gg) / gg.shape[0], 1e-30))
-            root = jnp.sqrt(jnp.asarray(damping, a.dtype))
-            a_damped = a + pi * root * jnp.eye(a.shape[0], dtype=a.dtype)
-            g_damped = gg + root / pi * jnp.eye(gg.shape[0], dtype=gg.dtype)
-            rows = network_curvature.kfac_rows(g["w"])
-            stacked = jnp.concatenate([rows, g["b"][None]], axis=0)  # [g_W; g_b]
-            left = jnp.linalg.solve(a_damped, stacked)
-            pre = jnp.linalg.solve(g_damped, left.T).T  # G is symmetric
-            out.append({"w": network_curvature.from_kfac_rows(pre[:-1], g["w"].shape),
-                        "b": pre[-1]})
-        return tuple(out), state
+        return _precondition(updates, factors, damping), state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _damped_pair(a: Array, g: Array, damping: float) -> tuple[Array, Array]:
+    """``(pi sqrt(l), sqrt(l) / pi)``: the factored Tikhonov damping of each factor, with
+    ``pi^2 = (tr A / dim A) / (tr G / dim G)`` (A given whole or by its diagonal)."""
+    a_mean = jnp.mean(a) if a.ndim == 1 else jnp.trace(a) / a.shape[0]
+    pi = jnp.sqrt(a_mean / jnp.maximum(jnp.trace(g) / g.shape[0], 1e-30))
+    root = jnp.sqrt(jnp.asarray(damping, g.dtype))
+    return pi * root, root / pi
+
+
+def _kronecker_solve(block: dict[str, Array], rows: Array, damping: float) -> Array:
+    """``(A + pi sqrt(l) I)^{-1} rows (G + sqrt(l)/pi I)^{-1}`` (A whole or diagonal)."""
+    g = block["G"]
+    a = block["A"] if "A" in block else block["A_diag"]
+    a_damp, g_damp = _damped_pair(a, g, damping)
+    if a.ndim == 1:
+        left = rows / (a + a_damp)[:, None]
+    else:
+        left = jnp.linalg.solve(a + a_damp * jnp.eye(a.shape[0], dtype=a.dtype), rows)
+    return jnp.linalg.solve(g + g_damp * jnp.eye(g.shape[0], dtype=g.dtype), left.T).T
+
+
+def _precondition(grads: Any, factors: Any, damping: float) -> Any:
+    """Each block of :mod:`jaxbp.layers.kfac` applied to its part of the gradient: a
+    tuple (a chain, a Residual) block by block, ``{"A", "G"}`` on ``{"w", "b"}`` (a conv
+    kernel in the factors' row order), ``{"A_diag", "G"}`` on a table, ``{"diag"}``
+    elementwise, and a dict of named blocks on ``grads[name]`` or on the pair
+    ``{"w": grads["w" + name], "b": grads["b" + name]}`` (attention's projections)."""
+    if isinstance(factors, tuple):
+        return tuple(_precondition(g, f, damping) for g, f in zip(grads, factors))
+    if not factors:                                       # a layer without parameters
+        return grads
+    if "A" in factors:
+        rows = network_curvature.kfac_rows(grads["w"])
+        pre = _kronecker_solve(factors, jnp.concatenate([rows, grads["b"][None]], axis=0),
+                               damping)
+        return {"w": network_curvature.from_kfac_rows(pre[:-1], grads["w"].shape),
+                "b": pre[-1]}
+    if "A_diag" in factors:
+        return _kronecker_solve(factors, grads, damping)
+    if "diag" in factors:
+        return jax.tree.map(lambda g, d: g / (d + damping), grads, factors["diag"])
+    out = dict(grads)
+    for name, block in factors.items():
+        if name in grads:
+            out[name] = _precondition(grads[name], block, damping)
+        else:
+            pair = _precondition({"w": grads["w" + name], "b": grads["b" + name]}, block,
+                                 damping)
+            out["w" + name], out["b" + name] = pair["w"], pair["b"]
+    return out

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from jaxbp import losses, network
 from jaxbp._typing import Array, Params
-from jaxbp.layers.base import capability
+from jaxbp.layers import kfac
 from jaxbp.layers.chain import chain_backward
 from jaxbp.network import Network
 
@@ -116,48 +116,47 @@ def sq_grad_sum(layer: Any, params: Any, cache: Any, deltas: Array) -> Any:
 
 
 def check_kfac_layers(net: Network) -> None:
-    """Every layer with parameters has the ``kfac_inputs`` capability (Dense, Conv2D), else
+    """Every layer with parameters has a K-FAC rule (a Residual's inner layers too), else
     the one capability error naming it."""
-    for i, (layer, p) in enumerate(zip(net.layers, net.param_shapes())):
-        if jax.tree.leaves(p):
-            capability(layer, "kfac_inputs", f"layers[{i}]", "K-FAC")
+    kfac.check_layers(net.layers, net.param_shapes(), "layers")
 
 
-def _targets_errors(net: Network, params: Params, x: Array, y: Array, kind: str,
-                    key: Array | None) -> tuple[Any, tuple, int]:
-    """(caches, per-layer errors with a leading axis of k target draws or columns, k)."""
-    network.require_vector_output(net, "kfac_factors")
-    out, caches = network.forward(net, params, x)
+def _target_columns(net: Network, out: Array, y: Array, kind: str,
+                    key: Array | None) -> Array:
+    """``(k, B, ...)`` output errors of each sample's own loss (of each token's, for
+    sequences; ignored tokens 0): the Hessian factor's columns (``"exact"``), or one
+    column at targets drawn from the model (``"sampled"``) or at the labels."""
     if kind == "exact":
-        columns = _hessian_columns(net, out, y)
-    else:
-        targets = y if kind == "empirical" else net.loss_fn.sample_targets(out, key)
-        columns = net.loss_fn.sample_grad(out, targets)[None]
-    return caches, _column_errors(net, params, caches, columns), columns.shape[0]
+        return _hessian_columns(net, out, y)
+    rows, targets, valid = losses.tokens(out, y)
+    if kind == "sampled":
+        targets = net.loss_fn.sample_targets(rows, key)
+    grads = net.loss_fn.sample_grad(rows, targets)
+    if valid is not None:
+        grads = jnp.where(valid[:, None], grads, 0)
+    return grads.reshape(out.shape)[None]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def kfac_factors(net: Network, params: Params, x: Array, y: Array, kind: str,
                  key: Array | None) -> tuple[Any, ...]:
-    """``{"A", "G"}`` for every Dense and Conv2D layer, ``{}`` for the rest (checked inputs)."""
-    caches, errors, _ = _targets_errors(net, params, x, y, kind, key)
-    return kfac_from_errors(net, caches, errors)
+    """Every layer's K-FAC factors (:mod:`jaxbp.layers.kfac`) for checked inputs."""
+    out, caches = network.forward(net, params, x)
+    columns = _target_columns(net, out, y, kind, key)
+    errors = _column_errors(net, params, caches, columns)
+    return kfac_from_errors(net, params, caches, errors, kfac_scale(net, out, y))
 
 
-def kfac_from_errors(net: Network, caches: tuple, errors: tuple) -> tuple[Any, ...]:
+def kfac_scale(net: Network, out: Array, y: Array) -> kfac.KfacScale:
+    """The normalisers: the batch, the cost's count M, and "expand" for sequence outputs."""
+    return kfac.KfacScale(out.shape[0], losses.counted(out, y), net.is_sequence)
+
+
+def kfac_from_errors(net: Network, params: Params, caches: tuple, errors: tuple,
+                     scale: kfac.KfacScale) -> tuple[Any, ...]:
     """The factors from every layer's cache and its output errors ``(k, B, ...)`` (k
-    target draws or Hessian columns, each sample's own loss): ``{"A", "G"}`` for every
-    Dense and Conv2D layer, ``{}`` for the rest."""
-    batch = errors[0].shape[1]
-    factors: list[Any] = []
-    for layer, cache, delta in zip(net.layers, caches, errors):
-        if not hasattr(layer, "kfac_inputs"):
-            factors.append({})
-            continue
-        dz = jax.vmap(layer.pre_activation_error, in_axes=(None, 0))(cache, delta)
-        rows, positions = layer.kfac_inputs(cache)                     # (B [T], d_in)
-        a_bar = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
-        flat = dz.reshape(-1, dz.shape[-1])                             # (k B [T], d_out)
-        factors.append({"A": a_bar.T @ a_bar / batch,
-                        "G": flat.T @ flat / (batch * positions)})
-    return tuple(factors)
+    target draws or Hessian columns of each sample's own loss): one entry per layer,
+    ``{}`` for a layer without parameters."""
+    return tuple(kfac.layer_factors(layer, p, cache, delta, scale, f"layers[{i}]")
+                 for i, (layer, p, cache, delta)
+                 in enumerate(zip(net.layers, params, caches, errors)))

@@ -153,3 +153,52 @@ def transformer_case(i: int, dtype: str):
     params = jax.tree.map(lambda a: a + jnp.asarray(
         0.1 * np.random.default_rng(i + 1).standard_normal(a.shape), a.dtype), params)
     return net, params, jnp.asarray(x), jnp.asarray(y)
+
+
+def _kfac_views(factors, grads):
+    """(block, the gradient it acts on) pairs of K-FAC factors over a gradient pytree:
+    tuples block by block, named dicts by ``grads[name]`` or the ``w``/``b`` pair."""
+    if isinstance(factors, tuple):
+        for f, g in zip(factors, grads):
+            yield from _kfac_views(f, g)
+    elif factors and not {"A", "A_diag", "diag"} & set(factors):
+        for name, block in factors.items():
+            view = grads[name] if name in grads else {"w": grads["w" + name],
+                                                      "b": grads["b" + name]}
+            yield from _kfac_views(block, view)
+    elif factors:
+        yield factors, grads
+
+
+def kfac_block_matrix(block):
+    """The block's Fisher approximation as one explicit matrix (numpy), and the gradient
+    as the vector it acts on: ``A kron G`` on ``[W rows; b]`` flattened, ``diag(A) kron G``
+    on a table, ``diag`` on the flattened leaves."""
+    import jax
+
+    from jaxbp.network_curvature import kfac_rows
+
+    def vector(grads):
+        if "diag" in block:
+            return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+        if "A_diag" in block:
+            return np.ravel(np.asarray(grads))
+        return np.concatenate([np.asarray(kfac_rows(grads["w"])),
+                               np.asarray(grads["b"])[None]]).ravel()
+
+    if "diag" in block:
+        matrix = np.diag(np.concatenate([np.ravel(d) for d in jax.tree.leaves(block["diag"])]))
+    else:
+        a = np.diag(block["A_diag"]) if "A_diag" in block else np.asarray(block["A"])
+        matrix = np.kron(a, np.asarray(block["G"]))
+    return matrix, vector
+
+
+def kfac_blocks(factors, *trees):
+    """Every K-FAC block with its explicit matrix and, for each gradient pytree given,
+    the vector the block acts on."""
+    views = [list(_kfac_views(factors, tree)) for tree in trees]
+    for parts in zip(*views):
+        block = parts[0][0]
+        matrix, vector = kfac_block_matrix(block)
+        yield block, matrix, [vector(view) for _, view in parts]

@@ -9,11 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_normwise_close, random_inputs
+from helpers import assert_normwise_close, kfac_blocks, random_inputs
 
 import jaxbp
 from jaxbp import layers as L
-from jaxbp.layers.base import LayerError
 from jaxbp.suite import random_network
 
 CASES = [0, 3, 4]   # batch 1 and 1x1 images (0), max and average pools, layernorms, residuals
@@ -130,12 +129,23 @@ def test_conv_kfac_convention_positions_summed_for_a_averaged_for_g(x64):
     assert_normwise_close(factors[0]["G"], dz.T @ dz / (3 * 4), rtol=1e-12)
 
 
-def test_kfac_refuses_layernorm_and_residual_by_name(x64):
-    net = jaxbp.Network((L.Dense(4), L.LayerNorm(), L.Dense(2)), (3,), dtype="float64")
+def test_kfac_of_one_sample_covers_layernorm_and_residual_blocks(x64):
+    """Empirical, one sample: every block is its own gradient's outer product, the
+    LayerNorms' diagonal blocks g (.) g, a Residual's inner layers block by block."""
+    net = jaxbp.Network((L.Dense(4, "tanh"), L.LayerNorm(),
+                         L.Residual((L.Dense(4, "tanh"), L.LayerNorm(), L.Dense(4))),
+                         L.Dense(2)), (3,), dtype="float64")
     params = net.init(jax.random.key(0))
-    with pytest.raises(LayerError, match=r"layers\[1\] \(LayerNorm\): has no `kfac_inputs` "
-                                         r"capability, which K-FAC needs"):
-        jaxbp.kfac_factors(net, params, np.ones((2, 3)), np.array([0, 1]), kind="exact")
+    x, y = np.random.default_rng(0).standard_normal((1, 3)), np.array([1])
+    factors = jaxbp.kfac_factors(net, params, x, y, kind="empirical")
+    grads = jaxbp.backprop(net, params, x, y)
+    kinds = []
+    for block, matrix, (g,) in kfac_blocks(factors, grads):
+        kinds.append("diag" if "diag" in block else "A")
+        np.testing.assert_allclose(matrix if "A" in block else np.diag(matrix),
+                                   np.outer(g, g) if "A" in block else g * g,
+                                   rtol=1e-10, atol=1e-14)
+    assert kinds == ["A", "diag", "A", "diag", "A", "A"]
 
 
 def test_kfac_step_on_a_conv_network_preconditions_by_the_damped_kfc_block(x64):
@@ -179,7 +189,7 @@ def test_kfac_step_on_a_conv_network_preconditions_by_the_damped_kfc_block(x64):
         assert p["w"].shape == g["w"].shape
 
 
-def test_kfac_trains_a_conv_network_and_refuses_layernorm():
+def test_kfac_trains_a_conv_network():
     import optax
 
     net = jaxbp.Network((L.Conv2D(4, (3, 3), activation="relu"), L.MaxPool(2), L.Flatten(),
@@ -195,7 +205,3 @@ def test_kfac_trains_a_conv_network_and_refuses_layernorm():
     for _ in range(30):
         state, _ = step(state, x, y)
     assert net.cost(state.params, x, y) < 0.5 * first
-    ln = jaxbp.Network((L.Dense(4), L.LayerNorm(), L.Dense(2)), (3,))
-    with pytest.raises(LayerError, match=r"layers\[1\] \(LayerNorm\)"):
-        jaxbp.kfac_gradient()(ln, ln.init(jax.random.key(0)), jnp.ones((2, 3)),
-                              jnp.array([0, 1]), 0)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp._typing import Array, is_int
-from jaxbp.layers import token_grads
+from jaxbp.layers import kfac, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
 
 _PROJECTIONS = ("q", "k", "v", "o")
@@ -137,6 +137,17 @@ class SelfAttention:
         if not need_input:
             return None, grads
         return sum(errors[p] @ params[f"w{p}"].T for p in "qkv"), grads
+
+    def kfac_factors(self, params: dict[str, Array], cache: tuple[Array, ...],
+                     delta_out: Array, scale: kfac.KfacScale, where: str) -> dict[str, Any]:
+        """A Kronecker block per projection (:func:`jaxbp.layers.kfac.kronecker_block`),
+        ``{"q", "k", "v", "o"}``: q, k and v read x, o reads O; their errors are dQ, dK, dV
+        and delta, the softmax backward exact for every error column."""
+        delta = delta_out.astype(params["wq"].dtype)
+        errors = jax.vmap(self._projection_errors, in_axes=(None, None, 0))(params, cache,
+                                                                            delta)
+        inputs = self._projection_inputs(cache)
+        return {p: kfac.kronecker_block(inputs[p], errors[p], scale) for p in _PROJECTIONS}
 
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_out: Array) -> dict[str, Array]:

@@ -25,6 +25,10 @@ capability: :func:`capability`):
   reports the layers that have it.
 * ``kfac_inputs(cache) -> (rows, positions)``: K-FAC's input rows ``(B [T], d_in)``
   (a Dense's input, a Conv2D's patches) and the positions per sample they hold.
+* ``kfac_factors(params, cache, deltas, scale, where)``: the layer's own K-FAC blocks
+  from its output errors ``(k, B, ...)`` (:mod:`jaxbp.layers.kfac`: SelfAttention's
+  four projections, Embedding's tables, the norms' diagonals, a Residual's inner
+  layers); a layer with ``kfac_inputs`` and ``pre_activation_error`` needs none.
 * ``feedback_shape(in_shape)``: the shape of the fixed feedback that replaces the
   weights in the layer's input error (None: the layer keeps its own ``J^T``, it
   has no weights to replace), and ``feedback_transport(array)``: between that

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp._typing import Array, is_int
+from jaxbp.layers import kfac
 from jaxbp.layers.base import TRUNCATED_NORMAL_STD, Shape, register
 
 EMBEDDING_STD = 0.02
@@ -105,6 +106,19 @@ class Embedding:
             positions = jnp.zeros((tokens.shape[0], *params["positions"].shape), table.dtype)
             grads["positions"] = positions.at[:, :tokens.shape[1]].set(delta_out)
         return grads
+
+    def kfac_factors(self, params: dict[str, Array], tokens: Array, delta_out: Array,
+                     scale: kfac.KfacScale, where: str) -> dict[str, Any]:
+        """A table block per table (:func:`jaxbp.layers.kfac.table_block`): a one-hot input
+        makes A diagonal, how often each token (each position) is read; G from the errors
+        at the output, which both tables share."""
+        delta = delta_out.astype(params["tokens"].dtype)
+        factors = {"tokens": kfac.table_block(tokens, self.vocab, delta, scale)}
+        if "positions" in params:
+            steps = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            factors["positions"] = kfac.table_block(steps, params["positions"].shape[0],
+                                                    delta, scale)
+        return factors
 
     def per_sample_sq_norms(self, params: dict[str, Array], tokens: Array,
                             delta_out: Array) -> Array:

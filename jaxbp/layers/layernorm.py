@@ -21,7 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxbp._typing import Array
-from jaxbp.layers import precision
+from jaxbp.layers import kfac, precision
 from jaxbp.layers.base import Shape, register
 
 
@@ -84,6 +84,12 @@ class LayerNorm:
         axes = tuple(range(1, delta_out.ndim - 1))
         return {"scale": jnp.sum(delta_out * x_hat, axis=axes),
                 "bias": jnp.sum(delta_out, axis=axes)}
+
+    def kfac_factors(self, params: dict[str, Array], cache: tuple[Array, Array],
+                     delta_out: Array, scale: kfac.KfacScale, where: str) -> dict[str, Any]:
+        """The exact diagonal of its Fisher block (an elementwise scale has no Kronecker
+        structure): :func:`jaxbp.layers.kfac.diagonal_block`."""
+        return kfac.diagonal_block(self, params, cache, delta_out, scale)
 
     def feedback_shape(self, in_shape: Shape) -> None:
         """No feedback: the feedback rules keep this layer's own J^T

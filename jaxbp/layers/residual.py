@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from jaxbp._typing import Array
+from jaxbp.layers import kfac
 from jaxbp.layers.base import Shape, register, sq_norms_and_sum
 from jaxbp.layers.chain import (
     chain_backward,
@@ -81,5 +82,14 @@ class Residual:
 
         return (sum(norms) if norms else None), weighted_sum
 
+    def kfac_factors(self, params: tuple[Any, ...], caches: tuple[Any, ...],
+                     delta_out: Array, scale: kfac.KfacScale, where: str) -> tuple[Any, ...]:
+        """The inner layers' factors, each from its own output errors (the inner chain's
+        reversed loop run on every error column; the skip adds nothing to a parameter)."""
+        def inner(delta: Array) -> tuple[Array, ...]:
+            return chain_backward(self.layers, params, caches, delta, False)[2]
 
-
+        deltas = jax.vmap(inner)(delta_out)
+        return tuple(kfac.layer_factors(layer, p, c, d, scale, f"{where}.layers[{j}]")
+                     for j, (layer, p, c, d)
+                     in enumerate(zip(self.layers, params, caches, deltas)))

@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxbp._typing import Array, is_real
+from jaxbp.layers import kfac
 from jaxbp.layers.base import Shape, register
 
 
@@ -73,6 +74,12 @@ class RMSNorm:
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, Array],
                             delta_out: Array) -> Array:
         return jnp.sum(self.per_sample_grads(params, cache, delta_out)["scale"] ** 2, axis=1)
+
+    def kfac_factors(self, params: dict[str, Array], cache: tuple[Array, Array],
+                     delta_out: Array, scale: kfac.KfacScale, where: str) -> dict[str, Any]:
+        """The exact diagonal of its Fisher block (an elementwise scale has no Kronecker
+        structure): :func:`jaxbp.layers.kfac.diagonal_block`."""
+        return kfac.diagonal_block(self, params, cache, delta_out, scale)
 
     def feedback_shape(self, in_shape: Shape) -> None:
         """No feedback: the feedback rules keep this layer's own J^T
