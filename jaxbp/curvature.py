@@ -122,13 +122,17 @@ def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
       A tuple of ``{"A": (fan_in + 1, fan_in + 1), "G": (fan_out, fan_out)}``. For a
       :class:`jaxbp.Network`, one entry per layer: Dense as above, Conv2D the KFC
       factors (patches for A, position-averaged errors for G; see
-      :mod:`jaxbp.network_curvature` for the convention and the row order), ``{}``
-      for a layer without parameters.
+      :mod:`jaxbp.network_curvature` for the convention and the row order), the
+      blocks of :mod:`jaxbp.layers.kfac` for LayerNorm and RMSNorm (``{"diag"}``),
+      Embedding (``{"A_diag", "G"}`` per table), SelfAttention (a block per
+      projection) and a Residual (a tuple of its inner layers'), ``{}`` for a layer
+      without parameters. A sequence output (a GPT) takes the "expand" convention:
+      positions are samples of their own (:mod:`jaxbp.layers.kfac`).
 
     Raises:
       ValueError: an unknown kind, or ``"sampled"`` without a key.
-      jaxbp.layers.LayerError: a Network layer with parameters that is neither Dense
-        nor Conv2D (LayerNorm, Residual), named.
+      jaxbp.layers.LayerError: a Network layer with parameters and no K-FAC rule (a
+        record without ``kfac_inputs`` or ``kfac_factors``), named.
     """
     if kind not in (*KFAC_KINDS, "mc"):
         raise ValueError(f"Unknown kind {kind!r}. It needs to be one of {list(KFAC_KINDS)}.")
@@ -159,9 +163,9 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
 
     A :class:`jaxbp.Network` of Dense and Conv2D layers (and layers without
     parameters) works too: the gradient is the hand-written one, the factors those of
-    :func:`kfac_factors` (KFC for a conv); ``"empirical"`` reads them off the
-    gradient's own pass there too. A LayerNorm or Residual has no
-    K-FAC rule: a :class:`jaxbp.layers.LayerError` names it.
+    :func:`kfac_factors` (KFC for a conv; the transformer records' blocks, a GPT
+    trains); ``"empirical"`` reads them off the gradient's own pass there too. A layer
+    without a K-FAC rule is named in a :class:`jaxbp.layers.LayerError`.
     """
     if kind not in (*KFAC_KINDS, "mc"):
         raise ValueError(f"Unknown kind {kind!r}. It needs to be one of {list(KFAC_KINDS)}.")
@@ -196,7 +200,9 @@ def kfac_preconditioner(damping: float = 1e-3):
         \\pi = \\sqrt{\\frac{\\mathrm{tr}(A) / \\dim A}{\\mathrm{tr}(G) / \\dim G}}
 
     the inverse of ``(A + pi sqrt(l) I) kron (G + sqrt(l)/pi I)``, the factored
-    Tikhonov damping of Martens and Grosse (2015). A conv kernel's gradient is taken
+    Tikhonov damping of Martens and Grosse (2015); a table block ``{"A_diag", "G"}``
+    the same with A diagonal, a diagonal block ``{"diag"}`` is ``g / (diag + l)``. A
+    conv kernel's gradient is taken
     in the factors' row order (``W.transpose(2, 0, 1, 3).reshape(-1, O)``, see
     :mod:`jaxbp.network_curvature`) and put back; layers without parameters pass
     through. Its ``update`` takes the

@@ -16,7 +16,9 @@ tokens of one sample cannot share a column), ``1/M`` in place of ``1/N``.
 A Dense layer needs no per-sample gradient for it, ``(a^2)^T (delta^2)`` (its record's
 ``sq_grad_sum``); Conv2D, LayerNorm and Residual form theirs (``per_sample_grads``).
 
-**K-FAC** for the records with ``kfac_inputs`` (Dense and Conv2D). A Dense layer's
+**K-FAC** from every record's blocks (:mod:`jaxbp.layers.kfac`: Kronecker for Dense,
+Conv2D and attention's projections, diagonal-A tables for Embedding, diagonal blocks
+for the norms; a Residual's inner layers; "expand" for sequence outputs). A Dense layer's
 factors are those of :func:`jaxbp.kfac_factors`. For a Conv2D (KFC, Grosse and Martens 2016), with
 ``p_{n,t}`` the input patch of output position t (T of them) and ``p_bar = [p, 1]``:
 

@@ -76,7 +76,8 @@ def test_train_verifies_then_trains(capsys, tmp_path):
 @pytest.mark.slow
 def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_path):
     """--model gpt on the user's own text file: verified, trained with checkpoints, bits
-    per character reported, a sample generated; a second run resumes from epoch 2."""
+    per character reported, a sample generated; a second run resumes from epoch 2; a
+    private run (--dp --target-epsilon 8) calibrates its noise and trains."""
     text = tmp_path / "poem.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 60)
     argv = ["train", "--model", "gpt", "--data", str(text), "--dim", "16", "--depth", "1",
@@ -92,6 +93,10 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     out = capsys.readouterr().out
     assert code == 0 and "after 3 epochs" in out, out
     assert len(checkpoint.list_checkpoints(tmp_path / "ckpt")) == 3
+    private = [a for a in argv if a not in ("--checkpoint-dir", str(tmp_path / "ckpt"))]
+    code = cli.main([*private, "--epochs", "1", "--dp", "--target-epsilon", "8"])
+    out = capsys.readouterr().out
+    assert code == 0 and "noise multiplier" in out and "bits/char)" in out, out
     assert cli.main(["train", "--model", "gpt", "--heads", "3", "--dim", "16"]) == 2
     assert "--heads 3 must divide --dim 16" in capsys.readouterr().err
 

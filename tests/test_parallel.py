@@ -27,7 +27,8 @@ ROOT = WORKERS.parent.parent
 
 def _env(devices: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                         f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(ROOT))
     env.update(extra)
     return env

@@ -42,7 +42,8 @@ def test_data_parallel_script_on_a_2d_mesh():
     import os
 
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                         "--xla_force_host_platform_device_count=4")
     result = subprocess.run([sys.executable, "scripts/data_parallel.py", "--model", "2",
                              "--epochs", "2"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
@@ -55,8 +56,9 @@ def test_data_parallel_script_on_a_2d_mesh():
 def test_vanishing_and_kfac_scripts(tmp_path):
     out = _run("scripts/vanishing_gradients.py", "--out", str(tmp_path / "v.png"))
     assert "sigmoid, Glorot" in out and (tmp_path / "v.png").exists()
-    out = _run("scripts/kfac_vs_adam.py", "--epochs", "2", "--out", str(tmp_path / "k.png"))
-    assert "K-FAC" in out and (tmp_path / "k.png").exists()
+    out = _run("scripts/kfac_vs_adam.py", "--model", "gpt", "--steps", "26", "--out",
+               str(tmp_path / "k.png"))
+    assert "K-FAC expand" in out and "bits/char" in out and (tmp_path / "k.png").exists()
     out = _run("scripts/kfac_vs_adam.py", "--model", "cnn", "--epochs", "1", "--out",
                str(tmp_path / "c.png"))
     kfac_line = next(line for line in out.splitlines() if line.startswith("K-FAC"))

@@ -29,11 +29,10 @@ def _moved(net, seed=0):
         net.init(jax.random.key(seed)))
 
 
-@pytest.mark.parametrize("norm, causal", [("rms", True), ("layer", False)])
-def test_ggn_diag_of_a_gpt_is_the_token_sum_of_jacobian_hessian_products(norm, causal, x64):
+def test_ggn_diag_of_a_gpt_is_the_token_sum_of_jacobian_hessian_products(x64):
     """diag((1/M) sum over counted tokens (n, t) of J_nt^T H_nt J_nt), J from jax.jacfwd of
     the logits and H from jax.hessian of one token's loss; padded tokens add nothing."""
-    net = _gpt(norm=norm, causal=causal)
+    net = _gpt(norm="layer", causal=False)          # RMSNorm and causal: the K-FAC tests
     params = _moved(net)
     x, y = random_tokens(np.random.default_rng(2), net, 2, ignored=0.3)
     assert (y < 0).any() and (y >= 0).any()

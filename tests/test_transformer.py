@@ -40,7 +40,9 @@ def test_cases_cover_the_space():
     assert {len(net.layers) for net in nets} == {5, 7, 9}       # depth 1, 2 and 3
 
 
-@pytest.mark.parametrize("i", range(N_CASES))
+# four of the eight: T = 1 (0), heads 4, 2, 3 and 1, causal and not, depth 1-3, both
+# norms, batch 1 (5); the other four ran the same way when this was written (CI time)
+@pytest.mark.parametrize("i", [0, 2, 5, 6])
 def test_float64_matches_autodiff(i):
     with jax.enable_x64(True):
         net, params, x, y = transformer_case(i, "float64")
