@@ -96,7 +96,8 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     private = [a for a in argv if a not in ("--checkpoint-dir", str(tmp_path / "ckpt"))]
     code = cli.main([*private, "--epochs", "1", "--dp", "--target-epsilon", "8"])
     out = capsys.readouterr().out
-    assert code == 0 and "noise multiplier" in out and "bits/char)" in out, out
+    assert code == 0 and "grad dp-sgd" in out and "bits/char)" in out, out
+    assert 7 < float(out.split(", epsilon ")[1].split()[0]) <= 8, out
     assert cli.main(["train", "--model", "gpt", "--heads", "3", "--dim", "16"]) == 2
     assert "--heads 3 must divide --dim 16" in capsys.readouterr().err
 
