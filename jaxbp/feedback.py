@@ -22,11 +22,12 @@ and :func:`jaxbp.fit`. It runs the layer records' own hand-written backward
 (:mod:`jaxbp.layers`) with the feedback weights in place of the forward ones
 for the input error: for Dense and Conv2D the weight gradient reads only the
 layer's input and its error, never its weights, so it stays exact for the
-error the rule delivers. Flatten, MaxPool, AvgPool and LayerNorm pass errors
-back with their own local ``J^T`` (no weight transport). A record takes part
-through its ``feedback_shape``/``feedback_transport`` capabilities; one without
-them (Residual: its inner chain would need feedback of its own) is refused with
-the capability error naming it. The feedback matrices are fixed: a pure function of the key they are
+error the rule delivers. Flatten, MaxPool, AvgPool, LayerNorm, RMSNorm and
+Embedding pass errors back with their own local ``J^T`` (no weight transport). A
+record takes part through its ``feedback_shape``/``feedback_transport`` capabilities
+(SelfAttention and Residual with a pytree of entries: one per projection, one per inner
+layer; :func:`jaxbp.layers.base.feedback_params`); one without them is refused with
+the capability error naming it. DFA refuses a sequence output (one error per sample). The feedback matrices are fixed: a pure function of the key they are
 drawn from, never state that drifts. Nothing here calls JAX's autodiff.
 
 References:
@@ -53,7 +54,13 @@ import numpy as np
 from jaxbp import _checks, network
 from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
-from jaxbp.layers.base import capability, variance_init
+from jaxbp.layers.base import (
+    LayerError,
+    capability,
+    feedback_of,
+    feedback_params,
+    variance_init,
+)
 from jaxbp.losses import cost_and_output_error
 from jaxbp.sources import GradientSource, SourceResult
 
@@ -70,10 +77,18 @@ def _chain_of(net: Any) -> network.Network:
     return chain
 
 
-def _alignment_shape(layer: Any, in_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+def _alignment_shape(layer: Any, in_shape: tuple[int, ...], where: str) -> Any:
     """B^l's shape for layer l: the record's ``feedback_shape`` (W^T's for Dense, the HWIO
-    kernel's for Conv2D; None for a layer that keeps its own J^T)."""
-    return layer.feedback_shape(in_shape)
+    kernel's for Conv2D, a pytree of them for SelfAttention and Residual; None for a layer
+    that keeps its own J^T). An inner layer without the capability is named with ``where``."""
+    try:
+        return layer.feedback_shape(in_shape)
+    except LayerError as err:
+        raise LayerError(f"{where} ({type(layer).__name__}): {err}") from None
+
+
+def _is_shape(shape: Any) -> bool:
+    return isinstance(shape, tuple) and all(isinstance(n, int) for n in shape)
 
 
 def _direct_shape(params: Any, out_shape: tuple[int, ...], n_out: int) -> tuple[int, ...] | None:
@@ -94,9 +109,11 @@ def feedback_shapes(net: Any, kind: str = "alignment") -> tuple[tuple[int, ...] 
     chain = _chain_of(net)
     shapes = chain.shapes
     if kind == "alignment":
-        return tuple(_alignment_shape(layer, shapes[l])
+        return tuple(_alignment_shape(layer, shapes[l], f"layers[{l}]")
                      for l, layer in enumerate(chain.layers) if l > 0)
     if kind == "direct":
+        network.require_vector_output(chain, "direct feedback alignment (one error per "
+                                             "sample sent to every layer)")
         return tuple(_direct_shape(p, shapes[l + 1], chain.n_out)
                      for l, p in enumerate(chain.param_shapes()[:-1]))
     raise ValueError(f"kind must be 'alignment' or 'direct', got {kind!r}")
@@ -112,21 +129,34 @@ def _check_feedback(net: Any, feedback: Any, kind: str) -> Feedback:
         raise ValueError(f"feedback must hold {len(expected)} entries for this net "
                          f"({kind}), got {len(feedback)}")
     first = 1 if kind == "alignment" else 0
-    checked = []
-    for i, (entry, shape) in enumerate(zip(feedback, expected)):
-        where = f"feedback[{i}] (for layers[{i + first}])"
-        if shape is None:
-            if entry is not None:
-                raise ValueError(f"{where} must be None: that layer keeps its own rule")
-            checked.append(None)
-            continue
+    return tuple(_checked_entry(entry, shape, f"feedback[{i}] (for layers[{i + first}])")
+                 for i, (entry, shape) in enumerate(zip(feedback, expected)))
+
+
+def _checked_entry(entry: Any, shape: Any, where: str) -> Any:
+    """One entry against its expected shape: None, an array, or a dict or tuple of them
+    (SelfAttention's projections, a Residual's inner layers), checked part by part."""
+    if shape is None:
+        if entry is not None:
+            raise ValueError(f"{where} must be None: that layer keeps its own rule")
+        return None
+    if _is_shape(shape):
         if entry is None or not hasattr(entry, "shape"):
             raise TypeError(f"{where} must be an array of shape {shape}, got "
                             f"{type(entry).__name__}")
         if tuple(entry.shape) != shape:
             raise ValueError(f"{where} must have shape {shape}, got {tuple(entry.shape)}")
-        checked.append(entry)
-    return tuple(checked)
+        return entry
+    if isinstance(shape, dict):
+        if not isinstance(entry, dict) or set(entry) != set(shape):
+            raise TypeError(f"{where} must be a dict with keys {sorted(shape)}, got "
+                            f"{sorted(entry) if isinstance(entry, dict) else type(entry).__name__}")
+        return {k: _checked_entry(entry[k], shape[k], f"{where}[{k!r}]") for k in shape}
+    if not isinstance(entry, tuple | list) or len(entry) != len(shape):
+        raise TypeError(f"{where} must be a sequence of {len(shape)} entries (one per inner "
+                        f"layer, None where one takes none), got {type(entry).__name__}")
+    return tuple(_checked_entry(e, s, f"{where}[{j}]")
+                 for j, (e, s) in enumerate(zip(entry, shape)))
 
 
 def random_feedback(net: Any, key: PRNGKey, kind: str = "alignment") -> Feedback:
@@ -152,20 +182,22 @@ def random_feedback(net: Any, key: PRNGKey, kind: str = "alignment") -> Feedback
         elif kind == "direct":
             out.append(variance_init(k, shape, shape[0], shape[1], False, dtype))
         else:
-            out.append(layer.feedback_transport(layer.init(k, in_shape, dtype)["w"]))
+            out.append(feedback_of(layer, layer.init(k, in_shape, dtype), in_shape))
     return tuple(out)
 
 
 def _backward_with(net: network.Network, params: Params, x: Array, y: Array,
-                   transports: Sequence[Array | None]) -> tuple[Array, Params, Array]:
-    """The reversed loop with ``transports[l]`` read as layer l's weights for its input error."""
+                   transports: Sequence[Any]) -> tuple[Array, Params, Array]:
+    """The reversed loop with layer l's feedback ``transports[l]`` in its weights' places
+    (:func:`jaxbp.layers.base.feedback_params`; None: its own)."""
     out, caches = network.forward(net, params, x)
     cost, delta = cost_and_output_error(net.loss_fn, out, y)
     grads: list[Any] = [None] * net.n_layers
     for l in reversed(range(net.n_layers)):
-        layer, p = net.layers[l], params[l]
-        seen = p if transports[l] is None else {**p, "w": transports[l]}
-        # Dense and Conv2D read "w" only for delta_in: their grads are exact for this delta.
+        layer = net.layers[l]
+        seen = feedback_params(layer, params[l], transports[l])
+        # the records read their weights only to pass errors on: each weight gradient is
+        # exact for the error that arrives
         delta, grads[l] = layer.backward(seen, caches[l], delta, need_input=l > 0)
     return SourceResult(cost, tuple(grads), out)
 
@@ -184,9 +216,9 @@ def alignment(feedback: Sequence[ArrayLike | None]) -> GradientSource:
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
         entries = _check_feedback(chain, feedback, "alignment")
-        transports = [None] + [None if b is None
-                               else layer.feedback_transport(jnp.asarray(b, x.dtype))
-                               for layer, b in zip(chain.layers[1:], entries)]
+        dtype = jnp.result_type(*jax.tree.leaves(params))
+        transports = [None] + [jax.tree.map(lambda b: jnp.asarray(b, dtype), entry)
+                               for entry in entries]
         return _backward_with(chain, params, x, y, transports)
 
     gradient.__qualname__ = "feedback.alignment"
@@ -205,8 +237,8 @@ def sign_symmetry() -> GradientSource:
     """
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
-        transports = [None] + [None if layer.feedback_shape(shape) is None
-                               else jnp.sign(p["w"]) for layer, p, shape
+        transports = [None] + [jax.tree.map(jnp.sign, feedback_of(layer, p, shape))
+                               for layer, p, shape
                                in zip(chain.layers[1:], params[1:], chain.shapes[1:])]
         return _backward_with(chain, params, x, y, transports)
 

@@ -200,12 +200,6 @@ def test_a_user_record_works_where_its_capabilities_allow(x64):
         jaxbp.feedback.feedback_shapes(net)
 
 
-def test_sequence_networks_are_refused_by_feedback_by_name():
-    net = models.gpt(vocab=5, dim=4, depth=1, heads=1, seq_len=3)
-    with pytest.raises(L.LayerError, match=r"\(Embedding\): has no `feedback_shape`"):
-        jaxbp.feedback.feedback_shapes(net)
-
-
 @pytest.mark.parametrize("build, error, words", [
     (lambda: L.SelfAttention(0), ValueError, "SelfAttention heads must be an int >= 1"),
     (lambda: Network((L.Embedding(5, 6), L.SelfAttention(4), L.Dense(5)), (3,),

@@ -138,6 +138,22 @@ class SelfAttention:
             return None, grads
         return sum(errors[p] @ params[f"w{p}"].T for p in "qkv"), grads
 
+    def feedback_shape(self, in_shape: Shape) -> dict[str, Shape]:
+        """A feedback B in each projection's W^T place, ``{"q", "k", "v", "o"}: (d, d)``:
+        B_o carries delta to the heads (dO), B_q, B_k, B_v carry dQ, dK, dV to the input;
+        the softmax backward between them stays exact."""
+        d = in_shape[-1]
+        return {p: (d, d) for p in _PROJECTIONS}
+
+    def feedback_params(self, params: dict[str, Array],
+                        feedback: dict[str, Array]) -> dict[str, Array]:
+        """The params the backward reads: each ``w_p`` replaced by ``B_p^T``."""
+        return {**params, **{f"w{p}": feedback[p].T for p in _PROJECTIONS}}
+
+    def feedback_of(self, params: dict[str, Array], in_shape: Shape) -> dict[str, Array]:
+        """``{p: W_p^T}``: the feedback that is backprop."""
+        return {p: params[f"w{p}"].T for p in _PROJECTIONS}
+
     def kfac_factors(self, params: dict[str, Array], cache: tuple[Array, ...],
                      delta_out: Array, scale: kfac.KfacScale, where: str) -> dict[str, Any]:
         """A Kronecker block per projection (:func:`jaxbp.layers.kfac.kronecker_block`),

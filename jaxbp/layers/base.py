@@ -32,7 +32,12 @@ capability: :func:`capability`):
 * ``feedback_shape(in_shape)``: the shape of the fixed feedback that replaces the
   weights in the layer's input error (None: the layer keeps its own ``J^T``, it
   has no weights to replace), and ``feedback_transport(array)``: between that
-  entry's layout and the weight's (its own inverse: a Dense transposes).
+  entry's layout and the weight's (its own inverse: a Dense transposes). A record
+  with several weights in its input error gives a pytree of shapes instead
+  (SelfAttention ``{"q", "k", "v", "o"}``, Residual a tuple over its inner layers) and
+  ``feedback_params(params, feedback)`` (the params its backward reads, the feedback in
+  the weights' places) and ``feedback_of(params, in_shape)`` (the feedback that is
+  backprop itself); :func:`feedback_params` and :func:`feedback_of` read either form.
 * ``sq_grad_sum(params, cache, deltas)``: ``sum_k sum_i g_{k,i} (.) g_{k,i}`` for k
   sets of per-sample output errors ``(k, B, ...)`` without forming the per-sample
   gradients (Dense); the quantities form them through ``per_sample_grads``
@@ -124,6 +129,28 @@ def sq_norms_and_sum(layer: Any, params: Any, cache: Any, delta_out: Array
         return layer.per_sample_sq_norms_and_sum(params, cache, delta_out)
     return (layer.per_sample_sq_norms(params, cache, delta_out),
             weighted_backward(layer, params, cache, delta_out))
+
+
+def feedback_params(layer: Any, params: Any, feedback: Any) -> Any:
+    """The params a layer's backward reads under a feedback rule: its own where the entry
+    is None, the record's ``feedback_params`` where it has one, else the weight ``"w"``
+    replaced by the transported feedback (Dense: ``B^T``; Conv2D: B as the kernel)."""
+    if feedback is None:
+        return params
+    if hasattr(layer, "feedback_params"):
+        return layer.feedback_params(params, feedback)
+    return {**params, "w": layer.feedback_transport(feedback)}
+
+
+def feedback_of(layer: Any, params: Any, in_shape: Shape) -> Any:
+    """The feedback entry under which the rule is backprop exactly (W^T for a Dense; None
+    for a layer that takes no feedback): random feedback draws it from the initialiser,
+    sign symmetry takes its signs."""
+    if layer.feedback_shape(in_shape) is None:
+        return None
+    if hasattr(layer, "feedback_of"):
+        return layer.feedback_of(params, in_shape)
+    return layer.feedback_transport(params["w"])
 
 
 # The std of a standard normal truncated to [-2, 2]; dividing by it restores unit variance.

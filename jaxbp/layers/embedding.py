@@ -107,6 +107,10 @@ class Embedding:
             grads["positions"] = positions.at[:, :tokens.shape[1]].set(delta_out)
         return grads
 
+    def feedback_shape(self, in_shape: Shape) -> None:
+        """No feedback: tokens take no error (the feedback rules start above it)."""
+        return None
+
     def kfac_factors(self, params: dict[str, Array], tokens: Array, delta_out: Array,
                      scale: kfac.KfacScale, where: str) -> dict[str, Any]:
         """A table block per table (:func:`jaxbp.layers.kfac.table_block`): a one-hot input

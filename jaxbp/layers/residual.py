@@ -16,7 +16,14 @@ import jax
 
 from jaxbp._typing import Array
 from jaxbp.layers import kfac
-from jaxbp.layers.base import Shape, register, sq_norms_and_sum
+from jaxbp.layers.base import (
+    Shape,
+    capability,
+    feedback_of,
+    feedback_params,
+    register,
+    sq_norms_and_sum,
+)
 from jaxbp.layers.chain import (
     chain_backward,
     chain_forward,
@@ -93,3 +100,22 @@ class Residual:
         return tuple(kfac.layer_factors(layer, p, c, d, scale, f"{where}.layers[{j}]")
                      for j, (layer, p, c, d)
                      in enumerate(zip(self.layers, params, caches, deltas)))
+
+    def feedback_shape(self, in_shape: Shape) -> tuple[Any, ...] | None:
+        """The inner layers' feedback shapes, a tuple (None where one keeps its own J^T;
+        None for the block when none takes feedback): the skip carries the error as it is."""
+        shapes = chain_shapes(self.layers, in_shape, "its layers")
+        inner = tuple(capability(layer, "feedback_shape", f"its layers[{j}]",
+                                 "the feedback rules")(shape)
+                      for j, (layer, shape) in enumerate(zip(self.layers, shapes)))
+        return None if all(s is None for s in inner) else inner
+
+    def feedback_params(self, params: tuple[Any, ...], feedback: tuple[Any, ...]
+                        ) -> tuple[Any, ...]:
+        return tuple(feedback_params(layer, p, f)
+                     for layer, p, f in zip(self.layers, params, feedback))
+
+    def feedback_of(self, params: tuple[Any, ...], in_shape: Shape) -> tuple[Any, ...]:
+        shapes = chain_shapes(self.layers, in_shape, "its layers")
+        return tuple(feedback_of(layer, p, shape)
+                     for layer, p, shape in zip(self.layers, params, shapes))
