@@ -1,0 +1,93 @@
+"""Per-example norms, clipping and the DP step of a GPT vs jax.vmap(jax.grad), B and T varied.
+
+    python benchmarks/per_example_gpt.py [--cases 16x32,16x128,64x128] [--budget 2]
+                                         [--out benchmarks/results]
+
+A character-level GPT (vocab 65, dim 64, 2 blocks, 4 heads; jaxbp.models.gpt) in float32,
+one case per ``BxT`` (batch x sequence length; the position table is T long). A sample is
+one sequence, its loss the mean over its T tokens. The programs and their timing are
+those of benchmarks/per_example_networks.py (compiled ahead, interleaved in one process):
+norms (jaxbp.per_example_grad_norms) against vmap_norms (jax.vmap(jax.grad) of one
+sequence's cost, then norms), clipped (jaxbp.clipped_grad) against vmap_clipped and
+against a plain hand-written backprop of the batch, the DP-SGD step of a padded Poisson
+batch, and the compiled peaks. Goals (issue 27, on a CPU): norms >= 10x faster than
+vmap(grad) at T = 128, the clipped step <= 1.25x a plain one, its compiled peak <= 1.3x.
+Writes per_example_gpt_<platform>.json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+from per_example_networks import run_case
+
+import jaxbp
+from jaxbp.bench import describe_machine, machine_info
+from jaxbp.suite import random_tokens
+
+VOCAB, DIM, DEPTH, HEADS = 65, 64, 2, 4
+
+
+def peak_ratio(row: dict) -> str:
+    """The clipped step's compiled peak over the plain step's."""
+    a, b = row["peak_bytes"]["clipped"], row["peak_bytes"]["backprop"]
+    return "n/a" if a is None or b is None else f"{a / b:.2f}"
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    lines = ["# Per-example quantities of a GPT: jaxbp vs jax.vmap(jax.grad)", "",
+             f"Machine: {describe_machine(info)}.", "",
+             f"GPT vocab {VOCAB}, dim {DIM}, {DEPTH} blocks, {HEADS} heads, float32; a sample "
+             "is one sequence, its loss the mean over its T tokens. Ratios are medians of "
+             "per-round ratios of interleaved calls (`python benchmarks/per_example_gpt.py`); "
+             "memory is XLA's compiled peak. errors: the forward pass and every layer's "
+             "per-sample error (no weight gradient), the floor of any norm from backprop's "
+             "errors. dp: DP-SGD of a padded Poisson batch (jaxbp.sources.dp_sgd). Goals: "
+             "norms >= 10x vmap(grad) at T = 128, clipped / backprop <= 1.25, its peak <= 1.3.",
+             "", "| B | T | params | norms ms | vmap norms ms | norms speed-up | errors ms | "
+             "clipped ms | vmap clipped ms | clipped speed-up | backprop ms | "
+             "clipped / backprop | clipped peak / backprop peak | dp / backprop |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+        lines.append(
+            f"| {r['batch']} | {r['seq_len']} | {r['params']:,} | {ms['norms']:.2f} | "
+            f"{ms['vmap_norms']:.2f} | {r['norms_speedup']:.1f}x | {ms['errors']:.2f} | "
+            f"{ms['clipped']:.2f} | {ms['vmap_clipped']:.2f} | {r['clipped_speedup']:.1f}x | "
+            f"{ms['backprop']:.2f} | {r['clipped_over_backprop']:.2f} | "
+            f"{peak_ratio(r)} | {r['dp_over_backprop']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="16x32,16x128,64x128")
+    parser.add_argument("--budget", type=float, default=2.0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    info = machine_info()
+    print(describe_machine(info))
+    rows = []
+    for case in args.cases.split(","):
+        batch, steps = (int(n) for n in case.split("x"))
+        net = jaxbp.models.gpt(VOCAB, DIM, DEPTH, HEADS, steps)
+        inputs = random_tokens(np.random.default_rng(0), net, batch, ignored=0.0)
+        row = {**run_case(f"gpt {case}", net, batch, args.budget, inputs), "seq_len": steps}
+        rows.append(row)
+        print(f"B {batch} T {steps}: norms {row['norms_speedup']:.1f}x faster than vmap, "
+              f"clipped {row['clipped_speedup']:.1f}x; clipped/backprop "
+              f"{row['clipped_over_backprop']:.2f} (peak {peak_ratio(row)}x), dp/backprop "
+              f"{row['dp_over_backprop']:.2f}", flush=True)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"per_example_gpt_{info['device_platform']}"
+    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    stem.with_suffix(".md").write_text(markdown(rows, info))
+    print(f"wrote {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
