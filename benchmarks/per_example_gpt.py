@@ -18,11 +18,9 @@ Writes per_example_gpt_<platform>.json/.md.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 
 import numpy as np
-from per_example_networks import run_case
+from per_example_networks import run_case, write_tables
 
 import jaxbp
 from jaxbp.bench import describe_machine, machine_info
@@ -81,12 +79,7 @@ def main() -> None:
               f"clipped {row['clipped_speedup']:.1f}x; clipped/backprop "
               f"{row['clipped_over_backprop']:.2f} (peak {peak_ratio(row)}x), dp/backprop "
               f"{row['dp_over_backprop']:.2f}", flush=True)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"per_example_gpt_{info['device_platform']}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, info))
-    print(f"wrote {stem}.md")
+    write_tables(args.out, "per_example_gpt", info, rows, markdown(rows, info))
 
 
 if __name__ == "__main__":

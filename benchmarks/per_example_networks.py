@@ -174,11 +174,16 @@ def main() -> None:
               f"{row['clipped_speedup']:.1f}x; clipped/backprop {row['clipped_over_backprop']:.2f}"
               f", dp/backprop {row['dp_over_backprop']:.2f}, routes {row['conv_norm_routes']}",
               flush=True)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"per_example_networks_{info['device_platform']}"
+    write_tables(args.out, "per_example_networks", info, rows, markdown(rows, info))
+
+
+def write_tables(out: str, name: str, info: dict, rows: list[dict], table: str) -> None:
+    """``<out>/<name>_<platform>.json`` (machine and rows) and ``.md`` (the table)."""
+    folder = pathlib.Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{name}_{info['device_platform']}"
     stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, info))
+    stem.with_suffix(".md").write_text(table)
     print(f"wrote {stem}.md")
 
 

@@ -66,7 +66,7 @@ def main() -> None:
     ax.set(xlabel="epsilon spent (delta = 1e-5, RDP)", ylabel="validation bits/char")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.suptitle(f"DP-SGD, GPT dim 64 x 2 blocks on tiny Shakespeare: expected batch "
+    ax.set_title(f"DP-SGD, GPT 64 x 2 blocks, tiny Shakespeare\nexpected batch "
                  f"{args.batch_size}, clip 1, adam 3e-3, {args.epochs} epochs", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)

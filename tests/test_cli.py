@@ -147,6 +147,9 @@ NOT_RUN_HERE = {
     "default GPT on the whole text "
     "takes minutes here; test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples "
     "runs --model gpt on a small text",
+    "jaxbp train --model gpt --dp --target-epsilon 8": "the GPT on the whole text for "
+    "minutes; test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples runs it on a "
+    "small text",
     "jaxbp train --devices 2 --checkpoint-dir /shared/run": "two processes on two hosts; "
     "tests/workers run the same loop on 8 CPU devices",
 }
