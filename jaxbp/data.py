@@ -288,6 +288,11 @@ def _check_npz_header(path: pathlib.Path) -> None:
 def _check_pair(path: pathlib.Path, x_name: str, x: np.ndarray, y_name: str,
                 y: np.ndarray) -> None:
     where = f"data file {str(path)!r}"
+    for name, array in ((x_name, x), (y_name, y)):
+        if np.issubdtype(array.dtype, np.complexfloating):
+            raise ValueError(f"{where}: array {name!r} holds complex numbers (dtype "
+                             f"{array.dtype}); jaxbp trains on real numbers: store the real "
+                             f"and imaginary parts as features of their own")
     if x.ndim != 2 or x.shape[0] < 1:
         raise ValueError(f"{where}: array {x_name!r} has shape {x.shape} but expected "
                          f"(n, n_in) with n >= 1")
