@@ -27,8 +27,9 @@ Embedding pass errors back with their own local ``J^T`` (no weight transport). A
 record takes part through its ``feedback_shape``/``feedback_transport`` capabilities
 (SelfAttention and Residual with a pytree of entries: one per projection, one per inner
 layer; :func:`jaxbp.layers.base.feedback_params`); one without them is refused with
-the capability error naming it. DFA refuses a sequence output (one error per sample). The feedback matrices are fixed: a pure function of the key they are
-drawn from, never state that drifts. Nothing here calls JAX's autodiff.
+the capability error naming it. DFA refuses a sequence output (one error per sample).
+The feedback matrices are fixed: a pure function of the key they are drawn from, never
+state that drifts. Nothing here calls JAX's autodiff.
 
 References:
   Lillicrap, Cownden, Tweed & Akerman, "Random synaptic feedback weights

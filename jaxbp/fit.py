@@ -411,7 +411,10 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
         private = _private_plan(privacy, len(data.x_train), batch_size, epochs)
         grad = private["gradient"](jax.random.fold_in(key_data, 0xD9))
         history["epsilon"] = []
-        run_config = {**(run_config or {}), "privacy": dataclasses.asdict(privacy),
+        record = dataclasses.asdict(privacy)          # as the checkpoint's JSON keeps it:
+        if isinstance(privacy.clip_norm, tuple):      # per-layer norms as a list
+            record["clip_norm"] = list(privacy.clip_norm)
+        run_config = {**(run_config or {}), "privacy": record,
                       "noise_multiplier": private["sigma"]}
         if progress:
             print(f"private training: sample rate {private['rate']:.5f} (expected batch "

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -331,21 +331,32 @@ class Privacy:
     training stops before an epoch that would spend more than the target.
 
     Attributes:
-      clip_norm: C > 0.
+      clip_norm: C > 0, or one ``C_l > 0`` per layer with parameters (a sequence; as
+        :func:`jaxbp.clipped_grad`'s per-layer norms, the noise then has
+        ``C = sqrt(sum_l C_l^2)``); their count is checked against the net when the
+        step is traced.
       delta: in (0, 1); 1e-5 default (use less than 1/N).
       target_epsilon: the budget, or None.
       noise_multiplier: sigma > 0, or None.
       accountant: ``"rdp"`` or ``"pld"``.
     """
 
-    clip_norm: float = 1.0
+    clip_norm: float | tuple[float, ...] = 1.0
     delta: float = 1e-5
     target_epsilon: float | None = None
     noise_multiplier: float | None = None
     accountant: str = "rdp"
 
     def __post_init__(self) -> None:
-        _check_positive("clip_norm", self.clip_norm)
+        if isinstance(self.clip_norm, Sequence) and not isinstance(self.clip_norm, str):
+            if not self.clip_norm:
+                raise ValueError("clip_norm must be a number > 0 or one per layer with "
+                                 "parameters, got an empty sequence")
+            norms = tuple(_check_positive(f"clip_norm[{i}]", c)
+                          for i, c in enumerate(self.clip_norm))
+            object.__setattr__(self, "clip_norm", norms)
+        else:
+            _check_positive("clip_norm", self.clip_norm)
         _check_delta(self.delta)
         _check_accountant(self.accountant)
         if self.target_epsilon is None and self.noise_multiplier is None:

@@ -155,6 +155,25 @@ def test_private_fit_calibrates_reports_and_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_per_layer_clip_norms_train_privately_and_resume(tmp_path):
+    """Privacy takes one clip norm per layer with parameters (as clipped_grad does); a
+    resume of the same run sees no change in its record; bad norms are named."""
+    per_layer = Privacy(clip_norm=[1.0, 0.5], noise_multiplier=1.0)
+    assert per_layer.clip_norm == (1.0, 0.5)
+    _private_fit(tmp_path, 1, privacy=per_layer, checkpoint_dir=tmp_path)
+    resumed = _private_fit(tmp_path, 2, privacy=per_layer, checkpoint_dir=tmp_path)
+    assert len(resumed.history["epsilon"]) == 2
+    assert resumed.history["test_accuracy"][-1] > 0.3
+    with pytest.raises(ValueError, match=r"clip_norm\[1\] must be a finite number > 0, "
+                                         r"got -1"):
+        Privacy(clip_norm=(1.0, -1), noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="clip_norm must be a number > 0 or one per layer"):
+        Privacy(clip_norm=(), noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=r"clip_norm must be one number or 2 numbers"):
+        _private_fit(tmp_path / "three", 1, privacy=Privacy(clip_norm=(1.0, 1.0, 1.0),
+                                                            noise_multiplier=1.0))
+
+
 def test_composed_epsilon_is_dp_accountings_composition():
     first, second = (1.083, 0.2, 10), (1.270, 0.2, 10)   # the issue's resumed run
     assert privacy.composed_epsilon([first], 1e-5) == privacy.epsilon(*first, 1e-5)
