@@ -16,7 +16,8 @@ import pathlib
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -653,7 +654,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "verify":
             _check_verify(args)
             jax.config.update("jax_enable_x64", True)
-        return args.run(args)
+        with warnings.catch_warnings():
+            if not args.debug:        # a notice is one line, without a source location
+                warnings.showwarning = _one_line_warning(args.command)
+            return args.run(args)
     except UsageError as err:
         if args.debug:
             raise
@@ -670,7 +674,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _one_line(err: BaseException) -> str:
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for the command line: ``jaxbp CMD: warning: text`` on
+    stderr, one line (``--debug`` keeps Python's form, with the source location)."""
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
+             ) -> None:
+        print(f"jaxbp {command}: warning: {_one_line(message)}", file=sys.stderr)
+
+    return show
+
+
+def _one_line(err: BaseException | str) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
 

@@ -655,9 +655,12 @@ def _check_same_run(path: pathlib.Path, saved: dict[str, Any] | None, now: dict[
     differences = run_differences(saved, now)
     if not differences:
         return
-    if allow_change:
+    if allow_change:          # said always (a warning when quiet): the run is not the same
+        notice = f"resuming {path} although the run changed: " + "; ".join(differences)
         if progress:
-            print(f"resuming {path} although the run changed: " + "; ".join(differences))
+            print(notice)
+        else:
+            warnings.warn(notice, RuntimeWarning, stacklevel=3)
         return
     raise checkpoint.CheckpointMismatchError(
         f"checkpoint {str(path)!r} was written by another run: " + "; ".join(differences)

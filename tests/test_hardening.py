@@ -451,6 +451,19 @@ class TestProbedKnobs:
         with pytest.raises(ValueError, match="steps must be an int >= 1"):
             privacy.epsilon(2.0, 0.01, np.bool_(True), 1e-5)
 
+    def test_a_quiet_resume_of_a_changed_run_says_so_in_one_line(self, tmp_path, capsys):
+        """--quiet hides progress, not a resume that changes the run: the notice is a
+        warning, which the command line prints as one line without a source location."""
+        run = ["train", "--sizes", "64,8,10", "--quiet", "--checkpoint-dir", str(tmp_path)]
+        assert cli.main([*run, "--epochs", "1", "--lr", "0.01"]) == 0
+        capsys.readouterr()
+        assert cli.main([*run, "--epochs", "2", "--lr", "0.02", "--allow-run-change"]) == 0
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "although the run changed" in line]
+        assert len(lines) == 1 and lines[0].startswith("jaxbp train: warning: resuming "), err
+        assert "lr: checkpoint 0.01, now 0.02" in lines[0]
+        assert "RuntimeWarning" not in err and "warnings.warn" not in err
+
     def test_private_run_lines_and_an_epoch_count_already_passed(self, tmp_path, capsys,
                                                                  restore_x64):
         """The DP header names the gradient, a delta >= 1/N is warned about, the final
