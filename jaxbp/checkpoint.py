@@ -250,6 +250,11 @@ def read(path: str | pathlib.Path) -> tuple[list[np.ndarray], dict[str, Any]]:
     if _digest(leaves) != header["sha256"]:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its arrays do not match "
                               f"the SHA-256 written with them")
+    named = _NAME.match(path.name)
+    if named and int(named.group(1)) != header.get("step"):
+        raise CheckpointError(f"checkpoint {str(path)!r} is named for step "
+                              f"{int(named.group(1))} but holds step {header.get('step')} "
+                              f"(renamed or copied by hand): it cannot say which is newest")
     return leaves, header
 
 

@@ -81,6 +81,23 @@ def test_truncated_file_is_a_clear_error_and_the_previous_one_restores(tmp_path)
     assert checkpoint.list_checkpoints(tmp_path) == [old]
 
 
+def test_a_file_named_for_another_step_is_set_aside_not_taken_as_newest(tmp_path):
+    """A step-1 checkpoint copied by hand to the name of step 9 is not "the newest": the
+    name and the step stored inside disagree, so it is kept aside and step 2 restores."""
+    checkpoint.save(tmp_path, 1, _tree(1))
+    two = checkpoint.save(tmp_path, 2, _tree(2))
+    copied = checkpoint.path_for(tmp_path, 9)
+    copied.write_bytes(checkpoint.path_for(tmp_path, 1).read_bytes())
+    with pytest.raises(CheckpointError, match=r"ckpt_000000009.npz' is named for step 9 but "
+                                              r"holds step 1"):
+        checkpoint.restore(copied, _tree())
+    with pytest.warns(RuntimeWarning, match="named for step 9 but holds step 1"):
+        restored, _, path = checkpoint.restore_latest(tmp_path, _tree())
+    assert path == two
+    _assert_equal(restored, _tree(2))
+    assert copied.with_name(copied.name + ".corrupt").exists()
+
+
 def test_flipped_bits_fail_the_digest(tmp_path):
     path = checkpoint.save(tmp_path, 1, _tree(1))
     leaves, _header = checkpoint.read(path)
