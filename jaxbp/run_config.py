@@ -26,6 +26,9 @@ import numpy as np
 
 _MAX_DEPTH = 10
 _SMALL_ARRAY = 16
+SPELLINGS = frozenset({"data"})
+"""Entries kept for the reader but never compared: the data's path as typed (``./d.npz``,
+an absolute path, a renamed copy); the data's identity is its ``data_sha256``."""
 
 
 def describe(obj: Any, depth: int = 0) -> Any:
@@ -84,7 +87,7 @@ def describe_run(net: Any, optimizer: Any, grad: str | Callable[..., Any], batch
 def run_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """One line per entry that differs between a saved run record and this run's."""
     lines = []
-    for name in sorted(set(saved) | set(now)):
+    for name in sorted((set(saved) | set(now)) - SPELLINGS):
         before, after = saved.get(name, "(absent)"), now.get(name, "(absent)")
         if before != after:
             lines.append(f"{name}: checkpoint {_short(before)}, now {_short(after)}")

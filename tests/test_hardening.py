@@ -451,6 +451,26 @@ class TestProbedKnobs:
         with pytest.raises(ValueError, match="steps must be an int >= 1"):
             privacy.epsilon(2.0, 0.01, np.bool_(True), 1e-5)
 
+    def test_the_same_data_under_another_path_resumes(self, tmp_path, capsys, monkeypatch):
+        """The run record compares the data by its SHA-256, not by how its path is typed:
+        ./d.npz, its absolute path and a renamed copy resume; other contents do not."""
+        rng = np.random.default_rng(0)
+        arrays = {"x": rng.normal(size=(40, 4)).astype(np.float32), "y": rng.integers(0, 3, 40)}
+        np.savez(tmp_path / "d.npz", **arrays)
+        (tmp_path / "copy.npz").write_bytes((tmp_path / "d.npz").read_bytes())
+        monkeypatch.chdir(tmp_path)
+        run = ["train", "--sizes", "4,3", "--batch-size", "8", "--quiet", "--checkpoint-dir",
+               str(tmp_path / "c")]
+        for epochs, path in enumerate(("./d.npz", str(tmp_path / "d.npz"), "copy.npz"), 1):
+            assert cli.main([*run, "--data", path, "--epochs", str(epochs)]) == 0, \
+                capsys.readouterr().err
+        assert f"after {epochs} epochs" in capsys.readouterr().out
+        arrays["x"][0, 0] += 1
+        np.savez(tmp_path / "other.npz", **arrays)
+        assert cli.main([*run, "--data", "other.npz", "--epochs", "4"]) == 1
+        err = capsys.readouterr().err
+        assert "another run: data_sha256: checkpoint" in err and "data:" not in err
+
     def test_a_quiet_resume_of_a_changed_run_says_so_in_one_line(self, tmp_path, capsys):
         """--quiet hides progress, not a resume that changes the run: the notice is a
         warning, which the command line prints as one line without a source location."""
