@@ -1,6 +1,7 @@
 import atexit
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -21,11 +22,24 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # one codegen thread (about 0.65x the compile time of a transformer test on 2 cores, where
 # two workers share the cores). Only the CPU's machine code changes; JAXBP_TEST_XLA_FLAGS=""
 # turns this off. The processes the tests start inherit XLA_FLAGS and add their own flags.
-FAST_COMPILE = os.environ.setdefault(
-    "JAXBP_TEST_XLA_FLAGS",
-    "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1")
-if FAST_COMPILE and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+# XLA aborts on a flag it does not know, so the first process tries them once in a child
+# (about a second) and leaves them out where this jaxlib lacks them.
+FAST_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+
+
+def _xla_accepts(flags: str) -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
+        env={**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}",
+             "JAX_PLATFORMS": "cpu"}, capture_output=True, timeout=300)
+    return probe.returncode == 0
+
+
+if "JAXBP_TEST_XLA_FLAGS" not in os.environ:
+    os.environ["JAXBP_TEST_XLA_FLAGS"] = FAST_COMPILE if _xla_accepts(FAST_COMPILE) else ""
+if os.environ["JAXBP_TEST_XLA_FLAGS"] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                               f"{os.environ['JAXBP_TEST_XLA_FLAGS']}").strip()
 
 # One persistent compilation cache for the run: a program that several tests compile (the
 # digits MLP's step, the CLI's runs, the processes the tests start) is compiled once and
