@@ -204,8 +204,9 @@ def test_a_resumed_run_with_more_epochs_composes_its_segments(tmp_path):
 
     target = Privacy(clip_norm=1.0, target_epsilon=5.0)
     first = _private_fit(tmp_path, 2, privacy=target, checkpoint_dir=tmp_path)
-    resumed = _private_fit(tmp_path, 4, privacy=target, checkpoint_dir=tmp_path,
-                           allow_run_change=True)
+    with pytest.warns(RuntimeWarning, match="although the run changed: .*noise_multiplier"):
+        resumed = _private_fit(tmp_path, 4, privacy=target, checkpoint_dir=tmp_path,
+                               allow_run_change=True)
     eps = resumed.history["epsilon"]
     assert eps[:2] == first.history["epsilon"] and len(eps) == 4
     assert all(a < b for a, b in itertools.pairwise(eps)) and eps[-1] <= 5.0 * (1 + 1e-9)
