@@ -5,7 +5,7 @@
 
 The state is an adam TrainState of the net (params and two moments) plus the data key.
 ``.npz``: :func:`jaxbp.checkpoint.save` (host copy, SHA-256, fsync, rename);
-``orbax``: :func:`jaxbp.sharded_checkpoint.save` on one device, and on a (data, 2) mesh
+``orbax``: :func:`jaxbp.train.sharded_checkpoint.save` on one device, and on a (data, 2) mesh
 when more than one device is visible. Each is saved ``--repeats`` times into a fresh
 folder; the median seconds and the bytes on disk are reported. Writes
 checkpoint_cost_<platform>.json and .md under --out.
@@ -25,8 +25,9 @@ import numpy as np
 import optax
 
 import jaxbp
-from jaxbp import checkpoint, parallel, sharded_checkpoint
-from jaxbp.bench import describe_machine, machine_info
+from jaxbp import parallel
+from jaxbp.bench.harness import describe_machine, machine_info
+from jaxbp.train import checkpoint, sharded_checkpoint
 
 
 def _bytes(path: pathlib.Path) -> int:

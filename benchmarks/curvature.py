@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbp
-from jaxbp.bench import compile_ahead, describe_machine, machine_info, time_interleaved
+from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
 
 
 def run_case(batch: int, width: int, budget: float) -> dict:

@@ -10,7 +10,7 @@ delta_{n,t}`` (asserted equal to float32 rounding before timing):
 * ``one_hot_matmul``: ``one_hot(tokens, V)^T @ delta``, a (V, B T) x (B T, d) product,
   O(B T V d) work that a matmul unit may still run faster for a small vocabulary.
 
-Timed side by side (:func:`jaxbp.bench.time_interleaved`) for the shipped text's 65
+Timed side by side (:func:`jaxbp.bench.harness.time_interleaved`) for the shipped text's 65
 characters and GPT-2's 50257 tokens. Writes embedding_backward_<platform>.json/.md.
 """
 
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp.bench import describe_machine, machine_info, paired_ratio, time_interleaved
+from jaxbp.bench.harness import describe_machine, machine_info, paired_ratio, time_interleaved
 from jaxbp.layers import Embedding
 
 CPU_SHAPES = ((65, 128, 16, 64), (65, 256, 4, 128), (50257, 128, 8, 64))

@@ -5,7 +5,7 @@
 Nets 64-W-W-W-10 (relu, adam, softmax cross-entropy) for W in --widths, one batch of
 --batch random inputs on the device. Every candidate is ``jaxbp.make_train_step`` with its
 gradient source (compiled, donated), called in interleaved rounds
-(``jaxbp.bench.time_interleaved``); the ratio is the median of the per-round ratios to
+(``jaxbp.bench.harness.time_interleaved``); the ratio is the median of the per-round ratios to
 backprop's step. Feedback alignment and sign symmetry do the same three matmuls per layer
 as backprop (sign symmetry adds a sign per weight); DFA replaces the chain of input errors
 by one (batch, n_out) x (n_out, W) product per hidden layer. Writes
@@ -24,7 +24,7 @@ import optax
 
 import jaxbp
 from jaxbp import feedback
-from jaxbp.bench import describe_machine, machine_info, time_interleaved
+from jaxbp.bench.harness import describe_machine, machine_info, time_interleaved
 
 
 def rule_sources(net: jaxbp.MLP) -> dict[str, object]:

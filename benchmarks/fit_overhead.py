@@ -22,7 +22,7 @@ import jax
 import optax
 
 import jaxbp
-from jaxbp.bench import describe_machine, machine_info, time_interleaved
+from jaxbp.bench.harness import describe_machine, machine_info, time_interleaved
 from jaxbp.data import epoch_order
 
 

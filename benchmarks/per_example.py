@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbp
-from jaxbp.bench import compile_ahead, describe_machine, machine_info, time_interleaved
+from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
 
 POISSON_N = 60_000
 """The data set size the dp column's Poisson batches are drawn from (q = B / N)."""

@@ -23,8 +23,8 @@ import numpy as np
 from per_example_networks import run_case, write_tables
 
 import jaxbp
-from jaxbp.bench import describe_machine, machine_info
-from jaxbp.suite import random_tokens
+from jaxbp.bench.harness import describe_machine, machine_info
+from jaxbp.check.suite import random_tokens
 
 VOCAB, DIM, DEPTH, HEADS = 65, 64, 2, 4
 

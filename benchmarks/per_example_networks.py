@@ -37,7 +37,7 @@ from per_example import dp_candidate
 
 import jaxbp
 from jaxbp import layers as L
-from jaxbp.bench import compile_ahead, describe_machine, machine_info, time_interleaved
+from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
 
 
 def nets() -> dict[str, jaxbp.Network]:

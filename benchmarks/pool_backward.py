@@ -14,7 +14,7 @@ error goes, unchanged, to its first largest input (row-major window order).
   emits it; the reference for speed (autodiff is only used here to time it).
 
 Each is timed as a jitted function of (x, error), side by side in one process
-(:func:`jaxbp.bench.time_interleaved`), for the max pools of the accelerator preset's
+(:func:`jaxbp.bench.harness.time_interleaved`), for the max pools of the accelerator preset's
 CNNs (after their convs) on a GPU/TPU and small ones on a CPU, in float32 and bfloat16.
 Writes pool_backward_<platform>.json and .md under ``--out``.
 """
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp.bench import describe_machine, machine_info, paired_ratio, time_interleaved
+from jaxbp.bench.harness import describe_machine, machine_info, paired_ratio, time_interleaved
 from jaxbp.layers import MaxPool
 
 ACCELERATOR_SHAPES = ((256, 32, 32, 128), (512, 16, 16, 64))

@@ -22,7 +22,7 @@ import json, sys
 import jax, numpy as np, optax
 import jaxbp
 from jaxbp import parallel
-from jaxbp.bench import time_interleaved, machine_info
+from jaxbp.bench.harness import time_interleaved, machine_info
 width, batch, budget = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 net = jaxbp.MLP((width, width, width, 10), "relu")
 optimizer = optax.sgd(1e-3)

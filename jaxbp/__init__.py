@@ -1,6 +1,6 @@
 """jaxbp: hand-written backpropagation in JAX, for MLPs and any chain of layers."""
 
-from jaxbp import checkpoint, data, feedback, layers, models, privacy, sources, testing
+from jaxbp import data, feedback, layers, models, privacy, sources, testing
 from jaxbp.activations import ACTIVATIONS, Activation
 from jaxbp.autodiff import value_and_autodiff
 from jaxbp.backprop import (
@@ -9,9 +9,11 @@ from jaxbp.backprop import (
     layer_deltas,
     value_and_backprop,
 )
+from jaxbp.check.suite import verify_mlp
+from jaxbp.check.verify import GradientCheckError, GradReport, verify_grads
+from jaxbp.check.verify_fn import verify_jvp, verify_vjp
 from jaxbp.curvature import ggn_diag, hvp, kfac_factors, kfac_gradient, kfac_preconditioner
 from jaxbp.diagnostics import layer_stats
-from jaxbp.fit import FitResult, fit
 from jaxbp.losses import LOSSES, Loss
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
@@ -24,10 +26,9 @@ from jaxbp.per_example import (
     per_example_grad_variance,
     per_example_grads,
 )
-from jaxbp.suite import verify_mlp
-from jaxbp.train import TrainState, evaluate, make_train_loop, make_train_step
-from jaxbp.verify import GradientCheckError, GradReport, verify_grads
-from jaxbp.verify_fn import verify_jvp, verify_vjp
+from jaxbp.train import checkpoint
+from jaxbp.train.fit import FitResult, fit
+from jaxbp.train.step import TrainState, evaluate, make_train_loop, make_train_step
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ import jax
 import optax
 
 from jaxbp import compilation_cache
-from jaxbp.peaks import MATMUL_PRECISIONS
+from jaxbp.matmul_precision import MATMUL_PRECISIONS
 
 
 class UsageError(ValueError):
@@ -35,7 +35,7 @@ DTYPES = ("float64", "float32", "bfloat16", "float16")
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from jaxbp.suite import random_cases, run_case
+    from jaxbp.check.suite import random_cases, run_case
 
     dtypes = tuple(args.dtypes.split(","))
     print(f"jaxbp verify: hand-written backprop vs jax.grad, central FD and the Taylor test "
@@ -146,7 +146,7 @@ def _positive(option: str, value: float, integer: bool = False, allow_zero: bool
 def _check_checkpoint_reader(directory: pathlib.Path) -> None:
     """Refuse (before anything is read or renamed) a folder of sharded checkpoints that
     this environment cannot read: a missing library is not a corrupt checkpoint."""
-    from jaxbp import sharded_checkpoint
+    from jaxbp.train import sharded_checkpoint
 
     steps = sharded_checkpoint.list_steps(directory)
     if not steps:
@@ -372,8 +372,8 @@ def _gradient_source(name: str, net: Any, key: Any) -> Any:
 
 def _train(args: argparse.Namespace) -> int:
     from jaxbp import network
-    from jaxbp.fit import fit
-    from jaxbp.suite import verify_mlp
+    from jaxbp.check.suite import verify_mlp
+    from jaxbp.train.fit import fit
 
     if os.environ.get("JAXBP_COORDINATOR"):  # one of several processes: join before JAX starts
         from jaxbp import parallel
@@ -446,7 +446,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"wrote {args.plot}")
     if args.diagnostics:
-        from jaxbp.fit import plot_flow
+        from jaxbp.train.plots import plot_flow
 
         plot_flow(history, args.diagnostics)
         print(f"wrote {args.diagnostics}")
@@ -479,7 +479,7 @@ def _check_bench(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from jaxbp import bench_suite
+    from jaxbp.bench import suite as bench_suite
 
     _check_bench(args)
     platform = jax.devices()[0].platform

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from jaxbp.verify import GradientCheckError, GradReport, verify_grads
-from jaxbp.verify_fn import verify_jvp, verify_vjp
+from jaxbp.check.verify import GradientCheckError, GradReport, verify_grads
+from jaxbp.check.verify_fn import verify_jvp, verify_vjp
 
 
 def _assert_ok(report: GradReport, allow_inconclusive: bool) -> GradReport:

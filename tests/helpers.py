@@ -145,7 +145,7 @@ def transformer_case(i: int, dtype: str):
     import jax
     import jax.numpy as jnp
 
-    from jaxbp.suite import random_tokens, random_transformer
+    from jaxbp.check.suite import random_tokens, random_transformer
 
     net, batch = random_transformer(i, dtype)
     x, y = random_tokens(np.random.default_rng(i), net, batch)

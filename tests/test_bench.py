@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jaxbp
-from jaxbp import bench
+from jaxbp.bench import harness as bench
 
 
 def test_compile_ahead_reports_time_and_memory():
@@ -128,7 +128,7 @@ def test_gemm_roof_is_not_lowered_by_a_slow_loop(monkeypatch):
 
 
 def test_every_recipe_runs_its_own_net_and_gemm_outputs():
-    from jaxbp.bench_suite import RECIPES, BenchCase, ConvCase
+    from jaxbp.bench.suite import RECIPES, BenchCase, ConvCase
 
     for recipe, fields in RECIPES.items():
         for case in (BenchCase(16, 2, 8, precision=recipe),
@@ -140,7 +140,7 @@ def test_every_recipe_runs_its_own_net_and_gemm_outputs():
 
 
 def test_hand_flop_count_matches_xla_for_the_matmuls():
-    from jaxbp.bench_suite import BenchCase, benchmark_case
+    from jaxbp.bench.suite import BenchCase, benchmark_case
 
     case = BenchCase(width=32, depth=3, batch=16)
     row = benchmark_case(case, steps=2, budget_s=0.05)
@@ -160,7 +160,7 @@ def test_hand_flop_count_matches_xla_for_the_matmuls():
 
 
 def test_conv_case_flops_match_xla_and_its_shapes_are_the_implicit_gemm():
-    from jaxbp.bench_suite import ConvCase, benchmark_case
+    from jaxbp.bench.suite import ConvCase, benchmark_case
 
     case = ConvCase(side=6, channels=2, filters=4, depth=2, batch=4)
     row = benchmark_case(case, budget_s=0.02, min_sample_s=1e-3)
@@ -183,7 +183,7 @@ def test_conv_case_flops_match_xla_and_its_shapes_are_the_implicit_gemm():
 
 
 def test_steps_per_call_scale_with_the_case():
-    from jaxbp.bench_suite import BenchCase, benchmark_case
+    from jaxbp.bench.suite import BenchCase, benchmark_case
 
     small = benchmark_case(BenchCase(width=16, depth=2, batch=8), budget_s=0.02,
                            min_sample_s=2e-3)
@@ -193,7 +193,7 @@ def test_steps_per_call_scale_with_the_case():
 
 
 def test_fractions_above_one_carry_a_warning():
-    from jaxbp.bench_suite import _warnings
+    from jaxbp.bench.suite import _warnings
 
     assert _warnings("backprop", {"roofline_fraction": 0.9, "peak_fraction": None}) == []
     notes = _warnings("backprop", {"roofline_fraction": 1.2, "peak_fraction": 1.1})
@@ -201,7 +201,8 @@ def test_fractions_above_one_carry_a_warning():
 
 
 def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys, monkeypatch):
-    from jaxbp import bench_suite, cli
+    from jaxbp import cli
+    from jaxbp.bench import suite as bench_suite
 
     # the CPU preset's smallest MLP in its three recipes and one larger case to leave out,
     # on any device (the accelerator preset is all > 1 GFLOP)
@@ -223,7 +224,8 @@ def test_bench_command_writes_json_markdown_and_png(tmp_path, capsys, monkeypatc
 
 
 def test_full_suite_on_cpu_is_capped_by_default(monkeypatch, capsys):
-    from jaxbp import bench_suite, cli
+    from jaxbp import cli
+    from jaxbp.bench import suite as bench_suite
 
     seen = {}
     monkeypatch.setattr(bench_suite, "run_suite",
@@ -240,7 +242,8 @@ def test_full_suite_on_cpu_is_capped_by_default(monkeypatch, capsys):
 
 
 def test_accelerator_presets_are_device_aware(monkeypatch, capsys):
-    from jaxbp import bench_suite, cli
+    from jaxbp import cli
+    from jaxbp.bench import suite as bench_suite
 
     assert bench_suite.quick_cases("cpu") is bench_suite.QUICK
     heavy = bench_suite.quick_cases("gpu")
@@ -261,7 +264,7 @@ def test_accelerator_presets_are_device_aware(monkeypatch, capsys):
 
 
 def test_peaks_table_and_the_arithmetic_that_runs():
-    from jaxbp import peaks
+    from jaxbp.bench import peaks
 
     h100 = peaks.device_peaks("NVIDIA H100 80GB HBM3")
     assert h100.name == "H100 SXM" and h100.peak("bf16") == 989.5e12 / 1

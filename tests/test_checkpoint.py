@@ -9,9 +9,9 @@ import optax
 import pytest
 
 import jaxbp
-from jaxbp import checkpoint
-from jaxbp.checkpoint import CheckpointError, CheckpointMismatchError
-from jaxbp.train import TrainState
+from jaxbp.train import checkpoint
+from jaxbp.train.checkpoint import CheckpointError, CheckpointMismatchError
+from jaxbp.train.step import TrainState
 
 
 def _tree(seed=0):
@@ -153,7 +153,8 @@ def test_sharded_steps_without_orbax_are_refused_untouched(tmp_path, monkeypatch
     """A folder of orbax steps read where orbax-checkpoint is not installed: an ImportError
     that names the fix, before anything is renamed (a missing library is not corruption),
     and `jaxbp train` exits 2 with one line."""
-    from jaxbp import cli, sharded_checkpoint
+    from jaxbp import cli
+    from jaxbp.train import sharded_checkpoint
 
     steps = [sharded_checkpoint.path_for(tmp_path, s) for s in (1, 2)]
     for step in steps:

@@ -11,7 +11,8 @@ import sys
 import jax
 import pytest
 
-from jaxbp import checkpoint, cli
+from jaxbp import cli
+from jaxbp.train import checkpoint
 
 
 def test_verify_runs_in_every_dtype_it_offers(restore_x64, capsys):

@@ -66,7 +66,7 @@ def test_sigmoid_errors_vanish_and_relu_he_errors_do_not():
 
 def test_fit_records_flow_and_the_cli_plots_it(tmp_path, capsys):
     from jaxbp import cli
-    from jaxbp.fit import plot_flow
+    from jaxbp.train.plots import plot_flow
 
     digits = jaxbp.data.load_digits()
     net = jaxbp.MLP((64, 32, 32, 10), "sigmoid")

@@ -8,9 +8,9 @@ import optax
 import pytest
 
 import jaxbp
-from jaxbp import checkpoint
 from jaxbp.data import Dataset, load_digits
-from jaxbp.fit import fit
+from jaxbp.train import checkpoint
+from jaxbp.train.fit import fit
 
 NET = jaxbp.MLP((64, 64, 10), "relu")
 

@@ -19,8 +19,9 @@ import optax
 import pytest
 
 import jaxbp
-from jaxbp import _checks, checkpoint, cli
+from jaxbp import _checks, cli
 from jaxbp.data import Dataset
+from jaxbp.train import checkpoint
 
 NET = jaxbp.MLP((4, 8, 3), "tanh")
 
@@ -73,13 +74,13 @@ class TestLabels:
         assert metrics["invalid_labels"].tolist() == [2, 0]
 
     def test_fit_turns_the_metric_into_an_error_naming_the_step(self):
-        from jaxbp.fit import _check_chunk
+        from jaxbp.train.feeds import check_chunk
 
         metrics = {"loss": np.array([1.0, 1.0, 1.0]), "nonfinite_layer": np.array([-1, -1, -1]),
                    "invalid_labels": np.array([0, 0, 4])}
         with pytest.raises(ValueError, match=r"training stopped at step 13: its batch holds 4 "
                                              r"labels outside \[0, n_out\)"):
-            _check_chunk(metrics, first_step=10)
+            check_chunk(metrics, first_step=10)
 
     def test_targets_that_make_a_cross_entropy_negative(self):
         softmax = jaxbp.MLP((4, 3), "relu", "identity", "softmax_cross_entropy")
@@ -380,7 +381,7 @@ class TestCommandLine:
                     result.stderr
 
     def test_bench_that_runs_nothing_says_so(self, capsys, tmp_path):
-        from jaxbp import bench_suite
+        from jaxbp.bench import suite as bench_suite
 
         result = bench_suite.run_suite(bench_suite.QUICK[:1], tmp_path, "none", max_gflop=1e-9,
                                        log=print)

@@ -18,8 +18,8 @@ from helpers import (
 
 import jaxbp
 from jaxbp import layers as L
+from jaxbp.check.suite import random_network
 from jaxbp.network import Network
-from jaxbp.suite import random_network
 
 LOSSES = sorted(jaxbp.LOSSES)
 N_CASES = 18  # every activation twice, every loss six times

@@ -13,7 +13,7 @@ from helpers import assert_normwise_close, kfac_blocks, random_inputs
 
 import jaxbp
 from jaxbp import layers as L
-from jaxbp.suite import random_network
+from jaxbp.check.suite import random_network
 
 CASES = [0, 3, 4]   # batch 1 and 1x1 images (0), max and average pools, layernorms, residuals
 

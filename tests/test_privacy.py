@@ -200,7 +200,7 @@ def test_a_resumed_run_with_more_epochs_composes_its_segments(tmp_path):
     """The issue's case on the digits: 2 epochs calibrated to epsilon 5, then resumed for 4
     with the run change allowed. Epsilon never goes down, stays within the target, and is
     dp-accounting's composition of the two segments the checkpoint records."""
-    from jaxbp import checkpoint
+    from jaxbp.train import checkpoint
 
     target = Privacy(clip_norm=1.0, target_epsilon=5.0)
     first = _private_fit(tmp_path, 2, privacy=target, checkpoint_dir=tmp_path)

@@ -20,7 +20,7 @@ from helpers import assert_no_less_accurate, global_rel_error, to_f64, transform
 
 import jaxbp
 from jaxbp import models, sources
-from jaxbp.suite import random_tokens
+from jaxbp.check.suite import random_tokens
 
 
 def sample_loss(net, params, x_i, y_i):

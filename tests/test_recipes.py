@@ -19,7 +19,7 @@ from helpers import jaxpr_equations, to_f64
 
 import jaxbp
 from jaxbp import layers, network
-from jaxbp.suite import random_network
+from jaxbp.check.suite import random_network
 
 BF16 = {"compute_dtype": "bfloat16", "activation_dtype": "bfloat16"}
 MATMULS = ("dot_general", "conv_general_dilated")

@@ -14,7 +14,7 @@ from helpers import kfac_blocks
 
 import jaxbp
 from jaxbp import models
-from jaxbp.suite import random_tokens
+from jaxbp.check.suite import random_tokens
 
 
 def _gpt(seq_len=3, norm="layer", causal=True, dtype="float64"):

@@ -11,7 +11,7 @@ import pytest
 from helpers import to_f64
 
 import jaxbp
-from jaxbp.train import TrainState, evaluate, make_train_loop, make_train_step
+from jaxbp.train.step import TrainState, evaluate, make_train_loop, make_train_step
 
 OPTIMIZERS = {
     "sgd": optax.sgd(0.1),

@@ -22,9 +22,9 @@ from helpers import (
 import jaxbp
 from jaxbp import layers as L
 from jaxbp import models
+from jaxbp.check.suite import random_tokens, random_transformer
 from jaxbp.layers.base import Shape
 from jaxbp.network import Network
-from jaxbp.suite import random_tokens, random_transformer
 
 N_CASES = 8
 
@@ -237,7 +237,7 @@ def test_gpt_model_flops_are_the_manual_steps_matmul_flops():
     2 x (output size) x (contracted size) over its dot_generals."""
     from helpers import jaxpr_equations
 
-    from jaxbp.bench_gpt import GptCase
+    from jaxbp.bench.gpt import GptCase
 
     case = GptCase(dim=8, depth=2, heads=2, seq_len=5, batch=3, vocab=11)
     net = case.net()

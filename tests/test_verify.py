@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxbp
-from jaxbp.verify import GradientCheckError
+from jaxbp.check.verify import GradientCheckError
 
 
 def loss(params, scale):

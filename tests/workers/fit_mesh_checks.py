@@ -13,7 +13,8 @@ import numpy as np
 import optax
 
 import jaxbp
-from jaxbp import checkpoint, parallel, sharded_checkpoint
+from jaxbp import parallel
+from jaxbp.train import checkpoint, sharded_checkpoint
 
 NET = jaxbp.MLP((64, 32, 32, 10), "tanh")
 ARGS = {"epochs": 2, "batch_size": 64, "key": jax.random.key(3), "progress": False}

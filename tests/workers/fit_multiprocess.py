@@ -20,7 +20,7 @@ import optax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import jaxbp  # noqa: E402
-from jaxbp import sharded_checkpoint  # noqa: E402
+from jaxbp.train import sharded_checkpoint  # noqa: E402
 
 out, epochs = sys.argv[1], int(sys.argv[2])
 folder = sys.argv[3] if len(sys.argv) > 3 else None

@@ -24,7 +24,10 @@ def rel_diff(a, b) -> float:
 # Params after 5 steps: 1e-6 relative for sgd and momentum. Adam divides by sqrt(nu): a
 # gradient entry near zero, whose last bits differ between one device's reduction order
 # and eight's, can move its update by up to lr, so adam's params are held to 1e-4 while
-# its per-step loss and gradient norm are held to 1e-6 like the others.
+# its first step's loss and gradient norm (same params on both sides) are held to 1e-6 like
+# the others. Later steps start from params that differ by up to that bound, so their
+# loss and gradient norm are held to it too (under load the CPU all-reduce's order varies,
+# and a (4, 2) adam run has shown 3.5e-6 at step 5).
 PARAM_TOL = {"sgd": 1e-6, "momentum": 1e-6, "adam": 1e-4}
 
 
@@ -39,21 +42,26 @@ def check(mesh_shape, sizes, name, optimizer, steps=5, batch=32):
     sharded = parallel.make_sharded_train_step(net, optimizer, mesh)
     state_1 = jaxbp.TrainState.create(params, optimizer)
     state_n = jaxbp.TrainState.create(jax.tree.map(np.asarray, params), optimizer)
-    metric_diff = 0.0
-    for x, y in zip(xs, ys):
+    metric_diff, later_diff = 0.0, 0.0
+    for step, (x, y) in enumerate(zip(xs, ys)):
         state_1, m1 = single(state_1, x, y)
         state_n, mn = sharded(state_n, x, y)
         for key in ("loss", "grad_norm"):
-            metric_diff = max(metric_diff, abs(float(mn[key]) - float(m1[key]))
-                              / abs(float(m1[key])))
+            rel = abs(float(mn[key]) - float(m1[key])) / abs(float(m1[key]))
+            if step == 0:
+                metric_diff = max(metric_diff, rel)
+            else:
+                later_diff = max(later_diff, rel)
     diff = rel_diff(state_n.params, state_1.params)
     expected = parallel.state_shardings(state_n, mesh)
     placed = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in
                  zip(jax.tree.leaves(state_n), jax.tree.leaves(expected)))
     spec_w0 = state_n.params[0]["w"].sharding.spec
-    ok = diff <= PARAM_TOL[name] and metric_diff <= 1e-6 and placed
+    ok = (diff <= PARAM_TOL[name] and metric_diff <= 1e-6
+          and later_diff <= max(1e-6, PARAM_TOL[name]) and placed)
     print(f"{'ok' if ok else 'FAIL'} mesh {mesh_shape} sizes {sizes} {name}"
-          f": max rel param diff {diff:.2e}, loss/grad-norm diff {metric_diff:.2e}, shardings kept "
+          f": max rel param diff {diff:.2e}, loss/grad-norm diff step 1 {metric_diff:.2e}, "
+          f"later {later_diff:.2e}, shardings kept "
           f"{placed}, W1 spec {spec_w0}")
     return ok, spec_w0
 

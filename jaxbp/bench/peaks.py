@@ -22,19 +22,12 @@ Figures are dense (no 2:4 sparsity), per chip, from the vendor datasheets:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
-from typing import Any
 
-import jax
+from jaxbp.matmul_precision import current_precision
 
 TERA, GIGA = 1e12, 1e9
-
-MATMUL_PRECISIONS = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32",
-                     "bfloat16_3x")
-"""The names :func:`jax.default_matmul_precision` accepts; None leaves JAX's setting."""
-
 
 @dataclasses.dataclass(frozen=True)
 class DevicePeaks:
@@ -111,31 +104,6 @@ def device_peaks(device_kind: str) -> DevicePeaks | None:
         if re.search(pattern, kind):
             return peaks
     return None
-
-
-def check_precision(precision: str | None) -> str | None:
-    """``precision`` itself if JAX knows it (or None), else a ValueError naming the choices."""
-    if precision is not None and precision not in MATMUL_PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}. It needs to be one of "
-                         f"{list(MATMUL_PRECISIONS)} (or None: JAX's current setting).")
-    return precision
-
-
-def precision_scope(precision: str | None) -> Any:
-    """``jax.default_matmul_precision(precision)`` for the code traced inside; None: no change.
-
-    Used around the body of a step at trace time, so the compiled program's
-    dot_generals carry the precision (``precision=[HIGHEST, HIGHEST]`` in its HLO).
-    """
-    check_precision(precision)
-    if precision is None:
-        return contextlib.nullcontext()
-    return jax.default_matmul_precision(precision)
-
-
-def current_precision(precision: str | None = None) -> str:
-    """``precision``, else JAX's ``jax_default_matmul_precision`` setting, else "default"."""
-    return precision or jax.config.jax_default_matmul_precision or "default"
 
 
 def matmul_arithmetic(platform: str, operand_dtype: str, precision: str | None = None) -> str:

@@ -22,10 +22,10 @@ from jaxbp import layers, network
 from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.activations import ACTIVATIONS
 from jaxbp.backprop import value_and_backprop
+from jaxbp.check.verify import GradReport, verify_grads
 from jaxbp.losses import LOSSES
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
-from jaxbp.verify import GradReport, verify_grads
 
 DTYPES = ("float64", "float32", "bfloat16")
 

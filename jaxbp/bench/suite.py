@@ -17,7 +17,7 @@ recipe: autodiff is ``jax.grad`` of the same forward. For each case:
   interleaved in one process, each timed sample holding ``steps_per_sample``
   steps;
 * the matmul FLOPs of one step are counted by hand
-  (:func:`jaxbp.bench.step_matmul_flops`) and set against XLA's count;
+  (:func:`jaxbp.bench.harness.step_matmul_flops`) and set against XLA's count;
 * the machine's own GEMM rate is measured for the three matmul shapes of the
   widest layer (forward, input error, weight gradient with the batch as
   inner dimension), in the same precision; ``roofline`` is the time those
@@ -47,7 +47,8 @@ import numpy as np
 import optax
 
 from jaxbp import layers
-from jaxbp.bench import (
+from jaxbp.bench.gpt import GptCase
+from jaxbp.bench.harness import (
     ConvShape,
     MatmulShape,
     compile_ahead,
@@ -62,11 +63,10 @@ from jaxbp.bench import (
     time_interleaved,
     xla_cost,
 )
-from jaxbp.bench_gpt import GptCase
+from jaxbp.bench.peaks import device_peaks, matmul_arithmetic
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
-from jaxbp.peaks import device_peaks, matmul_arithmetic
-from jaxbp.train import TrainState, make_train_loop, make_train_step
+from jaxbp.train.step import TrainState, make_train_loop, make_train_step
 
 RECIPES = {"float32": {},
            "bf16-operands": {"compute_dtype": "bfloat16"},
@@ -100,7 +100,7 @@ class BenchCase:
         return (self.width,)
 
     def flops(self) -> dict[str, int]:
-        """Matmul FLOPs of one step by kind (:func:`jaxbp.bench.step_matmul_flops`)."""
+        """Matmul FLOPs of one step by kind (:func:`jaxbp.bench.harness.step_matmul_flops`)."""
         return step_matmul_flops(self.sizes, self.batch)
 
     def roof_shapes(self) -> tuple[MatmulShape, ...]:
@@ -272,7 +272,7 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
     Args:
       case: the case.
       budget_s: seconds of interleaved timing (the GEMM rates get as much again).
-      precision: matmul precision (:data:`jaxbp.peaks.MATMUL_PRECISIONS`), None for
+      precision: matmul precision (:data:`jaxbp.matmul_precision.MATMUL_PRECISIONS`), None for
         JAX's current setting.
       steps: steps per loop call; None chooses k so that one call is at least
         ``min_sample_s`` of work (at most ``max_steps``).

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp._typing import PyTree
-from jaxbp.checkpoint import CheckpointMismatchError, set_aside
+from jaxbp.train.checkpoint import CheckpointMismatchError, set_aside
 
 PREFIX = "ckpt"
 _STEP = re.compile(rf"^{PREFIX}_(\d+)$")

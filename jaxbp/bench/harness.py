@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp.peaks import current_precision, device_peaks, precision_scope
+from jaxbp.bench.peaks import device_peaks
+from jaxbp.matmul_precision import current_precision, precision_scope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,7 +397,7 @@ def gemm_rate(shape: MatmulShape, dtype: str = "float32", compute_dtype: str | N
       shape: the matmul (:func:`step_matmul_shapes`).
       dtype: the dtype of the operands as stored.
       compute_dtype: round the operands to this (mixed precision).
-      precision: the matmul precision (:data:`jaxbp.peaks.MATMUL_PRECISIONS`),
+      precision: the matmul precision (:data:`jaxbp.matmul_precision.MATMUL_PRECISIONS`),
         None for JAX's current setting.
       out_dtype: the product's dtype (the bf16 recipe's bf16 outputs); default ``dtype``
         (products accumulated in it).

@@ -81,7 +81,7 @@ def describe_run(net: Any, optimizer: Any, grad: str | Callable[..., Any], batch
     """
     return {"net": repr(net), "optimizer": describe(optimizer), "grad": describe(grad),
             "batch_size": batch_size, "drop_last": drop_last, "seed_key": describe(key),
-            "data_sha256": data_fingerprint(data), **(extra or {})}
+            "data_sha256": data_fingerprint(data), **describe(extra or {})}
 
 
 def run_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -10,7 +10,7 @@ One step, for any optax ``GradientTransformation``:
 The step is a pure function ``(state, x, y) -> (state, metrics)`` compiled
 once; :func:`make_train_loop` runs k of them inside one ``lax.scan`` (no
 Python between steps: the benchmarkable unit). The epoch loop with progress,
-evaluation, checkpoints and plots is :func:`jaxbp.fit.fit`.
+evaluation, checkpoints and plots is :func:`jaxbp.train.fit.fit`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import optax
 from jaxbp import _checks, network, sources
 from jaxbp._typing import Array, ArrayLike, Params, is_int
 from jaxbp.losses import sample_sums
+from jaxbp.matmul_precision import check_precision, precision_scope
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
-from jaxbp.peaks import check_precision, precision_scope
 from jaxbp.sources import GradientSource
 
 GradFn = GradientSource

@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import verify
 from jaxbp._typing import PyTree
-from jaxbp.verify import GradReport, LeafCheck
+from jaxbp.check import verify
+from jaxbp.check.verify import GradReport, LeafCheck
 
 _ArgsFn = Callable[..., PyTree]
 
@@ -183,7 +183,7 @@ def verify_vjp(
         directions prefixed ``2nd``).
 
     Returns:
-      A :class:`~jaxbp.verify.GradReport`: one row per (output leaf, input leaf)
+      A :class:`~jaxbp.check.verify.GradReport`: one row per (output leaf, input leaf)
       block ``out... -> args...`` and per output value, a ``<u, J v>`` row for
       the JVP/VJP consistency, the FD/Taylor directions, notes.
     """

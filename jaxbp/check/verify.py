@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp._typing import PyTree
-from jaxbp.peaks import check_precision, current_precision, precision_scope
+from jaxbp.matmul_precision import check_precision, current_precision, precision_scope
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 """rtol of manual vs jax.grad per leaf dtype (see :func:`verify_grads`)."""
@@ -312,7 +312,7 @@ def verify_grads(
       n_fd: the number of random directions for FD and Taylor (0 for none).
       seed: seeds the NumPy generator that draws the directions.
       precision: the matmul precision ``loss_fn`` is evaluated at for FD and Taylor
-        (:data:`jaxbp.peaks.MATMUL_PRECISIONS`; default ``"highest"``: on a GPU/TPU
+        (:data:`jaxbp.matmul_precision.MATMUL_PRECISIONS`; default ``"highest"``: on a GPU/TPU
         JAX's default runs float32 matmuls as TF32 or one bf16 pass, whose rounding
         swamps the differences of L); None keeps JAX's setting. The report names it.
         The gradients themselves run as the caller set them up.

@@ -1,0 +1,431 @@
+"""The epoch loop: batches, the jitted step, progress, evaluation, checkpoints, resume, plots.
+
+:func:`fit` is the research-script entry point; all numerical work is the
+jitted step of :mod:`jaxbp.train`. Epoch e shuffles with
+``jax.random.fold_in(key, e)``, so the batch order depends only on the key and
+the epoch: a run stopped after epoch 3 and resumed from its checkpoint gives
+the same params, bit for bit, as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+
+from jaxbp import _checks, parallel
+from jaxbp._typing import Params, PRNGKey
+from jaxbp.data import Dataset, num_batches
+from jaxbp.diagnostics import layer_stats
+from jaxbp.mlp import MLP
+from jaxbp.network import Network
+from jaxbp.train import checkpoint, feeds, plots, resume
+from jaxbp.train import private as train_private
+from jaxbp.train.run_config import describe_run
+from jaxbp.train.step import (
+    GradFn,
+    TrainState,
+    check_optimizer,
+    evaluate_checked,
+    make_train_loop,
+)
+
+HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                "seconds")
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      state: the final :class:`~jaxbp.train.TrainState`.
+      history: per epoch (lists, one entry per epoch since the first run):
+        ``epoch`` (1-based), ``train_loss``/``train_accuracy`` (means over the
+        epoch's steps), ``test_loss``/``test_accuracy`` (:func:`evaluate` after
+        the epoch; accuracies are nan for squared error), ``seconds``.
+    """
+
+    state: TrainState
+    history: dict[str, list[float]]
+
+
+_LOOPS: dict[Any, Any] = {}
+"""Compiled train loops of earlier ``fit`` calls, by (net, optimizer, steps, grad, mesh)."""
+_MAX_LOOPS = 32
+
+
+def _train_loop(net: Any, optimizer: Any, steps: int, grad: Any, mesh: Any) -> Any:
+    """The k-step train loop, the same jitted function for the same (net, optimizer object,
+    k, gradient source, mesh): a second ``fit`` of the same setting compiles nothing (jit's
+    cache answers). An unhashable gradient source gets a fresh loop."""
+    key = (net, optimizer, steps, grad, mesh)
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    if key is None or key not in _LOOPS:
+        loop = (make_train_loop(net, optimizer, steps=steps, grad=grad) if mesh is None
+                else parallel.make_sharded_train_loop(net, optimizer, mesh, steps, grad))
+        if key is None:
+            return loop
+        if len(_LOOPS) >= _MAX_LOOPS:
+            _LOOPS.pop(next(iter(_LOOPS)))
+        _LOOPS[key] = loop
+    return _LOOPS[key]
+
+
+def fit(
+    net: MLP,
+    optimizer: optax.GradientTransformation,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    key: PRNGKey,
+    grad: str | GradFn = "backprop",
+    params: Params | None = None,
+    drop_last: bool = True,
+    eval_batch_size: int = 1024,
+    checkpoint_dir: str | pathlib.Path | None = None,
+    keep: int = 3,
+    progress: bool = True,
+    plot: str | pathlib.Path | None = None,
+    diagnostics: bool = False,
+    chunk_steps: int | None = None,
+    run_config: dict[str, Any] | None = None,
+    allow_run_change: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    privacy: Any = None,
+) -> FitResult:
+    """Train ``net`` on ``data`` for ``epochs`` epochs with the jitted step.
+
+    Args:
+      net: the network description.
+      optimizer: any optax ``GradientTransformation``.
+      data: a :class:`~jaxbp.data.Dataset`.
+      epochs: the total number of epochs (a resumed run continues up to it).
+      batch_size: training batch size.
+      key: PRNG key, split in two: the first initialises the params (unless
+        ``params`` is given), the second orders the batches of every epoch.
+      grad: ``"backprop"``, ``"autodiff"`` or a gradient source such as
+        ``jaxbp.sources.dp_sgd(...)`` (see :func:`jaxbp.make_train_step`).
+      params: start here instead of ``net.init(jax.random.split(key)[0])``.
+      drop_last: drop each epoch's short last batch (one compiled shape); the
+        shuffle differs per epoch, so every sample is still used.
+      eval_batch_size: batch size of the per-epoch evaluation.
+      checkpoint_dir: save state, key, position, history and the run's record
+        (:func:`jaxbp.train.run_config.describe_run`: net, optimizer
+        hyperparameters, gradient source, batch size, seed, data) after every
+        epoch (atomic, newest ``keep`` kept; a NaN/inf state is never
+        written). If it already holds a checkpoint, training resumes from it,
+        and only if the record matches. The folder is locked while the run
+        lasts (a second run on it raises); temporaries of a save that was
+        killed are removed.
+      keep: how many checkpoints to keep.
+      progress: show a tqdm bar per epoch and print one line per epoch.
+      plot: write a PNG of train/test loss and accuracy here at the end
+        (needs matplotlib: ``pip install 'jaxbp[plot]'``).
+      diagnostics: after every epoch, record :func:`jaxbp.layer_stats` on the
+        first ``eval_batch_size`` training samples in ``history["layer_stats"]``
+        (one dict of per-layer lists per epoch; see :func:`jaxbp.train.plots.plot_flow`).
+      chunk_steps: steps run in one compiled ``lax.scan`` between two host
+        syncs (default :data:`CHUNK_STEPS`, at most an epoch). A NaN/inf or a
+        bad label is still pinned to its step from the chunk's metrics.
+      run_config: extra entries for the run's record (the command line adds
+        its options: optimizer name, learning rate, seed, data).
+      allow_run_change: resume although the record differs (on purpose: a
+        new learning rate after a restart, say); the differences are printed.
+      mesh: run every step over this device mesh
+        (:func:`jaxbp.parallel.make_sharded_train_loop`: the batch split over
+        its ``"data"`` axis, the weights over ``"model"``), on one host or
+        many. With several processes every process calls ``fit`` with the
+        same arguments and feeds its own rows of each batch; only process 0
+        prints and plots. Checkpoints are then written by every process
+        through orbax (:mod:`jaxbp.sharded_checkpoint`, ``pip install
+        'jaxbp[scale]'``); a run resumes from the newest checkpoint of either
+        format, so it can move between one device and a mesh.
+      privacy: a :class:`jaxbp.privacy.Privacy`: differentially private
+        training (DP-SGD, needs ``pip install "jaxbp[privacy]"``). Each step
+        Poisson-samples the training set with rate ``q = batch_size / N``
+        (``batch_size`` is the expected batch), ``round(N / batch_size)``
+        steps make an epoch, per-example gradients are clipped and noised
+        (:func:`jaxbp.sources.dp_sgd` with ``expected_batch_size``). A ``target_epsilon`` without a
+        noise multiplier calibrates sigma for all ``epochs`` before training.
+        The epsilon spent is recorded after every epoch (``history["epsilon"]``,
+        the progress line, the checkpoint); training stops, with a warning,
+        before an epoch that would exceed the target. ``grad`` must stay
+        "backprop" and ``mesh`` None.
+
+    Returns:
+      A :class:`FitResult` ``(state, history)``.
+
+    Raises:
+      FloatingPointError: a loss, gradient or the updated state became
+        NaN/inf; names the step and, for a gradient, the first layer that is
+        not finite.
+      ValueError: a bad argument, labels outside ``[0, n_out)`` or targets
+        that do not fit the loss (found before training, or, for a bad batch
+        built inside the compiled loop, named by its step).
+      TypeError: an argument of the wrong type.
+      jaxbp.checkpoint.CheckpointMismatchError: the checkpoint belongs to
+        another run (another tree, or another record without
+        ``allow_run_change``).
+      jaxbp.checkpoint.CheckpointLockedError: another run uses ``checkpoint_dir``.
+    """
+    _check_fit_arguments(net, optimizer, data, epochs, batch_size, key, keep, eval_batch_size,
+                         chunk_steps)
+    _check_mesh(mesh, len(data.x_train), batch_size, drop_last)
+    train_private.check_privacy(privacy, grad, mesh)
+    _checks.check_target_values(net, data.y_train, "data.y_train")
+    _checks.check_target_values(net, data.y_test, "data.y_test")
+    main_process = jax.process_index() == 0
+    progress, plot = progress and main_process, plot if main_process else None
+    file_lock = None
+    if checkpoint_dir is not None and main_process:  # one lock for the whole run
+        file_lock = checkpoint.lock(checkpoint_dir)
+        checkpoint.remove_stale_temporaries(checkpoint_dir)
+    try:
+        return _fit(net, optimizer, data, epochs=epochs, batch_size=batch_size, key=key,
+                    grad=grad, params=params, drop_last=drop_last,
+                    eval_batch_size=eval_batch_size, checkpoint_dir=checkpoint_dir, keep=keep,
+                    progress=progress, plot=plot, diagnostics=diagnostics,
+                    chunk_steps=chunk_steps, run_config=run_config,
+                    allow_run_change=allow_run_change, mesh=mesh, privacy=privacy)
+    finally:
+        if file_lock is not None:
+            file_lock.release()
+
+
+def _check_int(name: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
+def _check_fit_arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch_size: Any,
+                         key: Any, keep: Any, eval_batch_size: Any, chunk_steps: Any) -> None:
+    """Every argument of :func:`fit` checked before anything is loaded or compiled."""
+    if not isinstance(net, MLP | Network):
+        raise TypeError(f"net must be a jaxbp.MLP or jaxbp.Network, got {type(net).__name__}")
+    check_optimizer(optimizer)
+    if not all(hasattr(data, name) for name in Dataset._fields):
+        raise TypeError(f"data must be a jaxbp.data.Dataset (x_train, y_train, x_test, "
+                        f"y_test), got {type(data).__name__}")
+    if not (isinstance(key, jax.Array) and (
+            jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+            or (key.dtype == np.uint32 and key.shape == (2,)))):
+        raise TypeError(f"key must be a PRNG key such as jax.random.key(0), got "
+                        f"{type(key).__name__}: {key!r}")
+    _check_int("epochs", epochs, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("keep", keep, 1)
+    _check_int("eval_batch_size", eval_batch_size, 1)
+    if chunk_steps is not None:
+        _check_int("chunk_steps", chunk_steps, 1)
+
+
+def _check_mesh(mesh: Any, n_train: int, batch_size: int, drop_last: bool) -> None:
+    """A mesh with a data axis that splits every batch (and this process's share) evenly."""
+    if mesh is None:
+        return
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (jaxbp.parallel.make_mesh), got "
+                        f"{type(mesh).__name__}")
+    if parallel.DATA not in mesh.shape:
+        raise ValueError(f"mesh has axes {tuple(mesh.shape)}, expected a {parallel.DATA!r} axis")
+    n_data, processes = mesh.shape[parallel.DATA], jax.process_count()
+    sizes = [batch_size] + ([] if drop_last or n_train % batch_size == 0
+                            else [n_train % batch_size])
+    for size in sizes:
+        if size % n_data or size % processes:
+            raise ValueError(f"a batch of {size} rows does not split over the {n_data} devices "
+                             f"of the mesh's data axis and {processes} process(es); choose "
+                             f"batch_size (and drop_last=True) so that every batch does")
+
+
+def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, epochs: int,
+         batch_size: int, key: PRNGKey, grad: str | GradFn, params: Params | None,
+         drop_last: bool, eval_batch_size: int, checkpoint_dir: str | pathlib.Path | None,
+         keep: int, progress: bool, plot: str | pathlib.Path | None, diagnostics: bool,
+         chunk_steps: int | None, run_config: dict[str, Any] | None,
+         allow_run_change: bool, mesh: jax.sharding.Mesh | None, privacy: Any = None
+         ) -> FitResult:
+    """:func:`fit` on checked arguments, with the checkpoint folder locked."""
+    key_init, key_data = jax.random.split(key)
+    state = TrainState.create(net.init(key_init) if params is None else params, optimizer)
+    shardings = None if mesh is None else parallel.state_shardings(state, mesh)
+    if shardings is not None:
+        state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
+    history: dict[str, list[Any]] = {name: [] for name in HISTORY_KEYS}
+    private = None
+    if privacy is not None:
+        private = train_private.plan(privacy, len(data.x_train), batch_size, epochs)
+        grad = private.gradient(jax.random.fold_in(key_data, _NOISE_KEY))
+        history["epsilon"] = []
+        run_config = {**(run_config or {}), "privacy": dataclasses.asdict(privacy),
+                      "noise_multiplier": private.sigma}
+        _say(progress, private.describe(batch_size))
+    run = describe_run(net, optimizer, grad, batch_size, drop_last, key_data, data, run_config)
+    first_epoch, metadata = 0, {}
+    found = None if checkpoint_dir is None else resume.restore_latest(
+        checkpoint_dir, state, key_data, shardings)
+    if found is not None:
+        restored, metadata, path = found
+        resume.check_same_run(path, metadata.get("run"), run, allow_run_change, progress)
+        state, key_data = restored["state"], restored["key"]
+        history, first_epoch = metadata["history"], metadata["epoch"]
+        _say(progress, f"resumed from {path} (after epoch {first_epoch})")
+    step_count = int(parallel.fetch(state.step))  # replicated: each process's own copy
+    if private is not None:
+        private, notice = train_private.resumed(private, metadata, step_count, batch_size,
+                                                epochs, first_epoch)
+        if notice is not None:
+            grad = private.gradient(jax.random.fold_in(key_data, _NOISE_KEY))
+            _say(progress, notice)
+    steps_per_epoch = _steps_per_epoch(len(data.x_train), batch_size, drop_last, private)
+    dtype = jax.tree.leaves(state.params)[0].dtype
+    feed, test = feeds.make_feed(net, data, dtype, batch_size, drop_last, mesh, private,
+                                 steps_per_epoch)
+    chunk = min(steps_per_epoch, chunk_steps or feeds.CHUNK_STEPS)
+    loop_of = _loops(net, optimizer, grad, mesh)
+    for epoch in range(first_epoch, epochs):
+        if private is not None and private.over_budget(step_count + steps_per_epoch, epoch):
+            break
+        start = time.perf_counter()
+        bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
+        state, sums, step_count = _train_epoch(loop_of, feed, state,
+                                               jax.random.fold_in(key_data, epoch), chunk,
+                                               step_count, bar)
+        params_now = parallel.gather_params(state.params)
+        row = _epoch_row(net, params_now, test, eval_batch_size, sums, steps_per_epoch,
+                         epoch, start)
+        if private is not None:
+            row["epsilon"] = private.epsilon(step_count)
+        for name in row:
+            history[name].append(row[name])
+        if diagnostics:
+            history.setdefault("layer_stats", []).append(_layer_stats(
+                net, params_now, data, eval_batch_size))
+        _say(progress, _epoch_line(net, row, epochs))
+        if checkpoint_dir is not None:
+            record = {"epoch": epoch + 1, "history": history, "run": run}
+            if private is not None:
+                record["privacy_segments"] = [list(seg) for seg in private.segments(step_count)]
+            _save(checkpoint_dir, epoch, step_count, state, key_data, record, keep, mesh)
+    if plot is not None:
+        plots.plot_history(history, plot)
+    return FitResult(state, history)
+
+
+_NOISE_KEY = 0xD9
+"""``fold_in(key, _NOISE_KEY)`` of the run's data key seeds a private run's noise."""
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        print(line)
+
+
+def _steps_per_epoch(n_train: int, batch_size: int, drop_last: bool,
+                     private: train_private.Plan | None) -> int:
+    steps = num_batches(n_train, batch_size, drop_last) if private is None \
+        else private.steps_per_epoch
+    if steps == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {n_train} "
+                         f"training samples and drop_last=True leaves no batch")
+    return steps
+
+
+def _loops(net: Any, optimizer: Any, grad: Any, mesh: Any) -> Any:
+    """``loop_of(k)``: the compiled k-step loop of this run (at most three lengths)."""
+    loops: dict[int, Any] = {}
+
+    def loop_of(k: int) -> Any:
+        if k not in loops:
+            loops[k] = _train_loop(net, optimizer, k, grad, mesh)
+        return loops[k]
+
+    return loop_of
+
+
+def _train_epoch(loop_of: Any, feed: Any, state: TrainState, key: PRNGKey, chunk: int,
+                 step_count: int, bar: Any) -> tuple[TrainState, dict[str, float], int]:
+    """One epoch of chunks: the state after it, the sums of its steps' loss and accuracy,
+    and the step count after it.
+
+    Raises what :func:`jaxbp.train.feeds.check_chunk` raises, naming the step.
+    """
+    sums = {"loss": 0.0, "accuracy": 0.0}
+    for xs, ys, *masks in feed.chunks(key, chunk):
+        k = len(xs)
+        state, metrics = loop_of(k)(state, xs, ys, *masks)
+        metrics = parallel.fetch(metrics)  # the one sync of this chunk
+        feeds.check_chunk(metrics, step_count)
+        step_count += k
+        sums["loss"] += float(np.sum(metrics["loss"]))
+        sums["accuracy"] += float(np.sum(metrics.get("accuracy", math.nan)))
+        if bar is not None:
+            bar.update(k)
+            bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4f}")
+    if bar is not None:
+        bar.close()
+    return state, sums, step_count
+
+
+def _epoch_row(net: MLP, params: Params, test: tuple[Any, Any], eval_batch_size: int,
+               sums: dict[str, float], steps: int, epoch: int, start: float
+               ) -> dict[str, float]:
+    """The epoch's line of the history: train means, the test evaluation, seconds."""
+    scores = evaluate_checked(net, params, *test, eval_batch_size)
+    return {"epoch": epoch + 1,
+            "train_loss": sums["loss"] / steps,
+            "train_accuracy": sums["accuracy"] / steps,
+            "test_loss": scores["loss"],
+            "test_accuracy": scores.get("accuracy", math.nan),
+            "seconds": time.perf_counter() - start}
+
+
+def _layer_stats(net: MLP, params: Params, data: Dataset, n: int) -> dict[str, list[float]]:
+    """:func:`jaxbp.layer_stats` on the first ``n`` training samples, as lists."""
+    stats = layer_stats(net, params, data.x_train[:n], data.y_train[:n])
+    return {k: [float(v) for v in np.asarray(a)] for k, a in stats.items()}
+
+
+def _save(directory: str | pathlib.Path, epoch: int, step_count: int, state: TrainState,
+          key: PRNGKey, record: dict[str, Any], keep: int, mesh: Any) -> None:
+    """The epoch's checkpoint; a NaN/inf state is refused, naming the epoch and step."""
+    try:
+        resume.save(directory, epoch + 1, state, key, record, keep, mesh)
+    except FloatingPointError as err:
+        raise FloatingPointError(
+            f"training stopped after epoch {epoch + 1} (step {step_count}): the "
+            f"updated state holds NaN/inf, so it was not saved ({err}); the newest "
+            f"checkpoint is still the one before. Lower the learning rate") from None
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+def _epoch_line(net: MLP, row: dict[str, float], epochs: int) -> str:
+    line = f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f}"
+    if net.loss_fn.is_classification:
+        line += f" acc {row['train_accuracy']:.4f}"
+    line += f"  test loss {row['test_loss']:.4f}"
+    if net.loss_fn.is_classification:
+        line += f" acc {row['test_accuracy']:.4f}"
+    if "epsilon" in row:
+        line += f"  epsilon {row['epsilon']:.3f}"
+    return line + f"  ({row['seconds']:.2f} s)"
+
+
