@@ -1,0 +1,66 @@
+"""The ``jaxbp`` command: ``jaxbp verify``, ``jaxbp train``, ``jaxbp bench``.
+
+Every error is one line on stderr, ``jaxbp <command>: error: ...``, naming the
+option, file or value; the exit status is 2 for a bad option, file or value
+(all found before any work starts) and 1 for a run that failed; ``--debug``
+shows the traceback instead. One module per subcommand; :mod:`jaxbp.cli.plan`
+checks ``train``'s options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from jaxbp.cli import bench, train, verify
+from jaxbp.cli.bench import ACCELERATOR_TIME_LIMIT_S, CPU_MAX_GFLOP
+from jaxbp.cli.common import UsageError, one_line, one_line_warning
+from jaxbp.cli.plan import OPTIMIZERS
+from jaxbp.cli.verify import DTYPES
+
+__all__ = ["ACCELERATOR_TIME_LIMIT_S", "CPU_MAX_GFLOP", "DTYPES", "OPTIMIZERS", "UsageError",
+           "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``jaxbp`` and its subcommands."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error")
+    parser = argparse.ArgumentParser(
+        prog="jaxbp", description="Hand-written backpropagation for MLPs in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in (verify, train, bench):
+        command.add_parser(commands, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxbp`` command; returns the exit code.
+
+    Errors print one line and return 2 (a bad option, file or value) or 1 (a failed
+    run); with ``--debug`` they raise with their traceback.
+    """
+    args = build_parser().parse_args(argv)
+    prefix = f"jaxbp {args.command}: error:"
+    try:
+        with warnings.catch_warnings():
+            if not args.debug:        # a notice is one line, without a source location
+                warnings.showwarning = one_line_warning(args.command)
+            return args.run(args)
+    except UsageError as err:
+        if args.debug:
+            raise
+        print(f"{prefix} {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prefix} interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a failed run: one line, unless --debug
+        if args.debug:
+            raise
+        print(f"{prefix} {type(err).__name__}: {one_line(err)} (--debug for the traceback)",
+              file=sys.stderr)
+        return 1

@@ -1,0 +1,7 @@
+"""``python -m jaxbp.cli``: the ``jaxbp`` command."""
+
+import sys
+
+from jaxbp.cli import main
+
+sys.exit(main())

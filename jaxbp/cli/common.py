@@ -1,0 +1,71 @@
+"""What every subcommand shares: the usage error, option checks, one-line messages."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+
+class UsageError(ValueError):
+    """A bad option, file or value: exit status 2, found before any work."""
+
+
+def writable_dir(option: str, directory: pathlib.Path) -> None:
+    """The folder exists or can be made, and a file can be written in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".jaxbp-write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option}: cannot write in {str(directory)!r}: "
+                         f"{err.strerror or err}") from None
+
+
+def writable_file(option: str, path: str) -> None:
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option}: {path!r} is a folder, expected a file name such as "
+                         f"{str(target / 'curves.png')!r}")
+    writable_dir(option, target.parent if str(target.parent) else pathlib.Path("."))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{option}: plotting needs matplotlib: pip install "
+                         f"'jaxbp[plot]'") from None
+
+
+def positive(option: str, value: float, integer: bool = False, allow_zero: bool = False) -> None:
+    good = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not good:
+        kind = "an integer" if integer else "a finite number"
+        raise UsageError(f"{option} must be {kind} {'>= 0' if allow_zero else '> 0'}, "
+                         f"got {value!r}")
+
+
+def option_for(err: Exception, message: str) -> str:
+    """Put the command-line option in front of a library message about an MLP argument."""
+    for word, option in (("output_activation", "--output-activation"),
+                         ("activation", "--activation"), ("loss", "--loss"),
+                         ("sizes", "--sizes")):
+        if word in message:
+            return f"{option}: {message}"
+    return message
+
+
+def one_line_warning(command: str) -> Callable[..., None]:
+    """``warnings.showwarning`` for the command line: ``jaxbp CMD: warning: text`` on
+    stderr, one line (``--debug`` keeps Python's form, with the source location)."""
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
+             ) -> None:
+        print(f"jaxbp {command}: warning: {one_line(message)}", file=sys.stderr)
+
+    return show
+
+
+def one_line(err: BaseException | str) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__

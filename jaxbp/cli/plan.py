@@ -1,0 +1,265 @@
+"""``jaxbp train``'s options checked and turned into data, net, optimizer, mesh and privacy
+before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+from typing import Any
+
+import jax
+import optax
+
+from jaxbp.cli.common import UsageError, option_for, positive, writable_dir, writable_file
+
+OPTIMIZERS = {
+    "sgd": lambda lr: optax.sgd(lr),
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+    "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
+    "adam": lambda lr: optax.adam(lr),
+    "adamw": lambda lr: optax.adamw(lr),
+}
+
+
+def _load_data(name: str, seed: int, seq_len: int | None = None):
+    from jaxbp import data
+
+    if seq_len is not None:                      # --model gpt: a text, char-level
+        try:
+            return data.load_text(None if name == "shakespeare" else name, seq_len=seq_len)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UsageError(f"--data: {err}") from None
+    if name == "digits":
+        return data.load_digits()
+    if name == "teacher":
+        return data.teacher_regression(jax.random.key(seed + 1))
+    if not pathlib.Path(name).is_file():
+        raise UsageError(f"--data: {name!r} is neither 'digits', 'teacher' nor an existing "
+                         f".npz file")
+    try:
+        return data.load_npz(name)
+    except ValueError as err:
+        raise UsageError(f"--data: {err}") from None
+
+
+FEEDBACK_RULES = {"fa": "feedback alignment", "dfa": "direct feedback alignment",
+                  "sign": "sign symmetry"}
+
+
+def _check_checkpoint_reader(directory: pathlib.Path) -> None:
+    """Refuse (before anything is read or renamed) a folder of sharded checkpoints that
+    this environment cannot read: a missing library is not a corrupt checkpoint."""
+    from jaxbp.train import sharded_checkpoint
+
+    steps = sharded_checkpoint.list_steps(directory)
+    if not steps:
+        return
+    try:
+        import orbax.checkpoint  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--checkpoint-dir {directory} holds {len(steps)} sharded checkpoints "
+                         f"(written by a --mesh run through orbax); reading them needs "
+                         f"orbax-checkpoint: pip install 'jaxbp[scale]'") from None
+
+
+def plan_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option of ``jaxbp train`` checked and turned into what fit needs (no training)."""
+    _check_options(args)
+    if args.data is None:
+        args.data = "shakespeare" if args.model == "gpt" else "digits"
+    dataset = _load_data(args.data, args.seed, args.seq_len if args.model == "gpt" else None)
+    loss = args.loss or ("softmax_cross_entropy" if dataset.is_classification
+                         else "squared_error")
+    if args.model == "cnn":
+        net, dataset = _cnn(args, dataset, loss)
+    elif args.model == "gpt":
+        net = _gpt(args, dataset)
+    else:
+        net = _mlp(args, dataset, loss)
+    _check_fits(args, net, dataset, loss)
+    mesh = _parse_mesh(args)
+    if mesh is not None:
+        _check_mesh(args, mesh)
+    return {"dataset": dataset, "net": net, "optimizer": OPTIMIZERS[args.optimizer](args.lr),
+            "mesh": mesh, "privacy": _plan_privacy(args, mesh)}
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """The numbers and output paths, before any data are read."""
+    positive("--lr", args.lr)
+    positive("--epochs", args.epochs, integer=True)
+    positive("--batch-size", args.batch_size, integer=True)
+    if not -2**63 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be an integer in [-2**63, 2**63), got {args.seed}")
+    if args.checkpoint_dir is not None:
+        if not args.checkpoint_dir.strip():
+            raise UsageError("--checkpoint-dir must name a folder, got an empty string "
+                             "(use . for the current folder)")
+        writable_dir("--checkpoint-dir", pathlib.Path(args.checkpoint_dir))
+    if args.plot is not None:
+        writable_file("--plot", args.plot)
+    if args.diagnostics is not None:
+        writable_file("--diagnostics", args.diagnostics)
+    if args.model == "gpt":
+        positive("--seq-len", args.seq_len, integer=True)
+
+
+def _mlp(args: argparse.Namespace, dataset: Any, loss: str) -> Any:
+    """The MLP of ``--sizes`` (default n_in, 256, 256, n_out)."""
+    import jaxbp
+
+    if args.sizes:
+        try:
+            sizes = tuple(int(s) for s in args.sizes.split(","))
+        except ValueError:
+            raise UsageError(f"--sizes must be comma-separated integers, got "
+                             f"{args.sizes!r}") from None
+    else:
+        sizes = (dataset.n_in, 256, 256, dataset.n_out)
+    if sizes[0] != dataset.n_in or sizes[-1] != dataset.n_out:
+        raise UsageError(f"--sizes {args.sizes}: the first size must be the data's "
+                         f"{dataset.n_in} inputs and the last its {dataset.n_out} outputs "
+                         f"({args.data})")
+    try:
+        return jaxbp.MLP(sizes, args.activation, args.output_activation, loss)
+    except (TypeError, ValueError) as err:
+        raise UsageError(option_for(err, str(err))) from None
+
+
+def _check_fits(args: argparse.Namespace, net: Any, dataset: Any, loss: str) -> None:
+    """The data's targets suit the loss, a batch fits the data, a checkpoint can be read."""
+    from jaxbp import _checks
+
+    if dataset.is_classification and not net.loss_fn.integer_labels:
+        raise UsageError(f"--loss {loss}: the data hold integer class labels, which only "
+                         f"softmax_cross_entropy takes; use it or give one-hot targets")
+    if len(dataset.x_train) < args.batch_size:
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the "
+                         f"{len(dataset.x_train)} training samples of {args.data}")
+    try:
+        _checks.check_target_values(net, dataset.y_train, "the training targets")
+        _checks.check_target_values(net, dataset.y_test, "the test targets")
+    except ValueError as err:
+        raise UsageError(f"--data {args.data}: {err}") from None
+    if args.checkpoint_dir is not None:
+        _check_checkpoint_reader(pathlib.Path(args.checkpoint_dir))
+
+
+def _check_mesh(args: argparse.Namespace, mesh: Any) -> None:
+    """A mesh run can write its checkpoints and split every batch."""
+    if args.checkpoint_dir is not None:
+        try:
+            import orbax.checkpoint  # noqa: F401
+        except ImportError:
+            raise UsageError("--checkpoint-dir with --mesh/--devices writes sharded "
+                             "checkpoints through orbax: pip install "
+                             "'jaxbp[scale]'") from None
+    n_data = mesh.shape["data"]
+    if args.batch_size % (n_data * jax.process_count()):
+        raise UsageError(f"--batch-size {args.batch_size} does not split over the "
+                         f"{n_data} devices of the mesh's data axis and "
+                         f"{jax.process_count()} process(es)")
+
+
+def _plan_privacy(args: argparse.Namespace, mesh: Any) -> Any:
+    """``--dp`` and its options as a :class:`jaxbp.privacy.Privacy` (None without --dp)."""
+    dp_options = {"--target-epsilon": args.target_epsilon,
+                  "--noise-multiplier": args.noise_multiplier}
+    if not args.dp:
+        given = [name for name, value in dp_options.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --dp (differentially private training)")
+        return None
+    if args.grad != "backprop":
+        raise UsageError(f"--dp sets the gradient (clipped, noised per-example gradients): "
+                         f"drop --grad {args.grad}")
+    if mesh is not None:
+        raise UsageError("--dp runs on one device: drop --mesh/--devices")
+    if args.target_epsilon is None and args.noise_multiplier is None:
+        raise UsageError("--dp needs --target-epsilon E (sigma calibrated to it) or "
+                         "--noise-multiplier S")
+    try:
+        import dp_accounting  # noqa: F401
+    except ImportError:
+        raise UsageError('--dp accounts the privacy spent through dp-accounting: pip install '
+                         '"jaxbp[privacy]"') from None
+    from jaxbp.privacy import Privacy
+
+    for name, value in (("--clip-norm", args.clip_norm), ("--delta", args.delta),
+                        *dp_options.items()):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{name} must be a finite number > 0, got {value}")
+    if not args.delta < 1:
+        raise UsageError(f"--delta must be in (0, 1), got {args.delta}")
+    return Privacy(args.clip_norm, args.delta, args.target_epsilon, args.noise_multiplier,
+                   args.accountant)
+
+
+def _parse_mesh(args: argparse.Namespace) -> Any:
+    """``--mesh data=4,model=2`` or ``--devices N`` as a mesh (None for neither)."""
+    if args.mesh is None and args.devices is None:
+        return None
+    from jaxbp import parallel
+
+    if args.mesh is not None and args.devices is not None:
+        raise UsageError("--mesh and --devices: give one of them")
+    devices = jax.devices()
+    if args.devices is not None:
+        positive("--devices", args.devices, integer=True)
+        if args.devices > len(devices):
+            raise UsageError(f"--devices {args.devices}: only {len(devices)} device(s) are "
+                             f"visible ({devices[0].platform})")
+        return parallel.make_mesh(args.devices, 1, devices[:args.devices])
+    sizes = {}
+    for part in args.mesh.split(","):
+        name, _, value = part.partition("=")
+        if name not in ("data", "model") or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--mesh must look like data=4,model=2 (axes data and model, "
+                             f"sizes >= 1), got {args.mesh!r}")
+        sizes[name] = int(value)
+    model = sizes.get("model", 1)
+    data = sizes.get("data", len(devices) // model)
+    if data * model > len(devices) or data < 1:
+        raise UsageError(f"--mesh {args.mesh}: data x model = {data} x {model} but "
+                         f"{len(devices)} device(s) are visible")
+    return parallel.make_mesh(data, model, devices[:data * model])
+
+
+def _cnn(args: argparse.Namespace, dataset: Any, loss: str) -> tuple[Any, Any]:
+    """The small CNN of ``--model cnn`` on square one-channel images (digits: 8x8x1).
+
+    Conv 3x3 (16, act) -> MaxPool 2 -> Conv 3x3 (32, act) -> MaxPool 2 -> Flatten ->
+    Dense 64 (act) -> Dense n_out; act is ``--activation``.
+    """
+    from jaxbp import models
+
+    side = math.isqrt(dataset.n_in)
+    if side * side != dataset.n_in or side < 4:
+        raise UsageError(f"--model cnn reads each sample as a square one-channel image, but "
+                         f"{args.data} has {dataset.n_in} features")
+    if args.sizes:
+        raise UsageError("--sizes sets the layers of an MLP; --model cnn has its own")
+    act = args.activation
+    try:
+        net = models.cnn(side, dataset.n_out, act, args.output_activation, loss)
+    except (TypeError, ValueError) as err:
+        raise UsageError(option_for(err, str(err))) from None
+    images = dataset._replace(x_train=dataset.x_train.reshape(-1, side, side, 1),
+                              x_test=dataset.x_test.reshape(-1, side, side, 1))
+    return net, images
+
+
+def _gpt(args: argparse.Namespace, dataset: Any) -> Any:
+    """The GPT of ``--model gpt`` (:func:`jaxbp.models.gpt`) on the text's characters."""
+    from jaxbp import models
+
+    if args.sizes:
+        raise UsageError("--sizes sets the layers of an MLP; --model gpt takes --dim, "
+                         "--depth and --heads")
+    for option, value in (("--dim", args.dim), ("--depth", args.depth),
+                          ("--heads", args.heads)):
+        positive(option, value, integer=True)
+    if args.dim % args.heads:
+        raise UsageError(f"--heads {args.heads} must divide --dim {args.dim}")
+    return models.gpt(dataset.n_out, args.dim, args.depth, args.heads, args.seq_len)
