@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp._typing import Array
+from jaxbp.types import Array
 
 LEAKY_RELU_SLOPE = 0.01
 ELU_ALPHA = 1.0

@@ -11,10 +11,10 @@ import functools
 
 import jax
 
-from jaxbp import _checks, network
-from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp import input_checks, network
 from jaxbp.losses import mean_loss
 from jaxbp.mlp import MLP
+from jaxbp.types import Array, ArrayLike, Params
 
 
 def value_grads_and_output(
@@ -50,5 +50,5 @@ def value_and_autodiff(
     Returns:
       ``(C, grads)``: the scalar cost and grads shaped like ``params``.
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     return _value_and_autodiff(net, params, x, y)

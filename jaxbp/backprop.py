@@ -30,11 +30,11 @@ from typing import Any
 
 import jax
 
-from jaxbp import _checks, network
-from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp import input_checks, network
 from jaxbp.layers.chain import chain_backward
 from jaxbp.mlp import MLP
 from jaxbp.network import Network, as_network
+from jaxbp.types import Array, ArrayLike, Params
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -62,7 +62,7 @@ def layer_deltas(net: MLP | Network, params: Params, x: ArrayLike, y: ArrayLike,
       ``(a^L, caches, deltas)``: the output, each layer's forward cache (a Dense's
       ``(a^{l-1}, z^l, a^l)``) and the error at each layer's output.
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     return _layer_deltas(as_network(net), params, x, y, bool(per_sample))
 
 
@@ -102,7 +102,7 @@ def value_and_backprop(
     Raises:
       TypeError, ValueError: bad params, x or y (see :func:`jaxbp.MLP.cost`).
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     value, grads = _value_and_backprop(net, params, x, y)
     # Same container as the params (a list in gives a list out), as jax.grad does.
     return value, jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads))
@@ -153,5 +153,5 @@ def apply_with_manual_vjp(net: MLP, params: Params, x: ArrayLike) -> Array:
     Returns:
       (batch, n_out) a^L.
     """
-    x, _ = _checks.check_inputs(net, params, x)
+    x, _ = input_checks.check_inputs(net, params, x)
     return _apply_manual(net, params, x)

@@ -27,11 +27,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp import _checks, network_curvature
-from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp import input_checks, network_curvature
 from jaxbp.mlp import MLP
 from jaxbp.network import Network, as_network, value_grads_and_errors
 from jaxbp.sources import SourceResult
+from jaxbp.types import Array, ArrayLike, Params
 
 
 def _check_direction(params: Params, v: Params) -> None:
@@ -62,7 +62,7 @@ def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Para
       ValueError: v does not have the structure and shapes of params (and the
         input errors of :func:`jaxbp.backprop`).
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     _check_direction(params, v)
     v = jax.tree.map(lambda t, p: jnp.asarray(t, p.dtype), v, params)
     return network_curvature.hvp(as_network(net), params, x, y, v)
@@ -83,7 +83,7 @@ def ggn_diag(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
     Returns:
       The diagonal, shaped like ``params``.
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     return network_curvature.ggn_diag(as_network(net), params, x, y)
 
 
@@ -141,7 +141,7 @@ def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
         raise ValueError("kind='sampled' (the default) draws targets from the model: pass a "
                          "PRNG key (key=jax.random.key(0)), or use kind='exact' (no sampling, "
                          "n_out backward passes) or kind='empirical' (the given labels)")
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     network_curvature.check_kfac_layers(as_network(net))
     return network_curvature.kfac_factors(as_network(net), params, x, y, kind, key)
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxbp._typing import PRNGKey, is_int
+from jaxbp.types import PRNGKey, is_int
 
 _DIGITS = pathlib.Path(__file__).parent / "data" / "digits.npz"
 _SHAKESPEARE = pathlib.Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"

@@ -12,12 +12,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxbp import _checks, network
-from jaxbp._typing import Array, ArrayLike, Params
+from jaxbp import input_checks, network
 from jaxbp.layers.chain import chain_backward
 from jaxbp.losses import cost_and_output_error, counted
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
+from jaxbp.types import Array, ArrayLike, Params
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -65,7 +65,7 @@ def layer_stats(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
     the counted tokens) and the entries are its top-level Dense layers (the head; the
     blocks' layers sit inside Residuals).
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     if updates is not None and jax.tree.structure(updates) != jax.tree.structure(params):
         raise ValueError(f"updates must have the structure of params, "
                          f"{jax.tree.structure(params)}, got {jax.tree.structure(updates)}")

@@ -52,8 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import _checks, network
-from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
+from jaxbp import input_checks, network
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
 from jaxbp.layers.base import (
     LayerError,
@@ -64,6 +63,7 @@ from jaxbp.layers.base import (
 )
 from jaxbp.losses import cost_and_output_error
 from jaxbp.sources import GradientSource, SourceResult
+from jaxbp.types import Array, ArrayLike, Params, PRNGKey
 
 Feedback = tuple[Array | None, ...]
 """One entry per layer: a feedback array, or None where the layer keeps its own rule."""
@@ -315,7 +315,7 @@ def angles(net: Any, params: Params, x: ArrayLike, y: ArrayLike,
     if not callable(source):
         raise TypeError(f"source must be a gradient source (alignment(...), direct(...), "
                         f"sign_symmetry()), got {type(source).__name__}")
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     return np.asarray(_angles_between(net, source, params, x, y))
 
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array
+from jaxbp.types import Array
 
 
 class Loss(NamedTuple):

@@ -23,12 +23,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array, ArrayLike, Params, PRNGKey, is_int
 from jaxbp.activations import ACTIVATIONS, Activation, get_activation
 from jaxbp.layers.base import TRUNCATED_NORMAL_STD
 from jaxbp.layers.dense import Dense
 from jaxbp.losses import LOSSES, Loss, get_loss
 from jaxbp.network import Network
+from jaxbp.types import Array, ArrayLike, Params, PRNGKey, is_int
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -177,9 +177,9 @@ class MLP:
         Returns:
           (batch, n_out) a^L (logits when the loss is a cross-entropy).
         """
-        from jaxbp import _checks, network
+        from jaxbp import input_checks, network
 
-        x, _ = _checks.check_inputs(self, params, x)
+        x, _ = input_checks.check_inputs(self, params, x)
         return network.forward(self.network, params, x)[0]
 
     def cost(self, params: Params, x: ArrayLike, y: ArrayLike) -> Array:
@@ -194,10 +194,10 @@ class MLP:
         Returns:
           A scalar of the params' dtype.
         """
-        from jaxbp import _checks, network
+        from jaxbp import input_checks, network
         from jaxbp.losses import mean_loss
 
-        x, y = _checks.check_inputs(self, params, x, y)
+        x, y = input_checks.check_inputs(self, params, x, y)
         return mean_loss(self.loss_fn, network.forward(self.network, params, x)[0], y)
 
 

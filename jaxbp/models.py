@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp import layers, network
-from jaxbp._typing import Array, is_int
 from jaxbp.network import Network
+from jaxbp.types import Array, is_int
 
 NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
 """The norms :func:`gpt` takes by name."""

@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array, ArrayLike, PRNGKey, is_int
 from jaxbp.layers import precision
 from jaxbp.layers.base import LayerError
 from jaxbp.layers.chain import (
@@ -38,6 +37,7 @@ from jaxbp.losses import (
     mean_loss,
     per_sample_losses_and_errors,
 )
+from jaxbp.types import Array, ArrayLike, PRNGKey, is_int
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -156,16 +156,16 @@ class Network:
 
     def apply(self, params: Any, x: ArrayLike) -> Array:
         """The network output a^L, (batch, n_out) or (batch, T, n_out)."""
-        from jaxbp import _checks
+        from jaxbp import input_checks
 
-        x, _ = _checks.check_inputs(self, params, x)
+        x, _ = input_checks.check_inputs(self, params, x)
         return forward(self, params, x)[0]
 
     def cost(self, params: Any, x: ArrayLike, y: ArrayLike) -> Array:
         """C, the mean over the batch of the per-sample loss."""
-        from jaxbp import _checks
+        from jaxbp import input_checks
 
-        x, y = _checks.check_inputs(self, params, x, y)
+        x, y = input_checks.check_inputs(self, params, x, y)
         return mean_loss(self.loss_fn, forward(self, params, x)[0], y)
 
     def param_shapes(self) -> Any:

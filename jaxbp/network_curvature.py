@@ -48,10 +48,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp import losses, network
-from jaxbp._typing import Array, Params
 from jaxbp.layers import kfac
 from jaxbp.layers.chain import chain_backward
 from jaxbp.network import Network
+from jaxbp.types import Array, Params
 
 
 def _column_errors(net: Network, params: Params, caches: Any, columns: Array) -> tuple:

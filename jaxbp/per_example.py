@@ -33,12 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import _checks, network
-from jaxbp._typing import Array, ArrayLike, Params, PRNGKey
+from jaxbp import input_checks, network
 from jaxbp.layers.base import sq_norms_and_sum
 from jaxbp.losses import mean_loss
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
+from jaxbp.types import Array, ArrayLike, Params, PRNGKey
 
 ClipNorm = float | Sequence[float] | Array
 """One global clip norm C, or one C_l per layer."""
@@ -113,7 +113,7 @@ def per_example_grads(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> P
     Returns:
       A tuple of ``{"w": (B, fan_in, fan_out), "b": (B, fan_out)}``.
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     return _per_example_grads(net, params, x, y)
 
 
@@ -135,7 +135,7 @@ def per_example_grad_norms(net: MLP, params: Params, x: ArrayLike, y: ArrayLike)
     Returns:
       (B,) the 2-norms over all parameters of each sample's gradient.
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     return _per_example_grad_norms(net, params, x, y)
 
 
@@ -217,7 +217,7 @@ def clipped_grad(
     Returns:
       Grads shaped like ``params``.
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     return _clipped_grad(net, params, x, y, check_clip_norm(net, clip_norm))
 
 
@@ -286,7 +286,7 @@ def dp_sgd_grad(
     Returns:
       Grads shaped like ``params``.
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     return _dp_sgd_grad(net, params, x, y, *check_noise_and_clip(net, clip_norm,
                                                                  noise_multiplier), key)
 
@@ -341,7 +341,7 @@ def per_example_grad_variance(net: MLP, params: Params, x: ArrayLike, y: ArrayLi
     Returns:
       Variances shaped like ``params``.
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     return _per_example_grad_variance(net, params, x, y)
 
 

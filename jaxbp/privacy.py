@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbp._typing import PRNGKey, is_int, is_real
+from jaxbp.types import PRNGKey, is_int, is_real
 
 ACCOUNTANTS = ("rdp", "pld")
 OVERFLOW_PROBABILITY = 1e-12

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jaxbp import autodiff as _autodiff_module
 from jaxbp import backprop as _backprop_module
 from jaxbp import network, per_example
-from jaxbp._typing import Array, Params, PRNGKey
+from jaxbp.types import Array, Params, PRNGKey
 
 __all__ = ["NAMED", "GradientSource", "SourceResult", "as_result", "autodiff", "backprop",
            "clipped", "dp_sgd"]

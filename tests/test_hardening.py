@@ -19,7 +19,7 @@ import optax
 import pytest
 
 import jaxbp
-from jaxbp import _checks, cli
+from jaxbp import cli, input_checks
 from jaxbp.data import Dataset
 from jaxbp.train import checkpoint
 
@@ -111,20 +111,20 @@ class TestLabels:
         one_hot = jax.nn.one_hot(logits.argmax(-1), 7, dtype=dtype)
         for y in (rows, in_dtype, np.asarray(rows), one_hot):
             for net in (softmax, sigmoid):
-                _checks.check_target_values(net, y)  # no error
+                input_checks.check_target_values(net, y)  # no error
         jaxbp.backprop(softmax, softmax.init(jax.random.key(0)), x, rows)
 
     @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
     def test_targets_off_by_more_than_the_dtype_rounds_are_refused(self, dtype):
         softmax = jaxbp.MLP((4, 3), "relu", "identity", "softmax_cross_entropy", dtype=dtype)
-        tol = _checks.target_tolerance(dtype)
+        tol = input_checks.target_tolerance(dtype)
         short = jnp.asarray([[0.5, 0.2, 0.3 - 3 * max(tol, 1e-3)]], dtype)
         with pytest.raises(ValueError, match=rf"y rows must sum to 1 .*within .* {dtype}\): "
                                              r"row 0 sums to 0\.9"):
-            _checks.check_target_values(softmax, short)
+            input_checks.check_target_values(softmax, short)
         over = jnp.asarray([[0.0, 0.0, 1 + 4 * tol]], dtype)
         with pytest.raises(ValueError, match=r"y must hold probabilities in \[0, 1\]"):
-            _checks.check_target_values(softmax, over)
+            input_checks.check_target_values(softmax, over)
 
 
 class TestFitArguments:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxbp.bench.harness import MatmulShape, step_matmul_shapes
+from jaxbp.bench.roof import MatmulShape, step_matmul_shapes
 from jaxbp.models import gpt
 from jaxbp.network import Network
 

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp import layers, network
-from jaxbp._typing import Array, ArrayLike, Params
 from jaxbp.activations import ACTIVATIONS
 from jaxbp.backprop import value_and_backprop
 from jaxbp.check.verify import GradReport, verify_grads
 from jaxbp.losses import LOSSES
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
+from jaxbp.types import Array, ArrayLike, Params
 
 DTYPES = ("float64", "float32", "bfloat16")
 
@@ -92,7 +92,7 @@ def random_network(i: int, dtype: str) -> tuple[Network, int]:
                                       layers.LayerNorm(), layers.Dense(width))))
     loss = losses[i % 3]
     n_out = int(rng.integers(2, 6))
-    chain.append(layers.Dense(n_out, acts[(i // 3) % 9] if loss == "squared_error"
+    chain.append(layers.Dense(n_out, acts[(i // 3) % 9] if not LOSSES[loss].probability_targets
                               else "identity"))
     batch = 1 if i % 5 == 0 else int(rng.integers(2, 9))
     return Network(tuple(chain), (h, w, c), loss, dtype), batch
@@ -148,17 +148,18 @@ def random_cases(
             for loss in sorted(LOSSES):
                 depth = int(rng.integers(1, max_depth + 1))
                 widths = rng.integers(1, max_width + 1, size=depth + 1)
-                if loss == "softmax_cross_entropy":
+                if LOSSES[loss].normalised_targets:   # a softmax needs two outputs
                     widths[-1] = max(int(widths[-1]), 2)
-                out = str(rng.choice(names)) if (loss == "squared_error" or rng.random() < 0.5) \
+                out = str(rng.choice(names)) if (not LOSSES[loss].probability_targets
+                                                    or rng.random() < 0.5) \
                     else "identity"
                 net = MLP(tuple(int(w) for w in widths), activation, out, loss, dtype)
-                labels = loss == "softmax_cross_entropy" and bool(rng.random() < 0.5)
+                labels = LOSSES[loss].integer_labels and bool(rng.random() < 0.5)
                 yield Case(net, int(rng.integers(1, max_batch + 1)),
                            int(rng.integers(2**31)), labels)
         for _ in range(networks):
             net, batch = random_network(int(rng.integers(0, 10_000)), dtype)
-            labels = net.loss == "softmax_cross_entropy" and bool(rng.random() < 0.5)
+            labels = net.loss_fn.integer_labels and bool(rng.random() < 0.5)
             yield Case(net, batch, int(rng.integers(2**31)), labels)
         for _ in range(transformers):
             net, batch = random_transformer(int(rng.integers(0, 10_000)), dtype)
@@ -177,12 +178,12 @@ def case_data(case: Case) -> tuple[tuple[dict[str, Array], ...], Array, Array]:
     x = jax.random.normal(key_x, (case.batch, *sample), dtype)
     if case.label_targets:
         y = jax.random.randint(key_y, (case.batch,), 0, n_out)
-    elif net.loss == "squared_error":
-        y = jax.random.normal(key_y, (case.batch, n_out), dtype)
-    elif net.loss == "sigmoid_cross_entropy":
+    elif net.loss_fn.normalised_targets:            # rows of probabilities
+        y = jax.nn.softmax(jax.random.normal(key_y, (case.batch, n_out)) * 2).astype(dtype)
+    elif net.loss_fn.probability_targets:           # each entry in [0, 1]
         y = jax.random.uniform(key_y, (case.batch, n_out), dtype)
     else:
-        y = jax.nn.softmax(jax.random.normal(key_y, (case.batch, n_out)) * 2).astype(dtype)
+        y = jax.random.normal(key_y, (case.batch, n_out), dtype)
     return net.init(key_p), x, y
 
 

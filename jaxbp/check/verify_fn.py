@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp._typing import PyTree
 from jaxbp.check import verify
 from jaxbp.check.verify import GradReport, LeafCheck
+from jaxbp.types import PyTree
 
 _ArgsFn = Callable[..., PyTree]
 

@@ -129,7 +129,7 @@ def _mlp(args: argparse.Namespace, dataset: Any, loss: str) -> Any:
 
 def _check_fits(args: argparse.Namespace, net: Any, dataset: Any, loss: str) -> None:
     """The data's targets suit the loss, a batch fits the data, a checkpoint can be read."""
-    from jaxbp import _checks
+    from jaxbp import input_checks
 
     if dataset.is_classification and not net.loss_fn.integer_labels:
         raise UsageError(f"--loss {loss}: the data hold integer class labels, which only "
@@ -138,8 +138,8 @@ def _check_fits(args: argparse.Namespace, net: Any, dataset: Any, loss: str) -> 
         raise UsageError(f"--batch-size {args.batch_size} is larger than the "
                          f"{len(dataset.x_train)} training samples of {args.data}")
     try:
-        _checks.check_target_values(net, dataset.y_train, "the training targets")
-        _checks.check_target_values(net, dataset.y_test, "the test targets")
+        input_checks.check_target_values(net, dataset.y_train, "the training targets")
+        input_checks.check_target_values(net, dataset.y_test, "the test targets")
     except ValueError as err:
         raise UsageError(f"--data {args.data}: {err}") from None
     if args.checkpoint_dir is not None:

@@ -27,9 +27,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array, is_int
 from jaxbp.layers import kfac, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
+from jaxbp.types import Array, is_int
 
 _PROJECTIONS = ("q", "k", "v", "o")
 

@@ -59,7 +59,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array
+from jaxbp.types import Array
 
 Shape = tuple[int, ...]
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import jax
 
-from jaxbp._typing import Array
 from jaxbp.layers.base import LAYER_TYPES, LayerError, Shape
+from jaxbp.types import Array
 
 
 def check_layers(layers: Any, where: str) -> tuple[Any, ...]:

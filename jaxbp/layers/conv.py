@@ -27,10 +27,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array, is_int
 from jaxbp.activations import get_activation
 from jaxbp.layers import precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
+from jaxbp.types import Array, is_int
 
 PADDINGS = ("SAME", "VALID")
 

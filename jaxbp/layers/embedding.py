@@ -17,9 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array, is_int
 from jaxbp.layers import kfac
 from jaxbp.layers.base import TRUNCATED_NORMAL_STD, Shape, register
+from jaxbp.types import Array, is_int
 
 EMBEDDING_STD = 0.02
 """The standard deviation of the token and position tables at init (GPT-2's)."""

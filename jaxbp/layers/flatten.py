@@ -6,8 +6,8 @@ import dataclasses
 import math
 from typing import Any
 
-from jaxbp._typing import Array
 from jaxbp.layers.base import Shape, register
+from jaxbp.types import Array
 
 
 @register

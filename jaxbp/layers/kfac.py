@@ -37,8 +37,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array
 from jaxbp.layers.base import capability
+from jaxbp.types import Array
 
 
 class KfacScale(NamedTuple):

@@ -20,9 +20,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbp._typing import Array
 from jaxbp.layers import kfac, precision
 from jaxbp.layers.base import Shape, register
+from jaxbp.types import Array
 
 
 @register

@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array, is_int
 from jaxbp.layers.base import Shape, register
+from jaxbp.types import Array, is_int
 
 
 def _window(value: Any) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp._typing import Array
+from jaxbp.types import Array
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 RECIPE_FIELDS = ("compute_dtype", "activation_dtype")

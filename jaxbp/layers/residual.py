@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 
-from jaxbp._typing import Array
 from jaxbp.layers import kfac
 from jaxbp.layers.base import (
     Shape,
@@ -31,6 +30,7 @@ from jaxbp.layers.chain import (
     chain_shapes,
     check_layers,
 )
+from jaxbp.types import Array
 
 
 @register

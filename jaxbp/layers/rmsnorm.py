@@ -17,9 +17,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbp._typing import Array, is_real
 from jaxbp.layers import kfac
 from jaxbp.layers.base import Shape, register
+from jaxbp.types import Array, is_real
 
 
 @register

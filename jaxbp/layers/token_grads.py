@@ -23,7 +23,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbp._typing import Array
+from jaxbp.types import Array
 
 WeightedSum = Callable[[Array], Any]
 """``weights (B,) -> sum_i w_i g_i``, shaped as the parameter."""

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxbp._typing import PyTree
+from jaxbp.types import PyTree
 
 
 def process_rows(batch: np.ndarray, process_index: int | None = None,

@@ -43,8 +43,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxbp import _checks
-from jaxbp._typing import Array, ArrayLike, PyTree, is_int
+from jaxbp import input_checks
 from jaxbp.matmul_precision import check_precision, precision_scope
 from jaxbp.mlp import MLP
 from jaxbp.train.step import (
@@ -56,6 +55,7 @@ from jaxbp.train.step import (
     sample_rank,
     update_step,
 )
+from jaxbp.types import Array, ArrayLike, PyTree, is_int
 
 DATA, MODEL = "data", "model"
 
@@ -193,7 +193,7 @@ def _over_mesh(body: Callable[..., Any], mesh: Mesh, data_axis: str, model_axis:
     compiled: dict[Any, tuple[Any, ...]] = {}
 
     def program(state: TrainState, x: ArrayLike, y: ArrayLike):
-        x, y = _checks.as_array("x", x), _checks.as_array("y", y)
+        x, y = input_checks.as_array("x", x), input_checks.as_array("y", y)
         local_rows = int(np.shape(x)[batch_dim]) if np.ndim(x) > batch_dim else 0
         global_rows = local_rows * jax.process_count()
         if global_rows % n_data:
@@ -261,7 +261,7 @@ def make_sharded_train_step(
     _check_step_arguments(optimizer, mesh, data_axis, precision)
 
     def body(state: TrainState, x: Array, y: Array):
-        x, y = _checks.check_inputs(net, state.params, x, y)
+        x, y = input_checks.check_inputs(net, state.params, x, y)
         with precision_scope(precision):
             return update_step(net, optimizer, gradient, state, x, y)
 

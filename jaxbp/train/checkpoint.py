@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxbp._typing import PyTree, is_int
+from jaxbp.types import PyTree, is_int
 
 _NAME = re.compile(r"^ckpt_(\d+)\.npz$")
 _HEADER = "__header__"

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import _checks, network
-from jaxbp._typing import PRNGKey
+from jaxbp import input_checks, network
 from jaxbp.data import Dataset, epoch_order
 from jaxbp.parallel import process_rows
+from jaxbp.types import PRNGKey
 
 DEVICE_DATA_BYTES = 2 * 2**30
 """Data sets up to this size (x and y of train and test together) are put on the device
@@ -152,7 +152,7 @@ def make_feed(net: Any, data: Dataset, dtype: Any, batch_size: int, drop_last: b
     """
     tokens = getattr(network.as_network(net), "input_dtype", None)
     x_train = np.asarray(data.x_train, tokens or dtype)
-    labels = np.ndim(data.y_train) == _checks.label_rank(net)
+    labels = np.ndim(data.y_train) == input_checks.label_rank(net)
     y_train = np.asarray(data.y_train, np.int32 if labels else dtype)
     if private is not None:
         feed = PoissonFeed(x_train, y_train, private.rate, steps_per_epoch,

@@ -10,7 +10,6 @@ the same params, bit for bit, as a run that never stopped.
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 import time
 from typing import Any, NamedTuple
@@ -19,22 +18,27 @@ import jax
 import numpy as np
 import optax
 
-from jaxbp import _checks, parallel
-from jaxbp._typing import Params, PRNGKey
+from jaxbp import input_checks, parallel
 from jaxbp.data import Dataset, num_batches
-from jaxbp.diagnostics import layer_stats
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.train import checkpoint, feeds, plots, resume
 from jaxbp.train import private as train_private
+from jaxbp.train.epoch import (
+    epoch_line,
+    epoch_row,
+    layer_stats_lists,
+    loops_of,
+    progress_bar,
+    train_epoch,
+)
 from jaxbp.train.run_config import describe_run
 from jaxbp.train.step import (
     GradFn,
     TrainState,
     check_optimizer,
-    evaluate_checked,
-    make_train_loop,
 )
+from jaxbp.types import Params, PRNGKey
 
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                 "seconds")
@@ -53,31 +57,6 @@ class FitResult(NamedTuple):
 
     state: TrainState
     history: dict[str, list[float]]
-
-
-_LOOPS: dict[Any, Any] = {}
-"""Compiled train loops of earlier ``fit`` calls, by (net, optimizer, steps, grad, mesh)."""
-_MAX_LOOPS = 32
-
-
-def _train_loop(net: Any, optimizer: Any, steps: int, grad: Any, mesh: Any) -> Any:
-    """The k-step train loop, the same jitted function for the same (net, optimizer object,
-    k, gradient source, mesh): a second ``fit`` of the same setting compiles nothing (jit's
-    cache answers). An unhashable gradient source gets a fresh loop."""
-    key = (net, optimizer, steps, grad, mesh)
-    try:
-        hash(key)
-    except TypeError:
-        key = None
-    if key is None or key not in _LOOPS:
-        loop = (make_train_loop(net, optimizer, steps=steps, grad=grad) if mesh is None
-                else parallel.make_sharded_train_loop(net, optimizer, mesh, steps, grad))
-        if key is None:
-            return loop
-        if len(_LOOPS) >= _MAX_LOOPS:
-            _LOOPS.pop(next(iter(_LOOPS)))
-        _LOOPS[key] = loop
-    return _LOOPS[key]
 
 
 def fit(
@@ -182,8 +161,8 @@ def fit(
                          chunk_steps)
     _check_mesh(mesh, len(data.x_train), batch_size, drop_last)
     train_private.check_privacy(privacy, grad, mesh)
-    _checks.check_target_values(net, data.y_train, "data.y_train")
-    _checks.check_target_values(net, data.y_test, "data.y_test")
+    input_checks.check_target_values(net, data.y_train, "data.y_train")
+    input_checks.check_target_values(net, data.y_test, "data.y_test")
     main_process = jax.process_index() == 0
     progress, plot = progress and main_process, plot if main_process else None
     file_lock = None
@@ -264,22 +243,12 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     history: dict[str, list[Any]] = {name: [] for name in HISTORY_KEYS}
     private = None
     if privacy is not None:
-        private = train_private.plan(privacy, len(data.x_train), batch_size, epochs)
-        grad = private.gradient(jax.random.fold_in(key_data, _NOISE_KEY))
+        private, grad, run_config = _private_start(privacy, len(data.x_train), batch_size,
+                                                   epochs, key_data, run_config, progress)
         history["epsilon"] = []
-        run_config = {**(run_config or {}), "privacy": dataclasses.asdict(privacy),
-                      "noise_multiplier": private.sigma}
-        _say(progress, private.describe(batch_size))
     run = describe_run(net, optimizer, grad, batch_size, drop_last, key_data, data, run_config)
-    first_epoch, metadata = 0, {}
-    found = None if checkpoint_dir is None else resume.restore_latest(
-        checkpoint_dir, state, key_data, shardings)
-    if found is not None:
-        restored, metadata, path = found
-        resume.check_same_run(path, metadata.get("run"), run, allow_run_change, progress)
-        state, key_data = restored["state"], restored["key"]
-        history, first_epoch = metadata["history"], metadata["epoch"]
-        _say(progress, f"resumed from {path} (after epoch {first_epoch})")
+    state, key_data, history, first_epoch, metadata = _restore(
+        checkpoint_dir, state, key_data, shardings, history, run, allow_run_change, progress)
     step_count = int(parallel.fetch(state.step))  # replicated: each process's own copy
     if private is not None:
         private, notice = train_private.resumed(private, metadata, step_count, batch_size,
@@ -292,34 +261,63 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     feed, test = feeds.make_feed(net, data, dtype, batch_size, drop_last, mesh, private,
                                  steps_per_epoch)
     chunk = min(steps_per_epoch, chunk_steps or feeds.CHUNK_STEPS)
-    loop_of = _loops(net, optimizer, grad, mesh)
+    loop_of = loops_of(net, optimizer, grad, mesh)
     for epoch in range(first_epoch, epochs):
         if private is not None and private.over_budget(step_count + steps_per_epoch, epoch):
             break
         start = time.perf_counter()
-        bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
-        state, sums, step_count = _train_epoch(loop_of, feed, state,
+        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
+        state, sums, step_count = train_epoch(loop_of, feed, state,
                                                jax.random.fold_in(key_data, epoch), chunk,
                                                step_count, bar)
         params_now = parallel.gather_params(state.params)
-        row = _epoch_row(net, params_now, test, eval_batch_size, sums, steps_per_epoch,
+        row = epoch_row(net, params_now, test, eval_batch_size, sums, steps_per_epoch,
                          epoch, start)
         if private is not None:
             row["epsilon"] = private.epsilon(step_count)
         for name in row:
             history[name].append(row[name])
         if diagnostics:
-            history.setdefault("layer_stats", []).append(_layer_stats(
+            history.setdefault("layer_stats", []).append(layer_stats_lists(
                 net, params_now, data, eval_batch_size))
-        _say(progress, _epoch_line(net, row, epochs))
+        _say(progress, epoch_line(net, row, epochs))
         if checkpoint_dir is not None:
-            record = {"epoch": epoch + 1, "history": history, "run": run}
-            if private is not None:
-                record["privacy_segments"] = [list(seg) for seg in private.segments(step_count)]
-            _save(checkpoint_dir, epoch, step_count, state, key_data, record, keep, mesh)
+            _save(checkpoint_dir, epoch, step_count, state, key_data,
+                  {"epoch": epoch + 1, "history": history, "run": run}, private, keep, mesh)
     if plot is not None:
         plots.plot_history(history, plot)
     return FitResult(state, history)
+
+
+def _private_start(privacy: Any, n_train: int, batch_size: int, epochs: int, key: PRNGKey,
+                   run_config: dict[str, Any] | None, progress: bool
+                   ) -> tuple[train_private.Plan, GradFn, dict[str, Any]]:
+    """A private run's plan, its DP-SGD source, and its run record's privacy entries."""
+    private = train_private.plan(privacy, n_train, batch_size, epochs)
+    record = {**(run_config or {}), "privacy": dataclasses.asdict(privacy),
+              "noise_multiplier": private.sigma}
+    _say(progress, private.describe(batch_size))
+    return private, private.gradient(jax.random.fold_in(key, _NOISE_KEY)), record
+
+
+def _restore(directory: Any, state: TrainState, key: PRNGKey, shardings: Any,
+             history: dict[str, list[Any]], run: dict[str, Any], allow_run_change: bool,
+             progress: bool) -> tuple[TrainState, PRNGKey, dict[str, list[Any]], int, dict]:
+    """State, key, history, epochs done and the checkpoint's metadata: from the newest
+    checkpoint of this run in ``directory``, or as given (epoch 0) when there is none.
+
+    Raises:
+      jaxbp.checkpoint.CheckpointMismatchError: the checkpoint is another run's.
+    """
+    found = None if directory is None else resume.restore_latest(directory, state, key,
+                                                                 shardings)
+    if found is None:
+        return state, key, history, 0, {}
+    restored, metadata, path = found
+    resume.check_same_run(path, metadata.get("run"), run, allow_run_change, progress)
+    _say(progress, f"resumed from {path} (after epoch {metadata['epoch']})")
+    return (restored["state"], restored["key"], metadata["history"], metadata["epoch"],
+            metadata)
 
 
 _NOISE_KEY = 0xD9
@@ -341,64 +339,13 @@ def _steps_per_epoch(n_train: int, batch_size: int, drop_last: bool,
     return steps
 
 
-def _loops(net: Any, optimizer: Any, grad: Any, mesh: Any) -> Any:
-    """``loop_of(k)``: the compiled k-step loop of this run (at most three lengths)."""
-    loops: dict[int, Any] = {}
-
-    def loop_of(k: int) -> Any:
-        if k not in loops:
-            loops[k] = _train_loop(net, optimizer, k, grad, mesh)
-        return loops[k]
-
-    return loop_of
-
-
-def _train_epoch(loop_of: Any, feed: Any, state: TrainState, key: PRNGKey, chunk: int,
-                 step_count: int, bar: Any) -> tuple[TrainState, dict[str, float], int]:
-    """One epoch of chunks: the state after it, the sums of its steps' loss and accuracy,
-    and the step count after it.
-
-    Raises what :func:`jaxbp.train.feeds.check_chunk` raises, naming the step.
-    """
-    sums = {"loss": 0.0, "accuracy": 0.0}
-    for xs, ys, *masks in feed.chunks(key, chunk):
-        k = len(xs)
-        state, metrics = loop_of(k)(state, xs, ys, *masks)
-        metrics = parallel.fetch(metrics)  # the one sync of this chunk
-        feeds.check_chunk(metrics, step_count)
-        step_count += k
-        sums["loss"] += float(np.sum(metrics["loss"]))
-        sums["accuracy"] += float(np.sum(metrics.get("accuracy", math.nan)))
-        if bar is not None:
-            bar.update(k)
-            bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4f}")
-    if bar is not None:
-        bar.close()
-    return state, sums, step_count
-
-
-def _epoch_row(net: MLP, params: Params, test: tuple[Any, Any], eval_batch_size: int,
-               sums: dict[str, float], steps: int, epoch: int, start: float
-               ) -> dict[str, float]:
-    """The epoch's line of the history: train means, the test evaluation, seconds."""
-    scores = evaluate_checked(net, params, *test, eval_batch_size)
-    return {"epoch": epoch + 1,
-            "train_loss": sums["loss"] / steps,
-            "train_accuracy": sums["accuracy"] / steps,
-            "test_loss": scores["loss"],
-            "test_accuracy": scores.get("accuracy", math.nan),
-            "seconds": time.perf_counter() - start}
-
-
-def _layer_stats(net: MLP, params: Params, data: Dataset, n: int) -> dict[str, list[float]]:
-    """:func:`jaxbp.layer_stats` on the first ``n`` training samples, as lists."""
-    stats = layer_stats(net, params, data.x_train[:n], data.y_train[:n])
-    return {k: [float(v) for v in np.asarray(a)] for k, a in stats.items()}
-
-
 def _save(directory: str | pathlib.Path, epoch: int, step_count: int, state: TrainState,
-          key: PRNGKey, record: dict[str, Any], keep: int, mesh: Any) -> None:
-    """The epoch's checkpoint; a NaN/inf state is refused, naming the epoch and step."""
+          key: PRNGKey, record: dict[str, Any], private: train_private.Plan | None, keep: int,
+          mesh: Any) -> None:
+    """The epoch's checkpoint, a private run's segments in its record; a NaN/inf state is
+    refused, naming the epoch and step."""
+    if private is not None:
+        record = {**record, "privacy_segments": [list(s) for s in private.segments(step_count)]}
     try:
         resume.save(directory, epoch + 1, state, key, record, keep, mesh)
     except FloatingPointError as err:
@@ -406,26 +353,3 @@ def _save(directory: str | pathlib.Path, epoch: int, step_count: int, state: Tra
             f"training stopped after epoch {epoch + 1} (step {step_count}): the "
             f"updated state holds NaN/inf, so it was not saved ({err}); the newest "
             f"checkpoint is still the one before. Lower the learning rate") from None
-
-
-def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    # disable=None: no bar when stderr is not a terminal (logs, CI)
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
-
-
-def _epoch_line(net: MLP, row: dict[str, float], epochs: int) -> str:
-    line = f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f}"
-    if net.loss_fn.is_classification:
-        line += f" acc {row['train_accuracy']:.4f}"
-    line += f"  test loss {row['test_loss']:.4f}"
-    if net.loss_fn.is_classification:
-        line += f" acc {row['test_accuracy']:.4f}"
-    if "epsilon" in row:
-        line += f"  epsilon {row['epsilon']:.3f}"
-    return line + f"  ({row['seconds']:.2f} s)"
-
-

@@ -16,11 +16,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxbp._typing import PRNGKey
 from jaxbp.parallel import fetch
 from jaxbp.train import checkpoint
 from jaxbp.train.run_config import run_differences
 from jaxbp.train.step import TrainState
+from jaxbp.types import PRNGKey
 
 
 def save(directory: str | pathlib.Path, step: int, state: TrainState, key: PRNGKey,
@@ -71,7 +71,7 @@ def check_same_run(path: pathlib.Path, saved: dict[str, Any] | None, now: dict[s
     if saved is None:
         warnings.warn(f"checkpoint {str(path)!r} has no run record (written by an older "
                       f"jaxbp): net, optimizer, seed and data are not checked", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=5)
         return
     differences = run_differences(saved, now)
     if not differences:
@@ -81,7 +81,7 @@ def check_same_run(path: pathlib.Path, saved: dict[str, Any] | None, now: dict[s
         if progress:
             print(notice)
         else:
-            warnings.warn(notice, RuntimeWarning, stacklevel=3)
+            warnings.warn(notice, RuntimeWarning, stacklevel=5)
         return
     raise checkpoint.CheckpointMismatchError(
         f"checkpoint {str(path)!r} was written by another run: " + "; ".join(differences)

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp._typing import PyTree
 from jaxbp.train.checkpoint import CheckpointMismatchError, set_aside
+from jaxbp.types import PyTree
 
 PREFIX = "ckpt"
 _STEP = re.compile(rf"^{PREFIX}_(\d+)$")

@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbp import _checks, network, sources
-from jaxbp._typing import Array, ArrayLike, Params, is_int
+from jaxbp import input_checks, network, sources
 from jaxbp.losses import sample_sums
 from jaxbp.matmul_precision import check_precision, precision_scope
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.sources import GradientSource
+from jaxbp.types import Array, ArrayLike, Params, is_int
 
 GradFn = GradientSource
 """A gradient source: ``(net, params, x, y, step, mask=None) -> SourceResult(loss, grads,
@@ -120,7 +120,7 @@ def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: Gra
 
 def _checked_masks(masks: Any, batch_shape: tuple[int, ...]) -> Array:
     """masks: booleans of the batch shape, (k, batch) or (batch,)."""
-    masks = _checks.as_array("masks", masks)
+    masks = input_checks.as_array("masks", masks)
     if np.shape(masks) != tuple(batch_shape) or masks.dtype != jnp.bool_:
         raise ValueError(f"masks must be booleans of shape {tuple(batch_shape)} (one per row "
                          f"of xs), got {masks.dtype} {np.shape(masks)}")
@@ -185,7 +185,7 @@ def make_train_step(
     check_precision(precision)
 
     def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
-        x, y = _checks.check_inputs(net, state.params, x, y)
+        x, y = input_checks.check_inputs(net, state.params, x, y)
         with precision_scope(precision):
             return update_step(net, optimizer, gradient, state, x, y)
 
@@ -225,13 +225,13 @@ def make_train_loop(
 
     def loop(state: TrainState, xs: Array, ys: Array,
              masks: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
-        xs = _checks.as_array("xs", xs)
+        xs = input_checks.as_array("xs", xs)
         per_step = np.ndim(xs) == sample_rank(net) + 2  # (k, batch, *sample)
         if per_step and (np.shape(xs)[0] != steps or np.shape(ys)[0] != steps):
             raise ValueError(f"xs has shape {np.shape(xs)} and ys {np.shape(ys)} but expected "
                              f"a leading axis of steps = {steps} (or one batch for all steps)")
         x0, y0 = (xs[0], ys[0]) if per_step else (xs, ys)
-        x0, y0 = _checks.check_inputs(net, state.params, x0, y0)
+        x0, y0 = input_checks.check_inputs(net, state.params, x0, y0)
         # cast like the first batch: x to the params' dtype, targets too, labels stay ints
         xs, ys = (jnp.asarray(xs, x0.dtype), jnp.asarray(ys, y0.dtype)) if per_step else (x0, y0)
 
@@ -296,7 +296,7 @@ def evaluate(
       ``{"loss": C, "accuracy": ...}`` as Python floats (accuracy only for
       classification losses); for sequences the means over every counted token.
     """
-    x, y = _checks.check_inputs(net, params, x, y)
+    x, y = input_checks.check_inputs(net, params, x, y)
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     return evaluate_checked(net, params, x, y, int(batch_size))

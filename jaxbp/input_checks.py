@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp._typing import Array, Params
+from jaxbp.types import Array, Params
 
 if TYPE_CHECKING:
     from jaxbp.mlp import MLP

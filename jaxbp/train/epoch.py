@@ -1,0 +1,123 @@
+"""One epoch of a run: the compiled k-step loops, the chunks through them, the epoch's line.
+
+:func:`train_loop` keeps one jitted loop per (net, optimizer, k, gradient source, mesh),
+so a second :func:`jaxbp.fit` of the same setting compiles nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from jaxbp import parallel
+from jaxbp.data import Dataset
+from jaxbp.diagnostics import layer_stats
+from jaxbp.mlp import MLP
+from jaxbp.train import feeds
+from jaxbp.train.step import TrainState, evaluate_checked, make_train_loop
+from jaxbp.types import Params, PRNGKey
+
+_LOOPS: dict[Any, Any] = {}
+"""Compiled train loops of earlier ``fit`` calls, by (net, optimizer, steps, grad, mesh)."""
+_MAX_LOOPS = 32
+
+
+def train_loop(net: Any, optimizer: Any, steps: int, grad: Any, mesh: Any) -> Any:
+    """The k-step train loop, the same jitted function for the same (net, optimizer object,
+    k, gradient source, mesh): a second ``fit`` of the same setting compiles nothing (jit's
+    cache answers). An unhashable gradient source gets a fresh loop."""
+    key = (net, optimizer, steps, grad, mesh)
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    if key is None or key not in _LOOPS:
+        loop = (make_train_loop(net, optimizer, steps=steps, grad=grad) if mesh is None
+                else parallel.make_sharded_train_loop(net, optimizer, mesh, steps, grad))
+        if key is None:
+            return loop
+        if len(_LOOPS) >= _MAX_LOOPS:
+            _LOOPS.pop(next(iter(_LOOPS)))
+        _LOOPS[key] = loop
+    return _LOOPS[key]
+
+
+def loops_of(net: Any, optimizer: Any, grad: Any, mesh: Any) -> Any:
+    """``loop_of(k)``: the compiled k-step loop of this run (at most three lengths)."""
+    loops: dict[int, Any] = {}
+
+    def loop_of(k: int) -> Any:
+        if k not in loops:
+            loops[k] = train_loop(net, optimizer, k, grad, mesh)
+        return loops[k]
+
+    return loop_of
+
+
+def train_epoch(loop_of: Any, feed: Any, state: TrainState, key: PRNGKey, chunk: int,
+                 step_count: int, bar: Any) -> tuple[TrainState, dict[str, float], int]:
+    """One epoch of chunks: the state after it, the sums of its steps' loss and accuracy,
+    and the step count after it.
+
+    Raises what :func:`jaxbp.train.feeds.check_chunk` raises, naming the step.
+    """
+    sums = {"loss": 0.0, "accuracy": 0.0}
+    for xs, ys, *masks in feed.chunks(key, chunk):
+        k = len(xs)
+        state, metrics = loop_of(k)(state, xs, ys, *masks)
+        metrics = parallel.fetch(metrics)  # the one sync of this chunk
+        feeds.check_chunk(metrics, step_count)
+        step_count += k
+        sums["loss"] += float(np.sum(metrics["loss"]))
+        sums["accuracy"] += float(np.sum(metrics.get("accuracy", math.nan)))
+        if bar is not None:
+            bar.update(k)
+            bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4f}")
+    if bar is not None:
+        bar.close()
+    return state, sums, step_count
+
+
+def epoch_row(net: MLP, params: Params, test: tuple[Any, Any], eval_batch_size: int,
+               sums: dict[str, float], steps: int, epoch: int, start: float
+               ) -> dict[str, float]:
+    """The epoch's line of the history: train means, the test evaluation, seconds."""
+    scores = evaluate_checked(net, params, *test, eval_batch_size)
+    return {"epoch": epoch + 1,
+            "train_loss": sums["loss"] / steps,
+            "train_accuracy": sums["accuracy"] / steps,
+            "test_loss": scores["loss"],
+            "test_accuracy": scores.get("accuracy", math.nan),
+            "seconds": time.perf_counter() - start}
+
+
+def layer_stats_lists(net: MLP, params: Params, data: Dataset, n: int) -> dict[str, list[float]]:
+    """:func:`jaxbp.layer_stats` on the first ``n`` training samples, as lists."""
+    stats = layer_stats(net, params, data.x_train[:n], data.y_train[:n])
+    return {k: [float(v) for v in np.asarray(a)] for k, a in stats.items()}
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+def epoch_line(net: MLP, row: dict[str, float], epochs: int) -> str:
+    line = f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f}"
+    if net.loss_fn.is_classification:
+        line += f" acc {row['train_accuracy']:.4f}"
+    line += f"  test loss {row['test_loss']:.4f}"
+    if net.loss_fn.is_classification:
+        line += f" acc {row['test_accuracy']:.4f}"
+    if "epsilon" in row:
+        line += f"  epsilon {row['epsilon']:.3f}"
+    return line + f"  ({row['seconds']:.2f} s)"
+
+
