@@ -67,7 +67,7 @@ def main() -> None:
             folder, step, {"state": state, "key": key_data}, {"epoch": step}), args.repeats)
     if jax.device_count() > 1:
         mesh = parallel.make_mesh(model=2)
-        sharded = jax.device_put(state, parallel.state_shardings(state, mesh))
+        sharded = jax.device_put(state, parallel.state_shardings(state, mesh, net=net))
         rows[f"orbax, mesh {dict(mesh.shape)}"] = _time_saves(
             lambda folder, step: sharded_checkpoint.save(
                 folder, step, {"state": sharded, "key": key_data}, {"epoch": step}),

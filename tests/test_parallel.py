@@ -43,6 +43,7 @@ def test_sharded_step_equals_single_device_on_1d_and_2d_meshes():
     assert result.stdout.count("ok mesh") == 9 and "ok uneven batch" in result.stdout
     assert "ok collectives" in result.stdout  # Megatron pairs: no all-gather
     assert "ok gpt mesh (4, 2)" in result.stdout
+    assert "ok user record replicated, Dense pairs split" in result.stdout
 
 
 def _free_port() -> int:

@@ -42,6 +42,10 @@ capability: :func:`capability`):
   sets of per-sample output errors ``(k, B, ...)`` without forming the per-sample
   gradients (Dense); the quantities form them through ``per_sample_grads``
   otherwise.
+* ``model_axis_fans(params) -> (fan_in, fan_out)`` and ``model_axis_specs(split, axis)``:
+  the weight a mesh's model axis may split and the layer's PartitionSpecs for a
+  ``"column"`` or ``"row"`` split (Dense; :func:`jaxbp.parallel.state_shardings` pairs
+  them Megatron style); a layer without them stays replicated.
 * ``per_sample_sq_norms_and_sum(params, cache, delta_out)``: the norms and
   ``weights -> sum_i w_i g_i`` (the clipped sum) from what the norms formed (the
   routes of :mod:`jaxbp.layers.token_grads`: Dense on tokens, SelfAttention, Conv2D;

@@ -145,6 +145,20 @@ class Dense:
         x = cache[0]
         return x.reshape(-1, x.shape[-1]), math.prod(x.shape[1:-1])
 
+    def model_axis_fans(self, params: dict[str, Any]) -> tuple[int, int]:
+        """``(fan_in, fan_out)`` of W: what a model axis may split (Megatron pairs,
+        :func:`jaxbp.parallel.layer_splits`)."""
+        return tuple(params["w"].shape)
+
+    def model_axis_specs(self, split: str, axis: str) -> dict[str, Any]:
+        """The PartitionSpecs of W and b for a ``"column"`` split (W over its fan_out, b
+        with it) or a ``"row"`` split (W over its fan_in, b replicated)."""
+        from jax.sharding import PartitionSpec
+
+        if split == "column":
+            return {"w": PartitionSpec(None, axis), "b": PartitionSpec(axis)}
+        return {"w": PartitionSpec(axis, None), "b": PartitionSpec()}
+
     def feedback_shape(self, in_shape: Shape) -> Shape:
         """A feedback B in W^T's place: ``(units, fan_in)``."""
         return (self.units, in_shape[-1])

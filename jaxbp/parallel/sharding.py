@@ -100,9 +100,9 @@ def layer_splits(shapes: Sequence[tuple[int, int] | None],
     A layer is row-split when the one before it was column-split (its output
     arrives split over features) and its fan_in divides evenly; else
     column-split when its fan_out divides; else replicated. With
-    ``model_size`` 1 everything is replicated. A ``None`` entry (a layer of a
-    :class:`jaxbp.Network` that is not Dense: conv, pooling, layernorm, ...)
-    stays replicated and ends any pair: the model axis splits dense layers only.
+    ``model_size`` 1 everything is replicated. A ``None`` entry (a layer record without
+    the ``model_axis_fans`` capability: conv, pooling, layernorm, attention, ...)
+    stays replicated and ends any pair.
     """
     splits: list[str] = []
     for shape in shapes:
@@ -120,38 +120,40 @@ def layer_splits(shapes: Sequence[tuple[int, int] | None],
     return tuple(splits)
 
 
-def _layer_specs(split: str, model_axis: str | None) -> dict[str, PartitionSpec]:
-    if split == "column":
-        return {"w": PartitionSpec(None, model_axis), "b": PartitionSpec(model_axis)}
-    if split == "row":
-        return {"w": PartitionSpec(model_axis, None), "b": PartitionSpec()}
-    return {"w": PartitionSpec(), "b": PartitionSpec()}
+def _records(net: Any) -> tuple[Any, ...]:
+    from jaxbp import network
+
+    return network.as_network(net).layers
 
 
-def _dense_shape(layer: Any) -> tuple[int, int] | None:
-    """``(fan_in, fan_out)`` of a dense layer's params ``{"w", "b"}``, else None."""
-    if isinstance(layer, dict) and set(layer) == {"w", "b"} and np.ndim(layer["w"]) == 2:
-        return tuple(np.shape(layer["w"]))
-    return None
+def _fans(layer: Any, params: Any) -> tuple[int, int] | None:
+    """The record's ``(fan_in, fan_out)`` for the model axis, None without the capability."""
+    fans = getattr(layer, "model_axis_fans", None)
+    return None if fans is None else fans(params)
 
 
-def state_shardings(state: PyTree, mesh: Mesh, model_axis: str | None = MODEL) -> PyTree:
-    """A NamedSharding for every leaf of a TrainState.
+def state_shardings(state: PyTree, mesh: Mesh, model_axis: str | None = MODEL, *,
+                    net: Any) -> PyTree:
+    """A NamedSharding for every leaf of ``net``'s TrainState.
 
-    The params and every optimizer moment shaped like them (a subtree with
-    the params' structure and shapes: adam's mu and nu, momentum's trace)
-    follow :func:`layer_splits`; everything else (the step, counts, the
-    layers of a Network that are not dense) is replicated.
+    Each layer record that can be split over the model axis says so
+    (``model_axis_fans``, ``model_axis_specs``: Dense); :func:`layer_splits` pairs
+    those layers. The params and every optimizer moment shaped like them (a subtree
+    with the params' structure and shapes: adam's mu and nu, momentum's trace)
+    follow the splits; everything else (the step, counts, the layers that cannot be
+    split) is replicated.
     """
     size = _axis_size(mesh, model_axis)
     params = state.params
-    shapes = tuple(_dense_shape(layer) for layer in params)
+    records = _records(net)
+    shapes = tuple(_fans(layer, p) for layer, p in zip(records, params))
     splits = layer_splits(shapes, size)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_shardings = tuple(
-        {name: NamedSharding(mesh, spec) for name, spec in _layer_specs(split, model_axis)
-         .items()} if shape is not None else jax.tree.map(lambda _: replicated, layer)
-        for layer, shape, split in zip(params, shapes, splits))
+        jax.tree.map(lambda _: replicated, layer_params) if split == "replicated" else
+        {name: NamedSharding(mesh, spec)
+         for name, spec in layer.model_axis_specs(split, model_axis).items()}
+        for layer, layer_params, split in zip(records, params, splits))
     structure = jax.tree.structure(params)
     leaf_shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]
 
@@ -180,8 +182,8 @@ def _check_step_arguments(optimizer: Any, mesh: Mesh, data_axis: str,
         raise ValueError(f"mesh has axes {tuple(mesh.shape)}, no data_axis {data_axis!r}")
 
 
-def _over_mesh(body: Callable[..., Any], mesh: Mesh, data_axis: str, model_axis: str | None,
-               donate: bool, batch_dim: int) -> Callable[..., Any]:
+def _over_mesh(net: Any, body: Callable[..., Any], mesh: Mesh, data_axis: str,
+               model_axis: str | None, donate: bool, batch_dim: int) -> Callable[..., Any]:
     """``body(state, x, y) -> (state, metrics)`` compiled over ``mesh``, once per shape.
 
     The state is placed on :func:`state_shardings`, x and y split over
@@ -203,7 +205,7 @@ def _over_mesh(body: Callable[..., Any], mesh: Mesh, data_axis: str, model_axis:
         key = (jax.tree.structure(state), tuple(np.shape(a) for a in jax.tree.leaves(state)),
                np.shape(x), np.shape(y), str(x.dtype), str(y.dtype))
         if key not in compiled:  # shardings and the program, once per shape
-            state_sh = state_shardings(state, mesh, model_axis)
+            state_sh = state_shardings(state, mesh, model_axis, net=net)
             x_sh = batch_sharding(mesh, np.ndim(x), data_axis, batch_dim)
             y_sh = batch_sharding(mesh, np.ndim(y), data_axis, batch_dim)
             fn = jax.jit(body, in_shardings=(state_sh, x_sh, y_sh),
@@ -265,7 +267,7 @@ def make_sharded_train_step(
         with precision_scope(precision):
             return update_step(net, optimizer, gradient, state, x, y)
 
-    return _over_mesh(body, mesh, data_axis, model_axis, donate, batch_dim=0)
+    return _over_mesh(net, body, mesh, data_axis, model_axis, donate, batch_dim=0)
 
 
 def make_sharded_train_loop(
@@ -297,7 +299,7 @@ def make_sharded_train_loop(
                              f"*sample) with steps = {steps}: one batch per step")
         return loop(state, xs, ys)
 
-    return _over_mesh(body, mesh, data_axis, model_axis, donate, batch_dim=1)
+    return _over_mesh(net, body, mesh, data_axis, model_axis, donate, batch_dim=1)
 
 
 def _place(value: Any, sharding: NamedSharding) -> Array:

@@ -237,7 +237,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     """:func:`fit` on checked arguments, with the checkpoint folder locked."""
     key_init, key_data = jax.random.split(key)
     state = TrainState.create(net.init(key_init) if params is None else params, optimizer)
-    shardings = None if mesh is None else parallel.state_shardings(state, mesh)
+    shardings = None if mesh is None else parallel.state_shardings(state, mesh, net=net)
     if shardings is not None:
         state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
     history: dict[str, list[Any]] = {name: [] for name in HISTORY_KEYS}

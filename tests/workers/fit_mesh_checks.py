@@ -62,7 +62,7 @@ def main(scratch: pathlib.Path) -> int:
     same = all(np.array_equal(a, b) for a, b in zip(leaves(resumed.state), leaves(whole.state)))
     placed = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(
         jax.tree.leaves(resumed.state), jax.tree.leaves(parallel.state_shardings(
-            resumed.state, mesh))))
+            resumed.state, mesh, net=NET))))
     results.append(report("mesh resume", same and placed and steps == [1],
                           f"bit-identical {same}, shardings kept {placed}, steps {steps}, "
                           f"1-epoch run with its save {save_s:.2f} s"))

@@ -3,10 +3,12 @@ sharded step against the single-device step. Prints one line per check; exits 1 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import PartitionSpec
@@ -53,7 +55,7 @@ def check(mesh_shape, sizes, name, optimizer, steps=5, batch=32):
             else:
                 later_diff = max(later_diff, rel)
     diff = rel_diff(state_n.params, state_1.params)
-    expected = parallel.state_shardings(state_n, mesh)
+    expected = parallel.state_shardings(state_n, mesh, net=net)
     placed = all(a.sharding.is_equivalent_to(s, a.ndim) for a, s in
                  zip(jax.tree.leaves(state_n), jax.tree.leaves(expected)))
     spec_w0 = state_n.params[0]["w"].sharding.spec
@@ -113,7 +115,51 @@ def main() -> int:
         results.append(good)
     results.append(check_collectives())
     results.append(check_gpt((4, 2)))
+    results.append(check_user_record())
     return 0 if all(results) else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Mix:
+    """A user's record with params {"w": (d, d), "b": (d,)} and no model-axis capability:
+    ``a = x + x W + b`` (shaped like a Dense, but not one the records say can be split)."""
+
+    def output_shape(self, in_shape):
+        return in_shape
+
+    def init(self, key, in_shape, dtype):
+        d = in_shape[-1]
+        return {"w": 0.1 * jax.random.normal(key, (d, d), dtype), "b": jnp.zeros((d,), dtype)}
+
+    def forward(self, params, x):
+        return x + x @ params["w"] + params["b"], x
+
+    def backward(self, params, x, delta, need_input=True):
+        grads = {"w": x.T @ delta, "b": jnp.sum(delta, axis=0)}
+        return (delta + delta @ params["w"].T if need_input else None), grads
+
+    def per_sample_grads(self, params, x, delta):
+        return {"w": x[:, :, None] * delta[:, None, :], "b": delta}
+
+    def per_sample_sq_norms(self, params, x, delta):
+        return jnp.sum(x * x, 1) * jnp.sum(delta * delta, 1) + jnp.sum(delta * delta, 1)
+
+
+def check_user_record() -> bool:
+    """The model axis splits the layers whose records say how (Dense), and leaves a user's
+    record without the capability replicated, though its params look like a Dense's."""
+    net = jaxbp.Network((jaxbp.layers.Dense(16, "tanh"), jaxbp.layers.register(Mix)(),
+                         jaxbp.layers.Dense(16, "tanh"), jaxbp.layers.Dense(10)), (12,))
+    state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optax.sgd(0.1))
+    specs = [[leaf.spec for leaf in jax.tree.leaves(layer)] for layer in
+             parallel.state_shardings(state, parallel.make_mesh(4, 2), net=net).params]
+    expected = [[PartitionSpec("model"), PartitionSpec(None, "model")],   # column
+                [PartitionSpec(), PartitionSpec()],                       # Mix: replicated
+                [PartitionSpec("model"), PartitionSpec(None, "model")],   # column again
+                [PartitionSpec(), PartitionSpec("model", None)]]          # row
+    ok = specs == expected
+    print(f"{'ok' if ok else 'FAIL'} user record replicated, Dense pairs split: {specs}")
+    return ok
 
 
 def check_collectives() -> bool:
