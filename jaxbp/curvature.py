@@ -177,10 +177,10 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
     def gradient(net: MLP | Network, params: Params, x: Array, y: Array, step: Array):
         net = as_network(net)
         network_curvature.check_kfac_layers(net)
-        value, grads, out, caches, deltas = value_grads_and_errors(net, params, x, y)
+        value, grads, out, caches, kept = value_grads_and_errors(net, params, x, y)
         if kind == "empirical":     # the gradient's own errors, times M: no extra pass
             scale = network_curvature.kfac_scale(net, out, y)
-            errors = tuple(scale.count * d[None] for d in deltas)
+            errors = jax.tree.map(lambda e: scale.count * e[None], kept)
             factors = network_curvature.kfac_from_errors(net, params, caches, errors, scale)
         else:
             step_key = jax.random.fold_in(key, step) if kind == "sampled" else None

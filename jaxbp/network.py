@@ -194,14 +194,17 @@ def forward(net: Network, params: Any, x: Array) -> tuple[Array, tuple[Any, ...]
 def value_grads_and_errors(net: Network, params: Any, x: Array, y: Array
                            ) -> tuple[Array, Any, Array, tuple[Any, ...], tuple[Array, ...]]:
     """C, dC/dparams by the reversed loop over the layer records, a^L, every layer's
-    cache and the error ``dC/da^l`` at its output, from one pass (checked inputs).
+    cache and its kept errors, from one pass (checked inputs): the error ``dC/da^l`` at
+    its output, or what a record's ``backward_kept`` kept (a Residual's inner layers',
+    SelfAttention's at its projections; what K-FAC reads).
 
     The loss value and ``dl/da`` come from one pass (the fused softmax form).
     """
     out, caches = forward(net, params, x)
     cost, delta = cost_and_output_error(net.loss_fn, out, y)   # dC/da^L = (1/N) dl/da^L
-    _, grads, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
-    return cost, grads, out, caches, deltas
+    _, grads, kept = chain_backward(net.layers, params, caches, delta, need_input=False,
+                                    kept=True)
+    return cost, grads, out, caches, kept
 
 
 def value_grads_and_output(net: Network, params: Any, x: Array,

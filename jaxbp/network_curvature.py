@@ -54,10 +54,13 @@ from jaxbp.network import Network
 from jaxbp.types import Array, Params
 
 
-def _column_errors(net: Network, params: Params, caches: Any, columns: Array) -> tuple:
-    """Every layer's output error for each of the k output errors in ``columns`` (k, B, n)."""
-    def one(column: Array) -> tuple[Array, ...]:
-        return chain_backward(net.layers, params, caches, column, need_input=False)[2]
+def _column_errors(net: Network, params: Params, caches: Any, columns: Array,
+                   kept: bool = False) -> tuple:
+    """Every layer's output error (``kept``: its kept errors, what K-FAC reads) for each of
+    the k output errors in ``columns`` (k, B, n)."""
+    def one(column: Array) -> tuple[Any, ...]:
+        return chain_backward(net.layers, params, caches, column, need_input=False,
+                              kept=kept)[2]
 
     return jax.vmap(one)(columns)
 
@@ -145,7 +148,7 @@ def kfac_factors(net: Network, params: Params, x: Array, y: Array, kind: str,
     """Every layer's K-FAC factors (:mod:`jaxbp.layers.kfac`) for checked inputs."""
     out, caches = network.forward(net, params, x)
     columns = _target_columns(net, out, y, kind, key)
-    errors = _column_errors(net, params, caches, columns)
+    errors = _column_errors(net, params, caches, columns, kept=True)
     return kfac_from_errors(net, params, caches, errors, kfac_scale(net, out, y))
 
 
@@ -156,9 +159,9 @@ def kfac_scale(net: Network, out: Array, y: Array) -> kfac.KfacScale:
 
 def kfac_from_errors(net: Network, params: Params, caches: tuple, errors: tuple,
                      scale: kfac.KfacScale) -> tuple[Any, ...]:
-    """The factors from every layer's cache and its output errors ``(k, B, ...)`` (k
-    target draws or Hessian columns of each sample's own loss): one entry per layer,
-    ``{}`` for a layer without parameters."""
+    """The factors from every layer's cache and its kept errors ``(k, B, ...)`` (k target
+    draws or Hessian columns of each sample's own loss; ``chain_backward(..., kept=True)``):
+    one entry per layer, ``{}`` for a layer without parameters."""
     return tuple(kfac.layer_factors(layer, p, cache, delta, scale, f"layers[{i}]")
                  for i, (layer, p, cache, delta)
                  in enumerate(zip(net.layers, params, caches, errors)))

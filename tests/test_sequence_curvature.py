@@ -4,6 +4,8 @@ samples of their own), the preconditioner on them, and K-FAC training a GPT."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -132,3 +134,28 @@ def test_kfac_trains_a_small_gpt():
     for _ in range(40):
         state, _ = step(state, x, y)
     assert net.cost(state.params, x, y) < 0.25 * first
+
+
+def test_kfac_reads_a_residuals_inner_errors_from_the_gradient_pass():
+    """The empirical K-FAC source traces each inner layer's backward once: the Residual's
+    and SelfAttention's kept errors come from the gradient's own pass (before, K-FAC ran
+    the Residual's inner loop a second time)."""
+    calls = []
+
+    @jaxbp.layers.register
+    @dataclasses.dataclass(frozen=True)
+    class CountedDense(jaxbp.layers.Dense):
+        def backward(self, params, cache, delta_a, need_input=True):
+            calls.append(self.units)
+            return super().backward(params, cache, delta_a, need_input)
+
+    net = jaxbp.Network((jaxbp.layers.Dense(6, "tanh"),
+                         jaxbp.layers.Residual((jaxbp.layers.LayerNorm(),
+                                                CountedDense(6, "tanh"))),
+                         jaxbp.layers.Dense(3)), (4,))
+    params = net.init(jax.random.key(0))
+    x, y = jnp.ones((5, 4)), jnp.arange(5) % 3
+    source = jaxbp.kfac_gradient("empirical")
+    result = jax.eval_shape(lambda p: source(net, p, x, y, 0), params)
+    assert calls == [6]
+    assert set(result.extras["factors"][1][1]) == {"A", "G"}

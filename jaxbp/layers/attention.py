@@ -127,6 +127,13 @@ class SelfAttention:
 
     def backward(self, params: dict[str, Array], cache: tuple[Array, ...], delta_out: Array,
                  need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
+        return self.backward_kept(params, cache, delta_out, need_input)[:2]
+
+    def backward_kept(self, params: dict[str, Array], cache: tuple[Array, ...],
+                      delta_out: Array, need_input: bool = True
+                      ) -> tuple[Array | None, dict[str, Array], dict[str, Array]]:
+        """The backward, and the errors at the four projections (dQ, dK, dV, delta) it
+        formed on the way: what :meth:`kfac_factors` reads."""
         delta = delta_out.astype(params["wq"].dtype)
         errors = self._projection_errors(params, cache, delta)
         inputs = self._projection_inputs(cache)
@@ -135,8 +142,8 @@ class SelfAttention:
             grads[f"w{p}"] = _tokens_dot(inputs[p], errors[p])          # x^T dQ, O^T delta
             grads[f"b{p}"] = jnp.sum(errors[p], axis=(0, 1))
         if not need_input:
-            return None, grads
-        return sum(errors[p] @ params[f"w{p}"].T for p in "qkv"), grads
+            return None, grads, errors
+        return sum(errors[p] @ params[f"w{p}"].T for p in "qkv"), grads, errors
 
     def feedback_shape(self, in_shape: Shape) -> dict[str, Shape]:
         """A feedback B in each projection's W^T place, ``{"q", "k", "v", "o"}: (d, d)``:
@@ -155,13 +162,12 @@ class SelfAttention:
         return {p: params[f"w{p}"].T for p in _PROJECTIONS}
 
     def kfac_factors(self, params: dict[str, Array], cache: tuple[Array, ...],
-                     delta_out: Array, scale: kfac.KfacScale, where: str) -> dict[str, Any]:
+                     errors: dict[str, Array], scale: kfac.KfacScale, where: str
+                     ) -> dict[str, Any]:
         """A Kronecker block per projection (:func:`jaxbp.layers.kfac.kronecker_block`),
-        ``{"q", "k", "v", "o"}``: q, k and v read x, o reads O; their errors are dQ, dK, dV
-        and delta, the softmax backward exact for every error column."""
-        delta = delta_out.astype(params["wq"].dtype)
-        errors = jax.vmap(self._projection_errors, in_axes=(None, None, 0))(params, cache,
-                                                                            delta)
+        ``{"q", "k", "v", "o"}``: q, k and v read x, o reads O; their errors ``(k, B, T, d)``
+        are dQ, dK, dV and delta as :meth:`backward_kept` kept them (the softmax backward
+        exact for every error column)."""
         inputs = self._projection_inputs(cache)
         return {p: kfac.kronecker_block(inputs[p], errors[p], scale) for p in _PROJECTIONS}
 

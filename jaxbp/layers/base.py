@@ -25,10 +25,17 @@ capability: :func:`capability`):
   reports the layers that have it.
 * ``kfac_inputs(cache) -> (rows, positions)``: K-FAC's input rows ``(B [T], d_in)``
   (a Dense's input, a Conv2D's patches) and the positions per sample they hold.
-* ``kfac_factors(params, cache, deltas, scale, where)``: the layer's own K-FAC blocks
-  from its output errors ``(k, B, ...)`` (:mod:`jaxbp.layers.kfac`: SelfAttention's
+* ``kfac_factors(params, cache, errors, scale, where)``: the layer's own K-FAC blocks
+  from its errors ``(k, B, ...)`` (:mod:`jaxbp.layers.kfac`: SelfAttention's
   four projections, Embedding's tables, the norms' diagonals, a Residual's inner
   layers); a layer with ``kfac_inputs`` and ``pre_activation_error`` needs none.
+  ``errors`` is the error at the layer's output, or what its ``backward_kept``
+  kept.
+* ``backward_kept(params, cache, delta_out, need_input) -> (delta_in, grads, kept)``:
+  the backward, and the errors it formed on the way that its ``kfac_factors`` reads
+  (a Residual's inner layers' kept errors, SelfAttention's at its projections), so
+  that K-FAC reads them from the gradient's own pass
+  (``chain_backward(..., kept=True)``) instead of running the inner backward again.
 * ``feedback_shape(in_shape)``: the shape of the fixed feedback that replaces the
   weights in the layer's input error (None: the layer keeps its own ``J^T``, it
   has no weights to replace), and ``feedback_transport(array)``: between that

@@ -66,17 +66,24 @@ def chain_forward(layers: tuple[Any, ...], params: Sequence[Any],
 
 
 def chain_backward(layers: tuple[Any, ...], params: Sequence[Any], caches: Sequence[Any],
-                   delta: Array, need_input: bool = True
-                   ) -> tuple[Array | None, tuple[Any, ...], tuple[Array, ...]]:
-    """The one reversed loop: ``(delta at the chain's input, grads, delta at each output)``.
+                   delta: Array, need_input: bool = True, kept: bool = False
+                   ) -> tuple[Array | None, tuple[Any, ...], tuple[Any, ...]]:
+    """The one reversed loop: ``(delta at the chain's input, grads, errors per layer)``.
 
-    ``deltas[l]`` is the error arriving at layer l's output (what its per-sample
-    rules take). The first layer passes no error on unless ``need_input``.
+    ``errors[l]`` is the error arriving at layer l's output (what its per-sample
+    rules take). With ``kept``, a record with ``backward_kept`` gives instead the errors
+    its own rules read, from the same pass (a Residual its inner layers' errors,
+    SelfAttention the errors at its four projections): what K-FAC takes. The first
+    layer passes no error on unless ``need_input``.
     """
     grads: list[Any] = [None] * len(layers)
-    deltas: list[Array] = [None] * len(layers)
+    errors: list[Any] = [None] * len(layers)
     for l in reversed(range(len(layers))):
-        deltas[l] = delta
-        delta, grads[l] = layers[l].backward(params[l], caches[l], delta,
-                                             need_input=need_input or l > 0)
-    return delta, tuple(grads), tuple(deltas)
+        layer, need = layers[l], need_input or l > 0
+        if kept and hasattr(layer, "backward_kept"):
+            delta, grads[l], errors[l] = layer.backward_kept(params[l], caches[l], delta,
+                                                             need_input=need)
+        else:
+            errors[l] = delta
+            delta, grads[l] = layer.backward(params[l], caches[l], delta, need_input=need)
+    return delta, tuple(grads), tuple(errors)

@@ -88,16 +88,17 @@ def diagonal_block(layer: Any, params: Any, cache: Any, delta_out: Array,
                                  grads)}
 
 
-def layer_factors(layer: Any, params: Any, cache: Any, delta_out: Array, scale: KfacScale,
+def layer_factors(layer: Any, params: Any, cache: Any, errors: Any, scale: KfacScale,
                   where: str) -> Any:
-    """A layer's K-FAC factors from its output errors ``(k, B, ...)``: ``{}`` without
-    parameters, the record's own ``kfac_factors`` where it has one, else the Kronecker
-    block of its ``kfac_inputs`` and ``pre_activation_error`` (else a LayerError naming
-    ``where``)."""
+    """A layer's K-FAC factors from its kept errors ``(k, B, ...)`` (its output errors, or
+    what its ``backward_kept`` kept): ``{}`` without parameters, the record's own
+    ``kfac_factors`` where it has one, else the Kronecker block of its ``kfac_inputs`` and
+    ``pre_activation_error`` (else a LayerError naming ``where``)."""
     if not jax.tree.leaves(params):
         return {}
     if hasattr(layer, "kfac_factors"):
-        return layer.kfac_factors(params, cache, delta_out, scale, where)
+        return layer.kfac_factors(params, cache, errors, scale, where)
+    delta_out = errors
     capability(layer, "kfac_inputs", where, "K-FAC")
     delta = jax.vmap(layer.pre_activation_error, in_axes=(None, 0))(cache, delta_out)
     return kronecker_block(layer.kfac_inputs(cache)[0], delta, scale)

@@ -60,8 +60,14 @@ class Residual:
 
     def backward(self, params: tuple[Any, ...], caches: tuple[Any, ...], delta_out: Array,
                  need_input: bool = True) -> tuple[Array | None, tuple[Any, ...]]:
-        delta_f, grads, _ = chain_backward(self.layers, params, caches, delta_out, need_input)
-        return (delta_out + delta_f if need_input else None), grads   # delta + J_f^T delta
+        return self.backward_kept(params, caches, delta_out, need_input)[:2]
+
+    def backward_kept(self, params: tuple[Any, ...], caches: tuple[Any, ...], delta_out: Array,
+                      need_input: bool = True) -> tuple[Array | None, tuple[Any, ...], tuple]:
+        """The backward, and the inner layers' kept errors from the same inner loop."""
+        delta_f, grads, kept = chain_backward(self.layers, params, caches, delta_out,
+                                              need_input, kept=True)
+        return (delta_out + delta_f if need_input else None), grads, kept  # delta + J_f^T delta
 
     def per_sample_grads(self, params: tuple[Any, ...], caches: tuple[Any, ...],
                          delta_out: Array) -> tuple[Any, ...]:
@@ -90,16 +96,13 @@ class Residual:
         return (sum(norms) if norms else None), weighted_sum
 
     def kfac_factors(self, params: tuple[Any, ...], caches: tuple[Any, ...],
-                     delta_out: Array, scale: kfac.KfacScale, where: str) -> tuple[Any, ...]:
-        """The inner layers' factors, each from its own output errors (the inner chain's
-        reversed loop run on every error column; the skip adds nothing to a parameter)."""
-        def inner(delta: Array) -> tuple[Array, ...]:
-            return chain_backward(self.layers, params, caches, delta, False)[2]
-
-        deltas = jax.vmap(inner)(delta_out)
-        return tuple(kfac.layer_factors(layer, p, c, d, scale, f"{where}.layers[{j}]")
-                     for j, (layer, p, c, d)
-                     in enumerate(zip(self.layers, params, caches, deltas)))
+                     kept: tuple[Any, ...], scale: kfac.KfacScale, where: str) -> tuple[Any, ...]:
+        """The inner layers' factors, each from its own kept errors ``(k, B, ...)``
+        (:meth:`backward_kept`'s, from the pass that gave the errors: the skip adds
+        nothing to a parameter)."""
+        return tuple(kfac.layer_factors(layer, p, c, e, scale, f"{where}.layers[{j}]")
+                     for j, (layer, p, c, e)
+                     in enumerate(zip(self.layers, params, caches, kept)))
 
     def feedback_shape(self, in_shape: Shape) -> tuple[Any, ...] | None:
         """The inner layers' feedback shapes, a tuple (None where one keeps its own J^T;
