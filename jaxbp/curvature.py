@@ -142,7 +142,6 @@ def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
                          "PRNG key (key=jax.random.key(0)), or use kind='exact' (no sampling, "
                          "n_out backward passes) or kind='empirical' (the given labels)")
     x, y = input_checks.check_inputs(net, params, x, y)
-    network_curvature.check_kfac_layers(as_network(net))
     return network_curvature.kfac_factors(as_network(net), params, x, y, kind, key)
 
 
@@ -176,7 +175,6 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
 
     def gradient(net: MLP | Network, params: Params, x: Array, y: Array, step: Array):
         net = as_network(net)
-        network_curvature.check_kfac_layers(net)
         value, grads, out, caches, kept = value_grads_and_errors(net, params, x, y)
         if kind == "empirical":     # the gradient's own errors, times M: no extra pass
             scale = network_curvature.kfac_scale(net, out, y)

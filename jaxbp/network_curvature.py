@@ -120,12 +120,6 @@ def sq_grad_sum(layer: Any, params: Any, cache: Any, deltas: Array) -> Any:
     return jax.tree.map(lambda g: jnp.sum(g * g, axis=(0, 1)), grads)
 
 
-def check_kfac_layers(net: Network) -> None:
-    """Every layer with parameters has a K-FAC rule (a Residual's inner layers too), else
-    the one capability error naming it."""
-    kfac.check_layers(net.layers, net.param_shapes(), "layers")
-
-
 def _target_columns(net: Network, out: Array, y: Array, kind: str,
                     key: Array | None) -> Array:
     """``(k, B, ...)`` output errors of each sample's own loss (of each token's, for

@@ -100,19 +100,6 @@ def layer_factors(layer: Any, params: Any, cache: Any, errors: Any, scale: KfacS
         return layer.kfac_factors(params, cache, errors, scale, where)
     delta_out = errors
     capability(layer, "kfac_inputs", where, "K-FAC")
+    capability(layer, "pre_activation_error", where, "K-FAC")
     delta = jax.vmap(layer.pre_activation_error, in_axes=(None, 0))(cache, delta_out)
     return kronecker_block(layer.kfac_inputs(cache)[0], delta, scale)
-
-
-def check_layers(layers: Any, shapes: Any, where: str) -> None:
-    """Every layer with parameters has a K-FAC rule (``kfac_inputs`` or ``kfac_factors``;
-    a Residual's inner layers too), else the one capability error naming it."""
-    for i, (layer, p) in enumerate(zip(layers, shapes)):
-        name = f"{where}[{i}]"
-        if not jax.tree.leaves(p):
-            continue
-        if hasattr(layer, "kfac_factors"):
-            if hasattr(layer, "layers"):
-                check_layers(layer.layers, p, f"{name}.layers")
-            continue
-        capability(layer, "kfac_inputs", name, "K-FAC")
