@@ -169,3 +169,30 @@ def test_sharded_steps_without_orbax_are_refused_untouched(tmp_path, monkeypatch
     assert "holds 2 sharded checkpoints" in err and "pip install 'jaxbp[scale]'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [s.name for s in steps]
     assert all((s / "data").read_bytes() == b"orbax's files" for s in steps)
+
+
+@pytest.mark.parametrize("damage", ["metadata", "arrays"])
+def test_a_corrupt_sharded_step_is_told_in_one_short_warning(tmp_path, damage, caplog):
+    """A damaged orbax step (its JSON metadata, or the arrays' OCDBT files) is set aside
+    with one warning of at most ~300 characters besides its paths (no tensorstore spec dump:
+    the error is cut at 240), orbax's
+    own log lines held back, and the step before it restores."""
+    pytest.importorskip("orbax.checkpoint")
+    from jaxbp.train import sharded_checkpoint
+
+    tree = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.ones(4)}
+    for step in (1, 2):
+        sharded_checkpoint.save(tmp_path, step, tree, {"epoch": step})
+    for f in sharded_checkpoint.path_for(tmp_path, 2).rglob("*"):
+        data = "/d/" in str(f) or f.name == "manifest.ocdbt"
+        if f.is_file() and f.stat().st_size and (data if damage == "arrays" else not data):
+            f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint") as record:
+        restored, metadata, path = sharded_checkpoint.restore_latest(tmp_path, tree)
+    assert metadata["epoch"] == 1 and path.name == sharded_checkpoint.path_for(tmp_path, 1).name
+    _assert_equal(restored, tree)
+    messages = [str(w.message) for w in record if "skipping" in str(w.message)]
+    folder = str(sharded_checkpoint.path_for(tmp_path, 2))
+    assert len(messages) == 1 and len(messages[0].replace(folder, "")) < 320, messages
+    assert "tensorstore_spec" not in messages[0] and messages[0].endswith(".corrupt'")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

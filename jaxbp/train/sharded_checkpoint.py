@@ -30,9 +30,12 @@ to import): ``pip install 'jaxbp[scale]'``.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
 import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -189,7 +192,8 @@ def restore_latest(directory: str | pathlib.Path, template: PyTree,
     for step in reversed(steps):
         path = path_for(directory, step)
         try:
-            tree, metadata = restore(directory, step, template, shardings)
+            with _quiet_orbax_log():
+                tree, metadata = restore(directory, step, template, shardings)
         except (CheckpointMismatchError, ImportError):
             raise
         except Exception as err:  # orbax/tensorstore raise many types for a bad step
@@ -197,8 +201,31 @@ def restore_latest(directory: str | pathlib.Path, template: PyTree,
             if jax.process_index() == 0:
                 aside = set_aside(path)
             warnings.warn(f"skipping checkpoint {str(path)!r}: {type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}; kept as "
-                          f"{str(aside)!r}", RuntimeWarning, stacklevel=2)
+                          f"{_first_sentence(err)}; kept as {str(aside)!r}", RuntimeWarning,
+                          stacklevel=2)
             continue
         return tree, metadata, path
     return None
+
+
+@contextlib.contextmanager
+def _quiet_orbax_log() -> Iterator[None]:
+    """Hold back orbax's own log lines (absl ``ERROR: Failed to json parse ...``) while a
+    step is tried: a step that fails is reported once, by the warning that sets it aside."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+_MESSAGE_CHARS = 240
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The error's first line without tensorstore's spec dumps, at most 240 characters."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    text = text.split(" [tensorstore_spec")[0]
+    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS - 3] + "..."
