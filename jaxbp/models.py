@@ -36,7 +36,8 @@ def cnn(side: int, n_out: int, activation: str = "relu", output_activation: str 
 
 
 def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: int = 4,
-        norm: str = "layer", dtype: str = "float32", causal: bool = True) -> Network:
+        norm: str = "layer", dtype: str = "float32", causal: bool = True,
+        compute_dtype: str | None = None, activation_dtype: str | None = None) -> Network:
     """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
     vocab), the mean softmax cross-entropy over every token whose target is not -1.
 
@@ -45,6 +46,9 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     gelu) -> Dense(dim)``; causal ``SelfAttention(heads)``), a final norm and a
     ``Dense(vocab)`` head. ``norm``: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm);
     ``causal=False`` lets every token attend to the whole sequence (an encoder).
+    ``compute_dtype``, ``activation_dtype``: the numerical recipe of every layer
+    (:class:`jaxbp.Network`'s network-wide defaults; ``"bfloat16"`` for both: bf16
+    activations, errors and matmul operands, float32 params, softmax and loss).
     """
     for name, value in (("depth", depth), ("mlp_ratio", mlp_ratio)):
         if not is_int(value) or value < 1:
@@ -58,7 +62,8 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     return Network((layers.Embedding(vocab, dim, positions=seq_len), *block * int(depth),
                     make_norm(), layers.Dense(vocab)),
                    input_shape=(seq_len,), loss="softmax_cross_entropy", dtype=dtype,
-                   input_dtype="int32")
+                   input_dtype="int32", compute_dtype=compute_dtype,
+                   activation_dtype=activation_dtype)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -248,12 +248,12 @@ def test_accelerator_presets_are_device_aware(monkeypatch, capsys):
 
     assert bench_suite.quick_cases("cpu") is bench_suite.QUICK
     heavy = bench_suite.quick_cases("gpu")
-    assert len(heavy) == 35 and min(c.gflop for c in heavy) > 1  # not launch-bound
+    assert len(heavy) == 37 and min(c.gflop for c in heavy) > 1  # not launch-bound
     recipes = {c.precision for c in heavy if hasattr(c, "side")}
     assert recipes == {"float32", "bf16-operands", "bf16"}  # CNNs in every recipe
     gpt2 = [c for c in heavy if hasattr(c, "seq_len")]                 # GPT-2 small's shape
-    assert [(c.dim, c.depth, c.heads, c.seq_len, c.vocab) for c in gpt2] == [
-        (768, 12, 12, 1024, 50257)]
+    assert [(c.dim, c.depth, c.heads, c.seq_len, c.vocab, c.precision) for c in gpt2] == [
+        (768, 12, 12, 1024, 50257, r) for r in ("float32", "bf16-operands", "bf16")]
     seen = {}
     monkeypatch.setattr(bench_suite, "run_suite",
                         lambda cases, out, name, **kw: seen.update(kw, cases=cases, name=name))

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from jaxbp import layers
-from jaxbp.bench.gpt import GptCase
+from jaxbp.bench.gpt import RECIPES, GptCase
 from jaxbp.bench.roof import (
     ConvShape,
     MatmulShape,
@@ -25,10 +25,6 @@ from jaxbp.losses import get_loss
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 
-RECIPES = {"float32": {},
-           "bf16-operands": {"compute_dtype": "bfloat16"},
-           "bf16": {"compute_dtype": "bfloat16", "activation_dtype": "bfloat16"}}
-"""The numerical recipes a case can run, as the layers' ``compute_dtype``/``activation_dtype``."""
 PRECISIONS = tuple(RECIPES)
 LOSSES = ("softmax_cross_entropy", "squared_error")
 
@@ -173,11 +169,13 @@ step), which measures the CPU's conv library, not the step."""
 QUICK_ACCELERATOR = _quick((1024, 4096), (512, 8192),
                            [ConvCase(32, 64, 128, 2, 256, pool=2),
                             ConvCase(16, 16, 64, 2, 512, pool=2)],
-                           [GptCase(768, 12, 12, 1024, 8, vocab=50257)])
+                           [GptCase(768, 12, 12, 1024, 8, vocab=50257, precision=r)
+                            for r in PRECISIONS])
 """The ``--quick`` preset on a GPU/TPU: 6 CNNs (two shapes with a max pool, in three
 recipes), a GPT-2-small-shaped step (d 768, 12 blocks, 12 heads, T 1024, vocab 50257,
-batch 8; float32) and 28 MLP cases of 3 to 3300 matmul GFLOP per step, so that no case
-is launch-bound (the CPU preset's smallest would be microseconds there)."""
+batch 8) and 28 MLP cases of 3 to 3300 matmul GFLOP per step, so that no case
+is launch-bound (the CPU preset's smallest would be microseconds there). The GPT runs in
+each recipe (``float32`` as TF32 at the default precision)."""
 
 FULL = _grid((64, 256, 1024, 4096), (2, 4, 8), (32, 256, 4096))
 """Widths 64..4096, depths 2..8, batch 32..4096, both losses and precisions (144 cases);

@@ -23,11 +23,16 @@ from jaxbp.bench.roof import MatmulShape, step_matmul_shapes
 from jaxbp.models import gpt
 from jaxbp.network import Network
 
+RECIPES = {"float32": {},
+           "bf16-operands": {"compute_dtype": "bfloat16"},
+           "bf16": {"compute_dtype": "bfloat16", "activation_dtype": "bfloat16"}}
+"""The numerical recipes a case can run, as the layers' ``compute_dtype``/``activation_dtype``."""
+
 
 @dataclasses.dataclass(frozen=True)
 class GptCase:
     """A GPT training step (:func:`jaxbp.models.gpt`, LayerNorm, mlp_ratio 4) on (batch,
-    seq_len) tokens; softmax cross-entropy over every token."""
+    seq_len) tokens in one of the :data:`RECIPES`; softmax cross-entropy over every token."""
 
     dim: int
     depth: int
@@ -53,10 +58,8 @@ class GptCase:
         return self.batch * self.seq_len
 
     def net(self) -> Network:
-        if self.precision != "float32":
-            raise ValueError(f"GptCase runs in float32 only: the attention and embedding "
-                             f"records have no bf16 recipe yet, got {self.precision!r}")
-        return gpt(self.vocab, self.dim, self.depth, self.heads, self.seq_len, self.mlp_ratio)
+        return gpt(self.vocab, self.dim, self.depth, self.heads, self.seq_len, self.mlp_ratio,
+                   **RECIPES[self.precision])
 
     @property
     def matmul_params(self) -> int:

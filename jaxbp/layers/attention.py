@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp.layers import kfac, token_grads
+from jaxbp.layers import kfac, precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
 from jaxbp.types import Array, is_int
 
@@ -46,11 +46,6 @@ def _merge(x: Array) -> Array:
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * dh)
 
 
-def _tokens_dot(a: Array, b: Array) -> Array:
-    """``a^T b`` over batch and tokens: (B, T, d_a), (B, T, d_b) -> (d_a, d_b)."""
-    return jax.lax.dot_general(a, b, (((0, 1), (0, 1)), ((), ())))
-
-
 @register
 @dataclasses.dataclass(frozen=True)
 class SelfAttention:
@@ -59,6 +54,13 @@ class SelfAttention:
     Args:
       heads: the number of heads (>= 1; must divide d).
       causal: each token attends to itself and the tokens before it only (default).
+      compute_dtype, activation_dtype: the numerical recipe (:mod:`jaxbp.layers.precision`),
+        as Dense's: with ``activation_dtype="bfloat16"`` the input, Q, K, V, O, the output
+        and the errors passed on are stored in bf16 and every matmul takes bf16 operands;
+        the scores S, the softmax P and its backward (dP, dS) run in the params' dtype
+        (float32: a softmax in bf16 loses the small probabilities), P and dS rounded to
+        the operand dtype where they enter a matmul; weight gradients accumulate in the
+        params' dtype.
 
     Params: ``{"wq", "wk", "wv", "wo": (d, d), "bq", "bk", "bv", "bo": (d,)}``; the
     weights Glorot truncated normals, the biases 0.
@@ -66,8 +68,11 @@ class SelfAttention:
 
     heads: int
     causal: bool = True
+    compute_dtype: str | None = None
+    activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        precision.check_recipe(self)
         if not is_int(self.heads) or self.heads < 1:
             raise ValueError(f"SelfAttention heads must be an int >= 1, got {self.heads!r}")
         object.__setattr__(self, "heads", int(self.heads))
@@ -91,34 +96,51 @@ class SelfAttention:
         params.update({f"b{p}": jnp.zeros((d,), dtype) for p in _PROJECTIONS})
         return params
 
-    def _scores(self, q: Array, k: Array) -> Array:
-        """S = Q K^T / sqrt(d_h), -inf above the diagonal when causal: (B, heads, T, T)."""
-        s = jnp.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(q.shape[-1])
+    def _scores(self, q: Array, k: Array, dtype: Any) -> Array:
+        """S = Q K^T / sqrt(d_h) in ``dtype``, -inf above the diagonal when causal:
+        (B, heads, T, T)."""
+        s = self._heads_dot("bhtd,bhsd->bhts", q, k, dtype) / math.sqrt(q.shape[-1])
         if not self.causal:
             return s
         t = q.shape[2]
         return jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
 
+    def _heads_dot(self, spec: str, a: Array, b: Array, out: Any) -> Array:
+        """A per-head product in the recipe: operands rounded to its operand dtype, the
+        result in ``out``."""
+        a, b = precision.low_operands(self, a, b)
+        return jnp.einsum(spec, a, b, preferred_element_type=precision.preferred(out, a, b))
+
+    def _project(self, params: dict[str, Array], x: Array, p: str, out: Any) -> Array:
+        """``x W_p + b_p`` in the recipe (token-wise, as a Dense)."""
+        return precision.dot(self, x, params[f"w{p}"], out) \
+            + precision.to_activation(params[f"b{p}"], self.activation_dtype)
+
     def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, ...]]:
-        x = x.astype(jnp.result_type(x, params["wq"]))
-        q, k, v = (_split(x @ params[f"w{p}"] + params[f"b{p}"], self.heads) for p in "qkv")
-        s = self._scores(q, k)
+        x = precision.to_activation(x.astype(jnp.result_type(x, params["wq"])),
+                                    self.activation_dtype)
+        out = precision.output_dtype(self, jnp.result_type(x, params["wq"]))
+        q, k, v = (_split(self._project(params, x, p, out), self.heads) for p in "qkv")
+        s = self._scores(q, k, params["wq"].dtype)
         e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
         prob = e / jnp.sum(e, axis=-1, keepdims=True)                  # P = softmax(S)
-        o = _merge(jnp.einsum("bhts,bhsd->bhtd", prob, v))             # O = P V
-        return o @ params["wo"] + params["bo"], (x, q, k, v, prob, o)
+        o = _merge(self._heads_dot("bhts,bhsd->bhtd", prob, v, out))   # O = P V
+        return self._project(params, o, "o", out), (x, q, k, v, prob, o)
 
     def _projection_errors(self, params: dict[str, Array], cache: tuple[Array, ...],
                            delta: Array) -> dict[str, Array]:
         """The error at each projection's output, (B, T, d): dQ, dK, dV and delta itself."""
         _, q, k, v, prob, _ = cache
-        d_o = _split(delta @ params["wo"].T, self.heads)               # dO = delta W_o^T
-        d_v = jnp.einsum("bhts,bhtd->bhsd", prob, d_o)                 # dV = P^T dO
-        d_p = jnp.einsum("bhtd,bhsd->bhts", d_o, v)                    # dP = dO V^T
+        delta = precision.to_activation(delta, self.activation_dtype)
+        out = precision.output_dtype(self, jnp.result_type(delta, params["wo"]))
+        d_o = _split(precision.dot(self, delta, params["wo"], out, transpose_b=True),
+                     self.heads)                                       # dO = delta W_o^T
+        d_v = self._heads_dot("bhts,bhtd->bhsd", prob, d_o, out)       # dV = P^T dO
+        d_p = self._heads_dot("bhtd,bhsd->bhts", d_o, v, prob.dtype)   # dP = dO V^T
         d_s = prob * (d_p - jnp.sum(d_p * prob, axis=-1, keepdims=True))
         scale = 1 / math.sqrt(q.shape[-1])
-        d_q = jnp.einsum("bhts,bhsd->bhtd", d_s, k) * scale            # dQ = dS K / sqrt(d_h)
-        d_k = jnp.einsum("bhts,bhtd->bhsd", d_s, q) * scale            # dK = dS^T Q / sqrt(d_h)
+        d_q = self._heads_dot("bhts,bhsd->bhtd", d_s, k, out) * scale  # dQ = dS K / sqrt(d_h)
+        d_k = self._heads_dot("bhts,bhtd->bhsd", d_s, q, out) * scale  # dK = dS^T Q / sqrt(d_h)
         return {"q": _merge(d_q), "k": _merge(d_k), "v": _merge(d_v), "o": delta}
 
     def _projection_inputs(self, cache: tuple[Array, ...]) -> dict[str, Array]:
@@ -134,16 +156,19 @@ class SelfAttention:
                       ) -> tuple[Array | None, dict[str, Array], dict[str, Array]]:
         """The backward, and the errors at the four projections (dQ, dK, dV, delta) it
         formed on the way: what :meth:`kfac_factors` reads."""
-        delta = delta_out.astype(params["wq"].dtype)
-        errors = self._projection_errors(params, cache, delta)
+        errors = self._projection_errors(params, cache, delta_out.astype(params["wq"].dtype))
         inputs = self._projection_inputs(cache)
+        w_dtype = params["wq"].dtype
         grads = {}
-        for p in _PROJECTIONS:
-            grads[f"w{p}"] = _tokens_dot(inputs[p], errors[p])          # x^T dQ, O^T delta
-            grads[f"b{p}"] = jnp.sum(errors[p], axis=(0, 1))
+        for p in _PROJECTIONS:                                         # x^T dQ, O^T delta
+            grads[f"w{p}"] = precision.dot(self, inputs[p], errors[p], w_dtype,
+                                           transpose_a=True)
+            grads[f"b{p}"] = jnp.sum(errors[p], axis=(0, 1), dtype=w_dtype)
         if not need_input:
             return None, grads, errors
-        return sum(errors[p] @ params[f"w{p}"].T for p in "qkv"), grads, errors
+        out = precision.output_dtype(self, jnp.result_type(errors["q"], params["wq"]))
+        return sum(precision.dot(self, errors[p], params[f"w{p}"], out, transpose_b=True)
+                   for p in "qkv"), grads, errors
 
     def feedback_shape(self, in_shape: Shape) -> dict[str, Shape]:
         """A feedback B in each projection's W^T place, ``{"q", "k", "v", "o"}: (d, d)``:
@@ -171,10 +196,18 @@ class SelfAttention:
         inputs = self._projection_inputs(cache)
         return {p: kfac.kronecker_block(inputs[p], errors[p], scale) for p in _PROJECTIONS}
 
+    def _in_params_dtype(self, params: dict[str, Array], cache: tuple[Array, ...],
+                         delta_out: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+        """The projections' inputs and errors in the params' dtype: per-sample quantities
+        are formed there, whatever the recipe (as Dense's)."""
+        dtype = params["wq"].dtype
+        errors = self._projection_errors(params, cache, delta_out.astype(dtype))
+        cast = {p: e.astype(dtype) for p, e in errors.items()}
+        return {p: x.astype(dtype) for p, x in self._projection_inputs(cache).items()}, cast
+
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_out: Array) -> dict[str, Array]:
-        errors = self._projection_errors(params, cache, delta_out.astype(params["wq"].dtype))
-        inputs = self._projection_inputs(cache)
+        inputs, errors = self._in_params_dtype(params, cache, delta_out)
         grads = {}
         for p in _PROJECTIONS:
             grads[f"w{p}"] = token_grads.formed_grads(inputs[p], errors[p])
@@ -190,8 +223,7 @@ class SelfAttention:
         """``(B,)`` squared norms over the four projections and ``weights -> sum_i w_i g_i``:
         each projection a token-wise weight (input x or O, error dQ, dK, dV or delta) by the
         routes of :mod:`jaxbp.layers.token_grads`; the softmax backward runs once."""
-        errors = self._projection_errors(params, cache, delta_out.astype(params["wq"].dtype))
-        inputs = self._projection_inputs(cache)
+        inputs, errors = self._in_params_dtype(params, cache, delta_out)
         total, sums = 0, {}
         for p in _PROJECTIONS:
             w_sq, sums[f"w{p}"] = token_grads.weight_sq_norms_and_sum(inputs[p], errors[p])

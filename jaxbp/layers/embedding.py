@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp.layers import kfac
+from jaxbp.layers import kfac, precision
 from jaxbp.layers.base import TRUNCATED_NORMAL_STD, Shape, register
 from jaxbp.types import Array, is_int
 
@@ -35,6 +35,9 @@ class Embedding:
       dim: the vector width (>= 1).
       positions: None, or the length of a learned position table added to every
         sequence (>= T; a sequence of T tokens uses its first T rows).
+      activation_dtype: None, or the dtype its output is stored in (``"bfloat16"``); the
+        rows are added in the tables' dtype and the errors scattered in it (float32
+        master tables).
 
     Params: ``{"tokens": (vocab, dim)}`` and, with positions, ``{"positions":
     (positions, dim)}``; truncated normals of std 0.02.
@@ -47,8 +50,10 @@ class Embedding:
     vocab: int
     dim: int
     positions: int | None = None
+    activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        precision.check_recipe(self)
         for name in ("vocab", "dim"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
@@ -84,7 +89,7 @@ class Embedding:
         out = jnp.take(params["tokens"], x, axis=0)                    # E[x_{n,t}]
         if "positions" in params:
             out = out + params["positions"][:x.shape[1]]               # + P[t]
-        return out, x
+        return precision.to_activation(out, self.activation_dtype), x
 
     def backward(self, params: dict[str, Array], tokens: Array, delta_out: Array,
                  need_input: bool = True) -> tuple[None, dict[str, Array]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jaxbp.layers import kfac
+from jaxbp.layers import kfac, precision
 from jaxbp.layers.base import Shape, register
 from jaxbp.types import Array, is_real
 
@@ -29,13 +29,18 @@ class RMSNorm:
 
     Args:
       eps: added to the mean square (default 1e-6).
+      activation_dtype: None, or the dtype its output and the error it passes on are
+        stored in (``"bfloat16"``); the mean square and the scaling are computed in the
+        params' dtype, as in :class:`jaxbp.layers.LayerNorm`.
 
     Params: ``{"scale": (d,)}``, initialised to ones.
     """
 
     eps: float = 1e-6
+    activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        precision.check_recipe(self)
         if not is_real(self.eps) or not self.eps > 0:
             raise ValueError(f"RMSNorm eps must be a number > 0, got {self.eps!r}")
         object.__setattr__(self, "eps", float(self.eps))
@@ -52,7 +57,7 @@ class RMSNorm:
         x = x.astype(jnp.result_type(x, params["scale"]))
         r = 1 / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         x_hat = x * r                                                  # x / rms(x)
-        return x_hat * params["scale"], (x_hat, r)
+        return precision.to_activation(x_hat * params["scale"], self.activation_dtype), (x_hat, r)
 
     def backward(self, params: dict[str, Array], cache: tuple[Array, Array], delta_out: Array,
                  need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
@@ -63,7 +68,8 @@ class RMSNorm:
             return None, grads
         g = delta_out * params["scale"]
         # delta_in = r (g - x_hat mean(g x_hat))
-        return r * (g - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True)), grads
+        delta_in = r * (g - x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True))
+        return precision.to_activation(delta_in, self.activation_dtype), grads
 
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, Array],
                          delta_out: Array) -> dict[str, Array]:
