@@ -144,10 +144,10 @@ NOT_RUN_HERE = {
     "tests/test_hardening.py runs it",
     "jaxbp verify": "run over every dtype, two cases each, by "
     "test_verify_runs_in_every_dtype_it_offers",
-    "jaxbp train --model gpt --epochs 8 --batch-size 32 --lr 3e-3": "an epoch of the "
-    "default GPT on the whole text "
-    "takes minutes here; test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples "
-    "runs --model gpt on a small text",
+    "jaxbp train --model gpt --epochs 8 --batch-size 32 --lr 3e-3": "8 epochs of the "
+    "default GPT on the whole text take about 2 minutes on 2 cores; "
+    "test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples runs --model gpt on a "
+    "small text",
     "jaxbp train --model gpt --dp --target-epsilon 8": "the GPT on the whole text for "
     "minutes; test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples runs it on a "
     "small text",
