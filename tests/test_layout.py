@@ -1,7 +1,9 @@
 """The package's layout: imports flow one way, rooms stay small, rules live on the records.
 
 Checked from the source (``ast``), not by importing: no import circle (a subpackage's
-``__init__`` counted as a step of every import through it), no private name imported
+``__init__`` counted as a step of every import through it), imports only down the
+intended levels (:data:`LEVELS`: records below networks below quantities below training
+below the checks, bench and command line), no private name imported
 across modules, no module over ~400 lines, no function over 60 lines of code (its
 docstring not counted), layer types asked only inside ``layers/`` and loss names
 compared only inside ``losses.py``.
@@ -119,3 +121,49 @@ def test_loss_names_are_compared_only_in_losses():
                     for side in (node.left, *node.comparators)):
                 offenders.append(f"{name}: {ast.unparse(node)}")
     assert not offenders, offenders
+
+
+# The intended layering, lowest first: a module imports (at load time) only from its own
+# level or below. Matched by the longest prefix; train.step sits below parallel, which sits
+# below the rest of train (fit feeds each chunk through the sharded loop).
+LEVELS = (
+    ("jaxbp.types", "jaxbp.matmul_precision", "jaxbp.compilation_cache"),
+    ("jaxbp.input_checks", "jaxbp.activations", "jaxbp.losses", "jaxbp.data",
+     "jaxbp.privacy"),
+    ("jaxbp.layers",),
+    ("jaxbp.network", "jaxbp.network_curvature", "jaxbp.models", "jaxbp.mlp"),
+    ("jaxbp.backprop", "jaxbp.autodiff", "jaxbp.per_example", "jaxbp.diagnostics"),
+    ("jaxbp.sources",),
+    ("jaxbp.curvature", "jaxbp.feedback"),
+    ("jaxbp.train.step",),
+    ("jaxbp.parallel",),
+    ("jaxbp.train",),
+    ("jaxbp.check",),
+    ("jaxbp.testing",),
+    ("jaxbp.bench",),
+    ("jaxbp.cli",),
+    ("jaxbp",),
+)
+
+
+def _level(module: str) -> int:
+    best = max((prefix for group in LEVELS for prefix in group
+                if module == prefix or module.startswith(prefix + ".")), key=len)
+    return next(i for i, group in enumerate(LEVELS) if best in group)
+
+
+def test_imports_flow_down_the_levels():
+    trees = modules()
+    upward = []
+    for name, tree in trees.items():
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxbp"):
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    target = sub if sub in trees else node.module
+                    if _level(target) > _level(name):
+                        upward.append(f"{name} (level {_level(name)}) imports {target} "
+                                      f"(level {_level(target)})")
+    assert not upward, upward
+    assert _level("jaxbp.train.fit") > _level("jaxbp.parallel.sharding") > _level(
+        "jaxbp.train.step") > _level("jaxbp.layers.dense")     # the table reads as meant
