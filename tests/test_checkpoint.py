@@ -196,3 +196,33 @@ def test_a_corrupt_sharded_step_is_told_in_one_short_warning(tmp_path, damage, c
     assert len(messages) == 1 and len(messages[0].replace(folder, "")) < 320, messages
     assert "tensorstore_spec" not in messages[0] and messages[0].endswith(".corrupt'")
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def test_late_callbacks_into_orbaxs_closed_loop_are_dropped_and_nothing_else(monkeypatch):
+    """After a failed restore, tensorstore's completions of the abandoned reads call
+    ``call_soon_threadsafe`` on orbax's closed asyncio loop; Python would print each as an
+    "Exception ignored" traceback. The hook jaxbp installs then drops exactly that error
+    (a real one, raised by asyncio here) and passes any other on."""
+    import asyncio
+    import sys
+    import types
+
+    from jaxbp.train import sharded_checkpoint
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    sharded_checkpoint.drop_closed_loop_callbacks()
+    sharded_checkpoint.drop_closed_loop_callbacks()            # installed once
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as err:
+        closed = err
+    other = RuntimeError("Event loop is closed")              # not from asyncio's check
+    for err in (closed, other, ValueError("unrelated")):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(err), exc_value=err,
+                                                 exc_traceback=err.__traceback__,
+                                                 err_msg=None, object=None))
+    assert len(seen) == 2 and seen[0].exc_value is other
+    assert isinstance(seen[1].exc_value, ValueError)

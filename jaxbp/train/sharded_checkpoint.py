@@ -34,6 +34,8 @@ import contextlib
 import logging
 import pathlib
 import re
+import sys
+import traceback
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -197,6 +199,7 @@ def restore_latest(directory: str | pathlib.Path, template: PyTree,
         except (CheckpointMismatchError, ImportError):
             raise
         except Exception as err:  # orbax/tensorstore raise many types for a bad step
+            drop_closed_loop_callbacks()
             aside = path.with_name(path.name + ".corrupt")
             if jax.process_index() == 0:
                 aside = set_aside(path)
@@ -229,3 +232,35 @@ def _first_sentence(err: BaseException) -> str:
     text = str(err).splitlines()[0] if str(err) else ""
     text = text.split(" [tensorstore_spec")[0]
     return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS - 3] + "..."
+
+
+def drop_closed_loop_callbacks() -> None:
+    """Keep Python from printing tensorstore's late callbacks after a failed restore.
+
+    When orbax gives up on a damaged step it closes its asyncio loop; tensorstore then
+    completes the abandoned reads from its own threads, and each completion's
+    ``loop.call_soon_threadsafe`` raises ``RuntimeError: Event loop is closed``, which
+    Python prints as an "Exception ignored" traceback (dozens of lines, at any later
+    moment). Installed once, after a step failed: a ``sys.unraisablehook`` that drops
+    exactly that error (raised by asyncio's ``_check_closed`` under
+    ``call_soon_threadsafe``) and hands every other one to the hook before it.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_callbacks", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not is_closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+
+
+def is_closed_loop_callback(unraisable: Any) -> bool:
+    """An unraisable ``RuntimeError: Event loop is closed`` from ``call_soon_threadsafe``."""
+    err = unraisable.exc_value
+    if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+        return False
+    names = [frame.name for frame in traceback.extract_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in names and names[-1] == "_check_closed"
