@@ -360,6 +360,15 @@ class TestCommandLine:
             assert code == 2 and words in err and err.count("\n") == 1, err
             assert "pickle" not in err
 
+    def test_debug_keeps_a_usage_errors_exit_2_and_shows_its_traceback(self, capsys):
+        from jaxbp import cli
+
+        for debug in (False, True):
+            code = cli.main(["train", "--epochs", "0", *(["--debug"] if debug else [])])
+            err = capsys.readouterr().err
+            assert code == 2, err
+            assert ("Traceback" in err) == debug and "--epochs must be an integer > 0" in err
+
     def test_a_failed_run_is_one_line_with_exit_1_and_debug_shows_the_traceback(self):
         code = ("import sys, optax\n"
                 "from jaxbp import cli\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxbp`` command; returns the exit code.
 
     Errors print one line and return 2 (a bad option, file or value) or 1 (a failed
-    run); with ``--debug`` they raise with their traceback.
+    run); with ``--debug`` they print their traceback instead and return the same code.
     """
     args = build_parser().parse_args(argv)
     prefix = f"jaxbp {args.command}: error:"
@@ -51,16 +52,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warnings.showwarning = one_line_warning(args.command)
             return args.run(args)
     except UsageError as err:
-        if args.debug:
-            raise
-        print(f"{prefix} {one_line(err)}", file=sys.stderr)
+        _report(args.debug, f"{prefix} {one_line(err)}")
         return 2
     except KeyboardInterrupt:
         print(f"{prefix} interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # a failed run: one line, unless --debug
-        if args.debug:
-            raise
-        print(f"{prefix} {type(err).__name__}: {one_line(err)} (--debug for the traceback)",
-              file=sys.stderr)
+        _report(args.debug, f"{prefix} {type(err).__name__}: {one_line(err)} (--debug for "
+                            f"the traceback)")
         return 1
+
+
+def _report(debug: bool, line: str) -> None:
+    """The error being handled: its traceback with ``--debug``, else one line."""
+    if debug:
+        traceback.print_exc()
+    else:
+        print(line, file=sys.stderr)
