@@ -174,6 +174,11 @@ def test_conv_case_flops_match_xla_and_its_shapes_are_the_implicit_gemm():
     assert [(s.name, s.batch, s.side, s.c_in, s.c_out) for s in case.roof_shapes()] == [
         (kind, 4, 6, 4, 4) for kind in ("forward", "input_error", "weight_grad")]
     assert all(rate > 0 for rate in row["gemm_flops_per_s"].values())
+    work = case.roof_work()       # every conv at its own shapes' rate; the work adds up
+    assert sum(flops for *_, flops in work) == case.flops()["total"]
+    assert set(row["gemm_flops_per_s"]) == {key for key, *_ in work} == {
+        "forward", "input_error", "weight_grad", "first forward", "first weight_grad"}
+    assert [(s.c_in, s.c_out) for key, s, _ in work if key.startswith("first")] == [(2, 4)] * 2
     for shape in case.roof_shapes():  # each timed convolution does the work it is credited
         a, b, product = roof.conv_product(shape, "float32")
         cost = jax.jit(product).lower(a, b).compile().cost_analysis()

@@ -128,6 +128,24 @@ class ConvCase:
         library runs)."""
         return step_conv_shapes(self.batch, self.side, self.filters, self.filters)
 
+    def roof_work(self) -> list[tuple[str, ConvShape, int]]:
+        """``(key, shape, FLOPs)`` for every convolution of the step, each credited at the
+        rate of its own shape: the first layer's forward and weight gradient at its
+        ``channels -> filters`` shapes (it passes no error on), every other conv's three
+        at the ``filters -> filters`` ones (the dense head, ~1% of the work, with them)."""
+        taps = self.batch * (3 * self.side - 2) ** 2
+        first = 2 * taps * self.channels * self.filters
+        rest = self.flops()["forward"] - first         # the other convs and the head
+        widest = {shape.name: shape for shape in self.roof_shapes()}
+        work = [(name, widest[name], rest) for name in ("forward", "input_error",
+                                                        "weight_grad")]
+        if self.channels == self.filters:
+            return [(name, shape, flops + (first if name != "input_error" else 0))
+                    for name, shape, flops in work]
+        firsts = step_conv_shapes(self.batch, self.side, self.channels, self.filters)
+        return work + [(f"first {shape.name}", shape, first) for shape in firsts
+                       if shape.name != "input_error"]
+
     @property
     def gflop(self) -> float:
         return self.flops()["total"] / 1e9

@@ -162,6 +162,16 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
     return row
 
 
+def _roof_work(case: BenchCase | ConvCase | GptCase) -> list[tuple[str, Any, int]]:
+    """``(key, shape, FLOPs)``: the step's matmul work, each piece credited at the measured
+    rate of its shape (a case's own ``roof_work``, else its three shapes with the FLOPs
+    of their kind)."""
+    if hasattr(case, "roof_work"):
+        return case.roof_work()
+    flops = case.flops()
+    return [(shape.name, shape, flops[shape.name]) for shape in case.roof_shapes()]
+
+
 def _roof_row(case: BenchCase | ConvCase, steps: int, budget_s: float,
               precision: str | None) -> tuple[dict[str, Any], float]:
     """The case's row without timings: the measured rates of its own GEMM/conv shapes, the
@@ -172,16 +182,15 @@ def _roof_row(case: BenchCase | ConvCase, steps: int, budget_s: float,
     # each product as the recipe runs it: bf16 outputs in the bf16 recipe, except a dense
     # weight gradient (accumulated into float32; a conv's rounds to bf16, as in Conv2D)
     rates = {}
-    for shape in case.roof_shapes():
+    work = _roof_work(case)
+    for key, shape, _ in work:
         conv = isinstance(shape, ConvShape)
         rate = conv_rate if conv else gemm_rate
         out = None if shape.name == "weight_grad" and not conv else recipe.get("activation_dtype")
-        rates[shape.name] = rate(shape, "float32", compute, budget_s=budget_s / 3,
-                                 precision=precision, out_dtype=out)
-    # time the measured rates need for the step's matmuls: each kind at its own shape's rate
-    matmul_s = (flops["forward"] / rates["forward"]
-                + flops["weight_grad"] / rates["weight_grad"]
-                + flops["input_error"] / rates["input_error"])
+        rates[key] = rate(shape, "float32", compute, budget_s=budget_s / 3,
+                          precision=precision, out_dtype=out)
+    # time the measured rates need for the step's matmuls: each piece at its own shape's rate
+    matmul_s = sum(piece / rates[key] for key, _, piece in work)
     device = jax.devices()[0]
     arithmetic = matmul_arithmetic(device.platform, compute or "float32", precision)
     peaks = device_peaks(device.device_kind)
