@@ -53,7 +53,7 @@ def markdown(result: dict[str, Any]) -> str:
                  f"that ran ({peaks['source']}); `AI`: the step's arithmetic intensity, XLA "
                  f"FLOPs / XLA bytes, and in brackets over the device's balance point (peak / "
                  f"memory bandwidth): below 1 the step is memory-bound." if peaks else
-                 "`peak`: n/a, this device kind has no datasheet entry in jaxbp.peaks; the "
+                 "`peak`: n/a, this device kind has no datasheet entry in jaxbp.bench.peaks; the "
                  "measured GEMM rates are the roof. `AI`: the step's arithmetic intensity, "
                  "XLA FLOPs / XLA bytes (no balance point without a datasheet: n/a).")
     lines = [

@@ -126,7 +126,7 @@ def fit(
         many. With several processes every process calls ``fit`` with the
         same arguments and feeds its own rows of each batch; only process 0
         prints and plots. Checkpoints are then written by every process
-        through orbax (:mod:`jaxbp.sharded_checkpoint`, ``pip install
+        through orbax (:mod:`jaxbp.train.sharded_checkpoint`, ``pip install
         'jaxbp[scale]'``); a run resumes from the newest checkpoint of either
         format, so it can move between one device and a mesh.
       privacy: a :class:`jaxbp.privacy.Privacy`: differentially private
