@@ -146,3 +146,25 @@ def test_private_gpt_trains_with_fit():
     losses = result.history["train_loss"]
     assert losses[-1] < 0.5 * losses[0], losses
     assert 0 < result.history["epsilon"][-1] < np.inf
+
+
+@pytest.mark.parametrize("t, d_in, d_out", [(2, 16, 16), (3, 8, 24), (16, 4, 4), (8, 6, 10)])
+def test_token_weight_routes_give_the_formed_norms_and_sums(x64, t, d_in, d_out):
+    """Both routes of a weight used at T positions (T x T Grams, or the formed g_i), for
+    the norms alone and for the norms with the clipped sum, against the formed gradients
+    in float64 (shapes on either side of both rules)."""
+    from jaxbp.layers import token_grads
+
+    rng = np.random.default_rng(t * 100 + d_in)
+    x, e = rng.standard_normal((5, t, d_in)), rng.standard_normal((5, t, d_out))
+    weights = rng.random(5)
+    formed = np.einsum("btc,bto->bco", x, e)
+    norms = np.sum(formed ** 2, axis=(1, 2))
+    np.testing.assert_allclose(token_grads.weight_sq_norms(x, e), norms, rtol=1e-12)
+    got_norms, weighted = token_grads.weight_sq_norms_and_sum(x, e)
+    np.testing.assert_allclose(got_norms, norms, rtol=1e-12)
+    np.testing.assert_allclose(weighted(weights), np.einsum("b,bco->co", weights, formed),
+                               rtol=1e-12)
+    assert token_grads.prefers_ghost(t, d_in, d_out) == (t * (d_in + d_out) < d_in * d_out)
+    assert not token_grads.prefers_ghost_with_sum(t, d_in, d_out) or \
+        token_grads.prefers_ghost(t, d_in, d_out)            # the sum's rule is stricter

@@ -216,7 +216,9 @@ class SelfAttention:
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_out: Array) -> Array:
-        return self.per_sample_sq_norms_and_sum(params, cache, delta_out)[0]
+        inputs, errors = self._in_params_dtype(params, cache, delta_out)
+        return sum(token_grads.weight_sq_norms(inputs[p], errors[p])
+                   + token_grads.bias_sq_norms_and_sum(errors[p])[0] for p in _PROJECTIONS)
 
     def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
                                     delta_out: Array) -> tuple[Array, Any]:

@@ -108,7 +108,12 @@ class Dense:
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
-        return self.per_sample_sq_norms_and_sum(params, cache, delta_a)[0]
+        x, delta = precision.in_params_dtype(self, params, cache, delta_a)
+        if x.ndim == 2:                     # ||a_i delta_i^T||^2 + ||delta_i||^2
+            return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1)
+        x, delta = token_grads.positions_flat(x), token_grads.positions_flat(delta)
+        return (token_grads.weight_sq_norms(x, delta)
+                + token_grads.bias_sq_norms_and_sum(delta)[0])
 
     def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
                                     delta_a: Array) -> tuple[Array, Any]:
@@ -119,7 +124,7 @@ class Dense:
         of :mod:`jaxbp.layers.token_grads` (T x T Grams or the formed ``g_i``)."""
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         if x.ndim == 2:
-            return (jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1),
+            return (self.per_sample_sq_norms(params, cache, delta_a),
                     weighted_backward(self, params, cache, delta_a))
         x, delta = token_grads.positions_flat(x), token_grads.positions_flat(delta)
         w_sq, w_sum = token_grads.weight_sq_norms_and_sum(x, delta)
