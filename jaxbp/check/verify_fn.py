@@ -68,14 +68,17 @@ def _random_like(rng: np.random.Generator, leaves: list[Any]) -> list[Any]:
 
 
 def _inner(a: list[Any], b: list[Any]) -> float:
-    """``<a, b>`` summed in float64 on the host."""
-    return float(sum(np.sum(verify.to_f64(x) * verify.to_f64(y)) for x, y in zip(a, b)))
+    """``<a, b>`` summed in float64 on the host (inf or nan where the function overflowed
+    at a step: the checks that read it call such a direction inconclusive, silently)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(sum(np.sum(verify.to_f64(x) * verify.to_f64(y)) for x, y in zip(a, b)))
 
 
 def _level(a: list[Any], b: list[Any]) -> float:
     """``sum |a_i b_i|``: the size of the terms of ``<a, b>`` that rounding acts on."""
-    return float(sum(np.sum(np.abs(verify.to_f64(x) * verify.to_f64(y)))
-                     for x, y in zip(a, b)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(sum(np.sum(np.abs(verify.to_f64(x) * verify.to_f64(y)))
+                         for x, y in zip(a, b)))
 
 
 def _masked(leaves: list[Any], keep: int) -> list[Any]:
