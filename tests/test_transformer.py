@@ -232,14 +232,15 @@ def test_bad_tokens_and_targets_are_named():
         jaxbp.backprop(net, params, x, np.zeros((2, 4), np.int32))
 
 
-def test_gpt_model_flops_are_the_manual_steps_matmul_flops():
-    """6N + 12LTd per token is exactly what the hand-written step multiplies: the sum of
-    2 x (output size) x (contracted size) over its dot_generals."""
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_gpt_model_flops_are_the_manual_steps_matmul_flops(precision):
+    """6N + 12LTd per token is exactly what the hand-written step multiplies, in every
+    recipe: the sum of 2 x (output size) x (contracted size) over its dot_generals."""
     from helpers import jaxpr_equations
 
     from jaxbp.bench.gpt import GptCase
 
-    case = GptCase(dim=8, depth=2, heads=2, seq_len=5, batch=3, vocab=11)
+    case = GptCase(dim=8, depth=2, heads=2, seq_len=5, batch=3, vocab=11, precision=precision)
     net = case.net()
     params = net.init(jax.random.key(0))
     x, y = random_tokens(np.random.default_rng(0), net, case.batch, ignored=0.0)
