@@ -35,7 +35,9 @@ class Timing:
       runs: how many calls were timed (over all rounds).
       compile_s: seconds spent lowering and compiling (not in the quantiles).
       rounds: the per-round seconds per call, in round order (for paired ratios).
-      reps: calls per round sample (enough for ``min_sample_s`` of work).
+      reps: calls per round sample as calibrated (enough for ``min_sample_s`` of work;
+        a sample repeats them until that much time has passed).
+      sample_s: each round sample's wall-clock seconds, at least ``min_sample_s``.
     """
 
     median: float
@@ -45,6 +47,7 @@ class Timing:
     compile_s: float
     rounds: tuple[float, ...] = ()
     reps: int = 1
+    sample_s: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,21 +135,38 @@ def time_interleaved(
     target = max(max(first.values(), default=0.0), min_sample_s)
     reps = {name: _calibrated_reps(call, target, first[name]) for name, call in calls.items()}
     samples: dict[str, list[float]] = {name: [] for name in calls}
+    walls: dict[str, list[float]] = {name: [] for name in calls}
+    counts = dict.fromkeys(calls, 0)
     start = time.perf_counter()
     for rounds in range(1, max_rounds + 1):
         for name, call in calls.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                out = call()
-            jax.block_until_ready(out)
-            samples[name].append((time.perf_counter() - t0) / reps[name])
+            seconds, n = _sample(call, reps[name], min_sample_s)
+            samples[name].append(seconds / n)
+            walls[name].append(seconds)
+            counts[name] += n
         if rounds >= min_rounds and time.perf_counter() - start >= budget_s:
             break
     compile_s = compile_s or {}
     return {name: Timing(float(np.median(s)), float(np.percentile(s, 25)),
-                         float(np.percentile(s, 75)), len(s) * reps[name],
-                         compile_s.get(name, float("nan")), tuple(s), reps[name])
+                         float(np.percentile(s, 75)), counts[name],
+                         compile_s.get(name, float("nan")), tuple(s), reps[name],
+                         tuple(walls[name]))
             for name, s in samples.items()}
+
+
+def _sample(call: Callable[[], Any], reps: int, min_sample_s: float) -> tuple[float, int]:
+    """One timed sample: ``reps`` calls in a row, repeated until ``min_sample_s`` has
+    passed (a call that got faster since the calibration still gives a long sample);
+    ``(seconds, calls)``."""
+    calls, t0 = 0, time.perf_counter()
+    while True:
+        for _ in range(reps):
+            out = call()
+        calls += reps
+        jax.block_until_ready(out)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_sample_s:
+            return elapsed, calls
 
 
 def _calibrated_reps(call: Callable[[], Any], target: float, guess_s: float) -> int:
