@@ -215,7 +215,8 @@ def _timing_row(case: BenchCase | ConvCase, timing: Any, steps: int, row: dict[s
     figures = {
         "step_s": per_step,
         "step_iqr_s": [timing.p25 / steps, timing.p75 / steps],
-        "steps_per_sample": steps * timing.reps,
+        "steps_per_sample": round(steps * timing.runs / len(timing.rounds)),   # mean
+        "shortest_sample_s": min(timing.sample_s),
         "compile_s": compile_s,
         "xla_flops_per_step": None if xla is None else xla["flops"],
         "xla_bytes_per_step": None if xla is None else xla["bytes"],
