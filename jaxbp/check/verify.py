@@ -53,7 +53,6 @@ from jaxbp.check.directions import (
     DEFAULT_FD_RTOL,
     TAYLOR_MAX_ORDER,
     TAYLOR_MIN_ORDER,
-    Slope,
     directional_checks,
     gradient_slope,
 )
@@ -77,9 +76,9 @@ from jaxbp.types import PyTree
 
 __all__ = ["DEFAULT_FD_RTOL", "DEFAULT_RTOL", "LOW_PRECISION_EPS", "ROUNDING_ULPS",
            "TAYLOR_MAX_ORDER", "TAYLOR_MIN_ORDER", "DirectionCheck", "GradReport",
-           "GradientCheckError", "LeafCheck", "Slope", "as_arrays", "atol_for", "check_knobs",
-           "compare_leaf", "directional_checks", "gradient_slope", "rtol_for", "rtol_table",
-           "to_f64", "verify_grads"]
+           "GradientCheckError", "LeafCheck", "verify_grads"]
+"""The tolerances and report types its docstring names, with :func:`verify_grads`; the
+helpers live in :mod:`jaxbp.check.leaves` and :mod:`jaxbp.check.directions`."""
 
 
 def verify_grads(

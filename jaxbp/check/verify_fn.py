@@ -38,8 +38,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp.check import verify
-from jaxbp.check.verify import GradReport, LeafCheck
+from jaxbp.check.directions import Slope, directional_checks, gradient_slope
+from jaxbp.check.leaves import (
+    LOW_PRECISION_EPS,
+    as_arrays,
+    atol_for,
+    check_knobs,
+    compare_leaf,
+    rtol_for,
+    rtol_table,
+    to_f64,
+)
+from jaxbp.check.report import DirectionCheck, GradReport, LeafCheck
 from jaxbp.types import PyTree
 
 _ArgsFn = Callable[..., PyTree]
@@ -71,13 +81,13 @@ def _inner(a: list[Any], b: list[Any]) -> float:
     """``<a, b>`` summed in float64 on the host (inf or nan where the function overflowed
     at a step: the checks that read it call such a direction inconclusive, silently)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        return float(sum(np.sum(verify.to_f64(x) * verify.to_f64(y)) for x, y in zip(a, b)))
+        return float(sum(np.sum(to_f64(x) * to_f64(y)) for x, y in zip(a, b)))
 
 
 def _level(a: list[Any], b: list[Any]) -> float:
     """``sum |a_i b_i|``: the size of the terms of ``<a, b>`` that rounding acts on."""
     with np.errstate(invalid="ignore", over="ignore"):
-        return float(sum(np.sum(np.abs(verify.to_f64(x) * verify.to_f64(y)))
+        return float(sum(np.sum(np.abs(to_f64(x) * to_f64(y)))
                          for x, y in zip(a, b)))
 
 
@@ -88,17 +98,17 @@ def _masked(leaves: list[Any], keep: int) -> list[Any]:
 
 def _rows(paths: list[str], manual: list[Any], reference: list[Any], rtol: float | None,
           atol: float | None) -> list[LeafCheck]:
-    scale = max((float(np.max(np.abs(verify.to_f64(r)), initial=0.0)) for r in reference),
+    scale = max((float(np.max(np.abs(to_f64(r)), initial=0.0)) for r in reference),
                 default=0.0)
-    return [verify.compare_leaf(path, m, r, verify.rtol_for(r, rtol),
-                                 verify.atol_for(r, atol, rtol, scale))
+    return [compare_leaf(path, m, r, rtol_for(r, rtol),
+                                 atol_for(r, atol, rtol, scale))
             for path, m, r in zip(paths, manual, reference)]
 
 
 def _scalar_row(path: str, manual: float, reference: float, dtype: Any,
                 rtol: float | None, level: float) -> LeafCheck:
     """One number against another, judged against ``level`` (the size of its terms)."""
-    tol = verify.rtol_for(jnp.zeros((), dtype), rtol) * max(level, 1e-300)
+    tol = rtol_for(jnp.zeros((), dtype), rtol) * max(level, 1e-300)
     error = abs(manual - reference)
     return LeafCheck(path, (), jnp.dtype(dtype).name, error, (), manual, reference,
                      level, error / max(level, 1e-300), tol, bool(error <= tol))
@@ -114,7 +124,7 @@ class _Setup:
             raise ValueError("verify_vjp/verify_jvp need at least one argument of f to "
                              "differentiate at")
         self.f = f
-        self.args = verify.as_arrays(tuple(args))
+        self.args = as_arrays(tuple(args))
         self.in_leaves, self.in_def = jax.tree.flatten(self.args)
         _floating(self.args, "args")
         self.out = f(*self.args)
@@ -139,16 +149,16 @@ class _Setup:
         return self.in_def.unflatten([jnp.asarray(x, leaf.dtype)
                                       for x, leaf in zip(d, self.in_leaves)])
 
-    def directions(self, manual: verify.Slope, reference: verify.Slope | None,
+    def directions(self, manual: Slope, reference: Slope | None,
                    fd_eps: float | None, fd_rtol: float | None, n_fd: int,
-                   seed: int) -> tuple[tuple[verify.DirectionCheck, ...], list[str]]:
+                   seed: int) -> tuple[tuple[DirectionCheck, ...], list[str]]:
         if n_fd <= 0:
             return (), []
-        if self.eps > verify.LOW_PRECISION_EPS:
+        if self.eps > LOW_PRECISION_EPS:
             return (), [f"FD and Taylor skipped: machine eps {self.eps:.1e} of the inputs' "
                         f"dtype makes the rounding noise of <u, f> exceed the signal of any "
                         f"usable step; only the comparisons with the reference were made"]
-        checks = verify.directional_checks(
+        checks = directional_checks(
             lambda args: self.loss(args), self.args, (), manual, reference, self.in_def,
             self.eps, fd_eps, fd_rtol, n_fd, np.random.default_rng(seed + 1),
             level=_level(self.u, self.out_leaves))
@@ -186,12 +196,12 @@ def verify_vjp(
         directions prefixed ``2nd``).
 
     Returns:
-      A :class:`~jaxbp.check.verify.GradReport`: one row per (output leaf, input leaf)
+      A :class:`~jaxbp.check.GradReport`: one row per (output leaf, input leaf)
       block ``out... -> args...`` and per output value, a ``<u, J v>`` row for
       the JVP/VJP consistency, the FD/Taylor directions, notes.
     """
     _check_order(order)
-    verify.check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd)
+    check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd)
     setup = _Setup(f, args, seed)
     _, vjp_fn = jax.vjp(f, *setup.args)
     manual = setup.in_def.flatten_up_to(vjp_fn(setup.out_def.unflatten(setup.u)))
@@ -206,7 +216,7 @@ def verify_vjp(
             r = setup.in_def.flatten_up_to(ref_vjp(u_o))
             rows += _rows([f"{out_path} -> {p}" for p in setup.in_paths], m, r, rtol, atol)
         ref_full = setup.in_def.flatten_up_to(ref_vjp(setup.out_def.unflatten(setup.u)))
-        reference_slope = verify.gradient_slope(ref_full)
+        reference_slope = gradient_slope(ref_full)
     notes: list[str] = []
     try:
         _, jv = jax.jvp(f, setup.args, setup.in_def.unflatten(setup.v))
@@ -215,7 +225,7 @@ def verify_vjp(
                                 _level(manual, setup.v) + _level(setup.u, jax.tree.leaves(jv))))
     except Exception as err:  # a custom_vjp defines no JVP (a TypeError)
         notes.append(f"JVP/VJP consistency not checked: jax.jvp of f fails ({str(err)[:80]})")
-    directions, more = setup.directions(verify.gradient_slope(manual), reference_slope,
+    directions, more = setup.directions(gradient_slope(manual), reference_slope,
                                         fd_eps, fd_rtol, n_fd, seed)
     report = _report("verify_vjp", reference, rows, directions, notes + more, rtol)
     if order == 2:
@@ -251,14 +261,14 @@ def verify_jvp(
     ``order=2`` checks the JVP of ``x -> J(x) v`` too.
     """
     _check_order(order)
-    verify.check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd)
+    check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd)
     setup = _Setup(f, args, seed)
 
     def jvp_of(fn: _ArgsFn, tangent_leaves: list[Any]) -> list[Any]:
         tangents = setup.in_def.unflatten(tangent_leaves)
         return setup.out_def.flatten_up_to(jax.jvp(fn, setup.args, tangents)[1])
 
-    def slope_of(fn: _ArgsFn) -> verify.Slope:
+    def slope_of(fn: _ArgsFn) -> Slope:
         return lambda d: _inner(setup.u, jvp_of(fn, jax.tree.leaves(setup.tangents(d))))
 
     rows: list[LeafCheck] = []
@@ -310,11 +320,11 @@ def _value_rows(setup: _Setup, ref_out: PyTree, rtol: float | None,
 
 
 def _report(title: str, reference: Any, rows: list[LeafCheck],
-            directions: tuple[verify.DirectionCheck, ...], notes: list[str],
+            directions: tuple[DirectionCheck, ...], notes: list[str],
             rtol: float | None) -> GradReport:
     name = ("jax.vjp of reference" if title == "verify_vjp" else "jax.jvp of reference") \
         if reference is not None else "none given: FD and Taylor only"
-    return GradReport(tuple(rows), directions, verify.rtol_table(rows, rtol), tuple(notes),
+    return GradReport(tuple(rows), directions, rtol_table(rows, rtol), tuple(notes),
                       title=title, reference_name=name, has_reference=reference is not None)
 
 

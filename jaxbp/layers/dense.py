@@ -109,8 +109,8 @@ class Dense:
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
-        if x.ndim == 2:                     # ||a_i delta_i^T||^2 + ||delta_i||^2
-            return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1)
+        if x.ndim == 2:
+            return _vector_sq_norms(x, delta)
         x, delta = token_grads.positions_flat(x), token_grads.positions_flat(delta)
         return (token_grads.weight_sq_norms(x, delta)
                 + token_grads.bias_sq_norms_and_sum(delta)[0])
@@ -124,8 +124,7 @@ class Dense:
         of :mod:`jaxbp.layers.token_grads` (T x T Grams or the formed ``g_i``)."""
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         if x.ndim == 2:
-            return (self.per_sample_sq_norms(params, cache, delta_a),
-                    weighted_backward(self, params, cache, delta_a))
+            return _vector_sq_norms(x, delta), weighted_backward(self, params, cache, delta_a)
         x, delta = token_grads.positions_flat(x), token_grads.positions_flat(delta)
         w_sq, w_sum = token_grads.weight_sq_norms_and_sum(x, delta)
         b_sq, b_sum = token_grads.bias_sq_norms_and_sum(delta)
@@ -172,3 +171,8 @@ class Dense:
         """B (W^T's shape) as the array the backward reads as W, and back: a transpose."""
         return array.T
 
+
+def _vector_sq_norms(x: Array, delta: Array) -> Array:
+    """``||a_i delta_i^T||^2 + ||delta_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)``: (B,) from
+    (B, d_in) inputs and (B, d_out) errors."""
+    return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1)
