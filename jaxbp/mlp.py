@@ -60,8 +60,8 @@ class MLP:
       activation_dtype: None, or the dtype activations, pre-activations and
         errors are stored in (``"bfloat16"`` with ``compute_dtype="bfloat16"``:
         the bf16 recipe of flax's ``Dense(dtype=bfloat16)`` and jmp's bf16
-        policy; matmul outputs in bf16, weight gradients accumulated in the
-        params' dtype, the loss in the params' dtype). See
+        policy; matmul outputs in bf16, weight gradients accumulated in float32
+        and rounded once to bf16, the loss in the params' dtype). See
         :mod:`jaxbp.layers.precision`.
 
     Raises:

@@ -25,7 +25,7 @@ METHOD = (
     "token, so that `peak` is its MFU), in a numerical recipe named "
     "in the label: `float32`; `bf16-operands` (bf16 matmul operands, float32 "
     "activations, errors and master weights); `bf16` (activations and errors stored "
-    "in bf16 too, weight gradients accumulated in float32: flax's "
+    "in bf16 too, weight gradients accumulated in float32 and rounded once to bf16: flax's "
     "`Dense(dtype=bfloat16)`). autodiff is jax.grad of the SAME recipe's forward. "
     "The label ends with the arithmetic the matmuls ran in (float32 is `tf32` on "
     "NVIDIA GPUs and one bf16 pass on TPUs at the default matmul precision). The "

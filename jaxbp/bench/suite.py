@@ -179,16 +179,14 @@ def _roof_row(case: BenchCase | ConvCase, steps: int, budget_s: float,
     flops = case.flops()
     recipe = RECIPES[case.precision]
     compute = recipe.get("compute_dtype")
-    # each product as the recipe runs it: bf16 outputs in the bf16 recipe, except a dense
-    # weight gradient (accumulated into float32; a conv's rounds to bf16, as in Conv2D)
+    # each product as the recipe runs it: bf16 outputs in the bf16 recipe, weight
+    # gradients included (precision.weight_grad)
     rates = {}
     work = _roof_work(case)
     for key, shape, _ in work:
-        conv = isinstance(shape, ConvShape)
-        rate = conv_rate if conv else gemm_rate
-        out = None if shape.name == "weight_grad" and not conv else recipe.get("activation_dtype")
+        rate = conv_rate if isinstance(shape, ConvShape) else gemm_rate
         rates[key] = rate(shape, "float32", compute, budget_s=budget_s / 3,
-                          precision=precision, out_dtype=out)
+                          precision=precision, out_dtype=recipe.get("activation_dtype"))
     # time the measured rates need for the step's matmuls: each piece at its own shape's rate
     matmul_s = sum(piece / rates[key] for key, _, piece in work)
     device = jax.devices()[0]

@@ -59,8 +59,7 @@ class SelfAttention:
         and the errors passed on are stored in bf16 and every matmul takes bf16 operands;
         the scores S, the softmax P and its backward (dP, dS) run in the params' dtype
         (float32: a softmax in bf16 loses the small probabilities), P and dS rounded to
-        the operand dtype where they enter a matmul; weight gradients accumulate in the
-        params' dtype.
+        the operand dtype where they enter a matmul; weight gradients as Dense's.
 
     Params: ``{"wq", "wk", "wv", "wo": (d, d), "bq", "bk", "bv", "bo": (d,)}``; the
     weights Glorot truncated normals, the biases 0.
@@ -161,8 +160,7 @@ class SelfAttention:
         w_dtype = params["wq"].dtype
         grads = {}
         for p in _PROJECTIONS:                                         # x^T dQ, O^T delta
-            grads[f"w{p}"] = precision.dot(self, inputs[p], errors[p], w_dtype,
-                                           transpose_a=True)
+            grads[f"w{p}"] = precision.weight_grad(self, inputs[p], errors[p], w_dtype)
             grads[f"b{p}"] = jnp.sum(errors[p], axis=(0, 1), dtype=w_dtype)
         if not need_input:
             return None, grads, errors

@@ -149,8 +149,9 @@ class Conv2D:
         x, w = cache[0], params["w"]
         delta = self.pre_activation_error(cache, delta_a)
         # in the bf16 recipe the kernel accumulates in float32 and rounds once to bf16, as
-        # jax.grad of the same forward does: cuDNN runs bf16 convs with float32 outputs at a
-        # fraction of the bf16 rate (H200, bf16 CNNs: 1.2-1.3x jax.grad's step with them)
+        # jax.grad of the same forward does (precision.weight_grad): cuDNN runs bf16 convs
+        # with float32 outputs at a fraction of the bf16 rate (H200, bf16 CNNs: 1.2-1.3x
+        # jax.grad's step with them)
         wgrad = self._weight_grad(x, delta, precision.output_dtype(self, w.dtype))
         grads = {"w": wgrad.astype(w.dtype),
                  "b": jnp.sum(delta, axis=(0, 1, 2), dtype=w.dtype)}

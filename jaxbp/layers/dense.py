@@ -44,8 +44,8 @@ class Dense:
         :class:`jaxbp.MLP` ``compute_dtype`` builds).
       activation_dtype: None, or the dtype the layer's input, z, a and errors are
         stored in (``"bfloat16"``: flax's ``Dense(dtype=bfloat16)``); matmul
-        outputs in it, the weight gradient accumulated in the params' dtype
-        (:mod:`jaxbp.layers.precision`).
+        outputs in it, the weight gradient accumulated in float32, rounded once
+        to it and returned in the params' dtype (:mod:`jaxbp.layers.precision`).
     """
 
     units: int
@@ -90,7 +90,7 @@ class Dense:
         x, w = cache[0], params["w"]
         delta = self.pre_activation_error(cache, delta_a)
         leading = tuple(range(delta.ndim - 1))
-        grads = {"w": precision.dot(self, x, delta, w.dtype, transpose_a=True),  # a_in^T delta
+        grads = {"w": precision.weight_grad(self, x, delta, w.dtype),    # a_in^T delta
                  "b": jnp.sum(delta, axis=leading, dtype=w.dtype)}   # dC/db = sum_n delta_n
         if not need_input:
             return None, grads
