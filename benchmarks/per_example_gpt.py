@@ -2,6 +2,7 @@
 
     python benchmarks/per_example_gpt.py [--cases 16x32,16x128,64x128] [--budget 2]
                                          [--out benchmarks/results]
+    python benchmarks/per_example_gpt.py --gpt2-small [--cases 8x1024] [--budget 2]
 
 A character-level GPT (vocab 65, dim 64, 2 blocks, 4 heads; jaxbp.models.gpt) in float32,
 one case per ``BxT`` (batch x sequence length; the position table is T long). A sample is
@@ -13,6 +14,12 @@ against a plain hand-written backprop of the batch, the DP-SGD step of a padded 
 batch, and the compiled peaks. Goals (issue 27, on a CPU): norms >= 10x faster than
 vmap(grad) at T = 128, the clipped step <= 1.25x a plain one, its compiled peak <= 1.3x.
 Writes per_example_gpt_<platform>.json/.md.
+
+``--gpt2-small`` (for a GPU/TPU): a GPT-2-small-shaped model (vocab 50257, d 768, 12
+blocks, 12 heads, float32 params at the default matmul precision) at each ``BxT`` (default
+8x1024), the clipped step against a plain hand-written step only (no vmap(grad), no DP
+step: its padded Poisson batch holds several times B sequences), with tokens/s and
+compiled peaks; writes clipped_gpt2_small_<platform>.json/.md.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from jaxbp.bench.harness import describe_machine, machine_info
 from jaxbp.check.suite import random_tokens
 
 VOCAB, DIM, DEPTH, HEADS = 65, 64, 2, 4
+GPT2_SMALL = {"vocab": 50257, "dim": 768, "depth": 12, "heads": 12}
 
 
 def peak_ratio(row: dict) -> str:
@@ -60,16 +68,45 @@ def markdown(rows: list[dict], info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gpt2_small_markdown(rows: list[dict], info: dict) -> str:
+    lines = ["# The clipped step of a GPT-2-small-shaped model vs a plain step", "",
+             f"Machine: {describe_machine(info)}.", "",
+             "vocab 50257, d 768, 12 blocks, 12 heads (jaxbp.models.gpt), float32 params at "
+             "the default matmul precision; a sample is one sequence. clipped: "
+             "jaxbp.clipped_grad (one backward pass, per-sample norms and the clipped sum); "
+             "backprop: the plain hand-written gradient of the batch. Ratios are medians of "
+             "per-round ratios of interleaved calls (`python benchmarks/per_example_gpt.py "
+             "--gpt2-small`); memory is XLA's compiled peak. Goals (issue 27): clipped / "
+             "backprop <= 1.25, its peak <= 1.3.", "",
+             "| B | T | params | backprop ms | clipped ms | backprop tokens/s | "
+             "clipped tokens/s | clipped / backprop | clipped peak / backprop peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms, tokens = r["ms"], r["batch"] * r["seq_len"]
+        lines.append(
+            f"| {r['batch']} | {r['seq_len']} | {r['params']:,} | {ms['backprop']:.2f} | "
+            f"{ms['clipped']:.2f} | {tokens / ms['backprop'] * 1e3:,.0f} | "
+            f"{tokens / ms['clipped'] * 1e3:,.0f} | {r['clipped_over_backprop']:.2f} | "
+            f"{peak_ratio(r)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="16x32,16x128,64x128")
+    parser.add_argument("--cases", default=None,
+                        help="BxT,... (default 16x32,16x128,64x128; 8x1024 with --gpt2-small)")
     parser.add_argument("--budget", type=float, default=2.0)
+    parser.add_argument("--gpt2-small", action="store_true",
+                        help="a GPT-2-small-shaped model, clipped and DP vs plain steps only")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     info = machine_info()
     print(describe_machine(info))
+    if args.gpt2_small:
+        gpt2_small(args.cases or "8x1024", args.budget, args.out, info)
+        return
     rows = []
-    for case in args.cases.split(","):
+    for case in (args.cases or "16x32,16x128,64x128").split(","):
         batch, steps = (int(n) for n in case.split("x"))
         net = jaxbp.models.gpt(VOCAB, DIM, DEPTH, HEADS, steps)
         inputs = random_tokens(np.random.default_rng(0), net, batch, ignored=0.0)
@@ -80,6 +117,22 @@ def main() -> None:
               f"{row['clipped_over_backprop']:.2f} (peak {peak_ratio(row)}x), dp/backprop "
               f"{row['dp_over_backprop']:.2f}", flush=True)
     write_tables(args.out, "per_example_gpt", info, rows, markdown(rows, info))
+
+
+def gpt2_small(cases: str, budget: float, out: str, info: dict) -> None:
+    rows = []
+    for case in cases.split(","):
+        batch, steps = (int(n) for n in case.split("x"))
+        net = jaxbp.models.gpt(**GPT2_SMALL, seq_len=steps)
+        inputs = random_tokens(np.random.default_rng(0), net, batch, ignored=0.0)
+        row = {**run_case(f"gpt2-small {case}", net, batch, budget, inputs, versus=False),
+               "seq_len": steps}
+        rows.append(row)
+        print(f"B {batch} T {steps}: clipped/backprop {row['clipped_over_backprop']:.2f} "
+              f"(peak {peak_ratio(row)}x); "
+              f"backprop {row['ms']['backprop']:.1f} ms, clipped {row['ms']['clipped']:.1f} ms",
+              flush=True)
+    write_tables(out, "clipped_gpt2_small", info, rows, gpt2_small_markdown(rows, info))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,22 @@ def test_a_second_fit_of_the_same_setting_compiles_nothing(digits, caplog):
     assert _compilations(caplog, run(1)) == []
 
 
+def test_an_epoch_waits_for_the_device_once_per_chunk(digits, monkeypatch):
+    """The host reads a chunk's metrics while the next one runs, and the last chunk's
+    together with the epoch's test evaluation: 3 chunks an epoch, 3 waits (plus the one
+    for the step count at the start). The recorded test scores are the end state's."""
+    waits = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda tree: waits.append(1) or real(tree))
+    result = fit(NET, optax.adam(1e-3), digits, epochs=2, batch_size=100, chunk_steps=5,
+                 key=jax.random.key(0), progress=False)       # 14 steps: chunks 5, 5, 4
+    assert int(result.state.step) == 28 and len(waits) == 1 + 2 * 3
+    monkeypatch.setattr(jax, "device_get", real)
+    final = jaxbp.evaluate(NET, result.state.params, digits.x_test, digits.y_test)
+    assert result.history["test_loss"][-1] == pytest.approx(final["loss"], rel=1e-6)
+    assert result.history["test_accuracy"][-1] == final["accuracy"]
+
+
 def test_evaluate_is_one_compiled_program_for_any_batch_count(digits, caplog):
     """The whole (padded) test set in one call; another batch size with the same shapes
     compiles once, then nothing; the result equals the mean over the samples."""

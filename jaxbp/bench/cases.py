@@ -166,14 +166,17 @@ def _grid(widths: Iterable[int], depths: Iterable[int], batches: Iterable[int],
 
 
 def _quick(widths: tuple[int, int], batches: tuple[int, int], convs: list[ConvCase],
-           gpts: list[GptCase], conv_recipes: tuple[str, ...] = PRECISIONS) -> list[Any]:
-    """float32: both losses (squared error at depth 2); each bf16 recipe: cross-entropy;
-    the CNNs first, in ``conv_recipes``, then the GPTs (float32), then the MLPs (so a time
-    limit leaves out MLPs, not them)."""
-    mlps = [c for c in _grid(widths, (2, 4), batches)
+           gpts: list[GptCase], conv_recipes: tuple[str, ...] = PRECISIONS,
+           mlp_recipes: tuple[str, ...] = PRECISIONS, mlps_before_gpts: int = 0
+           ) -> list[Any]:
+    """float32: both losses (squared error at depth 2); each bf16 recipe: cross-entropy.
+    The CNNs first, in ``conv_recipes``, then the GPTs, then the MLPs recipe by recipe in
+    ``mlp_recipes``' order (so a time limit leaves out MLPs, not them); the first
+    ``mlps_before_gpts`` MLPs run before the GPTs."""
+    mlps = [c for c in _grid(widths, (2, 4), batches, mlp_recipes)
             if get_loss(c.loss).integer_labels or (c.precision == "float32" and c.depth == 2)]
     return [dataclasses.replace(c, precision=r) for r in conv_recipes for c in convs] \
-        + gpts + mlps
+        + mlps[:mlps_before_gpts] + gpts + mlps[mlps_before_gpts:]
 
 
 QUICK = _quick((64, 512), (32, 512),
@@ -188,12 +191,15 @@ QUICK_ACCELERATOR = _quick((1024, 4096), (512, 8192),
                            [ConvCase(32, 64, 128, 2, 256, pool=2),
                             ConvCase(16, 16, 64, 2, 512, pool=2)],
                            [GptCase(768, 12, 12, 1024, 8, vocab=50257, precision=r)
-                            for r in PRECISIONS])
+                            for r in PRECISIONS], mlp_recipes=PRECISIONS[::-1],
+                           mlps_before_gpts=8)
 """The ``--quick`` preset on a GPU/TPU: 6 CNNs (two shapes with a max pool, in three
 recipes), a GPT-2-small-shaped step (d 768, 12 blocks, 12 heads, T 1024, vocab 50257,
 batch 8) and 28 MLP cases of 3 to 3300 matmul GFLOP per step, so that no case
 is launch-bound (the CPU preset's smallest would be microseconds there). The GPT runs in
-each recipe (``float32`` as TF32 at the default precision)."""
+each recipe (``float32`` as TF32 at the default precision). Order: the CNNs, the 8 bf16
+MLPs, the GPTs, the other MLPs (float32 last): on the one GPU run so far float32 held
+(0.93-1.03x jax.grad), bf16 did not, and a time limit cut the bf16 MLPs."""
 
 FULL = _grid((64, 256, 1024, 4096), (2, 4, 8), (32, 256, 4096))
 """Widths 64..4096, depths 2..8, batch 32..4096, both losses and precisions (144 cases);

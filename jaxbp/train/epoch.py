@@ -17,7 +17,7 @@ from jaxbp.data import Dataset
 from jaxbp.diagnostics import layer_stats
 from jaxbp.mlp import MLP
 from jaxbp.train import feeds
-from jaxbp.train.step import TrainState, evaluate_checked, make_train_loop
+from jaxbp.train.step import TrainState, eval_sums, make_train_loop, scores_of
 from jaxbp.types import Params, PRNGKey
 
 _LOOPS: dict[Any, Any] = {}
@@ -58,34 +58,58 @@ def loops_of(net: Any, optimizer: Any, grad: Any, mesh: Any) -> Any:
 
 
 def train_epoch(loop_of: Any, feed: Any, state: TrainState, key: PRNGKey, chunk: int,
-                 step_count: int, bar: Any) -> tuple[TrainState, dict[str, float], int]:
+                step_count: int, bar: Any, then: Any = None
+                ) -> tuple[TrainState, dict[str, float], int, Any]:
     """One epoch of chunks: the state after it, the sums of its steps' loss and accuracy,
-    and the step count after it.
+    the step count after it, and the host copy of ``then(state)`` (device values: the
+    epoch's evaluation; None without ``then``).
+
+    The device is never left waiting on the host: a chunk's metrics are read while the
+    next chunk runs, and the last chunk's together with ``then``'s values, dispatched
+    before that wait. One wait per chunk.
 
     Raises what :func:`jaxbp.train.feeds.check_chunk` raises, naming the step.
     """
     sums = {"loss": 0.0, "accuracy": 0.0}
-    for xs, ys, *masks in feed.chunks(key, chunk):
-        k = len(xs)
-        state, metrics = loop_of(k)(state, xs, ys, *masks)
-        metrics = parallel.fetch(metrics)  # the one sync of this chunk
+
+    def settle(metrics: dict[str, np.ndarray], k: int, step_count: int) -> int:
         feeds.check_chunk(metrics, step_count)
-        step_count += k
         sums["loss"] += float(np.sum(metrics["loss"]))
         sums["accuracy"] += float(np.sum(metrics.get("accuracy", math.nan)))
         if bar is not None:
             bar.update(k)
             bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4f}")
+        return step_count + k
+
+    pending = None
+    for xs, ys, *masks in feed.chunks(key, chunk):
+        state, metrics = loop_of(len(xs))(state, xs, ys, *masks)
+        if pending is not None:                  # the previous chunk's, this one running
+            step_count = settle(parallel.fetch(pending[0]), pending[1], step_count)
+        pending = (metrics, len(xs))
+    after = None if then is None else then(state)
+    last, after = parallel.fetch((None if pending is None else pending[0], after))
+    if pending is not None:
+        step_count = settle(last, pending[1], step_count)
     if bar is not None:
         bar.close()
-    return state, sums, step_count
+    return state, sums, step_count, after
 
 
-def epoch_row(net: MLP, params: Params, test: tuple[Any, Any], eval_batch_size: int,
-               sums: dict[str, float], steps: int, epoch: int, start: float
-               ) -> dict[str, float]:
-    """The epoch's line of the history: train means, the test evaluation, seconds."""
-    scores = evaluate_checked(net, params, *test, eval_batch_size)
+def test_sums(net: MLP, test: tuple[Any, Any], eval_batch_size: int) -> Any:
+    """``state -> device sums of the test evaluation`` (:func:`jaxbp.train.step.eval_sums`)
+    of the state's params, gathered from every process when there are several."""
+    def then(state: TrainState) -> Any:
+        return eval_sums(net, parallel.gather_params(state.params), *test, eval_batch_size)
+
+    return then
+
+
+def epoch_row(net: MLP, test_sums: Any, sums: dict[str, float], steps: int, epoch: int,
+              start: float) -> dict[str, float]:
+    """The epoch's line of the history: train means, the test evaluation (from the host
+    copy of its sums), seconds."""
+    scores = scores_of(net, test_sums)
     return {"epoch": epoch + 1,
             "train_loss": sums["loss"] / steps,
             "train_accuracy": sums["accuracy"] / steps,

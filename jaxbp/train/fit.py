@@ -30,6 +30,7 @@ from jaxbp.train.epoch import (
     layer_stats_lists,
     loops_of,
     progress_bar,
+    test_sums,
     train_epoch,
 )
 from jaxbp.train.run_config import describe_run
@@ -262,24 +263,23 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
                                  steps_per_epoch)
     chunk = min(steps_per_epoch, chunk_steps or feeds.CHUNK_STEPS)
     loop_of = loops_of(net, optimizer, grad, mesh)
+    evaluation = test_sums(net, test, eval_batch_size)
     for epoch in range(first_epoch, epochs):
         if private is not None and private.over_budget(step_count + steps_per_epoch, epoch):
             break
         start = time.perf_counter()
         bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
-        state, sums, step_count = train_epoch(loop_of, feed, state,
-                                               jax.random.fold_in(key_data, epoch), chunk,
-                                               step_count, bar)
-        params_now = parallel.gather_params(state.params)
-        row = epoch_row(net, params_now, test, eval_batch_size, sums, steps_per_epoch,
-                         epoch, start)
+        state, sums, step_count, scores = train_epoch(
+            loop_of, feed, state, jax.random.fold_in(key_data, epoch), chunk, step_count, bar,
+            then=evaluation)
+        row = epoch_row(net, scores, sums, steps_per_epoch, epoch, start)
         if private is not None:
             row["epsilon"] = private.epsilon(step_count)
         for name in row:
             history[name].append(row[name])
         if diagnostics:
             history.setdefault("layer_stats", []).append(layer_stats_lists(
-                net, params_now, data, eval_batch_size))
+                net, parallel.gather_params(state.params), data, eval_batch_size))
         _say(progress, epoch_line(net, row, epochs))
         if checkpoint_dir is not None:
             _save(checkpoint_dir, epoch, step_count, state, key_data,

@@ -305,9 +305,19 @@ def evaluate(
 def evaluate_checked(net: MLP, params: Params, x: Array, y: Array,
                      batch_size: int) -> dict[str, float]:
     """:func:`evaluate` for inputs already checked (``fit`` checks its data set once)."""
-    n = x.shape[0]
-    loss_sum, hit_sum, count = jax.device_get(_eval_sums(net, params, x, y,
-                                                         min(batch_size, n)))
+    return scores_of(net, jax.device_get(eval_sums(net, params, x, y, batch_size)))
+
+
+def eval_sums(net: MLP, params: Params, x: Array, y: Array,
+              batch_size: int) -> tuple[Array, Array, Array]:
+    """The device sums (loss, hits, count) of :func:`evaluate` on checked inputs,
+    dispatched without waiting: ``fit`` reads them with its last chunk's metrics."""
+    return _eval_sums(net, params, x, y, min(batch_size, x.shape[0]))
+
+
+def scores_of(net: MLP, sums: tuple[Any, Any, Any]) -> dict[str, float]:
+    """``{"loss", "accuracy"}`` from the host copy of :func:`eval_sums`' sums."""
+    loss_sum, hit_sum, count = sums
     count = max(float(count), 1.0)
     result = {"loss": float(loss_sum) / count}
     if net.loss_fn.is_classification:
