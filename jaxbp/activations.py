@@ -68,9 +68,10 @@ def _tanh_dg(z: Array, a: Array) -> Array:
 
 
 def _relu_dg(z: Array, a: Array) -> Array:
-    """relu'(z) = 1 if z > 0 else 0 (0 at z = 0, as ``jax.nn.relu``)."""
-    del a
-    return (z > 0).astype(z.dtype)
+    """relu'(z) = 1 if z > 0 else 0 (0 at z = 0, as ``jax.nn.relu``) = [a > 0]: read from
+    the output (z > 0 exactly when a = max(z, 0) > 0), so the step need not keep z."""
+    del z
+    return (a > 0).astype(a.dtype)
 
 
 def _leaky_relu(z: Array) -> Array:
@@ -90,8 +91,10 @@ def _elu(z: Array) -> Array:
 
 
 def _elu_dg(z: Array, a: Array) -> Array:
-    """elu'(z) = 1 if z > 0 else alpha e^z = a + alpha."""
-    return jnp.where(z > 0, jnp.ones_like(z), a + ELU_ALPHA)
+    """elu'(z) = 1 if z > 0 else alpha e^z = a + alpha; z > 0 exactly when a > 0 (e^z - 1
+    <= 0 for z <= 0), so it is read from the output alone."""
+    del z
+    return jnp.where(a > 0, jnp.ones_like(a), a + ELU_ALPHA)
 
 
 def _softplus_dg(z: Array, a: Array) -> Array:
@@ -138,8 +141,9 @@ def _tanh_d2g(z: Array, a: Array) -> Array:
 
 
 def _elu_d2g(z: Array, a: Array) -> Array:
-    """elu''(z) = 0 if z > 0 else alpha e^z = a + alpha."""
-    return jnp.where(z > 0, jnp.zeros_like(z), a + ELU_ALPHA)
+    """elu''(z) = 0 if z > 0 else alpha e^z = a + alpha (z > 0 exactly when a > 0)."""
+    del z
+    return jnp.where(a > 0, jnp.zeros_like(a), a + ELU_ALPHA)
 
 
 def _softplus_d2g(z: Array, a: Array) -> Array:
