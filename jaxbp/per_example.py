@@ -358,10 +358,8 @@ def dp_sgd_gradient(clip_norm: ClipNorm, noise_multiplier: float, key: PRNGKey):
 
 def _deprecated(old: str, new: str) -> Any:
     """The source ``new`` names, after a DeprecationWarning that ``old`` is its old name."""
-    import warnings
+    from jaxbp import sources, user_warnings
 
-    from jaxbp import sources
-
-    warnings.warn(f"jaxbp.{old} is deprecated: use {new} (the same gradient source)",
-                  DeprecationWarning, stacklevel=3)
+    user_warnings.warn(f"jaxbp.{old} is deprecated: use {new} (the same gradient source)",
+                       DeprecationWarning)
     return getattr(sources, new.rsplit(".", 1)[1])

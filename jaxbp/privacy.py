@@ -312,13 +312,10 @@ def dp_gradient(clip_norm: float, noise_multiplier: float, expected_batch_size: 
                 key: PRNGKey) -> Callable[..., Any]:
     """Deprecated: ``jaxbp.sources.dp_sgd(clip_norm, noise_multiplier, key,
     expected_batch_size=...)``, the same source (this name goes next release)."""
-    import warnings
+    from jaxbp import sources, user_warnings
 
-    from jaxbp import sources
-
-    warnings.warn("jaxbp.privacy.dp_gradient is deprecated: use jaxbp.sources.dp_sgd(..., "
-                  "expected_batch_size=...) (the same gradient source)", DeprecationWarning,
-                  stacklevel=2)
+    user_warnings.warn("jaxbp.privacy.dp_gradient is deprecated: use jaxbp.sources.dp_sgd(..., "
+                       "expected_batch_size=...) (the same gradient source)", DeprecationWarning)
     return sources.dp_sgd(clip_norm, noise_multiplier, key, expected_batch_size)
 
 

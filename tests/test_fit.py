@@ -70,10 +70,11 @@ def test_resume_skips_a_corrupt_newest_checkpoint(digits, tmp_path):
         checkpoint_dir=tmp_path, progress=False)
     newest = checkpoint.list_checkpoints(tmp_path)[-1]
     newest.write_bytes(b"garbage")
-    with pytest.warns(RuntimeWarning, match="ckpt_000000002.npz"):
+    with pytest.warns(RuntimeWarning, match="ckpt_000000002.npz") as seen:
         result = fit(NET, optimizer, digits, epochs=2, batch_size=256, key=jax.random.key(1),
                      checkpoint_dir=tmp_path, progress=False)
     assert result.history["epoch"] == [1, 2]  # epoch 2 trained again from epoch 1's state
+    assert {w.filename for w in seen} == {__file__}  # the caller's line, not jaxbp's
     checkpoint.restore(checkpoint.list_checkpoints(tmp_path)[-1],
                        {"state": result.state, "key": jax.random.split(jax.random.key(1))[1]})
 

@@ -203,6 +203,15 @@ class TestCheckpointsAreNeverLostOrMixed:
         assert result.history["epoch"] == [1, 2]
         assert "although the run changed: optimizer" in capsys.readouterr().out
 
+    def test_a_quiet_run_change_is_warned_at_the_callers_line(self, tmp_path):
+        """The warning names the user's file, not a line inside jaxbp (its depth there
+        is counted, not fixed)."""
+        _fit(checkpoint_dir=tmp_path)
+        with pytest.warns(RuntimeWarning, match="although the run changed") as seen:
+            _fit(epochs=2, optimizer=optax.sgd(0.05), checkpoint_dir=tmp_path,
+                 allow_run_change=True, progress=False)
+        assert [w.filename for w in seen] == [__file__]
+
     def test_a_second_run_on_the_folder_is_refused(self, tmp_path):
         held = checkpoint.lock(tmp_path)
         try:

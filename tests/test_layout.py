@@ -127,7 +127,8 @@ def test_loss_names_are_compared_only_in_losses():
 # level or below. Matched by the longest prefix; train.step sits below parallel, which sits
 # below the rest of train (fit feeds each chunk through the sharded loop).
 LEVELS = (
-    ("jaxbp.types", "jaxbp.matmul_precision", "jaxbp.compilation_cache"),
+    ("jaxbp.types", "jaxbp.matmul_precision", "jaxbp.compilation_cache",
+     "jaxbp.user_warnings"),
     ("jaxbp.input_checks", "jaxbp.activations", "jaxbp.losses", "jaxbp.data",
      "jaxbp.privacy"),
     ("jaxbp.layers",),

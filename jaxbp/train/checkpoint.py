@@ -33,13 +33,13 @@ import os
 import pathlib
 import re
 import tempfile
-import warnings
 import zipfile
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxbp import user_warnings
 from jaxbp.types import PyTree, is_int
 
 _NAME = re.compile(r"^ckpt_(\d+)\.npz$")
@@ -332,8 +332,7 @@ def restore_latest(
             raise
         except CheckpointError as err:
             aside = set_aside(path)
-            warnings.warn(f"skipping {err}; kept as {str(aside)!r}", RuntimeWarning,
-                          stacklevel=2)
+            user_warnings.warn(f"skipping {err}; kept as {str(aside)!r}", RuntimeWarning)
             continue
         return tree, metadata, path
     return None

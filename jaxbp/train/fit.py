@@ -270,7 +270,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
         start = time.perf_counter()
         bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
         state, sums, step_count, scores = train_epoch(
-            loop_of, feed, state, jax.random.fold_in(key_data, epoch), chunk, step_count, bar,
+            loop_of, feed, state, feeds.fold_in(key_data, epoch), chunk, step_count, bar,
             then=evaluation)
         row = epoch_row(net, scores, sums, steps_per_epoch, epoch, start)
         if private is not None:

@@ -8,12 +8,11 @@ spent is the composition of all segments (:func:`jaxbp.privacy.composed_epsilon`
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 import jax
 
-from jaxbp import sources
+from jaxbp import sources, user_warnings
 
 Segment = tuple[float, float, int]
 """``(sigma, q, steps)``: steps taken at noise multiplier sigma and sample rate q."""
@@ -71,9 +70,9 @@ class Plan:
         spent = self.epsilon(steps_next)
         if spent <= self.privacy.target_epsilon * (1 + 1e-9):
             return False
-        warnings.warn(f"private training stopped before epoch {epoch + 1}: it would spend "
-                      f"epsilon {spent:.4f}, more than the target {self.privacy.target_epsilon}",
-                      RuntimeWarning, stacklevel=4)
+        user_warnings.warn(f"private training stopped before epoch {epoch + 1}: it would "
+                           f"spend epsilon {spent:.4f}, more than the target "
+                           f"{self.privacy.target_epsilon}", RuntimeWarning)
         return True
 
     def describe(self, batch_size: int) -> str:

@@ -10,12 +10,12 @@ move between one device and a mesh.
 from __future__ import annotations
 
 import pathlib
-import warnings
 from typing import Any
 
 import jax
 import numpy as np
 
+from jaxbp import user_warnings
 from jaxbp.parallel import fetch
 from jaxbp.train import checkpoint
 from jaxbp.train.run_config import run_differences
@@ -69,9 +69,8 @@ def check_same_run(path: pathlib.Path, saved: dict[str, Any] | None, now: dict[s
                     allow_change: bool, progress: bool) -> None:
     """Refuse to resume another run's checkpoint, naming what differs."""
     if saved is None:
-        warnings.warn(f"checkpoint {str(path)!r} has no run record (written by an older "
-                      f"jaxbp): net, optimizer, seed and data are not checked", RuntimeWarning,
-                      stacklevel=5)
+        user_warnings.warn(f"checkpoint {str(path)!r} has no run record (written by an older "
+                           f"jaxbp): net, optimizer, seed and data are not checked", RuntimeWarning)
         return
     differences = run_differences(saved, now)
     if not differences:
@@ -81,7 +80,7 @@ def check_same_run(path: pathlib.Path, saved: dict[str, Any] | None, now: dict[s
         if progress:
             print(notice)
         else:
-            warnings.warn(notice, RuntimeWarning, stacklevel=5)
+            user_warnings.warn(notice, RuntimeWarning)
         return
     raise checkpoint.CheckpointMismatchError(
         f"checkpoint {str(path)!r} was written by another run: " + "; ".join(differences)

@@ -36,7 +36,6 @@ import pathlib
 import re
 import sys
 import traceback
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -44,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp import user_warnings
 from jaxbp.train.checkpoint import CheckpointMismatchError, set_aside
 from jaxbp.types import PyTree
 
@@ -203,9 +203,8 @@ def restore_latest(directory: str | pathlib.Path, template: PyTree,
             aside = path.with_name(path.name + ".corrupt")
             if jax.process_index() == 0:
                 aside = set_aside(path)
-            warnings.warn(f"skipping checkpoint {str(path)!r}: {type(err).__name__}: "
-                          f"{_first_sentence(err)}; kept as {str(aside)!r}", RuntimeWarning,
-                          stacklevel=2)
+            user_warnings.warn(f"skipping checkpoint {str(path)!r}: {type(err).__name__}: "
+                               f"{_first_sentence(err)}; kept as {str(aside)!r}", RuntimeWarning)
             continue
         return tree, metadata, path
     return None
