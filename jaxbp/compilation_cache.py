@@ -16,6 +16,12 @@ ENV = "JAXBP_COMPILATION_CACHE"
 """Environment variable naming the cache folder (``off`` disables it)."""
 DEFAULT = pathlib.Path("~/.cache/jaxbp/xla")
 OFF = ("off", "none", "")
+MAX_BYTES = 4 * 2**30
+"""The cache's size bound: past it the least recently used programs are dropped. A bound
+also makes JAX take a file lock around every read and write of the folder, so that
+processes sharing it (two runs, xdist workers) never read an entry another is still
+writing (unbounded, JAX writes entries in place without a lock: a torn read is warned
+about and compiled again)."""
 
 
 def default_dir() -> str:
@@ -25,7 +31,8 @@ def default_dir() -> str:
 
 def enable(path: str | os.PathLike[str] | None) -> pathlib.Path | None:
     """Keep compiled programs in ``path`` (created if missing) from now on, every program
-    whatever its compile time; ``None`` or ``"off"`` leaves JAX's setting as it is.
+    whatever its compile time, up to :data:`MAX_BYTES` (least recently used dropped
+    first); ``None`` or ``"off"`` leaves JAX's setting as it is.
 
     Returns:
       The folder in use, or None.
@@ -44,4 +51,5 @@ def enable(path: str | os.PathLike[str] | None) -> pathlib.Path | None:
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return folder

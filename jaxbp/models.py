@@ -37,7 +37,8 @@ def cnn(side: int, n_out: int, activation: str = "relu", output_activation: str 
 
 def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: int = 4,
         norm: str = "layer", dtype: str = "float32", causal: bool = True,
-        compute_dtype: str | None = None, activation_dtype: str | None = None) -> Network:
+        compute_dtype: str | None = None, activation_dtype: str | None = None,
+        attention_block: int | None = None) -> Network:
     """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
     vocab), the mean softmax cross-entropy over every token whose target is not -1.
 
@@ -49,6 +50,9 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     ``compute_dtype``, ``activation_dtype``: the numerical recipe of every layer
     (:class:`jaxbp.Network`'s network-wide defaults; ``"bfloat16"`` for both: bf16
     activations, errors and matmul operands, float32 params, softmax and loss).
+    ``attention_block``: None (attention keeps its (T, T) softmax for the backward), or
+    the keys taken at a time by :class:`jaxbp.layers.SelfAttention`'s blockwise form
+    (memory T x block per head, the scores computed twice).
     """
     for name, value in (("depth", depth), ("mlp_ratio", mlp_ratio)):
         if not is_int(value) or value < 1:
@@ -56,7 +60,8 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     if norm not in NORMS:
         raise ValueError(f"gpt norm must be one of {sorted(NORMS)}, got {norm!r}")
     make_norm = NORMS[norm]
-    block = (layers.Residual((make_norm(), layers.SelfAttention(heads, causal))),
+    block = (layers.Residual((make_norm(), layers.SelfAttention(heads, causal,
+                                                                block=attention_block))),
              layers.Residual((make_norm(), layers.Dense(int(mlp_ratio) * dim, "gelu"),
                               layers.Dense(dim))))
     return Network((layers.Embedding(vocab, dim, positions=seq_len), *block * int(depth),

@@ -52,6 +52,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not i
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    # Unbounded, unlike jaxbp.compilation_cache's: bounded, JAX scans the whole folder on
+    # every write (thousands of entries here: the suite took several times as long). So
+    # JAX writes entries in place without a lock, and a worker may read one another is
+    # still writing: JAX warns and compiles it again (pyproject's filterwarnings).
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -101,6 +101,11 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     assert 7 < float(out.split(", epsilon ")[1].split()[0]) <= 8, out
     assert cli.main(["train", "--model", "gpt", "--heads", "3", "--dim", "16"]) == 2
     assert "--heads 3 must divide --dim 16" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "gpt", "--attention-block", "0"]) == 2
+    assert "--attention-block must be an integer > 0, got 0" in capsys.readouterr().err
+    assert cli.main(["train", "--attention-block", "8"]) == 2
+    assert "--attention-block sets a GPT's attention; --model is mlp" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -200,7 +205,8 @@ def test_every_cheap_readme_command_runs(command, tmp_path, restore_x64, capsys,
 @pytest.mark.slow
 def test_train_keeps_compiled_programs_for_a_rerun(tmp_path):
     """--compilation-cache DIR: the first run writes JAX's persistent cache entries, the
-    rerun reads them (JAX logs the hits) and writes no new ones."""
+    rerun reads them (JAX logs the hits) and writes no new ones. The cache is bounded, so
+    JAX locks the folder around reads and writes (its lock file is there)."""
     cache = tmp_path / "xla"
     argv = [sys.executable, "-m", "jaxbp.cli", "train", "--epochs", "1", "--sizes",
             "64,16,10", "--quiet", "--compilation-cache", str(cache)]
@@ -208,7 +214,7 @@ def test_train_keeps_compiled_programs_for_a_rerun(tmp_path):
     first = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     entries = sorted(p.name for p in cache.iterdir())
-    assert entries
+    assert ".lockfile" in entries and any(name.endswith("-cache") for name in entries)
     second = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "cache hit" in second.stderr.lower()

@@ -103,6 +103,8 @@ def _check_options(args: argparse.Namespace) -> None:
         writable_file("--diagnostics", args.diagnostics)
     if args.model == "gpt":
         positive("--seq-len", args.seq_len, integer=True)
+    elif args.attention_block is not None:
+        raise UsageError(f"--attention-block sets a GPT's attention; --model is {args.model}")
 
 
 def _mlp(args: argparse.Namespace, dataset: Any, loss: str) -> Any:
@@ -262,4 +264,7 @@ def _gpt(args: argparse.Namespace, dataset: Any) -> Any:
         positive(option, value, integer=True)
     if args.dim % args.heads:
         raise UsageError(f"--heads {args.heads} must divide --dim {args.dim}")
-    return models.gpt(dataset.n_out, args.dim, args.depth, args.heads, args.seq_len)
+    if args.attention_block is not None:
+        positive("--attention-block", args.attention_block, integer=True)
+    return models.gpt(dataset.n_out, args.dim, args.depth, args.heads, args.seq_len,
+                      attention_block=args.attention_block)

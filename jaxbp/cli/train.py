@@ -35,6 +35,9 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--depth", type=int, default=2, help="gpt blocks (2)")
     train.add_argument("--heads", type=int, default=4, help="gpt attention heads (4)")
     train.add_argument("--seq-len", type=int, default=64, help="gpt context length (64)")
+    train.add_argument("--attention-block", type=int, default=None,
+                       help="gpt attention over this many keys at a time, its (T, T) softmax "
+                            "never kept (memory T x block; default: the plain form)")
     train.add_argument("--sizes", default=None,
                        help="comma-separated layer sizes (default n_in,256,256,n_out)")
     train.add_argument("--activation", default="relu", help="hidden activation (relu)")
@@ -152,6 +155,8 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
     elif args.model == "gpt":
         shape = (f"gpt dim {args.dim}, depth {args.depth}, heads {args.heads}, seq_len "
                  f"{args.seq_len}, vocab {dataset.n_out} ({_n_params(net)} params)")
+        if args.attention_block is not None:
+            shape += f", attention over {args.attention_block} keys at a time"
     else:
         shape = f"cnn {network.describe(net)}, {args.activation}"  # describe names the loss
     grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad

@@ -15,7 +15,10 @@ heads and M the mask (0 on and below the diagonal, -inf above it when causal):
 
 and every projection's gradient is a token-wise Dense's, ``x^T dQ`` (O^T delta for
 W_o), its bias the sum of its error over batch and tokens. The masked positions
-have P = 0, so dS is 0 there: they get no error. Memory: P is (batch, heads, T, T).
+have P = 0, so dS is 0 there: they get no error. Memory: P is (batch, heads, T, T);
+with ``block`` set, the keys are taken that many at a time and P is never formed
+(:mod:`jaxbp.layers.blockwise_attention`: the forward keeps each row's log-sum-exp,
+the backward recomputes P block by block).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp.layers import kfac, precision, token_grads
+from jaxbp.layers import blockwise_attention, kfac, precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
 from jaxbp.types import Array, is_int
 
@@ -60,6 +63,11 @@ class SelfAttention:
         the scores S, the softmax P and its backward (dP, dS) run in the params' dtype
         (float32: a softmax in bf16 loses the small probabilities), P and dS rounded to
         the operand dtype where they enter a matmul; weight gradients as Dense's.
+      block: None (the plain form, which keeps P: (batch, heads, T, T)), or the number
+        of keys taken at a time (an int >= 1): the forward keeps (batch, heads, T)
+        log-sum-exps instead of P and the backward recomputes P one (T, block) slice
+        at a time, so memory grows as T block instead of T^2 (the same gradient to
+        rounding; more work: the scores are computed twice).
 
     Params: ``{"wq", "wk", "wv", "wo": (d, d), "bq", "bk", "bv", "bo": (d,)}``; the
     weights Glorot truncated normals, the biases 0.
@@ -69,6 +77,7 @@ class SelfAttention:
     causal: bool = True
     compute_dtype: str | None = None
     activation_dtype: str | None = None
+    block: int | None = None
 
     def __post_init__(self) -> None:
         precision.check_recipe(self)
@@ -77,6 +86,11 @@ class SelfAttention:
         object.__setattr__(self, "heads", int(self.heads))
         if not isinstance(self.causal, bool):
             raise TypeError(f"SelfAttention causal must be a bool, got {self.causal!r}")
+        if self.block is not None:
+            if not is_int(self.block) or self.block < 1:
+                raise ValueError(f"SelfAttention block must be None or an int >= 1, got "
+                                 f"{self.block!r}")
+            object.__setattr__(self, "block", int(self.block))
 
     def output_shape(self, in_shape: Shape) -> Shape:
         if len(in_shape) != 2:
@@ -120,6 +134,11 @@ class SelfAttention:
                                     self.activation_dtype)
         out = precision.output_dtype(self, jnp.result_type(x, params["wq"]))
         q, k, v = (_split(self._project(params, x, p, out), self.heads) for p in "qkv")
+        if self.block is not None:                   # O and each row's lse, P never formed
+            o, lse = blockwise_attention.forward(self._heads_dot, q, k, v, self.block,
+                                                 self.causal, out, params["wq"].dtype)
+            o = _merge(o)
+            return self._project(params, o, "o", out), (x, q, k, v, lse, o)
         s = self._scores(q, k, params["wq"].dtype)
         e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
         prob = e / jnp.sum(e, axis=-1, keepdims=True)                  # P = softmax(S)
@@ -129,11 +148,16 @@ class SelfAttention:
     def _projection_errors(self, params: dict[str, Array], cache: tuple[Array, ...],
                            delta: Array) -> dict[str, Array]:
         """The error at each projection's output, (B, T, d): dQ, dK, dV and delta itself."""
-        _, q, k, v, prob, _ = cache
+        _, q, k, v, prob, o = cache
         delta = precision.to_activation(delta, self.activation_dtype)
         out = precision.output_dtype(self, jnp.result_type(delta, params["wo"]))
         d_o = _split(precision.dot(self, delta, params["wo"], out, transpose_b=True),
                      self.heads)                                       # dO = delta W_o^T
+        if self.block is not None:                   # prob holds each row's lse here
+            d_q, d_k, d_v = blockwise_attention.backward(
+                self._heads_dot, q, k, v, _split(o, self.heads), prob, d_o, self.block,
+                self.causal, out, params["wq"].dtype)
+            return {"q": _merge(d_q), "k": _merge(d_k), "v": _merge(d_v), "o": delta}
         d_v = self._heads_dot("bhts,bhtd->bhsd", prob, d_o, out)       # dV = P^T dO
         d_p = self._heads_dot("bhtd,bhsd->bhts", d_o, v, prob.dtype)   # dP = dO V^T
         d_s = prob * (d_p - jnp.sum(d_p * prob, axis=-1, keepdims=True))
