@@ -34,6 +34,7 @@ def test_cases_cover_the_space():
     attn = [layer.layers[1] for net in nets for layer in net.layers
             if isinstance(layer, L.Residual) and isinstance(layer.layers[1], L.SelfAttention)]
     assert {a.heads for a in attn} >= {1, 2, 3, 4} and {a.causal for a in attn} == {True, False}
+    assert {a.block is None for a in attn} == {True, False}         # case 7: blockwise
     assert {net.input_shape[0] for net in nets} >= {1} and max(n.input_shape[0] for n in nets) > 8
     kinds = {type(layer).__name__ for net in nets for layer in net.layers}
     assert {"LayerNorm", "RMSNorm", "Embedding", "Dense", "Residual"} <= kinds

@@ -33,16 +33,20 @@ DTYPES = ("float64", "float32", "bfloat16")
 def random_transformer(i: int, dtype: str) -> tuple[Network, int]:
     """Transformer case i (and its batch): a GPT (:func:`jaxbp.models.gpt`) of depth 1-3,
     1-4 heads of width 1-4, T 1-16 (1 every fourth case), causal or not, LayerNorm or
-    RMSNorm, vocab 2-50, mlp_ratio 1-4. Targets may hold -1 (ignored tokens)."""
+    RMSNorm, vocab 2-50, mlp_ratio 1-4; every eighth case (i = 7 mod 8) attention's
+    blockwise form, 1-8 keys a block. Targets may hold -1 (ignored tokens)."""
     from jaxbp import models
 
     rng = np.random.default_rng(3000 + i)
     heads = int(rng.integers(1, 5))
-    return models.gpt(vocab=int(rng.integers(2, 51)), dim=heads * int(rng.integers(1, 5)),
-                      depth=int(rng.integers(1, 4)), heads=heads,
-                      seq_len=1 if i % 4 == 0 else int(rng.integers(2, 17)),
-                      mlp_ratio=int(rng.integers(1, 5)), norm=("layer", "rms")[i % 2],
-                      dtype=dtype, causal=i % 3 != 2), int(rng.integers(1, 5))
+    shape = dict(vocab=int(rng.integers(2, 51)), dim=heads * int(rng.integers(1, 5)),
+                 depth=int(rng.integers(1, 4)), heads=heads,
+                 seq_len=1 if i % 4 == 0 else int(rng.integers(2, 17)),
+                 mlp_ratio=int(rng.integers(1, 5)))
+    batch = int(rng.integers(1, 5))
+    block = int(rng.integers(1, 9)) if i % 8 == 7 else None
+    return models.gpt(**shape, norm=("layer", "rms")[i % 2], dtype=dtype, causal=i % 3 != 2,
+                      attention_block=block), batch
 
 
 def random_tokens(rng: np.random.Generator, net: Network, batch: int,

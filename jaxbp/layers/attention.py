@@ -148,12 +148,12 @@ class SelfAttention:
     def _projection_errors(self, params: dict[str, Array], cache: tuple[Array, ...],
                            delta: Array) -> dict[str, Array]:
         """The error at each projection's output, (B, T, d): dQ, dK, dV and delta itself."""
-        _, q, k, v, prob, o = cache
+        _, q, k, v, prob, o = cache          # prob: P, or each row's lse in the blockwise form
         delta = precision.to_activation(delta, self.activation_dtype)
         out = precision.output_dtype(self, jnp.result_type(delta, params["wo"]))
         d_o = _split(precision.dot(self, delta, params["wo"], out, transpose_b=True),
                      self.heads)                                       # dO = delta W_o^T
-        if self.block is not None:                   # prob holds each row's lse here
+        if self.block is not None:
             d_q, d_k, d_v = blockwise_attention.backward(
                 self._heads_dot, q, k, v, _split(o, self.heads), prob, d_o, self.block,
                 self.causal, out, params["wq"].dtype)
