@@ -6,8 +6,11 @@ so a second :func:`jaxbp.fit` of the same setting compiles nothing.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -57,16 +60,38 @@ def loops_of(net: Any, optimizer: Any, grad: Any, mesh: Any) -> Any:
     return loop_of
 
 
-def train_epoch(loop_of: Any, feed: Any, state: TrainState, key: PRNGKey, chunk: int,
-                step_count: int, bar: Any, then: Any = None
-                ) -> tuple[TrainState, dict[str, float], int, Any]:
+def epoch_chunks(feed: Any, key_data: PRNGKey, epoch: int, chunk: int) -> Iterator[Any]:
+    """Epoch ``epoch``'s chunks from ``feed``, the first one already dispatched (its
+    shuffle, slice and gather queued on the device before anything else is asked)."""
+    chunks = feed.chunks(feeds.fold_in(key_data, epoch), chunk)
+    first = next(chunks, None)
+    return chunks if first is None else itertools.chain([first], chunks)
+
+
+def chunks_and_ahead(feed: Any, key_data: PRNGKey, epoch: int, epochs: int, chunk: int,
+                     upcoming: Any) -> tuple[Iterable[Any], Any]:
+    """This epoch's chunks (``upcoming`` when the epoch before fetched them ahead) and the
+    thunk that fetches the next epoch's, for :func:`train_epoch`'s ``ahead``: device data
+    only (a Poisson feed draws on the host and warns as it draws, never ahead of its
+    epoch), and None after the last epoch."""
+    chunks = upcoming if upcoming is not None else epoch_chunks(feed, key_data, epoch, chunk)
+    if not feed.on_device or epoch + 1 >= epochs:
+        return chunks, None
+    return chunks, functools.partial(epoch_chunks, feed, key_data, epoch + 1, chunk)
+
+
+def train_epoch(loop_of: Any, chunks: Iterable[Any], state: TrainState, step_count: int,
+                bar: Any, then: Any = None, ahead: Any = None
+                ) -> tuple[TrainState, dict[str, float], int, Any, Any]:
     """One epoch of chunks: the state after it, the sums of its steps' loss and accuracy,
-    the step count after it, and the host copy of ``then(state)`` (device values: the
-    epoch's evaluation; None without ``then``).
+    the step count after it, the host copy of ``then(state)`` (device values: the
+    epoch's evaluation; None without ``then``) and what ``ahead()`` returned (the next
+    epoch's :func:`epoch_chunks`; None without ``ahead``).
 
     The device is never left waiting on the host: a chunk's metrics are read while the
     next chunk runs, and the last chunk's together with ``then``'s values, dispatched
-    before that wait. One wait per chunk.
+    before that wait, as is ``ahead`` (so the next epoch's first data are on their way
+    while the host writes this epoch's line). One wait per chunk.
 
     Raises what :func:`jaxbp.train.feeds.check_chunk` raises, naming the step.
     """
@@ -82,18 +107,19 @@ def train_epoch(loop_of: Any, feed: Any, state: TrainState, key: PRNGKey, chunk:
         return step_count + k
 
     pending = None
-    for xs, ys, *masks in feed.chunks(key, chunk):
+    for xs, ys, *masks in chunks:
         state, metrics = loop_of(len(xs))(state, xs, ys, *masks)
         if pending is not None:                  # the previous chunk's, this one running
             step_count = settle(parallel.fetch(pending[0]), pending[1], step_count)
         pending = (metrics, len(xs))
     after = None if then is None else then(state)
+    upcoming = None if ahead is None else ahead()
     last, after = parallel.fetch((None if pending is None else pending[0], after))
     if pending is not None:
         step_count = settle(last, pending[1], step_count)
     if bar is not None:
         bar.close()
-    return state, sums, step_count, after
+    return state, sums, step_count, after, upcoming
 
 
 def test_sums(net: MLP, test: tuple[Any, Any], eval_batch_size: int) -> Any:

@@ -2,7 +2,7 @@
 
 An epoch is a list of chunks ``(xs, ys)`` of shape (k, batch, ...), k steps each, or
 ``(xs, ys, masks)`` for Poisson-sampled (DP-SGD) batches. The host waits for the device
-once per chunk (:func:`check_chunk` reads the chunk's metrics then).
+once per chunk (:func:`check_chunk` reads the chunk's metrics then, while the next one runs).
 """
 
 from __future__ import annotations

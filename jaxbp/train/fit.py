@@ -25,6 +25,7 @@ from jaxbp.network import Network
 from jaxbp.train import checkpoint, feeds, plots, resume
 from jaxbp.train import private as train_private
 from jaxbp.train.epoch import (
+    chunks_and_ahead,
     epoch_line,
     epoch_row,
     layer_stats_lists,
@@ -263,15 +264,15 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
                                  steps_per_epoch)
     chunk = min(steps_per_epoch, chunk_steps or feeds.CHUNK_STEPS)
     loop_of = loops_of(net, optimizer, grad, mesh)
-    evaluation = test_sums(net, test, eval_batch_size)
+    evaluation, upcoming = test_sums(net, test, eval_batch_size), None
     for epoch in range(first_epoch, epochs):
         if private is not None and private.over_budget(step_count + steps_per_epoch, epoch):
             break
         start = time.perf_counter()
         bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
-        state, sums, step_count, scores = train_epoch(
-            loop_of, feed, state, feeds.fold_in(key_data, epoch), chunk, step_count, bar,
-            then=evaluation)
+        chunks, ahead = chunks_and_ahead(feed, key_data, epoch, epochs, chunk, upcoming)
+        state, sums, step_count, scores, upcoming = train_epoch(
+            loop_of, chunks, state, step_count, bar, then=evaluation, ahead=ahead)
         row = epoch_row(net, scores, sums, steps_per_epoch, epoch, start)
         if private is not None:
             row["epsilon"] = private.epsilon(step_count)
