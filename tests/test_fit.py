@@ -129,6 +129,21 @@ def test_an_epoch_waits_for_the_device_once_per_chunk(digits, monkeypatch):
     assert result.history["test_accuracy"][-1] == final["accuracy"]
 
 
+def test_the_next_epochs_data_are_dispatched_before_the_epoch_waits(digits, monkeypatch):
+    """One chunk an epoch: the order of gathers (a chunk's data dispatched) and waits is
+    the first epoch's data, then each epoch's wait after the next epoch's data."""
+    from jaxbp.train import feeds
+
+    events = []
+    real_get, real_gather = jax.device_get, feeds.gather
+    monkeypatch.setattr(jax, "device_get", lambda t: events.append("wait") or real_get(t))
+    monkeypatch.setattr(feeds, "gather",
+                        lambda *a: events.append("data") or real_gather(*a))
+    fit(NET, optax.adam(1e-3), digits, epochs=3, batch_size=100, key=jax.random.key(0),
+        progress=False)                                           # 14 steps: one chunk
+    assert events == ["wait", "data", "data", "wait", "data", "wait", "wait"]
+
+
 def test_evaluate_is_one_compiled_program_for_any_batch_count(digits, caplog):
     """The whole (padded) test set in one call; another batch size with the same shapes
     compiles once, then nothing; the result equals the mean over the samples."""
