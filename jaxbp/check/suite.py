@@ -116,8 +116,11 @@ class Case:
         if getattr(self.net, "input_dtype", None) is not None:
             (steps, dim), vocab = self.net.shapes[1], self.net.n_out
             blocks = (len(self.net.layers) - 3) // 2
-            return (f"gpt T={steps} d={dim} blocks={blocks} vocab={vocab} B={self.batch} "
-                    f"(int labels, -1 ignored)")
+            keys = {getattr(inner, "block", None) for layer in self.net.layers
+                    for inner in getattr(layer, "layers", ())} - {None}
+            blockwise = "".join(f" attention {k} keys a block" for k in sorted(keys))
+            return (f"gpt T={steps} d={dim} blocks={blocks} vocab={vocab} B={self.batch}"
+                    f"{blockwise} (int labels, -1 ignored)")
         if isinstance(self.net, Network):
             labels = " (int labels)" if self.label_targets else ""
             return f"{network.describe(self.net)} B={self.batch}{labels}"
