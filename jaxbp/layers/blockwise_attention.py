@@ -42,8 +42,10 @@ Dot = Callable[[str, Array, Array, Any], Array]
 
 
 def _key_blocks(a: Array, block: int) -> Array:
-    """(B, H, T, d) keys or values -> (n_blocks, B, H, block, d), T padded with zeros."""
+    """(B, H, T, d) keys or values -> (n_blocks, B, H, block, d), T padded with zeros
+    (a block longer than T is T: one block, no padding)."""
     b, h, t, d = a.shape
+    block = min(block, t)
     n = -(-t // block)
     a = jnp.pad(a, ((0, 0), (0, 0), (0, n * block - t), (0, 0)))
     return jnp.moveaxis(a.reshape(b, h, n, block, d), 2, 0)
