@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 from helpers import (
     forbid_autodiff,
     global_rel_error,
+    jaxpr_equations,
     leaf_rel_errors,
     to_f64,
     transformer_case,
@@ -80,10 +82,15 @@ def test_blockwise_float32_and_bf16_are_as_accurate_as_jax_grad():
         return dataclasses.replace(n, layers=precision.with_recipe(
             n.layers, compute_dtype="bfloat16", activation_dtype="bfloat16"))
 
-    grads = jaxbp.backprop(bf16(with_block(net, 4)), params, x, y)
+    recipe = bf16(with_block(net, 4))
+    grads = jaxbp.backprop(recipe, params, x, y)
     plain = jaxbp.value_and_autodiff(bf16(net), params, x, y)[1]
     assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype("float32")}
     assert global_rel_error(grads, truth) <= 1.1 * global_rel_error(plain, truth) + 2e-3
+    dots = jaxpr_equations(functools.partial(jaxbp.backprop, recipe), params, x, y,
+                           primitive="dot_general")         # inside the scans included
+    assert len(dots) >= 20 and all(v.aval.dtype == jnp.bfloat16
+                                   for e in dots for v in e.invars)
 
 
 def test_blockwise_runs_without_autodiff_and_its_quantities_match(monkeypatch, x64):
