@@ -122,7 +122,7 @@ def train_epoch(loop_of: Any, chunks: Iterable[Any], state: TrainState, step_cou
     return state, sums, step_count, after, upcoming
 
 
-def test_sums(net: MLP, test: tuple[Any, Any], eval_batch_size: int) -> Any:
+def evaluation_of(net: MLP, test: tuple[Any, Any], eval_batch_size: int) -> Any:
     """``state -> device sums of the test evaluation`` (:func:`jaxbp.train.step.eval_sums`)
     of the state's params, gathered from every process when there are several."""
     def then(state: TrainState) -> Any:

@@ -28,10 +28,10 @@ from jaxbp.train.epoch import (
     chunks_and_ahead,
     epoch_line,
     epoch_row,
+    evaluation_of,
     layer_stats_lists,
     loops_of,
     progress_bar,
-    test_sums,
     train_epoch,
 )
 from jaxbp.train.run_config import describe_run
@@ -264,7 +264,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
                                  steps_per_epoch)
     chunk = min(steps_per_epoch, chunk_steps or feeds.CHUNK_STEPS)
     loop_of = loops_of(net, optimizer, grad, mesh)
-    evaluation, upcoming = test_sums(net, test, eval_batch_size), None
+    evaluation, upcoming = evaluation_of(net, test, eval_batch_size), None
     for epoch in range(first_epoch, epochs):
         if private is not None and private.over_budget(step_count + steps_per_epoch, epoch):
             break
