@@ -125,7 +125,7 @@ def gpt2_small(cases: str, budget: float, out: str, info: dict) -> None:
         batch, steps = (int(n) for n in case.split("x"))
         net = jaxbp.models.gpt(**GPT2_SMALL, seq_len=steps)
         inputs = random_tokens(np.random.default_rng(0), net, batch, ignored=0.0)
-        row = {**run_case(f"gpt2-small {case}", net, batch, budget, inputs, versus=False),
+        row = {**run_case(f"gpt2-small {case}", net, batch, budget, inputs, with_vmap=False),
                "seq_len": steps}
         rows.append(row)
         print(f"B {batch} T {steps}: clipped/backprop {row['clipped_over_backprop']:.2f} "

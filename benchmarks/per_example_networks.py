@@ -89,10 +89,10 @@ OVERHEAD = ("backprop", "clipped", "dp")
 
 
 def run_case(name: str, net: jaxbp.Network, batch: int, budget: float,
-             inputs: tuple | None = None, versus: bool = True) -> dict:
+             inputs: tuple | None = None, with_vmap: bool = True) -> dict:
     """Every program of :func:`candidates` on ``inputs`` (default: normal x, labels of 10
     classes), compiled ahead and timed interleaved; ratios, peaks and conv routes.
-    ``versus=False``: the clipped step against the plain one only (no vmap(grad), no DP
+    ``with_vmap=False``: the clipped step against the plain one only (no vmap(grad), no DP
     step, whose padded Poisson batch holds several times B rows)."""
     params = net.init(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -101,8 +101,8 @@ def run_case(name: str, net: jaxbp.Network, batch: int, budget: float,
     x = jnp.asarray(inputs[0], jnp.int32 if net.input_dtype else jnp.float32)
     y = jnp.asarray(inputs[1], jnp.int32)
     calls, compile_s, peak = {}, {}, {}
-    overhead_group = OVERHEAD if versus else OVERHEAD[:2]
-    wanted = (*VERSUS, *OVERHEAD) if versus else overhead_group
+    overhead_group = OVERHEAD if with_vmap else ("backprop", "clipped")
+    wanted = {*overhead_group, *(VERSUS if with_vmap else ())}
     for key, fn in candidates(net, 1.0, batch).items():
         if key not in wanted:
             continue
@@ -110,7 +110,8 @@ def run_case(name: str, net: jaxbp.Network, batch: int, budget: float,
         peak[key] = None if mem is None else mem.peak
         calls[key] = (lambda c: lambda: c(params, x, y))(compiled)
     overhead = time_interleaved({k: calls[k] for k in overhead_group}, budget_s=budget)
-    versus = time_interleaved({k: calls[k] for k in VERSUS}, budget_s=budget) if versus else {}
+    against_vmap = (time_interleaved({k: calls[k] for k in VERSUS}, budget_s=budget)
+                    if with_vmap else {})
 
     def paired(a: str, b: str, group: dict) -> float:
         return statistics.median(x / y for x, y in zip(group[a].rounds, group[b].rounds))
@@ -120,12 +121,13 @@ def run_case(name: str, net: jaxbp.Network, batch: int, budget: float,
               for i, layer in enumerate(net.layers) if isinstance(layer, L.Conv2D)]
     row = {"net": name, "describe": jaxbp.network.describe(net), "batch": batch,
            "params": int(sum(p.size for p in jax.tree.leaves(params))),
-           "ms": {k: t.median * 1e3 for k, t in {**versus, **overhead}.items()}}
-    if versus:
-        row.update(norms_speedup=paired("vmap_norms", "norms", versus),
-                   norms_speedup_bound=paired("vmap_norms", "errors", versus),
-                   clipped_speedup=paired("vmap_clipped", "clipped", versus),
-                   dp_over_backprop=paired("dp", "backprop", overhead))
+           "ms": {k: t.median * 1e3 for k, t in {**against_vmap, **overhead}.items()}}
+    if against_vmap:
+        row.update(norms_speedup=paired("vmap_norms", "norms", against_vmap),
+                   norms_speedup_bound=paired("vmap_norms", "errors", against_vmap),
+                   clipped_speedup=paired("vmap_clipped", "clipped", against_vmap))
+    if "dp" in overhead:
+        row["dp_over_backprop"] = paired("dp", "backprop", overhead)
     return {**row, "clipped_over_backprop": paired("clipped", "backprop", overhead),
             "peak_bytes": peak, "compile_s": compile_s, "conv_norm_routes": routes}
 

@@ -135,15 +135,15 @@ class SelfAttention:
         out = precision.output_dtype(self, jnp.result_type(x, params["wq"]))
         q, k, v = (_split(self._project(params, x, p, out), self.heads) for p in "qkv")
         if self.block is not None:                   # O and each row's lse, P never formed
-            o, lse = blockwise_attention.forward(self._heads_dot, q, k, v, self.block,
-                                                 self.causal, out, params["wq"].dtype)
-            o = _merge(o)
-            return self._project(params, o, "o", out), (x, q, k, v, lse, o)
-        s = self._scores(q, k, params["wq"].dtype)
-        e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-        prob = e / jnp.sum(e, axis=-1, keepdims=True)                  # P = softmax(S)
-        o = _merge(self._heads_dot("bhts,bhsd->bhtd", prob, v, out))   # O = P V
-        return self._project(params, o, "o", out), (x, q, k, v, prob, o)
+            o, kept = blockwise_attention.forward(self._heads_dot, q, k, v, self.block,
+                                                  self.causal, out, params["wq"].dtype)
+        else:
+            s = self._scores(q, k, params["wq"].dtype)
+            e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+            kept = e / jnp.sum(e, axis=-1, keepdims=True)             # P = softmax(S)
+            o = self._heads_dot("bhts,bhsd->bhtd", kept, v, out)       # O = P V
+        o = _merge(o)
+        return self._project(params, o, "o", out), (x, q, k, v, kept, o)
 
     def _projection_errors(self, params: dict[str, Array], cache: tuple[Array, ...],
                            delta: Array) -> dict[str, Array]:
