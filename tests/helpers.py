@@ -139,6 +139,14 @@ def assert_normwise_close(actual, desired, rtol, atol=0.0, err_msg=""):
                                         f"x {scale:.3e} {err_msg}")
 
 
+def assert_leaves_close(actual, desired, rtol, atol=0.0):
+    """:func:`assert_normwise_close` leaf by leaf over two pytrees of the same structure."""
+    actual, desired = jax.tree.leaves(actual), jax.tree.leaves(desired)
+    assert len(actual) == len(desired), (len(actual), len(desired))
+    for i, (a, d) in enumerate(zip(actual, desired)):
+        assert_normwise_close(a, d, rtol, atol, err_msg=f"(leaf {i})")
+
+
 def transformer_case(i: int, dtype: str):
     """Random transformer chain i of the suite, its params moved away from init (zero
     biases, unit scales) so that every term of the backward shows, and its tokens."""

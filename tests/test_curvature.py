@@ -142,8 +142,7 @@ class TestKFAC:
             net, params, x, y, _ = case(7)
             factors = jaxbp.kfac_factors(net, params, x, y, kind="exact")
             a_bar = np.concatenate([np.asarray(x), np.ones((x.shape[0], 1))], 1)
-            np.testing.assert_allclose(factors[0]["A"], a_bar.T @ a_bar / x.shape[0],
-                                       rtol=1e-13)
+            assert_normwise_close(factors[0]["A"], a_bar.T @ a_bar / x.shape[0], rtol=1e-13)
 
     @pytest.mark.parametrize("i", range(3))
     def test_sampled_is_the_default_and_needs_a_key(self, i):

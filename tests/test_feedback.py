@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import forbid_autodiff
+from helpers import assert_leaves_close, forbid_autodiff
 
 import jaxbp
 from jaxbp import feedback
@@ -55,8 +55,7 @@ def _numpy_rule(net, params, x, y, transport=None, direct=None):
 
 
 def _close(tree, reference, tol=1e-12):
-    for got, want in zip(jax.tree.leaves(tree), jax.tree.leaves(reference)):
-        np.testing.assert_allclose(np.asarray(got), want, rtol=tol, atol=tol * 1e-2)
+    assert_leaves_close(tree, reference, rtol=tol)
 
 
 def test_alignment_with_the_transposed_weights_is_backprop(x64):

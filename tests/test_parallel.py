@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from helpers import assert_leaves_close
 
 import jaxbp
 from jaxbp import parallel
@@ -172,8 +173,7 @@ def test_sharded_step_on_a_one_device_mesh_equals_the_plain_step():
         jaxbp.TrainState.create(params, optimizer), x, y)
     sharded, metrics = parallel.make_sharded_train_step(net, optimizer, parallel.make_mesh())(
         jaxbp.TrainState.create(jax.tree.map(np.array, params), optimizer), x, y)
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded)):
-        np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert_leaves_close(plain, sharded, rtol=1e-6)
     assert metrics["loss"].shape == ()
 
 

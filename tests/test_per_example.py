@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import to_f64
+from helpers import assert_leaves_close, to_f64
 
 import jaxbp
 
@@ -155,8 +155,7 @@ class TestDPSGD:
         net, params, x, y = case(10, "float64")
         dp = jaxbp.dp_sgd_grad(net, params, x, y, 0.5, 0.0, jax.random.key(0))
         clipped = jaxbp.clipped_grad(net, params, x, y, 0.5)
-        for a, b in zip(jax.tree.leaves(dp), jax.tree.leaves(clipped)):
-            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+        assert_leaves_close(dp, clipped, rtol=1e-13)
 
     @pytest.mark.parametrize("clip", [0.7, (0.3, 0.4)])
     def test_noise_has_std_sigma_c_over_b(self, clip):
@@ -212,14 +211,10 @@ def test_jittable_with_the_net_static():
     net, params, x, y = case(5, "float32")
     for fn in (jaxbp.per_example_grad_norms, jaxbp.per_example_grads,
                jaxbp.per_example_grad_variance):
-        a = jax.jit(fn, static_argnums=0)(net, params, x, y)
-        b = fn(net, params, x, y)
-        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-            np.testing.assert_allclose(u, v, rtol=1e-6)
+        assert_leaves_close(jax.jit(fn, static_argnums=0)(net, params, x, y),
+                            fn(net, params, x, y), rtol=1e-6)
     c = jax.jit(jaxbp.clipped_grad, static_argnums=0)(net, params, x, y, jnp.float32(0.5))
-    d = jaxbp.clipped_grad(net, params, x, y, 0.5)
-    for u, v in zip(jax.tree.leaves(c), jax.tree.leaves(d)):
-        np.testing.assert_allclose(u, v, rtol=1e-6)
+    assert_leaves_close(c, jaxbp.clipped_grad(net, params, x, y, 0.5), rtol=1e-6)
 
 
 def test_norms_never_materialise_per_example_grads():

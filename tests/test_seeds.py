@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_normwise_close
 
 import jaxbp
 
@@ -152,15 +153,15 @@ class TestSeed001PerNeuronLoop:
                 grads = jaxbp.backprop(net, params, x[None], desired[None])
                 for layer, neurons in zip(grads, (layer_one, layer_two)):
                     seed = np.stack([n.partial_online_partial_weights for n in neurons], 1)
-                    np.testing.assert_allclose(layer["b"], seed[0], rtol=1e-13, atol=1e-15)
-                    np.testing.assert_allclose(layer["w"], seed[1:], rtol=1e-13, atol=1e-15)
+                    assert_normwise_close(layer["b"], seed[0], rtol=1e-13, atol=1e-15)
+                    assert_normwise_close(layer["w"], seed[1:], rtol=1e-13, atol=1e-15)
 
                 for neuron in (*layer_one, *layer_two):
                     neuron.update_weights(neuron.partial_online_partial_weights, lr)
                 params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
 
             final = np.stack([n.weights for n in layer_two], 1)
-            np.testing.assert_allclose(params[1]["w"], final[1:], rtol=1e-12)
+            assert_normwise_close(params[1]["w"], final[1:], rtol=1e-12)
 
 
 class TestSeed002MatrixForm:
@@ -196,13 +197,13 @@ class TestSeed002MatrixForm:
             out, caches, at_outputs = jaxbp.layer_deltas(net, params, x, y)
             assert [c[0].shape for c in caches] == [(3, 1), (3, 2)]        # a^0, a^1
             assert [c[1].shape for c in caches] == [(3, 2), (3, 2)]        # z^1, z^2
-            np.testing.assert_allclose(out, o, rtol=1e-15)
+            assert_normwise_close(out, o, rtol=1e-15)
             deltas = [layer.pre_activation_error(c, d)                     # dC/dz^l
                       for layer, c, d in zip(net.network.layers, caches, at_outputs)]
             scale = 2 / 3  # d/da of mean_n sum_j (a - y)^2 is 2/N times the seed's (a - y)
-            np.testing.assert_allclose(deltas[1], scale * e_o, rtol=1e-14)
-            np.testing.assert_allclose(deltas[0], scale * e_h, rtol=1e-14)
+            assert_normwise_close(deltas[1], scale * e_o, rtol=1e-14)
+            assert_normwise_close(deltas[0], scale * e_h, rtol=1e-14)
             grads = jaxbp.backprop(net, params, x, y)
-            np.testing.assert_allclose(grads[1]["w"], scale * d_wo, rtol=1e-14)
-            np.testing.assert_allclose(grads[0]["w"], scale * d_wh, rtol=1e-14)
-            np.testing.assert_allclose(grads[1]["b"], scale * e_o.sum(0), rtol=1e-14)
+            assert_normwise_close(grads[1]["w"], scale * d_wo, rtol=1e-14)
+            assert_normwise_close(grads[0]["w"], scale * d_wh, rtol=1e-14)
+            assert_normwise_close(grads[1]["b"], scale * e_o.sum(0), rtol=1e-14)
