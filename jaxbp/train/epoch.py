@@ -6,6 +6,7 @@ so a second :func:`jaxbp.fit` of the same setting compiles nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -80,46 +81,71 @@ def chunks_and_ahead(feed: Any, key_data: PRNGKey, epoch: int, epochs: int, chun
     return chunks, functools.partial(epoch_chunks, feed, key_data, epoch + 1, chunk)
 
 
-def train_epoch(loop_of: Any, chunks: Iterable[Any], state: TrainState, step_count: int,
-                bar: Any, then: Any = None, ahead: Any = None
-                ) -> tuple[TrainState, dict[str, float], int, Any, Any]:
-    """One epoch of chunks: the state after it, the sums of its steps' loss and accuracy,
-    the step count after it, the host copy of ``then(state)`` (device values: the
-    epoch's evaluation; None without ``then``) and what ``ahead()`` returned (the next
-    epoch's :func:`epoch_chunks`; None without ``ahead``).
+@dataclasses.dataclass
+class RunTally:
+    """What the host has read of a run, shared by its epochs (an epoch's last chunk may
+    be read after the next epoch has started): ``done``, the steps whose metrics it read
+    (the next chunk's first step is ``done + 1``), and ``written``, the
+    ``time.perf_counter()`` at which it last wrote an epoch's line."""
+
+    done: int
+    written: float = -math.inf
+
+
+def train_epoch(loop_of: Any, chunks: Iterable[Any], state: TrainState, tally: RunTally,
+                new_bar: Any, then: Any = None, ahead: Any = None, behind: Any = None
+                ) -> tuple[TrainState, Any, Any]:
+    """One epoch of chunks, dispatched: the state after it (a device value), ``finish``
+    and what ``ahead()`` returned (the next epoch's :func:`epoch_chunks`; None without
+    ``ahead``). ``finish()`` waits for the epoch's end and returns the sums of its steps'
+    loss and accuracy and the host copy of ``then(state)`` (device values: the epoch's
+    evaluation; None without ``then``), having counted the steps into ``tally``.
 
     The device is never left waiting on the host: a chunk's metrics are read while the
-    next chunk runs, and the last chunk's together with ``then``'s values, dispatched
-    before that wait, as is ``ahead`` (so the next epoch's first data are on their way
-    while the host writes this epoch's line). One wait per chunk.
+    next chunk runs; the last chunk's together with ``then``'s values, dispatched before
+    that wait, as is ``ahead`` (the next epoch's first data). ``behind`` (the epoch
+    before's ``finish``, when the caller defers it) is called once this epoch's first
+    chunk is running, so that the host's reading and writing of that epoch's line overlap
+    the device's work; then ``new_bar()`` makes this epoch's progress bar (or None). One
+    wait per chunk.
 
-    Raises what :func:`jaxbp.train.feeds.check_chunk` raises, naming the step.
+    ``finish`` raises what :func:`jaxbp.train.feeds.check_chunk` raises, naming the step.
     """
-    sums = {"loss": 0.0, "accuracy": 0.0}
+    sums, bar = {"loss": 0.0, "accuracy": 0.0}, None
 
-    def settle(metrics: dict[str, np.ndarray], k: int, step_count: int) -> int:
-        feeds.check_chunk(metrics, step_count)
+    def settle(metrics: dict[str, np.ndarray], k: int) -> None:
+        feeds.check_chunk(metrics, tally.done)
         sums["loss"] += float(np.sum(metrics["loss"]))
         sums["accuracy"] += float(np.sum(metrics.get("accuracy", math.nan)))
+        tally.done += k
         if bar is not None:
             bar.update(k)
             bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4f}")
-        return step_count + k
 
     pending = None
     for xs, ys, *masks in chunks:
         state, metrics = loop_of(len(xs))(state, xs, ys, *masks)
-        if pending is not None:                  # the previous chunk's, this one running
-            step_count = settle(parallel.fetch(pending[0]), pending[1], step_count)
+        if pending is None:                      # the first chunk is running
+            if behind is not None:
+                behind()
+            bar = new_bar()
+        else:                                    # the previous chunk's, this one running
+            settle(parallel.fetch(pending[0]), pending[1])
         pending = (metrics, len(xs))
+    if pending is None and behind is not None:
+        behind()
     after = None if then is None else then(state)
     upcoming = None if ahead is None else ahead()
-    last, after = parallel.fetch((None if pending is None else pending[0], after))
-    if pending is not None:
-        step_count = settle(last, pending[1], step_count)
-    if bar is not None:
-        bar.close()
-    return state, sums, step_count, after, upcoming
+
+    def finish() -> tuple[dict[str, float], Any]:
+        last, scores = parallel.fetch((None if pending is None else pending[0], after))
+        if pending is not None:
+            settle(last, pending[1])
+        if bar is not None:
+            bar.close()
+        return sums, scores
+
+    return state, finish, upcoming
 
 
 def evaluation_of(net: MLP, test: tuple[Any, Any], eval_batch_size: int) -> Any:

@@ -10,6 +10,7 @@ the same params, bit for bit, as a run that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from typing import Any, NamedTuple
@@ -25,6 +26,7 @@ from jaxbp.network import Network
 from jaxbp.train import checkpoint, feeds, plots, resume
 from jaxbp.train import private as train_private
 from jaxbp.train.epoch import (
+    RunTally,
     chunks_and_ahead,
     epoch_line,
     epoch_row,
@@ -54,7 +56,9 @@ class FitResult(NamedTuple):
       history: per epoch (lists, one entry per epoch since the first run):
         ``epoch`` (1-based), ``train_loss``/``train_accuracy`` (means over the
         epoch's steps), ``test_loss``/``test_accuracy`` (:func:`evaluate` after
-        the epoch; accuracies are nan for squared error), ``seconds``.
+        the epoch; accuracies are nan for squared error), ``seconds`` (from the
+        epoch's start, or from the line before when the epoch ran while the host
+        wrote that line).
     """
 
     state: TrainState
@@ -251,43 +255,62 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     run = describe_run(net, optimizer, grad, batch_size, drop_last, key_data, data, run_config)
     state, key_data, history, first_epoch, metadata = _restore(
         checkpoint_dir, state, key_data, shardings, history, run, allow_run_change, progress)
-    step_count = int(parallel.fetch(state.step))  # replicated: each process's own copy
-    if private is not None:
-        private, notice = train_private.resumed(private, metadata, step_count, batch_size,
-                                                epochs, first_epoch)
-        if notice is not None:
-            grad = private.gradient(jax.random.fold_in(key_data, _NOISE_KEY))
-            _say(progress, notice)
+    tally = RunTally(int(parallel.fetch(state.step)))  # replicated: each process's own copy
+    private, grad = _resumed_privately(private, metadata, tally.done, batch_size, epochs,
+                                       first_epoch, key_data, grad, progress)
     steps_per_epoch = _steps_per_epoch(len(data.x_train), batch_size, drop_last, private)
     dtype = jax.tree.leaves(state.params)[0].dtype
     feed, test = feeds.make_feed(net, data, dtype, batch_size, drop_last, mesh, private,
                                  steps_per_epoch)
     chunk = min(steps_per_epoch, chunk_steps or feeds.CHUNK_STEPS)
     loop_of = loops_of(net, optimizer, grad, mesh)
-    evaluation, upcoming = evaluation_of(net, test, eval_batch_size), None
+    evaluation, upcoming, behind = evaluation_of(net, test, eval_batch_size), None, None
+    # with nothing to do on the host between two epochs but to read and write the epoch's
+    # line, that is done while the next epoch runs
+    overlap = checkpoint_dir is None and not diagnostics and private is None
     for epoch in range(first_epoch, epochs):
-        if private is not None and private.over_budget(step_count + steps_per_epoch, epoch):
+        if private is not None and private.over_budget(tally.done + steps_per_epoch, epoch):
             break
         start = time.perf_counter()
-        bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}", progress)
         chunks, ahead = chunks_and_ahead(feed, key_data, epoch, epochs, chunk, upcoming)
-        state, sums, step_count, scores, upcoming = train_epoch(
-            loop_of, chunks, state, step_count, bar, then=evaluation, ahead=ahead)
-        row = epoch_row(net, scores, sums, steps_per_epoch, epoch, start)
-        if private is not None:
-            row["epsilon"] = private.epsilon(step_count)
-        for name in row:
-            history[name].append(row[name])
+        new_bar = functools.partial(progress_bar, steps_per_epoch, f"epoch {epoch + 1}/{epochs}",
+                                    progress)
+        state, finish, upcoming = train_epoch(loop_of, chunks, state, tally, new_bar,
+                                              then=evaluation, ahead=ahead, behind=behind)
+        record = functools.partial(_record_epoch, net, finish, history, steps_per_epoch,
+                                   epoch, epochs, start, tally, private, progress)
+        if overlap:
+            behind = record
+            continue
+        record()
         if diagnostics:
             history.setdefault("layer_stats", []).append(layer_stats_lists(
                 net, parallel.gather_params(state.params), data, eval_batch_size))
-        _say(progress, epoch_line(net, row, epochs))
         if checkpoint_dir is not None:
-            _save(checkpoint_dir, epoch, step_count, state, key_data,
+            _save(checkpoint_dir, epoch, tally.done, state, key_data,
                   {"epoch": epoch + 1, "history": history, "run": run}, private, keep, mesh)
+    if behind is not None:
+        behind()
     if plot is not None:
         plots.plot_history(history, plot)
     return FitResult(state, history)
+
+
+def _record_epoch(net: MLP, finish: Any, history: dict[str, list[Any]], steps_per_epoch: int,
+                  epoch: int, epochs: int, start: float, tally: RunTally,
+                  private: train_private.Plan | None, progress: bool) -> None:
+    """Wait for the epoch's end (``finish``), then add its line to ``history`` and print
+    it. Its seconds count from ``start`` or, when the epoch ran while the host wrote the
+    line before (an overlapped run), from that line: the epochs' seconds add up to the
+    run's."""
+    sums, scores = finish()
+    row = epoch_row(net, scores, sums, steps_per_epoch, epoch, max(start, tally.written))
+    if private is not None:
+        row["epsilon"] = private.epsilon(tally.done)
+    for name in row:
+        history[name].append(row[name])
+    _say(progress, epoch_line(net, row, epochs))
+    tally.written = time.perf_counter()
 
 
 def _private_start(privacy: Any, n_train: int, batch_size: int, epochs: int, key: PRNGKey,
@@ -299,6 +322,21 @@ def _private_start(privacy: Any, n_train: int, batch_size: int, epochs: int, key
               "noise_multiplier": private.sigma}
     _say(progress, private.describe(batch_size))
     return private, private.gradient(jax.random.fold_in(key, _NOISE_KEY)), record
+
+
+def _resumed_privately(private: train_private.Plan | None, metadata: dict, done: int,
+                       batch_size: int, epochs: int, first_epoch: int, key: PRNGKey,
+                       grad: Any, progress: bool) -> tuple[Any, Any]:
+    """A private run's plan and DP-SGD source as resumed after ``done`` steps (the
+    source drawn again when the plan changed; :func:`train_private.resumed`)."""
+    if private is None:
+        return None, grad
+    private, notice = train_private.resumed(private, metadata, done, batch_size, epochs,
+                                            first_epoch)
+    if notice is not None:
+        grad = private.gradient(jax.random.fold_in(key, _NOISE_KEY))
+        _say(progress, notice)
+    return private, grad
 
 
 def _restore(directory: Any, state: TrainState, key: PRNGKey, shardings: Any,
