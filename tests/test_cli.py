@@ -41,6 +41,27 @@ def test_verify_fails_with_exit_code_one_on_a_wrong_derivative(restore_x64, caps
     assert "reference" in out
 
 
+def test_verify_says_why_a_taylor_order_is_nan(restore_x64, capsys, monkeypatch):
+    """A direction along which the Taylor remainder stayed at rounding level ("flat", as
+    one float32 case on an H200 did) prints nan with the reason beside the status."""
+    import dataclasses
+
+    from jaxbp.check import suite
+
+    real = suite.run_case
+
+    def flat(case, n_fd):
+        report = real(case, n_fd)
+        return dataclasses.replace(report, directions=tuple(
+            dataclasses.replace(d, taylor_order_manual=float("nan"), taylor_status="flat")
+            for d in report.directions))
+
+    monkeypatch.setattr(suite, "run_case", flat)
+    assert cli.main(["verify", "--cases", "1", "--dtypes", "float32", "--n-fd", "1"]) == 0
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.endswith("   nan  ok (Taylor flat)"), row
+
+
 def test_unknown_dtype_is_a_usage_error(capsys):
     assert cli.main(["verify", "--dtypes", "float8"]) == 2
     assert "--dtypes: unknown ['float8']" in capsys.readouterr().err

@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             status += " (FD inconclusive)"
         elif not report.directions:
             status += " (FD skipped)"
+        elif any(d.taylor_status == "flat" for d in report.directions):
+            status += " (Taylor flat)"   # the remainder at rounding level: no order (nan)
         print(f"{i:>3} {case.net.dtype:<9} {case.describe():<68} {report.max_rel_error:>9.2e} "
               f"{fd:>9.2e} {min(orders) if orders else math.nan:>6.2f}  {status}")
         worst[case.net.dtype] = max(worst.get(case.net.dtype, 0.0), report.max_rel_error)
