@@ -255,7 +255,35 @@ def _check_network_x(net: Any, x: Any) -> Any:
                          f"samples of input_shape {expected}")
     if shape[0] < 1:
         raise ValueError(f"x has shape {shape}: the batch is empty, expected at least 1 row")
+    check_token_values(net, x)
     return x
+
+
+def token_vocab(net: Any) -> int | None:
+    """The vocab of a network that takes integer tokens into an Embedding, else None."""
+    if getattr(net, "input_dtype", None) is None:
+        return None
+    return getattr(net.layers[0], "vocab", None)
+
+
+def check_token_values(net: Any, x: Any, what: str = "x") -> None:
+    """Concrete tokens of a network that starts with an Embedding: in ``[0, vocab)``.
+    Another value selects no row of the table: indexing would clamp it (or, negative,
+    count from the end) to another token's row, silently. Host arrays in NumPy, a device
+    array with one reduction; tracers are left alone.
+
+    Raises:
+      ValueError: naming the first bad token and how many there are.
+    """
+    vocab = token_vocab(net)
+    if vocab is None or not _is_concrete(x):
+        return
+    count, i = _first_bad((x < 0) | (x >= vocab))
+    if count:
+        at = np.unravel_index(i, np.shape(x))
+        raise ValueError(f"{what} holds tokens outside [0, {vocab}): "
+                         f"{what}[{', '.join(map(str, at))}] = {int(x[at])} ({count} out of "
+                         f"range); the Embedding's vocab is {vocab}")
 
 
 @functools.lru_cache(maxsize=64)

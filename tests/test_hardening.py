@@ -73,6 +73,31 @@ class TestLabels:
                                                              jnp.stack([y, y * 0]))
         assert metrics["invalid_labels"].tolist() == [2, 0]
 
+    def test_a_compiled_gpt_step_reports_bad_tokens_and_sequence_labels(self):
+        """A sequence's labels in [-1, n_out) (-1: ignored), its tokens in [0, vocab):
+        counted per step over the samples (a padded batch's masked rows count nowhere)."""
+        from jaxbp import models, sources
+        from jaxbp.train.feeds import check_chunk
+
+        net = models.gpt(vocab=5, dim=4, depth=1, heads=1, seq_len=3)
+        state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optax.sgd(0.1))
+        x = jnp.array([[0, 5, 1], [-2, 0, 0], [9, 9, 9]])
+        y = jnp.array([[-1, 5, 0], [-2, 1, 4], [7, 7, 7]])
+        loop = jaxbp.make_train_loop(net, optax.sgd(0.1), steps=1, donate=False,
+                                     grad=sources.dp_sgd(1.0, 0.0, jax.random.key(0),
+                                                         expected_batch_size=2))
+        masks = jnp.array([[True, True, False]])
+        _, metrics = jax.jit(loop)(state, x[None], y[None], masks)
+        assert metrics["invalid_tokens"].tolist() == [2]
+        assert metrics["invalid_labels"].tolist() == [2]
+        metrics = jax.device_get(metrics)
+        with pytest.raises(ValueError, match=r"step 1: its batch holds 2 labels outside "
+                                             r"\[0, n_out\) \(-1 allowed"):
+            check_chunk(metrics, first_step=0)
+        with pytest.raises(ValueError, match=r"step 1: its batch holds 2 tokens outside "
+                                             r"\[0, vocab\)"):
+            check_chunk({**metrics, "invalid_labels": np.zeros(1, int)}, first_step=0)
+
     def test_fit_turns_the_metric_into_an_error_naming_the_step(self):
         from jaxbp.train.feeds import check_chunk
 

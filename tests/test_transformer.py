@@ -4,6 +4,7 @@ the hand-written backward against jax.grad over random transformer chains."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -231,6 +232,19 @@ def test_bad_tokens_and_targets_are_named():
         jaxbp.backprop(net, params, x, np.full((2, 3), 5, np.int32))
     with pytest.raises(ValueError, match=r"expected \(2, 3\) token labels"):
         jaxbp.backprop(net, params, x, np.zeros((2, 4), np.int32))
+    # a token outside [0, vocab) would index another token's row (clamped, or counted
+    # from the end when negative): refused on the host and on the device alike
+    for bad, first in (([[0, 1, 5], [2, 7, 0]], "x[0, 2] = 5 (2 out of range)"),
+                       ([[0, -1, 1], [0, 0, 0]], "x[0, 1] = -1 (1 out of range)")):
+        for tokens in (np.array(bad, np.int32), jnp.array(bad, jnp.int32)):
+            with pytest.raises(ValueError, match=re.escape(
+                    f"x holds tokens outside [0, 5): {first}; the Embedding's vocab is 5")):
+                jaxbp.value_and_backprop(net, params, tokens, x)
+    data = jaxbp.data.Dataset(np.array([[0, 1, 5]] * 4, np.int32), x[:1].repeat(4, 0),
+                              x, x)
+    with pytest.raises(ValueError, match=re.escape("data.x_train holds tokens outside [0, 5)")):
+        jaxbp.fit(net, optax.sgd(0.1), data, epochs=1, batch_size=2, key=jax.random.key(0),
+                  progress=False)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bf16"])

@@ -142,6 +142,8 @@ def _check_fits(args: argparse.Namespace, net: Any, dataset: Any, loss: str) -> 
     try:
         input_checks.check_target_values(net, dataset.y_train, "the training targets")
         input_checks.check_target_values(net, dataset.y_test, "the test targets")
+        input_checks.check_token_values(net, dataset.x_train, "the training tokens")
+        input_checks.check_token_values(net, dataset.x_test, "the test tokens")
     except ValueError as err:
         raise UsageError(f"--data {args.data}: {err}") from None
     if args.checkpoint_dir is not None:

@@ -33,19 +33,25 @@ def check_chunk(metrics: dict[str, np.ndarray], first_step: int) -> None:
 
     Raises:
       FloatingPointError: a loss or a layer's gradient that is NaN/inf.
-      ValueError: labels outside ``[0, n_out)`` in a batch.
+      ValueError: labels outside ``[0, n_out)`` (``[-1, n_out)`` for a sequence's) or
+        tokens outside ``[0, vocab)`` in a batch.
     """
     layers = metrics["nonfinite_layer"]
     losses = metrics["loss"]
     invalid = metrics.get("invalid_labels", np.zeros_like(layers))
-    bad = np.flatnonzero((layers >= 0) | ~np.isfinite(losses) | (invalid > 0))
+    tokens = metrics.get("invalid_tokens", np.zeros_like(layers))
+    bad = np.flatnonzero((layers >= 0) | ~np.isfinite(losses) | (invalid > 0) | (tokens > 0))
     if bad.size == 0:
         return
     i = int(bad[0])
     step = first_step + i + 1
     if invalid[i] > 0:
         raise ValueError(f"training stopped at step {step}: its batch holds {int(invalid[i])} "
-                         f"labels outside [0, n_out); fix the labels of the data set")
+                         f"labels outside [0, n_out) (-1 allowed for a sequence's ignored "
+                         f"tokens); fix the labels of the data set")
+    if tokens[i] > 0:
+        raise ValueError(f"training stopped at step {step}: its batch holds {int(tokens[i])} "
+                         f"tokens outside [0, vocab); fix the tokens of the data set")
     layer, loss = int(layers[i]), float(losses[i])
     where = (f"the gradient of layer {layer} (params[{layer}]) is the first that is not "
              f"finite" if layer >= 0 else "the gradients are finite")

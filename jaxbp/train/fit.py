@@ -169,6 +169,8 @@ def fit(
     train_private.check_privacy(privacy, grad, mesh)
     input_checks.check_target_values(net, data.y_train, "data.y_train")
     input_checks.check_target_values(net, data.y_test, "data.y_test")
+    input_checks.check_token_values(net, data.x_train, "data.x_train")
+    input_checks.check_token_values(net, data.x_test, "data.x_test")
     main_process = jax.process_index() == 0
     progress, plot = progress and main_process, plot if main_process else None
     file_lock = None

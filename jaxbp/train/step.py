@@ -110,9 +110,7 @@ def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: Gra
     if hits is not None:
         weights = counts if mask is None else counts * mask
         metrics["accuracy"] = jnp.sum(hits * (weights > 0)) / jnp.maximum(jnp.sum(weights), 1)
-    if y.ndim == 1:  # integer labels: values are not known at trace time, so count them here
-        metrics["invalid_labels"] = invalid_label_count(y if mask is None
-                                                        else jnp.where(mask, y, 0), net.n_out)
+    metrics.update(_invalid_counts(net, x, y, mask))
     if mask is not None:
         metrics["batch_size"] = jnp.sum(mask, dtype=jnp.int32)
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -132,14 +130,33 @@ def sample_rank(net: MLP | Network) -> int:
     return len(net.input_shape)
 
 
-def invalid_label_count(labels: Array, n_classes: int) -> Array:
-    """How many integer labels lie outside ``[0, n_classes)`` (int32 scalar).
+def invalid_label_count(labels: Array, n_classes: int, low: int = 0) -> Array:
+    """How many integer labels lie outside ``[low, n_classes)`` (int32 scalar).
 
     Such a label selects no class: its one-hot row is all zeros and its loss
     and error come out as if it were right. Compiled steps cannot raise on a
     value, so they report this count; :func:`jaxbp.fit` stops on it.
     """
-    return jnp.sum((labels < 0) | (labels >= n_classes), dtype=jnp.int32)
+    return jnp.sum((labels < low) | (labels >= n_classes), dtype=jnp.int32)
+
+
+def _invalid_counts(net: MLP, x: Array, y: Array, mask: Array | None) -> dict[str, Array]:
+    """The values a compiled step cannot raise on (unknown at trace time), counted over the
+    batch's samples: ``invalid_labels``, integer labels outside ``[0, n_out)`` (``[-1,
+    n_out)`` for a sequence's, -1 an ignored token), and ``invalid_tokens``, tokens outside
+    ``[0, vocab)`` (indexing would take another token's row)."""
+    def samples(a: Array) -> Array:
+        return a if mask is None else jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)),
+                                                a, 0)
+
+    counts = {}
+    if jnp.issubdtype(y.dtype, jnp.integer):
+        counts["invalid_labels"] = invalid_label_count(samples(y), net.n_out,
+                                                       low=-1 if y.ndim == 2 else 0)
+    vocab = input_checks.token_vocab(net)
+    if vocab is not None:
+        counts["invalid_tokens"] = invalid_label_count(samples(x), vocab)
+    return counts
 
 
 def make_train_step(
@@ -175,8 +192,10 @@ def make_train_step(
       cross-entropies (see :func:`correct`), the int ``nonfinite_layer``
       (first layer whose gradient is not finite, -1 if none) and, for integer
       labels, the int ``invalid_labels`` (labels outside ``[0, n_out)`` in
-      the batch, :func:`invalid_label_count`: labels cannot be checked by
-      value inside a compiled step, so a caller must look at it; ``fit`` does).
+      the batch, ``[-1, n_out)`` for a sequence's, :func:`invalid_label_count`:
+      labels cannot be checked by value inside a compiled step, so a caller must
+      look at it; ``fit`` does), and for a GPT's tokens ``invalid_tokens``
+      (tokens outside ``[0, vocab)``).
 
     Inputs are checked when the step is traced (once per shape), before XLA.
     """
