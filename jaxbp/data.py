@@ -128,10 +128,16 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
     source = _SHAKESPEARE if path is None else pathlib.Path(path)
     if not source.is_file():
-        raise ValueError(f"text file {str(source)!r} does not exist")
+        raise ValueError(f"text file {str(source)!r} "
+                         f"{'is not a file' if source.exists() else 'does not exist'}")
     opener = gzip.open if source.suffix == ".gz" else open
-    with opener(source, "rt", encoding="utf-8") as file:
-        text = file.read()
+    try:
+        with opener(source, "rt", encoding="utf-8") as file:
+            text = file.read()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text file {str(source)!r} is not UTF-8 text: {err}") from None
+    except (OSError, EOFError) as err:  # unreadable, or not (or a truncated) gzip
+        raise ValueError(f"text file {str(source)!r} cannot be read: {err}") from None
     vocab = "".join(sorted(set(text)))
     codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)   # one code point each
     ids = np.searchsorted(np.frombuffer(vocab.encode("utf-32-le"), np.uint32),

@@ -7,6 +7,7 @@ Scripts, the command line and the tests build their models here.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,9 +55,12 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     the keys taken at a time by :class:`jaxbp.layers.SelfAttention`'s blockwise form
     (memory T x block per head, the scores computed twice).
     """
-    for name, value in (("depth", depth), ("mlp_ratio", mlp_ratio)):
+    for name, value in (("vocab", vocab), ("dim", dim), ("depth", depth), ("heads", heads),
+                        ("seq_len", seq_len), ("mlp_ratio", mlp_ratio)):
         if not is_int(value) or value < 1:
             raise ValueError(f"gpt {name} must be an int >= 1, got {value!r}")
+    if dim % heads:
+        raise ValueError(f"gpt heads must divide dim: {heads} heads do not divide dim = {dim}")
     if norm not in NORMS:
         raise ValueError(f"gpt norm must be one of {sorted(NORMS)}, got {norm!r}")
     make_norm = NORMS[norm]
@@ -85,12 +89,20 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
     with ``key``. The window is the last ``seq_len`` tokens, right-padded while shorter:
     in a causal model the padding after a position does not reach it.
     """
-    seq_len = net.input_shape[0]
+    seq_len, vocab = net.input_shape[0], net.n_out
     if not prompt:
         raise ValueError("prompt must hold at least one token")
+    tokens = [int(t) for t in prompt]
+    if not all(0 <= t < vocab for t in tokens):
+        raise ValueError(f"prompt must hold tokens in [0, {vocab}), got "
+                         f"{[t for t in tokens if not 0 <= t < vocab][:5]}")
+    if not is_int(length) or length < 0:
+        raise ValueError(f"length must be an int >= 0, got {length!r}")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature)
+            and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature > 0 and key is None:
         raise ValueError("a temperature > 0 samples: pass a PRNG key")
-    tokens = [int(t) for t in prompt]
     for _ in range(length):
         window = tokens[-seq_len:]
         padded = jnp.asarray(window + [0] * (seq_len - len(window)), jnp.int32)

@@ -143,5 +143,13 @@ def test_load_text_reads_a_users_file_and_names_what_is_wrong(tmp_path):
         data.load_text(path, seq_len=0)
     with pytest.raises(ValueError, match="does not exist"):
         data.load_text(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="is not a file"):
+        data.load_text(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 20)
+    with pytest.raises(ValueError, match=r"latin1\.txt' is not UTF-8 text: 'utf-8' codec"):
+        data.load_text(tmp_path / "latin1.txt", seq_len=4)
+    (tmp_path / "plain.gz").write_text("not gzip at all")
+    with pytest.raises(ValueError, match=r"plain\.gz' cannot be read: Not a gzipped file"):
+        data.load_text(tmp_path / "plain.gz", seq_len=4)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         text.encode("abd")

@@ -215,11 +215,38 @@ def test_a_user_record_works_where_its_capabilities_allow(x64):
     (lambda: Network((L.Embedding(5, 4), L.Dense(5)), (3,), input_dtype="float32"),
      ValueError, "input_dtype must be None"),
     (lambda: models.gpt(5, 4, 1, 1, 3, norm="batch"), ValueError, "gpt norm must be one of"),
+    (lambda: models.gpt(5, "4", 1, 1, 3), ValueError, "gpt dim must be an int >= 1, got '4'"),
+    (lambda: models.gpt(5, 4, 1, 1, 0), ValueError, "gpt seq_len must be an int >= 1, got 0"),
+    (lambda: models.gpt(5, 6, 1, 4, 3), ValueError, "4 heads do not divide dim = 6"),
 ])
 def test_bad_transformers_are_named(build, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")
                        .replace("[", r"\[").replace("]", r"\]")):
         build()
+
+
+def test_generate_continues_by_the_forward_and_names_bad_arguments():
+    """Greedy: each new token is the argmax of the forward at the last position of its
+    window (the last seq_len tokens, right-padded while shorter); drawn: the same key
+    draws the same tokens."""
+    net = models.gpt(vocab=7, dim=8, depth=1, heads=2, seq_len=4)
+    params = net.init(jax.random.key(0))
+    tokens = [1, 2, *models.generate(net, params, [1, 2], 6)]
+    assert len(tokens) == 8
+    for i in range(2, 8):
+        window = tokens[max(0, i - 4):i]
+        logits = net.apply(params, jnp.array([window + [0] * (4 - len(window))]))
+        assert tokens[i] == int(jnp.argmax(logits[0, len(window) - 1]))
+    drawn = [models.generate(net, params, [3], 5, key=jax.random.key(1), temperature=1.5)
+             for _ in range(2)]
+    assert drawn[0] == drawn[1] and all(0 <= t < 7 for t in drawn[0])
+    for kwargs, words in (({"prompt": []}, "prompt must hold at least one token"),
+                          ({"prompt": [7]}, "prompt must hold tokens in [0, 7), got [7]"),
+                          ({"length": -1}, "length must be an int >= 0, got -1"),
+                          ({"temperature": float("nan")}, "temperature must be a finite"),
+                          ({"temperature": 1.0}, "a temperature > 0 samples: pass a PRNG key")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            models.generate(net, params, **{"prompt": [1], "length": 2, **kwargs})
 
 
 def test_bad_tokens_and_targets_are_named():
