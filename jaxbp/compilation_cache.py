@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+import filelock
 import jax
 
 ENV = "JAXBP_COMPILATION_CACHE"
@@ -48,8 +49,30 @@ def enable(path: str | os.PathLike[str] | None) -> pathlib.Path | None:
     except OSError as err:
         raise ValueError(f"compilation cache {str(path)!r} cannot be used as a folder: "
                          f"{err.strerror or err}") from None
+    adopt_unbounded_entries(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return folder
+
+
+def adopt_unbounded_entries(folder: pathlib.Path) -> int:
+    """Give each entry an unbounded writer left in ``folder`` (a jaxbp before the bound,
+    or any JAX process without ``jax_compilation_cache_max_size``) the access time that
+    JAX's bounded cache keeps beside an entry: its file's mtime. JAX's eviction reads one
+    for every entry before each write, so a single entry without one makes every later
+    write fail ("Error writing persistent compilation cache entry": nothing more is
+    cached). Under JAX's own lock file; returns how many entries were adopted.
+
+    The names (``<key>-cache``, ``<key>-atime``, ``.lockfile``) are those of JAX's
+    ``jax._src.lru_cache``; where they change, nothing is found and nothing is done.
+    """
+    adopted = 0
+    with filelock.FileLock(folder / ".lockfile", timeout=60):
+        for entry in folder.glob("*-cache"):
+            atime = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
+            if not atime.exists():
+                atime.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+                adopted += 1
+    return adopted

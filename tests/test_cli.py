@@ -227,13 +227,19 @@ def test_every_cheap_readme_command_runs(command, tmp_path, restore_x64, capsys,
 def test_train_keeps_compiled_programs_for_a_rerun(tmp_path):
     """--compilation-cache DIR: the first run writes JAX's persistent cache entries, the
     rerun reads them (JAX logs the hits) and writes no new ones. The cache is bounded, so
-    JAX locks the folder around reads and writes (its lock file is there)."""
+    JAX locks the folder around reads and writes (its lock file is there). An entry an
+    unbounded writer left there (no access-time file, which JAX's eviction reads for
+    every entry) is adopted: without that, every write failed with a warning."""
     cache = tmp_path / "xla"
+    cache.mkdir()
+    (cache / "jit_stale-0123abcd-cache").write_bytes(b"left by an unbounded writer")
     argv = [sys.executable, "-m", "jaxbp.cli", "train", "--epochs", "1", "--sizes",
             "64,16,10", "--quiet", "--compilation-cache", str(cache)]
     env = {**os.environ, "JAX_LOG_COMPILES": "1"}
     first = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
+    assert "Error writing persistent compilation cache" not in first.stderr, first.stderr
+    assert (cache / "jit_stale-0123abcd-atime").exists()
     entries = sorted(p.name for p in cache.iterdir())
     assert ".lockfile" in entries and any(name.endswith("-cache") for name in entries)
     second = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
