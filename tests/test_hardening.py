@@ -364,6 +364,9 @@ class TestCommandLine:
         (["verify", "--cases", "0"], "--cases must be an integer > 0"),
         (["bench", "--max-gflop", "0"], "--max-gflop must be a finite number > 0, got 0.0"),
         (["bench", "--budget", "-1"], "--budget must be a finite number > 0"),
+        (["bench", "--name", "../x"], "--name must be a file stem (no folder: the files go "
+                                      "in --out), got '../x'"),
+        (["train", "--model", "gpt", "--data", "."], "--data: text file '.' is not a file"),
         (["train", "--mesh", "data=two"], "--mesh must look like data=4,model=2"),
         (["train", "--devices", "99"], "--devices 99: only 1 device(s) are visible"),
         (["train", "--mesh", "data=1", "--devices", "1"], "--mesh and --devices: give one"),

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax
 
-from jaxbp.cli.common import positive, writable_dir
+from jaxbp.cli.common import UsageError, positive, writable_dir
 from jaxbp.matmul_precision import MATMUL_PRECISIONS
 
 CPU_MAX_GFLOP = 20.0
@@ -64,6 +64,10 @@ def check(args: argparse.Namespace) -> None:
     positive("--budget", args.budget)
     positive("--min-sample-ms", args.min_sample_ms)
     writable_dir("--out", pathlib.Path(args.out))
+    if args.name is not None and (not args.name.strip() or args.name in (".", "..")
+                                  or pathlib.Path(args.name).name != args.name):
+        raise UsageError(f"--name must be a file stem (no folder: the files go in --out), "
+                         f"got {args.name!r}")
 
 
 def run(args: argparse.Namespace) -> int:
