@@ -141,6 +141,8 @@ def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
         raise ValueError("kind='sampled' (the default) draws targets from the model: pass a "
                          "PRNG key (key=jax.random.key(0)), or use kind='exact' (no sampling, "
                          "n_out backward passes) or kind='empirical' (the given labels)")
+    if key is not None:
+        input_checks.check_key("key", key)
     x, y = input_checks.check_inputs(net, params, x, y)
     return network_curvature.kfac_factors(as_network(net), params, x, y, kind, key)
 
@@ -172,6 +174,8 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
     if kind == "sampled" and key is None:
         raise ValueError("kfac_gradient(kind='sampled') draws targets from the model at "
                          "every step: pass a PRNG key (fold_in(key, step) is used)")
+    if key is not None:
+        input_checks.check_key("key", key)
 
     def gradient(net: MLP | Network, params: Params, x: Array, y: Array, step: Array):
         net = as_network(net)

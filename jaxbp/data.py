@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jaxbp import input_checks
 from jaxbp.types import PRNGKey, is_int
 
 _DIGITS = pathlib.Path(__file__).parent / "data" / "digits.npz"
@@ -210,6 +211,7 @@ def teacher_regression(
 
     if n_train < 1 or n_test < 1:
         raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
+    input_checks.check_key("key", key)
     teacher = MLP(sizes, activation, "identity", "squared_error")
     key_params, key_x, key_noise = jax.random.split(key, 3)
     params = teacher.init(key_params)
@@ -374,6 +376,8 @@ def batches(
     """
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+    if key is not None:
+        input_checks.check_key("key", key)
     full, tail = epoch_order(len(x), batch_size, key, drop_last)
     for index in [*full, *([] if tail is None else [tail])]:
         yield x[index], y[index]

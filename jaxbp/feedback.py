@@ -170,6 +170,7 @@ def random_feedback(net: Any, key: PRNGKey, kind: str = "alignment") -> Feedback
     Direct: ``B^l`` has the Glorot variance ``2 / (n_out + size_l)`` of a dense
     map between the output and layer l. A pure function of ``key``.
     """
+    input_checks.check_key("key", key)
     chain = _chain_of(net)
     shapes = feedback_shapes(chain, kind)
     dtype = jnp.dtype(chain.dtype)

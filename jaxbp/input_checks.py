@@ -44,6 +44,23 @@ def as_array(name: str, value: Any) -> Any:
     return array
 
 
+def check_key(name: str, key: Any) -> None:
+    """A PRNG key: ``jax.random.key(...)`` (a typed key) or ``jax.random.PRNGKey(...)``
+    (uint32 (2,), a NumPy copy of one too); a traced one too.
+
+    Raises:
+      TypeError: naming ``name``, what was expected and what came.
+    """
+    if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return
+    if isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32 and key.shape == (2,):
+        return
+    what = (f"an array of {key.dtype} and shape {tuple(key.shape)}"
+            if hasattr(key, "dtype") and hasattr(key, "shape") else f"{type(key).__name__} "
+            f"{key!r}"[:80])
+    raise TypeError(f"{name} must be a PRNG key such as jax.random.key(0), got {what}")
+
+
 def _is_float(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 

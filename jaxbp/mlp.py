@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxbp import input_checks
 from jaxbp.activations import ACTIVATIONS, Activation, get_activation
 from jaxbp.layers.base import TRUNCATED_NORMAL_STD
 from jaxbp.layers.dense import Dense
@@ -165,6 +166,7 @@ class MLP:
             raise ValueError("dtype 'float64' needs 64-bit JAX: call "
                              "jax.config.update('jax_enable_x64', True) or use "
                              "`with jax.enable_x64(True):` first")
+        input_checks.check_key("key", key)
         return _init(self, key)
 
     def apply(self, params: Params, x: ArrayLike) -> Array:

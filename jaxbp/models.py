@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp import layers, network
+from jaxbp import input_checks, layers, network
 from jaxbp.network import Network
 from jaxbp.types import Array, is_int
 
@@ -103,6 +103,8 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature > 0 and key is None:
         raise ValueError("a temperature > 0 samples: pass a PRNG key")
+    if key is not None:
+        input_checks.check_key("key", key)
     for _ in range(length):
         window = tokens[-seq_len:]
         padded = jnp.asarray(window + [0] * (seq_len - len(window)), jnp.int32)

@@ -152,6 +152,9 @@ class Network:
             raise ValueError("dtype 'float64' needs 64-bit JAX: call "
                              "jax.config.update('jax_enable_x64', True) or use "
                              "`with jax.enable_x64(True):` first")
+        from jaxbp import input_checks
+
+        input_checks.check_key("key", key)
         return chain_init(self.layers, key, self.shapes, jnp.dtype(self.dtype))
 
     def apply(self, params: Any, x: ArrayLike) -> Array:

@@ -287,6 +287,7 @@ def dp_sgd_grad(
       Grads shaped like ``params``.
     """
     x, y = input_checks.check_inputs(net, params, x, y)
+    input_checks.check_key("key", key)
     return _dp_sgd_grad(net, params, x, y, *check_noise_and_clip(net, clip_norm,
                                                                  noise_multiplier), key)
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from jaxbp import autodiff as _autodiff_module
 from jaxbp import backprop as _backprop_module
-from jaxbp import network, per_example
+from jaxbp import input_checks, network, per_example
 from jaxbp.types import Array, Params, PRNGKey
 
 __all__ = ["NAMED", "GradientSource", "SourceResult", "as_result", "autodiff", "backprop",
@@ -149,6 +149,7 @@ def dp_sgd(clip_norm: per_example.ClipNorm, noise_multiplier: float, key: PRNGKe
     The reported loss is the mean over the real rows (not private).
     """
     per_example.check_noise(noise_multiplier)
+    input_checks.check_key("key", key)
     expected = None if expected_batch_size is None else _positive_number(expected_batch_size)
 
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,

@@ -152,6 +152,34 @@ class TestLabels:
             input_checks.check_target_values(softmax, over)
 
 
+def test_every_public_entry_that_takes_a_key_names_a_bad_one():
+    """init, the DP-SGD gradient and source, K-FAC's sampled factors and source, random
+    feedback, generation and the data helpers: one TypeError naming ``key``, before JAX
+    (whose own message names no argument); a legacy uint32 key, NumPy too, is a key."""
+    from jaxbp import feedback, models, sources
+
+    net = jaxbp.MLP((3, 4, 2))
+    gpt = models.gpt(5, 4, 1, 1, 3)
+    params = net.init(jax.random.PRNGKey(0))
+    assert jax.tree.structure(net.init(np.array([0, 1], np.uint32))) == \
+        jax.tree.structure(params)
+    x, y = np.ones((2, 3), np.float32), np.zeros(2, np.int32)
+    for call in (lambda k: net.init(k), lambda k: gpt.init(k),
+                 lambda k: jaxbp.dp_sgd_grad(net, params, x, y, 1.0, 1.0, k),
+                 lambda k: sources.dp_sgd(1.0, 1.0, k),
+                 lambda k: jaxbp.kfac_factors(net, params, x, y, key=k),
+                 lambda k: jaxbp.kfac_gradient("sampled", key=k),
+                 lambda k: feedback.random_feedback(net, k),
+                 lambda k: models.generate(gpt, gpt.init(jax.random.key(0)), [1], 2, key=k),
+                 lambda k: jaxbp.data.teacher_regression(k),
+                 lambda k: list(jaxbp.data.batches(x, y, 1, key=k))):
+        for bad, words in ((0, "got int 0"), ("a", "got str 'a'"),
+                           (np.zeros(3, np.uint32), "got an array of uint32 and shape (3,)")):
+            with pytest.raises(TypeError, match=re.escape(
+                    f"key must be a PRNG key such as jax.random.key(0), {words}")):
+                call(bad)
+
+
 class TestFitArguments:
     @pytest.mark.parametrize("kwargs, error, words", [
         ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1, got 0"),

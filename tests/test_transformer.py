@@ -212,6 +212,8 @@ def test_a_user_record_works_where_its_capabilities_allow(x64):
      L.LayerError, "longer than its position table (2 rows)"),
     (lambda: L.Embedding(0, 4), ValueError, "Embedding vocab must be an int >= 1"),
     (lambda: L.RMSNorm(eps=0), ValueError, "RMSNorm eps must be a number > 0"),
+    (lambda: L.LayerNorm(eps=-1), ValueError, "LayerNorm eps must be a number > 0, got -1"),
+    (lambda: L.LayerNorm(eps=float("nan")), ValueError, "LayerNorm eps must be a number > 0"),
     (lambda: Network((L.Embedding(5, 4), L.Dense(5)), (3,), input_dtype="float32"),
      ValueError, "input_dtype must be None"),
     (lambda: models.gpt(5, 4, 1, 1, 3, norm="batch"), ValueError, "gpt norm must be one of"),

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxbp.layers import kfac, precision
 from jaxbp.layers.base import Shape, register
-from jaxbp.types import Array
+from jaxbp.types import Array, is_real
 
 
 @register
@@ -43,6 +43,9 @@ class LayerNorm:
     activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if not is_real(self.eps) or not self.eps > 0:
+            raise ValueError(f"LayerNorm eps must be a number > 0, got {self.eps!r}")
+        object.__setattr__(self, "eps", float(self.eps))
         precision.check_recipe(self)
 
     def output_shape(self, in_shape: Shape) -> Shape:

@@ -203,11 +203,7 @@ def _check_fit_arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch
     if not all(hasattr(data, name) for name in Dataset._fields):
         raise TypeError(f"data must be a jaxbp.data.Dataset (x_train, y_train, x_test, "
                         f"y_test), got {type(data).__name__}")
-    if not (isinstance(key, jax.Array) and (
-            jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-            or (key.dtype == np.uint32 and key.shape == (2,)))):
-        raise TypeError(f"key must be a PRNG key such as jax.random.key(0), got "
-                        f"{type(key).__name__}: {key!r}")
+    input_checks.check_key("key", key)
     _check_int("epochs", epochs, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("keep", keep, 1)
