@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 import jaxbp
+from jaxbp import files
 from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
 from jaxbp.check.suite import random_tokens
 
@@ -100,8 +101,9 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"attention_memory_{info['device_platform']}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, info, args.block))
+    files.write_text(stem.with_suffix(".json"),
+                     json.dumps({"machine": info, "rows": rows}, indent=1))
+    files.write_text(stem.with_suffix(".md"), markdown(rows, info, args.block))
     print(f"wrote {stem}.md")
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 import jaxbp
-from jaxbp import parallel
+from jaxbp import files, parallel
 from jaxbp.bench.harness import describe_machine, machine_info
 from jaxbp.train import checkpoint, sharded_checkpoint
 
@@ -78,7 +78,7 @@ def main() -> None:
     platform = info["device_platform"]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"checkpoint_cost_{platform}.json").write_text(json.dumps(
+    files.write_text((out / f"checkpoint_cost_{platform}.json"), json.dumps(
         {"machine": info, "sizes": net.sizes, "state_bytes": state_bytes,
          "rows": {k: {"seconds": s, "bytes": b} for k, (s, b) in rows.items()}}, indent=1))
     lines = ["# Checkpoint save cost", "", f"Machine: {describe_machine(info)}.", "",
@@ -86,7 +86,7 @@ def main() -> None:
              f" MiB of arrays) plus the data key; median of {args.repeats} saves, each into a "
              f"fresh folder.", "", "| format | save ms | on disk MiB |", "|---|---|---|"]
     lines += [f"| {k} | {s * 1e3:.1f} | {b / 2**20:.2f} |" for k, (s, b) in rows.items()]
-    (out / f"checkpoint_cost_{platform}.md").write_text("\n".join(lines) + "\n")
+    files.write_text((out / f"checkpoint_cost_{platform}.md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbp
+from jaxbp import files
 from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
 
 
@@ -74,8 +75,9 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"curvature_{info['device_platform']}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    files.write_text(stem.with_suffix(".json"),
+                     json.dumps({"machine": info, "rows": rows}, indent=1))
+    files.write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {stem}.md")
 
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp import files
 from jaxbp.bench.harness import describe_machine, machine_info, paired_ratio, time_interleaved
 from jaxbp.layers import Embedding
 
@@ -81,7 +82,7 @@ def main() -> None:
               f"{row['one_hot_over_scatter']:.2f})", flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"embedding_backward_{platform}.json").write_text(
+    files.write_text((out / f"embedding_backward_{platform}.json"),
         json.dumps({"machine": info, "rows": rows}, indent=1))
     lines = ["# Embedding backward: scatter-add vs one-hot matmul", "",
              f"Machine: {describe_machine(info)}.", "",
@@ -93,7 +94,7 @@ def main() -> None:
     lines += [f"| {r['vocab']} | {r['dim']} | {r['batch']} | {r['T']} | "
               f"{r['ms']['scatter_add']:.3f} | {r['ms']['one_hot_matmul']:.3f} | "
               f"{r['one_hot_over_scatter']:.2f} |" for r in rows]
-    (out / f"embedding_backward_{platform}.md").write_text("\n".join(lines) + "\n")
+    files.write_text((out / f"embedding_backward_{platform}.md"), "\n".join(lines) + "\n")
     print(f"wrote {out}/embedding_backward_{platform}.md")
 
 

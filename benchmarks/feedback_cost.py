@@ -23,7 +23,7 @@ import jax
 import optax
 
 import jaxbp
-from jaxbp import feedback
+from jaxbp import feedback, files
 from jaxbp.bench.harness import describe_machine, machine_info, time_interleaved
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     platform = info["device_platform"]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"feedback_cost_{platform}.json").write_text(json.dumps(
+    files.write_text((out / f"feedback_cost_{platform}.json"), json.dumps(
         {"machine": info, "batch": args.batch, "rows": rows}, indent=1))
     names = list(next(iter(rows.values())))
     lines = ["# Feedback rules: training step time against backprop's", "",
@@ -86,7 +86,7 @@ def main() -> None:
     for width, row in rows.items():
         lines.append(f"| {width} | " + " | ".join(
             f"{row[n]['median_ms']:.3f} ({row[n]['ratio']:.3f})" for n in names) + " |")
-    (out / f"feedback_cost_{platform}.md").write_text("\n".join(lines) + "\n")
+    files.write_text((out / f"feedback_cost_{platform}.md"), "\n".join(lines) + "\n")
     print(f"wrote {out}/feedback_cost_{platform}.md")
 
 

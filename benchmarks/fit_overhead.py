@@ -22,6 +22,7 @@ import jax
 import optax
 
 import jaxbp
+from jaxbp import files
 from jaxbp.bench.harness import describe_machine, machine_info, time_interleaved
 from jaxbp.data import epoch_order
 
@@ -77,7 +78,7 @@ def main() -> None:
     platform = info["device_platform"]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"fit_overhead_{platform}.json").write_text(json.dumps(report, indent=1))
+    files.write_text((out / f"fit_overhead_{platform}.json"), json.dumps(report, indent=1))
     lines = ["# fit's epoch loop vs the bare compiled loop", "",
              f"Machine: {describe_machine(info)}.", "",
              f"Net {'-'.join(map(str, net.sizes))} relu, adam, digits, batch {args.batch} "
@@ -93,7 +94,7 @@ def main() -> None:
               f"{r['ratio_with_evaluate']:.3f} |" for i, r in enumerate(rounds)]
     lines += ["", f"Median fit/loop: {ratio:.3f} (goal <= 1.15); fit over the loop plus the "
                   f"evaluation it runs: {bare:.3f}."]
-    (out / f"fit_overhead_{platform}.md").write_text("\n".join(lines) + "\n")
+    files.write_text((out / f"fit_overhead_{platform}.md"), "\n".join(lines) + "\n")
     print(f"median fit/loop {ratio:.3f}, fit/(loop+evaluate) {bare:.3f}; "
           f"wrote {out}/fit_overhead_{platform}.md")
 

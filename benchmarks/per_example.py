@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbp
+from jaxbp import files
 from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
 
 POISSON_N = 60_000
@@ -195,8 +196,9 @@ def write(out: pathlib.Path, info: dict, rows: list[dict]) -> None:
     """per_example_<platform>.json and .md under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"per_example_{info['device_platform']}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(rows, info))
+    files.write_text(stem.with_suffix(".json"),
+                     json.dumps({"machine": info, "rows": rows}, indent=1))
+    files.write_text(stem.with_suffix(".md"), markdown(rows, info))
     print(f"wrote {stem}.json and {stem}.md")
 
 

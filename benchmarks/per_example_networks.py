@@ -36,6 +36,7 @@ import numpy as np
 from per_example import dp_candidate
 
 import jaxbp
+from jaxbp import files
 from jaxbp import layers as L
 from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
 
@@ -193,8 +194,9 @@ def write_tables(out: str, name: str, info: dict, rows: list[dict], table: str) 
     folder = pathlib.Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{name}_{info['device_platform']}"
-    stem.with_suffix(".json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    stem.with_suffix(".md").write_text(table)
+    files.write_text(stem.with_suffix(".json"),
+                     json.dumps({"machine": info, "rows": rows}, indent=1))
+    files.write_text(stem.with_suffix(".md"), table)
     print(f"wrote {stem}.md")
 
 

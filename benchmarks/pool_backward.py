@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp import files
 from jaxbp.bench.harness import describe_machine, machine_info, paired_ratio, time_interleaved
 from jaxbp.layers import MaxPool
 
@@ -100,7 +101,7 @@ def main() -> None:
                 for k in VARIANTS), flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"pool_backward_{platform}.json").write_text(
+    files.write_text((out / f"pool_backward_{platform}.json"),
         json.dumps({"machine": info, "rows": rows}, indent=1))
     lines = ["# Max pool backward (2x2): three ways, one result", "",
              f"Machine: {describe_machine(info)}.", "",
@@ -115,7 +116,7 @@ def main() -> None:
                            for k in VARIANTS)
         rates = ", ".join(f"{r['gb_per_s'][k]:.1f}" for k in VARIANTS)
         lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {cells} | {rates} |")
-    (out / f"pool_backward_{platform}.md").write_text("\n".join(lines) + "\n")
+    files.write_text((out / f"pool_backward_{platform}.md"), "\n".join(lines) + "\n")
     print(f"wrote {out}/pool_backward_{platform}.md")
 
 

@@ -17,6 +17,8 @@ import pathlib
 import subprocess
 import sys
 
+from jaxbp import files
+
 CHILD = """
 import json, sys
 import jax, numpy as np, optax
@@ -68,7 +70,7 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"scaling_{machine['device_platform']}"
-    stem.with_suffix(".json").write_text(json.dumps(
+    files.write_text(stem.with_suffix(".json"), json.dumps(
         {"batch": args.batch, "width": args.width, "rows": rows}, indent=1))
     lines = [
         "# Data-parallel scaling: samples/s against the number of devices", "",
@@ -87,7 +89,7 @@ def main() -> None:
     for row in rows:
         lines.append(f"| {row['devices']} | {row['step_s'] * 1e3:.2f} | "
                      f"{row['samples_per_s']:.0f} | {row['samples_per_s'] / base:.2f} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    files.write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {stem}.json and {stem}.md")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import jaxbp
-from jaxbp import feedback
+from jaxbp import feedback, files
 
 
 def sources(net: jaxbp.MLP, key: jax.Array) -> dict[str, object]:
@@ -87,7 +87,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
+    files.save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

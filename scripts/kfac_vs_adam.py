@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 import jaxbp
-from jaxbp import layers
+from jaxbp import files, layers
 
 
 def gpt_runs(steps: int, plt, out: str) -> None:
@@ -71,7 +71,7 @@ def gpt_runs(steps: int, plt, out: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("tiny Shakespeare, GPT dim 64, 2 blocks, 4 heads, T 64, batch 32")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    files.save_figure(fig, out)
     print(f"wrote {out}")
 
 
@@ -130,7 +130,7 @@ def main() -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"digits, {title}, batch 128")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    files.save_figure(fig, out)
     print(f"wrote {out}")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 import jaxbp
+from jaxbp import files
 
 
 def drift(dtype: str, steps: int) -> tuple[np.ndarray, float]:
@@ -72,7 +73,7 @@ def main() -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
+    files.save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

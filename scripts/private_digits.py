@@ -17,7 +17,7 @@ import jax
 import optax
 
 import jaxbp
-from jaxbp import layers
+from jaxbp import files, layers
 from jaxbp.privacy import Privacy
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     fig.suptitle(f"DP-SGD on the digits: Poisson q = 128/1438, clip 1, adam 3e-3, "
                  f"{args.epochs} epochs")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
+    files.save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

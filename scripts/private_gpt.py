@@ -23,6 +23,7 @@ import jax
 import optax
 
 import jaxbp
+from jaxbp import files
 from jaxbp.privacy import Privacy
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     ax.set_title(f"DP-SGD, GPT 64 x 2 blocks, tiny Shakespeare\nexpected batch "
                  f"{args.batch_size}, clip 1, adam 3e-3, {args.epochs} epochs", fontsize=9)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
+    files.save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 import jaxbp
+from jaxbp import files
 
 
 def flow(activation: str) -> dict[str, np.ndarray]:
@@ -50,7 +51,7 @@ def main() -> None:
         ax.legend()
     fig.suptitle("10 weight layers at initialisation, one batch of 256 digits")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
+    files.save_figure(fig, args.out)
     print(f"wrote {args.out}")
 
 

@@ -180,6 +180,29 @@ def test_every_public_entry_that_takes_a_key_names_a_bad_one():
                 call(bad)
 
 
+def test_results_and_figures_are_written_whole_or_not_at_all(tmp_path):
+    """What jaxbp writes besides checkpoints (bench tables, benchmark results, figures)
+    goes through jaxbp.files: a writer stopped half-way (an error, Ctrl-C, `timeout`)
+    leaves the old file whole and no temporary beside it."""
+    import pathlib
+
+    from jaxbp import files
+
+    target = tmp_path / "results" / "table.md"
+    assert files.write_text(target, "old table\n") == target
+
+    def stopped(tmp):
+        pathlib.Path(tmp).write_text("half a tab")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        files.write_atomically(target, stopped)
+    assert target.read_text() == "old table\n"
+    assert [p.name for p in target.parent.iterdir()] == ["table.md"]
+    files.write_text(target, "new table\n")
+    assert target.read_text() == "new table\n" and len(list(target.parent.iterdir())) == 1
+
+
 class TestFitArguments:
     @pytest.mark.parametrize("kwargs, error, words", [
         ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1, got 0"),

@@ -128,7 +128,7 @@ def test_loss_names_are_compared_only_in_losses():
 # below the rest of train (fit feeds each chunk through the sharded loop).
 LEVELS = (
     ("jaxbp.types", "jaxbp.matmul_precision", "jaxbp.compilation_cache",
-     "jaxbp.user_warnings"),
+     "jaxbp.user_warnings", "jaxbp.files"),
     ("jaxbp.input_checks", "jaxbp.activations", "jaxbp.losses", "jaxbp.data",
      "jaxbp.privacy"),
     ("jaxbp.layers",),

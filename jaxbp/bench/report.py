@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxbp import files
 from jaxbp.bench.harness import describe_machine
 
 
@@ -163,6 +164,5 @@ def plot(result: dict[str, Any], path: pathlib.Path) -> bool:
         ax.legend()
     fig.suptitle(describe_machine(result["machine"]), fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    files.save_figure(fig, path)
     return True

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxbp import files
 from jaxbp.bench.cases import (
     FULL,
     LOSSES,
@@ -280,8 +281,8 @@ def run_suite(cases: list[BenchCase], out_dir: str | pathlib.Path, name: str,
               "time_limit_s": time_limit_s}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{name}.md").write_text(markdown(result))
+    files.write_text(out / f"{name}.json", json.dumps(result, indent=1))
+    files.write_text(out / f"{name}.md", markdown(result))
     written = [f"{name}.json", f"{name}.md"]
     if rows and plot(result, out / f"{name}.png"):
         written.append(f"{name}.png")

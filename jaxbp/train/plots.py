@@ -7,12 +7,12 @@ an extra (``pip install 'jaxbp[plot]'``).
 from __future__ import annotations
 
 import math
-import os
 import pathlib
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from jaxbp.files import save_figure
 
 
 def pyplot() -> Any:
@@ -80,19 +80,3 @@ def plot_flow(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path
         ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def save_figure(fig: Any, path: pathlib.Path) -> pathlib.Path:
-    """fig as a PNG at path: written to a temporary file, then renamed over it."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        plt.close(fig)
-    return path

@@ -1,0 +1,49 @@
+"""Files written whole or not at all.
+
+A result, a figure or a table is written to a temporary file beside its target and then
+renamed over it (``os.replace``, atomic on one file system): whoever reads the path,
+and whatever stops the writer (an error, ``timeout``, Ctrl-C), sees the old file or the
+whole new one, never a part. (Checkpoints have their own, fsynced, path:
+:mod:`jaxbp.train.checkpoint`.)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[str], Any],
+                     suffix: str = "") -> pathlib.Path:
+    """``write(tmp)`` fills a temporary file in ``path``'s folder (created if missing),
+    which then replaces ``path``; ``suffix`` ends the temporary name (a figure's format
+    is read from it). The temporary file is removed if ``write`` raises."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> pathlib.Path:
+    """``text`` (UTF-8) at ``path``, whole or not at all (:func:`write_atomically`)."""
+    return write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(text,
+                                                                           encoding="utf-8"))
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> pathlib.Path:
+    """A matplotlib figure as a PNG at ``path``, whole or not at all; the figure is
+    closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi), suffix=".png")
+    finally:
+        plt.close(fig)
