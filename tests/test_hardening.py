@@ -418,6 +418,8 @@ class TestCommandLine:
         (["bench", "--name", "../x"], "--name must be a file stem (no folder: the files go "
                                       "in --out), got '../x'"),
         (["train", "--model", "gpt", "--data", "."], "--data: text file '.' is not a file"),
+        (["train", "--model", "gpt", "--grad", "dfa"], "--grad dfa: direct feedback "
+                                                       "alignment (one error per sample"),
         (["train", "--mesh", "data=two"], "--mesh must look like data=4,model=2"),
         (["train", "--devices", "99"], "--devices 99: only 1 device(s) are visible"),
         (["train", "--mesh", "data=1", "--devices", "1"], "--mesh and --devices: give one"),

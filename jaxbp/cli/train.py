@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from jaxbp import compilation_cache
+from jaxbp.cli.common import UsageError
 from jaxbp.cli.plan import FEEDBACK_RULES, OPTIMIZERS, plan_train
 
 
@@ -124,16 +125,19 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_train(args)
     compilation_cache.enable(args.compilation_cache)
     dataset, net = plan["dataset"], plan["net"]
+    key = jax.random.key(args.seed)
+    try:   # before any work: a rule that does not cover this net is a usage error
+        grad = _gradient_source(args.grad, net, key)
+    except ValueError as err:
+        raise UsageError(f"--grad {args.grad}: {err}") from None
     main_process = jax.process_index() == 0
     if main_process:
         print(_header(args, plan))
         _warn_delta(args, plan, len(dataset.x_train))
-    key = jax.random.key(args.seed)
     if not _gradient_checked(args, net, dataset, key, main_process):
         return 1
     result = fit(net, plan["optimizer"], dataset, epochs=args.epochs,
-                 batch_size=args.batch_size, key=key,
-                 grad=_gradient_source(args.grad, net, key),
+                 batch_size=args.batch_size, key=key, grad=grad,
                  checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, plot=args.plot,
                  diagnostics=args.diagnostics is not None,
                  run_config={"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed,
