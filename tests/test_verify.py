@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,8 +173,13 @@ class TestBadUse:
                                {"n": jnp.arange(3), "x": jnp.ones(2)})
 
     def test_non_scalar_loss(self):
-        with pytest.raises((TypeError, ValueError), match="scalar"):
-            jaxbp.verify_grads(lambda p: p, lambda p: p * 2, jnp.ones(3))
+        """Named before jax.grad (whose own error names no argument)."""
+        for loss, got in ((lambda p: p * 2, "shape (3,) of float32"),
+                          (lambda p: (jnp.sum(p), 1.0), "a tuple"),
+                          (lambda p: jnp.sum(p).astype(jnp.int32), "shape () of int32")):
+            with pytest.raises(ValueError, match=re.escape(
+                    f"loss_fn must return a floating scalar (shape ()), got {got}")):
+                jaxbp.verify_grads(lambda p: p, loss, jnp.ones(3))
 
 
 class TestOnMLPs:

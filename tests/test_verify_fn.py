@@ -108,6 +108,8 @@ def test_bad_arguments_are_named():
         jaxbp.verify_vjp("sin", jnp.ones(3))
     with pytest.raises(ValueError, match="at least one argument"):
         jaxbp.verify_vjp(jnp.sin)
+    with pytest.raises(TypeError, match=r"args\[0\] must be an array or a number, got str"):
+        jaxbp.verify_vjp(jnp.sin, "x")
     with pytest.raises(TypeError, match=r"args\[1\] must be floating, got int32"):
         jaxbp.verify_vjp(lambda x, i: x[i], jnp.ones(3), jnp.int32(1))
     with pytest.raises(ValueError, match="order must be 1 or 2"):

@@ -26,16 +26,17 @@ ROUNDING_ULPS = 16
 """A leaf's error below this many ulps of the gradient's largest entry is rounding alone."""
 
 
-def as_arrays(params: PyTree) -> PyTree:
+def as_arrays(params: PyTree, name: str = "params") -> PyTree:
     """Leaves as arrays: Python/NumPy scalars and lists become JAX arrays (floats in JAX's
-    default float dtype); arrays are kept as they are."""
+    default float dtype); arrays are kept as they are. A leaf that is neither is named
+    as ``name`` and its path."""
     def one(path: Any, leaf: Any) -> Any:
         if isinstance(leaf, jax.Array | np.ndarray):
             return leaf
         try:
             return jnp.asarray(leaf)
         except TypeError:
-            raise TypeError(f"params{jax.tree_util.keystr(path)} must be an array or a number, "
+            raise TypeError(f"{name}{jax.tree_util.keystr(path)} must be an array or a number, "
                             f"got {type(leaf).__name__}") from None
 
     return jax.tree_util.tree_map_with_path(one, params)

@@ -142,6 +142,11 @@ def verify_grads(
     params = as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     check_float_leaves(params)
+    value = jax.eval_shape(loss_fn, params, *args)
+    if not (hasattr(value, "shape") and value.shape == ()
+            and jnp.issubdtype(value.dtype, jnp.floating)):
+        raise ValueError(f"loss_fn must return a floating scalar (shape ()), got "
+                         f"{_described(value)}")
     manual = grad_fn(params, *args)
     reference = jax.grad(loss_fn)(params, *args)
     check_same_structure(params, manual)
@@ -179,3 +184,8 @@ def verify_grads(
                       matmul_precision=current_precision(precision) if directions else None)
 
 
+def _described(value: Any) -> str:
+    """What a function returned, as its shapes and dtypes say it."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"shape {tuple(value.shape)} of {value.dtype}"
+    return f"a {type(value).__name__} ({jax.tree.structure(value)})"

@@ -124,7 +124,7 @@ class _Setup:
             raise ValueError("verify_vjp/verify_jvp need at least one argument of f to "
                              "differentiate at")
         self.f = f
-        self.args = as_arrays(tuple(args))
+        self.args = as_arrays(tuple(args), "args")
         self.in_leaves, self.in_def = jax.tree.flatten(self.args)
         _floating(self.args, "args")
         self.out = f(*self.args)
