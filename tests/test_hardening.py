@@ -219,6 +219,16 @@ class TestFitArguments:
         with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
             _fit(**kwargs)
 
+    def test_samples_without_their_targets_are_refused(self):
+        """A target short would pair the samples after it with the wrong ones (the
+        gather clamps the last index): refused before anything is compiled."""
+        data = _small_data()
+        for bad, words in ((data._replace(y_train=data.y_train[:-1]), "data.x_train has"),
+                           (data._replace(x_test=data.x_test[:0], y_test=data.y_test[:0]),
+                            "data.x_test has 0 rows and data.y_test 0")):
+            with pytest.raises(ValueError, match=words):
+                _fit(bad)
+
     def test_data_of_the_wrong_type(self):
         with pytest.raises(TypeError, match=r"data must be a jaxbp.data.Dataset .* got dict"):
             jaxbp.fit(NET, optax.sgd(0.1), {"x": 1}, epochs=1, batch_size=8,

@@ -203,6 +203,11 @@ def _check_fit_arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch
     if not all(hasattr(data, name) for name in Dataset._fields):
         raise TypeError(f"data must be a jaxbp.data.Dataset (x_train, y_train, x_test, "
                         f"y_test), got {type(data).__name__}")
+    for part in ("train", "test"):   # a sample without its target would be paired wrongly
+        x, y = getattr(data, f"x_{part}"), getattr(data, f"y_{part}")
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"data.x_{part} has {len(x)} rows and data.y_{part} {len(y)}: "
+                             f"expected one target per sample, and at least one sample")
     input_checks.check_key("key", key)
     _check_int("epochs", epochs, 1)
     _check_int("batch_size", batch_size, 1)
