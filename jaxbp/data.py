@@ -101,8 +101,16 @@ class TextDataset(NamedTuple):
         return np.array([index[c] for c in text], np.int32)
 
     def decode(self, ids: Any) -> str:
-        """The text of character ids."""
-        return "".join(self.vocab[int(i)] for i in np.ravel(ids))
+        """The text of character ids, each in ``[0, len(vocab))`` (a -1, an ignored
+        target, is no character: indexing would read it as the last one)."""
+        ids = np.ravel(np.asarray(ids))
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"ids must be integers, got {ids.dtype}")
+        bad = ids[(ids < 0) | (ids >= len(self.vocab))]
+        if bad.size:
+            raise ValueError(f"ids must be in [0, {len(self.vocab)}) (the vocabulary), got "
+                             f"{bad[:10].tolist()}")
+        return "".join(self.vocab[i] for i in ids.tolist())
 
 
 def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,

@@ -153,3 +153,9 @@ def test_load_text_reads_a_users_file_and_names_what_is_wrong(tmp_path):
         data.load_text(tmp_path / "plain.gz", seq_len=4)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         text.encode("abd")
+    assert text.decode([]) == "" and text.decode(np.array([[2, 0]])) == "ca"
+    for ids in ([3], [-1, 0]):      # -1 (an ignored target) would read as the last one
+        with pytest.raises(ValueError, match=r"ids must be in \[0, 3\)"):
+            text.decode(ids)
+    with pytest.raises(TypeError, match="ids must be integers, got float64"):
+        text.decode([0.5])
