@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import pathlib
 import zipfile
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxbp import input_checks
-from jaxbp.types import PRNGKey, is_int
+from jaxbp.types import PRNGKey, is_int, is_real
 
 _DIGITS = pathlib.Path(__file__).parent / "data" / "digits.npz"
 _SHAKESPEARE = pathlib.Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"
@@ -133,7 +134,7 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
     """
     if not is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    if not 0 < validation_fraction < 1:
+    if not is_real(validation_fraction) or not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
     source = _SHAKESPEARE if path is None else pathlib.Path(path)
     if not source.is_file():
@@ -217,8 +218,11 @@ def teacher_regression(
     """
     from jaxbp.mlp import MLP
 
-    if n_train < 1 or n_test < 1:
-        raise ValueError(f"n_train and n_test must be >= 1, got {n_train} and {n_test}")
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not is_real(noise) or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
     input_checks.check_key("key", key)
     teacher = MLP(sizes, activation, "identity", "squared_error")
     key_params, key_x, key_noise = jax.random.split(key, 3)

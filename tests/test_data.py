@@ -41,6 +41,11 @@ def test_teacher_regression():
     assert ds.x_test.shape == (20, 5) and not ds.is_classification and ds.n_out == 3
     again = data.teacher_regression(jax.random.key(0), n_train=100, n_test=20, sizes=(5, 7, 3))
     np.testing.assert_array_equal(ds.y_test, again.y_test)
+    for kwargs, words in (({"n_train": 1.5}, "n_train must be an int >= 1, got 1.5"),
+                          ({"n_test": 0}, "n_test must be an int >= 1, got 0"),
+                          ({"noise": -1}, "noise must be a finite number >= 0, got -1")):
+        with pytest.raises(ValueError, match=words):
+            data.teacher_regression(jax.random.key(0), **kwargs)
 
 
 class TestNpz:
@@ -141,6 +146,8 @@ def test_load_text_reads_a_users_file_and_names_what_is_wrong(tmp_path):
         data.load_text(path, seq_len=20)
     with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
         data.load_text(path, seq_len=0)
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \(0, 1\), got '0.1'"):
+        data.load_text(path, seq_len=4, validation_fraction="0.1")
     with pytest.raises(ValueError, match="does not exist"):
         data.load_text(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="is not a file"):
