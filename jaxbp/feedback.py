@@ -120,12 +120,17 @@ def feedback_shapes(net: Any, kind: str = "alignment") -> tuple[tuple[int, ...] 
     raise ValueError(f"kind must be 'alignment' or 'direct', got {kind!r}")
 
 
+def _check_feedback_sequence(feedback: Any, count: int | str = "the net's") -> None:
+    """A sequence of feedback entries (not a string), before any net is known."""
+    if isinstance(feedback, str) or not isinstance(feedback, Sequence):
+        raise TypeError(f"feedback must be a sequence of {count} arrays (None where a "
+                        f"layer takes none), got {type(feedback).__name__}")
+
+
 def _check_feedback(net: Any, feedback: Any, kind: str) -> Feedback:
     """The feedback as a tuple whose entries have the shapes :func:`feedback_shapes` gives."""
     expected = feedback_shapes(net, kind)
-    if isinstance(feedback, str) or not isinstance(feedback, Sequence):
-        raise TypeError(f"feedback must be a sequence of {len(expected)} arrays (None where a "
-                        f"layer takes none), got {type(feedback).__name__}")
+    _check_feedback_sequence(feedback, len(expected))
     if len(feedback) != len(expected):
         raise ValueError(f"feedback must hold {len(expected)} entries for this net "
                          f"({kind}), got {len(feedback)}")
@@ -215,6 +220,8 @@ def alignment(feedback: Sequence[ArrayLike | None]) -> GradientSource:
     :func:`feedback_shapes` and :func:`random_feedback`. With ``B^l = W^{l T}`` it is
     backprop exactly. The shapes are checked against the net at the first call.
     """
+    _check_feedback_sequence(feedback)
+
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
         entries = _check_feedback(chain, feedback, "alignment")
@@ -261,6 +268,8 @@ def direct(feedback: Sequence[ArrayLike | None]) -> GradientSource:
     parameters gets ``e B^l`` (reshaped to its output) as the error at its
     output and applies its own ``g'``. Layers without parameters get nothing.
     """
+    _check_feedback_sequence(feedback)
+
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
         entries = _check_feedback(chain, feedback, "direct")

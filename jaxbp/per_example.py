@@ -151,14 +151,33 @@ def check_clip_norm(net: MLP, clip_norm: Any) -> Any:
     Concrete values come back as a float64 NumPy array (shape () or (L,));
     traced ones are returned as they are.
     """
-    if isinstance(clip_norm, jax.core.Tracer):
-        return clip_norm
-    values = np.asarray(clip_norm, dtype=np.float64)
+    values = check_clip_values(clip_norm)
+    if isinstance(values, jax.core.Tracer):
+        return values
     groups = _clip_groups(net)
     if values.ndim > 1 or (values.ndim == 1 and len(values) != groups):
         which = "layer with parameters" if isinstance(net, Network) else "layer"
         raise ValueError(f"clip_norm must be one number or {groups} numbers (one per "
                          f"{which}), got shape {values.shape}: {clip_norm!r}")
+    if not np.all(values > 0):
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
+    return values
+
+
+def check_clip_values(clip_norm: Any) -> Any:
+    """clip_norm's values, whatever the net (its count is :func:`check_clip_norm`'s):
+    real numbers, all > 0 (inf: no clipping). Concrete ones as a float64 NumPy array;
+    traced ones as they are. A gradient source checks them when it is made."""
+    if isinstance(clip_norm, jax.core.Tracer):
+        return clip_norm
+    try:
+        raw = np.asarray(clip_norm)
+    except (TypeError, ValueError):
+        raw = np.asarray(None)
+    if raw.dtype.kind not in "iuf":      # a string "1" or a bool would convert
+        raise TypeError(f"clip_norm must be a number or numbers, got "
+                        f"{type(clip_norm).__name__}: {clip_norm!r}")
+    values = raw.astype(np.float64)
     if not np.all(values > 0):
         raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
     return values

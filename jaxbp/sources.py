@@ -121,6 +121,8 @@ def autodiff() -> GradientSource:
 def clipped(clip_norm: per_example.ClipNorm) -> GradientSource:
     """The mean of per-example gradients, each clipped to ``clip_norm``, in one backward
     pass (:func:`jaxbp.clipped_grad`). With a mask, the mean over the real rows."""
+    per_example.check_clip_values(clip_norm)
+
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
                  mask: Array | None = None) -> SourceResult:
         clip = per_example.check_clip_norm(net, clip_norm)
@@ -148,6 +150,7 @@ def dp_sgd(clip_norm: per_example.ClipNorm, noise_multiplier: float, key: PRNGKe
     forward and one backward pass (the book-keeping of :func:`jaxbp.clipped_grad`).
     The reported loss is the mean over the real rows (not private).
     """
+    per_example.check_clip_values(clip_norm)
     per_example.check_noise(noise_multiplier)
     input_checks.check_key("key", key)
     expected = None if expected_batch_size is None else _positive_number(expected_batch_size)

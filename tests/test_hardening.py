@@ -203,6 +203,29 @@ def test_results_and_figures_are_written_whole_or_not_at_all(tmp_path):
     assert target.read_text() == "new table\n" and len(list(target.parent.iterdir())) == 1
 
 
+def test_gradient_sources_check_their_arguments_when_made():
+    """A source's clip norm, feedback and a sharded step's mesh are named where the
+    source or step is made, not when a step first traces (or, for the mesh, as an
+    AttributeError)."""
+    from jaxbp import feedback, parallel, sources
+
+    for make in (sources.clipped, lambda c: sources.dp_sgd(c, 1.0, jax.random.key(0))):
+        for clip, error, words in ((-1.0, ValueError, "clip_norm must be > 0, got -1.0"),
+                                   (float("nan"), ValueError, "clip_norm must be > 0"),
+                                   ("1", TypeError, "clip_norm must be a number or numbers, "
+                                                    "got str: '1'"),
+                                   (True, TypeError, "got bool: True")):
+            with pytest.raises(error, match=re.escape(words)):
+                make(clip)
+    for rule in (feedback.alignment, feedback.direct):
+        with pytest.raises(TypeError, match="feedback must be a sequence of the net's arrays"):
+            rule("B")
+    for make in (parallel.make_sharded_train_step,
+                 lambda *a: parallel.make_sharded_train_loop(*a, steps=2)):
+        with pytest.raises(TypeError, match=r"mesh must be a jax\.sharding\.Mesh"):
+            make(NET, optax.sgd(0.1), None)
+
+
 class TestFitArguments:
     @pytest.mark.parametrize("kwargs, error, words", [
         ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1, got 0"),

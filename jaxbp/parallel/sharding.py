@@ -178,6 +178,9 @@ def _check_step_arguments(optimizer: Any, mesh: Mesh, data_axis: str,
                           precision: str | None) -> None:
     check_optimizer(optimizer)
     check_precision(precision)
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (jaxbp.parallel.make_mesh), got "
+                        f"{type(mesh).__name__}")
     if data_axis not in mesh.shape:
         raise ValueError(f"mesh has axes {tuple(mesh.shape)}, no data_axis {data_axis!r}")
 
