@@ -296,6 +296,12 @@ def poisson_batches(rng: np.random.Generator, n: int, sample_rate: float, steps:
       and how many sampled rows were dropped because a batch exceeded max_batch.
     """
     rate = _check_rate(sample_rate)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    for name, value, least in (("n", n, 1), ("steps", steps, 0), ("max_batch", max_batch, 1)):
+        if not is_int(value) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     indices = np.zeros((steps, max_batch), np.int32)
     masks = np.zeros((steps, max_batch), bool)
     overflow = 0

@@ -91,6 +91,13 @@ def test_poisson_batches_rate_and_padding():
     # every example appears with probability q per step, whatever its index
     per_row = np.bincount(indices[masks], minlength=n) / steps
     assert abs(per_row[:500].mean() - per_row[500:].mean()) < 0.01
+    rng = np.random.default_rng(0)
+    for args, error, words in (((0, n, q, steps, top), TypeError, "rng must be a numpy"),
+                               ((rng, n, q, -1, top), ValueError, "steps must be an int >= 0"),
+                               ((rng, n, q, steps, 0), ValueError,
+                                "max_batch must be an int >= 1, got 0")):
+        with pytest.raises(error, match=words):
+            privacy.poisson_batches(*args)
 
 
 def test_masked_rows_contribute_nothing(x64):
