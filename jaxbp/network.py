@@ -112,6 +112,7 @@ class Network:
                 raise ValueError(f"input_dtype must be None (floating inputs) or an integer "
                                  f"dtype such as 'int32' (tokens), got {self.input_dtype!r}")
             object.__setattr__(self, "input_dtype", kind.name)
+        _check_token_input(self.layers, self.input_dtype)
         out = self.shapes[-1]
         if len(out) not in (1, 2):
             raise LayerError(f"layers[{len(self.layers) - 1}] ({type(self.layers[-1]).__name__})"
@@ -256,3 +257,19 @@ def describe(net: Network) -> str:
     parts = [f"{type(layer).__name__}->{'x'.join(map(str, shape))}"
              for layer, shape in zip(net.layers, net.shapes[1:])]
     return f"input {'x'.join(map(str, net.input_shape))}: " + ", ".join(parts) + f"; {net.loss}"
+
+
+def _check_token_input(layers: Sequence[Any], input_dtype: str | None) -> None:
+    """Integer tokens in, exactly when the first layer takes them (an Embedding): a float
+    input reaching a table's rows, or tokens reaching a matmul, is named here rather than
+    by JAX's indexing or dot."""
+    for i, layer in enumerate(layers):
+        if getattr(layer, "takes_tokens", False) and (i > 0 or input_dtype is None):
+            where = "must be the first layer" if i > 0 else "takes integer tokens"
+            raise LayerError(f"layers[{i}] ({type(layer).__name__}): {where}; a network of "
+                             f"tokens starts with it and has input_dtype='int32' "
+                             f"(models.gpt builds one)")
+    if input_dtype is not None and not getattr(layers[0], "takes_tokens", False):
+        raise LayerError(f"layers[0] ({type(layers[0]).__name__}): input_dtype "
+                         f"{input_dtype!r} gives integer tokens, which only a first layer "
+                         f"that takes them (Embedding) reads")

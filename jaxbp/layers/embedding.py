@@ -12,7 +12,7 @@ first T rows used). The tokens are integers: no error passes to the input.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,8 @@ class Embedding:
     vocab: int
     dim: int
     positions: int | None = None
+    takes_tokens: ClassVar[bool] = True
+    """Its input is integer tokens: it starts a Network with an integer ``input_dtype``."""
     activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
