@@ -277,10 +277,11 @@ def _check_network_x(net: Any, x: Any) -> Any:
 
 
 def token_vocab(net: Any) -> int | None:
-    """The vocab of a network that takes integer tokens into an Embedding, else None."""
+    """The vocab of a network whose first layer takes integer tokens (an Embedding: a
+    Network has an integer ``input_dtype`` exactly then), else None."""
     if getattr(net, "input_dtype", None) is None:
         return None
-    return getattr(net.layers[0], "vocab", None)
+    return net.layers[0].vocab
 
 
 def check_token_values(net: Any, x: Any, what: str = "x") -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxbp import input_checks
 from jaxbp.layers import precision
 from jaxbp.layers.base import LayerError
 from jaxbp.layers.chain import (
@@ -153,22 +154,16 @@ class Network:
             raise ValueError("dtype 'float64' needs 64-bit JAX: call "
                              "jax.config.update('jax_enable_x64', True) or use "
                              "`with jax.enable_x64(True):` first")
-        from jaxbp import input_checks
-
         input_checks.check_key("key", key)
         return chain_init(self.layers, key, self.shapes, jnp.dtype(self.dtype))
 
     def apply(self, params: Any, x: ArrayLike) -> Array:
         """The network output a^L, (batch, n_out) or (batch, T, n_out)."""
-        from jaxbp import input_checks
-
         x, _ = input_checks.check_inputs(self, params, x)
         return forward(self, params, x)[0]
 
     def cost(self, params: Any, x: ArrayLike, y: ArrayLike) -> Array:
         """C, the mean over the batch of the per-sample loss."""
-        from jaxbp import input_checks
-
         x, y = input_checks.check_inputs(self, params, x, y)
         return mean_loss(self.loss_fn, forward(self, params, x)[0], y)
 
