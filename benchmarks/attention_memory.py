@@ -82,7 +82,7 @@ def markdown(rows: list[dict], info: dict, block: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="256,512,1024,2048")
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)

@@ -46,7 +46,7 @@ def run_case(batch: int, width: int, budget: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=2.0)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

@@ -66,7 +66,7 @@ def measure(vocab: int, dim: int, batch: int, steps: int, budget_s: float) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per row")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

@@ -58,7 +58,7 @@ def time_rules(width: int, batch: int, budget_s: float) -> dict[str, dict[str, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="256,1024")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--budget", type=float, default=3.0)

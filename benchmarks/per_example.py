@@ -167,7 +167,7 @@ def markdown(rows: list[dict], info: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="32,128,512,1024")
     parser.add_argument("--widths", default="256,512,1024,2048")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case")

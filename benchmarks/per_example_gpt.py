@@ -92,7 +92,7 @@ def gpt2_small_markdown(rows: list[dict], info: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=None,
                         help="BxT,... (default 16x32,16x128,64x128; 8x1024 with --gpt2-small)")
     parser.add_argument("--budget", type=float, default=2.0)

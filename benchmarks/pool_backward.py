@@ -84,7 +84,7 @@ def measure(shape: tuple[int, ...], dtype: str, budget_s: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per row")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

@@ -48,7 +48,7 @@ print(json.dumps({"devices": jax.device_count(), "step_s": t.median,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--devices", default="1,2,4,8")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--width", type=int, default=512)

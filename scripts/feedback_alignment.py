@@ -50,7 +50,7 @@ def train(net, source, digits, epochs: int, batch: int = 128) -> dict[str, list]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default="scripts/figures/feedback_alignment.png")
     args = parser.parse_args()

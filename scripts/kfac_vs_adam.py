@@ -76,7 +76,7 @@ def gpt_runs(steps: int, plt, out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("mlp", "cnn", "gpt"), default="mlp")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--steps", type=int, default=300, help="gpt training steps (300)")

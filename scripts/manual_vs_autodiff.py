@@ -50,7 +50,7 @@ def drift(dtype: str, steps: int) -> tuple[np.ndarray, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default="scripts/figures/manual_vs_autodiff.png")
     args = parser.parse_args()

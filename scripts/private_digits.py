@@ -38,7 +38,7 @@ def run(net, data, epochs: int, privacy: Privacy | None) -> dict[str, list[float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--sigmas", default="0.7,1.0,2.0")
     parser.add_argument("--out", default="scripts/figures/private_digits.png")

@@ -33,7 +33,7 @@ def run(net, text, epochs: int, batch: int, privacy: Privacy | None) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--targets", default="3,8", help="target epsilons (3,8)")
     parser.add_argument("--batch-size", type=int, default=256)

@@ -17,7 +17,7 @@ import jaxbp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--plot", default=None, help="PNG of the train/test curves")
     args = parser.parse_args()

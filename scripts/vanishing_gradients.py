@@ -26,7 +26,7 @@ def flow(activation: str) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="scripts/figures/vanishing_gradients.png")
     args = parser.parse_args()
 

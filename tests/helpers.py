@@ -125,6 +125,24 @@ def jaxpr_equations(fn, *args, primitive):
     return found
 
 
+def lowered_ops(fn, *args, platform, ops):
+    """fn(*args) lowered for ``platform`` ("cpu", "cuda", "tpu": no such device needed)
+    as StableHLO: its ``stablehlo.<op>`` lines for each op in ``ops``, SSA names dropped,
+    as ``(op, attributes, operand types, result type)``. What runs there: a
+    ``lax.platform_dependent`` choice is made in the lowering."""
+    import re
+
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    found = []
+    for line in text.splitlines():
+        match = re.search(r"stablehlo\.(\w+)(.*) : \((.*)\) -> (.*)$", line)
+        if match and match.group(1) in ops:
+            name, attributes, operands, result = match.groups()
+            attributes = re.sub(r"%[\w#]+", "", attributes)
+            found.append((name, attributes.strip(" (),"), operands.split(", "), result))
+    return found
+
+
 def assert_normwise_close(actual, desired, rtol, atol=0.0, err_msg=""):
     """``max|actual - desired| <= atol + rtol * max|desired|``: the error against the
     array's scale. For results that are sums of products (gradients, factors, Grams): an
@@ -139,12 +157,12 @@ def assert_normwise_close(actual, desired, rtol, atol=0.0, err_msg=""):
                                         f"x {scale:.3e} {err_msg}")
 
 
-def assert_leaves_close(actual, desired, rtol, atol=0.0):
+def assert_leaves_close(actual, desired, rtol, atol=0.0, err_msg=""):
     """:func:`assert_normwise_close` leaf by leaf over two pytrees of the same structure."""
     actual, desired = jax.tree.leaves(actual), jax.tree.leaves(desired)
     assert len(actual) == len(desired), (len(actual), len(desired))
     for i, (a, d) in enumerate(zip(actual, desired)):
-        assert_normwise_close(a, d, rtol, atol, err_msg=f"(leaf {i})")
+        assert_normwise_close(a, d, rtol, atol, err_msg=f"{err_msg} (leaf {i})")
 
 
 def transformer_case(i: int, dtype: str):

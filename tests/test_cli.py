@@ -75,6 +75,18 @@ def test_console_script_runs():
     assert "all ok" in result.stdout
 
 
+@pytest.mark.parametrize("argv, unknown", [
+    (["train", "--out", "run"], "--out run"),          # was read as --output-activation
+    (["bench", "--min", "3"], "--min 3"),              # was read as --min-sample-ms
+    (["verify", "--max", "3"], "--max 3"),             # ambiguous: --max-depth, --max-width
+])
+def test_an_abbreviated_option_is_a_usage_error_not_another_option(capsys, argv, unknown):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err
+
+
 def test_help_lists_the_subcommands(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["--help"])

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import jaxpr_equations, to_f64
+from helpers import assert_leaves_close, jaxpr_equations, lowered_ops, to_f64
 
 import jaxbp
 from jaxbp import layers, models, network
@@ -133,11 +133,11 @@ def test_no_float32_matmul_in_the_bf16_recipe_step(net):
 
 
 def _matmul_kinds(fn, *args):
-    """fn's matmuls as a sorted list of (primitive, operand shapes and dtypes in either
-    order, output dtype): what the kernel a GPU library picks depends on."""
-    return sorted(str((name, sorted((tuple(v.aval.shape), str(v.aval.dtype)) for v in e.invars),
-                       str(e.outvars[0].aval.dtype)))
-                  for name in MATMULS for e in jaxpr_equations(fn, *args, primitive=name))
+    """fn's matmuls lowered for a GPU as a sorted list of (op, operand types in either
+    order, result element type): what the kernel a GPU library picks depends on."""
+    return sorted(str((name, sorted(operands), result.rsplit("x", 1)[-1].rstrip(">")))
+                  for name, _, operands, result
+                  in lowered_ops(fn, *args, platform="cuda", ops=("dot_general", "convolution")))
 
 
 @pytest.mark.parametrize("net", [_cnn(**BF16), jaxbp.MLP((16, 64, 64, 10), "relu", **BF16)],
@@ -152,34 +152,73 @@ def test_bf16_recipe_runs_the_matmuls_jax_grad_of_the_same_recipe_runs(net):
     manual = _matmul_kinds(functools.partial(jaxbp.backprop, net), params, x, y)
     autodiff = _matmul_kinds(jax.grad(network.as_network(net).cost), params, x, y)
     assert manual == autodiff
-    assert all("'float32')" not in kind for kind in manual), manual
+    assert all(not kind.endswith("'f32')") for kind in manual), manual
 
 
-def _conv_calls(fn, *args):
-    """The conv_general_dilated calls of fn's jaxpr: operand shapes and every parameter
-    cuDNN's choice depends on."""
-    keys = ("window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
-            "feature_group_count", "batch_group_count")
-    return sorted(str(([tuple(v.aval.shape) for v in e.invars],
-                       [(k, e.params[k]) for k in keys]))
-                  for e in jaxpr_equations(fn, *args, primitive="conv_general_dilated"))
+CHANNELS_LAST = "dim_numbers = [b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]"
+
+
+def _conv_calls(fn, *args, platform):
+    """The convolutions of fn lowered for ``platform``: operand and result types and every
+    attribute cuDNN's choice depends on (dimension numbers, window, group counts)."""
+    return sorted(map(str, lowered_ops(fn, *args, platform=platform, ops=("convolution",))))
+
+
+def _strided_conv_net(kernel, stride, padding):
+    return jaxbp.Network((layers.Conv2D(3, kernel, stride, padding, "relu"),
+                          layers.Conv2D(4, kernel, stride, padding, "tanh"),
+                          layers.Flatten(), layers.Dense(3)), (13, 14, 2))
 
 
 @pytest.mark.parametrize("stride, padding", list(itertools.product((1, 2), ("SAME", "VALID"))))
 def test_conv_backward_is_the_formulation_jax_grad_emits(stride, padding):
-    """The manual step's convolutions (forward, input error, weight gradient) are the
-    calls jax.grad of the same net makes: same shapes, dimension numbers, paddings,
-    dilations and group counts, for kernels 1-5 (square and not, even and odd)."""
+    """Lowered for a GPU, the manual step's convolutions (forward, input error, weight
+    gradient) are the calls jax.grad of the same net makes: same shapes, dimension
+    numbers, paddings, dilations and group counts, for kernels 1-5 (square and not, even
+    and odd). Lowered for a CPU, every one is NHWC x HWIO -> NHWC (transposed operands:
+    XLA:CPU runs the transpose rule's layouts with a naive emitter inside a loop)."""
     for kernel in ((1, 1), (2, 2), (3, 3), (5, 5), (2, 5)):
-        net = jaxbp.Network((layers.Conv2D(3, kernel, stride, padding, "relu"),
-                             layers.Conv2D(4, kernel, stride, padding, "tanh"),
-                             layers.Flatten(), layers.Dense(3)), (13, 14, 2))
-        params = net.init(jax.random.key(0))
-        x, y = jnp.ones((2, 13, 14, 2)), jnp.zeros((2,), jnp.int32)
-        manual = _conv_calls(functools.partial(jaxbp.backprop, net), params, x, y)
-        autodiff = _conv_calls(jax.grad(net.cost), params, x, y)
-        assert len(manual) == 5, manual  # 2 forward, 2 weight gradients, 1 input error
-        assert manual == autodiff, (kernel, manual, autodiff)
+        net = _strided_conv_net(kernel, stride, padding)
+        args = net.init(jax.random.key(0)), jnp.ones((2, 13, 14, 2)), jnp.zeros((2,), jnp.int32)
+        manual = functools.partial(jaxbp.backprop, net)
+        on_gpu = _conv_calls(manual, *args, platform="cuda")
+        assert len(on_gpu) == 5, on_gpu  # 2 forward, 2 weight gradients, 1 input error
+        assert on_gpu == _conv_calls(jax.grad(net.cost), *args, platform="cuda"), kernel
+        on_cpu = _conv_calls(manual, *args, platform="cpu")
+        assert len(on_cpu) == 5 and all(CHANNELS_LAST in call for call in on_cpu), on_cpu
+
+
+def test_either_conv_backward_form_gives_jax_grad_s_gradient(monkeypatch):
+    """The CPU's form (run by every gradient test here) and the accelerators' (the
+    transpose rule's layouts, forced on the CPU) both give jax.grad's gradient in
+    float64: kernels 1-5, square and not, strides 1 and 2 with SAME and VALID."""
+    forced = []
+
+    def accelerator_form(*args, default, **_):
+        forced.append(default)
+        return default(*args)
+
+    convs = [[((5, 2), 2, "SAME"), ((3, 3), 1, "VALID"), ((1, 1), 2, "VALID")],
+             [((4, 4), 1, "SAME"), ((2, 5), 2, "VALID"), ((2, 2), 2, "SAME")]]
+    with jax.enable_x64(True):
+        for i, chain in enumerate(convs):
+            net = jaxbp.Network((*(layers.Conv2D(3, *conv, "tanh") for conv in chain),
+                                 layers.Flatten(), layers.Dense(3)), (13, 14, 2), dtype="float64")
+            rng = np.random.default_rng(i)
+            params = to_f64(net.init(jax.random.key(i)))
+            x, y = rng.standard_normal((3, 13, 14, 2)), rng.integers(0, 3, 3)
+            truth = jax.grad(net.cost)(params, x, y)
+            for form in ("cpu", "accelerator"):
+                with monkeypatch.context() as patch:
+                    if form == "accelerator":
+                        patch.setattr(jax.lax, "platform_dependent", accelerator_form)
+                    jax.clear_caches()
+                    manual = jaxbp.backprop(net, params, x, y)
+                # 3 weight gradients and 2 input errors, each in the accelerators' form
+                assert len(forced) == (5 if form == "accelerator" else 0), (form, forced)
+                forced.clear()
+                assert_leaves_close(manual, truth, 1e-12, err_msg=f"{form} {chain}")
+    jax.clear_caches()
 
 
 def test_recipe_fields_are_checked_and_named():

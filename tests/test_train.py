@@ -120,6 +120,10 @@ class TestStep:
             make_train_step(net, "adam")
         with pytest.raises(ValueError, match="steps must be an int >= 1"):
             make_train_loop(net, optax.sgd(0.1), steps=0)
+        for unroll in (0, 2.0, "all"):
+            with pytest.raises(ValueError, match=f"unroll must be True, False or an int >= 1, "
+                                                 f"got {unroll!r}"):
+                make_train_loop(net, optax.sgd(0.1), steps=2, unroll=unroll)
 
     def test_bad_batch_is_named_at_trace_time(self):
         net, params, x, y = _problem()
@@ -129,10 +133,11 @@ class TestStep:
 
 
 class TestLoop:
-    def test_scan_equals_repeated_steps(self):
+    @pytest.mark.parametrize("unroll", [1, 3, True])
+    def test_scan_equals_repeated_steps(self, unroll):
         net, params, xs, ys = _problem(steps=7)
         optimizer = optax.adam(1e-2)
-        loop = make_train_loop(net, optimizer, steps=7, donate=False)
+        loop = make_train_loop(net, optimizer, steps=7, donate=False, unroll=unroll)
         state_loop, metrics = loop(TrainState.create(params, optimizer), xs, ys)
         step = make_train_step(net, optimizer)
         state = TrainState.create(params, optimizer)

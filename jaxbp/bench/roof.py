@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp.bench.harness import compile_ahead, time_interleaved
+from jaxbp.layers.conv import backward_conv
 from jaxbp.matmul_precision import precision_scope
 
 
@@ -247,10 +248,12 @@ def conv_product(shape: ConvShape, dtype: str = "float32", compute_dtype: str | 
         a, b = jnp.ones((b_, s, s, c_from), dtype), jnp.ones((3, 3, c_from, c_to), dtype)
         numbers = ("NHWC", "HWIO", "NHWC")
 
-    def product(a: jax.Array, b: jax.Array) -> jax.Array:
+    def conv(a: jax.Array, b: jax.Array, numbers: Any) -> jax.Array:
         return jax.lax.conv_general_dilated(
             a.astype(low), b.astype(low), (1, 1), padding, dimension_numbers=numbers,
             preferred_element_type=out)
 
-    return a, b, product
+    # the form the step runs: a weight gradient's transposes on a CPU, where the transpose
+    # rule's layout runs a naive loop inside the timing loop (jaxbp.layers.conv)
+    return a, b, functools.partial(backward_conv, conv, numbers=numbers)
 

@@ -13,7 +13,8 @@ recipe: autodiff is ``jax.grad`` of the same forward. For each case:
   analysis (where the backend gives one; else "n/a");
 * a few calls of it estimate the step time, and the k-step ``lax.scan`` loop
   (:func:`jaxbp.make_train_loop`, donated) is built with k chosen so that one
-  call is at least ``min_sample_s`` of device work; both loops are timed
+  call is at least ``min_sample_s`` of device work (on a CPU unrolled where k <=
+  :data:`CPU_UNROLLED_UP_TO`, for both gradients); both loops are timed
   interleaved in one process, each timed sample holding ``steps_per_sample``
   steps;
 * the matmul FLOPs of one step are counted by hand
@@ -107,6 +108,17 @@ def _estimate_step_s(compiled: Any, state: TrainState, x: jax.Array, y: jax.Arra
     return (time.perf_counter() - t0) / calls, state
 
 
+CPU_UNROLLED_UP_TO = 16
+"""On a CPU a loop of at most this many steps is compiled unrolled, for both gradients:
+XLA:CPU runs jax.grad's backward convolutions inside a rolled loop with a naive emitter,
+20-90x slower than unrolled (jax-ml/jax#12868), which would make autodiff a weak baseline
+for every CNN (k is 1-16 for them). The hand-written step is as fast either way."""
+
+
+def _unrolled(steps: int) -> bool:
+    return jax.default_backend() == "cpu" and steps <= CPU_UNROLLED_UP_TO
+
+
 def _fraction(value: float | None, roof: float | None) -> float | None:
     return None if value is None or not roof else value / roof
 
@@ -142,7 +154,8 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
         steps = int(min(max_steps, max(1, math.ceil(min_sample_s / max(step_s.values())))))
     compiled, compile_s, states = {}, {}, {}
     for grad in grads:
-        loop = make_train_loop(net, optimizer, steps=steps, grad=grad, precision=precision)
+        loop = make_train_loop(net, optimizer, steps=steps, grad=grad, precision=precision,
+                               unroll=_unrolled(steps))
         states[grad] = TrainState.create(jax.tree.map(jnp.copy, params), optimizer)
         compiled[grad], compile_s[grad], _ = compile_ahead(loop, states[grad], x, y)
 
@@ -155,6 +168,7 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
     timings = time_interleaved({g: call(g) for g in grads}, budget_s=budget_s,
                                compile_s=compile_s, min_sample_s=min_sample_s)
     row, matmul_s = _roof_row(case, steps, budget_s, precision)
+    row["unrolled"] = _unrolled(steps)
     for grad, timing in timings.items():
         row[grad] = _timing_row(case, timing, steps, row, matmul_s, cost[grad],
                                 compile_s[grad], memory[grad])

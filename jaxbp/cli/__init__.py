@@ -30,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error")
+    # no abbreviations: a misspelt option is an error, never another option's prefix
+    # (`jaxbp train --out x` was read as --output-activation x)
     parser = argparse.ArgumentParser(
-        prog="jaxbp", description="Hand-written backpropagation for MLPs in JAX.")
+        prog="jaxbp", allow_abbrev=False,
+        description="Hand-written backpropagation in JAX: verify the gradient, train, "
+                    "benchmark.")
     commands = parser.add_subparsers(dest="command", required=True)
     for command in (verify, train, bench):
         command.add_parser(commands, common)

@@ -22,7 +22,7 @@ listed as left out (the largest need seconds per step and minutes to time)."""
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """The ``bench`` subcommand's options."""
     bench = commands.add_parser(
-        "bench", parents=[common],
+        "bench", parents=[common], allow_abbrev=False,
         help="benchmark the training step: manual vs autodiff vs the GEMM rate",
         description="Time the k-step scan train loop with the hand-written gradient and "
                     "with jax.grad, interleaved in one process, over widths x depths x "

@@ -19,9 +19,9 @@ from jaxbp.cli.plan import FEEDBACK_RULES, OPTIMIZERS, plan_train
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """The ``train`` subcommand's options."""
     train = commands.add_parser(
-        "train", parents=[common], help="train an MLP with the hand-written gradient",
+        "train", parents=[common], allow_abbrev=False, help="train an MLP, a CNN or a GPT",
         description="Verify the gradient once on the first batch, then train with the "
-                    "jitted step, evaluating every epoch. Defaults reach >= 97%% test "
+                    "jitted step, evaluating every epoch. Defaults reach >= 97% test "
                     "accuracy on the shipped digits data.")
     train.add_argument("--data", default=None,
                        help="'digits' (shipped), 'teacher' (synthetic regression) or a .npz "

@@ -18,7 +18,7 @@ DTYPES = ("float64", "float32", "bfloat16", "float16")
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     """The ``verify`` subcommand's options."""
     verify = commands.add_parser(
-        "verify", parents=[common],
+        "verify", parents=[common], allow_abbrev=False,
         help="check the hand-written gradient over random architectures",
         description="Run verify_grads over every activation x loss x dtype, each on a "
                     "random architecture; print the table; exit 1 on any failure.")

@@ -13,9 +13,11 @@ With stride s and the input padded by ``(lo, hi)`` per spatial axis,
     \\delta_{in, n,y,x,c} = \\sum_{i,j,p,q,o:\\ s i + p - lo = y} \\delta_{n,i,j,o} W_{p,q,c,o}
     \\qquad \\text{(the s-dilated error correlated with the flipped kernel)}
 
-each one ``lax.conv_general_dilated`` in the form JAX's transpose rules emit for the
-forward conv (dimension numbers, paddings, dilations; cuDNN picks its algorithm from
-this form): the weight gradient comes out as HWIO directly, the input error as NHWC.
+each one ``lax.conv_general_dilated`` (:func:`backward_conv`): on accelerators in the
+form JAX's transpose rules emit for the forward conv (dimension numbers, paddings,
+dilations; cuDNN picks its algorithm from this form), the weight gradient coming out as
+HWIO directly, the input error as NHWC; on a CPU the same convolutions with their operands
+transposed to NHWC x HWIO.
 """
 
 from __future__ import annotations
@@ -33,6 +35,28 @@ from jaxbp.layers.base import Shape, register, variance_init
 from jaxbp.types import Array, is_int
 
 PADDINGS = ("SAME", "VALID")
+CHANNELS_LAST = ("NHWC", "HWIO", "NHWC")
+
+
+def backward_conv(conv: Any, lhs: Array, rhs: Array, numbers: tuple[str, str, str]) -> Array:
+    """``conv(lhs, rhs, numbers)``, a backward convolution in the dimension numbers JAX's
+    transpose rule gives it, on accelerators; on a CPU the same convolution with ``lhs``
+    transposed to NHWC, ``rhs`` to HWIO and the NHWC result back to ``numbers[2]``.
+
+    Inside a ``lax.scan`` (the train loop) XLA:CPU runs a convolution in any other layout
+    with its naive loop emitter, 20-90x slower than alone (jax-ml/jax#12868: the weight
+    gradient of a 16x16x32 -> 32 conv, B128, 766 ms against 8 ms). The choice is made by
+    ``lax.platform_dependent`` when the step is lowered: one traced step serves both.
+    """
+    lhs_spec, rhs_spec, out_spec = numbers
+
+    def channels_last(lhs: Array, rhs: Array) -> Array:
+        out = conv(lhs.transpose([lhs_spec.index(d) for d in "NHWC"]),
+                   rhs.transpose([rhs_spec.index(d) for d in "HWIO"]), CHANNELS_LAST)
+        return out.transpose(["NHWC".index(d) for d in out_spec])
+
+    return jax.lax.platform_dependent(lhs, rhs, cpu=channels_last,
+                                      default=lambda lhs, rhs: conv(lhs, rhs, numbers))
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
@@ -115,7 +139,7 @@ class Conv2D:
         out = precision.output_dtype(self, jnp.result_type(x, params["w"]))
         z = self._conv(x, params["w"], out, window_strides=self.stride,
                        padding=self._pads(x.shape[1:3]),
-                       dimension_numbers=("NHWC", "HWIO", "NHWC")) \
+                       dimension_numbers=CHANNELS_LAST) \
             + precision.to_activation(params["b"], self.activation_dtype)
         a = get_activation(self.activation).g(z)
         return a, (x, z, a)
@@ -132,17 +156,21 @@ class Conv2D:
         delta as the kernel (I = samples, O = filters), the result HWIO directly."""
         pads = [(lo, k + (n_out - 1) * s - size - lo) for size, k, s, n_out, (lo, _) in zip(
             x.shape[1:3], self.kernel, self.stride, delta.shape[1:3], self._pads(x.shape[1:3]))]
-        return self._conv(x, delta, out, window_strides=(1, 1), padding=pads,
-                          rhs_dilation=self.stride,
-                          dimension_numbers=("CHWN", "IHWO", "HWNC"))
+        return backward_conv(
+            lambda lhs, rhs, numbers: self._conv(
+                lhs, rhs, out, window_strides=(1, 1), padding=pads, rhs_dilation=self.stride,
+                dimension_numbers=numbers),
+            x, delta, ("CHWN", "IHWO", "HWNC"))
 
     def _input_error(self, w: Array, delta: Array, in_hw: tuple[int, int], out: Any) -> Array:
         """delta_in = the stride-dilated delta correlated with the flipped kernel (O <-> I)."""
         pads = [(k - 1 - lo, size - 1 - (n_out - 1) * s + lo) for size, k, s, n_out, (lo, _)
                 in zip(in_hw, self.kernel, self.stride, delta.shape[1:3], self._pads(in_hw))]
-        return self._conv(delta, jax.lax.rev(w, (0, 1)), out, window_strides=(1, 1),
-                          padding=pads, lhs_dilation=self.stride,
-                          dimension_numbers=("NHWC", "HWOI", "NHWC"))
+        return backward_conv(
+            lambda lhs, rhs, numbers: self._conv(
+                lhs, rhs, out, window_strides=(1, 1), padding=pads, lhs_dilation=self.stride,
+                dimension_numbers=numbers),
+            delta, jax.lax.rev(w, (0, 1)), ("NHWC", "HWOI", "NHWC"))
 
     def backward(self, params: dict[str, Array], cache: tuple[Array, ...], delta_a: Array,
                  need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
@@ -238,7 +266,7 @@ class Conv2D:
         in ``lax.conv_general_dilated_patches`` order (channel, then kernel row and column)."""
         patches = jax.lax.conv_general_dilated_patches(
             x, self.kernel, self.stride, self._pads(x.shape[1:3]),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            dimension_numbers=CHANNELS_LAST)
         return patches.reshape(x.shape[0], -1, patches.shape[-1])
 
     def uses_ghost_norm(self, in_shape: Shape) -> bool:

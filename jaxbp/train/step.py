@@ -218,12 +218,18 @@ def make_train_loop(
     grad: str | GradFn = "backprop",
     donate: bool = True,
     precision: str | None = None,
+    unroll: int | bool = 1,
 ) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
     """``steps`` training steps inside one ``lax.scan``, compiled as one program.
 
     Args:
       net, optimizer, grad, donate, precision: as :func:`make_train_step`.
       steps: k >= 1.
+      unroll: steps per iteration of the compiled loop (``lax.scan``'s ``unroll``); True
+        unrolls all k (no loop: compile time grows with k). The hand-written step runs as
+        fast in a loop as unrolled; ``grad="autodiff"`` of a conv net on a CPU does not:
+        XLA:CPU runs jax.grad's backward convolutions inside a loop with a naive emitter,
+        20-90x slower (jax-ml/jax#12868), and ``unroll=True`` avoids that.
 
     Returns:
       ``loop(state, xs, ys) -> (state, metrics)``. ``xs: (k, batch, n_in)``
@@ -238,6 +244,8 @@ def make_train_loop(
     if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     steps = int(steps)
+    if not isinstance(unroll, bool) and (not is_int(unroll) or unroll < 1):
+        raise ValueError(f"unroll must be True, False or an int >= 1, got {unroll!r}")
     gradient = gradient_source(grad)
     check_optimizer(optimizer)
     check_precision(precision)
@@ -262,10 +270,28 @@ def make_train_loop(
             return update_step(net, optimizer, gradient, state, x, y, mask)
 
         with precision_scope(precision):
-            return jax.lax.scan(body, state, (xs, ys, masks) if per_step else None,
-                                length=steps)
+            return scan(body, state, (xs, ys, masks) if per_step else None, steps, unroll)
 
     return jax.jit(loop, donate_argnums=(0,) if donate else ())
+
+
+def _row(a: Array, i: int) -> Array:
+    return a[i]
+
+
+def scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, length: int,
+         unroll: int | bool = 1) -> tuple[Any, Any]:
+    """``lax.scan(body, carry, xs, length, unroll)``, but a full unroll (``unroll`` True or
+    >= ``length``, a single step included) is the body traced ``length`` times and its
+    outputs stacked: JAX emits a one-trip while loop for those, which XLA keeps (and on a
+    CPU a loop is what slows jax.grad's convolutions, see :func:`make_train_loop`)."""
+    if unroll is not True and length > max(1, unroll):
+        return jax.lax.scan(body, carry, xs, length=length, unroll=unroll)
+    outs = []
+    for i in range(length):
+        carry, out = body(carry, jax.tree.map(functools.partial(_row, i=i), xs))
+        outs.append(out)
+    return carry, jax.tree.map(lambda *steps: jnp.stack(steps), *outs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
