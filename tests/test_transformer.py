@@ -151,6 +151,9 @@ def test_gpt_trains_in_the_step_and_evaluates():
     assert after["loss"] < 0.5 * before["loss"] and after["accuracy"] > 0.9
     assert float(metrics["accuracy"]) > 0.9           # the step counts tokens too
     np.testing.assert_allclose(after["loss"], float(net.cost(state.params, x, y)), rtol=1e-5)
+    # no counted token (every target padding): no mean, not a perfect loss of 0
+    empty = jaxbp.evaluate(net, state.params, x, np.full_like(y, -1))
+    assert np.isnan(empty["loss"]) and np.isnan(empty["accuracy"]), empty
 
 
 class ToyScale:

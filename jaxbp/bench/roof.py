@@ -178,8 +178,11 @@ def gemm_rate(shape: MatmulShape, dtype: str = "float32", compute_dtype: str | N
 
     Args:
       shape: the matmul (:func:`step_matmul_shapes`).
-      dtype: the dtype of the operands as stored.
-      compute_dtype: round the operands to this (mixed precision).
+      dtype: the dtype of the operands and of the product, unless the next two say
+        otherwise.
+      compute_dtype: the operands' dtype (mixed precision), stored in it: the rounding
+        is the step's elementwise work, not the product's (timed inside the loop, it
+        lowered the bf16 roofs below what the step's products ran at on a CPU).
       precision: the matmul precision (:data:`jaxbp.matmul_precision.MATMUL_PRECISIONS`),
         None for JAX's current setting.
       out_dtype: the product's dtype (the bf16 recipe's bf16 outputs); default ``dtype``
@@ -187,12 +190,11 @@ def gemm_rate(shape: MatmulShape, dtype: str = "float32", compute_dtype: str | N
     """
     low, out = jnp.dtype(compute_dtype or dtype), jnp.dtype(out_dtype or dtype)
     dims = (((0 if shape.transpose_a else 1,), (1 if shape.transpose_b else 0,)), ((), ()))
-    a = jnp.ones((shape.k, shape.m) if shape.transpose_a else (shape.m, shape.k), dtype)
-    b = jnp.ones((shape.n, shape.k) if shape.transpose_b else (shape.k, shape.n), dtype)
+    a = jnp.ones((shape.k, shape.m) if shape.transpose_a else (shape.m, shape.k), low)
+    b = jnp.ones((shape.n, shape.k) if shape.transpose_b else (shape.k, shape.n), low)
 
     def product(a: jax.Array, b: jax.Array) -> jax.Array:
-        return jax.lax.dot_general(a.astype(low), b.astype(low), dims,
-                                   preferred_element_type=out)
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=out)
 
     return _best_loop_rate(product, a, b, shape.flops, budget_s, precision, min_sample_s)
 
@@ -241,17 +243,16 @@ def conv_product(shape: ConvShape, dtype: str = "float32", compute_dtype: str | 
     b_, s, c_in, c_out = shape.batch, shape.side, shape.c_in, shape.c_out
     padding = ((1, 1), (1, 1))  # SAME for 3x3, stride 1, in all three
     if shape.name == "weight_grad":
-        a, b = jnp.ones((b_, s, s, c_in), dtype), jnp.ones((b_, s, s, c_out), dtype)
+        a, b = jnp.ones((b_, s, s, c_in), low), jnp.ones((b_, s, s, c_out), low)
         numbers = ("CHWN", "IHWO", "HWNC")
     else:
         c_from, c_to = (c_in, c_out) if shape.name == "forward" else (c_out, c_in)
-        a, b = jnp.ones((b_, s, s, c_from), dtype), jnp.ones((3, 3, c_from, c_to), dtype)
+        a, b = jnp.ones((b_, s, s, c_from), low), jnp.ones((3, 3, c_from, c_to), low)
         numbers = ("NHWC", "HWIO", "NHWC")
 
     def conv(a: jax.Array, b: jax.Array, numbers: Any) -> jax.Array:
-        return jax.lax.conv_general_dilated(
-            a.astype(low), b.astype(low), (1, 1), padding, dimension_numbers=numbers,
-            preferred_element_type=out)
+        return jax.lax.conv_general_dilated(a, b, (1, 1), padding, dimension_numbers=numbers,
+                                            preferred_element_type=out)
 
     # the form the step runs: a weight gradient's transposes on a CPU, where the transpose
     # rule's layout runs a naive loop inside the timing loop (jaxbp.layers.conv)

@@ -339,7 +339,8 @@ def evaluate(
 
     Returns:
       ``{"loss": C, "accuracy": ...}`` as Python floats (accuracy only for
-      classification losses); for sequences the means over every counted token.
+      classification losses); for sequences the means over every counted token, nan
+      for both where no target counts (every one -1).
     """
     x, y = input_checks.check_inputs(net, params, x, y)
     if not is_int(batch_size) or batch_size < 1:
@@ -363,7 +364,7 @@ def eval_sums(net: MLP, params: Params, x: Array, y: Array,
 def scores_of(net: MLP, sums: tuple[Any, Any, Any]) -> dict[str, float]:
     """``{"loss", "accuracy"}`` from the host copy of :func:`eval_sums`' sums."""
     loss_sum, hit_sum, count = sums
-    count = max(float(count), 1.0)
+    count = float(count) or float("nan")      # no counted target: no mean (not a loss of 0)
     result = {"loss": float(loss_sum) / count}
     if net.loss_fn.is_classification:
         result["accuracy"] = float(hit_sum) / count
