@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -47,3 +48,39 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> pathl
         return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi), suffix=".png")
     finally:
         plt.close(fig)
+
+
+def check_writable_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.Path:
+    """``folder`` exists or is made, and a file can be written in it; else a ValueError
+    naming ``name`` (a TypeError if it is no path). Run before the work whose result goes
+    there, so that a long run never ends in an error it could have had at the start."""
+    if not isinstance(folder, str | os.PathLike):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got "
+                        f"{type(folder).__name__}")
+    folder = pathlib.Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".jaxbp-write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{name}: cannot write in {str(folder)!r}: "
+                         f"{err.strerror or err}") from None
+    return folder
+
+
+def check_figure_path(name: str, path: str | os.PathLike[str]) -> pathlib.Path:
+    """``path`` can take a figure later: not a folder, its folder writable
+    (:func:`check_writable_folder`), matplotlib installed (else an ImportError)."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise ValueError(f"{name}: {str(path)!r} is a folder, expected a file name such as "
+                         f"{str(target / 'curves.png')!r}")
+    check_writable_folder(name, target.parent)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError(f"{name}: plotting needs matplotlib: pip install 'jaxbp[plot]'") \
+            from None
+    return target

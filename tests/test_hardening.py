@@ -6,6 +6,7 @@ error type and the words that name the problem, or the files left on disk.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -252,6 +253,36 @@ class TestFitArguments:
             with pytest.raises(ValueError, match=words):
                 _fit(bad)
 
+    def test_where_the_results_go_is_checked_before_the_first_epoch(self, tmp_path,
+                                                                    monkeypatch):
+        """A figure path that is a folder, or a checkpoint folder that is a file, failed
+        only when the run ended or saved (the trained state lost with it)."""
+        a_file = tmp_path / "notes.txt"
+        a_file.write_text("kept")
+        started = []
+        monkeypatch.setattr(sys.modules["jaxbp.train.fit"], "_fit",
+                            lambda *a, **k: started.append(1))
+        for kwargs, words in (({"plot": tmp_path}, r"plot: '.*' is a folder, expected a file"),
+                              ({"checkpoint_dir": a_file}, r"checkpoint_dir: cannot write in"),
+                              ({"plot": 3}, r"plot must be a path \(str or os.PathLike\), "
+                                            r"got int")):
+            with pytest.raises((ValueError, TypeError), match=words):
+                _fit(**kwargs)
+        assert not started
+        assert a_file.read_text() == "kept"
+
+    def test_a_state_that_is_not_a_train_state_is_named(self):
+        with pytest.raises(TypeError, match=r"optimizer must be an optax.GradientTransformation"
+                                            r" \(with init and update\), got str"):
+            jaxbp.TrainState.create(NET.init(jax.random.key(0)), "adam")
+        params = NET.init(jax.random.key(0))
+        x, y = np.ones((4, NET.sizes[0]), np.float32), np.zeros(4, np.int32)
+        for make in (jaxbp.make_train_step, functools.partial(jaxbp.make_train_loop, steps=2)):
+            with pytest.raises(TypeError, match=r"state must be a jaxbp.TrainState "
+                                                r"\(TrainState.create\(params, optimizer\)\), "
+                                                r"got tuple"):
+                make(NET, optax.sgd(0.1))(params, x, y)
+
     def test_data_of_the_wrong_type(self):
         with pytest.raises(TypeError, match=r"data must be a jaxbp.data.Dataset .* got dict"):
             jaxbp.fit(NET, optax.sgd(0.1), {"x": 1}, epochs=1, batch_size=8,
@@ -259,6 +290,16 @@ class TestFitArguments:
 
 
 class TestCheckpointsAreNeverLostOrMixed:
+    def test_a_file_as_the_checkpoint_folder_is_named_and_kept(self, tmp_path):
+        a_file = tmp_path / "notes.txt"
+        a_file.write_text("kept")
+        state = jaxbp.TrainState.create(NET.init(jax.random.key(0)), optax.sgd(0.1))
+        for write in (lambda: checkpoint.save(a_file, 1, state), lambda: checkpoint.lock(a_file)):
+            with pytest.raises(ValueError, match=r"directory '.*notes.txt' is a file, expected "
+                                                 r"a folder"):
+                write()
+        assert a_file.read_text() == "kept"
+
     def test_a_nonfinite_state_is_never_written(self, tmp_path):
         with pytest.raises(FloatingPointError, match=r"leaf \['w'\] holds NaN/inf"):
             checkpoint.save(tmp_path, 1, {"w": np.array([1.0, np.nan])})

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import pathlib
 import sys
-import tempfile
 from collections.abc import Callable
 from typing import Any
+
+from jaxbp import files
 
 
 class UsageError(ValueError):
@@ -17,25 +18,17 @@ class UsageError(ValueError):
 def writable_dir(option: str, directory: pathlib.Path) -> None:
     """The folder exists or can be made, and a file can be written in it."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".jaxbp-write-test-"):
-            pass
-    except OSError as err:
-        raise UsageError(f"{option}: cannot write in {str(directory)!r}: "
-                         f"{err.strerror or err}") from None
+        files.check_writable_folder(option, directory)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def writable_file(option: str, path: str) -> None:
-    target = pathlib.Path(path)
-    if target.is_dir():
-        raise UsageError(f"{option}: {path!r} is a folder, expected a file name such as "
-                         f"{str(target / 'curves.png')!r}")
-    writable_dir(option, target.parent if str(target.parent) else pathlib.Path("."))
+    """A figure can be written there later (a file name in a writable folder, matplotlib)."""
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError(f"{option}: plotting needs matplotlib: pip install "
-                         f"'jaxbp[plot]'") from None
+        files.check_figure_path(option, path)
+    except (ValueError, ImportError) as err:
+        raise UsageError(str(err)) from None
 
 
 def positive(option: str, value: float, integer: bool = False, allow_zero: bool = False) -> None:

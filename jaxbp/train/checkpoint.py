@@ -63,6 +63,17 @@ LOCK_NAME = ".jaxbp.lock"
 _TEMPORARY = re.compile(r"^\.ckpt_\d+\.npz\..*\.tmp$")
 
 
+def _folder(directory: str | pathlib.Path) -> pathlib.Path:
+    """The checkpoint folder, made if missing; a file there is a ValueError (not
+    ``mkdir``'s FileExistsError)."""
+    directory = pathlib.Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"directory {str(directory)!r} is a file, expected a folder for the "
+                         f"checkpoints")
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
 def lock(directory: str | pathlib.Path) -> Any:
     """An acquired file lock on ``directory`` (a ``filelock.FileLock``; release it, or use
     it in a ``with`` block). Created if missing.
@@ -72,8 +83,7 @@ def lock(directory: str | pathlib.Path) -> Any:
     """
     import filelock
 
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _folder(directory)
     file_lock = filelock.FileLock(directory / LOCK_NAME)
     try:
         file_lock.acquire(timeout=0)
@@ -173,8 +183,7 @@ def save(
     step = int(step)
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be >= 1 or None, got {keep!r}")
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = _folder(directory)
     leaves = _host_leaves(tree)
     bad = None if allow_nonfinite else _nonfinite_leaf(tree, leaves)
     if bad is not None:

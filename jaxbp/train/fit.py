@@ -22,8 +22,7 @@ import optax
 from jaxbp import input_checks, parallel
 from jaxbp.data import Dataset, num_batches
 from jaxbp.mlp import MLP
-from jaxbp.network import Network
-from jaxbp.train import checkpoint, feeds, plots, resume
+from jaxbp.train import checkpoint, feeds, fit_checks, plots, resume
 from jaxbp.train import private as train_private
 from jaxbp.train.epoch import (
     RunTally,
@@ -40,7 +39,6 @@ from jaxbp.train.run_config import describe_run
 from jaxbp.train.step import (
     GradFn,
     TrainState,
-    check_optimizer,
 )
 from jaxbp.types import Params, PRNGKey
 
@@ -163,9 +161,10 @@ def fit(
         ``allow_run_change``).
       jaxbp.checkpoint.CheckpointLockedError: another run uses ``checkpoint_dir``.
     """
-    _check_fit_arguments(net, optimizer, data, epochs, batch_size, key, keep, eval_batch_size,
+    fit_checks.arguments(net, optimizer, data, epochs, batch_size, key, keep, eval_batch_size,
                          chunk_steps)
-    _check_mesh(mesh, len(data.x_train), batch_size, drop_last)
+    fit_checks.destinations(plot, checkpoint_dir)
+    fit_checks.mesh(mesh, len(data.x_train), batch_size, drop_last)
     train_private.check_privacy(privacy, grad, mesh)
     input_checks.check_target_values(net, data.y_train, "data.y_train")
     input_checks.check_target_values(net, data.y_test, "data.y_test")
@@ -187,53 +186,6 @@ def fit(
     finally:
         if file_lock is not None:
             file_lock.release()
-
-
-def _check_int(name: str, value: Any, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-
-
-def _check_fit_arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch_size: Any,
-                         key: Any, keep: Any, eval_batch_size: Any, chunk_steps: Any) -> None:
-    """Every argument of :func:`fit` checked before anything is loaded or compiled."""
-    if not isinstance(net, MLP | Network):
-        raise TypeError(f"net must be a jaxbp.MLP or jaxbp.Network, got {type(net).__name__}")
-    check_optimizer(optimizer)
-    if not all(hasattr(data, name) for name in Dataset._fields):
-        raise TypeError(f"data must be a jaxbp.data.Dataset (x_train, y_train, x_test, "
-                        f"y_test), got {type(data).__name__}")
-    for part in ("train", "test"):   # a sample without its target would be paired wrongly
-        x, y = getattr(data, f"x_{part}"), getattr(data, f"y_{part}")
-        if len(x) != len(y) or len(x) == 0:
-            raise ValueError(f"data.x_{part} has {len(x)} rows and data.y_{part} {len(y)}: "
-                             f"expected one target per sample, and at least one sample")
-    input_checks.check_key("key", key)
-    _check_int("epochs", epochs, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("keep", keep, 1)
-    _check_int("eval_batch_size", eval_batch_size, 1)
-    if chunk_steps is not None:
-        _check_int("chunk_steps", chunk_steps, 1)
-
-
-def _check_mesh(mesh: Any, n_train: int, batch_size: int, drop_last: bool) -> None:
-    """A mesh with a data axis that splits every batch (and this process's share) evenly."""
-    if mesh is None:
-        return
-    if not isinstance(mesh, jax.sharding.Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh (jaxbp.parallel.make_mesh), got "
-                        f"{type(mesh).__name__}")
-    if parallel.DATA not in mesh.shape:
-        raise ValueError(f"mesh has axes {tuple(mesh.shape)}, expected a {parallel.DATA!r} axis")
-    n_data, processes = mesh.shape[parallel.DATA], jax.process_count()
-    sizes = [batch_size] + ([] if drop_last or n_train % batch_size == 0
-                            else [n_train % batch_size])
-    for size in sizes:
-        if size % n_data or size % processes:
-            raise ValueError(f"a batch of {size} rows does not split over the {n_data} devices "
-                             f"of the mesh's data axis and {processes} process(es); choose "
-                             f"batch_size (and drop_last=True) so that every batch does")
 
 
 def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, epochs: int,

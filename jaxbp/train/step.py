@@ -59,7 +59,15 @@ class TrainState(NamedTuple):
     @classmethod
     def create(cls, params: Params, optimizer: optax.GradientTransformation) -> TrainState:
         """A step-0 state for ``params`` and any optax optimizer."""
+        check_optimizer(optimizer)
         return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def check_state(state: Any) -> None:
+    """A TypeError unless ``state`` is a :class:`TrainState` (checked when a step traces)."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a jaxbp.TrainState (TrainState.create(params, "
+                        f"optimizer)), got {type(state).__name__}")
 
 
 def gradient_source(grad: str | GradFn) -> GradFn:
@@ -204,6 +212,7 @@ def make_train_step(
     check_precision(precision)
 
     def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+        check_state(state)
         x, y = input_checks.check_inputs(net, state.params, x, y)
         with precision_scope(precision):
             return update_step(net, optimizer, gradient, state, x, y)
@@ -252,6 +261,7 @@ def make_train_loop(
 
     def loop(state: TrainState, xs: Array, ys: Array,
              masks: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
+        check_state(state)
         xs = input_checks.as_array("xs", xs)
         per_step = np.ndim(xs) == sample_rank(net) + 2  # (k, batch, *sample)
         if per_step and (np.shape(xs)[0] != steps or np.shape(ys)[0] != steps):
