@@ -43,7 +43,7 @@ def test_sharded_step_equals_single_device_on_1d_and_2d_meshes():
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok mesh") == 9 and "ok uneven batch" in result.stdout
     assert "ok collectives" in result.stdout  # Megatron pairs: no all-gather
-    assert "ok gpt mesh (4, 2)" in result.stdout
+    assert "ok gpt mesh (4, 2)" in result.stdout and "ok cnn mesh (8, 1)" in result.stdout
     assert "ok user record replicated, Dense pairs split" in result.stdout
 
 
@@ -175,6 +175,15 @@ def test_sharded_step_on_a_one_device_mesh_equals_the_plain_step():
         jaxbp.TrainState.create(jax.tree.map(np.array, params), optimizer), x, y)
     assert_leaves_close(plain, sharded, rtol=1e-6)
     assert metrics["loss"].shape == ()
+    # the loop splits each step's batch: one batch for every step (which make_train_loop
+    # takes) is named, not an IndexError from the batch's sharding
+    loop = parallel.make_sharded_train_loop(net, optimizer, parallel.make_mesh(), steps=2)
+    state = jaxbp.TrainState.create(jax.tree.map(np.array, params), optimizer)
+    with pytest.raises(ValueError, match=r"xs has shape \(4, 5\) and ys \(4,\) but expected "
+                                         r"\(steps, batch, \*sample\)"):
+        loop(state, x, y)
+    looped, _ = loop(state, np.stack([x, x]), np.stack([y, y]))
+    assert int(looped.step) == 2
 
 
 @pytest.mark.slow

@@ -199,6 +199,10 @@ def _over_mesh(net: Any, body: Callable[..., Any], mesh: Mesh, data_axis: str,
 
     def program(state: TrainState, x: ArrayLike, y: ArrayLike):
         x, y = input_checks.as_array("x", x), input_checks.as_array("y", y)
+        if batch_dim and (np.ndim(x) != sample_rank(net) + 2 or np.ndim(y) < 2):
+            raise ValueError(f"xs has shape {np.shape(x)} and ys {np.shape(y)} but expected "
+                             f"(steps, batch, *sample) and (steps, batch, ...): one batch per "
+                             f"step (the sharded loop splits each step's batch)")
         local_rows = int(np.shape(x)[batch_dim]) if np.ndim(x) > batch_dim else 0
         global_rows = local_rows * jax.process_count()
         if global_rows % n_data:
@@ -296,13 +300,7 @@ def make_sharded_train_loop(
     _check_step_arguments(optimizer, mesh, data_axis, precision)
     loop = make_train_loop(net, optimizer, steps, grad, donate=False, precision=precision)
 
-    def body(state: TrainState, xs: Array, ys: Array):
-        if np.ndim(xs) != sample_rank(net) + 2:
-            raise ValueError(f"xs has shape {np.shape(xs)} but expected (steps, batch, "
-                             f"*sample) with steps = {steps}: one batch per step")
-        return loop(state, xs, ys)
-
-    return _over_mesh(net, body, mesh, data_axis, model_axis, donate, batch_dim=1)
+    return _over_mesh(net, loop, mesh, data_axis, model_axis, donate, batch_dim=1)
 
 
 def _place(value: Any, sharding: NamedSharding) -> Array:

@@ -14,6 +14,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 import jaxbp
+from jaxbp import layers as L
 from jaxbp import parallel
 
 
@@ -68,13 +69,10 @@ def check(mesh_shape, sizes, name, optimizer, steps=5, batch=32):
     return ok, spec_w0
 
 
-def check_gpt(mesh_shape, steps=3, batch=8) -> bool:
-    """A GPT (token inputs, per-token loss) on the mesh: the single-device step's result."""
-    net = jaxbp.models.gpt(vocab=11, dim=16, depth=1, heads=2, seq_len=6)
+def check_network(name, net, xs, ys, mesh_shape) -> bool:
+    """A Network on the mesh, by the sharded step and by the sharded loop: the
+    single-device step's result."""
     mesh = parallel.make_mesh(*mesh_shape)
-    rng = np.random.default_rng(1)
-    xs = rng.integers(0, 11, size=(steps, batch, 6)).astype(np.int32)
-    ys = np.where(rng.random((steps, batch, 6)) < 0.2, -1, (xs + 1) % 11).astype(np.int32)
     params = net.init(jax.random.key(0))
     optimizer = optax.sgd(0.1)
     single = jaxbp.make_train_step(net, optimizer, donate=False)
@@ -84,12 +82,35 @@ def check_gpt(mesh_shape, steps=3, batch=8) -> bool:
     for x, y in zip(xs, ys):
         state_1, m1 = single(state_1, x, y)
         state_n, mn = sharded(state_n, x, y)
-    diff = rel_diff(state_n.params, state_1.params)
+    loop = parallel.make_sharded_train_loop(net, optimizer, mesh, steps=len(xs))
+    state_k, _ = loop(jaxbp.TrainState.create(jax.tree.map(np.asarray, params), optimizer),
+                      xs, ys)
+    diff = max(rel_diff(state_n.params, state_1.params), rel_diff(state_k.params, state_1.params))
     loss_diff = abs(float(mn["loss"]) - float(m1["loss"])) / abs(float(m1["loss"]))
     ok = diff <= 1e-6 and loss_diff <= 1e-6
-    print(f"{'ok' if ok else 'FAIL'} gpt mesh {mesh_shape}: max rel param diff {diff:.2e}, "
-          f"loss diff {loss_diff:.2e}")
+    print(f"{'ok' if ok else 'FAIL'} {name} mesh {mesh_shape}: max rel param diff (step, "
+          f"loop) {diff:.2e}, loss diff {loss_diff:.2e}")
     return ok
+
+
+def check_gpt(mesh_shape, steps=3, batch=8) -> bool:
+    """A GPT (token inputs, per-token loss, padding targets)."""
+    net = jaxbp.models.gpt(vocab=11, dim=16, depth=1, heads=2, seq_len=6)
+    rng = np.random.default_rng(1)
+    xs = rng.integers(0, 11, size=(steps, batch, 6)).astype(np.int32)
+    ys = np.where(rng.random((steps, batch, 6)) < 0.2, -1, (xs + 1) % 11).astype(np.int32)
+    return check_network("gpt", net, xs, ys, mesh_shape)
+
+
+def check_cnn(mesh_shape, steps=3, batch=16) -> bool:
+    """A CNN (strided conv, max pool): its backward convolutions take the CPU's form."""
+    net = jaxbp.Network((L.Conv2D(8, 3, activation="relu"), L.MaxPool(2),
+                         L.Conv2D(8, 3, 2, activation="tanh"), L.Flatten(), L.Dense(5)),
+                        (8, 8, 3))
+    rng = np.random.default_rng(2)
+    xs = rng.normal(size=(steps, batch, 8, 8, 3)).astype(np.float32)
+    ys = rng.integers(0, 5, size=(steps, batch)).astype(np.int32)
+    return check_network("cnn", net, xs, ys, mesh_shape)
 
 
 def main() -> int:
@@ -115,6 +136,7 @@ def main() -> int:
         results.append(good)
     results.append(check_collectives())
     results.append(check_gpt((4, 2)))
+    results.append(check_cnn((8, 1)))
     results.append(check_user_record())
     return 0 if all(results) else 1
 
