@@ -340,6 +340,10 @@ def _targets(y: np.ndarray) -> np.ndarray:
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     """How many batches :func:`batches` yields for n samples."""
+    if not is_int(n) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     return n // batch_size if drop_last else -(-n // batch_size)
 
 

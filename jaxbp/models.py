@@ -89,6 +89,11 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
     with ``key``. The window is the last ``seq_len`` tokens, right-padded while shorter:
     in a causal model the padding after a position does not reach it.
     """
+    if not isinstance(net, Network) or input_checks.token_vocab(net) is None:
+        first = f" whose first layer is a {type(net.layers[0]).__name__}" \
+            if isinstance(net, Network) else ""
+        raise TypeError(f"net must be a Network that takes tokens (an Embedding first, as "
+                        f"models.gpt builds), got a {type(net).__name__}{first}")
     seq_len, vocab = net.input_shape[0], net.n_out
     if not prompt:
         raise ValueError("prompt must hold at least one token")

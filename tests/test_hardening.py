@@ -204,6 +204,21 @@ def test_results_and_figures_are_written_whole_or_not_at_all(tmp_path):
     assert target.read_text() == "new table\n" and len(list(target.parent.iterdir())) == 1
 
 
+def test_generate_and_num_batches_name_bad_input():
+    """Were an AttributeError ('MLP' object has no attribute 'layers') and a
+    ZeroDivisionError."""
+    cnn = jaxbp.models.cnn(8, 3)
+    for net, got in ((NET, "got a MLP"), (cnn, "got a Network whose first layer is a Conv2D")):
+        with pytest.raises(TypeError, match=f"net must be a Network that takes tokens .*{got}"):
+            jaxbp.models.generate(net, net.init(jax.random.key(0)), [1], 2)
+    for n, size, words in ((5, 0, "batch_size must be an int >= 1, got 0"),
+                           (-1, 2, "n must be an int >= 0, got -1"),
+                           (5, 2.0, "batch_size must be an int >= 1, got 2.0")):
+        with pytest.raises(ValueError, match=words):
+            jaxbp.data.num_batches(n, size, False)
+    assert jaxbp.data.num_batches(5, 2, False) == 3 and jaxbp.data.num_batches(5, 2, True) == 2
+
+
 def test_gradient_sources_check_their_arguments_when_made():
     """A source's clip norm, feedback and a sharded step's mesh are named where the
     source or step is made, not when a step first traces (or, for the mesh, as an
