@@ -50,14 +50,18 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> pathl
         plt.close(fig)
 
 
+def _as_path(name: str, value: Any) -> pathlib.Path:
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got "
+                        f"{type(value).__name__}")
+    return pathlib.Path(value)
+
+
 def check_writable_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.Path:
     """``folder`` exists or is made, and a file can be written in it; else a ValueError
     naming ``name`` (a TypeError if it is no path). Run before the work whose result goes
     there, so that a long run never ends in an error it could have had at the start."""
-    if not isinstance(folder, str | os.PathLike):
-        raise TypeError(f"{name} must be a path (str or os.PathLike), got "
-                        f"{type(folder).__name__}")
-    folder = pathlib.Path(folder)
+    folder = _as_path(name, folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".jaxbp-write-test-"):
@@ -71,9 +75,7 @@ def check_writable_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.
 def check_figure_path(name: str, path: str | os.PathLike[str]) -> pathlib.Path:
     """``path`` can take a figure later: not a folder, its folder writable
     (:func:`check_writable_folder`), matplotlib installed (else an ImportError)."""
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(path).__name__}")
-    target = pathlib.Path(path)
+    target = _as_path(name, path)
     if target.is_dir():
         raise ValueError(f"{name}: {str(path)!r} is a folder, expected a file name such as "
                          f"{str(target / 'curves.png')!r}")

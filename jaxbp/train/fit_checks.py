@@ -6,17 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxbp import files, input_checks, parallel
 from jaxbp.data import Dataset
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.train.step import check_optimizer
+from jaxbp.types import is_int
 
 
 def check_int(name: str, value: Any, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+    if not is_int(value) or value < least:
         raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
 
 
