@@ -34,7 +34,7 @@ from jaxbp import input_checks, network
 from jaxbp.layers.chain import chain_backward
 from jaxbp.mlp import MLP
 from jaxbp.network import Network, as_network
-from jaxbp.types import Array, ArrayLike, Params
+from jaxbp.types import Array, ArrayLike, Params, check_bool
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
@@ -63,7 +63,7 @@ def layer_deltas(net: MLP | Network, params: Params, x: ArrayLike, y: ArrayLike,
       ``(a^{l-1}, z^l, a^l)``) and the error at each layer's output.
     """
     x, y = input_checks.check_inputs(net, params, x, y)
-    return _layer_deltas(as_network(net), params, x, y, bool(per_sample))
+    return _layer_deltas(as_network(net), params, x, y, check_bool("per_sample", per_sample))
 
 
 def value_grads_and_output(

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxbp import input_checks
-from jaxbp.types import PRNGKey, is_int, is_real
+from jaxbp.types import PRNGKey, check_bool, is_int, is_real
 
 _DIGITS = pathlib.Path(__file__).parent / "data" / "digits.npz"
 _SHAKESPEARE = pathlib.Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"
@@ -344,7 +344,7 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    return n // batch_size if drop_last else -(-n // batch_size)
+    return n // batch_size if check_bool("drop_last", drop_last) else -(-n // batch_size)
 
 
 def epoch_order(
@@ -359,7 +359,7 @@ def epoch_order(
     """
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size, drop_last = int(batch_size), check_bool("drop_last", drop_last)
     order = (np.arange(n, dtype=np.int32) if key is None
              else np.asarray(jax.random.permutation(key, n), np.int32))
     n_full = n // batch_size

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from jaxbp import input_checks, layers, network
 from jaxbp.network import Network
-from jaxbp.types import Array, is_int
+from jaxbp.types import Array, check_bool, is_int
 
 NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
 """The norms :func:`gpt` takes by name."""
@@ -61,6 +61,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
             raise ValueError(f"gpt {name} must be an int >= 1, got {value!r}")
     if dim % heads:
         raise ValueError(f"gpt heads must divide dim: {heads} heads do not divide dim = {dim}")
+    check_bool("gpt causal", causal)
     if norm not in NORMS:
         raise ValueError(f"gpt norm must be one of {sorted(NORMS)}, got {norm!r}")
     make_norm = NORMS[norm]

@@ -21,6 +21,7 @@ from typing import Any
 
 from jaxbp.check.verify import GradientCheckError, GradReport, verify_grads
 from jaxbp.check.verify_fn import verify_jvp, verify_vjp
+from jaxbp.types import check_bool
 
 
 def _assert_ok(report: GradReport, allow_inconclusive: bool) -> GradReport:
@@ -32,12 +33,14 @@ def _assert_ok(report: GradReport, allow_inconclusive: bool) -> GradReport:
 def assert_vjp_correct(f: Callable[..., Any], *args: Any, allow_inconclusive: bool = False,
                        **options: Any) -> GradReport:
     """:func:`jaxbp.verify_vjp` that raises unless OK (``options``: its keyword arguments)."""
+    check_bool("allow_inconclusive", allow_inconclusive)
     return _assert_ok(verify_vjp(f, *args, **options), allow_inconclusive)
 
 
 def assert_jvp_correct(f: Callable[..., Any], *args: Any, allow_inconclusive: bool = False,
                        **options: Any) -> GradReport:
     """:func:`jaxbp.verify_jvp` that raises unless OK (``options``: its keyword arguments)."""
+    check_bool("allow_inconclusive", allow_inconclusive)
     return _assert_ok(verify_jvp(f, *args, **options), allow_inconclusive)
 
 
@@ -45,5 +48,6 @@ def assert_grads_correct(grad_fn: Callable[..., Any], loss_fn: Callable[..., Any
                          *args: Any, allow_inconclusive: bool = False,
                          **options: Any) -> GradReport:
     """:func:`jaxbp.verify_grads` that raises unless OK (``options``: its keyword arguments)."""
+    check_bool("allow_inconclusive", allow_inconclusive)
     return _assert_ok(verify_grads(grad_fn, loss_fn, params, *args, **options),
                       allow_inconclusive)

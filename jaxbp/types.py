@@ -26,3 +26,13 @@ def is_real(value: Any) -> bool:
     import numpy as np
 
     return is_int(value) or isinstance(value, float | np.floating)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` as a bool, or a TypeError naming ``name``: a flag takes True or False only
+    (a string such as ``"no"`` is truthy and would silently mean True)."""
+    import numpy as np
+
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)

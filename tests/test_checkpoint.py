@@ -127,8 +127,9 @@ def test_empty_folder_and_bad_arguments(tmp_path):
     assert checkpoint.restore_latest(tmp_path / "none", _tree()) is None
     with pytest.raises(ValueError, match="step must be an int >= 0"):
         checkpoint.save(tmp_path, -1, _tree())
-    with pytest.raises(ValueError, match="keep must be >= 1"):
-        checkpoint.save(tmp_path, 1, _tree(), keep=0)
+    for keep in (0, "3", 2.0):   # "3" was a TypeError from `<` naming no argument
+        with pytest.raises(ValueError, match=f"keep must be an int >= 1 or None, got {keep!r}"):
+            checkpoint.save(tmp_path, 1, _tree(), keep=keep)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.restore(tmp_path / "ckpt_000000001.npz", _tree())
 

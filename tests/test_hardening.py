@@ -181,6 +181,44 @@ def test_every_public_entry_that_takes_a_key_names_a_bad_one():
                 call(bad)
 
 
+def test_every_public_switch_takes_true_or_false_only(tmp_path):
+    """A string is truthy: ``drop_last="no"`` meant True, silently. Every public flag is
+    a TypeError naming it for anything but a bool (NumPy's too), before any work."""
+    from jaxbp import models, parallel, testing
+    from jaxbp.check.suite import verify_mlp
+
+    params = NET.init(jax.random.key(0))
+    x, y = np.ones((2, 4), np.float32), np.zeros(2, np.int32)
+    sgd = optax.sgd(0.1)
+    mesh = parallel.make_mesh(1, devices=jax.devices()[:1])
+    calls = {
+        "drop_last": [lambda v: _fit(drop_last=v), lambda v: jaxbp.data.num_batches(5, 2, v),
+                      lambda v: list(jaxbp.data.batches(x, y, 1, drop_last=v))],
+        "progress": [lambda v: _fit(progress=v)],
+        "diagnostics": [lambda v: _fit(diagnostics=v)],
+        "allow_run_change": [lambda v: _fit(allow_run_change=v)],
+        "donate": [lambda v: jaxbp.make_train_step(NET, sgd, donate=v),
+                   lambda v: jaxbp.make_train_loop(NET, sgd, 2, donate=v),
+                   lambda v: parallel.make_sharded_train_step(NET, sgd, mesh, donate=v),
+                   lambda v: parallel.make_sharded_train_loop(NET, sgd, mesh, 2, donate=v)],
+        "per_sample": [lambda v: jaxbp.layer_deltas(NET, params, x, y, per_sample=v)],
+        "allow_nonfinite": [lambda v: checkpoint.save(tmp_path, 0, params, allow_nonfinite=v)],
+        "allow_inconclusive": [
+            lambda v: testing.assert_grads_correct(None, None, params, allow_inconclusive=v)],
+        "float64": [lambda v: verify_mlp(NET, params, x, y, float64=v)],
+        "causal": [lambda v: models.gpt(5, 4, 1, 1, 3, causal=v),
+                   lambda v: jaxbp.layers.SelfAttention(1, causal=v)],
+    }
+    for name, makers in calls.items():
+        for call in makers:
+            for bad in ("no", 1, None):
+                with pytest.raises(TypeError, match=rf"{name} must be True or False, "
+                                                    rf"got {re.escape(repr(bad))}"):
+                    call(bad)
+    assert not list(tmp_path.iterdir())
+    assert jaxbp.data.num_batches(5, 2, np.bool_(True)) == 2
+
+
 def test_results_and_figures_are_written_whole_or_not_at_all(tmp_path):
     """What jaxbp writes besides checkpoints (bench tables, benchmark results, figures)
     goes through jaxbp.files: a writer stopped half-way (an error, Ctrl-C, `timeout`)

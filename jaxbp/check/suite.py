@@ -25,7 +25,7 @@ from jaxbp.check.verify import GradReport, verify_grads
 from jaxbp.losses import LOSSES
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
-from jaxbp.types import Array, ArrayLike, Params
+from jaxbp.types import Array, ArrayLike, Params, check_bool
 
 DTYPES = ("float64", "float32", "bfloat16")
 
@@ -213,7 +213,7 @@ def verify_mlp(
     def grad_fn(p, x, y):
         return value_and_backprop(net, p, x, y)[1]
 
-    if not float64:
+    if not check_bool("float64", float64):
         return verify_grads(grad_fn, jax.jit(net.cost), params, x, y, n_fd=n_fd)
     with jax.enable_x64(True):
         def to64(a: ArrayLike) -> Any:   # integer labels and tokens stay integers

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxbp.layers import blockwise_attention, kfac, precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
-from jaxbp.types import Array, is_int
+from jaxbp.types import Array, check_bool, is_int
 
 _PROJECTIONS = ("q", "k", "v", "o")
 
@@ -84,8 +84,7 @@ class SelfAttention:
         if not is_int(self.heads) or self.heads < 1:
             raise ValueError(f"SelfAttention heads must be an int >= 1, got {self.heads!r}")
         object.__setattr__(self, "heads", int(self.heads))
-        if not isinstance(self.causal, bool):
-            raise TypeError(f"SelfAttention causal must be a bool, got {self.causal!r}")
+        object.__setattr__(self, "causal", check_bool("SelfAttention causal", self.causal))
         if self.block is not None:
             if not is_int(self.block) or self.block < 1:
                 raise ValueError(f"SelfAttention block must be None or an int >= 1, got "

@@ -55,7 +55,7 @@ from jaxbp.train.step import (
     sample_rank,
     update_step,
 )
-from jaxbp.types import Array, ArrayLike, PyTree, is_int
+from jaxbp.types import Array, ArrayLike, PyTree, check_bool, is_int
 
 DATA, MODEL = "data", "model"
 
@@ -175,9 +175,10 @@ def batch_sharding(mesh: Mesh, ndim: int, data_axis: str = DATA,
 
 
 def _check_step_arguments(optimizer: Any, mesh: Mesh, data_axis: str,
-                          precision: str | None) -> None:
+                          precision: str | None, donate: Any) -> None:
     check_optimizer(optimizer)
     check_precision(precision)
+    check_bool("donate", donate)
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (jaxbp.parallel.make_mesh), got "
                         f"{type(mesh).__name__}")
@@ -267,7 +268,7 @@ def make_sharded_train_step(
       ValueError: the global batch does not split evenly over ``data_axis``.
     """
     gradient = gradient_source(grad)
-    _check_step_arguments(optimizer, mesh, data_axis, precision)
+    _check_step_arguments(optimizer, mesh, data_axis, precision, donate)
 
     def body(state: TrainState, x: Array, y: Array):
         x, y = input_checks.check_inputs(net, state.params, x, y)
@@ -297,7 +298,7 @@ def make_sharded_train_loop(
       ``(k, batch / processes, n_in)``); the batch axis is split over
       ``data_axis``. Metrics have a leading axis of k and are replicated.
     """
-    _check_step_arguments(optimizer, mesh, data_axis, precision)
+    _check_step_arguments(optimizer, mesh, data_axis, precision, donate)
     loop = make_train_loop(net, optimizer, steps, grad, donate=False, precision=precision)
 
     return _over_mesh(net, loop, mesh, data_axis, model_axis, donate, batch_dim=1)

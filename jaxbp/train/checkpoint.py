@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from jaxbp import user_warnings
-from jaxbp.types import PyTree, is_int
+from jaxbp.types import PyTree, check_bool, is_int
 
 _NAME = re.compile(r"^ckpt_(\d+)\.npz$")
 _HEADER = "__header__"
@@ -181,8 +181,9 @@ def save(
     if not is_int(step) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     step = int(step)
-    if keep is not None and keep < 1:
-        raise ValueError(f"keep must be >= 1 or None, got {keep!r}")
+    if keep is not None and (not is_int(keep) or keep < 1):
+        raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
+    check_bool("allow_nonfinite", allow_nonfinite)
     directory = _folder(directory)
     leaves = _host_leaves(tree)
     bad = None if allow_nonfinite else _nonfinite_leaf(tree, leaves)

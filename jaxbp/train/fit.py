@@ -163,6 +163,8 @@ def fit(
     """
     fit_checks.arguments(net, optimizer, data, epochs, batch_size, key, keep, eval_batch_size,
                          chunk_steps)
+    fit_checks.flags(drop_last=drop_last, progress=progress, diagnostics=diagnostics,
+                     allow_run_change=allow_run_change)
     fit_checks.destinations(plot, checkpoint_dir)
     fit_checks.mesh(mesh, len(data.x_train), batch_size, drop_last)
     train_private.check_privacy(privacy, grad, mesh)

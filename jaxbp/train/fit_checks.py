@@ -12,7 +12,7 @@ from jaxbp.data import Dataset
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.train.step import check_optimizer
-from jaxbp.types import is_int
+from jaxbp.types import check_bool, is_int
 
 
 def check_int(name: str, value: Any, least: int) -> None:
@@ -41,6 +41,12 @@ def arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch_size: Any,
     check_int("eval_batch_size", eval_batch_size, 1)
     if chunk_steps is not None:
         check_int("chunk_steps", chunk_steps, 1)
+
+
+def flags(**values: Any) -> None:
+    """Each of fit's switches is True or False (``progress="no"`` would mean True)."""
+    for name, value in values.items():
+        check_bool(name, value)
 
 
 def destinations(plot: Any, checkpoint_dir: Any) -> None:

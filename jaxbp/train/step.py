@@ -30,7 +30,7 @@ from jaxbp.matmul_precision import check_precision, precision_scope
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.sources import GradientSource
-from jaxbp.types import Array, ArrayLike, Params, is_int
+from jaxbp.types import Array, ArrayLike, Params, check_bool, is_int
 
 GradFn = GradientSource
 """A gradient source: ``(net, params, x, y, step, mask=None) -> SourceResult(loss, grads,
@@ -210,6 +210,7 @@ def make_train_step(
     gradient = gradient_source(grad)
     check_optimizer(optimizer)
     check_precision(precision)
+    check_bool("donate", donate)
 
     def step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
         check_state(state)
@@ -258,6 +259,7 @@ def make_train_loop(
     gradient = gradient_source(grad)
     check_optimizer(optimizer)
     check_precision(precision)
+    check_bool("donate", donate)
 
     def loop(state: TrainState, xs: Array, ys: Array,
              masks: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
