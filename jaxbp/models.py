@@ -62,7 +62,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     if dim % heads:
         raise ValueError(f"gpt heads must divide dim: {heads} heads do not divide dim = {dim}")
     check_bool("gpt causal", causal)
-    if norm not in NORMS:
+    if not isinstance(norm, str) or norm not in NORMS:
         raise ValueError(f"gpt norm must be one of {sorted(NORMS)}, got {norm!r}")
     make_norm = NORMS[norm]
     block = (layers.Residual((make_norm(), layers.SelfAttention(heads, causal,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -205,10 +206,16 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
       ValueError: a bad argument, the ``spent`` segments already at or over the target,
         or the accountant failing (naming the setting).
     """
-    target = _check_positive("target_epsilon", target_epsilon)
-    delta, rate = _check_delta(delta), _check_rate(sample_rate)
-    steps, accountant = _check_steps(steps), _check_accountant(accountant)
-    prior = _checked_segments(spent)
+    return _calibrated(_check_positive("target_epsilon", target_epsilon), _check_delta(delta),
+                       _check_rate(sample_rate), _check_steps(steps),
+                       _check_accountant(accountant), _checked_segments(spent))
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated(target: float, delta: float, rate: float, steps: int, accountant: str,
+                prior: tuple[Segment, ...]) -> float:
+    """:func:`noise_multiplier` of checked arguments, searched once per setting (a command
+    line plans the run before :func:`jaxbp.fit` plans it again)."""
     dp = _dp_accounting()
     setting = (f"target_epsilon={target}, delta={delta}, sample_rate={rate}, steps={steps}, "
                f"accountant={accountant!r}" + (f", after {list(prior)}" if prior else ""))

@@ -137,7 +137,7 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     assert cli.main(["train", "--model", "gpt", "--attention-block", "0"]) == 2
     assert "--attention-block must be an integer > 0, got 0" in capsys.readouterr().err
     assert cli.main(["train", "--attention-block", "8"]) == 2
-    assert "--attention-block sets a GPT's attention; --model is mlp" in \
+    assert "--attention-block shapes a GPT (--model gpt), but --model is mlp" in \
         capsys.readouterr().err
 
 

@@ -550,6 +550,13 @@ class TestCommandLine:
         (["train", "--mesh", "data=two"], "--mesh must look like data=4,model=2"),
         (["train", "--devices", "99"], "--devices 99: only 1 device(s) are visible"),
         (["train", "--mesh", "data=1", "--devices", "1"], "--mesh and --devices: give one"),
+        (["train", "--dim", "8"], "--dim shapes a GPT (--model gpt), but --model is mlp: its "
+                                  "layers are --sizes"),                  # was silently unused
+        (["train", "--model", "cnn", "--seq-len", "8"], "--seq-len shapes a GPT"),
+        # trained nothing, then an IndexError in the report:
+        (["train", "--dp", "--noise-multiplier", "1", "--target-epsilon", "3"],
+         "--noise-multiplier 1.0 spends epsilon 3.2466 in one epoch (11 steps at sample rate "
+         "0.08901), more than --target-epsilon 3.0: nothing could be trained"),
     ])
     def test_usage_errors(self, capsys, argv, words):
         code, out, err = _cli(capsys, *argv)

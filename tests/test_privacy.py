@@ -162,6 +162,18 @@ def test_private_fit_calibrates_reports_and_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_noise_multiplier_that_spends_the_target_in_one_epoch_is_refused():
+    """With both sigma and a target, a run stops before an epoch that would pass the
+    target; one that could train no epoch at all is an error before any work (it
+    returned the initial state, and the command line failed on an empty history)."""
+    sigma = privacy.noise_multiplier(3.0, 1e-5, 128 / 1438, round(1438 / 128))
+    with pytest.raises(ValueError, match=r"noise_multiplier 0\.9 spends epsilon .* in one "
+                                         r"epoch \(11 steps at sample rate 0\.08901\), more "
+                                         r"than target_epsilon 3\.0: nothing could be trained"):
+        _private_fit(None, 2, privacy=Privacy(noise_multiplier=0.9, target_epsilon=3.0))
+    assert 0.9 < sigma   # the multiplier that would fit one epoch
+
+
 def test_per_layer_clip_norms_train_privately_and_resume(tmp_path):
     """Privacy takes one clip norm per layer with parameters (as clipped_grad does); a
     resume of the same run sees no change in its record; bad norms are named."""

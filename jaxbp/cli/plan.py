@@ -43,6 +43,9 @@ def _load_data(name: str, seed: int, seq_len: int | None = None):
         raise UsageError(f"--data: {err}") from None
 
 
+GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_block": None}
+"""``--model gpt``'s shape options and their defaults (None for another model: refused)."""
+
 FEEDBACK_RULES = {"fa": "feedback alignment", "dfa": "direct feedback alignment",
                   "sign": "sign symmetry"}
 
@@ -82,7 +85,7 @@ def plan_train(args: argparse.Namespace) -> dict[str, Any]:
     if mesh is not None:
         _check_mesh(args, mesh)
     return {"dataset": dataset, "net": net, "optimizer": OPTIMIZERS[args.optimizer](args.lr),
-            "mesh": mesh, "privacy": _plan_privacy(args, mesh)}
+            "mesh": mesh, "privacy": _plan_privacy(args, mesh, len(dataset.x_train))}
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -101,10 +104,21 @@ def _check_options(args: argparse.Namespace) -> None:
         writable_file("--plot", args.plot)
     if args.diagnostics is not None:
         writable_file("--diagnostics", args.diagnostics)
+    _gpt_options(args)
+
+
+def _gpt_options(args: argparse.Namespace) -> None:
+    """``--dim``, ``--depth``, ``--heads``, ``--seq-len`` and ``--attention-block`` shape a
+    GPT: their defaults filled in for one, refused for another model (not silently unused)."""
+    for name, default in GPT_DEFAULTS.items():
+        option = "--" + name.replace("_", "-")
+        if args.model != "gpt" and getattr(args, name) is not None:
+            raise UsageError(f"{option} shapes a GPT (--model gpt), but --model is {args.model}"
+                             + (": its layers are --sizes" if args.model == "mlp" else ""))
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.model == "gpt":
         positive("--seq-len", args.seq_len, integer=True)
-    elif args.attention_block is not None:
-        raise UsageError(f"--attention-block sets a GPT's attention; --model is {args.model}")
 
 
 def _mlp(args: argparse.Namespace, dataset: Any, loss: str) -> Any:
@@ -166,8 +180,10 @@ def _check_mesh(args: argparse.Namespace, mesh: Any) -> None:
                          f"{jax.process_count()} process(es)")
 
 
-def _plan_privacy(args: argparse.Namespace, mesh: Any) -> Any:
-    """``--dp`` and its options as a :class:`jaxbp.privacy.Privacy` (None without --dp)."""
+def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
+    """``--dp`` and its options as a :class:`jaxbp.privacy.Privacy` (None without --dp),
+    its plan for ``n_train`` samples made once here so that what fit would refuse (a noise
+    multiplier that spends the whole target in one epoch) is refused before any work."""
     dp_options = {"--target-epsilon": args.target_epsilon,
                   "--noise-multiplier": args.noise_multiplier}
     if not args.dp:
@@ -196,8 +212,18 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any) -> Any:
             raise UsageError(f"{name} must be a finite number > 0, got {value}")
     if not args.delta < 1:
         raise UsageError(f"--delta must be in (0, 1), got {args.delta}")
-    return Privacy(args.clip_norm, args.delta, args.target_epsilon, args.noise_multiplier,
-                   args.accountant)
+    from jaxbp.train import private
+
+    privacy = Privacy(args.clip_norm, args.delta, args.target_epsilon, args.noise_multiplier,
+                      args.accountant)
+    try:
+        private.plan(privacy, n_train, args.batch_size, args.epochs)
+    except ValueError as err:
+        message = str(err)
+        for name in ("noise_multiplier", "target_epsilon", "batch_size"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise UsageError(message) from None
+    return privacy
 
 
 def _parse_mesh(args: argparse.Namespace) -> Any:

@@ -13,7 +13,7 @@ import jax
 
 from jaxbp import compilation_cache
 from jaxbp.cli.common import UsageError
-from jaxbp.cli.plan import FEEDBACK_RULES, OPTIMIZERS, plan_train
+from jaxbp.cli.plan import FEEDBACK_RULES, GPT_DEFAULTS, OPTIMIZERS, plan_train
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -32,10 +32,10 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                             "maxpool 2, dense 64, dense n_out on square one-channel images "
                             "(digits as 8x8x1); gpt: a character-level GPT (--dim, --depth, "
                             "--heads, --seq-len) on a text, ending with a generated sample")
-    train.add_argument("--dim", type=int, default=128, help="gpt width (128)")
-    train.add_argument("--depth", type=int, default=2, help="gpt blocks (2)")
-    train.add_argument("--heads", type=int, default=4, help="gpt attention heads (4)")
-    train.add_argument("--seq-len", type=int, default=64, help="gpt context length (64)")
+    for option, what in (("dim", "width"), ("depth", "blocks"), ("heads", "attention heads"),
+                         ("seq_len", "context length")):
+        train.add_argument(f"--{option.replace('_', '-')}", type=int, default=None,
+                           help=f"gpt {what} ({GPT_DEFAULTS[option]})")
     train.add_argument("--attention-block", type=int, default=None,
                        help="gpt attention over this many keys at a time, its (T, T) softmax "
                             "never kept (memory T x block; default: the plain form)")

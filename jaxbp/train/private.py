@@ -89,7 +89,9 @@ def plan(privacy: Any, n_train: int, batch_size: int, epochs: int,
     ``first_epoch..epochs`` after the ``spent`` segments of a resumed run.
 
     Raises:
-      ValueError: a ``batch_size`` (the expected Poisson batch) above ``n_train``.
+      ValueError: a ``batch_size`` (the expected Poisson batch) above ``n_train``; a given
+        noise multiplier that spends more than the target epsilon in one epoch (nothing
+        could be trained, resumed or not).
     """
     from jaxbp import privacy as dp
 
@@ -103,8 +105,17 @@ def plan(privacy: Any, n_train: int, batch_size: int, epochs: int,
         sigma = dp.noise_multiplier(privacy.target_epsilon, privacy.delta, rate,
                                     max(1, (epochs - first_epoch) * steps_per_epoch),
                                     privacy.accountant, spent=spent)
-    return Plan(privacy, rate, steps_per_epoch, sigma, dp.max_batch_size(n_train, rate),
+    made = Plan(privacy, rate, steps_per_epoch, sigma, dp.max_batch_size(n_train, rate),
                 n_train, spent)
+    if privacy.noise_multiplier is not None and privacy.target_epsilon is not None:
+        one_epoch = dataclasses.replace(made, spent=()).epsilon(steps_per_epoch)
+        if one_epoch > privacy.target_epsilon * (1 + 1e-9):
+            raise ValueError(f"noise_multiplier {sigma} spends epsilon {one_epoch:.4f} in one "
+                             f"epoch ({steps_per_epoch} steps at sample rate {rate:.5f}), more "
+                             f"than target_epsilon {privacy.target_epsilon}: nothing could be "
+                             f"trained; raise the noise multiplier or the target, or give only "
+                             f"the target (sigma calibrated to it)")
+    return made
 
 
 def spent_segments(metadata: dict[str, Any], steps: int, rate: float) -> tuple[Segment, ...]:
