@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxbp import input_checks
-from jaxbp.types import PRNGKey, check_bool, is_int, is_real
+from jaxbp.types import PRNGKey, check_bool, check_seed, is_int, is_real
 
 _DIGITS = pathlib.Path(__file__).parent / "data" / "digits.npz"
 _SHAKESPEARE = pathlib.Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"
@@ -170,7 +170,7 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
 def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    order = np.random.default_rng(seed).permutation(n)
+    order = np.random.default_rng(check_seed("seed", seed)).permutation(n)
     n_test = max(1, round(n * test_fraction))
     return order[n_test:], order[:n_test]
 

@@ -36,3 +36,11 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_seed(name: str, value: Any) -> int:
+    """``value`` as a NumPy generator seed, or a ValueError naming ``name``: an int >= 0
+    (NumPy's own error names no argument)."""
+    if not is_int(value) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return int(value)

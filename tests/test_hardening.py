@@ -219,6 +219,26 @@ def test_every_public_switch_takes_true_or_false_only(tmp_path):
     assert jaxbp.data.num_batches(5, 2, np.bool_(True)) == 2
 
 
+def test_every_public_seed_is_named_when_bad():
+    """NumPy's own error ("expected non-negative integer", "SeedSequence expects int")
+    named no argument; random_cases is a generator and was not checked until drawn."""
+    from jaxbp.check.suite import random_cases
+
+    params = NET.init(jax.random.key(0))
+    x, y = np.ones((2, 4), np.float32), np.zeros(2, np.int32)
+    calls = (lambda s: jaxbp.data.load_digits(seed=s), lambda s: random_cases(s),
+             lambda s: jaxbp.verify_grads(lambda *a: None, NET.cost, params, x, y, seed=s),
+             lambda s: jaxbp.verify_vjp(jnp.sin, jnp.ones(3), seed=s),
+             lambda s: jaxbp.verify_jvp(jnp.sin, jnp.ones(3), seed=s))
+    for call in calls:
+        for bad in (-1, 1.5, "0", True):
+            with pytest.raises(ValueError, match=re.escape(f"seed must be an int >= 0, got "
+                                                           f"{bad!r}")):
+                call(bad)
+    with pytest.raises(ValueError, match="max_depth must be an int >= 1, got 0"):
+        random_cases(0, max_depth=0)
+
+
 def test_results_and_figures_are_written_whole_or_not_at_all(tmp_path):
     """What jaxbp writes besides checkpoints (bench tables, benchmark results, figures)
     goes through jaxbp.files: a writer stopped half-way (an error, Ctrl-C, `timeout`)
@@ -553,6 +573,7 @@ class TestCommandLine:
         (["train", "--dim", "8"], "--dim shapes a GPT (--model gpt), but --model is mlp: its "
                                   "layers are --sizes"),                  # was silently unused
         (["train", "--model", "cnn", "--seq-len", "8"], "--seq-len shapes a GPT"),
+        (["verify", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
         # trained nothing, then an IndexError in the report:
         (["train", "--dp", "--noise-multiplier", "1", "--target-epsilon", "3"],
          "--noise-multiplier 1.0 spends epsilon 3.2466 in one epoch (11 steps at sample rate "

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp.check.report import LeafCheck
-from jaxbp.types import PyTree
+from jaxbp.types import PyTree, check_seed
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 """rtol of manual vs jax.grad per leaf dtype (see :func:`verify_grads`)."""
@@ -69,14 +69,13 @@ def check_same_structure(params: PyTree, manual: PyTree) -> None:
 
 
 def check_knobs(**knobs: Any) -> None:
-    """Tolerances finite and >= 0 (or None for the default), the FD step > 0, ``n_fd`` an
-    int >= 0: a bad one is a ValueError naming it, not a FAILED report."""
+    """Tolerances finite and >= 0 (or None for the default), the FD step > 0, ``n_fd`` and
+    ``seed`` ints >= 0: a bad one is a ValueError naming it, not a FAILED report."""
     for name, value in knobs.items():
         if value is None:
             continue
-        if name == "n_fd":
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-                raise ValueError(f"n_fd must be an int >= 0, got {value!r}")
+        if name in ("n_fd", "seed"):
+            check_seed(name, value)   # an int >= 0
             continue
         if isinstance(value, bool) or not isinstance(value, int | float | np.number):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")

@@ -25,7 +25,7 @@ from jaxbp.check.verify import GradReport, verify_grads
 from jaxbp.losses import LOSSES
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
-from jaxbp.types import Array, ArrayLike, Params, check_bool
+from jaxbp.types import Array, ArrayLike, Params, check_bool, check_seed, is_int
 
 DTYPES = ("float64", "float32", "bfloat16")
 
@@ -146,9 +146,22 @@ def random_cases(
     Depth (weight layers) in ``[1, max_depth]``, widths in ``[1, max_width]``,
     batch in ``[1, max_batch]``; the output activation is drawn from all
     activations for ``squared_error`` and is ``identity`` half the time for the
-    cross-entropies (logits), otherwise any other.
+    cross-entropies (logits), otherwise any other. Arguments are checked when called (a
+    ValueError naming one), before the first case is drawn.
     """
-    rng = np.random.default_rng(seed)
+    check_seed("seed", seed)
+    for name, value, least in (("max_depth", max_depth, 1), ("max_width", max_width, 1),
+                               ("max_batch", max_batch, 1), ("networks", networks, 0),
+                               ("transformers", transformers, 0)):
+        if not is_int(value) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    return _cases(np.random.default_rng(seed), dtypes, max_depth, max_width, max_batch,
+                  networks, transformers)
+
+
+def _cases(rng: np.random.Generator, dtypes: Sequence[str], max_depth: int, max_width: int,
+           max_batch: int, networks: int, transformers: int) -> Iterator[Case]:
+    """:func:`random_cases`' draws, in order."""
     names = sorted(ACTIVATIONS)
     for dtype in dtypes:
         for activation in names:

@@ -138,7 +138,7 @@ def verify_grads(
         shapes, or loss_fn does not return a scalar.
     """
     check_precision(precision)
-    check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd)
+    check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd, seed=seed)
     params = as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     check_float_leaves(params)

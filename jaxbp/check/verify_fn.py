@@ -201,7 +201,7 @@ def verify_vjp(
       the JVP/VJP consistency, the FD/Taylor directions, notes.
     """
     _check_order(order)
-    check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd)
+    check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd, seed=seed)
     setup = _Setup(f, args, seed)
     _, vjp_fn = jax.vjp(f, *setup.args)
     manual = setup.in_def.flatten_up_to(vjp_fn(setup.out_def.unflatten(setup.u)))
@@ -261,7 +261,7 @@ def verify_jvp(
     ``order=2`` checks the JVP of ``x -> J(x) v`` too.
     """
     _check_order(order)
-    check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd)
+    check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd, seed=seed)
     setup = _Setup(f, args, seed)
 
     def jvp_of(fn: _ArgsFn, tangent_leaves: list[Any]) -> list[Any]:

@@ -33,7 +33,7 @@ def _load_data(name: str, seed: int, seq_len: int | None = None):
     if name == "digits":
         return data.load_digits()
     if name == "teacher":
-        return data.teacher_regression(jax.random.key(seed + 1))
+        return data.teacher_regression(jax.random.fold_in(jax.random.key(seed), 1))
     if not pathlib.Path(name).is_file():
         raise UsageError(f"--data: {name!r} is neither 'digits', 'teacher' nor an existing "
                          f".npz file")

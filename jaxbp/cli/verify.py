@@ -42,6 +42,7 @@ def check(args: argparse.Namespace) -> None:
     if args.cases is not None:
         positive("--cases", args.cases, integer=True)
     positive("--n-fd", args.n_fd, integer=True, allow_zero=True)
+    positive("--seed", args.seed, integer=True, allow_zero=True)
     positive("--max-depth", args.max_depth, integer=True)
     positive("--max-width", args.max_width, integer=True)
 
