@@ -26,12 +26,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxbp import input_checks, network_curvature
 from jaxbp.mlp import MLP
 from jaxbp.network import Network, as_network, value_grads_and_errors
 from jaxbp.sources import SourceResult
-from jaxbp.types import Array, ArrayLike, Params
+from jaxbp.types import Array, ArrayLike, Params, is_real
 
 
 def _check_direction(params: Params, v: Params) -> None:
@@ -214,8 +215,8 @@ def kfac_preconditioner(damping: float = 1e-3):
     """
     import optax
 
-    if not damping > 0:
-        raise ValueError(f"damping must be > 0, got {damping!r}")
+    if not is_real(damping) or not damping > 0 or not np.isfinite(damping):
+        raise ValueError(f"damping must be a finite number > 0, got {damping!r}")
 
     def init(params: Params):
         del params

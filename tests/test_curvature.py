@@ -238,5 +238,22 @@ class TestKFACPreconditioner:
             step(jaxbp.TrainState.create(params, optax.chain(jaxbp.kfac_preconditioner(),
                                                              optax.sgd(0.1))),
                  np.ones((2, 3), np.float32), np.array([0, 1]))
-        with pytest.raises(ValueError, match="damping must be > 0"):
-            jaxbp.kfac_preconditioner(0.0)
+        for damping in (0.0, "1e-3", float("inf")):
+            with pytest.raises(ValueError, match="damping must be a finite number > 0"):
+                jaxbp.kfac_preconditioner(damping)
+
+    def test_factors_an_optimizer_would_drop_are_a_clear_error(self):
+        """optax drops extra arguments no transformation takes: K-FAC's gradient with a
+        plain optimizer trained as that optimizer, silently, having paid for the factors."""
+        import optax
+
+        net = jaxbp.MLP((3, 4, 2), "tanh")
+        params = net.init(jax.random.key(0))
+        x, y = np.ones((2, 3), np.float32), np.array([0, 1])
+        for optimizer in (optax.adam(1e-3), optax.chain(optax.clip(1.0), optax.sgd(0.1))):
+            for make in (jaxbp.make_train_step,
+                         lambda *a, **k: jaxbp.make_train_loop(*a, steps=1, **k)):
+                step = make(net, optimizer, grad=jaxbp.kfac_gradient(), donate=False)
+                with pytest.raises(ValueError, match=r"hands the optimizer factors .* runs "
+                                                     r"without them, so they would be dropped"):
+                    step(jaxbp.TrainState.create(params, optimizer), x, y)

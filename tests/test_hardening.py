@@ -349,6 +349,12 @@ class TestFitArguments:
                                             r" \(with init and update\), got str"):
             jaxbp.TrainState.create(NET.init(jax.random.key(0)), "adam")
         params = NET.init(jax.random.key(0))
+        for bad, got in ((None, "NoneType with no arrays"),      # were states of no params
+                         (jax.tree.map(lambda a: a.astype(jnp.int32), params),
+                          "tuple of 4 leaves of dtype int32")):
+            with pytest.raises(TypeError, match=re.escape(
+                    f"params must be a pytree of floating arrays (net.init(key)), got {got}")):
+                jaxbp.TrainState.create(bad, optax.adam(1e-3))
         x, y = np.ones((4, NET.sizes[0]), np.float32), np.zeros(4, np.int32)
         for make in (jaxbp.make_train_step, functools.partial(jaxbp.make_train_loop, steps=2)):
             with pytest.raises(TypeError, match=r"state must be a jaxbp.TrainState "

@@ -58,9 +58,22 @@ class TrainState(NamedTuple):
 
     @classmethod
     def create(cls, params: Params, optimizer: optax.GradientTransformation) -> TrainState:
-        """A step-0 state for ``params`` and any optax optimizer."""
+        """A step-0 state for ``params`` (a pytree of floating arrays) and any optax
+        optimizer."""
         check_optimizer(optimizer)
+        leaves = jax.tree.leaves(params)
+        if not leaves or not all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+                                 for leaf in leaves):
+            raise TypeError(f"params must be a pytree of floating arrays (net.init(key)), got "
+                            f"{_describe_leaves(params, leaves)}")
         return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def _describe_leaves(params: Any, leaves: list[Any]) -> str:
+    if not leaves:
+        return f"{type(params).__name__} with no arrays"
+    kinds = sorted({str(jnp.result_type(leaf)) for leaf in leaves})
+    return f"{type(params).__name__} of {len(leaves)} leaves of dtype {', '.join(kinds)}"
 
 
 def check_state(state: Any) -> None:
@@ -97,6 +110,24 @@ def _nonfinite_layer(grads: Params) -> Array:
     return jnp.where(jnp.any(bad), jnp.argmax(bad), -1)
 
 
+def check_extras_used(optimizer: optax.GradientTransformation, grads: Any, state: TrainState,
+                      extras: dict[str, Any]) -> None:
+    """A ValueError when a source hands the optimizer extra arguments it runs without: with
+    ``grad=kfac_gradient()`` but no :func:`jaxbp.kfac_preconditioner` in the chain, optax
+    drops the factors and the run is plain SGD/Adam that paid for them. Checked once per
+    trace, by tracing ``update`` without them (no FLOPs; one that needs them raises)."""
+    if not extras:
+        return
+    try:
+        jax.eval_shape(lambda: optimizer.update(grads, state.opt_state, state.params))
+    except Exception:  # any failure: the optimizer needs what it was handed
+        return
+    raise ValueError(f"the gradient source hands the optimizer {', '.join(sorted(extras))} "
+                     f"(grad=jaxbp.kfac_gradient(): the K-FAC factors), but the optimizer "
+                     f"runs without them, so they would be dropped: chain the preconditioner "
+                     f"first, optax.chain(jaxbp.kfac_preconditioner(1e-3), optax.sgd(lr))")
+
+
 def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
                 state: TrainState, x: Array, y: Array,
                 mask: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
@@ -109,6 +140,7 @@ def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: Gra
                                    gradient)
     loss, grads, out, extras = result
     # a source may hand the optimizer extra arguments (K-FAC factors)
+    check_extras_used(optimizer, grads, state, extras)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extras)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss.astype(jnp.float32),
