@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -82,6 +84,9 @@ class TestNpz:
          "both 'x_test' and 'y_test'"),
         ({"x": np.ones((4, 2)), "y": np.ones(4, int), "x_test": np.ones((2, 3)),
           "y_test": np.ones(2, int)}, "'x_test' has 3 columns but 'x' has 2"),
+        # an empty training set, standardised into NaN tests, was returned:
+        ({"x": np.ones((1, 2)), "y": np.ones(1, int)}, "1 sample cannot be split into a "
+                                                       "training and a test part"),
     ])
     def test_bad_files_name_the_file_and_array(self, tmp_path, arrays, message):
         path = tmp_path / "bad.npz"
@@ -89,6 +94,14 @@ class TestNpz:
         with pytest.raises(ValueError) as info:
             data.load_npz(path)
         assert message in str(info.value) and "bad.npz" in str(info.value)
+
+    def test_a_split_leaves_at_least_one_sample_on_each_side(self):
+        assert data.load_digits(test_fraction=0.999).x_train.shape == (2, 64)
+        for fraction, words in ((0.9999, "test_fraction 0.9999 of 1797 samples holds out 1797, "
+                                         "leaving none to train on"),
+                                ("0.2", "test_fraction must be a number in (0, 1), got '0.2'")):
+            with pytest.raises(ValueError, match=re.escape(words)):
+                data.load_digits(test_fraction=fraction)
 
     def test_missing_and_unreadable_files(self, tmp_path):
         with pytest.raises(FileNotFoundError, match=r"nope\.npz"):

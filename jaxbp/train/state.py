@@ -1,0 +1,80 @@
+"""The training state, and what a step checks of it and of its optimizer.
+
+A :class:`TrainState` is everything that changes during training, one pytree; the
+checks name a state, params or optimizer that is not what a step needs, before XLA.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxbp.types import Array, Params
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training, as one pytree.
+
+    Attributes:
+      step: int32 scalar, the number of updates applied.
+      params: the network parameters.
+      opt_state: the optax optimizer's state.
+    """
+
+    step: Array
+    params: Params
+    opt_state: optax.OptState
+
+    @classmethod
+    def create(cls, params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+        """A step-0 state for ``params`` (a pytree of floating arrays) and any optax
+        optimizer."""
+        check_optimizer(optimizer)
+        leaves = jax.tree.leaves(params)
+        if not leaves or not all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+                                 for leaf in leaves):
+            raise TypeError(f"params must be a pytree of floating arrays (net.init(key)), got "
+                            f"{_describe_leaves(params, leaves)}")
+        return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+def _describe_leaves(params: Any, leaves: list[Any]) -> str:
+    if not leaves:
+        return f"{type(params).__name__} with no arrays"
+    kinds = sorted({str(jnp.result_type(leaf)) for leaf in leaves})
+    return f"{type(params).__name__} of {len(leaves)} leaves of dtype {', '.join(kinds)}"
+
+
+def check_state(state: Any) -> None:
+    """A TypeError unless ``state`` is a :class:`TrainState` (checked when a step traces)."""
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state must be a jaxbp.TrainState (TrainState.create(params, "
+                        f"optimizer)), got {type(state).__name__}")
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """A TypeError unless ``optimizer`` has optax's ``init`` and ``update``."""
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an optax.GradientTransformation (with init and "
+                        f"update), got {type(optimizer).__name__}")
+
+
+def check_extras_used(optimizer: optax.GradientTransformation, grads: Any, state: TrainState,
+                      extras: dict[str, Any]) -> None:
+    """A ValueError when a source hands the optimizer extra arguments it runs without: with
+    ``grad=kfac_gradient()`` but no :func:`jaxbp.kfac_preconditioner` in the chain, optax
+    drops the factors and the run is plain SGD/Adam that paid for them. Checked once per
+    trace, by tracing ``update`` without them (no FLOPs; one that needs them raises)."""
+    if not extras:
+        return
+    try:
+        jax.eval_shape(lambda: optimizer.update(grads, state.opt_state, state.params))
+    except Exception:  # any failure: the optimizer needs what it was handed
+        return
+    raise ValueError(f"the gradient source hands the optimizer {', '.join(sorted(extras))} "
+                     f"(grad=jaxbp.kfac_gradient(): the K-FAC factors), but the optimizer "
+                     f"runs without them, so they would be dropped: chain the preconditioner "
+                     f"first, optax.chain(jaxbp.kfac_preconditioner(1e-3), optax.sgd(lr))")
