@@ -38,12 +38,14 @@ POISSON_N = 60_000
 """The data set size the dp column's Poisson batches are drawn from (q = B / N)."""
 
 
-def dp_candidate(net: jaxbp.MLP, clip: float, batch: int):
-    """The DP-SGD gradient of a padded Poisson batch: the B given rows real, the rest pad."""
+def dp_candidate(net: jaxbp.MLP, clip: float, batch: int, microbatch: int | None = None):
+    """The DP-SGD gradient of a padded Poisson batch: the B given rows real, the rest pad
+    (with ``microbatch``: only the real rows run, that many at a time)."""
     from jaxbp import privacy, sources
 
     padded = privacy.max_batch_size(POISSON_N, batch / POISSON_N)
-    source = sources.dp_sgd(clip, 1.0, jax.random.key(1), expected_batch_size=batch)
+    source = sources.dp_sgd(clip, 1.0, jax.random.key(1), expected_batch_size=batch,
+                            microbatch=microbatch)
 
     def dp(params, x, y):
         rows = jnp.arange(padded) % batch          # the B rows, then copies as padding

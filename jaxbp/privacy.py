@@ -349,6 +349,9 @@ class Privacy:
       target_epsilon: the budget, or None.
       noise_multiplier: sigma > 0, or None.
       accountant: ``"rdp"`` or ``"pld"``.
+      microbatch: None (each padded Poisson batch runs whole), or m: only its sampled
+        rows run, m at a time (:mod:`jaxbp.microbatch`; the same gradient, the padding
+        nearly free). Not part of the run's identity: a run may resume with another.
     """
 
     clip_norm: float | tuple[float, ...] = 1.0
@@ -356,6 +359,7 @@ class Privacy:
     target_epsilon: float | None = None
     noise_multiplier: float | None = None
     accountant: str = "rdp"
+    microbatch: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.clip_norm, Sequence) and not isinstance(self.clip_norm, str):
@@ -375,3 +379,5 @@ class Privacy:
             _check_positive("target_epsilon", self.target_epsilon)
         if self.noise_multiplier is not None:
             _check_positive("noise_multiplier", self.noise_multiplier)
+        if self.microbatch is not None and (not is_int(self.microbatch) or self.microbatch < 1):
+            raise ValueError(f"microbatch must be None or an int >= 1, got {self.microbatch!r}")

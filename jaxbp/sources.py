@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from jaxbp import autodiff as _autodiff_module
 from jaxbp import backprop as _backprop_module
 from jaxbp import input_checks, network, per_example
-from jaxbp.types import Array, Params, PRNGKey
+from jaxbp import microbatch as microbatched
+from jaxbp.types import Array, Params, PRNGKey, is_int
 
 __all__ = ["NAMED", "GradientSource", "SourceResult", "as_result", "autodiff", "backprop",
            "clipped", "dp_sgd"]
@@ -135,7 +136,8 @@ def clipped(clip_norm: per_example.ClipNorm) -> GradientSource:
 
 
 def dp_sgd(clip_norm: per_example.ClipNorm, noise_multiplier: float, key: PRNGKey,
-           expected_batch_size: float | None = None) -> GradientSource:
+           expected_batch_size: float | None = None,
+           microbatch: int | None = None) -> GradientSource:
     """DP-SGD (Abadi et al. 2016): the clipped sum plus Gaussian noise, fresh each step.
 
     .. math::
@@ -149,25 +151,53 @@ def dp_sgd(clip_norm: per_example.ClipNorm, noise_multiplier: float, key: PRNGKe
     real rows under a mask). One
     forward and one backward pass (the book-keeping of :func:`jaxbp.clipped_grad`).
     The reported loss is the mean over the real rows (not private).
+
+    ``microbatch=m``: only the real rows of a masked batch run, m at a time
+    (:mod:`jaxbp.microbatch`): the padding of a Poisson batch costs nothing but the
+    rounding up to a multiple of m; the same gradient up to the order of its sum.
     """
     per_example.check_clip_values(clip_norm)
     per_example.check_noise(noise_multiplier)
     input_checks.check_key("key", key)
     expected = None if expected_batch_size is None else _positive_number(expected_batch_size)
+    if microbatch is not None and (not is_int(microbatch) or microbatch < 1):
+        raise ValueError(f"microbatch must be None or an int >= 1, got {microbatch!r}")
 
-    def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
-                 mask: Array | None = None) -> SourceResult:
-        clip, sigma = per_example.check_noise_and_clip(net, clip_norm, noise_multiplier)
-        divisor = expected if expected is not None else (
-            x.shape[0] if mask is None else jnp.maximum(jnp.sum(mask), 1))
-        value, grads, out = per_example.clipped_mean(network.as_network(net), params, x, y,
-                                                     clip, mask, divisor)
-        noisy = per_example.add_noise(grads, jax.random.fold_in(key, step),
-                                      per_example.noise_std(clip, sigma), divisor)
-        return SourceResult(value, noisy, out)
+    # two closures, so that a run record (jaxbp.train.run_config, which describes a source
+    # by its closure) of a whole-batch source is the one it has always been
+    if microbatch is None:
+        def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
+                     mask: Array | None = None) -> SourceResult:
+            return _noised_clipped_mean(net, params, x, y, step, mask, clip_norm,
+                                        noise_multiplier, key, expected, None)
+    else:
+        def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
+                     mask: Array | None = None) -> SourceResult:
+            return _noised_clipped_mean(net, params, x, y, step, mask, clip_norm,
+                                        noise_multiplier, key, expected, int(microbatch))
 
     gradient.__qualname__ = "sources.dp_sgd"
     return gradient
+
+
+def _noised_clipped_mean(net: Any, params: Params, x: Array, y: Array, step: Array,
+                         mask: Array | None, clip_norm: Any, noise_multiplier: Any,
+                         key: PRNGKey, expected: float | None,
+                         microbatch: int | None) -> SourceResult:
+    """:func:`dp_sgd`'s gradient: the clipped sum of the real rows (all at once, or
+    ``microbatch`` at a time), the noise of step ``step``, over the divisor."""
+    clip, sigma = per_example.check_noise_and_clip(net, clip_norm, noise_multiplier)
+    divisor = expected if expected is not None else (
+        x.shape[0] if mask is None else jnp.maximum(jnp.sum(mask), 1))
+    chain = network.as_network(net)
+    if microbatch is None:
+        value, grads, out = per_example.clipped_mean(chain, params, x, y, clip, mask, divisor)
+    else:
+        value, grads, out = microbatched.clipped_mean(chain, params, x, y, clip, mask, divisor,
+                                                      microbatch)
+    noisy = per_example.add_noise(grads, jax.random.fold_in(key, step),
+                                  per_example.noise_std(clip, sigma), divisor)
+    return SourceResult(value, noisy, out)
 
 
 _ELSEWHERE = {"kfac": ("jaxbp.curvature", "kfac_gradient"),

@@ -3,6 +3,7 @@ and private fit (calibration, the epsilon per epoch, the stop, resume)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -124,6 +125,46 @@ def test_masked_rows_contribute_nothing(x64):
                                    atol=1e-15)
 
 
+@pytest.mark.slow
+def test_microbatches_of_the_real_rows_give_the_padded_batchs_gradient(x64):
+    """dp_sgd(microbatch=m) runs only the real rows, m at a time, in a while loop: the
+    same clipped sum, loss and outputs as the whole padded batch, for a CNN with a
+    layernorm and a GPT (per-layer clip norms), real rows first or scattered, or none; m
+    not dividing the batch (5 trips of 2 rows), or larger than it."""
+    from jaxbp.check.suite import random_tokens
+
+    cnn = jaxbp.Network((jaxbp.layers.Conv2D(3, (3, 3), activation="tanh"),
+                         jaxbp.layers.Flatten(), jaxbp.layers.LayerNorm(),
+                         jaxbp.layers.Dense(4)), (5, 5, 1), dtype="float64")
+    gpt = jaxbp.models.gpt(7, 8, 1, 2, 5, dtype="float64")
+    rng = np.random.default_rng(0)
+    cases = [(cnn, 0.5, jax.random.normal(jax.random.key(1), (9, 5, 5, 1), jnp.float64),
+              jnp.arange(9) % 4),
+             (gpt, (0.3,) * 5, *random_tokens(rng, gpt, 9))]
+    masks = (np.arange(9) < 6, np.array([0, 1, 1, 0, 1, 0, 0, 1, 1], bool), np.zeros(9, bool))
+    for net, clip, x, y in cases:
+        params = net.init(jax.random.key(0))
+        whole, *parts = (jax.jit(functools.partial(
+            sources.dp_sgd(clip, 0.0, jax.random.key(2), expected_batch_size=6.0,
+                           microbatch=size), net, params, x, y, 0)) for size in (None, 2, 12))
+        for mask in masks:
+            expected = whole(mask=jnp.asarray(mask))
+            for source in parts:
+                got = source(mask=jnp.asarray(mask))
+                scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(expected[1]))
+                for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(expected[1])):
+                    # a leaf that is 0 but for rounding (attention's key bias) against the
+                    # gradient's scale
+                    assert_normwise_close(a, b, rtol=1e-13, atol=1e-13 * scale)
+                assert float(got[0]) == pytest.approx(float(expected[0]), rel=1e-13)
+                real = np.asarray(mask)
+                np.testing.assert_allclose(np.asarray(got[2])[real],
+                                           np.asarray(expected[2])[real], rtol=1e-12)
+                assert not np.any(np.asarray(got[2])[~real])
+    with pytest.raises(ValueError, match="microbatch must be None or an int >= 1, got 0"):
+        sources.dp_sgd(1.0, 1.0, jax.random.key(0), microbatch=0)
+
+
 def test_noise_scale_is_sigma_c_over_expected_batch(x64):
     net = jaxbp.MLP((3, 2), loss="squared_error", dtype="float64")
     params = jax.tree.map(jnp.zeros_like, net.init(jax.random.key(0)))
@@ -160,6 +201,25 @@ def test_private_fit_calibrates_reports_and_resumes_exactly(tmp_path):
     assert resumed.history["epsilon"] == eps          # the accounting continues exactly
     for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(whole.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_private_run_in_microbatches_trains_the_same_and_resumes_across_them(tmp_path):
+    """Privacy(microbatch=m) changes how the sampled rows run, not what is trained: the
+    same run to float32 rounding, and not part of the run's identity (a run resumes
+    with another m, and with a checkpoint of a run written before the option existed)."""
+    whole = _private_fit(None, 2, privacy=Privacy(noise_multiplier=1.0))
+    first = _private_fit(None, 1, privacy=Privacy(noise_multiplier=1.0, microbatch=48),
+                         checkpoint_dir=tmp_path)
+    resumed = _private_fit(None, 2, privacy=Privacy(noise_multiplier=1.0, microbatch=32),
+                           checkpoint_dir=tmp_path)
+    assert first.history["test_loss"][0] == pytest.approx(whole.history["test_loss"][0],
+                                                          rel=1e-4)
+    assert resumed.history["epsilon"] == whole.history["epsilon"]
+    for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(whole.state.params)):
+        assert_normwise_close(a, b, rtol=1e-4)
+    from jaxbp.train.run_config import describe     # the record checkpoints already hold
+    assert describe(sources.dp_sgd(1.0, 1.0, jax.random.key(0), expected_batch_size=128.0)) \
+        == ["sources.dp_sgd", [1.0, 128.0, [0, 0], 1.0]]
 
 
 def test_a_noise_multiplier_that_spends_the_target_in_one_epoch_is_refused():
@@ -259,10 +319,11 @@ def test_command_line_dp_run_and_its_errors(capsys, restore_x64):
     from jaxbp import cli
 
     code = cli.main(["train", "--dp", "--target-epsilon", "8", "--epochs", "2", "--sizes",
-                     "64,32,10", "--lr", "3e-3"])
+                     "64,32,10", "--lr", "3e-3", "--dp-microbatch", "48"])
     out = capsys.readouterr().out
     assert code == 0
     assert "noise multiplier" in out and "epsilon" in out.splitlines()[-2]
+    assert "padded to 210; its sampled rows run 48 at a time)" in out
     for argv, message in ((["--target-epsilon", "8"], "--target-epsilon needs --dp"),
                           (["--dp"], "--dp needs --target-epsilon"),
                           (["--dp", "--noise-multiplier", "1", "--grad", "fa"],

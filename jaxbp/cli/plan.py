@@ -185,7 +185,8 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
     its plan for ``n_train`` samples made once here so that what fit would refuse (a noise
     multiplier that spends the whole target in one epoch) is refused before any work."""
     dp_options = {"--target-epsilon": args.target_epsilon,
-                  "--noise-multiplier": args.noise_multiplier}
+                  "--noise-multiplier": args.noise_multiplier,
+                  "--dp-microbatch": args.dp_microbatch}
     if not args.dp:
         given = [name for name, value in dp_options.items() if value is not None]
         if given:
@@ -209,13 +210,14 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
     for name, value in (("--clip-norm", args.clip_norm), ("--delta", args.delta),
                         *dp_options.items()):
         if value is not None and not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"{name} must be a finite number > 0, got {value}")
+            kind = "an integer" if name == "--dp-microbatch" else "a finite number"
+            raise UsageError(f"{name} must be {kind} > 0, got {value}")
     if not args.delta < 1:
         raise UsageError(f"--delta must be in (0, 1), got {args.delta}")
     from jaxbp.train import private
 
     privacy = Privacy(args.clip_norm, args.delta, args.target_epsilon, args.noise_multiplier,
-                      args.accountant)
+                      args.accountant, args.dp_microbatch)
     try:
         private.plan(privacy, n_train, args.batch_size, args.epochs)
     except ValueError as err:

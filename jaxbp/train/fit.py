@@ -204,12 +204,12 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     if shardings is not None:
         state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
     history: dict[str, list[Any]] = {name: [] for name in HISTORY_KEYS}
-    private = None
+    private, recorded = None, grad
     if privacy is not None:
-        private, grad, run_config = _private_start(privacy, len(data.x_train), batch_size,
-                                                   epochs, key_data, run_config, progress)
+        private, grad, recorded, run_config = _private_start(
+            privacy, len(data.x_train), batch_size, epochs, key_data, run_config, progress)
         history["epsilon"] = []
-    run = describe_run(net, optimizer, grad, batch_size, drop_last, key_data, data, run_config)
+    run = describe_run(net, optimizer, recorded, batch_size, drop_last, key_data, data, run_config)
     state, key_data, history, first_epoch, metadata = _restore(
         checkpoint_dir, state, key_data, shardings, history, run, allow_run_change, progress)
     tally = RunTally(int(parallel.fetch(state.step)))  # replicated: each process's own copy
@@ -272,13 +272,17 @@ def _record_epoch(net: MLP, finish: Any, history: dict[str, list[Any]], steps_pe
 
 def _private_start(privacy: Any, n_train: int, batch_size: int, epochs: int, key: PRNGKey,
                    run_config: dict[str, Any] | None, progress: bool
-                   ) -> tuple[train_private.Plan, GradFn, dict[str, Any]]:
-    """A private run's plan, its DP-SGD source, and its run record's privacy entries."""
+                   ) -> tuple[train_private.Plan, GradFn, GradFn, dict[str, Any]]:
+    """A private run's plan, its DP-SGD source, that source as the run record describes
+    it (whole batches: microbatches are how, not what), and the record's privacy entries."""
     private = train_private.plan(privacy, n_train, batch_size, epochs)
-    record = {**(run_config or {}), "privacy": dataclasses.asdict(privacy),
+    identity = {k: v for k, v in dataclasses.asdict(privacy).items() if k != "microbatch"}
+    record = {**(run_config or {}), "privacy": identity,   # microbatch: how, not what
               "noise_multiplier": private.sigma}
     _say(progress, private.describe(batch_size))
-    return private, private.gradient(jax.random.fold_in(key, _NOISE_KEY)), record
+    noise_key = jax.random.fold_in(key, _NOISE_KEY)
+    return (private, private.gradient(noise_key), private.gradient(noise_key, recorded=True),
+            record)
 
 
 def _resumed_privately(private: train_private.Plan | None, metadata: dict, done: int,

@@ -46,10 +46,13 @@ class Plan:
     n_train: int
     spent: tuple[Segment, ...] = ()
 
-    def gradient(self, key: jax.Array) -> Any:
-        """The DP-SGD source: Poisson batches of expected size ``q N``, clipped and noised."""
+    def gradient(self, key: jax.Array, recorded: bool = False) -> Any:
+        """The DP-SGD source: Poisson batches of expected size ``q N``, clipped and noised.
+        ``recorded=True``: the source as a run record describes it, without the
+        microbatch (how the sampled rows run is not what is trained)."""
         return sources.dp_sgd(self.privacy.clip_norm, self.sigma, key,
-                              expected_batch_size=self.rate * self.n_train)
+                              expected_batch_size=self.rate * self.n_train,
+                              microbatch=None if recorded else self.privacy.microbatch)
 
     def segments(self, steps_now: int) -> list[Segment]:
         """Every segment of the run after ``steps_now`` steps: this call's at its sigma."""
@@ -79,8 +82,10 @@ class Plan:
         """One line for the run's start."""
         p = self.privacy
         return (f"private training: sample rate {self.rate:.5f} (expected batch {batch_size}, "
-                f"padded to {self.max_batch}), noise multiplier {self.sigma:.4f}, clip norm "
-                f"{p.clip_norm}, delta {p.delta}, {p.accountant} accountant")
+                f"padded to {self.max_batch}"
+                + (f"; its sampled rows run {p.microbatch} at a time" if p.microbatch else "")
+                + f"), noise multiplier {self.sigma:.4f}, clip norm {p.clip_norm}, delta "
+                f"{p.delta}, {p.accountant} accountant")
 
 
 def plan(privacy: Any, n_train: int, batch_size: int, epochs: int,
