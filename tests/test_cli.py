@@ -178,7 +178,7 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 CHEAP = ["--epochs", "1", "--quiet"]
 NOT_RUN_HERE = {
     "jaxbp bench": "the full suite takes minutes; the --quick preset is run by test_bench",
-    "jaxbp bench --quick": "about 2 minutes on 2 cores; its cases are run by test_bench",
+    "jaxbp bench --quick": "about 6 minutes on 2 cores; its cases are run by test_bench",
     "jaxbp bench --quick --precision highest": "as --quick; test_bench runs precisions",
     "jaxbp train --allow-run-change": "a flag the README names in prose (a resume); "
     "tests/test_hardening.py runs it",

@@ -217,7 +217,7 @@ def test_a_private_run_in_microbatches_trains_the_same_and_resumes_across_them(t
     assert resumed.history["epsilon"] == whole.history["epsilon"]
     for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(whole.state.params)):
         assert_normwise_close(a, b, rtol=1e-4)
-    from jaxbp.train.run_config import describe     # the record checkpoints already hold
+    from jaxbp.train.run_config import describe  # the record checkpoints already hold
     assert describe(sources.dp_sgd(1.0, 1.0, jax.random.key(0), expected_batch_size=128.0)) \
         == ["sources.dp_sgd", [1.0, 128.0, [0, 0], 1.0]]
 

@@ -200,8 +200,9 @@ MLPs, the GPTs, the other MLPs (float32 last): on the one GPU run so far float32
 (0.93-1.03x jax.grad), bf16 did not, and a time limit cut the bf16 MLPs."""
 
 FULL = _grid((64, 256, 1024, 4096), (2, 4, 8), (32, 256, 4096))
-"""Widths 64..4096, depths 2..8, batch 32..4096, both losses and precisions (144 cases);
-``max_gflop`` and ``time_limit_s`` leave out what a machine cannot run in reasonable time."""
+"""Widths 64..4096, depths 2..8, batch 32..4096, both losses, in the three recipes (216
+cases); ``max_gflop`` and ``time_limit_s`` leave out what a machine cannot run in
+reasonable time."""
 
 
 def quick_cases(platform: str) -> list[BenchCase]:

@@ -28,9 +28,13 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                     "with jax.grad, interleaved in one process, over widths x depths x "
                     "batches x losses x precisions; report ratios, roofline fractions and "
                     "memory; write JSON, markdown and PNG.")
+    from jaxbp.bench.cases import QUICK, QUICK_ACCELERATOR
+
     bench.add_argument("--quick", action="store_true",
-                       help="24 cases: small ones on a CPU (about 2 minutes on 2 cores), "
-                            "W1024-4096 x B512-8192 on a GPU/TPU so none is launch-bound")
+                       help=f"{len(QUICK)} small cases on a CPU (2 CNNs and 28 MLPs in three "
+                            f"recipes, 2 GPTs: about 6 minutes on 2 cores); "
+                            f"{len(QUICK_ACCELERATOR)} on a GPU/TPU (CNNs, a GPT-2-small step, "
+                            f"W1024-4096 x B512-8192 MLPs) so that none is launch-bound")
     bench.add_argument("--out", default="benchmarks/results", help="results folder")
     bench.add_argument("--name", default=None, help="file stem (default step_<preset>_<platform>)")
     bench.add_argument("--precision", default=None, choices=list(MATMUL_PRECISIONS),
