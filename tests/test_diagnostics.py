@@ -66,7 +66,7 @@ def test_sigmoid_errors_vanish_and_relu_he_errors_do_not():
 
 def test_fit_records_flow_and_the_cli_plots_it(tmp_path, capsys):
     from jaxbp import cli
-    from jaxbp.train.plots import plot_flow
+    from jaxbp.train.plots import plot_flow, plot_history
 
     digits = jaxbp.data.load_digits()
     net = jaxbp.MLP((64, 32, 32, 10), "sigmoid")
@@ -77,6 +77,11 @@ def test_fit_records_flow_and_the_cli_plots_it(tmp_path, capsys):
     assert plot_flow(result.history, tmp_path / "flow.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no layer_stats"):
         plot_flow({"epoch": [1]}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"history must be fit's .* it has no \['train_loss', "
+                                         r"'test_loss', 'train_accuracy', 'test_accuracy'\]"):
+        plot_history({"epoch": [1]}, tmp_path / "x.png")      # was a KeyError
+    assert plot_history(result.history, tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "x.png").exists()
     code = cli.main(["train", "--epochs", "2", "--sizes", "64,16,10", "--quiet",
                      "--diagnostics", str(tmp_path / "cli_flow.png")])
     assert code == 0 and (tmp_path / "cli_flow.png").exists()

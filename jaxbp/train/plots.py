@@ -38,7 +38,13 @@ def plot_history(history: dict[str, list[float]], path: str | pathlib.Path) -> p
 
     Raises:
       ImportError: matplotlib is not installed (``pip install 'jaxbp[plot]'``).
+      ValueError: a history without fit's per-epoch lists (named).
     """
+    needed = ("epoch", "train_loss", "test_loss", "train_accuracy", "test_accuracy")
+    missing = [name for name in needed if not isinstance(history, dict) or name not in history]
+    if missing:
+        raise ValueError(f"history must be fit's (result.history), with the lists "
+                         f"{list(needed)}; it has no {missing}")
     plt = pyplot()
     path = pathlib.Path(path)
     has_accuracy = not all(math.isnan(a) for a in history["test_accuracy"])
