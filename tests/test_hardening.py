@@ -581,8 +581,8 @@ class TestCommandLine:
         (["train", "--model", "cnn", "--seq-len", "8"], "--seq-len shapes a GPT"),
         (["verify", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
         (["train", "--dp-microbatch", "8"], "--dp-microbatch needs --dp"),
-        (["train", "--dp", "--target-epsilon", "8", "--dp-microbatch", "0"],
-         "--dp-microbatch must be an integer > 0, got 0"),
+        (["train", "--dp", "--target-epsilon", "8", "--dp-microbatch", "-1"],
+         "--dp-microbatch must be an integer >= 0, got -1"),
         # trained nothing, then an IndexError in the report:
         (["train", "--dp", "--noise-multiplier", "1", "--target-epsilon", "3"],
          "--noise-multiplier 1.0 spends epsilon 3.2466 in one epoch (11 steps at sample rate "

@@ -324,6 +324,12 @@ def test_command_line_dp_run_and_its_errors(capsys, restore_x64):
     assert code == 0
     assert "noise multiplier" in out and "epsilon" in out.splitlines()[-2]
     assert "padded to 210; its sampled rows run 48 at a time)" in out
+    from jaxbp.cli.plan import plan_train  # the default: batch/4 on a CPU; 0: padded
+    default = 128 // 4 if jax.default_backend() == "cpu" else None
+    for extra, microbatch in (([], default), (["--dp-microbatch", "0"], None)):
+        args = cli.build_parser().parse_args(["train", "--dp", "--noise-multiplier", "1",
+                                              *extra])
+        assert plan_train(args)["privacy"].microbatch == microbatch
     for argv, message in ((["--target-epsilon", "8"], "--target-epsilon needs --dp"),
                           (["--dp"], "--dp needs --target-epsilon"),
                           (["--dp", "--noise-multiplier", "1", "--grad", "fa"],

@@ -185,10 +185,10 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
     its plan for ``n_train`` samples made once here so that what fit would refuse (a noise
     multiplier that spends the whole target in one epoch) is refused before any work."""
     dp_options = {"--target-epsilon": args.target_epsilon,
-                  "--noise-multiplier": args.noise_multiplier,
-                  "--dp-microbatch": args.dp_microbatch}
+                  "--noise-multiplier": args.noise_multiplier}
     if not args.dp:
-        given = [name for name, value in dp_options.items() if value is not None]
+        given = [name for name, value in {**dp_options, "--dp-microbatch": args.dp_microbatch
+                                          }.items() if value is not None]
         if given:
             raise UsageError(f"{given[0]} needs --dp (differentially private training)")
         return None
@@ -210,14 +210,13 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
     for name, value in (("--clip-norm", args.clip_norm), ("--delta", args.delta),
                         *dp_options.items()):
         if value is not None and not (value > 0 and math.isfinite(value)):
-            kind = "an integer" if name == "--dp-microbatch" else "a finite number"
-            raise UsageError(f"{name} must be {kind} > 0, got {value}")
+            raise UsageError(f"{name} must be a finite number > 0, got {value}")
     if not args.delta < 1:
         raise UsageError(f"--delta must be in (0, 1), got {args.delta}")
     from jaxbp.train import private
 
     privacy = Privacy(args.clip_norm, args.delta, args.target_epsilon, args.noise_multiplier,
-                      args.accountant, args.dp_microbatch)
+                      args.accountant, _dp_microbatch(args))
     try:
         private.plan(privacy, n_train, args.batch_size, args.epochs)
     except ValueError as err:
@@ -226,6 +225,17 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
             message = message.replace(name, "--" + name.replace("_", "-"))
         raise UsageError(message) from None
     return privacy
+
+
+def _dp_microbatch(args: argparse.Namespace) -> int | None:
+    """``--dp-microbatch`` as :class:`jaxbp.privacy.Privacy`'s ``microbatch``: 0 the whole
+    padded batch (None); by default a quarter of the expected batch on a CPU, where running
+    only the sampled rows measured faster (benchmarks/results/per_example_*_cpu.md), and
+    the padded batch elsewhere (a while loop's trips not measured on a GPU/TPU)."""
+    if args.dp_microbatch is None:
+        return max(1, args.batch_size // 4) if jax.default_backend() == "cpu" else None
+    positive("--dp-microbatch", args.dp_microbatch, integer=True, allow_zero=True)
+    return args.dp_microbatch or None
 
 
 def _parse_mesh(args: argparse.Namespace) -> Any:
