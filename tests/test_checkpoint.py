@@ -130,6 +130,9 @@ def test_empty_folder_and_bad_arguments(tmp_path):
     for keep in (0, "3", 2.0):   # "3" was a TypeError from `<` naming no argument
         with pytest.raises(ValueError, match=f"keep must be an int >= 1 or None, got {keep!r}"):
             checkpoint.save(tmp_path, 1, _tree(), keep=keep)
+    with pytest.raises(TypeError, match=r"metadata must be JSON-serialisable .*object"):
+        checkpoint.save(tmp_path, 1, _tree(), metadata={"a": object()})   # json's own words
+    assert not list(tmp_path.iterdir())                                  # named nothing
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoint.restore(tmp_path / "ckpt_000000001.npz", _tree())
 

@@ -199,7 +199,12 @@ def save(
         "metadata": metadata or {},
     }
     arrays = {f"leaf_{i:05d}": leaf for i, leaf in enumerate(leaves)}
-    arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    try:
+        text = json.dumps(header)
+    except (TypeError, ValueError) as err:   # before anything is written
+        raise TypeError(f"metadata must be JSON-serialisable (numbers, strings, lists, dicts): "
+                        f"{err}") from None
+    arrays[_HEADER] = np.frombuffer(text.encode(), dtype=np.uint8)
     final = path_for(directory, step)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
     try:
