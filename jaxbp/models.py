@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxbp import input_checks, layers, network
 from jaxbp.network import Network
@@ -95,13 +96,9 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
             if isinstance(net, Network) else ""
         raise TypeError(f"net must be a Network that takes tokens (an Embedding first, as "
                         f"models.gpt builds), got a {type(net).__name__}{first}")
-    seq_len, vocab = net.input_shape[0], net.n_out
-    if not prompt:
-        raise ValueError("prompt must hold at least one token")
-    tokens = [int(t) for t in prompt]
-    if not all(0 <= t < vocab for t in tokens):
-        raise ValueError(f"prompt must hold tokens in [0, {vocab}), got "
-                         f"{[t for t in tokens if not 0 <= t < vocab][:5]}")
+    seq_len = net.input_shape[0]
+    input_checks.check_params(net, params)
+    tokens = _prompt_tokens(prompt, net.n_out)
     if not is_int(length) or length < 0:
         raise ValueError(f"length must be an int >= 0, got {length!r}")
     if not (isinstance(temperature, int | float) and math.isfinite(temperature)
@@ -120,4 +117,20 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
             tokens.append(int(jax.random.categorical(draw, logits / temperature)))
         else:
             tokens.append(int(jnp.argmax(logits)))
-    return tokens[len(prompt):]
+    return tokens[len(tokens) - int(length):] if length else []
+
+
+def _prompt_tokens(prompt: Any, vocab: int) -> list[int]:
+    """The prompt as a list of token ids: a sequence or 1-D array of ints in [0, vocab)
+    (an array too, as ``TextDataset.encode`` returns; not floats, not nested)."""
+    ids = np.asarray(prompt)
+    if ids.size == 0:
+        raise ValueError("prompt must hold at least one token")
+    if ids.ndim != 1:
+        raise ValueError(f"prompt must be a 1-D sequence of token ids, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"prompt must hold integer token ids, got {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= vocab)]
+    if bad.size:
+        raise ValueError(f"prompt must hold tokens in [0, {vocab}), got {bad[:5].tolist()}")
+    return ids.tolist()

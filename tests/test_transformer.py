@@ -251,6 +251,15 @@ def test_generate_continues_by_the_forward_and_names_bad_arguments():
     drawn = [models.generate(net, params, [3], 5, key=jax.random.key(1), temperature=1.5)
              for _ in range(2)]
     assert drawn[0] == drawn[1] and all(0 <= t < 7 for t in drawn[0])
+    # a NumPy prompt (TextDataset.encode returns one) was "truth value ... ambiguous"
+    assert models.generate(net, params, np.array([1, 2], np.int32), 6) == tokens[2:]
+    for prompt, error, words in (([1.5], TypeError, "prompt must hold integer token ids"),
+                                 ([[1, 2]], ValueError, "prompt must be a 1-D sequence")):
+        with pytest.raises(error, match=re.escape(words)):
+            models.generate(net, params, prompt, 2)
+    other = models.gpt(vocab=7, dim=4, depth=1, heads=2, seq_len=4).init(jax.random.key(0))
+    with pytest.raises(ValueError, match="params do not fit the network"):  # were used
+        models.generate(net, other, [1], 2)
     for kwargs, words in (({"prompt": []}, "prompt must hold at least one token"),
                           ({"prompt": [7]}, "prompt must hold tokens in [0, 7), got [7]"),
                           ({"length": -1}, "length must be an int >= 0, got -1"),
