@@ -12,7 +12,8 @@ rows are moved to the front (a stable sort on the mask) and only
 
 Each microbatch is :func:`jaxbp.per_example.clipped_mean` of its rows with the same
 denominator D, so the sum is the padded batch's clipped mean (each row is clipped by its
-own norm; the order of the sum differs, by rounding only). The step's time then depends
+own norm; the order of the sum differs, by rounding only). Only m rows' activations and
+errors are alive at once, so m also bounds the step's memory. The step's time depends
 on the number of rows drawn, which the privacy accounting does not cover (timing is
 not among what DP-SGD releases).
 """
