@@ -62,6 +62,8 @@ def check_writable_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.
     naming ``name`` (a TypeError if it is no path). Run before the work whose result goes
     there, so that a long run never ends in an error it could have had at the start."""
     folder = _as_path(name, folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name}: {str(folder)!r} is a file, expected a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".jaxbp-write-test-"):

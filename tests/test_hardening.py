@@ -336,7 +336,8 @@ class TestFitArguments:
         monkeypatch.setattr(sys.modules["jaxbp.train.fit"], "_fit",
                             lambda *a, **k: started.append(1))
         for kwargs, words in (({"plot": tmp_path}, r"plot: '.*' is a folder, expected a file"),
-                              ({"checkpoint_dir": a_file}, r"checkpoint_dir: cannot write in"),
+                              ({"checkpoint_dir": a_file}, r"checkpoint_dir: '.*' is a file, "
+                                                           r"expected a folder"),
                               ({"plot": 3}, r"plot must be a path \(str or os.PathLike\), "
                                             r"got int")):
             with pytest.raises((ValueError, TypeError), match=words):
@@ -374,7 +375,7 @@ class TestCheckpointsAreNeverLostOrMixed:
         a_file.write_text("kept")
         state = jaxbp.TrainState.create(NET.init(jax.random.key(0)), optax.sgd(0.1))
         for write in (lambda: checkpoint.save(a_file, 1, state), lambda: checkpoint.lock(a_file)):
-            with pytest.raises(ValueError, match=r"directory '.*notes.txt' is a file, expected "
+            with pytest.raises(ValueError, match=r"directory: '.*notes.txt' is a file, expected "
                                                  r"a folder"):
                 write()
         assert a_file.read_text() == "kept"

@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxbp import user_warnings
+from jaxbp import files, user_warnings
 from jaxbp.types import PyTree, check_bool, is_int
 
 _NAME = re.compile(r"^ckpt_(\d+)\.npz$")
@@ -64,14 +64,9 @@ _TEMPORARY = re.compile(r"^\.ckpt_\d+\.npz\..*\.tmp$")
 
 
 def _folder(directory: str | pathlib.Path) -> pathlib.Path:
-    """The checkpoint folder, made if missing; a file there is a ValueError (not
-    ``mkdir``'s FileExistsError)."""
-    directory = pathlib.Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"directory {str(directory)!r} is a file, expected a folder for the "
-                         f"checkpoints")
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
+    """The checkpoint folder, made if missing and writable: else a ValueError naming it, in
+    the words :func:`jaxbp.fit` and the command line use (not ``mkdir``'s OSError)."""
+    return files.check_writable_folder("directory", directory)
 
 
 def lock(directory: str | pathlib.Path) -> Any:
