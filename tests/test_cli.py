@@ -256,7 +256,8 @@ def test_train_keeps_compiled_programs_for_a_rerun(tmp_path):
     assert (cache / "jit_stale-0123abcd-atime").exists()
     entries = sorted(p.name for p in cache.iterdir())
     assert ".lockfile" in entries and any(name.endswith("-cache") for name in entries)
-    second = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
+    second = subprocess.run([sys.executable, "-m", "jaxbp", *argv[3:]],   # python -m jaxbp
+                            capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "cache hit" in second.stderr.lower()
     assert sorted(p.name for p in cache.iterdir()) == entries
