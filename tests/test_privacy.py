@@ -168,18 +168,21 @@ def test_microbatches_of_the_real_rows_give_the_padded_batchs_gradient(x64):
 @pytest.mark.slow
 def test_microbatches_bound_the_dp_steps_memory():
     """Only m rows' activations and errors are alive at once: XLA's compiled temporaries
-    of a GPT's DP gradient at B = 32 shrink with m (measured 2.8 MB whole, 0.39 MB at m 4)."""
+    of a GPT's DP gradient at B = 32 shrink with m (measured 2.8 MB whole, 0.39 MB at m 4).
+    Compiled for the CPU on any machine (committed inputs): a GPU's GEMM workspace would
+    weigh as much as these small activations."""
     from jaxbp.check.suite import random_tokens
 
     net = jaxbp.models.gpt(11, 16, 1, 2, 32)
-    params = net.init(jax.random.key(0))
-    x, y = random_tokens(np.random.default_rng(0), net, 32, ignored=0.0)
+    cpu = jax.devices("cpu")[0]
+    params = jax.device_put(net.init(jax.random.key(0)), cpu)
+    x, y = jax.device_put(random_tokens(np.random.default_rng(0), net, 32, ignored=0.0), cpu)
     temporaries = {}
     for size in (None, 4):
         source = sources.dp_sgd(1.0, 1.0, jax.random.key(0), expected_batch_size=32.0,
                                 microbatch=size)
         compiled = jax.jit(functools.partial(source, net)).lower(
-            params, x, y, 0, mask=jnp.ones(32, bool)).compile()
+            params, x, y, 0, mask=jax.device_put(jnp.ones(32, bool), cpu)).compile()
         temporaries[size] = compiled.memory_analysis().temp_size_in_bytes
     assert temporaries[4] < temporaries[None] / 4, temporaries
 
