@@ -3,13 +3,15 @@ character against the epsilon spent, at two privacy targets, beside the non-priv
 (public API only).
 
     python scripts/private_gpt.py [--epochs 4] [--targets 3,8] [--batch-size 256]
-                                  [--out scripts/figures/private_gpt.png]
+                                  [--microbatch 64] [--out scripts/figures/private_gpt.png]
 
 A character-level GPT (dim 64, 2 blocks, 4 heads, T 64) on tiny Shakespeare (the text
 ``jaxbp.data.load_text`` ships). DP-SGD through ``jaxbp.fit(..., privacy=Privacy(...))``:
 one sample is one window of 64 characters, its loss the mean over its tokens; Poisson
 sampling with the expected batch ``--batch-size``, clip norm 1, sigma calibrated so that
-the whole run spends at most each target epsilon (delta 1e-5, RDP accounting), adam(3e-3).
+the whole run spends at most each target epsilon (delta 1e-5, RDP accounting), adam(3e-3);
+only the sampled rows of each padded Poisson batch run, ``--microbatch`` at a time
+(default a quarter of the batch; 0: the whole padded batch; the same training).
 The non-private run is the same net, optimizer, batch size and epochs with the plain
 gradient. Every epoch adds a point (epsilon spent, validation bits/char).
 """
@@ -38,8 +40,11 @@ def main() -> None:
     parser.add_argument("--targets", default="3,8", help="target epsilons (3,8)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--microbatch", type=int, default=None,
+                        help="sampled rows at a time (default batch-size/4; 0: padded batch)")
     parser.add_argument("--out", default="scripts/figures/private_gpt.png")
     args = parser.parse_args()
+    microbatch = max(1, args.batch_size // 4) if args.microbatch is None else args.microbatch
 
     import matplotlib
 
@@ -57,7 +62,8 @@ def main() -> None:
           f"(per epoch {', '.join(f'{b:.3f}' for b in plain)})")
     for target in (float(t) for t in args.targets.split(",")):
         history = run(net, text, args.epochs, args.batch_size,
-                      Privacy(clip_norm=1.0, target_epsilon=target))
+                      Privacy(clip_norm=1.0, target_epsilon=target,
+                              microbatch=microbatch or None))
         curve = [loss * bits for loss in history["test_loss"]]
         ax.plot(history["epsilon"], curve, "o-", ms=3,
                 label=f"target epsilon {target:g}: {curve[-1]:.3f} at {history['epsilon'][-1]:.2f}")
