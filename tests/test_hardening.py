@@ -615,6 +615,23 @@ class TestCommandLine:
             assert code == 2 and words in err and err.count("\n") == 1, err
             assert "pickle" not in err
 
+    @pytest.mark.parametrize("argv, line", [   # argparse printed its usage block first
+        (["train", "--bogus"], "jaxbp train: error: unrecognized arguments: --bogus"),
+        (["train", "--epochs", "x"], "jaxbp train: error: argument --epochs: invalid int "
+                                     "value: 'x'"),
+        (["bench", "--precision", "fp8"], "jaxbp bench: error: argument --precision: invalid "
+                                          "choice: 'fp8'"),
+        (["nope"], "jaxbp: error: argument command: invalid choice: 'nope'"),
+    ])
+    def test_argparse_errors_are_one_line_too(self, capsys, argv, line):
+        from jaxbp import cli
+
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and err.startswith(line), err
+        assert err.rstrip().endswith("(--help lists the options)")
+
     def test_debug_keeps_a_usage_errors_exit_2_and_shows_its_traceback(self, capsys):
         from jaxbp import cli
 

@@ -14,6 +14,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
+from typing import NoReturn
 
 from jaxbp.cli import bench, train, verify
 from jaxbp.cli.bench import ACCELERATOR_TIME_LIMIT_S, CPU_MAX_GFLOP
@@ -25,14 +26,23 @@ __all__ = ["ACCELERATOR_TIME_LIMIT_S", "CPU_MAX_GFLOP", "DTYPES", "OPTIMIZERS", 
            "build_parser", "main"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (argparse prints the whole usage block
+    first: 19 lines for ``jaxbp train``), with the usual exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``jaxbp`` and its subcommands."""
+    """The argument parser of ``jaxbp`` and its subcommands (their parsers of the same
+    one-line class: ``add_subparsers`` makes them so)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true",
                         help="show the Python traceback of an error")
     # no abbreviations: a misspelt option is an error, never another option's prefix
     # (`jaxbp train --out x` was read as --output-activation x)
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="jaxbp", allow_abbrev=False,
         description="Hand-written backpropagation in JAX: verify the gradient, train, "
                     "benchmark.")
@@ -48,8 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Errors print one line and return 2 (a bad option, file or value) or 1 (a failed
     run); with ``--debug`` they print their traceback instead and return the same code.
     """
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
     prefix = f"jaxbp {args.command}: error:"
+    if unknown:              # the subcommand's words, not the top level's "jaxbp: error"
+        print(f"{prefix} unrecognized arguments: {' '.join(unknown)} (--help lists the "
+              f"options)", file=sys.stderr)
+        raise SystemExit(2)
     try:
         with warnings.catch_warnings():
             if not args.debug:        # a notice is one line, without a source location
