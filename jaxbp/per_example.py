@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxbp import input_checks, network
 from jaxbp.layers.base import sq_norms_and_sum
+from jaxbp.layers.chain import require_per_sample
 from jaxbp.losses import mean_loss
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
@@ -52,6 +53,7 @@ def _parametrised(params: Params) -> list[int]:
 def _network_sq_norms(net: Network, params: Params, caches: tuple[Any, ...],
                       deltas: tuple[Array, ...]) -> Array:
     """(B, G): each sample's squared gradient norm per parametrised layer, from the records."""
+    require_per_sample(net.layers, params, "layers", "the per-example norm")
     return jnp.stack([sq_norms_and_sum(net.layers[l], params[l], caches[l], deltas[l])[0]
                       for l in _parametrised(params)], axis=1)
 
@@ -69,6 +71,7 @@ def clipped_mean(net: Network, params: Params, x: Array, y: Array,
     the loss is the mean over the real rows, and the clipped sum is divided by
     ``denominator`` (default B) rather than by the number of real rows.
     """
+    require_per_sample(net.layers, params, "layers", "per-example clipping")
     losses, out, caches, deltas = network.per_sample_deltas(net, params, x, y)
     if mask is not None:
         deltas = tuple(jnp.where(mask.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
@@ -90,8 +93,9 @@ def clipped_mean(net: Network, params: Params, x: Array, y: Array,
 @functools.partial(jax.jit, static_argnums=0)
 def _per_example_grads(net: MLP | Network, params: Params, x: Array, y: Array) -> Params:
     chain = network.as_network(net)
+    require_per_sample(chain.layers, params, "layers", "the per-example gradient")
     _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
-    return tuple(layer.per_sample_grads(p, c, d)
+    return tuple(layer.per_sample_grads(p, c, d) if jax.tree.leaves(p) else p
                  for layer, p, c, d in zip(chain.layers, params, caches, deltas))
 
 
@@ -324,6 +328,7 @@ def _moments_variance(layer: Any, params: Any, cache: Any, delta: Array) -> Any:
 def _per_example_grad_variance(net: MLP | Network, params: Params, x: Array,
                                y: Array) -> Params:
     chain = network.as_network(net)
+    require_per_sample(chain.layers, params, "layers", "the gradient variance")
     _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
     out = []
     for layer, p, cache, delta in zip(chain.layers, params, caches, deltas):

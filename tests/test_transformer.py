@@ -205,6 +205,36 @@ def test_a_user_record_works_where_its_capabilities_allow(x64):
         jaxbp.feedback.feedback_shapes(net)
 
 
+def test_a_user_record_is_checked_when_registered_and_asked_for_per_sample_methods():
+    """register names what a record lacks of output_shape, init, forward, backward (it was
+    taken, and failed when run); a record without the per-sample methods trains, and a
+    per-example quantity names them (was an AttributeError), in a block too."""
+
+    class Forward:
+        def output_shape(self, in_shape):
+            return in_shape
+
+    with pytest.raises(TypeError, match=re.escape("layer record Forward must define ['init', "
+                                                  "'forward', 'backward']")):
+        L.register(Forward)
+
+    class Plain(ToyScale):
+        per_sample_grads = per_sample_sq_norms = None
+
+    plain = L.register(dataclasses.dataclass(frozen=True)(Plain))
+    net = Network((L.Dense(4, "tanh"), L.Residual((plain(),)), L.Dense(3)), (5,))
+    params = net.init(jax.random.key(0))
+    x, y = np.ones((3, 5), np.float32), np.arange(3) % 3
+    assert np.isfinite(jaxbp.value_and_backprop(net, params, x, y)[0])
+    for call, quantity in ((jaxbp.per_example_grad_norms, "the per-example norm"),
+                           (jaxbp.per_example_grads, "the per-example gradient"),
+                           (lambda *a: jaxbp.clipped_grad(*a, 1.0), "per-example clipping")):
+        with pytest.raises(L.LayerError, match=re.escape(
+                f"layers[1].layers[0] (Plain): has no `per_sample_grads` capability, which "
+                f"{quantity} needs")):
+            call(net, params, x, y)
+
+
 @pytest.mark.parametrize("build, error, words", [
     (lambda: L.SelfAttention(0), ValueError, "SelfAttention heads must be an int >= 1"),
     (lambda: Network((L.Embedding(5, 6), L.SelfAttention(4), L.Dense(5)), (3,),

@@ -78,8 +78,19 @@ LAYER_TYPES: dict[str, type] = {}
 """Every layer record type by name (``Dense``, ``Conv2D``, ...)."""
 
 
+REQUIRED = ("output_shape", "init", "forward", "backward")
+"""The methods a record cannot run without (the per-sample ones are asked for by the
+per-example quantities, the optional capabilities by theirs)."""
+
+
 def register(cls: type) -> type:
-    """Class decorator: add a layer record type to :data:`LAYER_TYPES`."""
+    """Class decorator: add a layer record type to :data:`LAYER_TYPES` (a TypeError naming
+    what it lacks of :data:`REQUIRED`, when it is registered rather than when it runs)."""
+    missing = [name for name in REQUIRED if not callable(getattr(cls, name, None))]
+    if missing:
+        raise TypeError(f"layer record {cls.__name__} must define {missing} to be "
+                        f"registered (jaxbp.layers.LayerRecord: output_shape, init, forward, "
+                        f"backward)")
     LAYER_TYPES[cls.__name__] = cls
     return cls
 

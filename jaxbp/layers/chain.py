@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from jaxbp.layers.base import LAYER_TYPES, LayerError, Shape
+from jaxbp.layers.base import LAYER_TYPES, LayerError, Shape, capability
 from jaxbp.types import Array
 
 
@@ -31,7 +31,9 @@ def check_layers(layers: Any, where: str) -> tuple[Any, ...]:
         if type(layer).__name__ not in LAYER_TYPES or LAYER_TYPES[type(layer).__name__] \
                 is not type(layer):
             raise TypeError(f"{where}[{i}] is a {type(layer).__name__}, which is no layer "
-                            f"jaxbp knows; the layer types are {sorted(LAYER_TYPES)}")
+                            f"jaxbp knows (a record of your own: decorate its class with "
+                            f"@jaxbp.layers.register); the layer types are "
+                            f"{sorted(LAYER_TYPES)}")
     return tuple(layers)
 
 
@@ -87,3 +89,20 @@ def chain_backward(layers: tuple[Any, ...], params: Sequence[Any], caches: Seque
             errors[l] = delta
             delta, grads[l] = layer.backward(params[l], caches[l], delta, need_input=need)
     return delta, tuple(grads), tuple(errors)
+
+
+PER_SAMPLE = ("per_sample_grads", "per_sample_sq_norms")
+"""The per-sample methods every record with parameters has (:class:`LayerRecord`)."""
+
+
+def require_per_sample(layers: tuple[Any, ...], params: Any, where: str, quantity: str) -> None:
+    """Every layer with parameters, inner layers of a block too, has :data:`PER_SAMPLE`:
+    else the uniform :class:`LayerError` naming it (a record of one's own may leave them
+    out until a per-example quantity asks; an AttributeError said nothing of why)."""
+    for i, (layer, p) in enumerate(zip(layers, params)):
+        inner = getattr(layer, "layers", None)
+        if isinstance(inner, tuple) and isinstance(p, tuple):   # a block: its chain
+            require_per_sample(inner, p, f"{where}[{i}].layers", quantity)
+        elif jax.tree.leaves(p):
+            for name in PER_SAMPLE:
+                capability(layer, name, f"{where}[{i}]", quantity)
