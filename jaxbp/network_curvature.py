@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 from jaxbp import losses, network
 from jaxbp.layers import kfac
-from jaxbp.layers.chain import chain_backward
+from jaxbp.layers.chain import chain_backward, require_per_sample
 from jaxbp.network import Network
 from jaxbp.types import Array, Params
 
@@ -78,6 +78,7 @@ def _hessian_columns(net: Network, out: Array, y: Array) -> Array:
 def ggn_diag(net: Network, params: Params, x: Array, y: Array) -> Params:
     """diag((1/M) sum_m J_m^T H_m J_m) over the M samples (counted tokens of sequences)
     for checked inputs."""
+    require_per_sample(net.layers, params, "layers", "the GGN diagonal")
     out, caches = network.forward(net, params, x)
     errors = _column_errors(net, params, caches, _hessian_columns(net, out, y))
     count = losses.counted(out, y)

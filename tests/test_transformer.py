@@ -228,7 +228,8 @@ def test_a_user_record_is_checked_when_registered_and_asked_for_per_sample_metho
     assert np.isfinite(jaxbp.value_and_backprop(net, params, x, y)[0])
     for call, quantity in ((jaxbp.per_example_grad_norms, "the per-example norm"),
                            (jaxbp.per_example_grads, "the per-example gradient"),
-                           (lambda *a: jaxbp.clipped_grad(*a, 1.0), "per-example clipping")):
+                           (lambda *a: jaxbp.clipped_grad(*a, 1.0), "per-example clipping"),
+                           (jaxbp.ggn_diag, "the GGN diagonal")):
         with pytest.raises(L.LayerError, match=re.escape(
                 f"layers[1].layers[0] (Plain): has no `per_sample_grads` capability, which "
                 f"{quantity} needs")):
