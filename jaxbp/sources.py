@@ -17,7 +17,8 @@ reference. A user's own source may return a plain ``(loss, grads, output)`` or
 ``autodiff()``             ``jax.value_and_grad`` of the same cost (the reference)
 ``clipped(C)``             the mean of per-example gradients clipped to C, one pass
 ``dp_sgd(C, sigma, key)``  clipped sum plus Gaussian noise (Abadi et al. 2016);
-                           with ``expected_batch_size`` the Poisson-sampled variant
+                           with ``expected_batch_size`` the Poisson-sampled variant;
+                           with ``microbatch=m`` the real rows only, m at a time
 ``kfac(kind, key)``        the gradient and the K-FAC factors for the optimizer
 ``alignment(B)``, ...      the feedback rules of :mod:`jaxbp.feedback`
 =========================  ====================================================
