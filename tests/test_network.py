@@ -271,3 +271,12 @@ def test_conv_norms_by_either_route_match_the_formed_gradients(kernel, filters, 
             assert_normwise_close(weighted_sum(weights)[name],
                                        np.tensordot(np.asarray(weights), g, axes=1),
                                        rtol=1e-12)
+
+
+def test_conv_padding_is_taken_in_any_case_as_lax_takes_it():
+    """`padding="same"` (Keras' spelling; lax upper-cases it too) was refused; one
+    spelling is kept, so equal records share their compiled programs."""
+    assert L.Conv2D(2, 3, padding="valid") == L.Conv2D(2, 3, padding="VALID")
+    assert L.Conv2D(2, 3, padding="Same").padding == "SAME"
+    with pytest.raises(ValueError, match=r"Unknown Conv2D padding 1\. It needs to be one of"):
+        L.Conv2D(2, 3, padding=1)

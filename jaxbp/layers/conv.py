@@ -76,7 +76,7 @@ class Conv2D:
       filters: output channels (>= 1).
       kernel: ``(kh, kw)`` (or one int for both).
       stride: an int or a pair (default 1).
-      padding: ``"SAME"`` (output ``ceil(size / stride)``) or ``"VALID"``.
+      padding: ``"SAME"`` (output ``ceil(size / stride)``) or ``"VALID"``, in any case.
       activation: a name of :data:`jaxbp.ACTIVATIONS` (default identity).
       compute_dtype, activation_dtype: the numerical recipe, as for
         :class:`~jaxbp.layers.Dense` (:mod:`jaxbp.layers.precision`).
@@ -98,9 +98,10 @@ class Conv2D:
         object.__setattr__(self, "filters", int(self.filters))
         object.__setattr__(self, "kernel", _pair(self.kernel, "kernel"))
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
-        if self.padding not in PADDINGS:
+        if not isinstance(self.padding, str) or self.padding.upper() not in PADDINGS:
             raise ValueError(f"Unknown Conv2D padding {self.padding!r}. It needs to be one of "
-                             f"{list(PADDINGS)}.")
+                             f"{list(PADDINGS)} (any case, as lax takes it).")
+        object.__setattr__(self, "padding", self.padding.upper())   # one spelling: one jit
         get_activation(self.activation)
         precision.check_recipe(self)
 
