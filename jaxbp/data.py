@@ -27,7 +27,7 @@ import numpy as np
 from jaxbp import input_checks
 from jaxbp.text import TextDataset as TextDataset  # re-exported: jaxbp.data.load_text
 from jaxbp.text import load_text as load_text
-from jaxbp.types import PRNGKey, check_bool, check_seed, is_int, is_real
+from jaxbp.types import PRNGKey, check_bool, check_int, is_real
 
 _DIGITS = pathlib.Path(__file__).parent / "data" / "digits.npz"
 
@@ -69,7 +69,7 @@ def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
     one, and at least one left to train on."""
     if not is_real(test_fraction) or not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
-    order = np.random.default_rng(check_seed("seed", seed)).permutation(n)
+    order = np.random.default_rng(check_int("seed", seed, 0)).permutation(n)
     n_test = max(1, round(n * test_fraction))
     if n_test >= n:
         raise ValueError(f"test_fraction {test_fraction} of {n} samples holds out {n_test}, "
@@ -124,8 +124,7 @@ def teacher_regression(
     from jaxbp.mlp import MLP
 
     for name, value in (("n_train", n_train), ("n_test", n_test)):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int(name, value, 1)
     if not is_real(noise) or not math.isfinite(noise) or noise < 0:
         raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
     input_checks.check_key("key", key)
@@ -248,10 +247,8 @@ def _targets(y: np.ndarray) -> np.ndarray:
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
     """How many batches :func:`batches` yields for n samples."""
-    if not is_int(n) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_int("n", n, 0)
+    check_int("batch_size", batch_size, 1)
     return n // batch_size if check_bool("drop_last", drop_last) else -(-n // batch_size)
 
 
@@ -265,9 +262,8 @@ def epoch_order(
       indices of batch i; ``tail`` the short last batch's indices, or None
       (with ``drop_last`` or when batch_size divides n).
     """
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    batch_size, drop_last = int(batch_size), check_bool("drop_last", drop_last)
+    batch_size, drop_last = check_int("batch_size", batch_size, 1), check_bool("drop_last",
+                                                                                drop_last)
     order = (np.arange(n, dtype=np.int32) if key is None
              else np.asarray(jax.random.permutation(key, n), np.int32))
     n_full = n // batch_size

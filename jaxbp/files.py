@@ -57,15 +57,26 @@ def _as_path(name: str, value: Any) -> pathlib.Path:
     return pathlib.Path(value)
 
 
-def check_writable_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.Path:
-    """``folder`` exists or is made, and a file can be written in it; else a ValueError
-    naming ``name`` (a TypeError if it is no path). Run before the work whose result goes
-    there, so that a long run never ends in an error it could have had at the start."""
+def make_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.Path:
+    """``folder``, made if missing; a file there, or a folder that cannot be made, is a
+    ValueError naming ``name`` (not ``mkdir``'s FileExistsError or OSError)."""
     folder = _as_path(name, folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{name}: {str(folder)!r} is a file, expected a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{name}: cannot write in {str(folder)!r}: "
+                         f"{err.strerror or err}") from None
+    return folder
+
+
+def check_writable_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.Path:
+    """``folder`` exists or is made, and a file can be written in it; else a ValueError
+    naming ``name`` (a TypeError if it is no path). Run before the work whose result goes
+    there, so that a long run never ends in an error it could have had at the start."""
+    folder = make_folder(name, folder)
+    try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".jaxbp-write-test-"):
             pass
     except OSError as err:

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxbp import input_checks, layers, network
 from jaxbp.network import Network
-from jaxbp.types import Array, check_bool, is_int
+from jaxbp.types import Array, check_bool, check_int
 
 NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
 """The norms :func:`gpt` takes by name."""
@@ -58,8 +58,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     """
     for name, value in (("vocab", vocab), ("dim", dim), ("depth", depth), ("heads", heads),
                         ("seq_len", seq_len), ("mlp_ratio", mlp_ratio)):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"gpt {name} must be an int >= 1, got {value!r}")
+        check_int(f"gpt {name}", value, 1)
     if dim % heads:
         raise ValueError(f"gpt heads must divide dim: {heads} heads do not divide dim = {dim}")
     check_bool("gpt causal", causal)
@@ -99,8 +98,7 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
     seq_len = net.input_shape[0]
     input_checks.check_params(net, params)
     tokens = _prompt_tokens(prompt, net.n_out)
-    if not is_int(length) or length < 0:
-        raise ValueError(f"length must be an int >= 0, got {length!r}")
+    length = check_int("length", length, 0)
     if not (isinstance(temperature, int | float) and math.isfinite(temperature)
             and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
@@ -108,6 +106,7 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
         raise ValueError("a temperature > 0 samples: pass a PRNG key")
     if key is not None:
         input_checks.check_key("key", key)
+    start = len(tokens)
     for _ in range(length):
         window = tokens[-seq_len:]
         padded = jnp.asarray(window + [0] * (seq_len - len(window)), jnp.int32)
@@ -117,7 +116,7 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
             tokens.append(int(jax.random.categorical(draw, logits / temperature)))
         else:
             tokens.append(int(jnp.argmax(logits)))
-    return tokens[len(tokens) - int(length):] if length else []
+    return tokens[start:]
 
 
 def _prompt_tokens(prompt: Any, vocab: int) -> list[int]:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbp.types import PRNGKey, is_int, is_real
+from jaxbp.types import PRNGKey, check_int, is_int, is_real
 
 ACCOUNTANTS = ("rdp", "pld")
 OVERFLOW_PROBABILITY = 1e-12
@@ -74,9 +74,7 @@ def _check_delta(delta: Any) -> float:
 
 
 def _check_steps(steps: Any) -> int:
-    if not is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    return int(steps)
+    return check_int("steps", steps, 1)
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -307,8 +305,7 @@ def poisson_batches(rng: np.random.Generator, n: int, sample_rate: float, steps:
         raise TypeError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), "
                         f"got {type(rng).__name__}")
     for name, value, least in (("n", n, 1), ("steps", steps, 0), ("max_batch", max_batch, 1)):
-        if not is_int(value) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        check_int(name, value, least)
     indices = np.zeros((steps, max_batch), np.int32)
     masks = np.zeros((steps, max_batch), bool)
     overflow = 0

@@ -38,9 +38,9 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def check_seed(name: str, value: Any) -> int:
-    """``value`` as a NumPy generator seed, or a ValueError naming ``name``: an int >= 0
-    (NumPy's own error names no argument)."""
-    if not is_int(value) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+def check_int(name: str, value: Any, least: int) -> int:
+    """``value`` as an int >= ``least``, or a ValueError naming ``name`` (a count, a size, a
+    NumPy seed: NumPy's own error names no argument)."""
+    if not is_int(value) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     return int(value)

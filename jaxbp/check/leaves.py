@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp.check.report import LeafCheck
-from jaxbp.types import PyTree, check_seed
+from jaxbp.types import PyTree, check_int
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 """rtol of manual vs jax.grad per leaf dtype (see :func:`verify_grads`)."""
@@ -75,7 +75,7 @@ def check_knobs(**knobs: Any) -> None:
         if value is None:
             continue
         if name in ("n_fd", "seed"):
-            check_seed(name, value)   # an int >= 0
+            check_int(name, value, 0)
             continue
         if isinstance(value, bool) or not isinstance(value, int | float | np.number):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")

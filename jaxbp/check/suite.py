@@ -25,7 +25,7 @@ from jaxbp.check.verify import GradReport, verify_grads
 from jaxbp.losses import LOSSES
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
-from jaxbp.types import Array, ArrayLike, Params, check_bool, check_seed, is_int
+from jaxbp.types import Array, ArrayLike, Params, check_bool, check_int
 
 DTYPES = ("float64", "float32", "bfloat16")
 
@@ -149,12 +149,10 @@ def random_cases(
     cross-entropies (logits), otherwise any other. Arguments are checked when called (a
     ValueError naming one), before the first case is drawn.
     """
-    check_seed("seed", seed)
-    for name, value, least in (("max_depth", max_depth, 1), ("max_width", max_width, 1),
-                               ("max_batch", max_batch, 1), ("networks", networks, 0),
-                               ("transformers", transformers, 0)):
-        if not is_int(value) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    for name, value, least in (("seed", seed, 0), ("max_depth", max_depth, 1),
+                               ("max_width", max_width, 1), ("max_batch", max_batch, 1),
+                               ("networks", networks, 0), ("transformers", transformers, 0)):
+        check_int(name, value, least)
     return _cases(np.random.default_rng(seed), dtypes, max_depth, max_width, max_batch,
                   networks, transformers)
 

@@ -64,9 +64,10 @@ _TEMPORARY = re.compile(r"^\.ckpt_\d+\.npz\..*\.tmp$")
 
 
 def _folder(directory: str | pathlib.Path) -> pathlib.Path:
-    """The checkpoint folder, made if missing and writable: else a ValueError naming it, in
-    the words :func:`jaxbp.fit` and the command line use (not ``mkdir``'s OSError)."""
-    return files.check_writable_folder("directory", directory)
+    """The checkpoint folder, made if missing: else a ValueError naming it, in the words
+    :func:`jaxbp.fit` and the command line use (not ``mkdir``'s OSError). No write test
+    here: the save itself writes, and fit tested the folder before its first epoch."""
+    return files.make_folder("directory", directory)
 
 
 def lock(directory: str | pathlib.Path) -> Any:

@@ -12,12 +12,7 @@ from jaxbp.data import Dataset
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.train.step import check_optimizer
-from jaxbp.types import check_bool, is_int
-
-
-def check_int(name: str, value: Any, least: int) -> None:
-    if not is_int(value) or value < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+from jaxbp.types import check_bool, check_int
 
 
 def arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch_size: Any,
