@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from jaxbp import input_checks
+from jaxbp import files, input_checks
 from jaxbp.text import TextDataset as TextDataset  # re-exported: jaxbp.data.load_text
 from jaxbp.text import load_text as load_text
 from jaxbp.types import PRNGKey, check_bool, check_int, is_real
@@ -146,13 +146,11 @@ def load_npz(path: str | pathlib.Path, test_fraction: float = 0.2, seed: int = 0
     training statistics.
 
     Raises:
-      FileNotFoundError: no such file.
+      FileNotFoundError: no such file (IsADirectoryError: a folder there).
       ValueError: not a readable ``.npz``, an array missing, or shapes that do
         not fit (the message names the file and the array).
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    path = files.require_file("data file", path)
     _check_npz_header(path)
     try:
         with np.load(path, allow_pickle=False) as data:

@@ -57,6 +57,19 @@ def _as_path(name: str, value: Any) -> pathlib.Path:
     return pathlib.Path(value)
 
 
+def require_file(what: str, path: str | os.PathLike[str]) -> pathlib.Path:
+    """``path`` when a file is there; else a FileNotFoundError (nothing there) or an
+    IsADirectoryError (a folder, or anything not a file), naming ``what`` it should be."""
+    path = pathlib.Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    raise IsADirectoryError(f"{what} {str(path)!r} is "
+                            f"{'a folder' if path.is_dir() else 'not a regular file'}, "
+                            f"expected a file")
+
+
 def make_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.Path:
     """``folder``, made if missing; a file there, or a folder that cannot be made, is a
     ValueError naming ``name`` (not ``mkdir``'s FileExistsError or OSError)."""

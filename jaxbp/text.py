@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxbp import files
 from jaxbp.types import is_int, is_real
 
 _SHAKESPEARE = pathlib.Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"
@@ -83,6 +84,7 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
     y the last seq_len.
 
     Raises:
+      FileNotFoundError: no such file (IsADirectoryError: a folder there).
       ValueError: a seq_len < 1, a fraction outside (0, 1), or a text too short for one
         window in each part.
     """
@@ -90,10 +92,7 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
     if not is_real(validation_fraction) or not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
-    source = _SHAKESPEARE if path is None else pathlib.Path(path)
-    if not source.is_file():
-        raise ValueError(f"text file {str(source)!r} "
-                         f"{'is not a file' if source.exists() else 'does not exist'}")
+    source = files.require_file("text file", _SHAKESPEARE if path is None else path)
     opener = gzip.open if source.suffix == ".gz" else open
     try:
         with opener(source, "rt", encoding="utf-8") as file:

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxbp import data
+from jaxbp import checkpoint, data
 
 
 class TestDigits:
@@ -161,10 +161,13 @@ def test_load_text_reads_a_users_file_and_names_what_is_wrong(tmp_path):
         data.load_text(path, seq_len=0)
     with pytest.raises(ValueError, match=r"validation_fraction must be in \(0, 1\), got '0.1'"):
         data.load_text(path, seq_len=4, validation_fraction="0.1")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"text file '.*missing\.txt' does not exist"):
         data.load_text(tmp_path / "missing.txt")
-    with pytest.raises(ValueError, match="is not a file"):
-        data.load_text(tmp_path)
+    for load in (data.load_text, data.load_npz):   # load_npz said a folder "does not exist"
+        with pytest.raises(IsADirectoryError, match=r"file '.*' is a folder, expected a file"):
+            load(tmp_path)
+    with pytest.raises(IsADirectoryError, match=r"checkpoint '.*' is a folder, expected a file"):
+        checkpoint.read(tmp_path)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 20)
     with pytest.raises(ValueError, match=r"latin1\.txt' is not UTF-8 text: 'utf-8' codec"):
         data.load_text(tmp_path / "latin1.txt", seq_len=4)

@@ -363,6 +363,24 @@ class TestFitArguments:
                                                 r"got tuple"):
                 make(NET, optax.sgd(0.1))(params, x, y)
 
+    def test_a_state_made_for_another_optimizer_is_named(self):
+        # was an AttributeError from inside optax ('EmptyState' object has no attribute 'mu')
+        params = NET.init(jax.random.key(0))
+        x, y = np.ones((4, NET.sizes[0]), np.float32), np.zeros(4, np.int32)
+        sgd_state = jaxbp.TrainState.create(params, optax.sgd(0.1))
+        for make in (jaxbp.make_train_step, functools.partial(jaxbp.make_train_loop, steps=2)):
+            with pytest.raises(ValueError, match=re.escape(
+                    "state.opt_state does not fit the optimizer: the state holds (EmptyState, "
+                    "EmptyState) of 0 arrays, the optimizer's init makes (ScaleByAdamState, "
+                    "EmptyState) of 9 arrays")):
+                make(NET, optax.adam(1e-3), donate=False)(sgd_state, x, y)
+        wider = jaxbp.MLP((NET.sizes[0], 7, NET.sizes[-1]), "relu").init(jax.random.key(0))
+        swapped = jaxbp.TrainState.create(wider, optax.adam(1e-3))._replace(params=params)
+        with pytest.raises(ValueError, match=re.escape(
+                "state.opt_state[0].mu[0]['b'] has shape (7,) but the optimizer's state for "
+                "state.params has (8,): the params were replaced after the state was created")):
+            jaxbp.make_train_step(NET, optax.adam(1e-3), donate=False)(swapped, x, y)
+
     def test_data_of_the_wrong_type(self):
         with pytest.raises(TypeError, match=r"data must be a jaxbp.data.Dataset .* got dict"):
             jaxbp.fit(NET, optax.sgd(0.1), {"x": 1}, epochs=1, batch_size=8,
@@ -571,7 +589,8 @@ class TestCommandLine:
         (["bench", "--budget", "-1"], "--budget must be a finite number > 0"),
         (["bench", "--name", "../x"], "--name must be a file stem (no folder: the files go "
                                       "in --out), got '../x'"),
-        (["train", "--model", "gpt", "--data", "."], "--data: text file '.' is not a file"),
+        (["train", "--model", "gpt", "--data", "."], "--data: text file '.' is a folder, "
+                                                     "expected a file"),
         (["train", "--model", "gpt", "--grad", "dfa"], "--grad dfa: direct feedback "
                                                        "alignment (one error per sample"),
         (["train", "--mesh", "data=two"], "--mesh must look like data=4,model=2"),

@@ -116,6 +116,10 @@ class TestStep:
         net = jaxbp.MLP((2, 2))
         with pytest.raises(ValueError, match="Unknown grad 'manual'"):
             make_train_step(net, optax.sgd(0.1), grad="manual")
+        for grad in (3, ["backprop"]):  # the list was "unhashable type: 'list'"
+            with pytest.raises(TypeError, match=r"grad must be one of \['autodiff', 'backprop'\] "
+                                                r"or a gradient source .* got (int|list)"):
+                make_train_step(net, optax.sgd(0.1), grad=grad)
         with pytest.raises(TypeError, match=r"optimizer must be an optax\.GradientTransformation"):
             make_train_step(net, "adam")
         with pytest.raises(ValueError, match="steps must be an int >= 1"):

@@ -28,7 +28,7 @@ def _load_data(name: str, seed: int, seq_len: int | None = None):
     if seq_len is not None:                      # --model gpt: a text, char-level
         try:
             return data.load_text(None if name == "shakespeare" else name, seq_len=seq_len)
-        except (ValueError, UnicodeDecodeError) as err:
+        except (ValueError, OSError) as err:
             raise UsageError(f"--data: {err}") from None
     if name == "digits":
         return data.load_digits()

@@ -241,13 +241,11 @@ def read(path: str | pathlib.Path) -> tuple[list[np.ndarray], dict[str, Any]]:
     """The leaves and header of a checkpoint file, integrity-checked.
 
     Raises:
-      FileNotFoundError: no such file.
+      FileNotFoundError: no such file (IsADirectoryError: a folder there).
       CheckpointError: unreadable, truncated, not a jaxbp checkpoint, or its
         leaves do not match the digest written with them.
     """
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    path = files.require_file("checkpoint", path)
     try:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(bytes(data[_HEADER]).decode())

@@ -55,6 +55,34 @@ def check_state(state: Any) -> None:
                         f"optimizer)), got {type(state).__name__}")
 
 
+def check_opt_state(optimizer: optax.GradientTransformation, state: TrainState) -> None:
+    """A ValueError unless ``state.opt_state`` has the form ``optimizer.init(state.params)``
+    makes (traced, no FLOPs): a state created for another optimizer failed inside optax with
+    an AttributeError on one of its fields, or trained on where the two forms agree."""
+    expected = jax.eval_shape(optimizer.init, state.params)
+    if jax.tree.structure(expected) != jax.tree.structure(state.opt_state):
+        raise ValueError(f"state.opt_state does not fit the optimizer: the state holds "
+                         f"{_outline(state.opt_state)}, the optimizer's init makes "
+                         f"{_outline(expected)}; create the state with the optimizer the step "
+                         f"is given (TrainState.create(params, optimizer))")
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected),
+                                 jax.tree.leaves(state.opt_state), strict=True):
+        if tuple(want.shape) != tuple(jnp.shape(got)):
+            raise ValueError(f"state.opt_state{jax.tree_util.keystr(path)} has shape "
+                             f"{tuple(jnp.shape(got))} but the optimizer's state for "
+                             f"state.params has {tuple(want.shape)}: the params were replaced "
+                             f"after the state was created")
+
+
+def _outline(tree: Any) -> str:
+    """A state's form by its nodes' class names: (ScaleByAdamState, EmptyState), 3 arrays."""
+    def names(node: Any) -> str:
+        if type(node) in (tuple, list):
+            return "(" + ", ".join(names(child) for child in node) + ")"
+        return type(node).__name__
+    return f"{names(tree)} of {len(jax.tree.leaves(tree))} arrays"
+
+
 def check_optimizer(optimizer: Any) -> None:
     """A TypeError unless ``optimizer`` has optax's ``init`` and ``update``."""
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):

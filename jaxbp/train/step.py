@@ -30,7 +30,13 @@ from jaxbp.matmul_precision import check_precision, precision_scope
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.sources import GradientSource
-from jaxbp.train.state import TrainState, check_extras_used, check_optimizer, check_state
+from jaxbp.train.state import (
+    TrainState,
+    check_extras_used,
+    check_opt_state,
+    check_optimizer,
+    check_state,
+)
 from jaxbp.types import Array, ArrayLike, Params, check_bool, is_int
 
 GradFn = GradientSource
@@ -48,6 +54,10 @@ def gradient_source(grad: str | GradFn) -> GradFn:
     """A source as given, or the one :data:`GRADIENTS` names (else a ValueError)."""
     if callable(grad):
         return grad
+    if not isinstance(grad, str):
+        raise TypeError(f"grad must be one of {sorted(GRADIENTS)} or a gradient source (a "
+                        f"callable (net, params, x, y, step), such as jaxbp.sources.dp_sgd"
+                        f"(...)), got {type(grad).__name__}")
     if grad not in GRADIENTS:
         raise ValueError(f"Unknown grad {grad!r}. It needs to be one of {sorted(GRADIENTS)}.")
     return GRADIENTS[grad]
@@ -75,6 +85,7 @@ def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: Gra
         result = sources.as_result(gradient(net, state.params, x, y, state.step, mask=mask),
                                    gradient)
     loss, grads, out, extras = result
+    check_opt_state(optimizer, state)
     # a source may hand the optimizer extra arguments (K-FAC factors)
     check_extras_used(optimizer, grads, state, extras)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extras)
