@@ -32,18 +32,7 @@ from jaxbp import input_checks, network_curvature
 from jaxbp.mlp import MLP
 from jaxbp.network import Network, as_network, value_grads_and_errors
 from jaxbp.sources import SourceResult
-from jaxbp.types import Array, ArrayLike, Params, is_real
-
-
-def _check_direction(params: Params, v: Params) -> None:
-    if jax.tree.structure(v) != jax.tree.structure(params):
-        raise ValueError(f"v must have the structure of params, {jax.tree.structure(params)}, "
-                         f"got {jax.tree.structure(v)}")
-    bad = [f"v{jax.tree_util.keystr(path)} has shape {leaf.shape} but expected {p.shape}"
-           for (path, leaf), p in zip(jax.tree_util.tree_flatten_with_path(v)[0],
-                                      jax.tree.leaves(params)) if leaf.shape != p.shape]
-    if bad:
-        raise ValueError("v does not fit params: " + "; ".join(bad))
+from jaxbp.types import Array, ArrayLike, Params, check_like_params, is_real
 
 
 def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Params:
@@ -64,7 +53,7 @@ def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Para
         input errors of :func:`jaxbp.backprop`).
     """
     x, y = input_checks.check_inputs(net, params, x, y)
-    _check_direction(params, v)
+    check_like_params("v", v, params)
     v = jax.tree.map(lambda t, p: jnp.asarray(t, p.dtype), v, params)
     return network_curvature.hvp(as_network(net), params, x, y, v)
 

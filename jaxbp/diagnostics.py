@@ -17,7 +17,7 @@ from jaxbp.layers.chain import chain_backward
 from jaxbp.losses import cost_and_output_error, counted
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
-from jaxbp.types import Array, ArrayLike, Params
+from jaxbp.types import Array, ArrayLike, Params, check_like_params
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -66,7 +66,6 @@ def layer_stats(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
     blocks' layers sit inside Residuals).
     """
     x, y = input_checks.check_inputs(net, params, x, y)
-    if updates is not None and jax.tree.structure(updates) != jax.tree.structure(params):
-        raise ValueError(f"updates must have the structure of params, "
-                         f"{jax.tree.structure(params)}, got {jax.tree.structure(updates)}")
+    if updates is not None:
+        check_like_params("updates", updates, params)
     return _layer_stats(net, params, x, y, updates)

@@ -44,3 +44,24 @@ def check_int(name: str, value: Any, least: int) -> int:
     if not is_int(value) or value < least:
         raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     return int(value)
+
+
+def check_callable(name: str, value: Any, signature: str) -> None:
+    """A TypeError naming ``name`` unless ``value`` can be called."""
+    if not callable(value):
+        raise TypeError(f"{name} must be a function {signature}, got {type(value).__name__}")
+
+
+def check_like_params(name: str, tree: Any, params: Any) -> None:
+    """A ValueError unless ``tree`` has the structure and leaf shapes of ``params`` (a
+    direction, an update): broadcasting would otherwise give an answer for a wrong one."""
+    if jax.tree.structure(tree) != jax.tree.structure(params):
+        raise ValueError(f"{name} must have the structure of params, "
+                         f"{jax.tree.structure(params)}, got {jax.tree.structure(tree)}")
+    bad = [f"{name}{jax.tree_util.keystr(path)} has shape {jax.numpy.shape(leaf)} but "
+           f"expected {jax.numpy.shape(p)}"
+           for (path, leaf), p in zip(jax.tree_util.tree_leaves_with_path(tree),
+                                      jax.tree.leaves(params))
+           if jax.numpy.shape(leaf) != jax.numpy.shape(p)]
+    if bad:
+        raise ValueError(f"{name} does not fit params: " + "; ".join(bad))

@@ -49,6 +49,10 @@ def test_update_ratio_uses_the_given_updates():
     np.testing.assert_allclose(stats["update_ratio"], expected, rtol=1e-6)
     with pytest.raises(ValueError, match="updates must have the structure of params"):
         jaxbp.layer_stats(net, params, x, y, updates[:1])
+    rows = jax.tree.map(lambda u: u[:1], updates)     # broadcast into a ratio before
+    with pytest.raises(ValueError, match=r"updates does not fit params: updates\[0\]\['b'\] "
+                                         r"has shape \(1,\) but expected \(5,\)"):
+        jaxbp.layer_stats(net, params, x, y, rows)
 
 
 def test_sigmoid_errors_vanish_and_relu_he_errors_do_not():

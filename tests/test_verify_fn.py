@@ -104,8 +104,13 @@ def test_nonlinear_jvp_rule_fails_the_consistency_row(x64):
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(TypeError, match="f must be a callable"):
+    with pytest.raises(TypeError, match=r"f must be a function \(\*args\) -> outputs, got str"):
         jaxbp.verify_vjp("sin", jnp.ones(3))
+    with pytest.raises(TypeError, match=r"reference must be a function .* got str"):
+        jaxbp.verify_jvp(jnp.sin, jnp.ones(3), reference="sin")
+    for names, bad in (("grad_fn", (None, jnp.sin)), ("loss_fn", (jnp.cos, "cost"))):
+        with pytest.raises(TypeError, match=f"{names} must be a function \\(params, \\*args\\)"):
+            jaxbp.verify_grads(*bad, jnp.ones(3))   # were "'NoneType' object is not callable"
     with pytest.raises(ValueError, match="at least one argument"):
         jaxbp.verify_vjp(jnp.sin)
     with pytest.raises(TypeError, match=r"args\[0\] must be an array or a number, got str"):

@@ -72,7 +72,7 @@ from jaxbp.check.leaves import (
 )
 from jaxbp.check.report import DirectionCheck, GradientCheckError, GradReport, LeafCheck
 from jaxbp.matmul_precision import check_precision, current_precision, precision_scope
-from jaxbp.types import PyTree
+from jaxbp.types import PyTree, check_callable
 
 __all__ = ["DEFAULT_FD_RTOL", "DEFAULT_RTOL", "LOW_PRECISION_EPS", "ROUNDING_ULPS",
            "TAYLOR_MAX_ORDER", "TAYLOR_MIN_ORDER", "DirectionCheck", "GradReport",
@@ -137,6 +137,8 @@ def verify_grads(
       ValueError: grad_fn's output does not match params' structure or
         shapes, or loss_fn does not return a scalar.
     """
+    check_callable("grad_fn", grad_fn, "(params, *args) -> grads")
+    check_callable("loss_fn", loss_fn, "(params, *args) -> scalar")
     check_precision(precision)
     check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd, seed=seed)
     params = as_arrays(params)

@@ -50,7 +50,7 @@ from jaxbp.check.leaves import (
     to_f64,
 )
 from jaxbp.check.report import DirectionCheck, GradReport, LeafCheck
-from jaxbp.types import PyTree
+from jaxbp.types import PyTree, check_callable
 
 _ArgsFn = Callable[..., PyTree]
 
@@ -118,8 +118,6 @@ class _Setup:
     """What both checks share: the flattened args and outputs, u, v, and L."""
 
     def __init__(self, f: _ArgsFn, args: tuple[Any, ...], seed: int) -> None:
-        if not callable(f):
-            raise TypeError(f"f must be a callable, got {type(f).__name__}")
         if not args:
             raise ValueError("verify_vjp/verify_jvp need at least one argument of f to "
                              "differentiate at")
@@ -169,6 +167,12 @@ class _Setup:
         return checks, notes
 
 
+def _check_functions(f: Any, reference: Any) -> None:
+    check_callable("f", f, "(*args) -> outputs")
+    if reference is not None:
+        check_callable("reference", reference, "(*args) -> outputs, or None")
+
+
 def verify_vjp(
     f: _ArgsFn,
     *args: Any,
@@ -200,6 +204,7 @@ def verify_vjp(
       block ``out... -> args...`` and per output value, a ``<u, J v>`` row for
       the JVP/VJP consistency, the FD/Taylor directions, notes.
     """
+    _check_functions(f, reference)
     _check_order(order)
     check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd, seed=seed)
     setup = _Setup(f, args, seed)
@@ -260,6 +265,7 @@ def verify_jvp(
     JVP rule: a rule that is not linear in the tangent fails there).
     ``order=2`` checks the JVP of ``x -> J(x) v`` too.
     """
+    _check_functions(f, reference)
     _check_order(order)
     check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd, seed=seed)
     setup = _Setup(f, args, seed)
