@@ -13,6 +13,8 @@ import pathlib
 import filelock
 import jax
 
+from jaxbp import files
+
 ENV = "JAXBP_COMPILATION_CACHE"
 """Environment variable naming the cache folder (``off`` disables it)."""
 DEFAULT = pathlib.Path("~/.cache/jaxbp/xla")
@@ -30,7 +32,8 @@ def default_dir() -> str:
     return os.environ.get(ENV, str(DEFAULT))
 
 
-def enable(path: str | os.PathLike[str] | None) -> pathlib.Path | None:
+def enable(path: str | os.PathLike[str] | None,
+           name: str = "compilation cache") -> pathlib.Path | None:
     """Keep compiled programs in ``path`` (created if missing) from now on, every program
     whatever its compile time, up to :data:`MAX_BYTES` (least recently used dropped
     first); ``None`` or ``"off"`` leaves JAX's setting as it is.
@@ -39,16 +42,12 @@ def enable(path: str | os.PathLike[str] | None) -> pathlib.Path | None:
       The folder in use, or None.
 
     Raises:
-      ValueError: ``path`` exists and is not a folder, or cannot be created.
+      ValueError: ``path`` exists and is not a folder, or cannot be created (the message
+        names it as ``name``).
     """
     if path is None or str(path).strip().lower() in OFF:
         return None
-    folder = pathlib.Path(path).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"compilation cache {str(path)!r} cannot be used as a folder: "
-                         f"{err.strerror or err}") from None
+    folder = files.make_folder(name, pathlib.Path(path).expanduser())
     adopt_unbounded_entries(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

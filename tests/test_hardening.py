@@ -618,8 +618,8 @@ class TestCommandLine:
     def test_unwritable_paths_are_found_before_the_first_epoch(self, capsys, tmp_path):
         blocker = tmp_path / "file"
         blocker.write_text("")
-        for option in ("--checkpoint-dir", "--plot", "--diagnostics"):
-            target = blocker / "sub" / ("x.png" if option != "--checkpoint-dir" else "d")
+        for option in ("--checkpoint-dir", "--plot", "--diagnostics", "--compilation-cache"):
+            target = blocker / "sub" / ("x.png" if option in ("--plot", "--diagnostics") else "d")
             code, out, err = _cli(capsys, "train", option, str(target))
             assert code == 2 and f"{option}: cannot write in" in err and "epoch" not in out
 

@@ -128,7 +128,10 @@ def run(args: argparse.Namespace) -> int:
         parallel.initialize()
     start = time.perf_counter()
     plan = plan_train(args)
-    compilation_cache.enable(args.compilation_cache)
+    try:
+        compilation_cache.enable(args.compilation_cache, name="--compilation-cache")
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     dataset, net = plan["dataset"], plan["net"]
     key = jax.random.key(args.seed)
     try:   # before any work: a rule that does not cover this net is a usage error
