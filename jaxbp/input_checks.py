@@ -65,31 +65,34 @@ def _is_float(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
-def check_x(net: MLP, x: Any) -> Any:
-    """Check x: (batch, n_in), floating, batch >= 1. Returns x as an array.
+def check_x(net: MLP, x: Any, name: str = "x") -> Any:
+    """Check x: (batch, n_in), floating, batch >= 1 (errors call it ``name``). Returns x
+    as an array.
 
     Raises:
       TypeError: x is not an array or not floating.
       ValueError: x's rank, width or batch is wrong.
     """
-    x = as_array("x", x)
+    x = as_array(name, x)
     if not hasattr(net, "sizes"):
-        return _check_network_x(net, x)
+        return _check_network_x(net, x, name)
     n_in = net.sizes[0]
     shape = _shape(x)
     if not _is_float(x.dtype):
-        raise TypeError(f"x must have a floating dtype (float16/bfloat16/float32/float64), "
-                        f"got {x.dtype}; cast it, e.g. x.astype({net.dtype!r})")
+        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/"
+                        f"float64), got {x.dtype}; cast it, e.g. x.astype({net.dtype!r})")
     if len(shape) != 2 or shape[1] != n_in:
-        raise ValueError(f"x has shape {shape} but expected (batch, {n_in}): "
+        raise ValueError(f"{name} has shape {shape} but expected (batch, {n_in}): "
                          f"rank 2 with n_in = sizes[0] = {n_in}")
     if shape[0] < 1:
-        raise ValueError(f"x has shape {shape}: the batch is empty, expected at least 1 row")
+        raise ValueError(f"{name} has shape {shape}: the batch is empty, expected at least "
+                         f"1 row")
     return x
 
 
-def check_y(net: MLP, y: Any, batch: int) -> Any:
-    """Check y against the loss and the batch of x. Returns y as an array.
+def check_y(net: MLP, y: Any, batch: int, name: str = "y") -> Any:
+    """Check y against the loss and the batch of x (errors call it ``name``). Returns y as
+    an array.
 
     * ``squared_error`` and ``sigmoid_cross_entropy``: y of shape
       ``(batch, n_out)``, floating or integer.
@@ -103,36 +106,36 @@ def check_y(net: MLP, y: Any, batch: int) -> Any:
     """
     from jaxbp.losses import get_loss
 
-    y = as_array("y", y)
+    y = as_array(name, y)
     if getattr(net, "is_sequence", False):
-        return _check_sequence_y(net, y, batch)
+        return _check_sequence_y(net, y, batch, name)
     n_out = net.n_out
     shape = _shape(y)
     loss = get_loss(net.loss)
     if not (_is_float(y.dtype) or jnp.issubdtype(y.dtype, jnp.integer)
             or y.dtype == jnp.bool_):
-        raise TypeError(f"y must be numeric, got dtype {y.dtype}")
+        raise TypeError(f"{name} must be numeric, got dtype {y.dtype}")
     if loss.integer_labels and len(shape) == 1:
         if shape[0] != batch:
-            raise ValueError(f"y has shape {shape} but expected ({batch},) integer labels "
+            raise ValueError(f"{name} has shape {shape} but expected ({batch},) integer labels "
                              f"or ({batch}, {n_out}) targets: the batch of x is {batch}")
         if not jnp.issubdtype(y.dtype, jnp.integer):
-            raise TypeError(f"y of shape {shape} is read as class labels and must have an "
-                            f"integer dtype, got {y.dtype}; pass one-hot targets of shape "
+            raise TypeError(f"{name} of shape {shape} is read as class labels and must have "
+                            f"an integer dtype, got {y.dtype}; pass one-hot targets of shape "
                             f"({batch}, {n_out}) for soft labels")
-        check_target_values(net, y)
+        check_target_values(net, y, name)
         return y
     if shape != (batch, n_out):
         allowed = f"({batch}, {n_out})"
         if loss.integer_labels:
             allowed += f" or ({batch},) integer labels"
-        raise ValueError(f"y has shape {shape} but expected {allowed} for loss "
+        raise ValueError(f"{name} has shape {shape} but expected {allowed} for loss "
                          f"{net.loss!r}: batch of x = {batch}, {_n_out_words(net)}")
-    check_target_values(net, y)
+    check_target_values(net, y, name)
     return y
 
 
-def _check_sequence_y(net: Any, y: Any, batch: int) -> Any:
+def _check_sequence_y(net: Any, y: Any, batch: int, name: str) -> Any:
     """Targets of a sequence output (T, n_out): (batch, T) integer labels in [-1, n_out)
     (-1: an ignored token) for softmax cross-entropy, else (batch, T, n_out)."""
     from jaxbp.losses import get_loss
@@ -142,22 +145,22 @@ def _check_sequence_y(net: Any, y: Any, batch: int) -> Any:
     loss = get_loss(net.loss)
     if loss.integer_labels and len(shape) == 2:
         if shape != (batch, steps):
-            raise ValueError(f"y has shape {shape} but expected ({batch}, {steps}) token labels "
-                             f"or ({batch}, {steps}, {n_out}) targets: batch of x = {batch}, "
-                             f"T = {steps}")
+            raise ValueError(f"{name} has shape {shape} but expected ({batch}, {steps}) token "
+                             f"labels or ({batch}, {steps}, {n_out}) targets: batch of x = "
+                             f"{batch}, T = {steps}")
         if not jnp.issubdtype(y.dtype, jnp.integer):
-            raise TypeError(f"y of shape {shape} is read as token labels and must have an "
-                            f"integer dtype, got {y.dtype}")
-        check_target_values(net, y)
+            raise TypeError(f"{name} of shape {shape} is read as token labels and must have "
+                            f"an integer dtype, got {y.dtype}")
+        check_target_values(net, y, name)
         return y
     if shape != (batch, steps, n_out):
         allowed = f"({batch}, {steps}, {n_out})"
         if loss.integer_labels:
             allowed += f" or ({batch}, {steps}) integer labels"
-        raise ValueError(f"y has shape {shape} but expected {allowed} for loss {net.loss!r} "
-                         f"on a sequence output: batch of x = {batch}, T = {steps}, "
+        raise ValueError(f"{name} has shape {shape} but expected {allowed} for loss "
+                         f"{net.loss!r} on a sequence output: batch of x = {batch}, T = {steps}, "
                          f"n_out = {n_out}")
-    check_target_values(net, y)
+    check_target_values(net, y, name)
     return y
 
 
@@ -255,24 +258,25 @@ def _n_out_words(net: Any) -> str:
     return f"n_out = sizes[-1] = {net.n_out}" if hasattr(net, "sizes") else f"n_out = {net.n_out}"
 
 
-def _check_network_x(net: Any, x: Any) -> Any:
+def _check_network_x(net: Any, x: Any, name: str) -> Any:
     """x of a :class:`jaxbp.Network`: (batch, *input_shape), floating (integer tokens for a
     network with an ``input_dtype``), batch >= 1."""
     shape, expected = _shape(x), tuple(net.input_shape)
     if net.input_dtype is not None:
         if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise TypeError(f"x must hold integer tokens (the network's input_dtype is "
-                            f"{net.input_dtype}), got {x.dtype}")
+            raise TypeError(f"{name} must hold integer tokens (the network's input_dtype "
+                            f"is {net.input_dtype}), got {x.dtype}")
     elif not _is_float(x.dtype):
-        raise TypeError(f"x must have a floating dtype (float16/bfloat16/float32/float64), "
-                        f"got {x.dtype}; cast it, e.g. x.astype({net.dtype!r})")
+        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/"
+                        f"float64), got {x.dtype}; cast it, e.g. x.astype({net.dtype!r})")
     if len(shape) != len(expected) + 1 or shape[1:] != expected:
         wanted = ", ".join(map(str, expected))
-        raise ValueError(f"x has shape {shape} but expected (batch, {wanted}): a batch of "
-                         f"samples of input_shape {expected}")
+        raise ValueError(f"{name} has shape {shape} but expected (batch, {wanted}): a batch "
+                         f"of samples of input_shape {expected}")
     if shape[0] < 1:
-        raise ValueError(f"x has shape {shape}: the batch is empty, expected at least 1 row")
-    check_token_values(net, x)
+        raise ValueError(f"{name} has shape {shape}: the batch is empty, expected at least "
+                         f"1 row")
+    check_token_values(net, x, name)
     return x
 
 

@@ -311,6 +311,7 @@ class TestFitArguments:
         ({"optimizer": "adam"}, TypeError, "optimizer must be an optax.GradientTransformation"),
         ({"keep": 0}, ValueError, "keep must be an int >= 1"),
         ({"chunk_steps": 0}, ValueError, "chunk_steps must be an int >= 1"),
+        ({"run_config": 3}, TypeError, "run_config must be None or a dict with str keys"),
     ])
     def test_bad_argument_is_named(self, kwargs, error, words):
         with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
@@ -324,6 +325,18 @@ class TestFitArguments:
                            (data._replace(x_test=data.x_test[:0], y_test=data.y_test[:0]),
                             "data.x_test has 0 rows and data.y_test 0")):
             with pytest.raises(ValueError, match=words):
+                _fit(bad)
+
+    def test_the_data_sets_shapes_are_named_as_the_data(self):
+        data = _small_data()   # were "x has shape (2, 4, 1, 1)" (a chunk) and "NoneType has no len"
+        for bad, error, words in (
+                (data._replace(x_train=data.x_train[:, :, None]), ValueError,
+                 r"data.x_train has shape \(24, 4, 1\) but expected \(batch, 4\)"),
+                (data._replace(y_test=np.eye(3)[data.y_test][:, :2]), ValueError,
+                 r"data.y_test has shape \(\d+, 2\) but expected"),
+                (data._replace(x_test=None), TypeError,
+                 "data.x_test must be a numeric array, got NoneType")):
+            with pytest.raises(error, match=words):
                 _fit(bad)
 
     def test_where_the_results_go_is_checked_before_the_first_epoch(self, tmp_path,

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxbp import input_checks, parallel
+from jaxbp import parallel
 from jaxbp.data import Dataset, num_batches
 from jaxbp.mlp import MLP
 from jaxbp.train import checkpoint, feeds, fit_checks, plots, resume
@@ -166,12 +166,9 @@ def fit(
     fit_checks.flags(drop_last=drop_last, progress=progress, diagnostics=diagnostics,
                      allow_run_change=allow_run_change)
     fit_checks.destinations(plot, checkpoint_dir)
+    fit_checks.run_record(run_config)
     fit_checks.mesh(mesh, len(data.x_train), batch_size, drop_last)
     train_private.check_privacy(privacy, grad, mesh)
-    input_checks.check_target_values(net, data.y_train, "data.y_train")
-    input_checks.check_target_values(net, data.y_test, "data.y_test")
-    input_checks.check_token_values(net, data.x_train, "data.x_train")
-    input_checks.check_token_values(net, data.x_test, "data.x_test")
     main_process = jax.process_index() == 0
     progress, plot = progress and main_process, plot if main_process else None
     file_lock = None

@@ -25,10 +25,14 @@ def arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch_size: Any,
         raise TypeError(f"data must be a jaxbp.data.Dataset (x_train, y_train, x_test, "
                         f"y_test), got {type(data).__name__}")
     for part in ("train", "test"):   # a sample without its target would be paired wrongly
-        x, y = getattr(data, f"x_{part}"), getattr(data, f"y_{part}")
+        x = input_checks.as_array(f"data.x_{part}", getattr(data, f"x_{part}"))
+        y = input_checks.as_array(f"data.y_{part}", getattr(data, f"y_{part}"))
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"data.x_{part} has {len(x)} rows and data.y_{part} {len(y)}: "
                              f"expected one target per sample, and at least one sample")
+        # the shapes, dtypes, labels and tokens of the whole set, named as the data's
+        input_checks.check_x(net, x, f"data.x_{part}")
+        input_checks.check_y(net, y, len(x), f"data.y_{part}")
     input_checks.check_key("key", key)
     check_int("epochs", epochs, 1)
     check_int("batch_size", batch_size, 1)
@@ -36,6 +40,14 @@ def arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch_size: Any,
     check_int("eval_batch_size", eval_batch_size, 1)
     if chunk_steps is not None:
         check_int("chunk_steps", chunk_steps, 1)
+
+
+def run_record(run_config: Any) -> None:
+    """``run_config``: None or a dict of the caller's entries, named by strings."""
+    if run_config is not None and not (isinstance(run_config, dict)
+                                       and all(isinstance(k, str) for k in run_config)):
+        raise TypeError(f"run_config must be None or a dict with str keys (entries for the "
+                        f"run's record), got {type(run_config).__name__}")
 
 
 def flags(**values: Any) -> None:
