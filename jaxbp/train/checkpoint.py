@@ -285,19 +285,23 @@ def restore(path: str | pathlib.Path, template: PyTree) -> tuple[PyTree, dict[st
         template's (every mismatch named).
     """
     leaves, header = read(path)
-    template_leaves, treedef = jax.tree.flatten(template)
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    template_leaves = [like for _, like in with_paths]
     if len(leaves) != len(template_leaves) or header["treedef"] != str(treedef):
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} holds a tree of {len(leaves)} leaves "
             f"{header['treedef']} but the template has {len(template_leaves)}: {treedef}")
     restored, problems = [], []
-    for i, (leaf, like) in enumerate(zip(leaves, template_leaves)):
+    for (where, like), leaf in zip(with_paths, leaves):
         is_key = isinstance(like, jax.Array) and jax.dtypes.issubdtype(like.dtype,
                                                                         jax.dtypes.prng_key)
-        expected = jax.random.key_data(like) if is_key else np.asarray(like)
-        if leaf.shape != expected.shape or leaf.dtype != expected.dtype:
-            problems.append(f"leaf {i} is {leaf.dtype}{list(leaf.shape)}, template "
-                            f"{expected.dtype}{list(expected.shape)}")
+        # shapes and dtypes only: the template's values stay where they are (no host copy)
+        expected = jax.eval_shape(jax.random.key_data, like) if is_key else like
+        shape = tuple(np.shape(expected))
+        dtype = np.dtype(getattr(expected, "dtype", None) or np.result_type(expected))
+        if leaf.shape != shape or leaf.dtype != dtype:
+            problems.append(f"leaf {jax.tree_util.keystr(where) or '(the root)'} is "
+                            f"{leaf.dtype}{list(leaf.shape)}, template {dtype}{list(shape)}")
             continue
         value = jax.numpy.asarray(leaf)
         restored.append(jax.random.wrap_key_data(value, impl=jax.random.key_impl(like))
