@@ -142,6 +142,8 @@ class TestErrors:
          "the network must end in a vector"),
         (lambda: Network((L.Dense(2), "relu"), (4,)), TypeError,
          "layers[1] is a str, which is no layer jaxbp knows"),
+        (lambda: Network((L.Flatten, L.Dense(2)), (4,)), TypeError,
+         "layers[0] is the class Flatten itself, not a layer: make one, Flatten(...)"),
         (lambda: Network((L.Dense(2),), (0,)), ValueError, "input_shape must be"),
         (lambda: Network((L.Flatten(), L.MaxPool(2), L.Dense(2)), (4, 4, 1)), L.LayerError,
          "layers[1] (MaxPool): takes (batch, height, width, channels)"),

@@ -28,6 +28,9 @@ def check_layers(layers: Any, where: str) -> tuple[Any, ...]:
         raise TypeError(f"{where} must be a non-empty sequence of layers (jaxbp.layers.Dense, "
                         f"Conv2D, ...), got {type(layers).__name__}")
     for i, layer in enumerate(layers):
+        if isinstance(layer, type) and LAYER_TYPES.get(layer.__name__) is layer:
+            raise TypeError(f"{where}[{i}] is the class {layer.__name__} itself, not a layer: "
+                            f"make one, {layer.__name__}(...)")
         if type(layer).__name__ not in LAYER_TYPES or LAYER_TYPES[type(layer).__name__] \
                 is not type(layer):
             raise TypeError(f"{where}[{i}] is a {type(layer).__name__}, which is no layer "
