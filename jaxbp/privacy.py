@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbp.types import PRNGKey, check_int, is_int, is_real
+from jaxbp.types import PRNGKey, check_int, is_real
 
 ACCOUNTANTS = ("rdp", "pld")
 OVERFLOW_PROBABILITY = 1e-12
@@ -376,5 +376,4 @@ class Privacy:
             _check_positive("target_epsilon", self.target_epsilon)
         if self.noise_multiplier is not None:
             _check_positive("noise_multiplier", self.noise_multiplier)
-        if self.microbatch is not None and (not is_int(self.microbatch) or self.microbatch < 1):
-            raise ValueError(f"microbatch must be None or an int >= 1, got {self.microbatch!r}")
+        check_int("microbatch", self.microbatch, 1, optional=True)

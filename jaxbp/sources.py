@@ -36,7 +36,7 @@ from jaxbp import autodiff as _autodiff_module
 from jaxbp import backprop as _backprop_module
 from jaxbp import input_checks, network, per_example
 from jaxbp import microbatch as microbatched
-from jaxbp.types import Array, Params, PRNGKey, is_int
+from jaxbp.types import Array, Params, PRNGKey, check_int
 
 __all__ = ["NAMED", "GradientSource", "SourceResult", "as_result", "autodiff", "backprop",
            "clipped", "dp_sgd"]
@@ -161,8 +161,7 @@ def dp_sgd(clip_norm: per_example.ClipNorm, noise_multiplier: float, key: PRNGKe
     per_example.check_noise(noise_multiplier)
     input_checks.check_key("key", key)
     expected = None if expected_batch_size is None else _positive_number(expected_batch_size)
-    if microbatch is not None and (not is_int(microbatch) or microbatch < 1):
-        raise ValueError(f"microbatch must be None or an int >= 1, got {microbatch!r}")
+    check_int("microbatch", microbatch, 1, optional=True)
 
     # two closures, so that a run record (jaxbp.train.run_config, which describes a source
     # by its closure) of a whole-batch source is the one it has always been

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxbp import files
-from jaxbp.types import is_int, is_real
+from jaxbp.types import check_int, is_real
 
 _SHAKESPEARE = pathlib.Path(__file__).parent / "data" / "tinyshakespeare.txt.gz"
 
@@ -88,8 +88,7 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
       ValueError: a seq_len < 1, a fraction outside (0, 1), or a text too short for one
         window in each part.
     """
-    if not is_int(seq_len) or seq_len < 1:
-        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    seq_len = check_int("seq_len", seq_len, 1)
     if not is_real(validation_fraction) or not 0 < validation_fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
     source = files.require_file("text file", _SHAKESPEARE if path is None else path)

@@ -38,11 +38,14 @@ def check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def check_int(name: str, value: Any, least: int) -> int:
-    """``value`` as an int >= ``least``, or a ValueError naming ``name`` (a count, a size, a
-    NumPy seed: NumPy's own error names no argument)."""
+def check_int(name: str, value: Any, least: int, *, optional: bool = False) -> Any:
+    """``value`` as an int >= ``least`` (or None, if ``optional``), else a ValueError naming
+    ``name`` (a count, a size, a NumPy seed: NumPy's own error names no argument)."""
+    if optional and value is None:
+        return None
     if not is_int(value) or value < least:
-        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}an int >= {least}, "
+                         f"got {value!r}")
     return int(value)
 
 

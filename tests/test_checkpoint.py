@@ -129,7 +129,7 @@ def test_empty_folder_and_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="step must be an int >= 0"):
         checkpoint.save(tmp_path, -1, _tree())
     for keep in (0, "3", 2.0):   # "3" was a TypeError from `<` naming no argument
-        with pytest.raises(ValueError, match=f"keep must be an int >= 1 or None, got {keep!r}"):
+        with pytest.raises(ValueError, match=f"keep must be None or an int >= 1, got {keep!r}"):
             checkpoint.save(tmp_path, 1, _tree(), keep=keep)
     with pytest.raises(TypeError, match=r"metadata must be JSON-serialisable .*object"):
         checkpoint.save(tmp_path, 1, _tree(), metadata={"a": object()})   # json's own words

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxbp.layers import blockwise_attention, kfac, precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
-from jaxbp.types import Array, check_bool, is_int
+from jaxbp.types import Array, check_bool, check_int
 
 _PROJECTIONS = ("q", "k", "v", "o")
 
@@ -81,15 +81,10 @@ class SelfAttention:
 
     def __post_init__(self) -> None:
         precision.check_recipe(self)
-        if not is_int(self.heads) or self.heads < 1:
-            raise ValueError(f"SelfAttention heads must be an int >= 1, got {self.heads!r}")
-        object.__setattr__(self, "heads", int(self.heads))
+        object.__setattr__(self, "heads", check_int("SelfAttention heads", self.heads, 1))
         object.__setattr__(self, "causal", check_bool("SelfAttention causal", self.causal))
-        if self.block is not None:
-            if not is_int(self.block) or self.block < 1:
-                raise ValueError(f"SelfAttention block must be None or an int >= 1, got "
-                                 f"{self.block!r}")
-            object.__setattr__(self, "block", int(self.block))
+        object.__setattr__(self, "block", check_int("SelfAttention block", self.block, 1,
+                                                    optional=True))
 
     def output_shape(self, in_shape: Shape) -> Shape:
         if len(in_shape) != 2:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jaxbp.activations import get_activation
 from jaxbp.layers import precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
-from jaxbp.types import Array, is_int
+from jaxbp.types import Array, check_int, is_int
 
 PADDINGS = ("SAME", "VALID")
 CHANNELS_LAST = ("NHWC", "HWIO", "NHWC")
@@ -93,9 +93,7 @@ class Conv2D:
     activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if not is_int(self.filters) or self.filters < 1:
-            raise ValueError(f"Conv2D filters must be an int >= 1, got {self.filters!r}")
-        object.__setattr__(self, "filters", int(self.filters))
+        object.__setattr__(self, "filters", check_int("Conv2D filters", self.filters, 1))
         object.__setattr__(self, "kernel", _pair(self.kernel, "kernel"))
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
         if not isinstance(self.padding, str) or self.padding.upper() not in PADDINGS:

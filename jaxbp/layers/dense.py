@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jaxbp.activations import get_activation
 from jaxbp.layers import precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init, weighted_backward
-from jaxbp.types import Array, is_int
+from jaxbp.types import Array, check_int
 
 
 @register
@@ -54,9 +54,7 @@ class Dense:
     activation_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if not is_int(self.units) or self.units < 1:
-            raise ValueError(f"Dense units must be an int >= 1, got {self.units!r}")
-        object.__setattr__(self, "units", int(self.units))
+        object.__setattr__(self, "units", check_int("Dense units", self.units, 1))
         get_activation(self.activation)
         precision.check_recipe(self)
 

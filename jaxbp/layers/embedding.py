@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxbp.layers import kfac, precision
 from jaxbp.layers.base import TRUNCATED_NORMAL_STD, Shape, register
-from jaxbp.types import Array, is_int
+from jaxbp.types import Array, check_int
 
 EMBEDDING_STD = 0.02
 """The standard deviation of the token and position tables at init (GPT-2's)."""
@@ -56,16 +56,9 @@ class Embedding:
 
     def __post_init__(self) -> None:
         precision.check_recipe(self)
-        for name in ("vocab", "dim"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"Embedding {name} must be an int >= 1, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        if self.positions is not None:
-            if not is_int(self.positions) or self.positions < 1:
-                raise ValueError(f"Embedding positions must be None or an int >= 1, got "
-                                 f"{self.positions!r}")
-            object.__setattr__(self, "positions", int(self.positions))
+        for name in ("vocab", "dim", "positions"):
+            object.__setattr__(self, name, check_int(f"Embedding {name}", getattr(self, name),
+                                                     1, optional=name == "positions"))
 
     def output_shape(self, in_shape: Shape) -> Shape:
         if len(in_shape) != 1:

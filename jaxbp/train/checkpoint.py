@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from jaxbp import files, user_warnings
-from jaxbp.types import PyTree, check_bool, is_int
+from jaxbp.types import PyTree, check_bool, check_int
 
 _NAME = re.compile(r"^ckpt_(\d+)\.npz$")
 _HEADER = "__header__"
@@ -174,11 +174,8 @@ def save(
     Raises:
       FloatingPointError: a floating leaf holds NaN/inf; nothing is written.
     """
-    if not is_int(step) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
-    step = int(step)
-    if keep is not None and (not is_int(keep) or keep < 1):
-        raise ValueError(f"keep must be an int >= 1 or None, got {keep!r}")
+    step = check_int("step", step, 0)
+    keep = check_int("keep", keep, 1, optional=True)
     check_bool("allow_nonfinite", allow_nonfinite)
     directory = _folder(directory)
     leaves = _host_leaves(tree)

@@ -37,7 +37,7 @@ from jaxbp.train.state import (
     check_optimizer,
     check_state,
 )
-from jaxbp.types import Array, ArrayLike, Params, check_bool, is_int
+from jaxbp.types import Array, ArrayLike, Params, check_bool, check_int, is_int
 
 GradFn = GradientSource
 """A gradient source: ``(net, params, x, y, step, mask=None) -> SourceResult(loss, grads,
@@ -230,9 +230,7 @@ def make_train_loop(
       source that takes ``mask=`` (the Poisson-sampled DP-SGD of
       :func:`jaxbp.sources.dp_sgd`); metrics then include ``batch_size``.
     """
-    if not is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    steps = int(steps)
+    steps = check_int("steps", steps, 1)
     if not isinstance(unroll, bool) and (not is_int(unroll) or unroll < 1):
         raise ValueError(f"unroll must be True, False or an int >= 1, got {unroll!r}")
     gradient = gradient_source(grad)
@@ -334,9 +332,7 @@ def evaluate(
       for both where no target counts (every one -1).
     """
     x, y = input_checks.check_inputs(net, params, x, y)
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    return evaluate_checked(net, params, x, y, int(batch_size))
+    return evaluate_checked(net, params, x, y, check_int("batch_size", batch_size, 1))
 
 
 def evaluate_checked(net: MLP, params: Params, x: Array, y: Array,
