@@ -99,6 +99,15 @@ def _no_mask(name: str, mask: Array | None) -> None:
                         f"Poisson-sampled batches")
 
 
+def _check_mask(mask: Any, x: Array) -> None:
+    """A padded batch's mask: booleans, one per row of x (a shorter one broadcast, an int
+    or a float one weighed the rows)."""
+    if mask is not None and (jnp.shape(mask) != jnp.shape(x)[:1]
+                             or jnp.result_type(mask) != jnp.bool_):
+        raise ValueError(f"mask must be booleans of shape {jnp.shape(x)[:1]} (one per row of "
+                         f"x), got {jnp.result_type(mask)} {jnp.shape(mask)}")
+
+
 def _unmasked(name: str, value_grads_and_output: Any) -> GradientSource:
     """A source of ``value_grads_and_output(net, params, x, y) -> (C, grads, a^L)``."""
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
@@ -128,6 +137,7 @@ def clipped(clip_norm: per_example.ClipNorm) -> GradientSource:
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
                  mask: Array | None = None) -> SourceResult:
         clip = per_example.check_clip_norm(net, clip_norm)
+        _check_mask(mask, x)
         count = None if mask is None else jnp.maximum(jnp.sum(mask), 1)
         return SourceResult(*per_example.clipped_mean(network.as_network(net), params, x, y,
                                                       clip, mask, count))
@@ -187,6 +197,7 @@ def _noised_clipped_mean(net: Any, params: Params, x: Array, y: Array, step: Arr
     """:func:`dp_sgd`'s gradient: the clipped sum of the real rows (all at once, or
     ``microbatch`` at a time), the noise of step ``step``, over the divisor."""
     clip, sigma = per_example.check_noise_and_clip(net, clip_norm, noise_multiplier)
+    _check_mask(mask, x)
     divisor = expected if expected is not None else (
         x.shape[0] if mask is None else jnp.maximum(jnp.sum(mask), 1))
     chain = network.as_network(net)

@@ -84,6 +84,13 @@ def test_masked_dp_sgd_divides_by_the_expected_batch_and_ignores_padding():
         sources.dp_sgd(1.0, 1.0, jax.random.key(0), expected_batch_size=0)
     with pytest.raises(TypeError, match="the backprop source takes no mask"):
         sources.backprop()(NET, params, jnp.asarray(X), jnp.asarray(Y), 0, mask=mask)
+    # a short mask was a broadcasting error; an int or float one weighed the rows
+    for masked in (sources.clipped(1.0), source,
+                   sources.dp_sgd(1.0, 0.0, jax.random.key(2), microbatch=2)):
+        for bad in (mask[:5], mask.astype(jnp.int32), mask * 0.5):
+            with pytest.raises(ValueError, match=r"mask must be booleans of shape \(8,\) "
+                                                 r"\(one per row of x\), got"):
+                masked(NET, params, jnp.asarray(X), jnp.asarray(Y), 0, mask=bad)
 
 
 @pytest.mark.parametrize("old, call, new", [
