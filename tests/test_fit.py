@@ -12,6 +12,7 @@ import pytest
 import jaxbp
 from jaxbp.data import Dataset, load_digits
 from jaxbp.train import checkpoint
+from jaxbp.train.epoch import epoch_line
 from jaxbp.train.fit import fit
 
 NET = jaxbp.MLP((64, 64, 10), "relu")
@@ -36,6 +37,10 @@ def test_prints_one_line_per_epoch(digits, capsys):
     fit(NET, optax.adam(3e-3), digits, epochs=2, batch_size=256, key=jax.random.key(0))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
     assert len(lines) == 2 and "test loss" in lines[0] and "acc" in lines[0]
+    row = {"epoch": 2, "train_loss": 0.5, "train_accuracy": 0.9, "test_loss": 0.6,
+           "test_accuracy": 0.8}
+    for seconds, shown in ((0.0042, "(4.2 ms)"), (0.25, "(0.25 s)")):  # was "(0.00 s)"
+        assert epoch_line(NET, {**row, "seconds": seconds}, 2).endswith(shown)
 
 
 def test_nan_stops_with_the_step_and_layer(digits):

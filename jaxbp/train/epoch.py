@@ -194,6 +194,7 @@ def epoch_line(net: MLP, row: dict[str, float], epochs: int) -> str:
         line += f" acc {row['test_accuracy']:.4f}"
     if "epsilon" in row:
         line += f"  epsilon {row['epsilon']:.3f}"
-    return line + f"  ({row['seconds']:.2f} s)"
+    seconds = row["seconds"]   # a short epoch in ms: "(0.00 s)" read as if it had not run
+    return line + (f"  ({seconds * 1e3:.1f} ms)" if seconds < 0.1 else f"  ({seconds:.2f} s)")
 
 
