@@ -134,6 +134,23 @@ def test_initialize_names_a_bad_environment_variable(monkeypatch):
     monkeypatch.setenv("JAXBP_LOCAL_DEVICE_IDS", "0;1")
     with pytest.raises(ValueError, match="JAXBP_LOCAL_DEVICE_IDS must be comma-separated"):
         parallel.initialize()
+    monkeypatch.delenv("JAXBP_LOCAL_DEVICE_IDS")
+    for kwargs, words in (({"num_processes": 0}, "num_processes must be None or an int >= 1"),
+                          ({"process_id": 2}, r"process_id must be in \[0, num_processes\) = "
+                                              r"\[0, 2\), got 2")):
+        with pytest.raises(ValueError, match=words):
+            parallel.initialize(**kwargs)
+
+
+def test_initialize_after_jax_started_says_so_not_that_it_waited():
+    jax.numpy.ones(1).block_until_ready()      # JAX has started in this process
+    before = jax.config.jax_cpu_collectives_implementation
+    try:
+        with pytest.raises(RuntimeError, match=r"initialize\(\) must run before anything "
+                                               r"starts JAX in this process"):
+            parallel.initialize(f"127.0.0.1:{_free_port()}", num_processes=1, process_id=0)
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", before)
 
 
 def test_make_mesh_and_process_rows_on_one_device():
@@ -143,6 +160,12 @@ def test_make_mesh_and_process_rows_on_one_device():
         parallel.make_mesh(data=3 * jax.device_count(), model=1)
     with pytest.raises(ValueError, match="model must be an int >= 1 that divides"):
         parallel.make_mesh(model=0)
+    for data in (0, "1"):    # were "data x model = '1' x 1 must equal the 1 devices"
+        with pytest.raises(ValueError, match=f"data must be an int >= 1, got {data!r}"):
+            parallel.make_mesh(data=data)
+    with pytest.raises(ValueError, match=r"mesh has axes \('data', 'model'\), no data_axis "
+                                         r"'batch'"):      # was JAX's "Resource axis: batch"
+        parallel.batch_sharding(mesh, 2, "batch")
     batch = np.arange(8)
     assert list(parallel.process_rows(batch, 1, 2)) == [4, 5, 6, 7]
     with pytest.raises(ValueError, match=r"does not split over process_count = 3 processes "

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxbp.types import PyTree
+from jaxbp.types import PyTree, check_int
 
 
 def process_rows(batch: np.ndarray, process_index: int | None = None,
@@ -155,7 +155,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     --gpus-per-task=1``) or on a TPU pod no variables are needed.
 
     Raises:
-      ValueError: an environment variable that is not a number.
+      ValueError: an environment variable that is not a number; a number of processes
+        below 1, or a process id outside [0, num_processes).
       RuntimeError: not every process joined within ``timeout_s``.
     """
     coordinator_address = coordinator_address or os.environ.get("JAXBP_COORDINATOR")
@@ -171,6 +172,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     for name, value in (("timeout_s", timeout_s), ("heartbeat_timeout_s", heartbeat_timeout_s)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1 second, got {value}")
+    check_int("num_processes", num_processes, 1, optional=True)
+    check_int("process_id", process_id, 0, optional=True)
+    if process_id is not None and num_processes is not None:
+        if process_id >= num_processes:
+            raise ValueError(f"process_id must be in [0, num_processes) = [0, "
+                             f"{num_processes}), got {process_id}")
     # Only the CPU backend reads this; it must be set before any backend starts.
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     extra = {} if heartbeat_timeout_s is None else {
@@ -190,6 +197,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                    initialization_timeout=timeout_s, **extra)
     except Exception as err:  # XLA raises its own status types; name what was waited for
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "before any JAX calls" in first_line:   # not a wait: JAX had started already
+            raise RuntimeError(f"jaxbp.parallel.initialize() must run before anything "
+                               f"starts JAX in this process (a computation, jax.devices(), "
+                               f"a jaxbp call): {first_line}") from err
         raise RuntimeError(
             f"process {process_id} of {num_processes} could not join the run at "
             f"{coordinator_address} within {timeout_s} s: {first_line}. Start every process "

@@ -55,7 +55,7 @@ from jaxbp.train.step import (
     sample_rank,
     update_step,
 )
-from jaxbp.types import Array, ArrayLike, PyTree, check_bool, is_int
+from jaxbp.types import Array, ArrayLike, PyTree, check_bool, check_int, is_int
 
 DATA, MODEL = "data", "model"
 
@@ -81,8 +81,8 @@ def make_mesh(data: int | None = None, model: int = 1,
             or len(devices) % model:
         raise ValueError(f"model must be an int >= 1 that divides the {len(devices)} devices, "
                          f"got {model!r}")
-    data = len(devices) // model if data is None else data
-    if not is_int(data) or data * model != len(devices):
+    data = len(devices) // model if data is None else check_int("data", data, 1)
+    if data * model != len(devices):
         raise ValueError(f"data x model = {data!r} x {model} must equal the {len(devices)} "
                          f"devices")
     return jax.make_mesh((int(data), int(model)), (DATA, MODEL), (AxisType.Auto, AxisType.Auto),
@@ -169,6 +169,7 @@ def batch_sharding(mesh: Mesh, ndim: int, data_axis: str = DATA,
                    batch_dim: int = 0) -> NamedSharding:
     """An ``ndim``-dimensional batch array split over ``data_axis`` along ``batch_dim``
     (0 for one batch, 1 for a chunk of batches ``(k, batch, ...)``)."""
+    _check_data_axis(mesh, data_axis)
     spec = [None] * ndim
     spec[batch_dim] = data_axis
     return NamedSharding(mesh, PartitionSpec(*spec))
@@ -182,6 +183,10 @@ def _check_step_arguments(optimizer: Any, mesh: Mesh, data_axis: str,
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh (jaxbp.parallel.make_mesh), got "
                         f"{type(mesh).__name__}")
+    _check_data_axis(mesh, data_axis)
+
+
+def _check_data_axis(mesh: Mesh, data_axis: str) -> None:
     if data_axis not in mesh.shape:
         raise ValueError(f"mesh has axes {tuple(mesh.shape)}, no data_axis {data_axis!r}")
 
