@@ -9,9 +9,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxbp import cli
+from jaxbp.cli import optimizer
 from jaxbp.train import checkpoint
 
 
@@ -105,6 +108,40 @@ def test_train_verifies_then_trains(capsys, tmp_path):
     assert (tmp_path / "c.png").exists()
     assert len(checkpoint.list_checkpoints(tmp_path / "ckpt")) == 3
     assert not jax.config.jax_enable_x64  # the float64 check did not leak
+
+
+def test_train_on_a_schedule_and_resume_it_only_as_the_same_run(capsys, tmp_path):
+    """--schedule cosine --warmup-steps --clip-grad-norm --weight-decay build the optimizer
+    (named in the first line); a cosine run's length is part of the run, so resuming it for
+    more epochs is refused, unless --allow-run-change."""
+    argv = ["train", "--sizes", "64,16,10", "--quiet", "--optimizer", "adamw",
+            "--schedule", "cosine", "--warmup-steps", "4", "--clip-grad-norm", "1",
+            "--weight-decay", "0.01", "--checkpoint-dir", str(tmp_path)]
+    assert cli.main([*argv, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert ("adamw lr 0.001, cosine schedule, 4 warmup steps, gradient clipped to norm 1.0, "
+            "weight decay 0.01, grad backprop") in out
+    assert cli.main([*argv, "--epochs", "3"]) == 1
+    assert "schedule_steps: checkpoint 22, now 33" in capsys.readouterr().err
+    assert cli.main([*argv, "--epochs", "3", "--allow-run-change"]) == 0
+    assert "after 3 epochs" in capsys.readouterr().out
+
+
+def test_the_optimizer_options_build_the_schedule_they_name():
+    lr = optimizer.learning_rate(1e-2, "cosine", 10, 110)
+    np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(110)], [0, 5e-3, 1e-2, 1e-3],
+                               rtol=1e-6)
+    warm = optimizer.learning_rate(1e-2, "constant", 10, 110)
+    np.testing.assert_allclose([warm(0), warm(5), warm(10), warm(100)], [0, 5e-3, 1e-2, 1e-2],
+                               rtol=1e-6)
+    assert optimizer.learning_rate(1e-2, "constant", 0, 110) == 1e-2   # the plain rate
+    args = cli.build_parser().parse_args(["train", "--clip-grad-norm", "0.5", "--optimizer",
+                                          "sgd", "--lr", "1"])
+    rule = optimizer.build(args, 100)      # the gradient (norm 50) clipped to norm 0.5
+    params = {"w": jnp.zeros(2)}
+    update = rule.update({"w": jnp.array([30.0, 40.0])}, rule.init(params), params)[0]
+    np.testing.assert_allclose(update["w"], [-0.3, -0.4], rtol=1e-6)
+    assert optimizer.record(args, 100) == {"clip_grad_norm": 0.5}   # only what was set
 
 
 @pytest.mark.slow

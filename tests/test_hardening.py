@@ -457,6 +457,17 @@ class TestCheckpointsAreNeverLostOrMixed:
                       **({"batch_size": 8, "key": jax.random.key(0)} | change))
         assert len(checkpoint.list_checkpoints(tmp_path)) == 1  # nothing written
 
+    def test_a_schedule_deep_in_a_chain_is_part_of_the_record(self):
+        from jaxbp.train.run_config import describe
+
+        def clipped_adamw(decay_steps):   # the schedule's numbers sit 13 closures down
+            schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 5, decay_steps, 1e-4)
+            return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule))
+
+        # were described alike (cut at depth 10): a resume with another length went on
+        assert describe(clipped_adamw(33)) != describe(clipped_adamw(44))
+        assert describe(clipped_adamw(33)) == describe(clipped_adamw(33))
+
     def test_a_run_change_can_be_allowed(self, tmp_path, capsys):
         _fit(checkpoint_dir=tmp_path)
         result = _fit(epochs=2, optimizer=optax.sgd(0.05), checkpoint_dir=tmp_path,
@@ -614,6 +625,12 @@ class TestCommandLine:
         (["train", "--model", "cnn", "--seq-len", "8"], "--seq-len shapes a GPT"),
         (["verify", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
         (["train", "--dp-microbatch", "8"], "--dp-microbatch needs --dp"),
+        (["train", "--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0, got -1"),
+        (["train", "--clip-grad-norm", "0"], "--clip-grad-norm must be a finite number > 0"),
+        (["train", "--weight-decay", "0.1"], "--weight-decay is adamw's (decoupled weight "
+                                             "decay), but --optimizer is adam"),
+        (["train", "--schedule", "cosine", "--warmup-steps", "22", "--epochs", "2"],
+         "--warmup-steps 22 leaves no step of the cosine decay: the run has 22 steps"),
         (["train", "--dp", "--target-epsilon", "8", "--dp-microbatch", "-1"],
          "--dp-microbatch must be an integer >= 0, got -1"),
         # trained nothing, then an IndexError in the report:

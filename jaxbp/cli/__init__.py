@@ -19,7 +19,7 @@ from typing import NoReturn
 from jaxbp.cli import bench, train, verify
 from jaxbp.cli.bench import ACCELERATOR_TIME_LIMIT_S, CPU_MAX_GFLOP
 from jaxbp.cli.common import UsageError, one_line, one_line_warning
-from jaxbp.cli.plan import OPTIMIZERS
+from jaxbp.cli.optimizer import OPTIMIZERS
 from jaxbp.cli.verify import DTYPES
 
 __all__ = ["ACCELERATOR_TIME_LIMIT_S", "CPU_MAX_GFLOP", "DTYPES", "OPTIMIZERS", "UsageError",

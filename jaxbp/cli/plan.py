@@ -9,17 +9,9 @@ import pathlib
 from typing import Any
 
 import jax
-import optax
 
+from jaxbp.cli import optimizer
 from jaxbp.cli.common import UsageError, option_for, positive, writable_dir, writable_file
-
-OPTIMIZERS = {
-    "sgd": lambda lr: optax.sgd(lr),
-    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
-    "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
-    "adam": lambda lr: optax.adam(lr),
-    "adamw": lambda lr: optax.adamw(lr),
-}
 
 
 def _load_data(name: str, seed: int, seq_len: int | None = None):
@@ -84,8 +76,20 @@ def plan_train(args: argparse.Namespace) -> dict[str, Any]:
     mesh = _parse_mesh(args)
     if mesh is not None:
         _check_mesh(args, mesh)
-    return {"dataset": dataset, "net": net, "optimizer": OPTIMIZERS[args.optimizer](args.lr),
-            "mesh": mesh, "privacy": _plan_privacy(args, mesh, len(dataset.x_train))}
+    privacy = _plan_privacy(args, mesh, len(dataset.x_train))
+    steps = _steps_per_epoch(args, privacy, len(dataset.x_train)) * args.epochs
+    return {"dataset": dataset, "net": net, "optimizer": optimizer.build(args, steps),
+            "steps": steps, "mesh": mesh, "privacy": privacy}
+
+
+def _steps_per_epoch(args: argparse.Namespace, privacy: Any, n_train: int) -> int:
+    """The optimizer steps of one epoch, as fit will take them (for a schedule's length)."""
+    from jaxbp.data import num_batches
+    from jaxbp.train import private
+
+    if privacy is None:
+        return num_batches(n_train, args.batch_size, drop_last=True)
+    return private.plan(privacy, n_train, args.batch_size, args.epochs).steps_per_epoch
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -105,6 +109,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.diagnostics is not None:
         writable_file("--diagnostics", args.diagnostics)
     _gpt_options(args)
+    optimizer.check_options(args)
 
 
 def _gpt_options(args: argparse.Namespace) -> None:

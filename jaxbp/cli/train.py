@@ -12,8 +12,9 @@ from typing import Any
 import jax
 
 from jaxbp import compilation_cache
+from jaxbp.cli import optimizer
 from jaxbp.cli.common import UsageError
-from jaxbp.cli.plan import FEEDBACK_RULES, GPT_DEFAULTS, OPTIMIZERS, plan_train
+from jaxbp.cli.plan import FEEDBACK_RULES, GPT_DEFAULTS, plan_train
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -46,8 +47,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                        help="output activation (identity)")
     train.add_argument("--loss", default=None, help="default: softmax_cross_entropy for "
                        "integer labels, squared_error for targets")
-    train.add_argument("--optimizer", default="adam", choices=sorted(OPTIMIZERS))
-    train.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3)")
+    optimizer.add_options(train)
     train.add_argument("--epochs", type=int, default=30, help="epochs (30)")
     train.add_argument("--batch-size", type=int, default=128, help="batch size (128)")
     train.add_argument("--grad", default="backprop",
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                  checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, plot=args.plot,
                  diagnostics=args.diagnostics is not None,
                  run_config={"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed,
-                             "data": args.data},
+                             "data": args.data, **optimizer.record(args, plan["steps"])},
                  allow_run_change=args.allow_run_change, mesh=plan["mesh"],
                  privacy=plan["privacy"])
     if main_process:
@@ -174,7 +174,7 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
     grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad
     mesh = "" if plan["mesh"] is None else f", mesh {dict(plan['mesh'].shape)}"
     return (f"jaxbp train: {args.data} ({len(dataset.x_train)} train, {len(dataset.x_test)} "
-            f"test), {shape}, {args.optimizer} lr {args.lr}, grad {grad_name}, jax "
+            f"test), {shape}, {optimizer.describe(args)}, grad {grad_name}, jax "
             f"{jax.__version__} on {jax.devices()[0].platform}{mesh}")
 
 

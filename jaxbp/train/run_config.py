@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-_MAX_DEPTH = 10
+_MAX_DEPTH = 32   # a chain of a clip and adamw on a schedule holds its numbers at depth 13
 _SMALL_ARRAY = 16
 SPELLINGS = frozenset({"data"})
 """Entries kept for the reader but never compared: the data's path as typed (``./d.npz``,
