@@ -97,6 +97,37 @@ def test_per_sample_quantities_match_vmap_grad_in_float64(i, x64):
         assert normwise(got, rows.var(axis=0)) <= 1e-12
 
 
+def test_every_records_sq_norms_are_those_of_its_per_sample_grads(x64):
+    """The protocol's ``per_sample_sq_norms`` of each record of a GPT (token embedding,
+    the Residual blocks and, inside them, the norms, attention and token-wise Dense layers;
+    the Dense head) against the squared norms of its ``per_sample_grads``: the norms route
+    reads ``per_sample_sq_norms_and_sum``, so a record's own ``per_sample_sq_norms`` on
+    tokens ran in no test before."""
+    from jaxbp.layers.chain import chain_backward
+
+    net, params, x, y = transformer_case(6, "float64")
+    _, _, caches, deltas = jaxbp.network.per_sample_deltas(net, params, x, y)
+    checked = []
+
+    def check(layers, layer_params, layer_caches, layer_deltas):
+        for layer, p, cache, delta in zip(layers, layer_params, layer_caches, layer_deltas):
+            if not jax.tree.leaves(p):
+                continue
+            grads = layer.per_sample_grads(p, cache, delta)
+            want = sum(np.sum(np.asarray(g).reshape(len(x), -1) ** 2, axis=1)
+                       for g in jax.tree.leaves(grads))
+            got = np.asarray(layer.per_sample_sq_norms(p, cache, delta))
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14 * want.max())
+            checked.append(type(layer).__name__)
+            if hasattr(layer, "layers"):              # a Residual: its inner records too
+                inner = chain_backward(layer.layers, p, cache, delta, False)[2]
+                check(layer.layers, p, cache, inner)
+
+    check(net.layers, params, caches, deltas)
+    assert {"Embedding", "Residual", "SelfAttention", "Dense"} <= set(checked), checked
+    assert {"LayerNorm", "RMSNorm"} & set(checked), checked
+
+
 @pytest.mark.slow
 def test_per_sample_quantities_in_float32_are_as_accurate_as_vmap_grad():
     net, params, x, y = transformer_case(6, "float32")
