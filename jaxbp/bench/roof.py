@@ -90,10 +90,10 @@ _ITERATION_HOOK: Any = None
 """Tests only: a host function called once per loop iteration (a fake loop overhead)."""
 
 
-def _product_loop(product: Callable[[Any, Any], Any], out: Any, unroll: int, independent: int,
+def _product_loop(product: Callable[[Any, Any], Any], out: Any, unroll: int,
                   precision: str | None) -> Any:
     """``loop(a, bs, iterations)``: ``iterations`` loop steps of ``unroll`` rounds, each
-    round ``independent`` products ``product(a, b_i)`` (``out``: their ShapeDtypeStruct).
+    round one product ``product(a, b_i)`` per b in ``bs`` (``out``: their ShapeDtypeStruct).
     One entry of ``a`` is rewritten from the previous round's products (an in-place update:
     no pass over ``a``), so XLA can neither hoist nor drop a product and the loop adds no
     elementwise work."""
@@ -145,7 +145,7 @@ def _best_loop_rate(product: Callable[[Any, Any], Any], a: jax.Array, b: jax.Arr
         out = jax.eval_shape(product, a, b)
     calls, per_call = {}, {}
     for unroll, independent in GEMM_LOOPS:
-        loop = _product_loop(product, out, unroll, independent, precision)
+        loop = _product_loop(product, out, unroll, precision)
         bs = tuple(b + i for i in range(independent))
         compiled, _, _ = compile_ahead(loop, a, bs, jnp.int32(1))
         per_iteration = _iteration_s(compiled, a, bs)
