@@ -3,18 +3,44 @@
 A result, a figure or a table is written to a temporary file beside its target and then
 renamed over it (``os.replace``, atomic on one file system): whoever reads the path,
 and whatever stops the writer (an error, ``timeout``, Ctrl-C), sees the old file or the
-whole new one, never a part. (Checkpoints have their own, fsynced, path:
+whole new one, never a part. A Ctrl-C during the write is held back until the file is
+whole (:func:`interrupts_deferred`). (Checkpoints have their own, fsynced, path:
 :mod:`jaxbp.train.checkpoint`.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import signal
 import tempfile
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held back while the block writes a file, then raised as the
+    ``KeyboardInterrupt`` it is. Inside a write, a library's own clean-up turns the
+    interrupt into its error (numpy's ``savez`` closing its zip: "Can't close the ZIP
+    file while there is an open writing handle"), which is what the user was then told.
+    Python runs signal handlers in the main thread only; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    frames: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: frames.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if frames and callable(previous):
+        previous(signal.SIGINT, frames[0])          # Python's own: raises KeyboardInterrupt
+    elif frames and previous == signal.SIG_DFL:
+        raise KeyboardInterrupt
 
 
 def write_atomically(path: str | os.PathLike[str], write: Callable[[str], Any],
@@ -26,8 +52,9 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[str], Any],
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
     try:
-        write(str(tmp))
-        os.replace(tmp, path)
+        with interrupts_deferred():
+            write(str(tmp))
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +13,7 @@ import optax
 import pytest
 
 import jaxbp
+from jaxbp import files
 from jaxbp.train import checkpoint
 from jaxbp.train.checkpoint import CheckpointError, CheckpointMismatchError
 from jaxbp.train.step import TrainState
@@ -62,6 +67,28 @@ def test_a_crash_while_writing_leaves_no_file_and_the_old_ones_intact(tmp_path, 
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == [good.name]
     _assert_equal(checkpoint.restore(good, _tree())[0], _tree(1))
+
+
+def test_a_ctrl_c_while_writing_is_raised_once_the_checkpoint_is_whole(tmp_path, monkeypatch):
+    """Ctrl-C inside numpy's savez became zipfile's "Can't close the ZIP file while there
+    is an open writing handle" (ValueError), which `jaxbp train` reported as a failed run;
+    now the interrupt waits for the file and then is the KeyboardInterrupt it was."""
+    assert threading.current_thread() is threading.main_thread()   # where signals land
+    handler, savez = signal.getsignal(signal.SIGINT), np.savez
+
+    def interrupted(file, **arrays):
+        os.kill(os.getpid(), signal.SIGINT)      # as a user's Ctrl-C, mid-write
+        savez(file, **arrays)
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 3, _tree(3))
+    monkeypatch.undo()
+    _assert_equal(checkpoint.restore(checkpoint.path_for(tmp_path, 3), _tree())[0], _tree(3))
+    with pytest.raises(KeyboardInterrupt), files.interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        reached = True                           # the block ran on after the signal
+    assert reached and signal.getsignal(signal.SIGINT) is handler     # put back
 
 
 def test_truncated_file_is_a_clear_error_and_the_previous_one_restores(tmp_path):

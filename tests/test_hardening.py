@@ -594,6 +594,18 @@ def _cli(capsys, *argv):
 class TestCommandLine:
     """One line on stderr naming the option, file or value; 2 for usage, 1 for a failed run."""
 
+    def test_ctrl_c_is_one_line_with_exit_130_saying_the_run_resumes(self, capsys, tmp_path,
+                                                                      monkeypatch):
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(jaxbp.train.fit, "fit", interrupted)
+        code, _, err = _cli(capsys, "train", "--sizes", "64,8,10", "--checkpoint-dir",
+                            str(tmp_path))
+        assert code == 130 and err == (f"jaxbp train: error: interrupted; the checkpoints in "
+                                       f"{tmp_path} are whole: the same command resumes from "
+                                       f"the last\n")
+
     @pytest.mark.parametrize("argv, words", [
         (["train", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
         (["train", "--lr", "-0.1"], "--lr must be a finite number > 0, got -0.1"),

@@ -73,7 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(args.debug, f"{prefix} {one_line(err)}")
         return 2
     except KeyboardInterrupt:
-        print(f"{prefix} interrupted", file=sys.stderr)
+        folder = getattr(args, "checkpoint_dir", None)
+        print(f"{prefix} interrupted" + (f"; the checkpoints in {folder} are whole: the same "
+                                         f"command resumes from the last" if folder else ""),
+              file=sys.stderr)
         return 130
     except Exception as err:  # a failed run: one line, unless --debug
         _report(args.debug, f"{prefix} {type(err).__name__}: {one_line(err)} (--debug for "

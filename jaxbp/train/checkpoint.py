@@ -201,11 +201,12 @@ def save(
     final = path_for(directory, step)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, final)
+        with files.interrupts_deferred():      # a Ctrl-C here: raised once the file is whole
+            with os.fdopen(fd, "wb") as file:
+                np.savez(file, **arrays)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, final)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
