@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import user_warnings
+from jaxbp import files, user_warnings
 from jaxbp.train.checkpoint import CheckpointMismatchError, set_aside
 from jaxbp.types import PyTree
 
@@ -127,10 +127,12 @@ def save(directory: str | pathlib.Path, step: int, tree: PyTree,
     ocp = _orbax()
     manager = _manager(directory, keep)
     meta = {"layout": _layout(tree), "metadata": metadata or {}}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_storable(tree)),
-                                               meta=ocp.args.JsonSave(meta)), force=True)
-    manager.wait_until_finished()
-    manager.close()
+    with files.interrupts_deferred():     # a Ctrl-C here: raised once the step is finalised
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_storable(tree)), meta=ocp.args.JsonSave(meta)),
+            force=True)
+        manager.wait_until_finished()
+        manager.close()
     return path_for(directory, step)
 
 
