@@ -97,6 +97,7 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
                         f"models.gpt builds), got a {type(net).__name__}{first}")
     seq_len = net.input_shape[0]
     input_checks.check_params(net, params)
+    _check_causal(net.layers, "layers")
     tokens = _prompt_tokens(prompt, net.n_out)
     length = check_int("length", length, 0)
     if not (isinstance(temperature, int | float) and math.isfinite(temperature)
@@ -117,6 +118,19 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
         else:
             tokens.append(int(jnp.argmax(logits)))
     return tokens[start:]
+
+
+def _check_causal(chain: Sequence[Any], where: str) -> None:
+    """Every attention of the chain (inside Residuals too) causal: the window is right-padded
+    while shorter than seq_len, and a position that sees the ones after it would read the
+    padding (and a model trained to see the future has nothing to continue)."""
+    for i, layer in enumerate(chain):
+        if getattr(layer, "causal", True) is False:
+            raise ValueError(f"generate needs causal attention, but {where}[{i}] "
+                             f"({type(layer).__name__}) has causal=False: each position would "
+                             f"see the padding after it")
+        if hasattr(layer, "layers"):
+            _check_causal(layer.layers, f"{where}[{i}].layers")
 
 
 def _prompt_tokens(prompt: Any, vocab: int) -> list[int]:

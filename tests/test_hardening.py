@@ -269,6 +269,11 @@ def test_generate_and_num_batches_name_bad_input():
     for net, got in ((NET, "got a MLP"), (cnn, "got a Network whose first layer is a Conv2D")):
         with pytest.raises(TypeError, match=f"net must be a Network that takes tokens .*{got}"):
             jaxbp.models.generate(net, net.init(jax.random.key(0)), [1], 2)
+    seeing = jaxbp.models.gpt(5, 8, 1, 2, 4, causal=False)  # read the padding after a token
+    with pytest.raises(ValueError, match=r"generate needs causal attention, but "
+                                         r"layers\[1\]\.layers\[1\] \(SelfAttention\) has "
+                                         r"causal=False"):
+        jaxbp.models.generate(seeing, seeing.init(jax.random.key(0)), [1], 2)
     for n, size, words in ((5, 0, "batch_size must be an int >= 1, got 0"),
                            (-1, 2, "n must be an int >= 0, got -1"),
                            (5, 2.0, "batch_size must be an int >= 1, got 2.0")):
