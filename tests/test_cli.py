@@ -165,9 +165,12 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     assert code == 0 and "after 3 epochs" in out, out
     assert len(checkpoint.list_checkpoints(tmp_path / "ckpt")) == 3
     private = [a for a in argv if a not in ("--checkpoint-dir", str(tmp_path / "ckpt"))]
-    code = cli.main([*private, "--epochs", "1", "--dp", "--target-epsilon", "8"])
+    code = cli.main([*private, "--epochs", "1", "--dp", "--target-epsilon", "8",
+                     "--sample-temperature", "0.7", "--sample-length", "30"])
     out = capsys.readouterr().out
     assert code == 0 and "grad dp-sgd" in out and "bits/char)" in out, out
+    sample = out.split("sample (temperature 0.7, after 'the quick brown '):\n")[1]
+    assert len(sample.splitlines()[0]) <= 30 and len(sample.rstrip("\n")) == 30, sample
     assert 7 < float(out.split(", epsilon ")[1].split()[0]) <= 8, out
     assert cli.main(["train", "--model", "gpt", "--heads", "3", "--dim", "16"]) == 2
     assert "--heads 3 must divide --dim 16" in capsys.readouterr().err

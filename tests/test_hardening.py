@@ -640,6 +640,10 @@ class TestCommandLine:
         (["train", "--dim", "8"], "--dim shapes a GPT (--model gpt), but --model is mlp: its "
                                   "layers are --sizes"),                  # was silently unused
         (["train", "--model", "cnn", "--seq-len", "8"], "--seq-len shapes a GPT"),
+        (["train", "--sample-temperature", "1"], "--sample-temperature samples from a GPT "
+                                                 "(--model gpt), but --model is mlp"),
+        (["train", "--model", "gpt", "--sample-length", "-1"],
+         "--sample-length must be an integer >= 0, got -1"),
         (["verify", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),
         (["train", "--dp-microbatch", "8"], "--dp-microbatch needs --dp"),
         (["train", "--warmup-steps", "-1"], "--warmup-steps must be an integer >= 0, got -1"),

@@ -35,8 +35,9 @@ def _load_data(name: str, seed: int, seq_len: int | None = None):
         raise UsageError(f"--data: {err}") from None
 
 
-GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_block": None}
-"""``--model gpt``'s shape options and their defaults (None for another model: refused)."""
+GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_block": None,
+                "sample_length": 200, "sample_temperature": 0.0}
+"""``--model gpt``'s shape and sample options and their defaults (another model's: refused)."""
 
 FEEDBACK_RULES = {"fa": "feedback alignment", "dfa": "direct feedback alignment",
                   "sign": "sign symmetry"}
@@ -114,16 +115,21 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def _gpt_options(args: argparse.Namespace) -> None:
     """``--dim``, ``--depth``, ``--heads``, ``--seq-len`` and ``--attention-block`` shape a
-    GPT: their defaults filled in for one, refused for another model (not silently unused)."""
+    GPT, ``--sample-length`` and ``--sample-temperature`` its final sample: their defaults
+    filled in for one, refused for another model (not silently unused)."""
     for name, default in GPT_DEFAULTS.items():
         option = "--" + name.replace("_", "-")
         if args.model != "gpt" and getattr(args, name) is not None:
-            raise UsageError(f"{option} shapes a GPT (--model gpt), but --model is {args.model}"
-                             + (": its layers are --sizes" if args.model == "mlp" else ""))
+            verb = "samples from" if name.startswith("sample") else "shapes"
+            raise UsageError(f"{option} {verb} a GPT (--model gpt), but --model is "
+                             f"{args.model}" + (": its layers are --sizes"
+                                                if args.model == "mlp" else ""))
         if getattr(args, name) is None:
             setattr(args, name, default)
     if args.model == "gpt":
         positive("--seq-len", args.seq_len, integer=True)
+        positive("--sample-length", args.sample_length, integer=True, allow_zero=True)
+        positive("--sample-temperature", args.sample_temperature, allow_zero=True)
 
 
 def _mlp(args: argparse.Namespace, dataset: Any, loss: str) -> Any:

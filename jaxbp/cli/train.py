@@ -33,13 +33,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                             "maxpool 2, dense 64, dense n_out on square one-channel images "
                             "(digits as 8x8x1); gpt: a character-level GPT (--dim, --depth, "
                             "--heads, --seq-len) on a text, ending with a generated sample")
-    for option, what in (("dim", "width"), ("depth", "blocks"), ("heads", "attention heads"),
-                         ("seq_len", "context length")):
-        train.add_argument(f"--{option.replace('_', '-')}", type=int, default=None,
-                           help=f"gpt {what} ({GPT_DEFAULTS[option]})")
-    train.add_argument("--attention-block", type=int, default=None,
-                       help="gpt attention over this many keys at a time, its (T, T) softmax "
-                            "never kept (memory T x block; default: the plain form)")
+    _add_gpt_options(train)
     train.add_argument("--sizes", default=None,
                        help="comma-separated layer sizes (default n_in,256,256,n_out)")
     train.add_argument("--activation", default="relu", help="hidden activation (relu)")
@@ -77,6 +71,21 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
                             "size or data differ from the run that wrote it")
     _add_privacy_options(train)
     train.set_defaults(run=run)
+
+
+def _add_gpt_options(train: argparse.ArgumentParser) -> None:
+    """``--model gpt``'s shape and its final sample (refused for another model)."""
+    for option, what in (("dim", "width"), ("depth", "blocks"), ("heads", "attention heads"),
+                         ("seq_len", "context length"),
+                         ("sample_length", "characters of the sample generated at the end")):
+        train.add_argument(f"--{option.replace('_', '-')}", type=int, default=None,
+                           help=f"gpt {what} ({GPT_DEFAULTS[option]})")
+    train.add_argument("--attention-block", type=int, default=None,
+                       help="gpt attention over this many keys at a time, its (T, T) softmax "
+                            "never kept (memory T x block; default: the plain form)")
+    train.add_argument("--sample-temperature", type=float, default=None,
+                       help="gpt sample: 0 greedy (the default), else drawn from "
+                            "softmax(logits / temperature) with a key from --seed")
 
 
 def _add_privacy_options(train: argparse.ArgumentParser) -> None:
@@ -217,7 +226,7 @@ def _report(args: argparse.Namespace, net: Any, dataset: Any, result: Any,
                f"nothing was trained)" if done > args.epochs else "")
     print(f"{final} after {done} epochs{already} ({seconds:.1f} s in all)")
     if args.model == "gpt":
-        _print_sample(net, result.state.params, dataset)
+        _print_sample(args, net, result.state.params, dataset)
     if args.plot:
         print(f"wrote {args.plot}")
     if args.diagnostics:
@@ -231,10 +240,16 @@ def _n_params(net: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(net.param_shapes()))
 
 
-def _print_sample(net: Any, params: Any, dataset: Any, length: int = 200) -> None:
-    """A greedy continuation of the validation text's first line, by a jitted forward."""
+def _print_sample(args: argparse.Namespace, net: Any, params: Any, dataset: Any) -> None:
+    """A continuation of the validation text's first line, by a jitted forward: greedy, or
+    drawn at ``--sample-temperature`` (its key folded from the run's seed)."""
     from jaxbp import models
 
-    prompt = dataset.x_test[0][:16]
-    text = dataset.decode(models.generate(net, params, prompt.tolist(), length))
-    print(f"sample (greedy, after {dataset.decode(prompt)!r}):\n{text}")
+    if not args.sample_length:
+        return
+    prompt, temperature = dataset.x_test[0][:16], args.sample_temperature
+    key = jax.random.fold_in(jax.random.key(args.seed), 2) if temperature else None
+    text = dataset.decode(models.generate(net, params, prompt.tolist(), args.sample_length,
+                                          key=key, temperature=temperature))
+    how = f"temperature {temperature:g}" if temperature else "greedy"
+    print(f"sample ({how}, after {dataset.decode(prompt)!r}):\n{text}")
