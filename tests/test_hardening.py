@@ -599,6 +599,21 @@ def _cli(capsys, *argv):
 class TestCommandLine:
     """One line on stderr naming the option, file or value; 2 for usage, 1 for a failed run."""
 
+    def test_a_default_cache_folder_that_cannot_be_made_is_a_warning(self, capsys, tmp_path,
+                                                                       monkeypatch):
+        """A read-only or odd home (containers, CI) must not stop a run that named no cache;
+        a folder the user named is a usage error (above)."""
+        home = tmp_path / "home"
+        home.write_text("a file, so no ~/.cache can be made under it")
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.delenv("JAXBP_COMPILATION_CACHE")
+        code, out, err = _cli(capsys, "train", "--epochs", "1", "--sizes", "64,8,10", "--quiet")
+        assert code == 0 and "final test accuracy" in out, err
+        assert err.startswith("jaxbp train: warning: no compilation cache, so a rerun compiles "
+                              "again: --compilation-cache: cannot write in "), err
+        assert jax.config.jax_compilation_cache_dir is None or "home" not in str(
+            jax.config.jax_compilation_cache_dir)
+
     def test_ctrl_c_is_one_line_with_exit_130_saying_the_run_resumes(self, capsys, tmp_path,
                                                                       monkeypatch):
         def interrupted(*args, **kwargs):

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from jaxbp import compilation_cache
+from jaxbp import compilation_cache, user_warnings
 from jaxbp.cli import optimizer
 from jaxbp.cli.common import UsageError
 from jaxbp.cli.plan import FEEDBACK_RULES, GPT_DEFAULTS, plan_train
@@ -140,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         compilation_cache.enable(args.compilation_cache, name="--compilation-cache")
     except ValueError as err:
-        raise UsageError(str(err)) from None
+        if args.compilation_cache != str(compilation_cache.DEFAULT):  # the user's own folder
+            raise UsageError(str(err)) from None
+        # the built-in default (a read-only home, a container): the run goes on, compiling
+        user_warnings.warn(f"no compilation cache, so a rerun compiles again: {err} "
+                           f"(--compilation-cache DIR or off)")
     dataset, net = plan["dataset"], plan["net"]
     key = jax.random.key(args.seed)
     try:   # before any work: a rule that does not cover this net is a usage error
