@@ -28,6 +28,7 @@ from jaxbp.per_example import (
 )
 from jaxbp.train import checkpoint
 from jaxbp.train.fit import FitResult, fit
+from jaxbp.train.resume import load_params
 from jaxbp.train.step import TrainState, evaluate, make_train_loop, make_train_step
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ __all__ = [
     "layer_deltas",
     "layer_stats",
     "layers",
+    "load_params",
     "make_train_loop",
     "make_train_step",
     "models",

@@ -77,7 +77,8 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> pathl
         plt.close(fig)
 
 
-def _as_path(name: str, value: Any) -> pathlib.Path:
+def as_path(name: str, value: Any) -> pathlib.Path:
+    """``value`` as a Path, or a TypeError naming ``name`` (pathlib's names nothing)."""
     if not isinstance(value, str | os.PathLike):
         raise TypeError(f"{name} must be a path (str or os.PathLike), got "
                         f"{type(value).__name__}")
@@ -100,7 +101,7 @@ def require_file(what: str, path: str | os.PathLike[str]) -> pathlib.Path:
 def make_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.Path:
     """``folder``, made if missing; a file there, or a folder that cannot be made, is a
     ValueError naming ``name`` (not ``mkdir``'s FileExistsError or OSError)."""
-    folder = _as_path(name, folder)
+    folder = as_path(name, folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{name}: {str(folder)!r} is a file, expected a folder")
     try:
@@ -128,7 +129,7 @@ def check_writable_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.
 def check_figure_path(name: str, path: str | os.PathLike[str]) -> pathlib.Path:
     """``path`` can take a figure later: not a folder, its folder writable
     (:func:`check_writable_folder`), matplotlib installed (else an ImportError)."""
-    target = _as_path(name, path)
+    target = as_path(name, path)
     if target.is_dir():
         raise ValueError(f"{name}: {str(path)!r} is a folder, expected a file name such as "
                          f"{str(target / 'curves.png')!r}")

@@ -11,8 +11,10 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import jaxbp
 from jaxbp import cli
 from jaxbp.cli import optimizer
 from jaxbp.train import checkpoint
@@ -212,6 +214,14 @@ def test_train_on_a_one_device_mesh_with_sharded_checkpoints(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "resumed from" in out and "ckpt_000000002 (after epoch 2)" in out
     assert out.count("epoch   3/3") == 1 and "epoch   1/3" not in out
+    net = jaxbp.MLP((64, 16, 10), "relu")           # the trained params, for inference
+    with pytest.raises(ValueError, match=r"written by a mesh run .* pass the optimizer"):
+        jaxbp.load_params(tmp_path, net)
+    params, metadata = jaxbp.load_params(tmp_path, net, optimizer=optax.adam(1e-3))
+    digits = jaxbp.data.load_digits()
+    final = float(out.split("final test loss ")[1].split()[0])
+    assert metadata["epoch"] == 3 and abs(jaxbp.evaluate(net, params, digits.x_test,
+                                                         digits.y_test)["loss"] - final) < 1e-4
 
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"

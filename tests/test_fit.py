@@ -54,6 +54,25 @@ def test_nan_stops_with_the_step_and_layer(digits):
             progress=False)
 
 
+def test_the_trained_params_load_for_inference_without_the_optimizer(digits, tmp_path):
+    result = fit(NET, optax.adam(1e-3), digits, epochs=2, batch_size=256,
+                 key=jax.random.key(0), checkpoint_dir=tmp_path, progress=False)
+    params, metadata = jaxbp.load_params(tmp_path, NET)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result.state.params)):
+        np.testing.assert_array_equal(a, b)
+    assert metadata["epoch"] == 2 and metadata["history"]["test_loss"] == \
+        result.history["test_loss"]
+    for other in (jaxbp.MLP(NET.sizes, "tanh"), jaxbp.MLP((64, 8, 10), "relu")):
+        with pytest.raises(checkpoint.CheckpointMismatchError,
+                           match=r"was written by a run of MLP.*relu.*, not of MLP"):
+            jaxbp.load_params(tmp_path, other)          # a relu net's params, not a tanh's
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        jaxbp.load_params(tmp_path / "none", NET)
+    checkpoint.save(tmp_path / "other", 1, {"w": np.ones(2)})   # no run record, no state
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="holds no params of this net"):
+        jaxbp.load_params(tmp_path / "other", NET)
+
+
 @pytest.mark.slow
 def test_resume_after_epoch_3_is_bit_identical(digits, tmp_path):
     optimizer = optax.adam(1e-3)

@@ -212,13 +212,14 @@ def save(
         raise
     _fsync_directory(directory)
     if keep is not None:
-        upto = [p for p in list_checkpoints(directory) if _step_of(p) <= step]
+        upto = [p for p in list_checkpoints(directory) if step_of(p) <= step]
         for old in upto[:-keep]:
             old.unlink(missing_ok=True)
     return final
 
 
-def _step_of(path: pathlib.Path) -> int:
+def step_of(path: pathlib.Path) -> int:
+    """The step a checkpoint file is named for."""
     return int(_NAME.match(path.name).group(1))
 
 

@@ -15,7 +15,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxbp import user_warnings
+from jaxbp import files, user_warnings
+from jaxbp.mlp import MLP
+from jaxbp.network import Network
 from jaxbp.parallel import fetch
 from jaxbp.train import checkpoint
 from jaxbp.train.run_config import run_differences
@@ -86,3 +88,78 @@ def check_same_run(path: pathlib.Path, saved: dict[str, Any] | None, now: dict[s
         f"checkpoint {str(path)!r} was written by another run: " + "; ".join(differences)
         + ". Use another checkpoint folder, or pass allow_run_change=True "
           "(jaxbp train --allow-run-change) to resume it anyway")
+
+
+def load_params(directory: str | pathlib.Path, net: Any,
+                optimizer: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The params of the newest checkpoint that :func:`jaxbp.fit` (or ``jaxbp train``)
+    wrote in ``directory``, for ``net``: to evaluate, generate from or fine-tune a trained
+    model without rebuilding the state it trained in.
+
+    An ``.npz`` checkpoint (one device) holds the params at a fixed place of its tree
+    ``{"key", "state": TrainState(step, params, opt_state)}``: they are read there, checked
+    against ``net``'s structure, shapes and dtypes (and against the net of the run's
+    record), without the optimizer. A mesh run's sharded (orbax) checkpoint is read through
+    the whole state's template, so it needs the ``optimizer`` the run trained with.
+
+    Returns:
+      ``(params, metadata)``: params as ``net.init`` gives them (jax arrays) and the
+      checkpoint's metadata (``epoch``, ``history``, ``run``).
+
+    Raises:
+      FileNotFoundError: no checkpoint in ``directory``.
+      jaxbp.checkpoint.CheckpointMismatchError: another net's params (named).
+      ValueError: a sharded checkpoint and no ``optimizer``.
+    """
+    directory = files.as_path("directory", directory)
+    if not isinstance(net, MLP | Network):
+        raise TypeError(f"net must be a jaxbp.MLP or jaxbp.Network (the one the run trained), "
+                        f"got {type(net).__name__}")
+    shapes = jax.eval_shape(net.init, jax.random.key(0))
+    from jaxbp.train import sharded_checkpoint
+
+    npz = checkpoint.list_checkpoints(directory) if directory.is_dir() else []
+    sharded = sharded_checkpoint.list_steps(directory)
+    if not npz and not sharded:
+        raise FileNotFoundError(f"no checkpoint in {str(directory)!r} (fit's checkpoint_dir, "
+                                f"jaxbp train --checkpoint-dir)")
+    if sharded and (not npz or sharded[-1] > checkpoint.step_of(npz[-1])):
+        return _sharded_params(directory, net, shapes, optimizer)
+    leaves, header = checkpoint.read(npz[-1])
+    _check_run_net(npz[-1], header["metadata"], net)
+    treedef = jax.tree.structure(shapes)
+    expected = "PyTreeDef({'key': *, 'state': CustomNode(namedtuple[TrainState], [*, " \
+        + str(treedef)[len("PyTreeDef("):-1] + ", "
+    wanted = jax.tree.leaves(shapes)
+    got = leaves[2:2 + len(wanted)]
+    if not header["treedef"].startswith(expected) or any(
+            a.shape != w.shape or a.dtype != w.dtype for a, w in zip(got, wanted)):
+        raise checkpoint.CheckpointMismatchError(
+            f"checkpoint {str(npz[-1])!r} holds no params of this net: its tree is "
+            f"{header['treedef'][:200]}..., the net's params {treedef} with leaves "
+            f"{[(w.dtype.name, w.shape) for w in wanted]}")
+    return jax.tree.unflatten(treedef, [jax.numpy.asarray(a) for a in got]), header["metadata"]
+
+
+def _check_run_net(path: pathlib.Path, metadata: dict[str, Any], net: Any) -> None:
+    """The net the run recorded (a relu net's params are no tanh net's) is ``net``."""
+    recorded = (metadata.get("run") or {}).get("net")
+    if recorded is not None and recorded != repr(net):
+        raise checkpoint.CheckpointMismatchError(
+            f"checkpoint {str(path)!r} was written by a run of {recorded}, not of {net!r}")
+
+
+def _sharded_params(directory: str | pathlib.Path, net: Any, shapes: Any,
+                    optimizer: Any) -> tuple[Any, dict[str, Any]]:
+    if optimizer is None:
+        raise ValueError(f"the newest checkpoint in {str(directory)!r} was written by a mesh "
+                         f"run (sharded, orbax): pass the optimizer it trained with "
+                         f"(optimizer=...) to read it through the whole state")
+    params = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), shapes)
+    found = restore_latest(directory, TrainState.create(params, optimizer),
+                           jax.random.key(0), None)
+    if found is None:
+        raise FileNotFoundError(f"no readable checkpoint in {str(directory)!r}")
+    tree, metadata, path = found
+    _check_run_net(path, metadata, net)
+    return tree["state"].params, metadata
