@@ -280,7 +280,7 @@ def batches(
     """Mini-batches of ``(x, y)``, in an order fixed by ``key``.
 
     Args:
-      x: (n, n_in); y: (n, ...).
+      x: (n, n_in); y: (n, ...): arrays (NumPy or JAX; lists are read as NumPy arrays).
       batch_size: rows per batch, >= 1.
       key: a PRNG key; the order is ``jax.random.permutation(key, n)``, the
         same for the same key on every machine. None keeps the stored order.
@@ -292,8 +292,10 @@ def batches(
       ``(x_batch, y_batch)`` NumPy copies of ``batch_size`` rows (the last one
       possibly fewer), in the order of :func:`epoch_order`.
     """
-    if len(x) != len(y):
-        raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+    x, y = input_checks.as_array("x", x), input_checks.as_array("y", y)
+    if np.ndim(x) == 0 or np.ndim(y) == 0 or len(x) != len(y):
+        raise ValueError(f"x has shape {np.shape(x)} and y {np.shape(y)}: expected one row of "
+                         f"y per row of x")
     if key is not None:
         input_checks.check_key("key", key)
     full, tail = epoch_order(len(x), batch_size, key, drop_last)

@@ -134,8 +134,14 @@ class TestBatches:
     def test_bad_arguments(self):
         with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
             list(data.batches(np.zeros((2, 1)), np.zeros(2), 0))
-        with pytest.raises(ValueError, match="x has 2 rows but y has 3"):
+        with pytest.raises(ValueError, match=r"x has shape \(2, 1\) and y \(3,\): expected one "
+                                             r"row of y per row of x"):
             list(data.batches(np.zeros((2, 1)), np.zeros(3), 1))
+        # lists were indexed by an index array: "only integer scalar arrays can be converted"
+        pairs = list(data.batches([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], [0, 1, 2], 2))
+        np.testing.assert_array_equal(pairs[1][0], [[5.0, 6.0]])
+        with pytest.raises(TypeError, match="x must be a numeric array, got str"):
+            list(data.batches("abc", [0, 1, 2], 2))
 
 
 def test_load_text_ships_tiny_shakespeare_as_next_character_windows():
