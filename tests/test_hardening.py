@@ -36,8 +36,8 @@ def _small_data(n: int = 24, seed: int = 0, classes: int = 3) -> Dataset:
 
 def _fit(data=None, **kwargs):
     options = {"epochs": 1, "batch_size": 8, "key": jax.random.key(0), "progress": False}
-    return jaxbp.fit(NET, kwargs.pop("optimizer", optax.sgd(0.1)), data or _small_data(),
-                     **(options | kwargs))
+    return jaxbp.fit(kwargs.pop("net", NET), kwargs.pop("optimizer", optax.sgd(0.1)),
+                     data or _small_data(), **(options | kwargs))
 
 
 class TestLabels:
@@ -331,6 +331,16 @@ class TestFitArguments:
                             "data.x_test has 0 rows and data.y_test 0")):
             with pytest.raises(ValueError, match=words):
                 _fit(bad)
+
+    def test_float16_params_with_an_optimizer_that_divides_zero_by_zero_are_refused(self):
+        """Were a FloatingPointError at step 2 blaming the gradient and the learning rate:
+        adam's eps is 0 in float16, so a zero gradient entry updated by 0/0."""
+        net = jaxbp.MLP((4, 8, 3), "tanh", dtype="float16")
+        with pytest.raises(ValueError, match=r"the optimizer's update of a zero gradient is "
+                                             r"not finite for float16 params"):
+            _fit(net=net, optimizer=optax.adam(1e-3))
+        for optimizer in (optax.adam(1e-3, eps=1e-4), optax.sgd(0.1)):   # these hold
+            assert np.isfinite(_fit(net=net, optimizer=optimizer).history["train_loss"][-1])
 
     def test_the_data_sets_shapes_are_named_as_the_data(self):
         data = _small_data()   # were "x has shape (2, 4, 1, 1)" (a chunk) and "NoneType has no len"

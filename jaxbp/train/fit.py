@@ -197,6 +197,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     """:func:`fit` on checked arguments, with the checkpoint folder locked."""
     key_init, key_data = jax.random.split(key)
     state = TrainState.create(net.init(key_init) if params is None else params, optimizer)
+    fit_checks.optimizer_in_half_precision(optimizer, state)
     shardings = None if mesh is None else parallel.state_shardings(state, mesh, net=net)
     if shardings is not None:
         state = jax.device_put(jax.tree.map(np.asarray, state), shardings)

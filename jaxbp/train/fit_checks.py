@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jaxbp import files, input_checks, parallel
 from jaxbp.data import Dataset
@@ -48,6 +49,28 @@ def run_record(run_config: Any) -> None:
                                        and all(isinstance(k, str) for k in run_config)):
         raise TypeError(f"run_config must be None or a dict with str keys (entries for the "
                         f"run's record), got {type(run_config).__name__}")
+
+
+def optimizer_in_half_precision(optimizer: Any, state: Any) -> None:
+    """Params in float16/bfloat16: the optimizer's update of a zero gradient is finite. In
+    float16 adam's eps (1e-8) rounds to 0, so every gradient entry that is exactly 0 (a
+    dead relu, a pixel that is 0 in every image) updates by 0/0: NaN params after the
+    first step, which the step then reported as a NaN gradient. One update, before any."""
+    if jax.tree.leaves(state.params)[0].dtype not in (jnp.float16, jnp.bfloat16):
+        return
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    try:
+        updates = optimizer.update(zeros, state.opt_state, state.params)[0]
+    except Exception:   # an optimizer that needs more (K-FAC's factors) is left to the step
+        return
+    if not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)):
+        dtype = jax.tree.leaves(state.params)[0].dtype
+        raise ValueError(f"the optimizer's update of a zero gradient is not finite for "
+                         f"{dtype} params (adam's eps 1e-8 is 0 in float16: 0/0), so training "
+                         f"would turn the params NaN at the first step: keep float32 params "
+                         f"and compute in {dtype} (MLP/Network(..., "
+                         f"compute_dtype='{dtype}')), or give the optimizer an eps {dtype} "
+                         f"holds (optax.adam(lr, eps=1e-4))")
 
 
 def flags(**values: Any) -> None:
