@@ -196,11 +196,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
          ) -> FitResult:
     """:func:`fit` on checked arguments, with the checkpoint folder locked."""
     key_init, key_data = jax.random.split(key)
-    state = TrainState.create(net.init(key_init) if params is None else params, optimizer)
-    fit_checks.optimizer_in_half_precision(optimizer, state)
-    shardings = None if mesh is None else parallel.state_shardings(state, mesh, net=net)
-    if shardings is not None:
-        state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
+    state, shardings = _initial_state(net, optimizer, params, key_init, mesh)
     history: dict[str, list[Any]] = {name: [] for name in HISTORY_KEYS}
     private, recorded = None, grad
     if privacy is not None:
@@ -296,6 +292,18 @@ def _resumed_privately(private: train_private.Plan | None, metadata: dict, done:
         grad = private.gradient(jax.random.fold_in(key, _NOISE_KEY))
         _say(progress, notice)
     return private, grad
+
+
+def _initial_state(net: MLP, optimizer: optax.GradientTransformation, params: Params | None,
+                   key: PRNGKey, mesh: Any) -> tuple[TrainState, Any]:
+    """The step-0 state (``net.init(key)`` unless ``params`` are given), checked against the
+    optimizer in half precision, and placed on the mesh's shardings (None without one)."""
+    state = TrainState.create(net.init(key) if params is None else params, optimizer)
+    fit_checks.optimizer_in_half_precision(optimizer, state)
+    shardings = None if mesh is None else parallel.state_shardings(state, mesh, net=net)
+    if shardings is not None:
+        state = jax.device_put(jax.tree.map(np.asarray, state), shardings)
+    return state, shardings
 
 
 def _restore(directory: Any, state: TrainState, key: PRNGKey, shardings: Any,
