@@ -11,13 +11,16 @@
 #   1. jaxbp bench --quick: the CNNs (with a max pool), the bf16 MLPs, the GPT-2-small
 #      step, the other MLPs, in float32, bf16-operands and bf16, each against jax.grad of
 #      the same recipe                                                     45% of the budget
-#   2. benchmarks/per_example_gpt.py --gpt2-small (the clipped step of a GPT-2-small-shaped
+#   2. benchmarks/step_hlo.py: both compiled steps of the bf16 W4096 D4 B8192 MLP, their
+#      optimized HLO and a table of their kernels, matmul and reduction types (compiled,
+#      not run: where the bf16 MLPs' 1.05-1.13x against jax.grad is)     5% of what is left
+#   3. benchmarks/per_example_gpt.py --gpt2-small (the clipped step of a GPT-2-small-shaped
 #      model vs a plain one, tokens/s)                                     15% of what is left
-#   3. benchmarks/fit_overhead.py (fit vs the bare loop)                  15% of what is left
-#   4. jaxbp verify in float32 and bfloat16 (6 cases each)                17% of what is left
-#   5. the fast tests (pytest -m "not slow", xdist workers, every failure named)  the rest
+#   4. benchmarks/fit_overhead.py (fit vs the bare loop)                  15% of what is left
+#   5. jaxbp verify in float32 and bfloat16 (6 cases each)                17% of what is left
+#   6. the fast tests (pytest -m "not slow", xdist workers, every failure named)  the rest
 # and writes one report, DIR/accelerator_<device kind>.md (default DIR benchmarks/results),
-# beside the parts' own tables (9 files in all). The max pool's backward
+# beside the parts' own tables (12 files in all). The max pool's backward
 # (benchmarks/pool_backward.py) was measured on an H200 and is not repeated here. Each part's exit status is recorded (124:
 # stopped by its limit); the script exits non-zero if any part failed or ran out of time.
 set -uo pipefail
@@ -79,6 +82,9 @@ limit=$(share 45)
 section "step benchmark (--quick: CNNs, bf16 MLPs, GPT-2 small, other MLPs; three recipes), default matmul precision" \
     "$limit" python -m jaxbp.cli bench --quick --time-limit $(( limit * 3 / 4 )) --budget 0.4 \
         --out "$out" --name "step_quick_${kind}"
+limit=$(share 5)
+section "compiled train step, bf16 W4096 D4 B8192, backprop vs jax.grad (HLO, not timed)" \
+    "$limit" python benchmarks/step_hlo.py --out "$out"
 limit=$(share 15)
 section "clipped step of a GPT-2-small-shaped model" "$limit" \
     python benchmarks/per_example_gpt.py --gpt2-small --budget 0.5 --out "$out"
@@ -92,6 +98,6 @@ limit=$(share 100)
 section "tests (not slow)" "$limit" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
     python -m pytest -m "not slow" -q -rf -p no:cacheprovider -n "$(( $(nproc) > 12 ? 12 : $(nproc) ))"
 echo
-echo "wrote $report (and step_quick_${kind}.md/json/png, clipped_gpt2_small, fit_overhead in $out) in" \
+echo "wrote $report (and step_quick_${kind}.md/json/png, step_hlo, clipped_gpt2_small, fit_overhead in $out) in" \
      "$(( $(date +%s) - start )) s of ${budget} s"
 exit $failed

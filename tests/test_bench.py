@@ -293,3 +293,31 @@ def test_peaks_table_and_the_arithmetic_that_runs():
     assert peaks.matmul_arithmetic("tpu", "float32", "highest") == "bf16x6"
     assert peaks.matmul_arithmetic("cpu", "float32", "default") == "fp32"
     assert peaks.matmul_arithmetic("gpu", "bfloat16", "highest") == "bf16"
+
+
+def test_the_compiled_step_tables_count_both_programs(tmp_path, monkeypatch):
+    """benchmarks/step_hlo.py, for the GPU run (issue 24's bf16 MLP gap): both steps of a
+    small bf16 MLP compiled (not run), their HLO written, and the table counting the same
+    matmuls for both, since the hand-written step runs the matmuls jax.grad runs."""
+    import pathlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parent.parent
+                                    / "benchmarks"))
+    import step_hlo
+
+    monkeypatch.setattr(sys, "argv", ["step_hlo.py", "--width", "32", "--depth", "2",
+                                      "--batch", "16", "--out", str(tmp_path)])
+    step_hlo.main()
+    platform = jax.devices()[0].platform
+    table = (tmp_path / f"step_hlo_{platform}_w32_d2_b16_bf16.md").read_text()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+             if line.startswith("| ")]
+    rows = {row[0]: row[1:3] for row in cells}
+    matmuls = {row: counts for row, counts in rows.items() if row.startswith("matmul:")}
+    assert sum(int(b) for b, _ in matmuls.values()) == 5   # 2 forward, 1 error, 2 wgrad
+    assert all(b == a for b, a in matmuls.values()), matmuls
+    assert any(row.startswith("kernel:") for row in rows)
+    for grad in ("backprop", "autodiff"):
+        assert "HloModule" in (tmp_path / f"step_hlo_{platform}_w32_d2_b16_bf16_{grad}.txt"
+                               ).read_text()
