@@ -27,8 +27,10 @@ def interrupts_deferred() -> Iterator[None]:
     ``KeyboardInterrupt`` it is. Inside a write, a library's own clean-up turns the
     interrupt into its error (numpy's ``savez`` closing its zip: "Can't close the ZIP
     file while there is an open writing handle"), which is what the user was then told.
-    Python runs signal handlers in the main thread only; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
+    Python runs signal handlers in the main thread only; elsewhere (and where SIGINT's
+    handler was not set from Python, so it cannot be put back) this does nothing."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is None:   # a handler set outside Python
         yield
         return
     frames: list[Any] = []
