@@ -45,7 +45,8 @@ METHOD = (
     "own channels, each conv credited at its own shapes' rates) in the same recipe, the "
     "best of "
     "three loops (a chain of products, the chain unrolled, independent products "
-    "unrolled) so that no loop overhead lowers it; `roofline`: "
+    "unrolled) so that no loop overhead lowers it, measured half before and half after "
+    "the step's timing and the faster kept; `roofline`: "
     "the time those rates need for the step's matmuls / the step's time. "
 )
 """How the table was measured (the paragraph under the machine line)."""
