@@ -321,3 +321,36 @@ def test_the_compiled_step_tables_count_both_programs(tmp_path, monkeypatch):
     for grad in ("backprop", "autodiff"):
         assert "HloModule" in (tmp_path / f"step_hlo_{platform}_w32_d2_b16_bf16_{grad}.txt"
                                ).read_text()
+
+
+def test_the_roof_of_every_recipe_is_measured_and_on_a_cpu_also_in_float32(monkeypatch):
+    """Each recipe's roof rates are measured (the bf16 recipe's float32 way gives float32
+    outputs: a bf16 preferred type of float32 operands is refused by JAX, which stopped a
+    quick run); on a CPU the faster of bf16 and float32 operands is kept."""
+    from jaxbp.bench import suite
+    from jaxbp.bench.suite import BenchCase, ConvCase
+
+    asked = []
+
+    def fake_rate(shape, dtype, compute_dtype, budget_s, precision, out_dtype):
+        asked.append((compute_dtype, out_dtype))
+        return 2.0 if compute_dtype is None else 1.0          # float32 the faster here
+
+    monkeypatch.setattr(suite, "gemm_rate", fake_rate)
+    monkeypatch.setattr(suite, "conv_rate", fake_rate)
+    cpu = jax.devices()[0].platform == "cpu"       # elsewhere bf16 operands have their rate
+    for recipe in ("float32", "bf16-operands", "bf16"):
+        own = (None, None) if recipe == "float32" else (
+            "bfloat16", "bfloat16" if recipe == "bf16" else None)
+        for case in (BenchCase(16, 2, 8, precision=recipe),
+                     ConvCase(6, 2, 4, 2, 4, precision=recipe)):
+            asked.clear()
+            rates = suite._roof_rates(case, 0.01, None)
+            ways = {own, (None, None)} if cpu else {own}
+            assert set(asked) == ways, (recipe, asked)
+            assert set(rates.values()) == {2.0 if (None, None) in ways else 1.0}, rates
+    # and the real loops take each way's dtypes (the bf16 case with float32 operands ran
+    # into JAX's "preferred_element_type must not be narrower")
+    monkeypatch.undo()
+    rates = suite._roof_rates(BenchCase(16, 2, 8, precision="bf16"), 0.01, None)
+    assert all(r > 0 for r in rates.values())

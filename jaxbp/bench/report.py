@@ -46,7 +46,8 @@ METHOD = (
     "best of "
     "three loops (a chain of products, the chain unrolled, independent products "
     "unrolled) so that no loop overhead lowers it, measured half before and half after "
-    "the step's timing and the faster kept; `roofline`: "
+    "the step's timing and the faster kept (on a CPU, which widens bf16 operands, also "
+    "with float32 operands, the faster kept); `roofline`: "
     "the time those rates need for the step's matmuls / the step's time. "
 )
 """How the table was measured (the paragraph under the machine line)."""
