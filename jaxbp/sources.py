@@ -99,13 +99,19 @@ def _no_mask(name: str, mask: Array | None) -> None:
                         f"Poisson-sampled batches")
 
 
+def check_mask(name: str, mask: Any, shape: tuple[int, ...], rows: str) -> Array:
+    """A padded batch's mask (or a loop's masks) as an array: booleans of ``shape``, one per
+    row of ``rows`` (a shorter one broadcast, an int or a float one weighed the rows)."""
+    mask = input_checks.as_array(name, mask)
+    if tuple(jnp.shape(mask)) != tuple(shape) or jnp.result_type(mask) != jnp.bool_:
+        raise ValueError(f"{name} must be booleans of shape {tuple(shape)} (one per row of "
+                         f"{rows}), got {jnp.result_type(mask)} {tuple(jnp.shape(mask))}")
+    return jnp.asarray(mask)
+
+
 def _check_mask(mask: Any, x: Array) -> None:
-    """A padded batch's mask: booleans, one per row of x (a shorter one broadcast, an int
-    or a float one weighed the rows)."""
-    if mask is not None and (jnp.shape(mask) != jnp.shape(x)[:1]
-                             or jnp.result_type(mask) != jnp.bool_):
-        raise ValueError(f"mask must be booleans of shape {jnp.shape(x)[:1]} (one per row of "
-                         f"x), got {jnp.result_type(mask)} {jnp.shape(mask)}")
+    if mask is not None:
+        check_mask("mask", mask, jnp.shape(x)[:1], "x")
 
 
 def _unmasked(name: str, value_grads_and_output: Any) -> GradientSource:

@@ -91,6 +91,13 @@ def test_masked_dp_sgd_divides_by_the_expected_batch_and_ignores_padding():
             with pytest.raises(ValueError, match=r"mask must be booleans of shape \(8,\) "
                                                  r"\(one per row of x\), got"):
                 masked(NET, params, jnp.asarray(X), jnp.asarray(Y), 0, mask=bad)
+    loop = jaxbp.make_train_loop(NET, optax.sgd(0.1), steps=2, grad=source, donate=False)
+    state = jaxbp.TrainState.create(params, optax.sgd(0.1))
+    xs, ys = np.stack([X, X]), np.stack([Y, Y])           # the loop's masks, the same check
+    with pytest.raises(ValueError, match=r"masks must be booleans of shape \(2, 8\) \(one "
+                                         r"per row of xs\), got int32 \(2, 8\)"):
+        loop(state, xs, ys, np.ones((2, 8), np.int32))
+    assert int(loop(state, xs, ys, np.stack([mask, mask]))[1]["batch_size"][0]) == 5
 
 
 @pytest.mark.parametrize("old, call, new", [

@@ -297,7 +297,8 @@ def restore(path: str | pathlib.Path, template: PyTree) -> tuple[PyTree, dict[st
         # shapes and dtypes only: the template's values stay where they are (no host copy)
         expected = jax.eval_shape(jax.random.key_data, like) if is_key else like
         shape = tuple(np.shape(expected))
-        dtype = np.dtype(getattr(expected, "dtype", None) or np.result_type(expected))
+        dtype = np.dtype(expected.dtype if hasattr(expected, "dtype")    # arrays, structs
+                         else np.result_type(expected))                  # Python numbers
         if leaf.shape != shape or leaf.dtype != dtype:
             problems.append(f"leaf {jax.tree_util.keystr(where) or '(the root)'} is "
                             f"{leaf.dtype}{list(leaf.shape)}, template {dtype}{list(shape)}")

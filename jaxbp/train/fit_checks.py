@@ -56,7 +56,8 @@ def optimizer_in_half_precision(optimizer: Any, state: Any) -> None:
     float16 adam's eps (1e-8) rounds to 0, so every gradient entry that is exactly 0 (a
     dead relu, a pixel that is 0 in every image) updates by 0/0: NaN params after the
     first step, which the step then reported as a NaN gradient. One update, before any."""
-    if jax.tree.leaves(state.params)[0].dtype not in (jnp.float16, jnp.bfloat16):
+    dtype = jax.tree.leaves(state.params)[0].dtype
+    if dtype not in (jnp.float16, jnp.bfloat16):
         return
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     try:
@@ -64,7 +65,6 @@ def optimizer_in_half_precision(optimizer: Any, state: Any) -> None:
     except Exception:   # an optimizer that needs more (K-FAC's factors) is left to the step
         return
     if not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)):
-        dtype = jax.tree.leaves(state.params)[0].dtype
         raise ValueError(f"the optimizer's update of a zero gradient is not finite for "
                          f"{dtype} params (adam's eps 1e-8 is 0 in float16: 0/0), so training "
                          f"would turn the params NaN at the first step: keep float32 params "

@@ -103,15 +103,6 @@ def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: Gra
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def _checked_masks(masks: Any, batch_shape: tuple[int, ...]) -> Array:
-    """masks: booleans of the batch shape, (k, batch) or (batch,)."""
-    masks = input_checks.as_array("masks", masks)
-    if np.shape(masks) != tuple(batch_shape) or masks.dtype != jnp.bool_:
-        raise ValueError(f"masks must be booleans of shape {tuple(batch_shape)} (one per row "
-                         f"of xs), got {masks.dtype} {np.shape(masks)}")
-    return jnp.asarray(masks)
-
-
 def sample_rank(net: MLP | Network) -> int:
     """The rank of one input sample: 1 for an MLP, ``len(input_shape)`` for a Network."""
     return len(net.input_shape)
@@ -252,7 +243,8 @@ def make_train_loop(
         xs, ys = (jnp.asarray(xs, x0.dtype), jnp.asarray(ys, y0.dtype)) if per_step else (x0, y0)
 
         if masks is not None:
-            masks = _checked_masks(masks, np.shape(xs)[:np.ndim(xs) - sample_rank(net)])
+            masks = sources.check_mask("masks", masks,
+                                       np.shape(xs)[:np.ndim(xs) - sample_rank(net)], "xs")
 
         def body(state: TrainState, batch: tuple[Array, ...] | None):
             x, y, mask = batch if per_step else (xs, ys, masks)
