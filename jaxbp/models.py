@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp import input_checks, layers, network
+from jaxbp.layers.chain import records
 from jaxbp.network import Network
 from jaxbp.types import Array, check_bool, check_int
 
@@ -124,13 +125,11 @@ def _check_causal(chain: Sequence[Any], where: str) -> None:
     """Every attention of the chain (inside Residuals too) causal: the window is right-padded
     while shorter than seq_len, and a position that sees the ones after it would read the
     padding (and a model trained to see the future has nothing to continue)."""
-    for i, layer in enumerate(chain):
+    for place, layer, _ in records(chain, where):
         if getattr(layer, "causal", True) is False:
-            raise ValueError(f"generate needs causal attention, but {where}[{i}] "
+            raise ValueError(f"generate needs causal attention, but {place} "
                              f"({type(layer).__name__}) has causal=False: each position would "
                              f"see the padding after it")
-        if hasattr(layer, "layers"):
-            _check_causal(layer.layers, f"{where}[{i}].layers")
 
 
 def _prompt_tokens(prompt: Any, vocab: int) -> list[int]:

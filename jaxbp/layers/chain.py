@@ -13,7 +13,7 @@ and every layer reads its parameter gradient from its cached input and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -98,14 +98,24 @@ PER_SAMPLE = ("per_sample_grads", "per_sample_sq_norms")
 """The per-sample methods every record with parameters has (:class:`LayerRecord`)."""
 
 
+def records(layers: tuple[Any, ...], where: str = "layers",
+            params: Any = None) -> Iterator[tuple[str, Any, Any]]:
+    """``(place, record, its params)`` of every record that is not a block, the records
+    inside blocks (a Residual's chain) included, in order; params None when not given."""
+    for i, layer in enumerate(layers):
+        p = None if params is None else params[i]
+        inner = getattr(layer, "layers", None)
+        if isinstance(inner, tuple):                                # a block: its chain
+            yield from records(inner, f"{where}[{i}].layers", p)
+        else:
+            yield f"{where}[{i}]", layer, p
+
+
 def require_per_sample(layers: tuple[Any, ...], params: Any, where: str, quantity: str) -> None:
     """Every layer with parameters, inner layers of a block too, has :data:`PER_SAMPLE`:
     else the uniform :class:`LayerError` naming it (a record of one's own may leave them
     out until a per-example quantity asks; an AttributeError said nothing of why)."""
-    for i, (layer, p) in enumerate(zip(layers, params)):
-        inner = getattr(layer, "layers", None)
-        if isinstance(inner, tuple) and isinstance(p, tuple):   # a block: its chain
-            require_per_sample(inner, p, f"{where}[{i}].layers", quantity)
-        elif jax.tree.leaves(p):
+    for place, layer, p in records(layers, where, params):
+        if jax.tree.leaves(p):
             for name in PER_SAMPLE:
-                capability(layer, name, f"{where}[{i}]", quantity)
+                capability(layer, name, place, quantity)
