@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp import value_checks
 from jaxbp.types import Array, Params
 
 if TYPE_CHECKING:
@@ -123,15 +124,15 @@ def check_y(net: MLP, y: Any, batch: int, name: str = "y") -> Any:
             raise TypeError(f"{name} of shape {shape} is read as class labels and must have "
                             f"an integer dtype, got {y.dtype}; pass one-hot targets of shape "
                             f"({batch}, {n_out}) for soft labels")
-        check_target_values(net, y, name)
+        value_checks.check_target_values(net, y, name)
         return y
     if shape != (batch, n_out):
         allowed = f"({batch}, {n_out})"
         if loss.integer_labels:
             allowed += f" or ({batch},) integer labels"
         raise ValueError(f"{name} has shape {shape} but expected {allowed} for loss "
-                         f"{net.loss!r}: batch of x = {batch}, {_n_out_words(net)}")
-    check_target_values(net, y, name)
+                         f"{net.loss!r}: batch of x = {batch}, {value_checks.n_out_words(net)}")
+    value_checks.check_target_values(net, y, name)
     return y
 
 
@@ -151,7 +152,7 @@ def _check_sequence_y(net: Any, y: Any, batch: int, name: str) -> Any:
         if not jnp.issubdtype(y.dtype, jnp.integer):
             raise TypeError(f"{name} of shape {shape} is read as token labels and must have "
                             f"an integer dtype, got {y.dtype}")
-        check_target_values(net, y, name)
+        value_checks.check_target_values(net, y, name)
         return y
     if shape != (batch, steps, n_out):
         allowed = f"({batch}, {steps}, {n_out})"
@@ -160,102 +161,8 @@ def _check_sequence_y(net: Any, y: Any, batch: int, name: str) -> Any:
         raise ValueError(f"{name} has shape {shape} but expected {allowed} for loss "
                          f"{net.loss!r} on a sequence output: batch of x = {batch}, T = {steps}, "
                          f"n_out = {n_out}")
-    check_target_values(net, y, name)
+    value_checks.check_target_values(net, y, name)
     return y
-
-
-def _is_concrete(value: Any) -> bool:
-    return not isinstance(value, jax.core.Tracer)
-
-
-def _first_bad(bad: Any) -> tuple[int, int]:
-    """(count, first flat index) of a boolean mask, host or device (one small sync).
-
-    Under an outer ``jax.jit`` even a closed-over concrete array gives a traced mask:
-    its values are not known at trace time, so nothing is reported (0, 0).
-    """
-    if isinstance(bad, jax.core.Tracer):
-        return 0, 0
-    if isinstance(bad, jax.Array):
-        count, first = jax.device_get((jnp.sum(bad), jnp.argmax(jnp.ravel(bad))))
-        return int(count), int(first)
-    flat = np.flatnonzero(bad)
-    return int(flat.size), int(flat[0]) if flat.size else 0
-
-
-def target_tolerance(dtype: Any) -> float:
-    """How far a target value may sit from a bound (0, 1, a row sum of 1) in ``dtype``.
-
-    Rounding each of a row's probabilities ``p_j`` to the dtype moves their sum by at
-    most ``sum_j p_j eps / 2 = eps / 2``, and a softmax computed in the dtype can
-    exceed 1 by an ulp; so the bounds hold within ``eps`` of the dtype (bfloat16:
-    7.8e-3, float16: 9.8e-4), and never tighter than 1e-3 for row sums.
-    """
-    dtype = np.dtype(dtype)
-    return float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
-
-
-def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
-    """Check the values of concrete targets against the loss (tracers are left alone).
-
-    * integer labels (softmax cross-entropy): in ``[0, n_out)``; another value
-      selects no class and would count as a zero loss;
-    * sigmoid cross-entropy targets: probabilities in ``[-tol, 1 + tol]``;
-    * softmax cross-entropy rows: probabilities in ``[-tol, 1 + tol]`` summing to 1
-      within ``max(1e-3, tol)``; other targets give a loss that can go negative.
-
-    ``tol`` is :func:`target_tolerance` of ``y``'s dtype (the rounding of the
-    targets' own dtype: soft labels in bfloat16 or float16 are never refused).
-    Host arrays are checked in NumPy; a device array with one reduction and one
-    small transfer. Inside ``jax.jit`` values are unknown: compiled train
-    steps report bad labels as the ``invalid_labels`` metric instead.
-
-    Raises:
-      ValueError: naming the first bad entry and how many there are.
-    """
-    if not _is_concrete(y):
-        return
-    xp = jnp if isinstance(y, jax.Array) else np
-    n_out = net.n_out
-    name = net.loss
-    if np.ndim(y) == label_rank(net) == 2 and jnp.issubdtype(y.dtype, jnp.integer):
-        count, i = _first_bad((y < -1) | (y >= n_out))
-        if count:
-            row = np.unravel_index(i, np.shape(y))
-            raise ValueError(f"{what} holds labels outside [-1, {n_out}) (-1: an ignored "
-                             f"token): {what}[{row[0]}, {row[1]}] = {int(y[row])} ({count} out "
-                             f"of range); n_out = {n_out}")
-        return
-    if np.ndim(y) == 1 and jnp.issubdtype(y.dtype, jnp.integer):
-        count, i = _first_bad((y < 0) | (y >= n_out))
-        if count:
-            raise ValueError(f"{what} holds labels outside [0, {n_out}): {what}[{i}] = "
-                             f"{int(y[i])} ({count} out of range); {_n_out_words(net)}")
-        return
-    loss = net.loss_fn
-    if not loss.probability_targets:
-        return
-    tol = target_tolerance(y.dtype)
-    count, i = _first_bad(~((y >= -tol) & (y <= 1 + tol)))
-    if count:
-        row = np.unravel_index(i, np.shape(y))
-        raise ValueError(f"{what} must hold probabilities in [0, 1] for loss {name!r} "
-                         f"(within {tol:.2g} for {y.dtype}): "
-                         f"{what}[{', '.join(map(str, row))}] = {float(y[row])} ({count} "
-                         f"outside); squared-error targets with a cross-entropy give a loss "
-                         f"that can go negative")
-    if loss.normalised_targets:
-        sum_tol = max(1e-3, tol)
-        sums = xp.sum(y, axis=-1, dtype=xp.float32)
-        count, i = _first_bad(xp.abs(sums - 1) > sum_tol)
-        if count:
-            raise ValueError(f"{what} rows must sum to 1 (one-hot or probabilities) for loss "
-                             f"{name!r} (within {sum_tol:.2g} for {y.dtype}): row {i} sums "
-                             f"to {float(sums[i]):.6g} ({count} rows do not)")
-
-
-def _n_out_words(net: Any) -> str:
-    return f"n_out = sizes[-1] = {net.n_out}" if hasattr(net, "sizes") else f"n_out = {net.n_out}"
 
 
 def _check_network_x(net: Any, x: Any, name: str) -> Any:
@@ -272,40 +179,24 @@ def _check_network_x(net: Any, x: Any, name: str) -> Any:
     if len(shape) != len(expected) + 1 or shape[1:] != expected:
         wanted = ", ".join(map(str, expected))
         raise ValueError(f"{name} has shape {shape} but expected (batch, {wanted}): a batch "
-                         f"of samples of input_shape {expected}")
+                         f"of samples of input_shape {expected}{_sequence_hint(net, shape)}")
     if shape[0] < 1:
         raise ValueError(f"{name} has shape {shape}: the batch is empty, expected at least "
                          f"1 row")
-    check_token_values(net, x, name)
+    value_checks.check_token_values(net, x, name)
     return x
 
 
-def token_vocab(net: Any) -> int | None:
-    """The vocab of a network whose first layer takes integer tokens (an Embedding: a
-    Network has an integer ``input_dtype`` exactly then), else None."""
-    if getattr(net, "input_dtype", None) is None:
-        return None
-    return net.layers[0].vocab
-
-
-def check_token_values(net: Any, x: Any, what: str = "x") -> None:
-    """Concrete tokens of a network that starts with an Embedding: in ``[0, vocab)``.
-    Another value selects no row of the table: indexing would clamp it (or, negative,
-    count from the end) to another token's row, silently. Host arrays in NumPy, a device
-    array with one reduction; tracers are left alone.
-
-    Raises:
-      ValueError: naming the first bad token and how many there are.
-    """
-    vocab = token_vocab(net)
-    if vocab is None or not _is_concrete(x):
-        return
-    count, i = _first_bad((x < 0) | (x >= vocab))
-    if count:
-        at = np.unravel_index(i, np.shape(x))
-        raise ValueError(f"{what} holds tokens outside [0, {vocab}): "
-                         f"{what}[{', '.join(map(str, at))}] = {int(x[at])} ({count} out of "
-                         f"range); the Embedding's vocab is {vocab}")
+def _sequence_hint(net: Any, shape: tuple[int, ...]) -> str:
+    """For a network on tokens given sequences of another length T: the network for them
+    (the params do not depend on T; a positions table serves any T up to its rows)."""
+    if net.input_dtype is None or len(shape) != 2 or shape[1] < 1:
+        return ""
+    steps, positions = shape[1], net.layers[0].positions
+    if positions is not None and steps > positions:
+        return f"; its Embedding has {positions} positions, fewer than {steps}"
+    return (f"; the same params serve sequences of {steps} tokens in "
+            f"dataclasses.replace(net, input_shape=({steps},))")
 
 
 @functools.lru_cache(maxsize=64)
@@ -388,12 +279,7 @@ def check_inputs(net: MLP, params: Any, x: Any, y: Any = None) -> tuple[Array, A
     x = check_x(net, x)
     if y is not None:
         y = check_y(net, y, _shape(x)[0])
-        labels = jnp.issubdtype(y.dtype, jnp.integer) and np.ndim(y) == label_rank(net)
+        labels = jnp.issubdtype(y.dtype, jnp.integer) and np.ndim(y) == value_checks.label_rank(net)
         y = jnp.asarray(y) if labels else jnp.asarray(y, dtype=dtype)
     tokens = getattr(net, "input_dtype", None)
     return jnp.asarray(x, dtype=tokens or dtype), y
-
-
-def label_rank(net: Any) -> int:
-    """The rank of integer class labels: (batch,), or (batch, T) for a sequence output."""
-    return 2 if getattr(net, "is_sequence", False) else 1

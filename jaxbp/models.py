@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import input_checks, layers, network
+from jaxbp import input_checks, layers, network, value_checks
 from jaxbp.layers.chain import records
 from jaxbp.network import Network
 from jaxbp.types import Array, check_bool, check_int
@@ -91,7 +91,7 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
     with ``key``. The window is the last ``seq_len`` tokens, right-padded while shorter:
     in a causal model the padding after a position does not reach it.
     """
-    if not isinstance(net, Network) or input_checks.token_vocab(net) is None:
+    if not isinstance(net, Network) or value_checks.token_vocab(net) is None:
         first = f" whose first layer is a {type(net.layers[0]).__name__}" \
             if isinstance(net, Network) else ""
         raise TypeError(f"net must be a Network that takes tokens (an Embedding first, as "

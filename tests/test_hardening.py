@@ -20,7 +20,7 @@ import optax
 import pytest
 
 import jaxbp
-from jaxbp import cli, input_checks
+from jaxbp import cli, value_checks
 from jaxbp.data import Dataset
 from jaxbp.train import checkpoint
 
@@ -137,20 +137,20 @@ class TestLabels:
         one_hot = jax.nn.one_hot(logits.argmax(-1), 7, dtype=dtype)
         for y in (rows, in_dtype, np.asarray(rows), one_hot):
             for net in (softmax, sigmoid):
-                input_checks.check_target_values(net, y)  # no error
+                value_checks.check_target_values(net, y)  # no error
         jaxbp.backprop(softmax, softmax.init(jax.random.key(0)), x, rows)
 
     @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
     def test_targets_off_by_more_than_the_dtype_rounds_are_refused(self, dtype):
         softmax = jaxbp.MLP((4, 3), "relu", "identity", "softmax_cross_entropy", dtype=dtype)
-        tol = input_checks.target_tolerance(dtype)
+        tol = value_checks.target_tolerance(dtype)
         short = jnp.asarray([[0.5, 0.2, 0.3 - 3 * max(tol, 1e-3)]], dtype)
         with pytest.raises(ValueError, match=rf"y rows must sum to 1 .*within .* {dtype}\): "
                                              r"row 0 sums to 0\.9"):
-            input_checks.check_target_values(softmax, short)
+            value_checks.check_target_values(softmax, short)
         over = jnp.asarray([[0.0, 0.0, 1 + 4 * tol]], dtype)
         with pytest.raises(ValueError, match=r"y must hold probabilities in \[0, 1\]"):
-            input_checks.check_target_values(softmax, over)
+            value_checks.check_target_values(softmax, over)
 
 
 def test_every_public_entry_that_takes_a_key_names_a_bad_one():
@@ -667,6 +667,12 @@ class TestCommandLine:
         (["train", "--model", "cnn", "--seq-len", "8"], "--seq-len shapes a GPT"),
         (["train", "--sample-temperature", "1"], "--sample-temperature samples from a GPT "
                                                  "(--model gpt), but --model is mlp"),
+        (["train", "--model", "gpt", "--loss", "squared_error"],       # was silently unused
+         "--loss squared_error: a GPT is trained by softmax_cross_entropy on its next tokens"),
+        (["train", "--model", "gpt", "--activation", "tanh"],
+         "--activation sets an MLP's or a CNN's activation; a GPT's are its own"),
+        (["train", "--model", "gpt", "--output-activation", "sigmoid"],
+         "--output-activation sets an MLP's or a CNN's activation"),
         (["train", "--model", "gpt", "--sample-length", "-1"],
          "--sample-length must be an integer >= 0, got -1"),
         (["verify", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),

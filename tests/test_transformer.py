@@ -325,6 +325,30 @@ def test_bad_tokens_and_targets_are_named():
                   progress=False)
 
 
+
+def test_other_sequence_lengths_name_the_network_that_takes_them(x64):
+    net = models.gpt(vocab=7, dim=4, depth=1, heads=2, seq_len=6, dtype="float64")
+    params = net.init(jax.random.key(0))
+    x = np.asarray(jax.random.randint(jax.random.key(1), (2, 6), 0, 7), np.int32)
+    with pytest.raises(ValueError, match=re.escape(
+            "x has shape (2, 4) but expected (batch, 6): a batch of samples of input_shape "
+            "(6,); the same params serve sequences of 4 tokens in "
+            "dataclasses.replace(net, input_shape=(4,))")):
+        net.apply(params, x[:, :4])
+    with pytest.raises(ValueError, match=re.escape(
+            "its Embedding has 6 positions, fewer than 9")):
+        net.apply(params, np.zeros((2, 9), np.int32))
+    # the named network: a causal GPT's logits on a prefix are the full sequence's first
+    # rows (the positions table's first 4 rows), and it trains by hand like any other
+    short = dataclasses.replace(net, input_shape=(4,))
+    np.testing.assert_allclose(short.apply(params, x[:, :4]), net.apply(params, x)[:, :4],
+                               rtol=1e-12, atol=1e-12)
+    y = np.roll(x, -1, axis=1)[:, :4]
+    # normwise: the key bias's gradient is 0 in exact arithmetic (a softmax row does not
+    # change when one constant is added to all its scores), so per leaf it is noise/noise
+    assert global_rel_error(jaxbp.backprop(short, params, x[:, :4], y),
+                            jaxbp.value_and_autodiff(short, params, x[:, :4], y)[1]) < 1e-12
+
 @pytest.mark.parametrize("precision", ["float32", "bf16"])
 def test_gpt_model_flops_are_the_manual_steps_matmul_flops(precision):
     """6N + 12LTd per token is exactly what the hand-written step multiplies, in every

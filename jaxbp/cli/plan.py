@@ -39,6 +39,9 @@ GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_bl
                 "sample_length": 200, "sample_temperature": 0.0}
 """``--model gpt``'s shape and sample options and their defaults (another model's: refused)."""
 
+NETWORK_DEFAULTS = {"activation": "relu", "output_activation": "identity"}
+"""``--model mlp``'s and ``cnn``'s activations and their defaults (a GPT's: refused)."""
+
 FEEDBACK_RULES = {"fa": "feedback alignment", "dfa": "direct feedback alignment",
                   "sign": "sign symmetry"}
 
@@ -109,14 +112,15 @@ def _check_options(args: argparse.Namespace) -> None:
         writable_file("--plot", args.plot)
     if args.diagnostics is not None:
         writable_file("--diagnostics", args.diagnostics)
-    _gpt_options(args)
+    _model_options(args)
     optimizer.check_options(args)
 
 
-def _gpt_options(args: argparse.Namespace) -> None:
+def _model_options(args: argparse.Namespace) -> None:
     """``--dim``, ``--depth``, ``--heads``, ``--seq-len`` and ``--attention-block`` shape a
-    GPT, ``--sample-length`` and ``--sample-temperature`` its final sample: their defaults
-    filled in for one, refused for another model (not silently unused)."""
+    GPT, ``--sample-length`` and ``--sample-temperature`` its final sample; ``--activation``,
+    ``--output-activation`` and ``--loss`` an MLP or a CNN: their defaults filled in for
+    the model they shape, refused for another (not silently unused)."""
     for name, default in GPT_DEFAULTS.items():
         option = "--" + name.replace("_", "-")
         if args.model != "gpt" and getattr(args, name) is not None:
@@ -126,6 +130,15 @@ def _gpt_options(args: argparse.Namespace) -> None:
                                                 if args.model == "mlp" else ""))
         if getattr(args, name) is None:
             setattr(args, name, default)
+    for name, default in NETWORK_DEFAULTS.items():
+        if args.model == "gpt" and getattr(args, name) is not None:
+            raise UsageError(f"--{name.replace('_', '-')} sets an MLP's or a CNN's activation; "
+                             f"a GPT's are its own (gelu in the MLP blocks, logits out)")
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.model == "gpt" and args.loss not in (None, "softmax_cross_entropy"):
+        raise UsageError(f"--loss {args.loss}: a GPT is trained by softmax_cross_entropy on "
+                         f"its next tokens")
     if args.model == "gpt":
         positive("--seq-len", args.seq_len, integer=True)
         positive("--sample-length", args.sample_length, integer=True, allow_zero=True)
@@ -156,7 +169,7 @@ def _mlp(args: argparse.Namespace, dataset: Any, loss: str) -> Any:
 
 def _check_fits(args: argparse.Namespace, net: Any, dataset: Any, loss: str) -> None:
     """The data's targets suit the loss, a batch fits the data, a checkpoint can be read."""
-    from jaxbp import input_checks
+    from jaxbp import value_checks
 
     if dataset.is_classification and not net.loss_fn.integer_labels:
         raise UsageError(f"--loss {loss}: the data hold integer class labels, which only "
@@ -165,10 +178,10 @@ def _check_fits(args: argparse.Namespace, net: Any, dataset: Any, loss: str) -> 
         raise UsageError(f"--batch-size {args.batch_size} is larger than the "
                          f"{len(dataset.x_train)} training samples of {args.data}")
     try:
-        input_checks.check_target_values(net, dataset.y_train, "the training targets")
-        input_checks.check_target_values(net, dataset.y_test, "the test targets")
-        input_checks.check_token_values(net, dataset.x_train, "the training tokens")
-        input_checks.check_token_values(net, dataset.x_test, "the test tokens")
+        value_checks.check_target_values(net, dataset.y_train, "the training targets")
+        value_checks.check_target_values(net, dataset.y_test, "the test targets")
+        value_checks.check_token_values(net, dataset.x_train, "the training tokens")
+        value_checks.check_token_values(net, dataset.x_test, "the test tokens")
     except ValueError as err:
         raise UsageError(f"--data {args.data}: {err}") from None
     if args.checkpoint_dir is not None:

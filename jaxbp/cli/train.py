@@ -36,11 +36,11 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     _add_gpt_options(train)
     train.add_argument("--sizes", default=None,
                        help="comma-separated layer sizes (default n_in,256,256,n_out)")
-    train.add_argument("--activation", default="relu", help="hidden activation (relu)")
-    train.add_argument("--output-activation", default="identity",
-                       help="output activation (identity)")
-    train.add_argument("--loss", default=None, help="default: softmax_cross_entropy for "
-                       "integer labels, squared_error for targets")
+    train.add_argument("--activation", default=None, help="mlp/cnn hidden activation (relu)")
+    train.add_argument("--output-activation", default=None,
+                       help="mlp/cnn output activation (identity)")
+    train.add_argument("--loss", default=None, help="mlp/cnn loss, default: "
+                       "softmax_cross_entropy for integer labels, squared_error for targets")
     optimizer.add_options(train)
     train.add_argument("--epochs", type=int, default=30, help="epochs (30)")
     train.add_argument("--batch-size", type=int, default=128, help="batch size (128)")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import input_checks, network, user_warnings
+from jaxbp import network, user_warnings, value_checks
 from jaxbp.data import Dataset, epoch_order
 from jaxbp.parallel import process_rows
 from jaxbp.types import PRNGKey
@@ -167,7 +167,7 @@ def make_feed(net: Any, data: Dataset, dtype: Any, batch_size: int, drop_last: b
     """
     tokens = getattr(network.as_network(net), "input_dtype", None)
     x_train = np.asarray(data.x_train, tokens or dtype)
-    labels = np.ndim(data.y_train) == input_checks.label_rank(net)
+    labels = np.ndim(data.y_train) == value_checks.label_rank(net)
     y_train = np.asarray(data.y_train, np.int32 if labels else dtype)
     if private is not None:
         feed = PoissonFeed(x_train, y_train, private.rate, steps_per_epoch,

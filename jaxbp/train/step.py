@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxbp import input_checks, network, sources
+from jaxbp import input_checks, network, sources, value_checks
 from jaxbp.losses import sample_sums
 from jaxbp.matmul_precision import check_precision, precision_scope
 from jaxbp.mlp import MLP
@@ -131,7 +131,7 @@ def _invalid_counts(net: MLP, x: Array, y: Array, mask: Array | None) -> dict[st
     if jnp.issubdtype(y.dtype, jnp.integer):
         counts["invalid_labels"] = invalid_label_count(samples(y), net.n_out,
                                                        low=-1 if y.ndim == 2 else 0)
-    vocab = input_checks.token_vocab(net)
+    vocab = value_checks.token_vocab(net)
     if vocab is not None:
         counts["invalid_tokens"] = invalid_label_count(samples(x), vocab)
     return counts
