@@ -673,6 +673,13 @@ class TestCommandLine:
          "--activation sets an MLP's or a CNN's activation; a GPT's are its own"),
         (["train", "--model", "gpt", "--output-activation", "sigmoid"],
          "--output-activation sets an MLP's or a CNN's activation"),
+        (["train", "--clip-norm", "2"], "--clip-norm needs --dp"),     # were silently unused
+        (["train", "--delta", "1e-6"], "--delta needs --dp"),
+        (["train", "--accountant", "pld"], "--accountant needs --dp"),
+        (["train", "--allow-run-change"], "--allow-run-change resumes a checkpoint of another "
+                                          "run: it needs --checkpoint-dir"),
+        (["train", "--model", "gpt", "--sample-length", "0", "--sample-temperature", "0.5"],
+         "--sample-temperature 0.5 draws the final sample, but --sample-length 0 makes none"),
         (["train", "--model", "gpt", "--sample-length", "-1"],
          "--sample-length must be an integer >= 0, got -1"),
         (["verify", "--seed", "-1"], "--seed must be an integer >= 0, got -1"),

@@ -42,6 +42,9 @@ GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_bl
 NETWORK_DEFAULTS = {"activation": "relu", "output_activation": "identity"}
 """``--model mlp``'s and ``cnn``'s activations and their defaults (a GPT's: refused)."""
 
+DP_DEFAULTS = {"delta": 1e-5, "clip_norm": 1.0, "accountant": "rdp"}
+"""``--dp``'s settings and their defaults (without --dp: refused)."""
+
 FEEDBACK_RULES = {"fa": "feedback alignment", "dfa": "direct feedback alignment",
                   "sign": "sign symmetry"}
 
@@ -108,6 +111,9 @@ def _check_options(args: argparse.Namespace) -> None:
             raise UsageError("--checkpoint-dir must name a folder, got an empty string "
                              "(use . for the current folder)")
         writable_dir("--checkpoint-dir", pathlib.Path(args.checkpoint_dir))
+    if args.allow_run_change and args.checkpoint_dir is None:
+        raise UsageError("--allow-run-change resumes a checkpoint of another run: it needs "
+                         "--checkpoint-dir")
     if args.plot is not None:
         writable_file("--plot", args.plot)
     if args.diagnostics is not None:
@@ -143,6 +149,9 @@ def _model_options(args: argparse.Namespace) -> None:
         positive("--seq-len", args.seq_len, integer=True)
         positive("--sample-length", args.sample_length, integer=True, allow_zero=True)
         positive("--sample-temperature", args.sample_temperature, allow_zero=True)
+        if args.sample_length == 0 and args.sample_temperature:
+            raise UsageError(f"--sample-temperature {args.sample_temperature:g} draws the final "
+                             f"sample, but --sample-length 0 makes none")
 
 
 def _mlp(args: argparse.Namespace, dataset: Any, loss: str) -> Any:
@@ -211,11 +220,16 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
     dp_options = {"--target-epsilon": args.target_epsilon,
                   "--noise-multiplier": args.noise_multiplier}
     if not args.dp:
-        given = [name for name, value in {**dp_options, "--dp-microbatch": args.dp_microbatch
-                                          }.items() if value is not None]
+        given = [name for name, value in {**dp_options, "--dp-microbatch": args.dp_microbatch,
+                                          "--delta": args.delta, "--clip-norm": args.clip_norm,
+                                          "--accountant": args.accountant}.items()
+                 if value is not None]
         if given:
             raise UsageError(f"{given[0]} needs --dp (differentially private training)")
         return None
+    for name, default in DP_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.grad != "backprop":
         raise UsageError(f"--dp sets the gradient (clipped, noised per-example gradients): "
                          f"drop --grad {args.grad}")

@@ -14,7 +14,7 @@ import jax
 from jaxbp import compilation_cache, user_warnings
 from jaxbp.cli import optimizer
 from jaxbp.cli.common import UsageError
-from jaxbp.cli.plan import FEEDBACK_RULES, GPT_DEFAULTS, plan_train
+from jaxbp.cli.plan import DP_DEFAULTS, FEEDBACK_RULES, GPT_DEFAULTS, plan_train
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -100,11 +100,12 @@ def _add_privacy_options(train: argparse.ArgumentParser) -> None:
                               "over all epochs; training stops rather than exceed it")
     private.add_argument("--noise-multiplier", type=float, default=None,
                          help="sigma, the noise std over the clip norm (instead of calibrating)")
-    private.add_argument("--delta", type=float, default=1e-5, help="delta (1e-5)")
-    private.add_argument("--clip-norm", type=float, default=1.0,
-                         help="per-example gradient clip norm C (1.0)")
-    private.add_argument("--accountant", default="rdp", choices=["rdp", "pld"],
-                         help="privacy accountant of dp-accounting (rdp)")
+    private.add_argument("--delta", type=float, default=None,
+                         help=f"delta ({DP_DEFAULTS['delta']:g})")
+    private.add_argument("--clip-norm", type=float, default=None,
+                         help=f"per-example gradient clip norm C ({DP_DEFAULTS['clip_norm']:g})")
+    private.add_argument("--accountant", default=None, choices=["rdp", "pld"],
+                         help=f"privacy accountant of dp-accounting ({DP_DEFAULTS['accountant']})")
     private.add_argument("--dp-microbatch", type=int, default=None, metavar="M",
                          help="run only each Poisson batch's sampled rows, M at a time (the "
                               "same gradient); 0: the whole padded batch. Default: "
