@@ -76,7 +76,8 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
     Without ``path``: tiny Shakespeare (1,115,394 characters, 65 distinct; public
     domain, as shipped in Andrej Karpathy's char-rnn repository,
     ``data/tinyshakespeare/input.txt``), inside this package: no download. With
-    ``path``: the user's UTF-8 text file (``.gz`` read as gzip).
+    ``path``: the user's UTF-8 text file (``.gz`` read as gzip; a leading byte-order mark
+    is not read as a character).
 
     The last ``validation_fraction`` of the text is the validation set (a fixed split,
     no shuffling across it); each part is cut into non-overlapping windows of
@@ -85,8 +86,8 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
 
     Raises:
       FileNotFoundError: no such file (IsADirectoryError: a folder there).
-      ValueError: a seq_len < 1, a fraction outside (0, 1), or a text too short for one
-        window in each part.
+      ValueError: a seq_len < 1, a fraction outside (0, 1), a file that is not UTF-8 or
+        is empty, or a text too short for one window in each part.
     """
     seq_len = check_int("seq_len", seq_len, 1)
     if not is_real(validation_fraction) or not 0 < validation_fraction < 1:
@@ -94,12 +95,14 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
     source = files.require_file("text file", _SHAKESPEARE if path is None else path)
     opener = gzip.open if source.suffix == ".gz" else open
     try:
-        with opener(source, "rt", encoding="utf-8") as file:
+        with opener(source, "rt", encoding="utf-8-sig") as file:   # a leading BOM: no token
             text = file.read()
     except UnicodeDecodeError as err:
         raise ValueError(f"text file {str(source)!r} is not UTF-8 text: {err}") from None
     except (OSError, EOFError) as err:  # unreadable, or not (or a truncated) gzip
         raise ValueError(f"text file {str(source)!r} cannot be read: {err}") from None
+    if not text:
+        raise ValueError(f"text file {str(source)!r} is empty")
     vocab = "".join(sorted(set(text)))
     codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)   # one code point each
     ids = np.searchsorted(np.frombuffer(vocab.encode("utf-32-le"), np.uint32),

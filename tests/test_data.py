@@ -177,6 +177,11 @@ def test_load_text_reads_a_users_file_and_names_what_is_wrong(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 20)
     with pytest.raises(ValueError, match=r"latin1\.txt' is not UTF-8 text: 'utf-8' codec"):
         data.load_text(tmp_path / "latin1.txt", seq_len=4)
+    (tmp_path / "bom.txt").write_bytes("\ufeffabcabcabcabcabcabc".encode())  # Notepad's
+    assert data.load_text(tmp_path / "bom.txt", 4, 0.3).vocab == "abc"   # BOM: no token
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.txt' is empty"):
+        data.load_text(tmp_path / "empty.txt")
     (tmp_path / "plain.gz").write_text("not gzip at all")
     with pytest.raises(ValueError, match=r"plain\.gz' cannot be read: Not a gzipped file"):
         data.load_text(tmp_path / "plain.gz", seq_len=4)
