@@ -1,4 +1,4 @@
-"""The values of concrete data: class labels, target probabilities and tokens.
+"""The values of concrete data: class labels, target probabilities, tokens, finiteness.
 
 Shapes and dtypes are static and checked at trace time (:mod:`jaxbp.input_checks`);
 values are known only for concrete arrays, so these checks run on host arrays in NumPy
@@ -35,6 +35,27 @@ def first_bad(bad: Any) -> tuple[int, int]:
         return int(count), int(first)
     flat = np.flatnonzero(bad)
     return int(flat.size), int(flat[0]) if flat.size else 0
+
+
+def check_finite(value: Any, what: str) -> None:
+    """A concrete floating array holds no NaN or inf (integers and tracers pass).
+
+    For whole data sets (``fit``, ``jaxbp train``): one non-finite input or target makes
+    every loss it enters NaN, which training would report steps later as a gradient
+    that is not finite, and evaluation as a NaN loss each epoch.
+
+    Raises:
+      ValueError: naming the first non-finite entry and how many there are.
+    """
+    if not is_concrete(value) or not jnp.issubdtype(value.dtype, jnp.inexact):
+        return
+    xp = jnp if isinstance(value, jax.Array) else np
+    count, i = first_bad(~xp.isfinite(value))
+    if count:
+        at = np.unravel_index(i, np.shape(value))
+        raise ValueError(f"{what} holds values that are not finite: "
+                         f"{what}[{', '.join(map(str, at))}] = {float(value[at])} ({count} "
+                         f"not finite)")
 
 
 def target_tolerance(dtype: Any) -> float:

@@ -354,6 +354,26 @@ class TestFitArguments:
             with pytest.raises(error, match=words):
                 _fit(bad)
 
+    def test_data_that_are_not_finite_are_named_before_training(self):
+        """Were a FloatingPointError steps later blaming the gradient and the learning
+        rate (a NaN input), or a NaN test loss every epoch (an inf test input). (Files
+        are checked as they load: load_npz.)"""
+        data = _small_data()
+        x_train = np.array(data.x_train)
+        x_train[5, 3] = np.nan
+        y_test = np.eye(3, dtype=np.float32)[data.y_test]
+        y_test[1, 2] = np.inf
+        for bad, words in ((data._replace(x_train=x_train),
+                            r"data.x_train holds values that are not finite: "
+                            r"data.x_train\[5, 3\] = nan \(1 not finite\)"),
+                           (data._replace(x_test=jnp.asarray(data.x_test).at[2].set(-np.inf)),
+                            r"data.x_test\[2, 0\] = -inf \(4 not finite\)")):
+            with pytest.raises(ValueError, match=words):
+                _fit(bad)
+        with pytest.raises(ValueError, match=r"data.y_test\[1, 2\] = inf"):   # soft targets
+            _fit(data._replace(y_train=np.eye(3, dtype=np.float32)[data.y_train],
+                               y_test=y_test), net=jaxbp.MLP((4, 3), loss="squared_error"))
+
     def test_where_the_results_go_is_checked_before_the_first_epoch(self, tmp_path,
                                                                     monkeypatch):
         """A figure path that is a folder, or a checkpoint folder that is a file, failed

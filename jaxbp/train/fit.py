@@ -152,8 +152,9 @@ def fit(
       FloatingPointError: a loss, gradient or the updated state became
         NaN/inf; names the step and, for a gradient, the first layer that is
         not finite.
-      ValueError: a bad argument, labels outside ``[0, n_out)`` or targets
-        that do not fit the loss (found before training, or, for a bad batch
+      ValueError: a bad argument, labels outside ``[0, n_out)``, targets
+        that do not fit the loss, or data that are not finite (found before
+        training, or, for a bad batch
         built inside the compiled loop, named by its step).
       TypeError: an argument of the wrong type.
       jaxbp.checkpoint.CheckpointMismatchError: the checkpoint belongs to

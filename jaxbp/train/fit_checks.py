@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp import files, input_checks, parallel
+from jaxbp import files, input_checks, parallel, value_checks
 from jaxbp.data import Dataset
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
@@ -31,9 +31,12 @@ def arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch_size: Any,
         if len(x) != len(y) or len(x) == 0:
             raise ValueError(f"data.x_{part} has {len(x)} rows and data.y_{part} {len(y)}: "
                              f"expected one target per sample, and at least one sample")
-        # the shapes, dtypes, labels and tokens of the whole set, named as the data's
+        # the shapes, dtypes, labels, tokens and finiteness of the whole set, named as the
+        # data's
         input_checks.check_x(net, x, f"data.x_{part}")
         input_checks.check_y(net, y, len(x), f"data.y_{part}")
+        value_checks.check_finite(x, f"data.x_{part}")
+        value_checks.check_finite(y, f"data.y_{part}")
     input_checks.check_key("key", key)
     check_int("epochs", epochs, 1)
     check_int("batch_size", batch_size, 1)
