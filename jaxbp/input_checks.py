@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp import value_checks
-from jaxbp.types import Array, Params
+from jaxbp.types import Array, Params, check_not_deleted
 
 if TYPE_CHECKING:
     from jaxbp.mlp import MLP
@@ -232,8 +232,9 @@ def check_params(net: MLP, params: Any) -> None:
     Raises:
       TypeError: wrong container, keys or dtypes.
       ValueError: wrong number of layers or a leaf of the wrong shape (every
-        mismatch is listed).
+        mismatch is listed), or a leaf donated to a train step (deleted).
     """
+    check_not_deleted("params", params)
     if not hasattr(net, "sizes"):
         return _check_network_params(net, params)
     n_layers = len(net.sizes) - 1

@@ -58,6 +58,7 @@ def check_callable(name: str, value: Any, signature: str) -> None:
 def check_like_params(name: str, tree: Any, params: Any) -> None:
     """A ValueError unless ``tree`` has the structure and leaf shapes of ``params`` (a
     direction, an update): broadcasting would otherwise give an answer for a wrong one."""
+    check_not_deleted(name, tree)
     if jax.tree.structure(tree) != jax.tree.structure(params):
         raise ValueError(f"{name} must have the structure of params, "
                          f"{jax.tree.structure(params)}, got {jax.tree.structure(tree)}")
@@ -68,3 +69,18 @@ def check_like_params(name: str, tree: Any, params: Any) -> None:
            if jax.numpy.shape(leaf) != jax.numpy.shape(p)]
     if bad:
         raise ValueError(f"{name} does not fit params: " + "; ".join(bad))
+
+
+def check_not_deleted(name: str, tree: Any) -> None:
+    """A ValueError naming the first array of ``tree`` that was deleted: donated to a train
+    step (``make_train_step``/``make_train_loop`` donate the state they are given, and
+    ``TrainState.create(params, ...)`` holds the very arrays of ``params``), or deleted by
+    hand. JAX's own error names only a shape. Tracers and host arrays pass."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+                and leaf.is_deleted()):
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} has been deleted: it was donated to a "
+                f"train step, which updates the state it is given in place (a state made by "
+                f"TrainState.create(params, ...) holds these very arrays); use the state the "
+                f"step returns (state.params), or make the step with donate=False")

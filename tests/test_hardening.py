@@ -800,6 +800,30 @@ class TestCommandLine:
         assert json.loads((tmp_path / "none.json").read_text())["left_out"]
 
 
+def test_params_donated_to_a_train_step_are_named(tmp_path):
+    """The step donates its state, and a state made by TrainState.create(params) holds the
+    very arrays of params: using them afterwards was JAX's "Array has been deleted with
+    shape=float32[8]" (no name, no cause) from every entry."""
+    params = NET.init(jax.random.key(0))
+    x, y = _small_data().x_train[:8], _small_data().y_train[:8]
+    state = jaxbp.TrainState.create(params, optax.sgd(0.1))
+    new_state, _ = jaxbp.make_train_step(NET, optax.sgd(0.1))(state, x, y)
+    named = re.escape("params[0]['b'] has been deleted: it was donated to a train step")
+    for use in (lambda: jaxbp.backprop(NET, params, x, y),
+                lambda: NET.apply(params, x),
+                lambda: jaxbp.evaluate(NET, params, x, y),
+                lambda: jaxbp.TrainState.create(params, optax.sgd(0.1)),
+                lambda: _fit(params=params)):
+        with pytest.raises(ValueError, match=named):
+            use()
+    with pytest.raises(ValueError, match=re.escape("v[0]['b'] has been deleted")):
+        jaxbp.hvp(NET, new_state.params, x, y, params)
+    with pytest.raises(ValueError, match=re.escape("tree.step has been deleted")):
+        checkpoint.save(tmp_path, 1, state)
+    assert list(tmp_path.iterdir()) == []
+    jaxbp.backprop(NET, new_state.params, x, y)   # the state the step returned is whole
+
+
 class TestProbedKnobs:
     """The hostile probe's unvalidated knobs: each a named error before any work."""
 

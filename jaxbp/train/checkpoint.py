@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from jaxbp import files, user_warnings
-from jaxbp.types import PyTree, check_bool, check_int
+from jaxbp.types import PyTree, check_bool, check_int, check_not_deleted
 
 _NAME = re.compile(r"^ckpt_(\d+)\.npz$")
 _HEADER = "__header__"
@@ -173,10 +173,12 @@ def save(
 
     Raises:
       FloatingPointError: a floating leaf holds NaN/inf; nothing is written.
+      ValueError: a leaf was deleted (donated to a train step); nothing is written.
     """
     step = check_int("step", step, 0)
     keep = check_int("keep", keep, 1, optional=True)
     check_bool("allow_nonfinite", allow_nonfinite)
+    check_not_deleted("tree", tree)
     directory = _folder(directory)
     leaves = _host_leaves(tree)
     bad = None if allow_nonfinite else _nonfinite_leaf(tree, leaves)

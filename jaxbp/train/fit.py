@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxbp import parallel
+from jaxbp import input_checks, parallel
 from jaxbp.data import Dataset, num_batches
 from jaxbp.mlp import MLP
 from jaxbp.train import checkpoint, feeds, fit_checks, plots, resume
@@ -299,6 +299,8 @@ def _initial_state(net: MLP, optimizer: optax.GradientTransformation, params: Pa
                    key: PRNGKey, mesh: Any) -> tuple[TrainState, Any]:
     """The step-0 state (``net.init(key)`` unless ``params`` are given), checked against the
     optimizer in half precision, and placed on the mesh's shardings (None without one)."""
+    if params is not None:
+        input_checks.check_params(net, params)
     state = TrainState.create(net.init(key) if params is None else params, optimizer)
     fit_checks.optimizer_in_half_precision(optimizer, state)
     shardings = None if mesh is None else parallel.state_shardings(state, mesh, net=net)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxbp.types import Array, Params
+from jaxbp.types import Array, Params, check_not_deleted
 
 
 class TrainState(NamedTuple):
@@ -33,6 +33,7 @@ class TrainState(NamedTuple):
         """A step-0 state for ``params`` (a pytree of floating arrays) and any optax
         optimizer."""
         check_optimizer(optimizer)
+        check_not_deleted("params", params)
         leaves = jax.tree.leaves(params)
         if not leaves or not all(jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
                                  for leaf in leaves):
