@@ -210,6 +210,11 @@ def _expected_params(net: Any) -> tuple[Any, list[tuple[str, tuple[int, ...]]]]:
 def _check_network_params(net: Any, params: Any) -> None:
     """params of a :class:`jaxbp.Network`: the structure and shapes ``net.init`` gives."""
     structure, expected = _expected_params(net)
+    if not expected:
+        names = ", ".join(type(layer).__name__ for layer in net.layers)
+        raise ValueError(f"the network's layers ({names}) have no parameters: there is "
+                         f"nothing to train; add a layer with parameters (Dense, Conv2D, a "
+                         f"norm, ...)")
     if jax.tree.structure(params) != structure:
         raise TypeError(f"params must have the structure net.init gives, {structure}, got "
                         f"{jax.tree.structure(params)}")

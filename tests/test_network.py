@@ -147,6 +147,11 @@ class TestErrors:
         (lambda: Network((L.Dense(2),), (0,)), ValueError, "input_shape must be"),
         (lambda: Network((L.Flatten(), L.MaxPool(2), L.Dense(2)), (4, 4, 1)), L.LayerError,
          "layers[1] (MaxPool): takes (batch, height, width, channels)"),
+        # no parameters: was an IndexError from the first use (params_dtype of no leaves)
+        (lambda: Network((L.MaxPool(2), L.Flatten()), (4, 4, 1)).apply(({}, {}),
+                                                                     np.ones((1, 4, 4, 1))),
+         ValueError, "the network's layers (MaxPool, Flatten) have no parameters: there is "
+                     "nothing to train"),
     ])
     def test_bad_network_is_named(self, build, error, words):
         with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")
