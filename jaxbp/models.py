@@ -135,6 +135,9 @@ def _check_causal(chain: Sequence[Any], where: str) -> None:
 def _prompt_tokens(prompt: Any, vocab: int) -> list[int]:
     """The prompt as a list of token ids: a sequence or 1-D array of ints in [0, vocab)
     (an array too, as ``TextDataset.encode`` returns; not floats, not nested)."""
+    if isinstance(prompt, str):
+        raise TypeError(f"prompt must be token ids, got the str {prompt[:20]!r}; encode it "
+                        f"first: text.encode(...) of jaxbp.data.load_text")
     ids = np.asarray(prompt)
     if ids.size == 0:
         raise ValueError("prompt must hold at least one token")

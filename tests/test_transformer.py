@@ -285,7 +285,9 @@ def test_generate_continues_by_the_forward_and_names_bad_arguments():
     # a NumPy prompt (TextDataset.encode returns one) was "truth value ... ambiguous"
     assert models.generate(net, params, np.array([1, 2], np.int32), 6) == tokens[2:]
     for prompt, error, words in (([1.5], TypeError, "prompt must hold integer token ids"),
-                                 ([[1, 2]], ValueError, "prompt must be a 1-D sequence")):
+                                 ([[1, 2]], ValueError, "prompt must be a 1-D sequence"),
+                                 ("To be", TypeError, "prompt must be token ids, got the str "
+                                                      "'To be'; encode it first")):
         with pytest.raises(error, match=re.escape(words)):
             models.generate(net, params, prompt, 2)
     other = models.gpt(vocab=7, dim=4, depth=1, heads=2, seq_len=4).init(jax.random.key(0))
