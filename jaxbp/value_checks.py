@@ -37,6 +37,16 @@ def first_bad(bad: Any) -> tuple[int, int]:
     return int(flat.size), int(flat[0]) if flat.size else 0
 
 
+def first_bad_entry(what: str, value: Any, bad: Any, kind: type = float) -> tuple[int, str]:
+    """``(count, "what[i, j] = v")`` for the first True of ``bad`` (a mask over ``value``),
+    ``(0, "")`` when there is none (or its values are unknown: a tracer)."""
+    count, i = first_bad(bad)
+    if not count:
+        return 0, ""
+    at = np.unravel_index(i, np.shape(value))
+    return count, f"{what}[{', '.join(map(str, at))}] = {kind(value[at])}"
+
+
 def check_finite(value: Any, what: str) -> None:
     """A concrete floating array holds no NaN or inf (integers and tracers pass).
 
@@ -50,12 +60,10 @@ def check_finite(value: Any, what: str) -> None:
     if not is_concrete(value) or not jnp.issubdtype(value.dtype, jnp.inexact):
         return
     xp = jnp if isinstance(value, jax.Array) else np
-    count, i = first_bad(~xp.isfinite(value))
+    count, entry = first_bad_entry(what, value, ~xp.isfinite(value))
     if count:
-        at = np.unravel_index(i, np.shape(value))
-        raise ValueError(f"{what} holds values that are not finite: "
-                         f"{what}[{', '.join(map(str, at))}] = {float(value[at])} ({count} "
-                         f"not finite)")
+        raise ValueError(f"{what} holds values that are not finite: {entry} ({count} not "
+                         f"finite)")
 
 
 def target_tolerance(dtype: Any) -> float:
@@ -94,12 +102,10 @@ def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
     n_out = net.n_out
     name = net.loss
     if np.ndim(y) == label_rank(net) == 2 and jnp.issubdtype(y.dtype, jnp.integer):
-        count, i = first_bad((y < -1) | (y >= n_out))
+        count, entry = first_bad_entry(what, y, (y < -1) | (y >= n_out), int)
         if count:
-            row = np.unravel_index(i, np.shape(y))
             raise ValueError(f"{what} holds labels outside [-1, {n_out}) (-1: an ignored "
-                             f"token): {what}[{row[0]}, {row[1]}] = {int(y[row])} ({count} out "
-                             f"of range); n_out = {n_out}")
+                             f"token): {entry} ({count} out of range); n_out = {n_out}")
         return
     if np.ndim(y) == 1 and jnp.issubdtype(y.dtype, jnp.integer):
         count, i = first_bad((y < 0) | (y >= n_out))
@@ -111,14 +117,12 @@ def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
     if not loss.probability_targets:
         return
     tol = target_tolerance(y.dtype)
-    count, i = first_bad(~((y >= -tol) & (y <= 1 + tol)))
+    count, entry = first_bad_entry(what, y, ~((y >= -tol) & (y <= 1 + tol)))
     if count:
-        row = np.unravel_index(i, np.shape(y))
         raise ValueError(f"{what} must hold probabilities in [0, 1] for loss {name!r} "
-                         f"(within {tol:.2g} for {y.dtype}): "
-                         f"{what}[{', '.join(map(str, row))}] = {float(y[row])} ({count} "
-                         f"outside); squared-error targets with a cross-entropy give a loss "
-                         f"that can go negative")
+                         f"(within {tol:.2g} for {y.dtype}): {entry} ({count} outside); "
+                         f"squared-error targets with a cross-entropy give a loss that can "
+                         f"go negative")
     if loss.normalised_targets:
         sum_tol = max(1e-3, tol)
         sums = xp.sum(y, axis=-1, dtype=xp.float32)
@@ -153,11 +157,9 @@ def check_token_values(net: Any, x: Any, what: str = "x") -> None:
     vocab = token_vocab(net)
     if vocab is None or not is_concrete(x):
         return
-    count, i = first_bad((x < 0) | (x >= vocab))
+    count, entry = first_bad_entry(what, x, (x < 0) | (x >= vocab), int)
     if count:
-        at = np.unravel_index(i, np.shape(x))
-        raise ValueError(f"{what} holds tokens outside [0, {vocab}): "
-                         f"{what}[{', '.join(map(str, at))}] = {int(x[at])} ({count} out of "
+        raise ValueError(f"{what} holds tokens outside [0, {vocab}): {entry} ({count} out of "
                          f"range); the Embedding's vocab is {vocab}")
 
 
