@@ -14,6 +14,7 @@ import pytest
 from planted_rules import CORRECT, PLANTED, make_args
 
 import jaxbp
+from jaxbp import GradientCheckError
 from jaxbp.testing import assert_grads_correct, assert_jvp_correct, assert_vjp_correct
 
 
@@ -87,6 +88,20 @@ def test_low_precision_skips_fd_and_says_so():
     assert any("skipped" in note for note in report.notes)
 
 
+def test_nothing_checked_is_inconclusive_never_ok():
+    """A wrong custom_vjp rule in bf16 with no reference: no jvp to compare with, and FD
+    and Taylor skipped for the dtype. The report said OK with nothing checked."""
+    wrong = jax.custom_vjp(jnp.sin)
+    wrong.defvjp(lambda x: (jnp.sin(x), x), lambda x, g: (g * jnp.sin(x),))
+    for dtype in (jnp.bfloat16, jnp.float16):
+        report = jaxbp.verify_vjp(wrong, jnp.ones(3, dtype))
+        assert not report.leaves and not report.directions
+        assert report.verdict == "INCONCLUSIVE" and "nothing was checked" in report.summary()
+        with pytest.raises(GradientCheckError, match="nothing was checked"):
+            assert_vjp_correct(wrong, jnp.ones(3, dtype))
+    assert jaxbp.verify_vjp(wrong, jnp.ones(3, jnp.float32)).failed   # FD refutes it there
+
+
 def test_custom_vjp_without_jvp_is_noted_not_failed(x64):
     _kind, f, reference = CORRECT["norm (custom_vjp, scalar out)"]
     report = jaxbp.verify_vjp(f, *make_args("norm"), reference=reference)
@@ -117,6 +132,11 @@ def test_bad_arguments_are_named():
         jaxbp.verify_vjp(jnp.sin, "x")
     with pytest.raises(TypeError, match=r"args\[1\] must be floating, got int32"):
         jaxbp.verify_vjp(lambda x, i: x[i], jnp.ones(3), jnp.int32(1))
+    with pytest.raises(ValueError, match=r"args\[0\] holds values that are not finite: "
+                                         r"args\[0\]\[1\] = nan"):   # was FAILED (NaN rows)
+        jaxbp.verify_vjp(jnp.sin, jnp.array([1.0, jnp.nan]))
+    with pytest.raises(ValueError, match=r"params\['w'\]\[0\] = inf"):
+        jaxbp.verify_grads(lambda p: p, lambda p: jnp.sum(p["w"]), {"w": jnp.array([jnp.inf])})
     with pytest.raises(ValueError, match="order must be 1 or 2"):
         jaxbp.verify_jvp(jnp.sin, jnp.ones(3), order=3)
     with pytest.raises(ValueError, match="output structure"):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp import value_checks
 from jaxbp.check.report import LeafCheck
 from jaxbp.types import PyTree, check_int
 
@@ -47,6 +48,7 @@ def check_float_leaves(params: PyTree) -> None:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(f"params{jax.tree_util.keystr(path)} must be floating to be "
                             f"differentiated, got dtype {jnp.result_type(leaf)}")
+        value_checks.check_finite(leaf, f"params{jax.tree_util.keystr(path)}")  # a point
 
 
 def check_same_structure(params: PyTree, manual: PyTree) -> None:

@@ -86,8 +86,8 @@ class GradReport:
     :attr:`verdict` is ``"OK"`` when every leaf matches the reference and no
     FD or Taylor check failed; ``"FAILED"`` when a check refutes the manual
     gradient; ``"INCONCLUSIVE"`` when leaves differ from the reference but FD
-    sides with the manual gradient ("reference disagrees"). Inconclusive and
-    skipped checks are listed, never counted as passes.
+    sides with the manual gradient ("reference disagrees"), or when nothing could be
+    checked at all. Inconclusive and skipped checks are listed, never counted as passes.
     """
 
     leaves: tuple[LeafCheck, ...]
@@ -107,10 +107,19 @@ class GradReport:
         return "reference disagrees" in statuses and "FAIL" not in statuses
 
     @property
+    def checked_anything(self) -> bool:
+        """Some comparison was made: a leaf against a reference, or an FD or Taylor check
+        that passed (none at all: no reference, and no step usable in the dtype)."""
+        return bool(self.leaves) or any("ok" in (d.fd_status, d.taylor_status)
+                                        for d in self.directions)
+
+    @property
     def verdict(self) -> str:
         """``"OK"``, ``"FAILED"`` or ``"INCONCLUSIVE"`` (see the class docstring)."""
         if any("FAIL" in (d.fd_status, d.taylor_status) for d in self.directions):
             return "FAILED"
+        if not self.checked_anything:
+            return "INCONCLUSIVE"
         if not self.has_reference and any("inconclusive" in (d.fd_status, d.taylor_status)
                                           for d in self.directions):
             return "INCONCLUSIVE" if all(leaf.ok for leaf in self.leaves) else "FAILED"
@@ -150,7 +159,10 @@ class GradReport:
         if self.matmul_precision is not None:
             taylor += f" (L at matmul precision {self.matmul_precision})"
         why = ""
-        if self.verdict == "INCONCLUSIVE":
+        if not self.checked_anything:
+            why = (" (nothing was checked: no reference, and no FD or Taylor check could be "
+                   "made; give a reference, or check in float32/float64)")
+        elif self.verdict == "INCONCLUSIVE":
             why = (" (reference disagrees: the manual gradient matches finite differences "
                    f"where {self.reference_name} does not)" if self.has_reference else
                    " (no reference, and FD/Taylor missed where the function has a kink)")

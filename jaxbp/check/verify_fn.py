@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp import value_checks
 from jaxbp.check.directions import Slope, directional_checks, gradient_slope
 from jaxbp.check.leaves import (
     LOW_PRECISION_EPS,
@@ -56,13 +57,16 @@ _ArgsFn = Callable[..., PyTree]
 
 
 def _floating(tree: PyTree, what: str) -> list[Any]:
-    """The leaves of a pytree, each a floating array (else a TypeError naming it)."""
+    """The leaves of a pytree, each a floating array (else a TypeError naming it) of finite
+    values (else a ValueError)."""
     leaves = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise TypeError(f"{what}{jax.tree_util.keystr(path)} must be floating, got "
                             f"{jnp.result_type(leaf)} (close over non-float arguments with "
                             f"functools.partial)")
+        # a derivative is checked at a finite point (else every comparison is NaN: FAILED)
+        value_checks.check_finite(leaf, f"{what}{jax.tree_util.keystr(path)}")
         leaves.append(leaf)
     return leaves
 
