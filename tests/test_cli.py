@@ -285,6 +285,9 @@ def test_every_cheap_readme_command_runs(command, tmp_path, restore_x64, capsys,
     out = capsys.readouterr().out
     assert code == 0, out
     assert "final test" in out
+    if "--grad" in argv and argv[argv.index("--grad") + 1] in ("fa", "dfa", "sign"):
+        # the check is of the recursion, not of the rule that trains (no gradient)
+        assert "(of the recursion, which --grad" in out and "verify_grads: OK" in out
 
 
 @pytest.mark.slow

@@ -208,8 +208,11 @@ def _gradient_checked(args: argparse.Namespace, net: Any, dataset: Any, key: Any
     x0, y0 = dataset.x_train[:args.batch_size], dataset.y_train[:args.batch_size]
     report = verify_mlp(net, params, x0, y0, n_fd=2, float64=True)
     if main_process:
-        print(f"gradient check at the initial params, first {len(x0)} samples, in float64: "
-              f"{report.summary()}")
+        rule = ("" if args.grad in ("backprop", "autodiff") or args.dp else
+                f" (of the recursion, which --grad {args.grad} changes: its updates are not the "
+                f"gradient)")
+        print(f"gradient check at the initial params, first {len(x0)} samples, in float64"
+              f"{rule}: {report.summary()}")
     if report.failed:
         print(report)
     return not report.failed
