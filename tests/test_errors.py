@@ -12,6 +12,8 @@ import jaxbp
 NET = jaxbp.MLP((4, 5, 3), "relu", loss="softmax_cross_entropy")
 SQ = jaxbp.MLP((4, 5, 3), "tanh", loss="squared_error")
 PARAMS = NET.init(jax.random.key(0))
+REGRESSION = jaxbp.MLP((4, 5, 1), loss="squared_error")   # one target per sample
+REGRESSION_PARAMS = REGRESSION.init(jax.random.key(0))
 X = np.ones((6, 4), np.float32)
 Y = np.eye(3, dtype=np.float32)[np.arange(6) % 3]
 LABELS = np.arange(6) % 3
@@ -45,6 +47,10 @@ CASES = [
      ValueError, ["y has shape (6, 2)", "expected (6, 3)", "n_out = sizes[-1] = 3"]),
     ("y rank 1 for squared error", lambda: jaxbp.backprop(SQ, PARAMS, X, LABELS),
      ValueError, ["y has shape (6,)", "expected (6, 3)", "'squared_error'"]),
+    ("regression targets as a vector", lambda: jaxbp.backprop(
+        REGRESSION, REGRESSION_PARAMS, X, np.ones(6, np.float32)),
+     ValueError, ["y has shape (6,)", "expected (6, 1)", "one target per sample as a column: "
+                                                        "y[:, None]"]),
     ("y one-hot width", lambda: jaxbp.backprop(NET, PARAMS, X, np.ones((6, 4), np.float32)),
      ValueError, ["y has shape (6, 4)", "expected (6, 3) or (6,) integer labels"]),
     ("float labels", lambda: jaxbp.backprop(NET, PARAMS, X, LABELS.astype(np.float32)),
