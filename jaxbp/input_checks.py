@@ -130,8 +130,12 @@ def check_y(net: MLP, y: Any, batch: int, name: str = "y") -> Any:
         allowed = f"({batch}, {n_out})"
         if loss.integer_labels:
             allowed += f" or ({batch},) integer labels"
-        column = (f"; one target per sample as a column: {name}[:, None]"
-                  if shape == (batch,) and n_out == 1 else "")
+        column = ""
+        if shape == (batch,) and n_out == 1:
+            column = f"; one target per sample as a column: {name}[:, None]"
+        elif shape == (batch,) and jnp.issubdtype(y.dtype, jnp.integer):
+            column = (f"; class labels take softmax_cross_entropy, or one-hot them: "
+                      f"np.eye({n_out})[{name}]")
         raise ValueError(f"{name} has shape {shape} but expected {allowed} for loss "
                          f"{net.loss!r}: batch of x = {batch}, {value_checks.n_out_words(net)}"
                          f"{column}")

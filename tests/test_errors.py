@@ -46,7 +46,8 @@ CASES = [
     ("y width", lambda: jaxbp.backprop(SQ, PARAMS, X, np.ones((6, 2), np.float32)),
      ValueError, ["y has shape (6, 2)", "expected (6, 3)", "n_out = sizes[-1] = 3"]),
     ("y rank 1 for squared error", lambda: jaxbp.backprop(SQ, PARAMS, X, LABELS),
-     ValueError, ["y has shape (6,)", "expected (6, 3)", "'squared_error'"]),
+     ValueError, ["y has shape (6,)", "expected (6, 3)", "'squared_error'",
+                  "class labels take softmax_cross_entropy, or one-hot them: np.eye(3)[y]"]),
     ("regression targets as a vector", lambda: jaxbp.backprop(
         REGRESSION, REGRESSION_PARAMS, X, np.ones(6, np.float32)),
      ValueError, ["y has shape (6,)", "expected (6, 1)", "one target per sample as a column: "
