@@ -822,6 +822,16 @@ def test_params_donated_to_a_train_step_are_named(tmp_path):
         checkpoint.save(tmp_path, 1, state)
     assert list(tmp_path.iterdir()) == []
     jaxbp.backprop(NET, new_state.params, x, y)   # the state the step returned is whole
+    # the donated state itself, given to a step or loop again (was XLA's log line and
+    # "INVALID_ARGUMENT: ... Buffer has been deleted or donated")
+    for again in (jaxbp.make_train_step(NET, optax.sgd(0.1)),
+                  jaxbp.parallel.make_sharded_train_step(NET, optax.sgd(0.1),
+                                                         jaxbp.parallel.make_mesh(data=1)),
+                  jaxbp.make_train_loop(NET, optax.sgd(0.1), steps=2)):
+        with pytest.raises(ValueError, match=re.escape("state.step has been deleted: it was "
+                                                       "donated to a train step")):
+            again(state, x, y)
+    assert again.lower(new_state, x, y).compile() is not None   # still the jitted program's
 
 
 class TestProbedKnobs:

@@ -46,6 +46,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxbp import input_checks
 from jaxbp.matmul_precision import check_precision, precision_scope
 from jaxbp.mlp import MLP
+from jaxbp.train.state import check_not_donated
 from jaxbp.train.step import (
     GradFn,
     TrainState,
@@ -228,6 +229,7 @@ def _over_mesh(net: Any, body: Callable[..., Any], mesh: Mesh, data_axis: str,
         return compiled[key]
 
     def step(state: TrainState, x: ArrayLike, y: ArrayLike):
+        check_not_donated(state)
         fn, state_sh, x_sh, y_sh = program(state, x, y)
         state = jax.device_put(state, state_sh)  # a no-op once the state lives there
         return fn(state, _place(x, x_sh), _place(y, y_sh))

@@ -6,6 +6,8 @@ checks name a state, params or optimizer that is not what a step needs, before X
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -47,6 +49,29 @@ def _describe_leaves(params: Any, leaves: list[Any]) -> str:
         return f"{type(params).__name__} with no arrays"
     kinds = sorted({str(jnp.result_type(leaf)) for leaf in leaves})
     return f"{type(params).__name__} of {len(leaves)} leaves of dtype {', '.join(kinds)}"
+
+
+def check_not_donated(state: Any) -> None:
+    """Before a step runs: a state already donated to an earlier step is named here, not
+    left to XLA ("Buffer has been deleted or donated", after a log line of its own). One
+    leaf is looked at per call, the step counter: donation deletes every leaf at once."""
+    step = getattr(state, "step", None)
+    if (isinstance(step, jax.Array) and not isinstance(step, jax.core.Tracer)
+            and step.is_deleted()):
+        check_not_deleted("state", state)
+
+
+def guard_donation(jitted: Callable[..., Any]) -> Callable[..., Any]:
+    """``jitted`` (a step or loop taking the state first) as users call it: a donated state
+    is named before the call; ``lower``, ``trace`` and ``eval_shape`` are the jitted ones."""
+    @functools.wraps(jitted)
+    def call(state: Any, *args: Any) -> Any:
+        check_not_donated(state)
+        return jitted(state, *args)
+
+    for name in ("lower", "trace", "eval_shape"):
+        setattr(call, name, getattr(jitted, name))
+    return call
 
 
 def check_state(state: Any) -> None:

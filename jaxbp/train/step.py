@@ -36,6 +36,7 @@ from jaxbp.train.state import (
     check_opt_state,
     check_optimizer,
     check_state,
+    guard_donation,
 )
 from jaxbp.types import Array, ArrayLike, Params, check_bool, check_int, is_int
 
@@ -188,7 +189,7 @@ def make_train_step(
         with precision_scope(precision):
             return update_step(net, optimizer, gradient, state, x, y)
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return guard_donation(jax.jit(step, donate_argnums=(0,) if donate else ()))
 
 
 def make_train_loop(
@@ -253,7 +254,7 @@ def make_train_loop(
         with precision_scope(precision):
             return scan(body, state, (xs, ys, masks) if per_step else None, steps, unroll)
 
-    return jax.jit(loop, donate_argnums=(0,) if donate else ())
+    return guard_donation(jax.jit(loop, donate_argnums=(0,) if donate else ()))
 
 
 def _row(a: Array, i: int) -> Array:
