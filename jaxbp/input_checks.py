@@ -51,8 +51,13 @@ def check_key(name: str, key: Any) -> None:
 
     Raises:
       TypeError: naming ``name``, what was expected and what came.
+      ValueError: an array of several typed keys (one is expected).
     """
     if isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape:
+            raise ValueError(f"{name} must be one PRNG key, got an array of {key.size} keys "
+                             f"(shape {tuple(key.shape)}); jax.vmap over the call takes one "
+                             f"key each, e.g. jax.vmap(net.init)(keys)")
         return
     if isinstance(key, jax.Array | np.ndarray) and key.dtype == np.uint32 and key.shape == (2,):
         return

@@ -179,6 +179,9 @@ def test_every_public_entry_that_takes_a_key_names_a_bad_one():
             with pytest.raises(TypeError, match=re.escape(
                     f"key must be a PRNG key such as jax.random.key(0), {words}")):
                 call(bad)
+        with pytest.raises(ValueError, match=re.escape(   # was JAX's "truncated_normal
+                "key must be one PRNG key, got an array of 2 keys (shape (2,))")):  # accepts")
+            call(jax.random.split(jax.random.key(0)))
 
 
 def test_every_public_switch_takes_true_or_false_only(tmp_path):
