@@ -15,7 +15,6 @@ attention_memory_<platform>.json/.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
@@ -27,6 +26,7 @@ import jaxbp
 from jaxbp import files
 from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
 from jaxbp.check.suite import random_tokens
+from jaxbp.cli.common import OneLineParser
 
 VOCAB, DIM, DEPTH, HEADS = 65, 128, 2, 4
 
@@ -82,7 +82,7 @@ def markdown(rows: list[dict], info: dict, block: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="256,512,1024,2048")
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)

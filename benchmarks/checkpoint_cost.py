@@ -13,7 +13,6 @@ checkpoint_cost_<platform>.json and .md under --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
@@ -27,6 +26,7 @@ import optax
 import jaxbp
 from jaxbp import files, parallel
 from jaxbp.bench.harness import describe_machine, machine_info
+from jaxbp.cli.common import OneLineParser
 from jaxbp.train import checkpoint, sharded_checkpoint
 
 
@@ -47,7 +47,7 @@ def _time_saves(save, repeats: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="64,1024,1024,10")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results")

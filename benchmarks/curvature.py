@@ -9,7 +9,6 @@ one process per case. Writes curvature_<platform>.md and .json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
@@ -20,6 +19,7 @@ import numpy as np
 import jaxbp
 from jaxbp import files
 from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
+from jaxbp.cli.common import OneLineParser
 
 
 def run_case(batch: int, width: int, budget: float) -> dict:
@@ -46,7 +46,7 @@ def run_case(batch: int, width: int, budget: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=2.0)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

@@ -16,7 +16,6 @@ characters and GPT-2's 50257 tokens. Writes embedding_backward_<platform>.json/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from jaxbp import files
 from jaxbp.bench.harness import describe_machine, machine_info, paired_ratio, time_interleaved
+from jaxbp.cli.common import OneLineParser
 from jaxbp.layers import Embedding
 
 CPU_SHAPES = ((65, 128, 16, 64), (65, 256, 4, 128), (50257, 128, 8, 64))
@@ -66,7 +66,7 @@ def measure(vocab: int, dim: int, batch: int, steps: int, budget_s: float) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per row")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

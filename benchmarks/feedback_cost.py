@@ -14,7 +14,6 @@ feedback_cost_<platform>.json and .md under --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
@@ -25,6 +24,7 @@ import optax
 import jaxbp
 from jaxbp import feedback, files
 from jaxbp.bench.harness import describe_machine, machine_info, time_interleaved
+from jaxbp.cli.common import OneLineParser
 
 
 def rule_sources(net: jaxbp.MLP) -> dict[str, object]:
@@ -58,7 +58,7 @@ def time_rules(width: int, batch: int, budget_s: float) -> dict[str, dict[str, f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="256,1024")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--budget", type=float, default=3.0)

@@ -13,7 +13,6 @@ Writes fit_overhead_<platform>.json and .md under --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
@@ -24,11 +23,12 @@ import optax
 import jaxbp
 from jaxbp import files
 from jaxbp.bench.harness import describe_machine, machine_info, time_interleaved
+from jaxbp.cli.common import OneLineParser
 from jaxbp.data import epoch_order
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=128)

@@ -22,7 +22,6 @@ Writes per_example_<platform>.json and .md under --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
@@ -33,6 +32,7 @@ import numpy as np
 import jaxbp
 from jaxbp import files
 from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
+from jaxbp.cli.common import OneLineParser
 
 POISSON_N = 60_000
 """The data set size the dp column's Poisson batches are drawn from (q = B / N)."""
@@ -169,7 +169,7 @@ def markdown(rows: list[dict], info: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="32,128,512,1024")
     parser.add_argument("--widths", default="256,512,1024,2048")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per case")

@@ -24,14 +24,13 @@ compiled peaks; writes clipped_gpt2_small_<platform>.json/.md.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 from per_example_networks import run_case, write_tables
 
 import jaxbp
 from jaxbp.bench.harness import describe_machine, machine_info
 from jaxbp.check.suite import random_tokens
+from jaxbp.cli.common import OneLineParser
 
 VOCAB, DIM, DEPTH, HEADS = 65, 64, 2, 4
 GPT2_SMALL = {"vocab": 50257, "dim": 768, "depth": 12, "heads": 12}
@@ -96,7 +95,7 @@ def gpt2_small_markdown(rows: list[dict], info: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=None,
                         help="BxT,... (default 16x32,16x128,64x128; 8x1024 with --gpt2-small)")
     parser.add_argument("--budget", type=float, default=2.0)

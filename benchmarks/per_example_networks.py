@@ -25,7 +25,6 @@ jaxbp.layers.Conv2D.uses_ghost_norm). Writes per_example_networks_<platform>.jso
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
@@ -39,6 +38,7 @@ import jaxbp
 from jaxbp import files
 from jaxbp import layers as L
 from jaxbp.bench.harness import compile_ahead, describe_machine, machine_info, time_interleaved
+from jaxbp.cli.common import OneLineParser
 
 
 def nets() -> dict[str, jaxbp.Network]:
@@ -180,7 +180,7 @@ def markdown(rows: list[dict], info: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--budget", type=float, default=2.0)
     parser.add_argument("--nets", default=",".join(nets()))

@@ -21,7 +21,6 @@ Writes pool_backward_<platform>.json and .md under ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from jaxbp import files
 from jaxbp.bench.harness import describe_machine, machine_info, paired_ratio, time_interleaved
+from jaxbp.cli.common import OneLineParser
 from jaxbp.layers import MaxPool
 
 ACCELERATOR_SHAPES = ((256, 32, 32, 128), (512, 16, 16, 64))
@@ -84,7 +84,7 @@ def measure(shape: tuple[int, ...], dtype: str, budget_s: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timing per row")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()

@@ -10,7 +10,6 @@ sharded program and its collectives, not a speed-up.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -18,6 +17,7 @@ import subprocess
 import sys
 
 from jaxbp import files
+from jaxbp.cli.common import OneLineParser
 
 CHILD = """
 import json, sys
@@ -48,7 +48,7 @@ print(json.dumps({"devices": jax.device_count(), "step_s": t.median,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--devices", default="1,2,4,8")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--width", type=int, default=512)

@@ -20,7 +20,6 @@ and writes, for ``jaxbp.MLP((W,) * D + (10,), "relu")`` at batch B in the recipe
 
 from __future__ import annotations
 
-import argparse
 import collections
 import pathlib
 import re
@@ -34,6 +33,7 @@ import jaxbp
 from jaxbp import files
 from jaxbp.bench.gpt import RECIPES
 from jaxbp.bench.harness import describe_machine, machine_info, xla_cost
+from jaxbp.cli.common import OneLineParser
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _TYPE = re.compile(r"^\(?([a-z]+\d*)\[")
@@ -105,7 +105,7 @@ def markdown(label: str, summaries: dict[str, collections.Counter],
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8192)

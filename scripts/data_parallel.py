@@ -11,13 +11,12 @@ JAXBP_NUM_PROCESSES and JAXBP_PROCESS_ID set (or on a TPU pod / Slurm, none) and
 
 from __future__ import annotations
 
-import argparse
-
 from jaxbp import parallel
+from jaxbp.cli.common import OneLineParser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=int, default=1, help="devices on the model axis")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -11,14 +11,13 @@ measured every epoch on the first 512 training digits.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import numpy as np
 import optax
 
 import jaxbp
 from jaxbp import feedback, files
+from jaxbp.cli.common import OneLineParser
 
 
 def sources(net: jaxbp.MLP, key: jax.Array) -> dict[str, object]:
@@ -50,7 +49,7 @@ def train(net, source, digits, epochs: int, batch: int = 128) -> dict[str, list]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--out", default="scripts/figures/feedback_alignment.png")
     args = parser.parse_args()

@@ -17,7 +17,6 @@ loss in bits per character against steps and against seconds of training
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
@@ -27,6 +26,7 @@ import optax
 
 import jaxbp
 from jaxbp import files, layers
+from jaxbp.cli.common import OneLineParser
 
 
 def gpt_runs(steps: int, plt, out: str) -> None:
@@ -76,7 +76,7 @@ def gpt_runs(steps: int, plt, out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("mlp", "cnn", "gpt"), default="mlp")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--steps", type=int, default=300, help="gpt training steps (300)")

@@ -9,8 +9,6 @@ largest |manual - autodiff| over all parameters, relative to the largest |param|
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +16,7 @@ import optax
 
 import jaxbp
 from jaxbp import files
+from jaxbp.cli.common import OneLineParser
 
 
 def drift(dtype: str, steps: int) -> tuple[np.ndarray, float]:
@@ -50,7 +49,7 @@ def drift(dtype: str, steps: int) -> tuple[np.ndarray, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", default="scripts/figures/manual_vs_autodiff.png")
     args = parser.parse_args()

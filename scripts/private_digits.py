@@ -11,13 +11,12 @@ epochs with the plain gradient. Every epoch adds a point (epsilon spent, test ac
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import optax
 
 import jaxbp
 from jaxbp import files, layers
+from jaxbp.cli.common import OneLineParser
 from jaxbp.privacy import Privacy
 
 
@@ -38,7 +37,7 @@ def run(net, data, epochs: int, privacy: Privacy | None) -> dict[str, list[float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--sigmas", default="0.7,1.0,2.0")
     parser.add_argument("--out", default="scripts/figures/private_digits.png")

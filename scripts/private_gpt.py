@@ -18,7 +18,6 @@ gradient. Every epoch adds a point (epsilon spent, validation bits/char).
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import jax
@@ -26,6 +25,7 @@ import optax
 
 import jaxbp
 from jaxbp import files
+from jaxbp.cli.common import OneLineParser
 from jaxbp.privacy import Privacy
 
 
@@ -35,7 +35,7 @@ def run(net, text, epochs: int, batch: int, privacy: Privacy | None) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--targets", default="3,8", help="target epsilons (3,8)")
     parser.add_argument("--batch-size", type=int, default=256)

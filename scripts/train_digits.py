@@ -8,16 +8,15 @@ prints the test accuracy.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import optax
 
 import jaxbp
+from jaxbp.cli.common import OneLineParser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--plot", default=None, help="PNG of the train/test curves")
     args = parser.parse_args()

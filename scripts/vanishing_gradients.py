@@ -8,13 +8,12 @@ On one batch of 256 digits, at initialisation, mean |delta^l| and ||dC/dW^l|| pe
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import numpy as np
 
 import jaxbp
 from jaxbp import files
+from jaxbp.cli.common import OneLineParser
 
 
 def flow(activation: str) -> dict[str, np.ndarray]:
@@ -26,7 +25,7 @@ def flow(activation: str) -> dict[str, np.ndarray]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="scripts/figures/vanishing_gradients.png")
     args = parser.parse_args()
 

@@ -64,3 +64,18 @@ def test_vanishing_and_kfac_scripts(tmp_path):
     kfac_line = next(line for line in out.splitlines() if line.startswith("K-FAC"))
     assert float(kfac_line.split("epoch 1 ")[1].split(",")[0]) > 0.6  # one epoch: 0.79
     assert (tmp_path / "c.png").exists()
+
+
+def test_every_script_and_benchmark_parses_its_options_in_one_line():
+    """A bad option is one line and exit status 2 (argparse printed its whole usage block
+    first): every command line here builds jaxbp.cli's one-line parser."""
+    programs = sorted([*ROOT.glob("scripts/*.py"), *ROOT.glob("benchmarks/*.py")])
+    assert len(programs) >= 20
+    for program in programs:
+        text = program.read_text()
+        assert "argparse.ArgumentParser(" not in text, program.name
+        assert "OneLineParser(" in text, program.name
+    result = subprocess.run([sys.executable, "benchmarks/fit_overhead.py", "--bogus"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == (
+        "fit_overhead.py: error: unrecognized arguments: --bogus (--help lists the options)\n")

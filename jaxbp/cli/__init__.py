@@ -14,24 +14,15 @@ import sys
 import traceback
 import warnings
 from collections.abc import Sequence
-from typing import NoReturn
 
 from jaxbp.cli import bench, train, verify
 from jaxbp.cli.bench import ACCELERATOR_TIME_LIMIT_S, CPU_MAX_GFLOP
-from jaxbp.cli.common import UsageError, one_line, one_line_warning
+from jaxbp.cli.common import OneLineParser, UsageError, one_line, one_line_warning
 from jaxbp.cli.optimizer import OPTIMIZERS
 from jaxbp.cli.verify import DTYPES
 
 __all__ = ["ACCELERATOR_TIME_LIMIT_S", "CPU_MAX_GFLOP", "DTYPES", "OPTIMIZERS", "UsageError",
            "build_parser", "main"]
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's parser whose errors are one line (argparse prints the whole usage block
-    first: 21 lines for ``jaxbp train`` at 80 columns), with the usual exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,24 @@
-"""What every subcommand shares: the usage error, option checks, one-line messages."""
+"""What every subcommand shares (and the scripts' and benchmarks' command lines): the
+one-line parser, the usage error, option checks, one-line messages."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import pathlib
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from jaxbp import files
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (argparse prints the whole usage block
+    first: 21 lines for ``jaxbp train`` at 80 columns), with the usual exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 class UsageError(ValueError):
