@@ -274,5 +274,6 @@ def get_activation(name: str) -> Activation:
         return ACTIVATIONS[name]
     except (KeyError, TypeError):
         raise ValueError(
-            f"Unknown activation {name!r}. It needs to be one of {sorted(ACTIVATIONS)}."
+            f"Unknown activation {name!r}. It needs to be one of {sorted(ACTIVATIONS)} (a "
+            f"function of your own, with its derivatives: jaxbp.activations.register)."
         ) from None
