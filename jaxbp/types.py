@@ -76,9 +76,14 @@ def check_not_deleted(name: str, tree: Any) -> None:
     step (``make_train_step``/``make_train_loop`` donate the state they are given, and
     ``TrainState.create(params, ...)`` holds the very arrays of ``params``), or deleted by
     hand. JAX's own error names only a shape. Tracers and host arrays pass."""
+    def deleted(leaf: Any) -> bool:
+        return (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+                and leaf.is_deleted())
+
+    if not any(deleted(leaf) for leaf in jax.tree.leaves(tree)):   # the paths only if needed
+        return
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
-                and leaf.is_deleted()):
+        if deleted(leaf):
             raise ValueError(
                 f"{name}{jax.tree_util.keystr(path)} has been deleted: it was donated to a "
                 f"train step, which updates the state it is given in place (a state made by "
