@@ -233,11 +233,12 @@ def _check_network_params(net: Any, params: Any) -> None:
     problems, dtypes = [], set()
     for (path, shape), leaf in zip(expected, jax.tree.leaves(params)):
         leaf = as_array(f"params{path}", leaf)
-        dtypes.add(jnp.dtype(leaf.dtype))
-        if _shape(leaf) != shape:
+        dtypes.add(leaf.dtype)
+        if tuple(leaf.shape) != shape:       # an array's own shape: the hot path of a call
             problems.append(f"params{path} has shape {_shape(leaf)} but expected {shape}")
     if problems:
         raise ValueError("params do not fit the network: " + "; ".join(problems))
+    dtypes = {jnp.dtype(d) for d in dtypes}
     if len(dtypes) > 1 or not all(_is_float(d) for d in dtypes):
         raise TypeError(f"params must all share one floating dtype, got "
                         f"{sorted(d.name for d in dtypes)}")
