@@ -5,7 +5,8 @@ g'(z) given both the pre-activation ``z`` and the output ``a = g(z)``, and
 ``d2g(z, a)``, the second derivative g''(z) (for Hessian-vector products). Passing
 both lets each derivative use whichever is cheaper: sigmoid reads
 ``a * (1 - a)`` off the cached output, ReLU only looks at the sign of ``z``.
-No derivative here calls :mod:`jax`'s autodiff.
+No derivative here calls :mod:`jax`'s autodiff (:func:`register` only compares a user's
+derivatives with it, once, when they are added).
 
 At the kinks the derivative is the one ``jax.grad`` takes, so the hand-written
 gradient and the reference agree everywhere: ``relu'(0) = 0`` (``jax.nn.relu``'s

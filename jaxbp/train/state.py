@@ -65,9 +65,9 @@ def guard_donation(jitted: Callable[..., Any]) -> Callable[..., Any]:
     """``jitted`` (a step or loop taking the state first) as users call it: a donated state
     is named before the call; ``lower``, ``trace`` and ``eval_shape`` are the jitted ones."""
     @functools.wraps(jitted)
-    def call(state: Any, *args: Any) -> Any:
+    def call(state: Any, *args: Any, **kwargs: Any) -> Any:
         check_not_donated(state)
-        return jitted(state, *args)
+        return jitted(state, *args, **kwargs)
 
     for name in ("lower", "trace", "eval_shape"):
         setattr(call, name, getattr(jitted, name))
