@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbp import record_checks
 from jaxbp.types import Array
 
 LEAKY_RELU_SLOPE = 0.01
@@ -188,9 +189,6 @@ ACTIVATIONS: dict[str, Activation] = {
 and the layers accept exactly these keys."""
 
 _BUILT_IN = frozenset(ACTIVATIONS)
-_CHECK_POINTS = 41
-"""Where :func:`register` compares a user's derivatives with jax.grad's: this many points
-of [-4.1, 3.9], none at 0 (where a kink would be)."""
 
 
 def register(activation: Activation, *, check: bool = True) -> Activation:
@@ -200,7 +198,8 @@ def register(activation: Activation, *, check: bool = True) -> Activation:
     Its derivatives ``dg`` and ``d2g`` are the user's, written by hand, like the
     built-ins'. With ``check`` (the default) they are compared, before any network uses
     them, with ``jax.grad`` of ``g`` and of ``g'`` in float64 at 41 points of [-4.1, 3.9]
-    (relative 1e-6): a wrong derivative is refused here, not found in a training run.
+    (:mod:`jaxbp.record_checks`): a wrong derivative is refused here, not found in a
+    training run.
 
     Example::
 
@@ -221,48 +220,13 @@ def register(activation: Activation, *, check: bool = True) -> Activation:
     if not isinstance(activation, Activation):
         raise TypeError(f"activation must be a jaxbp.activations.Activation(name, g, dg, "
                         f"he_init, d2g), got {type(activation).__name__}")
-    name = activation.name
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"activation name must be a non-empty str, got {name!r}")
-    if name in ACTIVATIONS:
-        kind = "a built-in" if name in _BUILT_IN else "already registered"
-        raise ValueError(f"activation {name!r} is {kind}; a name is registered once per "
-                         f"process (a compiled step would keep the first): pick another")
-    for part in ("g", "dg", "d2g"):
-        if not callable(getattr(activation, part)):
-            raise TypeError(f"activation {name!r}: {part} must be a function, got "
-                            f"{type(getattr(activation, part)).__name__}")
-    if not isinstance(activation.he_init, bool):
-        raise TypeError(f"activation {name!r}: he_init must be True or False, got "
-                        f"{activation.he_init!r}")
+    record_checks.check_fields("activation", activation.name, activation,
+                               ("g", "dg", "d2g"), (), ("he_init",))
+    record_checks.check_unregistered("activation", activation.name, ACTIVATIONS, _BUILT_IN)
     if check:
-        _check_derivatives(activation)
-    ACTIVATIONS[name] = activation
+        record_checks.check_activation(activation)
+    ACTIVATIONS[activation.name] = activation
     return activation
-
-
-def _check_derivatives(activation: Activation) -> None:
-    """``dg`` and ``d2g`` against jax.grad of ``g`` and of ``g'`` (float64, off 0)."""
-    with jax.enable_x64(True):
-        z = jnp.linspace(-4.1, 3.9, _CHECK_POINTS, dtype=jnp.float64)
-        try:
-            a = activation.g(z)
-            first = jax.vmap(jax.grad(activation.g))(z)
-            second = jax.vmap(jax.grad(jax.grad(activation.g)))(z)
-        except Exception as err:  # any failure of the user's g is reported, named
-            raise ValueError(f"activation {activation.name!r}: jax.grad of g failed "
-                             f"({type(err).__name__}: {str(err).splitlines()[0]}); g must "
-                             f"be elementwise JAX, or register it with check=False") from None
-        for what, manual, reference in (("dg", activation.dg(z, a), first),
-                                        ("d2g", activation.d2g(z, a), second)):
-            manual = np.broadcast_to(np.asarray(manual, np.float64), z.shape)
-            bad = ~np.isclose(manual, np.asarray(reference), rtol=1e-6, atol=1e-9)
-            if bad.any():
-                i = int(np.argmax(bad))
-                raise ValueError(f"activation {activation.name!r}: {what} differs from "
-                                 f"jax.grad's at z = {float(z[i]):.2f}: {manual[i]:.6g} by hand, "
-                                 f"{float(reference[i]):.6g} by jax.grad ({int(bad.sum())} of "
-                                 f"{_CHECK_POINTS} points)")
 
 
 def get_activation(name: str) -> Activation:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxbp import record_checks
 from jaxbp.types import Array
 
 
@@ -196,33 +197,55 @@ LOSSES: dict[str, Loss] = {
         Loss("squared_error", _squared_error, _squared_error_grad, integer_labels=False,
              sample_hvp=_squared_error_hvp, sample_hessian_factor=_squared_error_factor,
              sample_targets=_squared_error_targets),
-        Loss(
-            "softmax_cross_entropy",
-            _softmax_cross_entropy,
-            _softmax_cross_entropy_grad,
-            integer_labels=True,
-            sample_loss_and_grad=_softmax_cross_entropy_and_grad,
-            sample_hvp=_softmax_cross_entropy_hvp,
-            sample_hessian_factor=_softmax_cross_entropy_factor,
-            hits=_softmax_hits,
-            sample_targets=_softmax_targets,
-            probability_targets=True,
-            normalised_targets=True,
-        ),
-        Loss(
-            "sigmoid_cross_entropy",
-            _sigmoid_cross_entropy,
-            _sigmoid_cross_entropy_grad,
-            integer_labels=False,
-            sample_hvp=_sigmoid_cross_entropy_hvp,
-            sample_hessian_factor=_sigmoid_cross_entropy_factor,
-            hits=_sigmoid_hits,
-            sample_targets=_sigmoid_targets,
-            probability_targets=True,
-        ),
+        Loss("softmax_cross_entropy", _softmax_cross_entropy, _softmax_cross_entropy_grad,
+             integer_labels=True, sample_loss_and_grad=_softmax_cross_entropy_and_grad,
+             sample_hvp=_softmax_cross_entropy_hvp,
+             sample_hessian_factor=_softmax_cross_entropy_factor, hits=_softmax_hits,
+             sample_targets=_softmax_targets, probability_targets=True,
+             normalised_targets=True),
+        Loss("sigmoid_cross_entropy", _sigmoid_cross_entropy, _sigmoid_cross_entropy_grad,
+             integer_labels=False, sample_hvp=_sigmoid_cross_entropy_hvp,
+             sample_hessian_factor=_sigmoid_cross_entropy_factor, hits=_sigmoid_hits,
+             sample_targets=_sigmoid_targets, probability_targets=True),
     )
 }
-"""Every loss by name; ``MLP`` accepts exactly these keys."""
+"""Every loss by name, the built-ins and those added by :func:`register`; ``MLP`` and
+``Network`` accept exactly these keys."""
+
+_BUILT_IN = frozenset(LOSSES)
+
+
+def register(loss: Loss, *, check: bool = True) -> Loss:
+    """Add a user's loss to :data:`LOSSES`: every network, train step and per-example
+    quantity takes it by its name, like a built-in.
+
+    Its ``sample_grad`` (``dl_n/da_n``, the output error) is the user's, by hand, and so
+    are the optional ``sample_loss_and_grad``, ``sample_hvp`` and
+    ``sample_hessian_factor``. With ``check`` (the default) each is compared, before any
+    network uses it, with jax.grad, jax.jvp and jax.hessian of ``sample_loss`` in float64
+    (:mod:`jaxbp.record_checks`). What needs a missing optional part says so by name:
+    ``ggn_diag`` and ``kfac_factors(kind="exact")`` the Hessian factor, sampled K-FAC
+    ``sample_targets``; without ``hits`` there is no accuracy.
+
+    A name is registered once per process; built-ins cannot be replaced.
+
+    Raises:
+      TypeError: not a :class:`Loss`, a part that is not a function (or None where
+        optional), or a flag that is not a bool.
+      ValueError: the name is empty or taken, or a derivative differs from jax's.
+    """
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be a jaxbp.losses.Loss(name, sample_loss, sample_grad, "
+                        f"integer_labels, ...), got {type(loss).__name__}")
+    record_checks.check_fields(
+        "loss", loss.name, loss, ("sample_loss", "sample_grad"),
+        ("sample_loss_and_grad", "sample_hvp", "sample_hessian_factor", "hits",
+         "sample_targets"), ("integer_labels", "probability_targets", "normalised_targets"))
+    record_checks.check_unregistered("loss", loss.name, LOSSES, _BUILT_IN)
+    if check:
+        record_checks.check_loss(loss)
+    LOSSES[loss.name] = loss
+    return loss
 
 
 def get_loss(name: str) -> Loss:
@@ -235,7 +258,8 @@ def get_loss(name: str) -> Loss:
         return LOSSES[name]
     except (KeyError, TypeError):
         raise ValueError(
-            f"Unknown loss {name!r}. It needs to be one of {sorted(LOSSES)}."
+            f"Unknown loss {name!r}. It needs to be one of {sorted(LOSSES)} (one of your "
+            f"own, with its gradient: jaxbp.losses.register)."
         ) from None
 
 

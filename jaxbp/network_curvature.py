@@ -65,10 +65,21 @@ def _column_errors(net: Network, params: Params, caches: Any, columns: Array,
     return jax.vmap(one)(columns)
 
 
+def _require_loss_part(net: Network, part: str, needed_by: str) -> None:
+    """A loss of the user's (:func:`jaxbp.losses.register`) may lack an optional part:
+    named here, at trace time, with what needs it."""
+    if getattr(net.loss_fn, part) is None:
+        raise ValueError(f"loss {net.loss!r} has no {part}, which {needed_by} needs: give "
+                         f"it one (jaxbp.losses.Loss(..., {part}=...)), or use another "
+                         f"kind")
+
+
 def _hessian_columns(net: Network, out: Array, y: Array) -> Array:
     """(k, B, n_out): the columns of the loss Hessian's factor at a^L; for a sequence
     output (T k, B, T, n_out), each token's columns at its own position
     (:func:`jaxbp.losses.token_hessian_columns`)."""
+    _require_loss_part(net, "sample_hessian_factor",
+                       "ggn_diag and kfac_factors(kind='exact') (the loss Hessian H = S S^T)")
     if net.is_sequence:
         return losses.token_hessian_columns(net.loss_fn, out, y)
     return jnp.moveaxis(net.loss_fn.sample_hessian_factor(out, y), -1, 0)
@@ -130,6 +141,8 @@ def _target_columns(net: Network, out: Array, y: Array, kind: str,
         return _hessian_columns(net, out, y)
     rows, targets, valid = losses.tokens(out, y)
     if kind == "sampled":
+        _require_loss_part(net, "sample_targets", "K-FAC of kind 'sampled' (targets drawn "
+                                                  "from the model)")
         targets = net.loss_fn.sample_targets(rows, key)
     grads = net.loss_fn.sample_grad(rows, targets)
     if valid is not None:

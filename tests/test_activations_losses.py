@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxbp
-from jaxbp import activations
+from jaxbp import activations, losses, record_checks
 from jaxbp.losses import mean_loss, mean_loss_grad
 
 Z = np.linspace(-6, 6, 241)
@@ -137,6 +137,18 @@ def test_fused_loss_and_grad_equal_the_separate_ones(name):
     np.testing.assert_allclose(grads, loss.sample_grad(a, y), rtol=1e-6, atol=1e-7)
 
 
+@pytest.fixture
+def registries():
+    """The registries as they were, after the test (a registration lasts for the process:
+    the other tests in this worker see only the built-ins)."""
+    saved = [(registry, dict(registry)) for registry in (activations.ACTIVATIONS,
+                                                          losses.LOSSES)]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
+
+
 def _squared_relu(dg=None, d2g=None, name="squared_relu"):
     return activations.Activation(
         name, lambda z: jnp.maximum(z, 0) ** 2,
@@ -144,11 +156,9 @@ def _squared_relu(dg=None, d2g=None, name="squared_relu"):
         d2g or (lambda z, a: jnp.where(z > 0, 2.0, 0.0)))
 
 
-def test_a_registered_activation_runs_everywhere_a_built_in_does(monkeypatch, x64):
+def test_a_registered_activation_runs_everywhere_a_built_in_does(registries, x64):
     """register: the user's g, g' and g'' by hand, checked against jax.grad when added;
-    then every network and quantity takes the name (the registry patched for this test
-    only: a registration lasts for the process)."""
-    monkeypatch.setattr(activations, "ACTIVATIONS", dict(activations.ACTIVATIONS))
+    then every network and quantity takes the name."""
     activations.register(_squared_relu())
     net = jaxbp.MLP((4, 6, 3), activation="squared_relu", loss="squared_error",
                     dtype="float64")
@@ -170,8 +180,7 @@ def test_a_registered_activation_runs_everywhere_a_built_in_does(monkeypatch, x6
     assert jaxbp.backprop(layer, layer.init(jax.random.key(0)), x, y)[0]["w"].shape == (4, 6)
 
 
-def test_register_refuses_what_would_train_wrongly(monkeypatch):
-    monkeypatch.setattr(activations, "ACTIVATIONS", dict(activations.ACTIVATIONS))
+def test_register_refuses_what_would_train_wrongly(registries):
     for bad, what in ((_squared_relu(dg=lambda z, a: jnp.maximum(z, 0)), "dg"),
                       (_squared_relu(d2g=lambda z, a: jnp.where(z > 0, 1.0, 0.0)), "d2g")):
         with pytest.raises(ValueError, match=rf"'squared_relu': {what} differs from jax\.grad's "
@@ -189,6 +198,61 @@ def test_register_refuses_what_would_train_wrongly(monkeypatch):
     with pytest.raises(TypeError, match="he_init must be True or False, got 'yes'"):
         activations.register(_squared_relu(name="x")._replace(he_init="yes"))
     numpy_g = _squared_relu(name="numpy_g")._replace(g=lambda z: np.maximum(np.asarray(z), 0))
-    with pytest.raises(ValueError, match=r"jax\.grad of g failed .* register it with "
-                                         r"check=False"):
+    with pytest.raises(ValueError, match=r"'numpy_g': jax\.grad of its function failed "
+                                         r".* registered with check=False"):
         activations.register(numpy_g)
+
+
+def _huber(a, y):
+    r = jnp.abs(a - y)
+    return jnp.sum(jnp.where(r < 1, 0.5 * r ** 2, r - 0.5), axis=-1)
+
+
+def _huber_loss(grad=None, **parts):
+    return losses.Loss("huber", _huber, grad or (lambda a, y: jnp.clip(a - y, -1, 1)),
+                       integer_labels=False, **parts)
+
+
+def test_a_registered_loss_trains_and_names_what_it_lacks(registries, x64):
+    """losses.register: the user's sample_grad by hand, checked against jax.grad when
+    added; then networks, steps and per-example quantities take it by name, and what needs
+    a part it lacks (the Hessian factor, sampled targets) says so."""
+    losses.register(_huber_loss())
+    net = jaxbp.MLP((4, 8, 2), "tanh", loss="huber", dtype="float64")
+    params = net.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+    y = 3 * jax.random.normal(jax.random.key(2), (6, 2), jnp.float64)   # both branches
+    _, manual = jaxbp.value_and_backprop(net, params, x, y)
+    _, reference = jaxbp.value_and_autodiff(net, params, x, y)
+    for m, r in zip(jax.tree.leaves(manual), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(m, r, rtol=1e-12, atol=1e-14)
+    norms = jaxbp.per_example_grad_norms(net, params, x, y)
+    each = jax.vmap(lambda xi, yi: jaxbp.value_and_autodiff(net, params, xi[None],
+                                                             yi[None])[1])(x, y)
+    np.testing.assert_allclose(norms, np.sqrt(sum(np.sum(g ** 2, axis=tuple(range(1, g.ndim)))
+                                                  for g in jax.tree.leaves(each))), rtol=1e-12)
+    jaxbp.kfac_factors(net, params, x, y, kind="empirical")      # needs only the gradient
+    with pytest.raises(ValueError, match="loss 'huber' has no sample_hessian_factor, which "
+                                         "ggn_diag and kfac_factors"):
+        jaxbp.ggn_diag(net, params, x, y)
+    with pytest.raises(ValueError, match="has no sample_targets, which K-FAC of kind "
+                                         "'sampled'"):
+        jaxbp.kfac_factors(net, params, x, y, key=jax.random.key(0))
+
+
+def test_register_refuses_a_loss_that_would_train_wrongly(registries):
+    with pytest.raises(ValueError, match=r"loss 'huber': sample_grad differs from "
+                                         r"jax\.grad's at row \d+, output \d+"):
+        losses.register(_huber_loss(grad=lambda a, y: a - y))          # not clipped
+    wrong_factor = _huber_loss(sample_hessian_factor=lambda a, y: jnp.ones((*a.shape, 1)))
+    with pytest.raises(ValueError, match="sample_hessian_factor S"):
+        losses.register(wrong_factor)
+    assert "huber" not in losses.LOSSES
+    with pytest.raises(ValueError, match="'squared_error' is a built-in"):
+        losses.register(_huber_loss()._replace(name="squared_error"))
+    with pytest.raises(TypeError, match=r"hits must be a function or None, got int"):
+        losses.register(_huber_loss(hits=3))
+    with pytest.raises(TypeError, match=r"must be a jaxbp\.losses\.Loss"):
+        losses.register("huber")
+    for built_in in losses.LOSSES.values():      # the checker holds the built-ins' own
+        record_checks.check_loss(built_in)       # derivatives (labels too) to jax's

@@ -129,8 +129,8 @@ def test_loss_names_are_compared_only_in_losses():
 LEVELS = (
     ("jaxbp.types", "jaxbp.matmul_precision", "jaxbp.compilation_cache",
      "jaxbp.user_warnings", "jaxbp.files"),
-    ("jaxbp.input_checks", "jaxbp.value_checks", "jaxbp.activations", "jaxbp.losses", "jaxbp.data",
-     "jaxbp.text", "jaxbp.privacy"),
+    ("jaxbp.input_checks", "jaxbp.value_checks", "jaxbp.record_checks", "jaxbp.activations",
+     "jaxbp.losses", "jaxbp.data", "jaxbp.text", "jaxbp.privacy"),
     ("jaxbp.layers",),
     ("jaxbp.network", "jaxbp.network_curvature", "jaxbp.models", "jaxbp.mlp"),
     ("jaxbp.backprop", "jaxbp.autodiff", "jaxbp.per_example", "jaxbp.microbatch",
