@@ -50,9 +50,10 @@ def first_bad_entry(what: str, value: Any, bad: Any, kind: type = float) -> tupl
 def check_finite(value: Any, what: str) -> None:
     """A concrete floating array holds no NaN or inf (integers and tracers pass).
 
-    For whole data sets (``fit``, ``jaxbp train``): one non-finite input or target makes
-    every loss it enters NaN, which training would report steps later as a gradient
-    that is not finite, and evaluation as a NaN loss each epoch.
+    For whole data sets (``fit``): one non-finite input or target makes every loss it
+    enters NaN, which training would report steps later as a gradient that is not
+    finite, and evaluation as a NaN loss each epoch. For the points the checkers
+    differentiate at (``verify_grads``, ``verify_vjp``): every comparison there is NaN.
 
     Raises:
       ValueError: naming the first non-finite entry and how many there are.
