@@ -81,6 +81,22 @@ KFAC_KINDS = ("sampled", "exact", "empirical")
 """The kinds of :func:`kfac_factors` (``"mc"`` is kept as another name of ``"sampled"``)."""
 
 
+def _kfac_kind(kind: Any, key: Any, without_key: str) -> str:
+    """``kind`` checked (``"mc"`` read as ``"sampled"``), and a key given where, and only
+    where, targets are drawn; ``without_key`` is the error when the key is missing."""
+    if kind not in (*KFAC_KINDS, "mc"):
+        raise ValueError(f"Unknown kind {kind!r}. It needs to be one of {list(KFAC_KINDS)}.")
+    kind = "sampled" if kind == "mc" else kind
+    if kind == "sampled" and key is None:
+        raise ValueError(without_key)
+    if kind != "sampled" and key is not None:   # would be read by nothing
+        raise ValueError(f"key is used only by kind='sampled' (targets drawn from the model);"
+                         f" kind={kind!r} draws nothing: leave key out")
+    if key is not None:
+        input_checks.check_key("key", key)
+    return kind
+
+
 def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
                  kind: str = "sampled", key: Array | None = None) -> tuple[dict[str, Array], ...]:
     """The Kronecker factors of each layer's Fisher block (K-FAC, Martens and Grosse 2015).
@@ -124,15 +140,9 @@ def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
       jaxbp.layers.LayerError: a Network layer with parameters and no K-FAC rule (a
         record without ``kfac_inputs`` or ``kfac_factors``), named.
     """
-    if kind not in (*KFAC_KINDS, "mc"):
-        raise ValueError(f"Unknown kind {kind!r}. It needs to be one of {list(KFAC_KINDS)}.")
-    kind = "sampled" if kind == "mc" else kind
-    if kind == "sampled" and key is None:
-        raise ValueError("kind='sampled' (the default) draws targets from the model: pass a "
-                         "PRNG key (key=jax.random.key(0)), or use kind='exact' (no sampling, "
-                         "n_out backward passes) or kind='empirical' (the given labels)")
-    if key is not None:
-        input_checks.check_key("key", key)
+    kind = _kfac_kind(kind, key, "kind='sampled' (the default) draws targets from the model: "
+                      "pass a PRNG key (key=jax.random.key(0)), or use kind='exact' (no "
+                      "sampling, n_out backward passes) or kind='empirical' (the given labels)")
     x, y = input_checks.check_inputs(net, params, x, y)
     return network_curvature.kfac_factors(as_network(net), params, x, y, kind, key)
 
@@ -158,14 +168,8 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
     trains); ``"empirical"`` reads them off the gradient's own pass there too. A layer
     without a K-FAC rule is named in a :class:`jaxbp.layers.LayerError`.
     """
-    if kind not in (*KFAC_KINDS, "mc"):
-        raise ValueError(f"Unknown kind {kind!r}. It needs to be one of {list(KFAC_KINDS)}.")
-    kind = "sampled" if kind == "mc" else kind
-    if kind == "sampled" and key is None:
-        raise ValueError("kfac_gradient(kind='sampled') draws targets from the model at "
-                         "every step: pass a PRNG key (fold_in(key, step) is used)")
-    if key is not None:
-        input_checks.check_key("key", key)
+    kind = _kfac_kind(kind, key, "kfac_gradient(kind='sampled') draws targets from the model "
+                      "at every step: pass a PRNG key (fold_in(key, step) is used)")
 
     def gradient(net: MLP | Network, params: Params, x: Array, y: Array, step: Array):
         net = as_network(net)

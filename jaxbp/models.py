@@ -104,10 +104,14 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
     if not (isinstance(temperature, int | float) and math.isfinite(temperature)
             and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if temperature > 0 and key is None:
-        raise ValueError("a temperature > 0 samples: pass a PRNG key")
     if key is not None:
         input_checks.check_key("key", key)
+    if temperature > 0 and key is None:
+        raise ValueError("a temperature > 0 samples: pass a PRNG key")
+    if temperature == 0 and key is not None:   # would be read by nothing
+        raise ValueError("key is used only to sample (temperature > 0); at temperature 0 "
+                         "generate is greedy and draws nothing: give a temperature, or leave "
+                         "key out")
     start = len(tokens)
     for _ in range(length):
         window = tokens[-seq_len:]

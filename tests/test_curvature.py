@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,7 +187,8 @@ def test_kfac_gradient_kinds_hand_the_optimizer_those_factors():
         net, params, x, y, _ = case(7)
         key = jax.random.key(3)
         for kind, kwargs in (("exact", {}), ("sampled", {"key": jax.random.fold_in(key, 5)})):
-            _, grads, _, extra = jaxbp.kfac_gradient(kind, key=key)(net, params, x, y, 5)
+            source = jaxbp.kfac_gradient(kind, key=key if kind == "sampled" else None)
+            _, grads, _, extra = source(net, params, x, y, 5)
             want = jaxbp.kfac_factors(net, params, x, y, kind=kind, **kwargs)
             for got, w in zip(extra["factors"], want):
                 assert_normwise_close(got["G"], w["G"], rtol=1e-12, atol=1e-15)
@@ -194,6 +197,12 @@ def test_kfac_gradient_kinds_hand_the_optimizer_those_factors():
                 assert_normwise_close(g, r, rtol=1e-12, atol=1e-15)
         with pytest.raises(ValueError, match="pass a PRNG key"):
             jaxbp.kfac_gradient("sampled")
+        for kind in ("exact", "empirical"):   # a key there was read by nothing
+            for call in (jaxbp.kfac_gradient,
+                         functools.partial(jaxbp.kfac_factors, net, params, x, y)):
+                with pytest.raises(ValueError, match=f"key is used only by kind='sampled' "
+                                                     f".*; kind='{kind}' draws nothing"):
+                    call(kind=kind, key=key)
 
 
 class TestKFACPreconditioner:

@@ -320,6 +320,11 @@ class TestFitArguments:
         ({"keep": 0}, ValueError, "keep must be an int >= 1"),
         ({"chunk_steps": 0}, ValueError, "chunk_steps must be an int >= 1"),
         ({"run_config": 3}, TypeError, "run_config must be None or a dict with str keys"),
+        # were read by nothing: they shape checkpoints, and none are written
+        ({"keep": 5}, ValueError, "keep is used only for checkpoints, and checkpoint_dir is "
+                                  "None: give a checkpoint_dir, or leave keep out"),
+        ({"run_config": {"lr": 0.1}, "allow_run_change": True}, ValueError,
+         "run_config and allow_run_change are used only for checkpoints"),
     ])
     def test_bad_argument_is_named(self, kwargs, error, words):
         with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):

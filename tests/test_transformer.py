@@ -297,7 +297,9 @@ def test_generate_continues_by_the_forward_and_names_bad_arguments():
                           ({"prompt": [7]}, "prompt must hold tokens in [0, 7), got [7]"),
                           ({"length": -1}, "length must be an int >= 0, got -1"),
                           ({"temperature": float("nan")}, "temperature must be a finite"),
-                          ({"temperature": 1.0}, "a temperature > 0 samples: pass a PRNG key")):
+                          ({"temperature": 1.0}, "a temperature > 0 samples: pass a PRNG key"),
+                          ({"key": jax.random.key(0)}, "key is used only to sample "
+                                                       "(temperature > 0); at temperature 0")):
         with pytest.raises(ValueError, match=re.escape(words)):
             models.generate(net, params, **{"prompt": [1], "length": 2, **kwargs})
 

@@ -162,13 +162,20 @@ def run(args: argparse.Namespace) -> int:
                  batch_size=args.batch_size, key=key, grad=grad,
                  checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, plot=args.plot,
                  diagnostics=args.diagnostics is not None,
-                 run_config={"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed,
-                             "data": args.data, **optimizer.record(args, plan["steps"])},
+                 run_config=_run_record(args, plan),
                  allow_run_change=args.allow_run_change, mesh=plan["mesh"],
                  privacy=plan["privacy"])
     if main_process:
         _report(args, net, dataset, result, time.perf_counter() - start)
     return 0
+
+
+def _run_record(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any] | None:
+    """What the checkpoints record of the command line (none without --checkpoint-dir)."""
+    if args.checkpoint_dir is None:
+        return None
+    return {"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed, "data": args.data,
+            **optimizer.record(args, plan["steps"])}
 
 
 def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:

@@ -42,6 +42,7 @@ from jaxbp.train.step import (
 )
 from jaxbp.types import Params, PRNGKey
 
+DEFAULT_KEEP = 3   # checkpoints kept when fit is not told
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                 "seconds")
 
@@ -76,7 +77,7 @@ def fit(
     drop_last: bool = True,
     eval_batch_size: int = 1024,
     checkpoint_dir: str | pathlib.Path | None = None,
-    keep: int = 3,
+    keep: int | None = None,
     progress: bool = True,
     plot: str | pathlib.Path | None = None,
     diagnostics: bool = False,
@@ -110,7 +111,9 @@ def fit(
         and only if the record matches. The folder is locked while the run
         lasts (a second run on it raises); temporaries of a save that was
         killed are removed.
-      keep: how many checkpoints to keep.
+      keep: how many checkpoints to keep (default 3). ``keep``, ``run_config``
+        and ``allow_run_change`` shape the checkpoints, so they need a
+        ``checkpoint_dir``.
       progress: show a tqdm bar per epoch and print one line per epoch.
       plot: write a PNG of train/test loss and accuracy here at the end
         (needs matplotlib: ``pip install 'jaxbp[plot]'``).
@@ -168,6 +171,9 @@ def fit(
                      allow_run_change=allow_run_change)
     fit_checks.destinations(plot, checkpoint_dir)
     fit_checks.run_record(run_config)
+    fit_checks.checkpoint_options(checkpoint_dir, keep=keep, run_config=run_config,
+                                  allow_run_change=allow_run_change)
+    keep = DEFAULT_KEEP if keep is None else keep
     fit_checks.mesh(mesh, len(data.x_train), batch_size, drop_last)
     train_private.check_privacy(privacy, grad, mesh)
     main_process = jax.process_index() == 0

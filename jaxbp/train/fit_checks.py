@@ -40,7 +40,8 @@ def arguments(net: Any, optimizer: Any, data: Any, epochs: Any, batch_size: Any,
     input_checks.check_key("key", key)
     check_int("epochs", epochs, 1)
     check_int("batch_size", batch_size, 1)
-    check_int("keep", keep, 1)
+    if keep is not None:
+        check_int("keep", keep, 1)
     check_int("eval_batch_size", eval_batch_size, 1)
     if chunk_steps is not None:
         check_int("chunk_steps", chunk_steps, 1)
@@ -52,6 +53,17 @@ def run_record(run_config: Any) -> None:
                                        and all(isinstance(k, str) for k in run_config)):
         raise TypeError(f"run_config must be None or a dict with str keys (entries for the "
                         f"run's record), got {type(run_config).__name__}")
+
+
+def checkpoint_options(checkpoint_dir: Any, **options: Any) -> None:
+    """The options that shape checkpoints (``keep``, ``run_config``, ``allow_run_change``)
+    are refused without a ``checkpoint_dir``, where nothing would read them."""
+    given = [name for name, value in options.items() if value not in (None, False)]
+    if checkpoint_dir is None and given:
+        names = " and ".join(given)
+        raise ValueError(f"{names} {'is' if len(given) == 1 else 'are'} used only for "
+                         f"checkpoints, and checkpoint_dir is None: give a checkpoint_dir, "
+                         f"or leave {names} out")
 
 
 def optimizer_in_half_precision(optimizer: Any, state: Any) -> None:
