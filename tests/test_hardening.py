@@ -500,6 +500,26 @@ class TestCheckpointsAreNeverLostOrMixed:
                       **({"batch_size": 8, "key": jax.random.key(0)} | change))
         assert len(checkpoint.list_checkpoints(tmp_path)) == 1  # nothing written
 
+    def test_a_run_whose_arrays_changed_is_named_by_its_record(self, tmp_path):
+        """Was only the template's leaves (``params[0]['w'] is float32[4, 8], template
+        float32[4, 9]``), and the record's line cut the repr of a long net (a GPT's) before
+        the difference: both now say what changed, and that no allow_run_change helps."""
+        from jaxbp import models
+        from jaxbp.train.run_config import run_differences
+
+        _fit(checkpoint_dir=tmp_path)
+        for allow in (False, True):
+            with pytest.raises(checkpoint.CheckpointMismatchError, match=(
+                    r"was written by another run: net: checkpoint .*\(4, 8, 3\).*, now "
+                    r".*\(4, 9, 3\).*Its arrays do not fit this run's either \(.*leaf "
+                    r".*float32\[4, 8\], template float32\[4, 9\].*\), so it cannot be "
+                    r"resumed, even with allow_run_change")):
+                _fit(net=jaxbp.MLP((4, 9, 3), "tanh"), epochs=2, checkpoint_dir=tmp_path,
+                     allow_run_change=allow)
+        (line,) = run_differences({"net": repr(models.gpt(5, 16, 1, 2, 16))},
+                                  {"net": repr(models.gpt(5, 16, 1, 2, 32))})
+        assert "positions=16" in line and "positions=32" in line and len(line) < 320
+
     def test_a_schedule_deep_in_a_chain_is_part_of_the_record(self):
         from jaxbp.train.run_config import describe
 

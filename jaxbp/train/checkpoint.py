@@ -52,7 +52,15 @@ class CheckpointError(ValueError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    """A sound checkpoint of a different tree than the template (another net or optimizer)."""
+    """A sound checkpoint of a different tree than the template (another net or optimizer).
+
+    ``path`` and ``metadata`` are the checkpoint's where they were read (else None and
+    ``{}``): a resume explains the mismatch by the runs' records."""
+
+    def __init__(self, message: str, path: pathlib.Path | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.path, self.metadata = path, metadata or {}
 
 
 class CheckpointLockedError(RuntimeError):
@@ -291,7 +299,8 @@ def restore(path: str | pathlib.Path, template: PyTree) -> tuple[PyTree, dict[st
     if len(leaves) != len(template_leaves) or header["treedef"] != str(treedef):
         raise CheckpointMismatchError(
             f"checkpoint {str(path)!r} holds a tree of {len(leaves)} leaves "
-            f"{header['treedef']} but the template has {len(template_leaves)}: {treedef}")
+            f"{header['treedef']} but the template has {len(template_leaves)}: {treedef}",
+            path, header.get("metadata"))
     restored, problems = [], []
     for (where, like), leaf in zip(with_paths, leaves):
         is_key = isinstance(like, jax.Array) and jax.dtypes.issubdtype(like.dtype,
@@ -310,7 +319,7 @@ def restore(path: str | pathlib.Path, template: PyTree) -> tuple[PyTree, dict[st
                         if is_key else value)
     if problems:
         raise CheckpointMismatchError(f"checkpoint {str(path)!r} does not fit the template: "
-                              + "; ".join(problems))
+                                      + "; ".join(problems), path, header.get("metadata"))
     return jax.tree.unflatten(treedef, restored), header["metadata"]
 
 

@@ -324,8 +324,11 @@ def _restore(directory: Any, state: TrainState, key: PRNGKey, shardings: Any,
     Raises:
       jaxbp.checkpoint.CheckpointMismatchError: the checkpoint is another run's.
     """
-    found = None if directory is None else resume.restore_latest(directory, state, key,
-                                                                 shardings)
+    try:
+        found = None if directory is None else resume.restore_latest(directory, state, key,
+                                                                     shardings)
+    except checkpoint.CheckpointMismatchError as err:
+        raise resume.explained(err, run) from None
     if found is None:
         return state, key, history, 0, {}
     restored, metadata, path = found

@@ -90,6 +90,21 @@ def check_same_run(path: pathlib.Path, saved: dict[str, Any] | None, now: dict[s
           "(jaxbp train --allow-run-change) to resume it anyway")
 
 
+def explained(err: checkpoint.CheckpointMismatchError,
+              now: dict[str, Any]) -> checkpoint.CheckpointMismatchError:
+    """A checkpoint whose arrays do not fit this run's, said by what differs between the
+    two runs' records where they differ (a GPT's ``seq_len`` sizes its positions table):
+    what changed, not only which leaf. No ``allow_run_change`` can resume it."""
+    saved = err.metadata.get("run")
+    differences = [] if saved is None else run_differences(saved, now)
+    if not differences:
+        return err
+    return checkpoint.CheckpointMismatchError(
+        f"checkpoint {str(err.path)!r} was written by another run: " + "; ".join(differences)
+        + f". Its arrays do not fit this run's either ({err}), so it cannot be resumed, even "
+          f"with allow_run_change: use another checkpoint folder", err.path, err.metadata)
+
+
 def load_params(directory: str | pathlib.Path, net: Any,
                 optimizer: Any = None) -> tuple[Any, dict[str, Any]]:
     """The params of the newest checkpoint that :func:`jaxbp.fit` (or ``jaxbp train``)

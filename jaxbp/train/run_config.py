@@ -90,10 +90,18 @@ def run_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     for name in sorted((set(saved) | set(now)) - SPELLINGS):
         before, after = saved.get(name, "(absent)"), now.get(name, "(absent)")
         if before != after:
-            lines.append(f"{name}: checkpoint {_short(before)}, now {_short(after)}")
+            shown = _where_they_differ(repr(before), repr(after))
+            lines.append(f"{name}: checkpoint {shown[0]}, now {shown[1]}")
     return lines
 
 
-def _short(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _where_they_differ(before: str, after: str, limit: int = 120) -> tuple[str, str]:
+    """Both texts, cut to ``limit`` characters around their first difference: a long
+    entry (a GPT's repr) that differs near its end (``input_shape``) still shows where."""
+    if max(len(before), len(after)) <= limit:
+        return before, after
+    first = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b),
+                 min(len(before), len(after)))
+    start = max(0, first - limit // 3)
+    return tuple(("..." if start else "") + text[start:start + limit]
+                 + ("..." if start + limit < len(text) else "") for text in (before, after))

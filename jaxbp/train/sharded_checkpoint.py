@@ -160,7 +160,7 @@ def restore(directory: str | pathlib.Path, step: int, template: PyTree,
             raise CheckpointMismatchError(
                 f"checkpoint {where!r} holds {meta['layout']['treedef']} with leaves "
                 f"{meta['layout']['leaves']} but the template is {expected['treedef']} with "
-                f"leaves {expected['leaves']}")
+                f"leaves {expected['leaves']}", pathlib.Path(where), meta["metadata"])
         storable = _storable(template)
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
