@@ -172,6 +172,7 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
                       "at every step: pass a PRNG key (fold_in(key, step) is used)")
 
     def gradient(net: MLP | Network, params: Params, x: Array, y: Array, step: Array):
+        x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         net = as_network(net)
         value, grads, out, caches, kept = value_grads_and_errors(net, params, x, y)
         if kind == "empirical":     # the gradient's own errors, times M: no extra pass

@@ -224,6 +224,7 @@ def alignment(feedback: Sequence[ArrayLike | None]) -> GradientSource:
 
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
+        x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         entries = _check_feedback(chain, feedback, "alignment")
         dtype = jnp.result_type(*jax.tree.leaves(params))
         transports = [None] + [jax.tree.map(lambda b: jnp.asarray(b, dtype), entry)
@@ -246,6 +247,7 @@ def sign_symmetry() -> GradientSource:
     """
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
+        x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         transports = [None] + [jax.tree.map(jnp.sign, feedback_of(layer, p, shape))
                                for layer, p, shape
                                in zip(chain.layers[1:], params[1:], chain.shapes[1:])]
@@ -272,6 +274,7 @@ def direct(feedback: Sequence[ArrayLike | None]) -> GradientSource:
 
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
+        x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         entries = _check_feedback(chain, feedback, "direct")
         out, caches = network.forward(chain, params, x)
         cost, delta_out = cost_and_output_error(chain.loss_fn, out, y)

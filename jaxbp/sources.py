@@ -1,15 +1,17 @@
 """Gradient sources: what a train step asks for its gradient, as one protocol.
 
-A source is called with checked inputs and returns a :class:`SourceResult`::
+A source returns a :class:`SourceResult`::
 
     source(net, params, x, y, step, mask=None) -> SourceResult(loss, grads, output, extras)
 
-``step`` is the int32 update count (sources that draw fresh randomness each step fold
-it into their key); ``mask`` (B,) bool marks the real rows of a padded batch (a
-source that cannot take one raises a ``TypeError`` for it); ``extras`` is a dict the
-train step passes to ``optimizer.update`` as keyword arguments (K-FAC's factors).
-Every source here runs the hand-written recursion except :func:`autodiff`, the
-reference. A user's own source may return a plain ``(loss, grads, output)`` or
+Each source here checks its inputs as :func:`jaxbp.backprop` does: a train step checks
+them first, when it is traced, and a direct call gets the same named errors, labels
+included. ``step`` is the int32 update count (sources that draw fresh randomness each
+step fold it into their key); ``mask`` (B,) bool marks the real rows of a padded batch
+(a source that cannot take one raises a ``TypeError`` for it); ``extras`` is a dict the
+train step passes to ``optimizer.update`` as keyword arguments (K-FAC's factors). Every
+source here runs the hand-written recursion except :func:`autodiff`, the reference. A
+user's own source may return a plain ``(loss, grads, output)`` or
 ``(loss, grads, output, extras)`` tuple: :func:`as_result` reads either.
 
 =========================  ====================================================
@@ -118,6 +120,7 @@ def _unmasked(name: str, value_grads_and_output: Any) -> GradientSource:
     """A source of ``value_grads_and_output(net, params, x, y) -> (C, grads, a^L)``."""
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
                  mask: Array | None = None) -> SourceResult:
+        x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         _no_mask(name, mask)
         return SourceResult(*value_grads_and_output(net, params, x, y))
 
@@ -142,6 +145,7 @@ def clipped(clip_norm: per_example.ClipNorm) -> GradientSource:
 
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
                  mask: Array | None = None) -> SourceResult:
+        x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         clip = per_example.check_clip_norm(net, clip_norm)
         _check_mask(mask, x)
         count = None if mask is None else jnp.maximum(jnp.sum(mask), 1)
@@ -202,6 +206,7 @@ def _noised_clipped_mean(net: Any, params: Params, x: Array, y: Array, step: Arr
                          microbatch: int | None) -> SourceResult:
     """:func:`dp_sgd`'s gradient: the clipped sum of the real rows (all at once, or
     ``microbatch`` at a time), the noise of step ``step``, over the divisor."""
+    x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
     clip, sigma = per_example.check_noise_and_clip(net, clip_norm, noise_multiplier)
     _check_mask(mask, x)
     divisor = expected if expected is not None else (

@@ -308,6 +308,28 @@ def test_gradient_sources_check_their_arguments_when_made():
             make(NET, optax.sgd(0.1), None)
 
 
+def test_gradient_sources_called_directly_check_their_inputs():
+    """A source called outside a train step (to read its gradient) was given no checks:
+    XLA's dot_general error for an x of another width, and labels outside [0, n_out)
+    gave a gradient silently."""
+    from jaxbp import feedback, sources
+
+    key, params = jax.random.key(0), NET.init(jax.random.key(0))
+    x, y = np.ones((4, 4), np.float32), np.zeros(4, np.int32)
+    for source in (sources.backprop(), sources.autodiff(), sources.clipped(1.0),
+                   sources.dp_sgd(1.0, 1.0, key),
+                   sources.dp_sgd(1.0, 1.0, key, expected_batch_size=4, microbatch=2),
+                   jaxbp.kfac_gradient(), feedback.sign_symmetry(),
+                   feedback.alignment(feedback.random_feedback(NET, key)),
+                   feedback.direct(feedback.random_feedback(NET, key, "direct"))):
+        for bad_x, bad_y, words in ((x[:, :3], y, r"x has shape \(4, 3\) but expected "
+                                                  r"\(batch, 4\)"),
+                                    (x, y + 7, r"y holds labels outside \[0, 3\): y\[0\] = 7")):
+            with pytest.raises(ValueError, match=words):
+                source(NET, params, bad_x, bad_y, 0)
+        assert np.isfinite(sources.as_result(source(NET, params, x, y, 0)).loss)
+
+
 class TestFitArguments:
     @pytest.mark.parametrize("kwargs, error, words", [
         ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1, got 0"),
@@ -841,11 +863,15 @@ def test_params_donated_to_a_train_step_are_named(tmp_path):
                 lambda: NET.apply(params, x),
                 lambda: jaxbp.evaluate(NET, params, x, y),
                 lambda: jaxbp.TrainState.create(params, optax.sgd(0.1)),
-                lambda: _fit(params=params)):
+                lambda: _fit(params=params),
+                lambda: jaxbp.verify_grads(functools.partial(jaxbp.backprop, NET),
+                                           NET.cost, params, x, y)):
         with pytest.raises(ValueError, match=named):
             use()
     with pytest.raises(ValueError, match=re.escape("v[0]['b'] has been deleted")):
         jaxbp.hvp(NET, new_state.params, x, y, params)
+    with pytest.raises(ValueError, match=re.escape("args[0][0]['b'] has been deleted")):
+        jaxbp.verify_vjp(lambda p: NET.apply(p, x), params)
     with pytest.raises(ValueError, match=re.escape("tree.step has been deleted")):
         checkpoint.save(tmp_path, 1, state)
     assert list(tmp_path.iterdir()) == []

@@ -72,7 +72,7 @@ from jaxbp.check.leaves import (
 )
 from jaxbp.check.report import DirectionCheck, GradientCheckError, GradReport, LeafCheck
 from jaxbp.matmul_precision import check_precision, current_precision, precision_scope
-from jaxbp.types import PyTree, check_callable
+from jaxbp.types import PyTree, check_callable, check_not_deleted
 
 __all__ = ["DEFAULT_FD_RTOL", "DEFAULT_RTOL", "LOW_PRECISION_EPS", "ROUNDING_ULPS",
            "TAYLOR_MAX_ORDER", "TAYLOR_MIN_ORDER", "DirectionCheck", "GradReport",
@@ -141,14 +141,12 @@ def verify_grads(
     check_callable("loss_fn", loss_fn, "(params, *args) -> scalar")
     check_precision(precision)
     check_knobs(rtol=rtol, atol=atol, fd_eps=fd_eps, fd_rtol=fd_rtol, n_fd=n_fd, seed=seed)
+    check_not_deleted("params", params)   # donated to a train step: named, not JAX's shape
+    check_not_deleted("args", args)
     params = as_arrays(params)
     leaves, treedef = jax.tree.flatten(params)
     check_float_leaves(params)
-    value = jax.eval_shape(loss_fn, params, *args)
-    if not (hasattr(value, "shape") and value.shape == ()
-            and jnp.issubdtype(value.dtype, jnp.floating)):
-        raise ValueError(f"loss_fn must return a floating scalar (shape ()), got "
-                         f"{_described(value)}")
+    _check_scalar_loss(loss_fn, params, args)
     manual = grad_fn(params, *args)
     reference = jax.grad(loss_fn)(params, *args)
     check_same_structure(params, manual)
@@ -184,6 +182,15 @@ def verify_grads(
                              "such as ReLU at 0 inside the step) or FD noise dominates")
     return GradReport(rows, directions, rtol_table(rows, rtol), tuple(notes),
                       matmul_precision=current_precision(precision) if directions else None)
+
+
+def _check_scalar_loss(loss_fn: Callable[..., Any], params: PyTree, args: tuple) -> None:
+    """``loss_fn(params, *args)`` is a floating scalar (by its shape, nothing computed)."""
+    value = jax.eval_shape(loss_fn, params, *args)
+    if not (hasattr(value, "shape") and value.shape == ()
+            and jnp.issubdtype(value.dtype, jnp.floating)):
+        raise ValueError(f"loss_fn must return a floating scalar (shape ()), got "
+                         f"{_described(value)}")
 
 
 def _described(value: Any) -> str:

@@ -51,7 +51,7 @@ from jaxbp.check.leaves import (
     to_f64,
 )
 from jaxbp.check.report import DirectionCheck, GradReport, LeafCheck
-from jaxbp.types import PyTree, check_callable
+from jaxbp.types import PyTree, check_callable, check_not_deleted
 
 _ArgsFn = Callable[..., PyTree]
 
@@ -59,6 +59,7 @@ _ArgsFn = Callable[..., PyTree]
 def _floating(tree: PyTree, what: str) -> list[Any]:
     """The leaves of a pytree, each a floating array (else a TypeError naming it) of finite
     values (else a ValueError)."""
+    check_not_deleted(what, tree)   # donated to a train step: named, not JAX's bare shape
     leaves = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
