@@ -788,10 +788,15 @@ class TestCommandLine:
         npy = tmp_path / "one.npz"
         with open(npy, "wb") as file:
             np.save(file, np.ones(3))
-        for path, words in ((text, "is not an .npz archive"), (npy, "is a single .npy array")):
+        for path, words in ((text, "is not an .npz archive (it starts with b'hello'); save "
+                                   "the arrays with np.savez(path, x=x, y=y); a text trains "
+                                   "a GPT: --model gpt"),
+                            (npy, "is a single .npy array"),
+                            ("shakespeare", "'shakespeare' is neither 'digits', 'teacher' nor "
+                                            "an existing .npz file; it is the GPT's text")):
             code, _, err = _cli(capsys, "train", "--data", str(path))
             assert code == 2 and words in err and err.count("\n") == 1, err
-            assert "pickle" not in err
+            assert "pickle" not in err and (path != npy or "--model gpt" not in err)
 
     @pytest.mark.parametrize("argv, line", [   # argparse printed its usage block first
         (["train", "--bogus"], "jaxbp train: error: unrecognized arguments: --bogus"),

@@ -28,11 +28,25 @@ def _load_data(name: str, seed: int, seq_len: int | None = None):
         return data.teacher_regression(jax.random.fold_in(jax.random.key(seed), 1))
     if not pathlib.Path(name).is_file():
         raise UsageError(f"--data: {name!r} is neither 'digits', 'teacher' nor an existing "
-                         f".npz file")
+                         f".npz file" + ("; it is the GPT's text: --model gpt"
+                                         if name == "shakespeare" else ""))
     try:
         return data.load_npz(name)
     except ValueError as err:
-        raise UsageError(f"--data: {err}") from None
+        hint = "; a text trains a GPT: --model gpt" if _is_text(pathlib.Path(name)) else ""
+        raise UsageError(f"--data: {err}{hint}") from None
+
+
+def _is_text(path: pathlib.Path) -> bool:
+    """The file's first KiB is UTF-8 with no NUL byte (a cut last character allowed)."""
+    with open(path, "rb") as file:
+        head = file.read(1024)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:
+            return False
+    return bool(head) and b"\0" not in head
 
 
 GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_block": None,
