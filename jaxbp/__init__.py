@@ -9,6 +9,7 @@ from jaxbp.backprop import (
     layer_deltas,
     value_and_backprop,
 )
+from jaxbp.check.layer import verify_layer
 from jaxbp.check.suite import verify_mlp
 from jaxbp.check.verify import GradientCheckError, GradReport, verify_grads
 from jaxbp.check.verify_fn import verify_jvp, verify_vjp
@@ -77,6 +78,7 @@ __all__ = [
     "value_and_backprop",
     "verify_grads",
     "verify_jvp",
+    "verify_layer",
     "verify_mlp",
     "verify_vjp",
 ]

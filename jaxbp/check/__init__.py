@@ -1,2 +1,3 @@
-"""Checking a gradient: verify_grads (any pytree) and verify_vjp/verify_jvp (any function),
-their reports, and the random-architecture suite of ``jaxbp verify``."""
+"""Checking a gradient: verify_grads (any pytree), verify_vjp/verify_jvp (any function),
+verify_layer (a layer record's rules), their reports, and the random-architecture suite of
+``jaxbp verify``."""

@@ -112,6 +112,16 @@ def to_f64(value: Any) -> np.ndarray:
     return np.asarray(value).astype(np.float64)
 
 
+def compare_leaves(paths: Sequence[str], manual: Sequence[Any], reference: Sequence[Any],
+                   rtol: float | None, atol: float | None) -> list[LeafCheck]:
+    """One row per leaf, each judged with the tolerance of its dtype and an absolute floor
+    relative to the largest entry of all ``reference`` leaves (a block of rows)."""
+    scale = max((float(np.max(np.abs(to_f64(r)), initial=0.0)) for r in reference),
+                default=0.0)
+    return [compare_leaf(path, m, r, rtol_for(r, rtol), atol_for(r, atol, rtol, scale))
+            for path, m, r in zip(paths, manual, reference)]
+
+
 def compare_leaf(path: str, manual: Any, reference: Any, rtol: float, atol: float) -> LeafCheck:
     m, r = to_f64(manual), to_f64(reference)
     shape = tuple(np.shape(r))

@@ -61,14 +61,11 @@ from jaxbp.check.leaves import (
     LOW_PRECISION_EPS,
     ROUNDING_ULPS,
     as_arrays,
-    atol_for,
     check_float_leaves,
     check_knobs,
     check_same_structure,
-    compare_leaf,
-    rtol_for,
+    compare_leaves,
     rtol_table,
-    to_f64,
 )
 from jaxbp.check.report import DirectionCheck, GradientCheckError, GradReport, LeafCheck
 from jaxbp.matmul_precision import check_precision, current_precision, precision_scope
@@ -155,12 +152,7 @@ def verify_grads(
              for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     manual_leaves = treedef.flatten_up_to(manual)
     reference_leaves = treedef.flatten_up_to(reference)
-    global_scale = max((float(np.max(np.abs(to_f64(r)), initial=0.0))
-                        for r in reference_leaves), default=0.0)
-    rows = tuple(
-        compare_leaf(path, m, r, rtol_for(r, rtol), atol_for(r, atol, rtol, global_scale))
-        for path, m, r in zip(paths, manual_leaves, reference_leaves)
-    )
+    rows = tuple(compare_leaves(paths, manual_leaves, reference_leaves, rtol, atol))
 
     notes: list[str] = []
     eps = max(float(jnp.finfo(leaf.dtype).eps) for leaf in leaves) if leaves else 0.0

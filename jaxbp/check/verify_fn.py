@@ -43,9 +43,8 @@ from jaxbp.check.directions import Slope, directional_checks, gradient_slope
 from jaxbp.check.leaves import (
     LOW_PRECISION_EPS,
     as_arrays,
-    atol_for,
     check_knobs,
-    compare_leaf,
+    compare_leaves,
     rtol_for,
     rtol_table,
     to_f64,
@@ -99,15 +98,6 @@ def _level(a: list[Any], b: list[Any]) -> float:
 def _masked(leaves: list[Any], keep: int) -> list[Any]:
     """Zeros everywhere but leaf ``keep``."""
     return [x if i == keep else jnp.zeros_like(x) for i, x in enumerate(leaves)]
-
-
-def _rows(paths: list[str], manual: list[Any], reference: list[Any], rtol: float | None,
-          atol: float | None) -> list[LeafCheck]:
-    scale = max((float(np.max(np.abs(to_f64(r)), initial=0.0)) for r in reference),
-                default=0.0)
-    return [compare_leaf(path, m, r, rtol_for(r, rtol),
-                                 atol_for(r, atol, rtol, scale))
-            for path, m, r in zip(paths, manual, reference)]
 
 
 def _scalar_row(path: str, manual: float, reference: float, dtype: Any,
@@ -224,7 +214,7 @@ def verify_vjp(
             u_o = setup.out_def.unflatten(_masked(setup.u, o))
             m = setup.in_def.flatten_up_to(vjp_fn(u_o))
             r = setup.in_def.flatten_up_to(ref_vjp(u_o))
-            rows += _rows([f"{out_path} -> {p}" for p in setup.in_paths], m, r, rtol, atol)
+            rows += compare_leaves([f"{out_path} -> {p}" for p in setup.in_paths], m, r, rtol, atol)
         ref_full = setup.in_def.flatten_up_to(ref_vjp(setup.out_def.unflatten(setup.u)))
         reference_slope = gradient_slope(ref_full)
     notes: list[str] = []
@@ -288,7 +278,7 @@ def verify_jvp(
         rows += _value_rows(setup, reference(*setup.args), rtol, atol)
         for i, in_path in enumerate(setup.in_paths):
             v_i = _masked(setup.v, i)
-            rows += _rows([f"{in_path} -> {p}" for p in setup.out_paths], jvp_of(f, v_i),
+            rows += compare_leaves([f"{in_path} -> {p}" for p in setup.out_paths], jvp_of(f, v_i),
                           jvp_of(reference, v_i), rtol, atol)
         reference_slope = slope_of(reference)
     notes: list[str] = []
@@ -326,7 +316,7 @@ def _value_rows(setup: _Setup, ref_out: PyTree, rtol: float | None,
     if jax.tree.structure(ref_out) != setup.out_def:
         raise ValueError(f"reference(*args) must have f's output structure {setup.out_def}, "
                          f"got {jax.tree.structure(ref_out)}")
-    return _rows([f"value {p}" for p in setup.out_paths], setup.out_leaves,
+    return compare_leaves([f"value {p}" for p in setup.out_paths], setup.out_leaves,
                  jax.tree.leaves(ref_out), rtol, atol)
 
 
