@@ -28,7 +28,7 @@ from jaxbp.activations import ACTIVATIONS, Activation, get_activation
 from jaxbp.layers.base import TRUNCATED_NORMAL_STD
 from jaxbp.layers.dense import Dense
 from jaxbp.losses import LOSSES, Loss, get_loss
-from jaxbp.network import Network
+from jaxbp.network import Network, check_output_width
 from jaxbp.types import Array, ArrayLike, Params, PRNGKey, is_int
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -88,6 +88,7 @@ class MLP:
             get_activation(self.activation)
         _name_in("output_activation", self.output_activation, ACTIVATIONS)
         _name_in("loss", self.loss, LOSSES)
+        check_output_width(get_loss(self.loss), self.sizes[-1], "sizes[-1]")
         object.__setattr__(self, "dtype", _checked_dtype(self.dtype))
         if self.compute_dtype is not None:
             object.__setattr__(self, "compute_dtype",

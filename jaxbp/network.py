@@ -119,6 +119,7 @@ class Network:
             raise LayerError(f"layers[{len(self.layers) - 1}] ({type(self.layers[-1]).__name__})"
                              f": the network must end in a vector (n_out,) or a sequence "
                              f"(T, n_out) for the loss, got {out}; add Flatten() and a Dense")
+        check_output_width(self.loss_fn, out[-1], "the last layer's width")
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -170,6 +171,18 @@ class Network:
     def param_shapes(self) -> Any:
         """The params' pytree of ``ShapeDtypeStruct`` (no arrays made)."""
         return jax.eval_shape(self.init, jax.random.key(0))
+
+
+def check_output_width(loss: Loss, n_out: int, where: str) -> None:
+    """A loss whose targets are normalised over the outputs (softmax cross-entropy) has
+    nothing to learn from one output: its one class has probability 1, the loss is 0 and
+    every gradient is 0, so training would run and change nothing."""
+    if loss.normalised_targets and n_out == 1:
+        raise ValueError(
+            f"loss {loss.name!r} normalises over the outputs, and {where} is 1: the "
+            f"one class always has probability 1, so the loss and its gradient are 0 and "
+            f"nothing trains. For a yes/no target use loss='sigmoid_cross_entropy' with one "
+            f"output, or give two outputs")
 
 
 def as_network(net: Any) -> Network:

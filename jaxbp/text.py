@@ -86,8 +86,9 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
 
     Raises:
       FileNotFoundError: no such file (IsADirectoryError: a folder there).
-      ValueError: a seq_len < 1, a fraction outside (0, 1), a file that is not UTF-8 or
-        is empty, or a text too short for one window in each part.
+      ValueError: a seq_len < 1, a fraction outside (0, 1), a file that is not UTF-8, is
+        empty or holds one distinct character, or a text too short for one window in each
+        part.
     """
     seq_len = check_int("seq_len", seq_len, 1)
     if not is_real(validation_fraction) or not 0 < validation_fraction < 1:
@@ -104,6 +105,9 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
     if not text:
         raise ValueError(f"text file {str(source)!r} is empty")
     vocab = "".join(sorted(set(text)))
+    if len(vocab) == 1:   # a softmax over one character: loss 0, nothing to learn
+        raise ValueError(f"text file {str(source)!r} holds one distinct character, "
+                         f"{vocab!r}: there is nothing to predict")
     codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)   # one code point each
     ids = np.searchsorted(np.frombuffer(vocab.encode("utf-32-le"), np.uint32),
                           codes).astype(np.int32)                  # vocab is sorted

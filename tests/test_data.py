@@ -182,6 +182,10 @@ def test_load_text_reads_a_users_file_and_names_what_is_wrong(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty\.txt' is empty"):
         data.load_text(tmp_path / "empty.txt")
+    (tmp_path / "one.txt").write_text("a" * 100)   # was a GPT whose loss is 0 from the start
+    with pytest.raises(ValueError, match=r"one\.txt' holds one distinct character, 'a': "
+                                         r"there is nothing to predict"):
+        data.load_text(tmp_path / "one.txt", seq_len=4)
     (tmp_path / "plain.gz").write_text("not gzip at all")
     with pytest.raises(ValueError, match=r"plain\.gz' cannot be read: Not a gzipped file"):
         data.load_text(tmp_path / "plain.gz", seq_len=4)

@@ -63,9 +63,12 @@ def test_the_trained_params_load_for_inference_without_the_optimizer(digits, tmp
         np.testing.assert_array_equal(a, b)
     assert metadata["epoch"] == 2 and metadata["history"]["test_loss"] == \
         result.history["test_loss"]
-    for other in (jaxbp.MLP(NET.sizes, "tanh"), jaxbp.MLP((64, 8, 10), "relu")):
-        with pytest.raises(checkpoint.CheckpointMismatchError,
-                           match=r"was written by a run of MLP.*relu.*, not of MLP"):
+    for other, then, now in ((jaxbp.MLP(NET.sizes, "tanh"), "'relu'", "'tanh'"),
+                             (jaxbp.MLP((64, 8, 10), "relu"), r"\(64, \d+, 10\)",
+                              r"\(64, 8, 10\)")):
+        with pytest.raises(checkpoint.CheckpointMismatchError,  # shown where they differ
+                           match=rf"was written by a run of another net: the run's "
+                                 rf"MLP.*{then}.*, this MLP.*{now}"):
             jaxbp.load_params(tmp_path, other)          # a relu net's params, not a tanh's
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         jaxbp.load_params(tmp_path / "none", NET)

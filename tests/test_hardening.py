@@ -308,6 +308,23 @@ def test_gradient_sources_check_their_arguments_when_made():
             make(NET, optax.sgd(0.1), None)
 
 
+def test_a_softmax_over_one_output_is_refused_when_the_net_is_made():
+    """Trained, with a loss of exactly 0 and every gradient 0 (the one class has
+    probability 1): the common slip of a yes/no target given one output."""
+    from jaxbp import layers, models
+
+    words = r"loss 'softmax_cross_entropy' normalises over the outputs, and {} is 1: .*" \
+            r"nothing trains\. For a yes/no target use loss='sigmoid_cross_entropy'"
+    for make, where in ((lambda: jaxbp.MLP((4, 1)), r"sizes\[-1\]"),
+                        (lambda: jaxbp.Network((layers.Dense(1),), (4,)),
+                         "the last layer's width"),
+                        (lambda: models.gpt(1, 8, 1, 2, 4), "the last layer's width")):
+        with pytest.raises(ValueError, match=words.format(where)):
+            make()
+    for loss in ("sigmoid_cross_entropy", "squared_error"):   # one output is theirs
+        assert jaxbp.MLP((4, 1), loss=loss).n_out == 1
+
+
 def test_gradient_sources_called_directly_check_their_inputs():
     """A source called outside a train step (to read its gradient) was given no checks:
     XLA's dot_general error for an x of another width, and labels outside [0, n_out)

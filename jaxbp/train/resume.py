@@ -20,7 +20,7 @@ from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.parallel import fetch
 from jaxbp.train import checkpoint
-from jaxbp.train.run_config import run_differences
+from jaxbp.train.run_config import run_differences, where_they_differ
 from jaxbp.train.step import TrainState
 from jaxbp.types import PRNGKey
 
@@ -160,8 +160,10 @@ def _check_run_net(path: pathlib.Path, metadata: dict[str, Any], net: Any) -> No
     """The net the run recorded (a relu net's params are no tanh net's) is ``net``."""
     recorded = (metadata.get("run") or {}).get("net")
     if recorded is not None and recorded != repr(net):
+        then, now = where_they_differ(recorded, repr(net))   # a GPT's repr is long
         raise checkpoint.CheckpointMismatchError(
-            f"checkpoint {str(path)!r} was written by a run of {recorded}, not of {net!r}")
+            f"checkpoint {str(path)!r} was written by a run of another net: the run's "
+            f"{then}, this {now}")
 
 
 def _sharded_params(directory: str | pathlib.Path, net: Any, shapes: Any,

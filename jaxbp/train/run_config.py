@@ -90,12 +90,12 @@ def run_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     for name in sorted((set(saved) | set(now)) - SPELLINGS):
         before, after = saved.get(name, "(absent)"), now.get(name, "(absent)")
         if before != after:
-            shown = _where_they_differ(repr(before), repr(after))
+            shown = where_they_differ(repr(before), repr(after))
             lines.append(f"{name}: checkpoint {shown[0]}, now {shown[1]}")
     return lines
 
 
-def _where_they_differ(before: str, after: str, limit: int = 120) -> tuple[str, str]:
+def where_they_differ(before: str, after: str, limit: int = 120) -> tuple[str, str]:
     """Both texts, cut to ``limit`` characters around their first difference: a long
     entry (a GPT's repr) that differs near its end (``input_shape``) still shows where."""
     if max(len(before), len(after)) <= limit:
