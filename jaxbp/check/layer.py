@@ -154,9 +154,10 @@ def _per_sample_reference(layer: Any, params: PyTree, x: jax.Array,
 
 
 def _sq_norms(per_sample: PyTree, batch: int) -> jax.Array:
+    """``||g_i||^2`` over all leaves, in the gradients' own dtype (its tolerance)."""
     leaves = jax.tree.leaves(per_sample)
     return sum((jnp.sum(leaf.reshape(batch, -1) ** 2, axis=1) for leaf in leaves),
-               jnp.zeros(batch, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32))
+               jnp.zeros(batch, jnp.result_type(*leaves)))
 
 
 def _leaf_rows(label: str, manual: PyTree, reference: PyTree, rtol: float | None,

@@ -214,7 +214,8 @@ def verify_vjp(
             u_o = setup.out_def.unflatten(_masked(setup.u, o))
             m = setup.in_def.flatten_up_to(vjp_fn(u_o))
             r = setup.in_def.flatten_up_to(ref_vjp(u_o))
-            rows += compare_leaves([f"{out_path} -> {p}" for p in setup.in_paths], m, r, rtol, atol)
+            rows += compare_leaves([f"{out_path} -> {p}" for p in setup.in_paths], m, r,
+                                   rtol, atol)
         ref_full = setup.in_def.flatten_up_to(ref_vjp(setup.out_def.unflatten(setup.u)))
         reference_slope = gradient_slope(ref_full)
     notes: list[str] = []
@@ -278,8 +279,8 @@ def verify_jvp(
         rows += _value_rows(setup, reference(*setup.args), rtol, atol)
         for i, in_path in enumerate(setup.in_paths):
             v_i = _masked(setup.v, i)
-            rows += compare_leaves([f"{in_path} -> {p}" for p in setup.out_paths], jvp_of(f, v_i),
-                          jvp_of(reference, v_i), rtol, atol)
+            rows += compare_leaves([f"{in_path} -> {p}" for p in setup.out_paths],
+                                   jvp_of(f, v_i), jvp_of(reference, v_i), rtol, atol)
         reference_slope = slope_of(reference)
     notes: list[str] = []
     jv = jvp_of(f, setup.v)
@@ -317,7 +318,7 @@ def _value_rows(setup: _Setup, ref_out: PyTree, rtol: float | None,
         raise ValueError(f"reference(*args) must have f's output structure {setup.out_def}, "
                          f"got {jax.tree.structure(ref_out)}")
     return compare_leaves([f"value {p}" for p in setup.out_paths], setup.out_leaves,
-                 jax.tree.leaves(ref_out), rtol, atol)
+                          jax.tree.leaves(ref_out), rtol, atol)
 
 
 def _report(title: str, reference: Any, rows: list[LeafCheck],

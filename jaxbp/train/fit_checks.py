@@ -58,7 +58,7 @@ def run_record(run_config: Any) -> None:
 def checkpoint_options(checkpoint_dir: Any, **options: Any) -> None:
     """The options that shape checkpoints (``keep``, ``run_config``, ``allow_run_change``)
     are refused without a ``checkpoint_dir``, where nothing would read them."""
-    given = [name for name, value in options.items() if value not in (None, False)]
+    given = [name for name, value in options.items() if value]   # None, False, {}: unset
     if checkpoint_dir is None and given:
         names = " and ".join(given)
         raise ValueError(f"{names} {'is' if len(given) == 1 else 'are'} used only for "
