@@ -171,6 +171,10 @@ def test_make_mesh_and_process_rows_on_one_device():
     with pytest.raises(ValueError, match=r"does not split over process_count = 3 processes "
                                          r"\(8 % 3 = 2\)"):
         parallel.process_rows(batch, 0, 3)
+    for bad in (8, None):   # was "object of type 'int' has no len()"
+        with pytest.raises(TypeError, match=r"batch must be an array of rows \(the global "
+                                            r"batch\), got"):
+            parallel.process_rows(bad, 0, 2)
 
 
 @pytest.mark.parametrize("index, count, error, words", [

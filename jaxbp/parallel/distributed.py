@@ -32,8 +32,12 @@ def process_rows(batch: np.ndarray, process_index: int | None = None,
     Raises:
       ValueError: ``process_count`` < 1, ``process_index`` outside ``[0, process_count)``,
         or a batch that does not split evenly (each named with its value).
-      TypeError: an index or count that is not an integer.
+      TypeError: a batch that is not an array of rows, or an index or count that is not
+        an integer.
     """
+    if not hasattr(batch, "__len__") or np.ndim(batch) < 1:
+        raise TypeError(f"batch must be an array of rows (the global batch), got "
+                        f"{type(batch).__name__}: {batch!r}"[:200])
     i = jax.process_index() if process_index is None else process_index
     n = jax.process_count() if process_count is None else process_count
     for name, value in (("process_index", i), ("process_count", n)):
