@@ -224,7 +224,8 @@ class TestKFACPreconditioner:
                 stacked = np.concatenate([layer["w"], layer["b"][None]], 0)
                 expected = np.linalg.solve(np.kron(a_d, g_d), stacked.ravel())
                 got = np.concatenate([p["w"], p["b"][None]], 0).ravel()
-                np.testing.assert_allclose(got, expected, rtol=1e-9)
+                # normwise: a solve's entries that cancel move with the platform's algorithm
+                assert_normwise_close(got, expected, rtol=1e-9)
 
     def test_trains_digits_fast(self):
         import optax
