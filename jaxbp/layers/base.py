@@ -85,7 +85,9 @@ per-example quantities, the optional capabilities by theirs)."""
 
 def register(cls: type) -> type:
     """Class decorator: add a layer record type to :data:`LAYER_TYPES` (a TypeError naming
-    what it lacks of :data:`REQUIRED`, when it is registered rather than when it runs)."""
+    what it lacks of :data:`REQUIRED`, when it is registered rather than when it runs).
+    Its hand-written rules are checked against ``jax.vjp`` of its forward by
+    :func:`jaxbp.verify_layer` (at a point you give: a record has no shape of its own)."""
     missing = [name for name in REQUIRED if not callable(getattr(cls, name, None))]
     if missing:
         raise TypeError(f"layer record {cls.__name__} must define {missing} to be "
