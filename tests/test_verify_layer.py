@@ -91,6 +91,37 @@ def test_a_planted_bug_fails_its_own_rule_only(x64, bug, failing):
         assert_layer_correct(Scale(bug), x)
 
 
+class Misshapen(Scale):
+    """Scale whose rules return what the chain cannot read, by ``bug``."""
+
+    def backward(self, params, x, delta, need_input=True):
+        error, grads = super().backward(params, x, delta, need_input)
+        return {"tuple": lambda: grads, "grads key": lambda: (error, {"t": grads["s"]}),
+                "input error": lambda: (error[:, :1], grads)}.get(self.bug,
+                                                                  lambda: (error, grads))()
+
+    def per_sample_sq_norms(self, params, x, delta):
+        norms = super().per_sample_sq_norms(params, x, delta)
+        return norms.sum() if self.bug == "norms" else norms
+
+
+@pytest.mark.parametrize("bug, error, words", [
+    ("tuple", TypeError, r"the record's backward must return a tuple of 2 \(delta_in, "
+                         r"grads\), got dict"),
+    ("grads key", ValueError, r"the record's backward's grads has the structure "
+                              r"PyTreeDef\(\{'t': \*\}\), expected PyTreeDef\(\{'s': \*\}\)"),
+    ("input error", ValueError, r"the record's backward's input error has shape \(4, 1\), "
+                                r"expected \(4, 3\)"),
+    ("norms", ValueError, r"the record's per_sample_sq_norms has shape \(\), expected "
+                          r"\(4,\)"),
+])
+def test_rules_that_return_the_wrong_shapes_are_named(bug, error, words):
+    """Were JAX's "Custom VJP bwd rule must produce an output with the same container",
+    an unpacking error, or an IndexError from the comparison."""
+    with pytest.raises(error, match=words):
+        jaxbp.verify_layer(Misshapen(bug), _x(4, 3))
+
+
 def test_float32_and_its_tolerance():
     report = jaxbp.verify_layer(L.Dense(6, "tanh"), _x(5, 4).astype(np.float32))
     assert report.ok and report.rtol["float32"] > 1e-7, report

@@ -67,11 +67,12 @@ def verify_layer(layer: Any, x: Any, params: PyTree | None = None, *,
     check_not_deleted("params", params)
     out, cache = layer.forward(params, x)
     _check_output_shape(layer, x, out)
+    rng = np.random.default_rng(seed + 1)
+    delta = jnp.asarray(rng.standard_normal(out.shape), out.dtype)
+    _check_returns(layer, params, x, cache, delta, takes_error)
     by_hand, plain = _backward_as_vjp(layer, x, takes_error)
     backward = verify_vjp(by_hand, params, *((x,) if takes_error else ()), reference=plain,
                           rtol=rtol, atol=atol, n_fd=n_fd, seed=seed)
-    rng = np.random.default_rng(seed + 1)
-    delta = jnp.asarray(rng.standard_normal(out.shape), out.dtype)
     rows, notes = _per_sample_rows(layer, params, x, cache, delta, rtol, atol, rng)
     if callable(getattr(layer, "backward_kept", None)):
         rows += _kept_rows(layer, params, cache, delta, takes_error, rtol, atol)
@@ -121,6 +122,36 @@ def _check_output_shape(layer: Any, x: jax.Array, out: jax.Array) -> None:
                          f"forward gives samples of shape {tuple(out.shape[1:])}")
 
 
+def _check_like(what: str, got: Any, want: Any) -> None:
+    """``got`` has the pytree structure and leaf shapes of ``want``, else a ValueError."""
+    if jax.tree.structure(got) != jax.tree.structure(want):
+        raise ValueError(f"the record's {what} has the structure {jax.tree.structure(got)}, "
+                         f"expected {jax.tree.structure(want)}")
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                            jax.tree.leaves(want)):
+        if np.shape(g) != np.shape(w):
+            raise ValueError(f"the record's {what}{jax.tree_util.keystr(path)} has shape "
+                             f"{np.shape(g)}, expected {np.shape(w)}")
+
+
+def _check_returns(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta: jax.Array,
+                   takes_error: bool) -> None:
+    """``backward`` (and ``backward_kept``) return what the chain reads: ``(delta_in,
+    grads)`` shaped like ``(x, params)`` (named here, not as JAX's custom_vjp error)."""
+    for name, count in (("backward", 2), ("backward_kept", 3)):
+        rule = getattr(layer, name, None)
+        if not callable(rule):
+            continue
+        result = rule(params, cache, delta, need_input=takes_error)
+        if not (isinstance(result, tuple) and len(result) == count):
+            raise TypeError(f"the record's {name} must return a tuple of {count} (delta_in, "
+                            f"grads{', kept' if count == 3 else ''}), got "
+                            f"{type(result).__name__}")
+        _check_like(f"{name}'s grads", result[1], params)
+        if takes_error:
+            _check_like(f"{name}'s input error", result[0], x)
+
+
 def _backward_as_vjp(layer: Any, x: jax.Array, takes_error: bool) -> tuple[Any, Any]:
     """``(params[, x]) -> out`` with the record's backward as its VJP, and the plain forward
     (the reference JAX differentiates); tokens are closed over."""
@@ -162,6 +193,7 @@ def _sq_norms(per_sample: PyTree, batch: int) -> jax.Array:
 
 def _leaf_rows(label: str, manual: PyTree, reference: PyTree, rtol: float | None,
                atol: float | None) -> list[LeafCheck]:
+    _check_like(label, manual, reference)
     paths = [label + jax.tree_util.keystr(path)
              for path, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
     manual_leaves = jax.tree.structure(reference).flatten_up_to(manual)
