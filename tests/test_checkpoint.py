@@ -258,3 +258,12 @@ def test_late_callbacks_into_orbaxs_closed_loop_are_dropped_and_nothing_else(mon
                                                  err_msg=None, object=None))
     assert len(seen) == 2 and seen[0].exc_value is other
     assert isinstance(seen[1].exc_value, ValueError)
+    # the abandoned reads' coroutines, collected unawaited: that warning alone is dropped
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        sharded_checkpoint.drop_closed_loop_callbacks()
+        for name in ("Store._get_array_metadatas", "my_own_coroutine"):
+            warnings.warn(f"coroutine '{name}' was never awaited", RuntimeWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["coroutine 'my_own_coroutine' was never "
+                                                "awaited"]
