@@ -632,6 +632,17 @@ class TestVerifyGrads:
 
 
 class TestDpArguments:
+    def test_a_delta_that_permits_publishing_an_example_is_warned_by_fit(self):
+        """Only the command line said it; fit(privacy=Privacy(delta=0.5)) trained silently
+        with a guarantee that allows publishing one training example outright."""
+        from jaxbp.privacy import Privacy
+
+        with pytest.warns(RuntimeWarning, match=r"delta 0.5 is not below 1/N = 1/24: "
+                                                r"publishing one random training example") \
+                as seen:
+            _fit(privacy=Privacy(noise_multiplier=1.0, delta=0.5))
+        assert [w.filename for w in seen if "delta" in str(w.message)] == [__file__]
+
     @pytest.mark.parametrize("noise, words", [
         (math.inf, "noise_multiplier must be one finite number >= 0, got inf"),
         (-1.0, "noise_multiplier must be one finite number >= 0, got -1.0"),
@@ -1019,7 +1030,7 @@ class TestProbedKnobs:
         assert cli.main([*run, *dp, "--epochs", "2"]) == 0
         out, err = capsys.readouterr()
         assert "grad dp-sgd" in out and "grad backprop" not in out
-        assert "--delta 0.1 is not below 1/N = 1/" in err
+        assert "jaxbp train: warning: delta 0.1 is not below 1/N = 1/32" in err   # fit's
         assert re.search(r"epsilon \d+\.\d{4} at delta 0.1 after 2 epochs", out), out
         assert cli.main([*run, *dp, "--epochs", "1", "--allow-run-change"]) == 0
         out = capsys.readouterr().out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -155,7 +154,6 @@ def run(args: argparse.Namespace) -> int:
     main_process = jax.process_index() == 0
     if main_process:
         print(_header(args, plan))
-        _warn_delta(args, plan, len(dataset.x_train))
     if not _gradient_checked(args, net, dataset, key, main_process):
         return 1
     result = fit(net, plan["optimizer"], dataset, epochs=args.epochs,
@@ -197,13 +195,6 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
     return (f"jaxbp train: {args.data} ({len(dataset.x_train)} train, {len(dataset.x_test)} "
             f"test), {shape}, {optimizer.describe(args)}, grad {grad_name}, jax "
             f"{jax.__version__} on {jax.devices()[0].platform}{mesh}")
-
-
-def _warn_delta(args: argparse.Namespace, plan: dict[str, Any], n_train: int) -> None:
-    if plan["privacy"] is not None and args.delta >= 1 / n_train:
-        print(f"warning: --delta {args.delta:g} is not below 1/N = 1/{n_train}: publishing "
-              f"one random training example outright is (0, 1/N)-DP, so such a delta permits "
-              f"it; use a delta well below {1 / n_train:.2g}", file=sys.stderr)
 
 
 def _gradient_checked(args: argparse.Namespace, net: Any, dataset: Any, key: Any,

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxbp import input_checks, parallel
+from jaxbp import input_checks, parallel, user_warnings
 from jaxbp.data import Dataset, num_batches
 from jaxbp.mlp import MLP
 from jaxbp.train import checkpoint, feeds, fit_checks, plots, resume
@@ -277,6 +277,11 @@ def _private_start(privacy: Any, n_train: int, batch_size: int, epochs: int, key
     """A private run's plan, its DP-SGD source, that source as the run record describes
     it (whole batches: microbatches are how, not what), and the record's privacy entries."""
     private = train_private.plan(privacy, n_train, batch_size, epochs)
+    if privacy.delta >= 1 / n_train:
+        user_warnings.warn(
+            f"delta {privacy.delta:g} is not below 1/N = 1/{n_train}: publishing one random "
+            f"training example outright is (0, 1/N)-DP, so such a delta permits it; use a "
+            f"delta well below {1 / n_train:.2g}")
     identity = {k: v for k, v in dataclasses.asdict(privacy).items() if k != "microbatch"}
     record = {**(run_config or {}), "privacy": identity,   # microbatch: how, not what
               "noise_multiplier": private.sigma}
