@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,9 +70,9 @@ def test_sigmoid_errors_vanish_and_relu_he_errors_do_not():
     assert 0.1 < ratios["relu"] < 10  # measured 0.39
 
 
-def test_fit_records_flow_and_the_cli_plots_it(tmp_path, capsys):
+def test_fit_records_flow_and_the_cli_plots_it(tmp_path, capsys, monkeypatch):
     from jaxbp import cli
-    from jaxbp.train.plots import plot_flow, plot_history
+    from jaxbp.train.plots import plot_flow, plot_history, pyplot
 
     digits = jaxbp.data.load_digits()
     net = jaxbp.MLP((64, 32, 32, 10), "sigmoid")
@@ -90,3 +92,13 @@ def test_fit_records_flow_and_the_cli_plots_it(tmp_path, capsys):
                      "--diagnostics", str(tmp_path / "cli_flow.png")])
     assert code == 0 and (tmp_path / "cli_flow.png").exists()
     assert "wrote" in capsys.readouterr().out
+    figures = []     # a one-epoch run: each value a marked point (a bare line was invisible)
+    monkeypatch.setattr(sys.modules["jaxbp.train.plots"], "save_figure",
+                        lambda fig, path: figures.append(fig))
+    one = {k: v[:1] for k, v in result.history.items()}
+    plot_history(one, tmp_path / "one.png")
+    plot_flow(one, tmp_path / "one_flow.png")
+    markers = {line.get_marker() for fig in figures for ax in fig.axes for line in ax.lines}
+    assert len(figures) == 2 and markers == {"o"}
+    for fig in figures:
+        pyplot().close(fig)

@@ -31,6 +31,10 @@ def pyplot() -> Any:
     return plt
 
 
+POINTS = {"marker": "o", "markersize": 3}
+"""Each epoch's point marked: a one-epoch run's figure shows its values, not empty axes."""
+
+
 def plot_history(history: dict[str, list[float]], path: str | pathlib.Path) -> pathlib.Path:
     """A PNG of train/test loss (and accuracy, where there is one) per epoch.
 
@@ -51,9 +55,9 @@ def plot_history(history: dict[str, list[float]], path: str | pathlib.Path) -> p
     fig, axes = plt.subplots(1, 2 if has_accuracy else 1, figsize=(10 if has_accuracy else 5, 4))
     axes = np.atleast_1d(axes)
     for split in ("train", "test"):
-        axes[0].plot(history["epoch"], history[f"{split}_loss"], label=split)
+        axes[0].plot(history["epoch"], history[f"{split}_loss"], label=split, **POINTS)
         if has_accuracy:
-            axes[1].plot(history["epoch"], history[f"{split}_accuracy"], label=split)
+            axes[1].plot(history["epoch"], history[f"{split}_accuracy"], label=split, **POINTS)
     axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
     if has_accuracy:
         axes[1].set(xlabel="epoch", ylabel="accuracy", title="accuracy")
@@ -78,7 +82,8 @@ def plot_flow(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path
     n_layers = len(history["layer_stats"][0]["mean_abs_delta"])
     for l in range(n_layers):
         for ax, key in zip(axes, ("mean_abs_delta", "update_ratio")):
-            ax.semilogy(epochs, [s[key][l] for s in history["layer_stats"]], label=f"layer {l + 1}")
+            ax.semilogy(epochs, [s[key][l] for s in history["layer_stats"]],
+                        label=f"layer {l + 1}", **POINTS)
     axes[0].set(xlabel="epoch", ylabel="mean |delta^l|", title="error per layer")
     axes[1].set(xlabel="epoch", ylabel="||dC/dW^l|| / ||W^l||", title="gradient / weight")
     for ax in axes:
