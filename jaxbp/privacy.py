@@ -37,7 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -157,9 +157,11 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
       accountant: ``"rdp"`` (Renyi DP, dp-accounting's conversion to (eps, delta))
         or ``"pld"`` (privacy loss distributions; tighter, slower).
     """
-    sigma = _check_positive("noise_multiplier", noise_multiplier)
-    event = _event(sigma, _check_rate(sample_rate), _check_steps(steps))
-    delta = _check_delta(delta)
+    with _naming_the_order():
+        sigma = _check_positive("noise_multiplier", noise_multiplier)
+        rate, steps = _check_rate(sample_rate), _check_steps(steps)
+        delta = _check_delta(delta)
+    event = _event(sigma, rate, steps)
     acc = _fresh(_check_accountant(accountant))
     with _quiet_orders():
         acc.compose(event)
@@ -204,9 +206,22 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
       ValueError: a bad argument, the ``spent`` segments already at or over the target,
         or the accountant failing (naming the setting).
     """
-    return _calibrated(_check_positive("target_epsilon", target_epsilon), _check_delta(delta),
-                       _check_rate(sample_rate), _check_steps(steps),
-                       _check_accountant(accountant), _checked_segments(spent))
+    with _naming_the_order():
+        checked = (_check_positive("target_epsilon", target_epsilon), _check_delta(delta),
+                   _check_rate(sample_rate), _check_steps(steps))
+    return _calibrated(*checked, _check_accountant(accountant), _checked_segments(spent))
+
+
+@contextlib.contextmanager
+def _naming_the_order() -> Iterator[None]:
+    """A bad positional argument of :func:`epsilon` or :func:`noise_multiplier` said with
+    both orders: they differ (delta last, delta second), and a swap is the likely slip."""
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err} (the orders: epsilon(noise_multiplier, sample_rate, steps, "
+                        f"delta), noise_multiplier(target_epsilon, delta, sample_rate, "
+                        f"steps))") from None
 
 
 @functools.lru_cache(maxsize=64)

@@ -70,6 +70,11 @@ def test_calibration_round_trip_gives_the_smallest_sigma():
     (lambda: privacy.epsilon(1.0, 0.1, 0, 1e-5), "steps must be an int >= 1"),
     (lambda: privacy.epsilon(1.0, 0.1, 10, 1e-5, "moments"), "accountant must be one of"),
     (lambda: privacy.noise_multiplier(-1.0, 1e-5, 0.1, 10), "target_epsilon must be"),
+    # epsilon's order given to noise_multiplier (delta last, not second): both orders said
+    (lambda: privacy.noise_multiplier(8.0, 0.1, 1000, 1e-5),
+     r"sample_rate must be in \(0, 1\] .*got 1000 \(the orders: epsilon\(noise_multiplier, "
+     r"sample_rate, steps, delta\), noise_multiplier\(target_epsilon, delta, sample_rate, "
+     r"steps\)\)"),
     (lambda: Privacy(clip_norm=1.0), "target_epsilon or noise_multiplier"),
     (lambda: Privacy(clip_norm=0.0, target_epsilon=1.0), "clip_norm must be"),
 ])
