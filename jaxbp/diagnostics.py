@@ -8,6 +8,8 @@ error ``delta^l = (delta^{l+1} W^{l+1 T}) * g'(z^l)`` shrinks by the factor
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,19 +31,31 @@ def _layer_stats(net: MLP | Network, params: Params, x: Array, y: Array,
     out, caches = network.forward(chain, params, x)
     delta = cost_and_output_error(chain.loss_fn, out, y)[1]    # dC/da^L of the mean cost
     count = counted(out, y)                  # M: samples, or counted tokens of sequences
-    _, grads, deltas = chain_backward(chain.layers, params, caches, delta, need_input=False)
+    # kept: a block's errors are its inner layers' (the same pass; what K-FAC reads too)
+    _, grads, deltas = chain_backward(chain.layers, params, caches, delta, need_input=False,
+                                      kept=True)
     steps = grads if updates is None else updates
-    weighted = [l for l, layer in enumerate(chain.layers)
-                if hasattr(layer, "pre_activation_error")]
+    rows = list(_weighted(chain.layers, params, grads, steps, caches, deltas))
     # delta^l at the pre-activation z^l, of the mean cost, times M: the per-sample scale
-    errors = [chain.layers[l].pre_activation_error(caches[l], deltas[l]) for l in weighted]
-    weight = jnp.stack([jnp.linalg.norm(params[l]["w"]) for l in weighted])
+    weight = jnp.stack([jnp.linalg.norm(w) for _, w, _, _ in rows])
     return {
-        "mean_abs_delta": jnp.stack([jnp.mean(jnp.abs(e)) * count for e in errors]),
-        "grad_norm": jnp.stack([jnp.linalg.norm(grads[l]["w"]) for l in weighted]),
+        "mean_abs_delta": jnp.stack([jnp.mean(jnp.abs(e)) * count for e, _, _, _ in rows]),
+        "grad_norm": jnp.stack([jnp.linalg.norm(g) for _, _, g, _ in rows]),
         "weight_norm": weight,
-        "update_ratio": jnp.stack([jnp.linalg.norm(steps[l]["w"]) for l in weighted]) / weight,
+        "update_ratio": jnp.stack([jnp.linalg.norm(s) for _, _, _, s in rows]) / weight,
     }
+
+
+def _weighted(layers: tuple[Any, ...], params: Any, grads: Any, steps: Any, caches: Any,
+              errors: Any) -> Iterator[tuple[Array, Array, Array, Array]]:
+    """``(error at z, W, dC/dW, step of W)`` of every layer with an activation (the
+    ``pre_activation_error`` capability), in order, those inside blocks (a Residual's
+    chain: its ``layers``, with its kept errors) included."""
+    for layer, p, g, s, c, e in zip(layers, params, grads, steps, caches, errors):
+        if hasattr(layer, "pre_activation_error"):
+            yield layer.pre_activation_error(c, e), p["w"], g["w"], s["w"]
+        elif isinstance(getattr(layer, "layers", None), tuple):
+            yield from _weighted(layer.layers, p, g, s, c, e)
 
 
 def layer_stats(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
@@ -58,12 +72,13 @@ def layer_stats(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
       ``updates`` (e.g. an optax update); without them, ``||dC/dW^l|| /
       ||W^l||`` (the ratio for a unit-learning-rate sgd step).
 
-    For a :class:`jaxbp.Network` the entries are its top-level layers that have
-    a weight (Dense, Conv2D), in order; ``mean_abs_delta`` is, as for an MLP,
-    the error at the layer's pre-activation z (after its own ``g'``). For a sequence
-    output (a GPT) the per-sample scale is that of one counted token's loss (times M,
-    the counted tokens) and the entries are its top-level Dense layers (the head; the
-    blocks' layers sit inside Residuals).
+    For a :class:`jaxbp.Network` the entries are its layers that have a weight and an
+    activation (Dense, Conv2D), in order, those inside Residual blocks included;
+    ``mean_abs_delta`` is, as for an MLP, the error at the layer's pre-activation z
+    (after its own ``g'``). For a sequence output (a GPT) the per-sample scale is that of
+    one counted token's loss (times M, the counted tokens), and the entries are each
+    block's two MLP layers, then the head (attention's projections have no activation:
+    not an entry).
     """
     x, y = input_checks.check_inputs(net, params, x, y)
     if updates is not None:

@@ -196,6 +196,32 @@ def test_layer_stats_of_a_network_match_autodiff():
                                rtol=1e-6)
 
 
+def test_layer_stats_reach_inside_residual_blocks(x64):
+    """A Residual's Dense layers are entries too; the error at the last inner (identity)
+    layer's z is dC/da at the block's output, checked by jax.grad of the chain after it."""
+    net = jaxbp.Network((L.Dense(4, "tanh"), L.Residual((L.Dense(5, "relu"), L.Dense(4))),
+                         L.Dense(3)), (6,), dtype="float64")
+    params = net.init(jax.random.key(0))
+    x = np.random.default_rng(0).standard_normal((7, 6))
+    y = np.arange(7) % 3
+    stats = jaxbp.layer_stats(net, params, x, y)
+    _, grads = jaxbp.value_and_autodiff(net, params, x, y)
+    want = [grads[0]["w"], grads[1][0]["w"], grads[1][1]["w"], grads[2]["w"]]
+    np.testing.assert_allclose(stats["grad_norm"], [np.linalg.norm(g) for g in want],
+                               rtol=1e-12)
+    block_out = _prefix_output(net, params, x, 2)
+    tail = jaxbp.Network(net.layers[2:], (4,), dtype="float64")
+    d_block = jax.grad(lambda a: tail.cost(params[2:], a, y))(block_out)
+    np.testing.assert_allclose(stats["mean_abs_delta"][2], np.mean(np.abs(d_block)) * 7,
+                               rtol=1e-12)
+
+
+def _prefix_output(net, params, x, n):
+    """The output of the first ``n`` layers (their own Network, same params)."""
+    head = jaxbp.Network(net.layers[:n], net.input_shape, dtype=net.dtype)
+    return head.apply(params[:n], x)
+
+
 class TestPerExample:
     """Per-example gradients, norms and clipping of a Network vs vmap(grad) of each sample."""
 

@@ -4,6 +4,7 @@ the hand-written backward against jax.grad over random transformer chains."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -390,16 +391,20 @@ def test_hvp_of_a_gpt_is_forward_mode_over_the_hand_written_gradient(x64):
     assert global_rel_error(hv, reference) <= 1e-10
 
 
-def test_layer_stats_of_a_gpt_report_its_head():
-    net = models.gpt(vocab=5, dim=4, depth=1, heads=1, seq_len=3)
+def test_layer_stats_of_a_gpt_report_every_blocks_mlp_and_the_head():
+    """Were the head alone (the blocks' layers sit inside Residuals): now each block's two
+    MLP layers, then the head, in order."""
+    net = models.gpt(vocab=5, dim=4, depth=2, heads=1, seq_len=3)
     params = net.init(jax.random.key(0))
     x, y = random_tokens(np.random.default_rng(0), net, 2)
     stats = jaxbp.layer_stats(net, params, x, y)
-    grads = jaxbp.backprop(net, params, x, y)
-    assert stats["grad_norm"].shape == (1,)
-    np.testing.assert_allclose(stats["grad_norm"][0], jnp.linalg.norm(grads[-1]["w"]),
-                               rtol=1e-6)
+    _, grads = jaxbp.value_and_autodiff(net, params, x, y)
+    weights = [(2, 1), (2, 2), (4, 1), (4, 2), (-1,)]       # blocks' MLPs, then the head
+    pick = [functools.reduce(lambda tree, i: tree[i], where, grads)["w"] for where in weights]
+    np.testing.assert_allclose(stats["grad_norm"], [jnp.linalg.norm(g) for g in pick],
+                               rtol=1e-5)
     assert bool(jnp.all(jnp.isfinite(stats["mean_abs_delta"])))
+    assert bool(jnp.all(stats["mean_abs_delta"] > 0))
 
 
 def test_token_wise_dense_per_sample_rules_match_vmap_grad(x64):
