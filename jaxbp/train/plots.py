@@ -64,6 +64,7 @@ def plot_history(history: dict[str, list[float]], path: str | pathlib.Path) -> p
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))     # whole epochs
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -89,5 +90,6 @@ def plot_flow(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))     # whole epochs
     fig.tight_layout()
     return save_figure(fig, path)
