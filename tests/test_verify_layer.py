@@ -132,6 +132,10 @@ def test_bad_arguments_are_named():
         def output_shape(self, in_shape):
             return (in_shape[0] + 1,)
 
+    class Bare(Scale):                          # the output without its cache
+        def forward(self, params, x):
+            return x * params["s"]
+
     for call, error, words in (
             (lambda: jaxbp.verify_layer(L.Dense(3), None), TypeError, "x must be a numeric "
                                                                       "array, got NoneType"),
@@ -141,6 +145,8 @@ def test_bad_arguments_are_named():
             (lambda: jaxbp.verify_layer("Dense", np.ones((2, 4))), TypeError,
              r"layer must be a layer record .* got str without output_shape, init, forward, "
              r"backward"),
+            (lambda: jaxbp.verify_layer(Bare(), np.ones((2, 4))), TypeError,
+             r"the record's forward must return a tuple \(output, cache\), got ArrayImpl"),
             (lambda: jaxbp.verify_layer(Wide(), np.ones((2, 4))), ValueError,
              r"layer.output_shape\(\(4,\)\) is \(5,\), but its forward gives samples of "
              r"shape \(4,\)"),

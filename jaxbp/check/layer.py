@@ -65,7 +65,11 @@ def verify_layer(layer: Any, x: Any, params: PyTree | None = None, *,
         dtype = x.dtype if takes_error else jnp.zeros(()).dtype
         params = layer.init(jax.random.key(seed), tuple(x.shape[1:]), dtype)
     check_not_deleted("params", params)
-    out, cache = layer.forward(params, x)
+    result = layer.forward(params, x)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise TypeError(f"the record's forward must return a tuple (output, cache), got "
+                        f"{type(result).__name__}")
+    out, cache = result
     _check_output_shape(layer, x, out)
     rng = np.random.default_rng(seed + 1)
     delta = jnp.asarray(rng.standard_normal(out.shape), out.dtype)
