@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbp import input_checks, network
-from jaxbp.layers.chain import chain_backward
+from jaxbp.layers.chain import chain_backward, records
 from jaxbp.losses import cost_and_output_error, counted
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
@@ -44,6 +44,13 @@ def _layer_stats(net: MLP | Network, params: Params, x: Array, y: Array,
         "weight_norm": weight,
         "update_ratio": jnp.stack([jnp.linalg.norm(s) for _, _, _, s in rows]) / weight,
     }
+
+
+def layer_stats_places(net: MLP | Network) -> list[str]:
+    """Where each entry of :func:`layer_stats` sits, in its order (``layers[2].layers[1]``
+    for a block's inner layer): the labels of a flow figure."""
+    return [place for place, record, _ in records(network.as_network(net).layers)
+            if hasattr(record, "pre_activation_error")]
 
 
 def _weighted(layers: tuple[Any, ...], params: Any, grads: Any, steps: Any, caches: Any,

@@ -100,5 +100,7 @@ def test_fit_records_flow_and_the_cli_plots_it(tmp_path, capsys, monkeypatch):
     plot_flow(one, tmp_path / "one_flow.png")
     markers = {line.get_marker() for fig in figures for ax in fig.axes for line in ax.lines}
     assert len(figures) == 2 and markers == {"o"}
+    assert stats[0]["layers"] == ["layers[0]", "layers[1]", "layers[2]"]   # the legend's
+    assert [line.get_label() for line in figures[1].axes[0].lines] == stats[0]["layers"]
     for fig in figures:
         pyplot().close(fig)

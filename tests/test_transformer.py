@@ -405,6 +405,9 @@ def test_layer_stats_of_a_gpt_report_every_blocks_mlp_and_the_head():
                                rtol=1e-5)
     assert bool(jnp.all(jnp.isfinite(stats["mean_abs_delta"])))
     assert bool(jnp.all(stats["mean_abs_delta"] > 0))
+    assert jaxbp.diagnostics.layer_stats_places(net) == [   # the flow figure's labels
+        "layers[2].layers[1]", "layers[2].layers[2]", "layers[4].layers[1]",
+        "layers[4].layers[2]", "layers[6]"]
 
 
 def test_token_wise_dense_per_sample_rules_match_vmap_grad(x64):

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxbp import parallel
 from jaxbp.data import Dataset
-from jaxbp.diagnostics import layer_stats
+from jaxbp.diagnostics import layer_stats, layer_stats_places
 from jaxbp.mlp import MLP
 from jaxbp.train import feeds
 from jaxbp.train.step import TrainState, eval_sums, make_train_loop, scores_of
@@ -170,10 +170,12 @@ def epoch_row(net: MLP, test_sums: Any, sums: dict[str, float], steps: int, epoc
             "seconds": time.perf_counter() - start}
 
 
-def layer_stats_lists(net: MLP, params: Params, data: Dataset, n: int) -> dict[str, list[float]]:
-    """:func:`jaxbp.layer_stats` on the first ``n`` training samples, as lists."""
+def layer_stats_lists(net: MLP, params: Params, data: Dataset, n: int) -> dict[str, list[Any]]:
+    """:func:`jaxbp.layer_stats` on the first ``n`` training samples, as lists, with where
+    each entry sits (``"layers"``: :func:`jaxbp.diagnostics.layer_stats_places`)."""
     stats = layer_stats(net, params, data.x_train[:n], data.y_train[:n])
-    return {k: [float(v) for v in np.asarray(a)] for k, a in stats.items()}
+    return {**{k: [float(v) for v in np.asarray(a)] for k, a in stats.items()},
+            "layers": layer_stats_places(net)}
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:

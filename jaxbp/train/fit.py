@@ -119,7 +119,8 @@ def fit(
         (needs matplotlib: ``pip install 'jaxbp[plot]'``).
       diagnostics: after every epoch, record :func:`jaxbp.layer_stats` on the
         first ``eval_batch_size`` training samples in ``history["layer_stats"]``
-        (one dict of per-layer lists per epoch; see :func:`jaxbp.train.plots.plot_flow`).
+        (one dict of per-layer lists per epoch, with ``"layers"``, where each entry
+        sits; see :func:`jaxbp.train.plots.plot_flow`).
       chunk_steps: steps run in one compiled ``lax.scan`` between two host
         syncs (default :data:`CHUNK_STEPS`, at most an epoch). A NaN/inf or a
         bad label is still pinned to its step from the chunk's metrics.

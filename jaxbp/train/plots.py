@@ -80,11 +80,13 @@ def plot_flow(history: dict[str, Any], path: str | pathlib.Path) -> pathlib.Path
     path = pathlib.Path(path)
     epochs = history["epoch"][-len(history["layer_stats"]):]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    n_layers = len(history["layer_stats"][0]["mean_abs_delta"])
-    for l in range(n_layers):
+    first = history["layer_stats"][0]
+    labels = first.get("layers") or [f"layer {l + 1}"      # where each sits (a GPT's blocks)
+                                      for l in range(len(first["mean_abs_delta"]))]
+    for l, label in enumerate(labels):
         for ax, key in zip(axes, ("mean_abs_delta", "update_ratio")):
-            ax.semilogy(epochs, [s[key][l] for s in history["layer_stats"]],
-                        label=f"layer {l + 1}", **POINTS)
+            ax.semilogy(epochs, [s[key][l] for s in history["layer_stats"]], label=label,
+                        **POINTS)
     axes[0].set(xlabel="epoch", ylabel="mean |delta^l|", title="error per layer")
     axes[1].set(xlabel="epoch", ylabel="||dC/dW^l|| / ||W^l||", title="gradient / weight")
     for ax in axes:
