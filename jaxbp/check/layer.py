@@ -73,13 +73,13 @@ def verify_layer(layer: Any, x: Any, params: PyTree | None = None, *,
     _check_output_shape(layer, x, out)
     rng = np.random.default_rng(seed + 1)
     delta = jnp.asarray(rng.standard_normal(out.shape), out.dtype)
-    _check_returns(layer, params, x, cache, delta, takes_error)
+    returned = _check_returns(layer, params, x, cache, delta, takes_error)
     by_hand, plain = _backward_as_vjp(layer, x, takes_error)
     backward = verify_vjp(by_hand, params, *((x,) if takes_error else ()), reference=plain,
                           rtol=rtol, atol=atol, n_fd=n_fd, seed=seed)
     rows, notes = _per_sample_rows(layer, params, x, cache, delta, rtol, atol, rng)
-    if callable(getattr(layer, "backward_kept", None)):
-        rows += _kept_rows(layer, params, cache, delta, takes_error, rtol, atol)
+    if "backward_kept" in returned:
+        rows += _kept_rows(returned, takes_error, rtol, atol)
     else:
         notes.append("backward_kept: not defined by the record, not checked")
     inherent = "JVP/VJP consistency not checked"   # by_hand is a custom_vjp by design
@@ -139,9 +139,11 @@ def _check_like(what: str, got: Any, want: Any) -> None:
 
 
 def _check_returns(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta: jax.Array,
-                   takes_error: bool) -> None:
+                   takes_error: bool) -> dict[str, tuple[Any, ...]]:
     """``backward`` (and ``backward_kept``) return what the chain reads: ``(delta_in,
-    grads)`` shaped like ``(x, params)`` (named here, not as JAX's custom_vjp error)."""
+    grads)`` shaped like ``(x, params)`` (named here, not as JAX's custom_vjp error).
+    Returns each rule's result at ``delta``, by name."""
+    results = {}
     for name, count in (("backward", 2), ("backward_kept", 3)):
         rule = getattr(layer, name, None)
         if not callable(rule):
@@ -154,6 +156,8 @@ def _check_returns(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta: 
         _check_like(f"{name}'s grads", result[1], params)
         if takes_error:
             _check_like(f"{name}'s input error", result[0], x)
+        results[name] = result
+    return results
 
 
 def _backward_as_vjp(layer: Any, x: jax.Array, takes_error: bool) -> tuple[Any, Any]:
@@ -248,12 +252,12 @@ def _per_sample_rows(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta
     return rows, notes
 
 
-def _kept_rows(layer: Any, params: PyTree, cache: Any, delta: jax.Array, takes_error: bool,
-               rtol: float | None, atol: float | None) -> list[LeafCheck]:
-    """``backward_kept``'s input error and gradient against ``backward``'s (its kept
-    errors feed K-FAC, which the backward's own rows do not reach)."""
-    delta_in, grads = layer.backward(params, cache, delta, need_input=takes_error)
-    kept_in, kept_grads, _ = layer.backward_kept(params, cache, delta, need_input=takes_error)
+def _kept_rows(results: dict[str, tuple[Any, ...]], takes_error: bool, rtol: float | None,
+               atol: float | None) -> list[LeafCheck]:
+    """``backward_kept``'s input error and gradient against ``backward``'s, both at the
+    same errors (its kept errors feed K-FAC, which the backward's own rows do not reach)."""
+    delta_in, grads = results["backward"]
+    kept_in, kept_grads, _ = results["backward_kept"]
     rows = _leaf_rows("backward_kept: grads", kept_grads, grads, rtol, atol)
     if takes_error:
         rows += _leaf_rows("backward_kept: input error", kept_in, delta_in, rtol, atol)

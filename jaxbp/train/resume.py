@@ -85,9 +85,13 @@ def check_same_run(path: pathlib.Path, saved: dict[str, Any] | None, now: dict[s
             user_warnings.warn(notice, RuntimeWarning)
         return
     raise checkpoint.CheckpointMismatchError(
-        f"checkpoint {str(path)!r} was written by another run: " + "; ".join(differences)
-        + ". Use another checkpoint folder, or pass allow_run_change=True "
-          "(jaxbp train --allow-run-change) to resume it anyway")
+        _another_run(path, differences) + ". Use another checkpoint folder, or pass "
+        "allow_run_change=True (jaxbp train --allow-run-change) to resume it anyway")
+
+
+def _another_run(path: Any, differences: list[str]) -> str:
+    """The one way both refusals name what differs between two runs' records."""
+    return f"checkpoint {str(path)!r} was written by another run: " + "; ".join(differences)
 
 
 def explained(err: checkpoint.CheckpointMismatchError,
@@ -100,9 +104,9 @@ def explained(err: checkpoint.CheckpointMismatchError,
     if not differences:
         return err
     return checkpoint.CheckpointMismatchError(
-        f"checkpoint {str(err.path)!r} was written by another run: " + "; ".join(differences)
-        + f". Its arrays do not fit this run's either ({err}), so it cannot be resumed, even "
-          f"with allow_run_change: use another checkpoint folder", err.path, err.metadata)
+        _another_run(err.path, differences) + f". Its arrays do not fit this run's either "
+        f"({err}), so it cannot be resumed, even with allow_run_change: use another "
+        f"checkpoint folder", err.path, err.metadata)
 
 
 def load_params(directory: str | pathlib.Path, net: Any,
