@@ -25,17 +25,21 @@ NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
 
 
 def cnn(side: int, n_out: int, activation: str = "relu", output_activation: str = "identity",
-        loss: str = "softmax_cross_entropy") -> Network:
+        loss: str = "softmax_cross_entropy", compute_dtype: str | None = None,
+        activation_dtype: str | None = None) -> Network:
     """The digits CNN on (side, side, 1) images.
 
     Conv 3x3 (16, act) -> MaxPool 2 -> Conv 3x3 (32, act) -> MaxPool 2 -> Flatten ->
-    Dense 64 (act) -> Dense n_out (output_activation).
+    Dense 64 (act) -> Dense n_out (output_activation). ``compute_dtype``,
+    ``activation_dtype``: the numerical recipe of every layer (:class:`jaxbp.Network`'s
+    network-wide defaults).
     """
     return Network((layers.Conv2D(16, (3, 3), activation=activation), layers.MaxPool(2),
                     layers.Conv2D(32, (3, 3), activation=activation), layers.MaxPool(2),
                     layers.Flatten(), layers.Dense(64, activation),
                     layers.Dense(n_out, output_activation)),
-                   (side, side, 1), loss)
+                   (side, side, 1), loss, compute_dtype=compute_dtype,
+                   activation_dtype=activation_dtype)
 
 
 def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: int = 4,

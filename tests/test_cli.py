@@ -224,6 +224,48 @@ def test_train_on_a_one_device_mesh_with_sharded_checkpoints(capsys, tmp_path):
                                                          digits.y_test)["loss"] - final) < 1e-4
 
 
+def test_train_in_a_recipe_checks_it_against_the_float64_truth(capsys, tmp_path):
+    """--recipe bf16: the layers store activations and errors in bf16 (the header names the
+    recipe); the float64 check is of the same net without the recipe, then the recipe's
+    gradient is judged against that truth beside jax.grad's; the checkpoints record the
+    recipe (its net) and --precision, so another one does not resume them."""
+    argv = ["train", "--sizes", "64,32,10", "--quiet", "--lr", "1e-2", "--recipe", "bf16",
+            "--checkpoint-dir", str(tmp_path)]
+    assert cli.main([*argv, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "grad backprop, recipe bf16, jax" in out
+    assert "in float64, without the bf16 recipe: verify_grads: OK" in out
+    errors = out.split("the bf16 recipe's gradient there: manual ")[1]
+    manual, autodiff = float(errors.split()[0]), float(errors.split("recipe ")[1].split(":")[0])
+    assert 1e-4 < manual <= max(1e-2, 2 * autodiff) and errors.split("\n")[0].endswith(": OK")
+    assert float(out.split("final test accuracy ")[1].split(",")[0]) > 0.9  # float32: 0.936
+    saved = checkpoint.read(checkpoint.list_checkpoints(tmp_path)[-1])[1]["metadata"]["run"]
+    assert "activation_dtype='bfloat16'" in saved["net"]
+    float32 = [a for a in argv if a not in ("--recipe", "bf16")]
+    assert cli.main([*float32, "--epochs", "3"]) == 1
+    assert "activation_dtype" in capsys.readouterr().err     # recipe float32: another net
+    assert cli.main([*argv, "--epochs", "3", "--precision", "highest"]) == 1
+    assert "precision" in capsys.readouterr().err
+
+
+def test_a_recipe_whose_gradient_is_off_stops_the_run(capsys, monkeypatch):
+    """The recipe check judges: a hand-written recipe gradient 5% off fails it (exit 1)."""
+    from jaxbp.check import recipe
+
+    def five_percent_off(net, params, x, y):
+        loss, grads = jaxbp.value_and_backprop(net, params, x, y)
+        scale = 1.05 if net.compute_dtype else 1.0
+        return loss, jax.tree.map(lambda g: g * scale, grads)
+
+    monkeypatch.setattr(recipe, "value_and_backprop", five_percent_off)
+    assert cli.main(["train", "--sizes", "64,16,10", "--quiet", "--epochs", "1",
+                     "--recipe", "bf16-operands"]) == 1
+    out = capsys.readouterr().out
+    assert "without the bf16-operands recipe: verify_grads: OK" in out
+    assert "recipe's gradient there: manual 5." in out and ": FAILED (above" in out
+    assert "final test" not in out
+
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 CHEAP = ["--epochs", "1", "--quiet"]
 NOT_RUN_HERE = {

@@ -20,13 +20,9 @@ from __future__ import annotations
 import dataclasses
 
 from jaxbp.bench.roof import MatmulShape, step_matmul_shapes
+from jaxbp.layers.precision import RECIPES
 from jaxbp.models import gpt
 from jaxbp.network import Network
-
-RECIPES = {"float32": {},
-           "bf16-operands": {"compute_dtype": "bfloat16"},
-           "bf16": {"compute_dtype": "bfloat16", "activation_dtype": "bfloat16"}}
-"""The numerical recipes a case can run, as the layers' ``compute_dtype``/``activation_dtype``."""
 
 
 @dataclasses.dataclass(frozen=True)

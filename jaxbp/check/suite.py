@@ -21,6 +21,7 @@ import numpy as np
 from jaxbp import layers, network
 from jaxbp.activations import ACTIVATIONS
 from jaxbp.backprop import value_and_backprop
+from jaxbp.check.recipe import to_float64
 from jaxbp.check.verify import GradReport, verify_grads
 from jaxbp.losses import LOSSES
 from jaxbp.mlp import MLP
@@ -227,9 +228,5 @@ def verify_mlp(
     if not check_bool("float64", float64):
         return verify_grads(grad_fn, jax.jit(net.cost), params, x, y, n_fd=n_fd)
     with jax.enable_x64(True):
-        def to64(a: ArrayLike) -> Any:   # integer labels and tokens stay integers
-            a = np.asarray(a)
-            return a if np.issubdtype(a.dtype, np.integer) else jnp.asarray(a.astype(np.float64))
-
-        return verify_grads(grad_fn, jax.jit(net.cost), jax.tree.map(to64, params),
-                            to64(x), to64(y), n_fd=n_fd)
+        return verify_grads(grad_fn, jax.jit(net.cost), jax.tree.map(to_float64, params),
+                            to_float64(x), to_float64(y), n_fd=n_fd)

@@ -12,6 +12,7 @@ import jax
 
 from jaxbp.cli import optimizer
 from jaxbp.cli.common import UsageError, option_for, positive, writable_dir, writable_file
+from jaxbp.layers.precision import RECIPES
 
 
 def _load_data(name: str, seed: int, seq_len: int | None = None):
@@ -87,20 +88,30 @@ def plan_train(args: argparse.Namespace) -> dict[str, Any]:
     dataset = _load_data(args.data, args.seed, args.seq_len if args.model == "gpt" else None)
     loss = args.loss or ("softmax_cross_entropy" if dataset.is_classification
                          else "squared_error")
-    if args.model == "cnn":
-        net, dataset = _cnn(args, dataset, loss)
-    elif args.model == "gpt":
-        net = _gpt(args, dataset)
-    else:
-        net = _mlp(args, dataset, loss)
+    net, taken = _network(args, dataset, loss, RECIPES[args.recipe])
+    # the same network without the recipe: its float64 gradient is the truth checked
+    exact_net = _network(args, dataset, loss, {})[0] if RECIPES[args.recipe] else net
+    dataset = taken
     _check_fits(args, net, dataset, loss)
     mesh = _parse_mesh(args)
     if mesh is not None:
         _check_mesh(args, mesh)
     privacy = _plan_privacy(args, mesh, len(dataset.x_train))
     steps = _steps_per_epoch(args, privacy, len(dataset.x_train)) * args.epochs
-    return {"dataset": dataset, "net": net, "optimizer": optimizer.build(args, steps),
-            "steps": steps, "mesh": mesh, "privacy": privacy}
+    return {"dataset": dataset, "net": net, "exact_net": exact_net,
+            "optimizer": optimizer.build(args, steps), "steps": steps, "mesh": mesh,
+            "privacy": privacy}
+
+
+def _network(args: argparse.Namespace, dataset: Any, loss: str,
+             recipe: dict[str, str]) -> tuple[Any, Any]:
+    """``--model``'s network in the numerical ``recipe`` (``--recipe``'s layer fields),
+    and the data as it takes them (a CNN's images)."""
+    if args.model == "cnn":
+        return _cnn(args, dataset, loss, recipe)
+    if args.model == "gpt":
+        return _gpt(args, dataset, recipe), dataset
+    return _mlp(args, dataset, loss, recipe), dataset
 
 
 def _steps_per_epoch(args: argparse.Namespace, privacy: Any, n_train: int) -> int:
@@ -168,7 +179,7 @@ def _model_options(args: argparse.Namespace) -> None:
                              f"sample, but --sample-length 0 makes none")
 
 
-def _mlp(args: argparse.Namespace, dataset: Any, loss: str) -> Any:
+def _mlp(args: argparse.Namespace, dataset: Any, loss: str, recipe: dict[str, str]) -> Any:
     """The MLP of ``--sizes`` (default n_in, 256, 256, n_out)."""
     import jaxbp
 
@@ -185,7 +196,7 @@ def _mlp(args: argparse.Namespace, dataset: Any, loss: str) -> Any:
                          f"{dataset.n_in} inputs and the last its {dataset.n_out} outputs "
                          f"({args.data})")
     try:
-        return jaxbp.MLP(sizes, args.activation, args.output_activation, loss)
+        return jaxbp.MLP(sizes, args.activation, args.output_activation, loss, **recipe)
     except (TypeError, ValueError) as err:
         raise UsageError(option_for(err, str(err))) from None
 
@@ -320,7 +331,8 @@ def _parse_mesh(args: argparse.Namespace) -> Any:
     return parallel.make_mesh(data, model, devices[:data * model])
 
 
-def _cnn(args: argparse.Namespace, dataset: Any, loss: str) -> tuple[Any, Any]:
+def _cnn(args: argparse.Namespace, dataset: Any, loss: str,
+         recipe: dict[str, str]) -> tuple[Any, Any]:
     """The small CNN of ``--model cnn`` on square one-channel images (digits: 8x8x1).
 
     Conv 3x3 (16, act) -> MaxPool 2 -> Conv 3x3 (32, act) -> MaxPool 2 -> Flatten ->
@@ -336,7 +348,7 @@ def _cnn(args: argparse.Namespace, dataset: Any, loss: str) -> tuple[Any, Any]:
         raise UsageError("--sizes sets the layers of an MLP; --model cnn has its own")
     act = args.activation
     try:
-        net = models.cnn(side, dataset.n_out, act, args.output_activation, loss)
+        net = models.cnn(side, dataset.n_out, act, args.output_activation, loss, **recipe)
     except (TypeError, ValueError) as err:
         raise UsageError(option_for(err, str(err))) from None
     images = dataset._replace(x_train=dataset.x_train.reshape(-1, side, side, 1),
@@ -344,7 +356,7 @@ def _cnn(args: argparse.Namespace, dataset: Any, loss: str) -> tuple[Any, Any]:
     return net, images
 
 
-def _gpt(args: argparse.Namespace, dataset: Any) -> Any:
+def _gpt(args: argparse.Namespace, dataset: Any, recipe: dict[str, str]) -> Any:
     """The GPT of ``--model gpt`` (:func:`jaxbp.models.gpt`) on the text's characters."""
     from jaxbp import models
 
@@ -359,4 +371,4 @@ def _gpt(args: argparse.Namespace, dataset: Any) -> Any:
     if args.attention_block is not None:
         positive("--attention-block", args.attention_block, integer=True)
     return models.gpt(dataset.n_out, args.dim, args.depth, args.heads, args.seq_len,
-                      attention_block=args.attention_block)
+                      attention_block=args.attention_block, **recipe)

@@ -14,6 +14,8 @@ from jaxbp import compilation_cache, user_warnings
 from jaxbp.cli import optimizer
 from jaxbp.cli.common import UsageError
 from jaxbp.cli.plan import DP_DEFAULTS, FEEDBACK_RULES, GPT_DEFAULTS, plan_train
+from jaxbp.layers.precision import RECIPES
+from jaxbp.matmul_precision import MATMUL_PRECISIONS, precision_scope
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -41,6 +43,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--loss", default=None, help="mlp/cnn loss, default: "
                        "softmax_cross_entropy for integer labels, squared_error for targets")
     optimizer.add_options(train)
+    _add_numerics_options(train)
     train.add_argument("--epochs", type=int, default=30, help="epochs (30)")
     train.add_argument("--batch-size", type=int, default=128, help="batch size (128)")
     train.add_argument("--grad", default="backprop",
@@ -85,6 +88,21 @@ def _add_gpt_options(train: argparse.ArgumentParser) -> None:
     train.add_argument("--sample-temperature", type=float, default=None,
                        help="gpt sample: 0 greedy (the default), else drawn from "
                             "softmax(logits / temperature) with a key from --seed")
+
+
+def _add_numerics_options(train: argparse.ArgumentParser) -> None:
+    """``--recipe`` (the layers' dtypes) and ``--precision`` (what a float32 matmul runs as)."""
+    train.add_argument("--recipe", default="float32", choices=list(RECIPES),
+                       help="the numerical recipe of every layer: float32 (the default); "
+                            "bf16-operands: matmul operands rounded to bf16, activations "
+                            "and errors in float32; bf16: activations, errors and matmul "
+                            "operands in bf16 (flax's Dense(dtype=bfloat16)). Params, "
+                            "optimizer state and loss stay float32; the gradient check "
+                            "adds the recipe's distance from the float64 truth")
+    train.add_argument("--precision", default=None, choices=list(MATMUL_PRECISIONS),
+                       help="the matmul precision the run is compiled with (a GPU's "
+                            "float32 matmuls run as TF32 at JAX's default; highest: true "
+                            "float32). Default: JAX's setting")
 
 
 def _add_privacy_options(train: argparse.ArgumentParser) -> None:
@@ -154,15 +172,16 @@ def run(args: argparse.Namespace) -> int:
     main_process = jax.process_index() == 0
     if main_process:
         print(_header(args, plan))
-    if not _gradient_checked(args, net, dataset, key, main_process):
+    if not _gradient_checked(args, plan, key, main_process):
         return 1
-    result = fit(net, plan["optimizer"], dataset, epochs=args.epochs,
-                 batch_size=args.batch_size, key=key, grad=grad,
-                 checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, plot=args.plot,
-                 diagnostics=args.diagnostics is not None,
-                 run_config=_run_record(args, plan),
-                 allow_run_change=args.allow_run_change, mesh=plan["mesh"],
-                 privacy=plan["privacy"])
+    with precision_scope(args.precision):
+        result = fit(net, plan["optimizer"], dataset, epochs=args.epochs,
+                     batch_size=args.batch_size, key=key, grad=grad,
+                     checkpoint_dir=args.checkpoint_dir, progress=not args.quiet,
+                     plot=args.plot, diagnostics=args.diagnostics is not None,
+                     run_config=_run_record(args, plan),
+                     allow_run_change=args.allow_run_change, mesh=plan["mesh"],
+                     privacy=plan["privacy"])
     if main_process:
         _report(args, net, dataset, result, time.perf_counter() - start)
     return 0
@@ -172,8 +191,9 @@ def _run_record(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any
     """What the checkpoints record of the command line (none without --checkpoint-dir)."""
     if args.checkpoint_dir is None:
         return None
+    precision = {} if args.precision is None else {"precision": args.precision}
     return {"optimizer": args.optimizer, "lr": args.lr, "seed": args.seed, "data": args.data,
-            **optimizer.record(args, plan["steps"])}
+            **optimizer.record(args, plan["steps"]), **precision}
 
 
 def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
@@ -192,28 +212,41 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
         shape = f"cnn {network.describe(net)}, {args.activation}"  # describe names the loss
     grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad
     mesh = "" if plan["mesh"] is None else f", mesh {dict(plan['mesh'].shape)}"
+    numerics = f", recipe {args.recipe}" + ("" if args.precision is None else
+                                            f", matmul precision {args.precision}")
     return (f"jaxbp train: {args.data} ({len(dataset.x_train)} train, {len(dataset.x_test)} "
-            f"test), {shape}, {optimizer.describe(args)}, grad {grad_name}, jax "
+            f"test), {shape}, {optimizer.describe(args)}, grad {grad_name}{numerics}, jax "
             f"{jax.__version__} on {jax.devices()[0].platform}{mesh}")
 
 
-def _gradient_checked(args: argparse.Namespace, net: Any, dataset: Any, key: Any,
+def _gradient_checked(args: argparse.Namespace, plan: dict[str, Any], key: Any,
                       main_process: bool) -> bool:
-    """verify_grads in float64 at the params fit starts from, on the first batch."""
+    """verify_grads in float64 at the params fit starts from, on the first batch; with a
+    recipe, of the net without it, then the recipe's gradient against the float64 truth."""
+    from jaxbp.check.recipe import check_recipe
     from jaxbp.check.suite import verify_mlp
 
+    net, exact_net, dataset = plan["net"], plan["exact_net"], plan["dataset"]
     params = net.init(jax.random.split(key)[0])  # the params fit starts from
     x0, y0 = dataset.x_train[:args.batch_size], dataset.y_train[:args.batch_size]
-    report = verify_mlp(net, params, x0, y0, n_fd=2, float64=True)
+    report = verify_mlp(exact_net, params, x0, y0, n_fd=2, float64=True)
     if main_process:
         rule = ("" if args.grad in ("backprop", "autodiff") or args.dp else
                 f" (of the recursion, which --grad {args.grad} changes: its updates are not the "
                 f"gradient)")
+        without = "" if net is exact_net else f", without the {args.recipe} recipe"
         print(f"gradient check at the initial params, first {len(x0)} samples, in float64"
-              f"{rule}: {report.summary()}")
+              f"{without}{rule}: {report.summary()}")
     if report.failed:
         print(report)
-    return not report.failed
+        return False
+    if net is exact_net:
+        return True
+    with precision_scope(args.precision):
+        recipe = check_recipe(net, exact_net, params, x0, y0)
+    if main_process:
+        print(f"the {args.recipe} recipe's gradient there: {recipe.summary()}")
+    return recipe.ok
 
 
 def _report(args: argparse.Namespace, net: Any, dataset: Any, result: Any,

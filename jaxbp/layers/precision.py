@@ -33,6 +33,15 @@ from jaxbp.types import Array
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 RECIPE_FIELDS = ("compute_dtype", "activation_dtype")
 
+RECIPES = {"float32": {},
+           "bf16-operands": {"compute_dtype": "bfloat16"},
+           "bf16": {"compute_dtype": "bfloat16", "activation_dtype": "bfloat16"}}
+"""The numerical recipes by name, as the layers' ``compute_dtype``/``activation_dtype``:
+``float32`` (everything in the params' dtype), ``bf16-operands`` (matmul operands rounded
+to bf16, products, activations and errors in float32) and ``bf16`` (activations, errors
+and matmul operands in bf16 as flax's ``Dense(dtype=bfloat16)`` keeps them; params,
+optimizer state and the loss in float32)."""
+
 
 def checked_dtype_name(value: Any, what: str) -> str | None:
     """``None``, or the canonical name of a floating dtype (else a ValueError naming ``what``)."""
