@@ -36,7 +36,11 @@ def as_array(name: str, value: Any) -> Any:
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         return value
     try:
-        array = np.asarray(value)
+        try:
+            array = np.asarray(value)
+        except jax.errors.TracerArrayConversionError:
+            # a list given to a jitted function arrives as a list of tracers: stacked here
+            return jnp.asarray(value)
     except (TypeError, ValueError) as err:
         raise TypeError(f"{name} must be an array, got {type(value).__name__}: {err}") from None
     if array.dtype == object or array.dtype.kind in "USV":

@@ -1035,3 +1035,20 @@ class TestProbedKnobs:
         assert cli.main([*run, *dp, "--epochs", "1", "--allow-run-change"]) == 0
         out = capsys.readouterr().out
         assert "already at epoch 2, past --epochs 1: nothing was trained" in out
+
+    def test_a_step_and_a_loop_take_python_lists(self):
+        """A nested list reaches a jitted step as a list of tracers: it is stacked (it was
+        NumPy's TracerArrayConversionError inside a TypeError), and trains as the array; a
+        ragged one is a TypeError naming the argument."""
+        x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+        y = np.arange(6) % 3
+        state = jaxbp.TrainState.create(NET.init(jax.random.key(0)), optax.sgd(0.1))
+        step = jaxbp.make_train_step(NET, optax.sgd(0.1), donate=False)
+        assert float(step(state, x.tolist(), y.tolist())[1]["loss"]) == \
+            float(step(state, x, y)[1]["loss"])
+        loop = jaxbp.make_train_loop(NET, optax.sgd(0.1), steps=2, donate=False)
+        xs, ys = np.stack([x, x]), np.stack([y, y])
+        np.testing.assert_array_equal(loop(state, xs.tolist(), ys.tolist())[1]["loss"],
+                                      loop(state, xs, ys)[1]["loss"])
+        with pytest.raises(TypeError, match=r"^x must be an array, got list: "):
+            step(state, [[1.0, 2.0, 3.0, 4.0], [1.0]], y[:2])

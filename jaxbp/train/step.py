@@ -233,7 +233,7 @@ def make_train_loop(
     def loop(state: TrainState, xs: Array, ys: Array,
              masks: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
         check_state(state)
-        xs = input_checks.as_array("xs", xs)
+        xs, ys = input_checks.as_array("xs", xs), input_checks.as_array("ys", ys)
         per_step = np.ndim(xs) == sample_rank(net) + 2  # (k, batch, *sample)
         if per_step and (np.shape(xs)[0] != steps or np.shape(ys)[0] != steps):
             raise ValueError(f"xs has shape {np.shape(xs)} and ys {np.shape(ys)} but expected "
