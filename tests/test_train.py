@@ -21,6 +21,11 @@ OPTIMIZERS = {
     "clipped adam with schedule": optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 10, 100))),
+    # read the batch loss, handed as value= (optax's extra-arguments protocol)
+    "polyak sgd": optax.polyak_sgd(max_learning_rate=0.5),
+    "adam on plateau": optax.chain(optax.adam(1e-2), optax.contrib.reduce_on_plateau()),
+    # its init gives its two memories the same arrays (a donated state held them twice)
+    "lbfgs, no line search": optax.lbfgs(learning_rate=0.1, linesearch=None),
 }
 
 
@@ -48,6 +53,30 @@ class TestTrainState:
             first = float(metrics["loss"]) if first is None else first
         assert int(state.step) == 30
         assert float(metrics["loss"]) < first
+
+    def test_an_optimizer_that_reads_the_loss_gets_the_batch_loss(self):
+        """``value=`` is the loss the step reports (an optimizer of extra arguments that
+        keeps it in its state), and a plain GradientTransformation gets no extra argument."""
+        def init(params):
+            return jnp.zeros(())
+
+        def update(updates, state, params=None, *, value, **extra):
+            return updates, value
+
+        reader = optax.GradientTransformationExtraArgs(init, update)
+        net, params, x, y = _problem()
+        for optimizer in (reader, optax.chain(optax.sgd(0.1), reader)):
+            step = make_train_step(net, optimizer, donate=False)
+            state, metrics = step(TrainState.create(params, optimizer), x, y)
+            assert float(jax.tree.leaves(state.opt_state)[-1]) == float(metrics["loss"])
+        plain = optax.GradientTransformation(init, lambda u, s, p=None: (u, s))
+        assert int(make_train_step(net, plain)(TrainState.create(params, plain), x, y)[0].step)
+
+    def test_a_line_search_is_named(self):
+        net, params, x, y = _problem()
+        with pytest.raises(TypeError, match=r"update needs arguments a train step does not "
+                                            r"hand it .*'value_fn'.* linesearch=None"):
+            make_train_step(net, optax.lbfgs())(TrainState.create(params, optax.lbfgs()), x, y)
 
     def test_state_is_a_pytree(self):
         _net, params, _, _ = _problem()

@@ -7,6 +7,7 @@ checks name a state, params or optimizer that is not what a step needs, before X
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,7 +42,23 @@ class TrainState(NamedTuple):
                                  for leaf in leaves):
             raise TypeError(f"params must be a pytree of floating arrays (net.init(key)), got "
                             f"{_describe_leaves(params, leaves)}")
-        return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+        return _distinct_leaves(cls(jnp.zeros((), jnp.int32), params, optimizer.init(params)))
+
+
+def _distinct_leaves(tree: Any) -> Any:
+    """``tree`` with every array leaf its own object: a leaf met again is copied. A step
+    takes its state donated, each leaf's buffer handed over once, and some optimizers'
+    init returns one array in two places (optax.lbfgs: its two memories), which XLA
+    refused ("Attempt to donate the same buffer twice")."""
+    seen: set[int] = set()
+
+    def own(leaf: Any) -> Any:
+        if id(leaf) in seen and isinstance(leaf, jax.Array):
+            return jnp.copy(leaf)
+        seen.add(id(leaf))
+        return leaf
+
+    return jax.tree.map(own, tree)
 
 
 def _describe_leaves(params: Any, leaves: list[Any]) -> str:
@@ -117,6 +134,42 @@ def check_optimizer(optimizer: Any) -> None:
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an optax.GradientTransformation (with init and "
                         f"update), got {type(optimizer).__name__}")
+
+
+def takes_extra_args(optimizer: optax.GradientTransformation) -> bool:
+    """Whether ``optimizer.update`` takes keyword arguments beyond (updates, state, params):
+    optax's ``GradientTransformationExtraArgs`` protocol (a chain, MultiSteps), whose
+    transformations read what they need (``value``) and ignore the rest."""
+    try:
+        parameters = inspect.signature(optimizer.update).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): plain
+        return False
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def optimizer_update(optimizer: optax.GradientTransformation, grads: Any, state: TrainState,
+                     extras: dict[str, Any], loss: Any) -> tuple[Any, Any]:
+    """``optimizer.update`` of ``grads``, with a source's ``extras`` (K-FAC's factors) and,
+    for an optimizer that takes extra arguments, the batch loss as ``value`` (as optax's
+    training loops pass it: ``reduce_on_plateau`` and ``polyak_sgd`` read it; the others
+    ignore it, and their compiled step is unchanged).
+
+    Raises:
+      TypeError: an update that needs arguments no step has (a line search's ``value_fn``:
+        ``optax.lbfgs()`` evaluates the loss and its gradient at trial params), named.
+    """
+    value = {"value": loss} if takes_extra_args(optimizer) else {}
+    try:
+        return optimizer.update(grads, state.opt_state, state.params, **extras, **value)
+    except TypeError as err:
+        if "required keyword-only argument" not in str(err):
+            raise
+        raise TypeError(f"the optimizer's update needs arguments a train step does not hand "
+                        f"it ({err}). A step gives the gradient, the params and the batch "
+                        f"loss (value=); a line search (optax.lbfgs()'s zoom line search: "
+                        f"value_fn, its loss at trial params) is not supported: use "
+                        f"optax.lbfgs(learning_rate, linesearch=None), or another "
+                        f"optimizer") from None
 
 
 def check_extras_used(optimizer: optax.GradientTransformation, grads: Any, state: TrainState,

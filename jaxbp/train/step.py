@@ -37,6 +37,7 @@ from jaxbp.train.state import (
     check_optimizer,
     check_state,
     guard_donation,
+    optimizer_update,
 )
 from jaxbp.types import Array, ArrayLike, Params, check_bool, check_int, is_int
 
@@ -89,7 +90,7 @@ def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: Gra
     check_opt_state(optimizer, state)
     # a source may hand the optimizer extra arguments (K-FAC factors)
     check_extras_used(optimizer, grads, state, extras)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extras)
+    updates, opt_state = optimizer_update(optimizer, grads, state, extras, loss)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss.astype(jnp.float32),
                "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
