@@ -197,7 +197,8 @@ def dp_sgd(clip_norm: per_example.ClipNorm, noise_multiplier: float, key: PRNGKe
                                         noise_multiplier, key, expected, int(microbatch))
 
     gradient.__qualname__ = "sources.dp_sgd"
-    return gradient
+    gradient.private = True   # its gradient only: the step keeps the batch loss from the
+    return gradient           # optimizer (jaxbp.train.state.optimizer_update)
 
 
 def _noised_clipped_mean(net: Any, params: Params, x: Array, y: Array, step: Array,

@@ -72,6 +72,31 @@ class TestTrainState:
         plain = optax.GradientTransformation(init, lambda u, s, p=None: (u, s))
         assert int(make_train_step(net, plain)(TrainState.create(params, plain), x, y)[0].step)
 
+    def test_a_private_source_keeps_the_loss_from_the_optimizer(self):
+        """DP-SGD privatises the gradient, not the batch loss: an optimizer that may read
+        ``value`` gets none, one that needs it is refused by name."""
+        from jaxbp import sources
+
+        def init(params):
+            return jnp.zeros(())
+
+        def reads_if_given(updates, state, params=None, *, value=-1.0, **extra):
+            return updates, jnp.asarray(value, jnp.float32)
+
+        def needs(updates, state, params=None, *, value, **extra):
+            return updates, value
+
+        net, params, x, y = _problem()
+        private = sources.dp_sgd(1.0, 1.0, jax.random.key(1))
+        optimizer = optax.GradientTransformationExtraArgs(init, reads_if_given)
+        state, _ = make_train_step(net, optimizer, private, donate=False)(
+            TrainState.create(params, optimizer), x, y)
+        assert float(state.opt_state) == -1.0
+        optimizer = optax.GradientTransformationExtraArgs(init, needs)
+        with pytest.raises(ValueError, match=r"reads the batch loss .* which DP-SGD does not "
+                                             r"make private"):
+            make_train_step(net, optimizer, private)(TrainState.create(params, optimizer), x, y)
+
     def test_a_line_search_is_named(self):
         net, params, x, y = _problem()
         with pytest.raises(TypeError, match=r"update needs arguments a train step does not "

@@ -148,22 +148,30 @@ def takes_extra_args(optimizer: optax.GradientTransformation) -> bool:
 
 
 def optimizer_update(optimizer: optax.GradientTransformation, grads: Any, state: TrainState,
-                     extras: dict[str, Any], loss: Any) -> tuple[Any, Any]:
+                     extras: dict[str, Any], loss: Any, private: bool = False
+                     ) -> tuple[Any, Any]:
     """``optimizer.update`` of ``grads``, with a source's ``extras`` (K-FAC's factors) and,
     for an optimizer that takes extra arguments, the batch loss as ``value`` (as optax's
     training loops pass it: ``reduce_on_plateau`` and ``polyak_sgd`` read it; the others
-    ignore it, and their compiled step is unchanged).
+    ignore it, and their compiled step is unchanged). A ``private`` source's loss (DP-SGD
+    privatises the gradient, not the loss) is never handed on.
 
     Raises:
       TypeError: an update that needs arguments no step has (a line search's ``value_fn``:
         ``optax.lbfgs()`` evaluates the loss and its gradient at trial params), named.
+      ValueError: an optimizer that reads the loss, with a private source.
     """
-    value = {"value": loss} if takes_extra_args(optimizer) else {}
+    value = {"value": loss} if takes_extra_args(optimizer) and not private else {}
     try:
         return optimizer.update(grads, state.opt_state, state.params, **extras, **value)
     except TypeError as err:
         if "required keyword-only argument" not in str(err):
             raise
+        if private and "'value'" in str(err):
+            raise ValueError(f"the optimizer reads the batch loss ({err}), which DP-SGD does "
+                             f"not make private: its updates would depend on the data "
+                             f"beyond what the privacy accounting covers. Use an optimizer "
+                             f"that reads the gradient only") from None
         raise TypeError(f"the optimizer's update needs arguments a train step does not hand "
                         f"it ({err}). A step gives the gradient, the params and the batch "
                         f"loss (value=); a line search (optax.lbfgs()'s zoom line search: "

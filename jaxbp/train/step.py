@@ -90,7 +90,8 @@ def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: Gra
     check_opt_state(optimizer, state)
     # a source may hand the optimizer extra arguments (K-FAC factors)
     check_extras_used(optimizer, grads, state, extras)
-    updates, opt_state = optimizer_update(optimizer, grads, state, extras, loss)
+    updates, opt_state = optimizer_update(optimizer, grads, state, extras, loss,
+                                          private=getattr(gradient, "private", False))
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss.astype(jnp.float32),
                "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
