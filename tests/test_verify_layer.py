@@ -41,6 +41,8 @@ def test_every_built_in_record_passes_in_float64(x64):
             "backward: input error", "backward: grads['wq']"} <= {
         row.path for row in attention.leaves}
     assert "sq_grad_sum: not defined by the record, not checked" in attention.notes
+    assert {"feedback: input error under feedback_of", "feedback: grads under feedback_of"
+            "['wq']"} <= {row.path for row in attention.leaves}     # its four projections
     pool = jaxbp.verify_layer(L.MaxPool((2, 2)), _x(2, 4, 4, 1))
     assert pool.ok and "no parameters: no per-sample rule to check" in pool.notes
 
@@ -72,12 +74,22 @@ class Scale:
         norms = jnp.sum((delta * x) ** 2, axis=1)
         return jnp.sqrt(norms) if self.bug == "per_sample_sq_norms" else norms
 
+    def feedback_shape(self, in_shape):         # a feedback b in the place of s
+        return (in_shape[-1],)
+
+    def feedback_of(self, params, in_shape):
+        return params["s"] * (2 if self.bug == "feedback_of" else 1)
+
+    def feedback_params(self, params, feedback):
+        return {**params, "s": feedback}
+
 
 @pytest.mark.parametrize("bug, failing", [
     ("input error", {"backward: input error"}),
     ("grads", {"backward: grads['s']"}),
     ("per_sample_grads", {"per_sample_grads['s']"}),
     ("per_sample_sq_norms", {"per_sample_sq_norms"}),
+    ("feedback_of", {"feedback: input error under feedback_of"}),
 ])
 def test_a_planted_bug_fails_its_own_rule_only(x64, bug, failing):
     x = _x(4, 3)
@@ -104,6 +116,9 @@ class Misshapen(Scale):
         norms = super().per_sample_sq_norms(params, x, delta)
         return norms.sum() if self.bug == "norms" else norms
 
+    def feedback_shape(self, in_shape):
+        return (in_shape[-1] + (self.bug == "feedback shape"),)
+
 
 @pytest.mark.parametrize("bug, error, words", [
     ("tuple", TypeError, r"the record's backward must return a tuple of 2 \(delta_in, "
@@ -114,6 +129,8 @@ class Misshapen(Scale):
                                 r"expected \(4, 3\)"),
     ("norms", ValueError, r"the record's per_sample_sq_norms has shape \(\), expected "
                           r"\(4,\)"),
+    ("feedback shape", ValueError, r"the record's feedback_of has shape \(3,\), expected "
+                                   r"\(4,\)"),
 ])
 def test_rules_that_return_the_wrong_shapes_are_named(bug, error, words):
     """Were JAX's "Custom VJP bwd rule must produce an output with the same container",

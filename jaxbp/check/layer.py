@@ -12,8 +12,10 @@ backward and per-sample rules. At one point ``(params, x)`` and random output er
 * ``per_sample_sq_norms``: against the squared norms of those;
 * where the record has them, ``per_sample_sq_norms_and_sum`` (its norms, and its
   ``weights -> sum_i w_i g_i`` at random weights), ``sq_grad_sum`` (``sum_k sum_i g_ki^2``
-  for two sets of errors) and ``backward_kept`` (its input error and gradient equal
-  ``backward``'s).
+  for two sets of errors), ``backward_kept`` (its input error and gradient equal
+  ``backward``'s) and the feedback capabilities (``feedback_shape``, ``feedback_of``,
+  ``feedback_params`` or ``feedback_transport``: under the feedback that is backprop
+  itself, of the shapes ``feedback_shape`` gives, the backward is ``backward``).
 
 The forward is the definition: a forward that is wrong is not found here. An integer
 input (tokens) gets no input error (``need_input=False``).
@@ -32,7 +34,7 @@ from jaxbp.check.leaves import check_knobs, compare_leaves, rtol_table
 from jaxbp.check.report import GradReport, LeafCheck
 from jaxbp.check.verify_fn import verify_vjp
 from jaxbp.input_checks import as_array
-from jaxbp.layers.base import REQUIRED
+from jaxbp.layers.base import REQUIRED, feedback_of, feedback_params
 from jaxbp.types import PyTree, check_not_deleted
 
 
@@ -82,6 +84,12 @@ def verify_layer(layer: Any, x: Any, params: PyTree | None = None, *,
         rows += _kept_rows(returned, takes_error, rtol, atol)
     else:
         notes.append("backward_kept: not defined by the record, not checked")
+    if callable(getattr(layer, "feedback_shape", None)):
+        rows += _feedback_rows(layer, params, x, cache, delta, returned["backward"],
+                               takes_error, rtol, atol)
+    else:
+        notes.append("feedback_shape: not defined by the record (the feedback rules refuse "
+                     "it), not checked")
     inherent = "JVP/VJP consistency not checked"   # by_hand is a custom_vjp by design
     notes = [note for note in backward.notes if not note.startswith(inherent)] + notes
     return GradReport(_named(backward.leaves) + tuple(rows), backward.directions,
@@ -250,6 +258,33 @@ def _per_sample_rows(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta
         else:
             notes.append(f"{name}: not defined by the record, not checked")
     return rows, notes
+
+
+def _is_shape(node: Any) -> bool:
+    return isinstance(node, tuple) and all(isinstance(d, int) for d in node)
+
+
+def _feedback_rows(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta: jax.Array,
+                   plain: tuple[Any, Any], takes_error: bool, rtol: float | None,
+                   atol: float | None) -> list[LeafCheck]:
+    """The feedback capabilities against the backward: under ``feedback_of`` (the
+    feedback that is backprop itself, of the shapes ``feedback_shape`` says, which a random
+    feedback is drawn in) the backward run on ``feedback_params`` gives the backward's own
+    input error and gradient."""
+    in_shape = tuple(x.shape[1:])
+    shapes = layer.feedback_shape(in_shape)
+    if shapes is None:          # the layer keeps its own J^T: nothing to replace
+        return []
+    feedback = feedback_of(layer, params, in_shape)
+    _check_like("feedback_of", feedback,
+                jax.tree.map(jnp.zeros, shapes, is_leaf=_is_shape))
+    delta_in, grads = layer.backward(feedback_params(layer, params, feedback), cache, delta,
+                                     need_input=takes_error)
+    rows = _leaf_rows("feedback: grads under feedback_of", grads, plain[1], rtol, atol)
+    if takes_error:
+        rows += _leaf_rows("feedback: input error under feedback_of", delta_in, plain[0],
+                           rtol, atol)
+    return rows
 
 
 def _kept_rows(results: dict[str, tuple[Any, ...]], takes_error: bool, rtol: float | None,
