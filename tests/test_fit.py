@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 
 import jax
@@ -10,8 +12,9 @@ import optax
 import pytest
 
 import jaxbp
+from jaxbp import models
 from jaxbp.data import Dataset, load_digits
-from jaxbp.train import checkpoint
+from jaxbp.train import checkpoint, resume
 from jaxbp.train.epoch import epoch_line
 from jaxbp.train.fit import fit
 
@@ -63,6 +66,14 @@ def test_the_trained_params_load_for_inference_without_the_optimizer(digits, tmp
         np.testing.assert_array_equal(a, b)
     assert metadata["epoch"] == 2 and metadata["history"]["test_loss"] == \
         result.history["test_loss"]
+    # the same net in another numerical recipe takes the same params (evaluation in bf16)
+    bf16 = dataclasses.replace(NET, compute_dtype="bfloat16", activation_dtype="bfloat16")
+    for a, b in zip(jax.tree.leaves(jaxbp.load_params(tmp_path, bf16)[0]),
+                    jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    gpt = functools.partial(models.gpt, 7, 8, 2, 2, 4)   # a Network: its layers' fields too
+    assert resume._architecture(repr(gpt(compute_dtype="bfloat16"))) == \
+        resume._architecture(repr(gpt())) != resume._architecture(repr(gpt(norm="rms")))
     for other, then, now in ((jaxbp.MLP(NET.sizes, "tanh"), "'relu'", "'tanh'"),
                              (jaxbp.MLP((64, 8, 10), "relu"), r"\(64, \d+, 10\)",
                               r"\(64, 8, 10\)")):

@@ -10,6 +10,7 @@ move between one device and a mesh.
 from __future__ import annotations
 
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -120,6 +121,8 @@ def load_params(directory: str | pathlib.Path, net: Any,
     against ``net``'s structure, shapes and dtypes (and against the net of the run's
     record), without the optimizer. A mesh run's sharded (orbax) checkpoint is read through
     the whole state's template, so it needs the ``optimizer`` the run trained with.
+    The numerical recipe (``compute_dtype``, ``activation_dtype``) may differ from the
+    run's: params trained in bf16 load into the same net in float32, and back.
 
     Returns:
       ``(params, metadata)``: params as ``net.init`` gives them (jax arrays) and the
@@ -160,10 +163,21 @@ def load_params(directory: str | pathlib.Path, net: Any,
     return jax.tree.unflatten(treedef, [jax.numpy.asarray(a) for a in got]), header["metadata"]
 
 
+_RECIPE_FIELD = re.compile(r", (?:compute_dtype|activation_dtype)=(?:None|'\w+')")
+"""A layer's or a net's numerical-recipe field in its repr (jaxbp.layers.precision)."""
+
+
+def _architecture(net_repr: str) -> str:
+    """A net's repr without its numerical recipe: one architecture's params serve every
+    recipe (a GPT trained in bf16 is evaluated in float32, and back)."""
+    return _RECIPE_FIELD.sub("", net_repr)
+
+
 def _check_run_net(path: pathlib.Path, metadata: dict[str, Any], net: Any) -> None:
-    """The net the run recorded (a relu net's params are no tanh net's) is ``net``."""
+    """The net the run recorded (a relu net's params are no tanh net's) is ``net``, up to
+    the numerical recipe (the params are the same arrays in any)."""
     recorded = (metadata.get("run") or {}).get("net")
-    if recorded is not None and recorded != repr(net):
+    if recorded is not None and _architecture(recorded) != _architecture(repr(net)):
         then, now = where_they_differ(recorded, repr(net))   # a GPT's repr is long
         raise checkpoint.CheckpointMismatchError(
             f"checkpoint {str(path)!r} was written by a run of another net: the run's "
