@@ -49,20 +49,19 @@ def _layer_stats(net: MLP | Network, params: Params, x: Array, y: Array,
 def layer_stats_places(net: MLP | Network) -> list[str]:
     """Where each entry of :func:`layer_stats` sits, in its order (``layers[2].layers[1]``
     for a block's inner layer): the labels of a flow figure."""
-    return [place for place, record, _ in records(network.as_network(net).layers)
+    return [place for place, record in records(network.as_network(net).layers)
             if hasattr(record, "pre_activation_error")]
 
 
 def _weighted(layers: tuple[Any, ...], params: Any, grads: Any, steps: Any, caches: Any,
               errors: Any) -> Iterator[tuple[Array, Array, Array, Array]]:
     """``(error at z, W, dC/dW, step of W)`` of every layer with an activation (the
-    ``pre_activation_error`` capability), in order, those inside blocks (a Residual's
-    chain: its ``layers``, with its kept errors) included."""
-    for layer, p, g, s, c, e in zip(layers, params, grads, steps, caches, errors):
+    ``pre_activation_error`` capability), in :func:`layer_stats_places`' order: those
+    inside blocks (a Residual's chain, with its kept errors) included."""
+    for _, layer, p, g, s, c, e in records(layers, "layers", params, grads, steps, caches,
+                                            errors):
         if hasattr(layer, "pre_activation_error"):
             yield layer.pre_activation_error(c, e), p["w"], g["w"], s["w"]
-        elif isinstance(getattr(layer, "layers", None), tuple):
-            yield from _weighted(layer.layers, p, g, s, c, e)
 
 
 def layer_stats(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,

@@ -133,7 +133,7 @@ def _check_causal(chain: Sequence[Any], where: str) -> None:
     """Every attention of the chain (inside Residuals too) causal: the window is right-padded
     while shorter than seq_len, and a position that sees the ones after it would read the
     padding (and a model trained to see the future has nothing to continue)."""
-    for place, layer, _ in records(chain, where):
+    for place, layer in records(chain, where):
         if getattr(layer, "causal", True) is False:
             raise ValueError(f"generate needs causal attention, but {place} "
                              f"({type(layer).__name__}) has causal=False: each position would "

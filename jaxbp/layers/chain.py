@@ -99,16 +99,18 @@ PER_SAMPLE = ("per_sample_grads", "per_sample_sq_norms")
 
 
 def records(layers: tuple[Any, ...], where: str = "layers",
-            params: Any = None) -> Iterator[tuple[str, Any, Any]]:
-    """``(place, record, its params)`` of every record that is not a block, the records
-    inside blocks (a Residual's chain) included, in order; params None when not given."""
+            *trees: Any) -> Iterator[tuple[Any, ...]]:
+    """``(place, record, *its entries)`` of every record that is not a block, the records
+    inside blocks (a Residual's chain) included, in order. ``trees``: per-layer tuples
+    parallel to ``layers`` (params, grads, caches, kept errors: a block's entry is a tuple
+    over its inner layers), each record's own entry of each given."""
     for i, layer in enumerate(layers):
-        p = None if params is None else params[i]
+        entries = tuple(tree[i] for tree in trees)
         inner = getattr(layer, "layers", None)
         if isinstance(inner, tuple):                                # a block: its chain
-            yield from records(inner, f"{where}[{i}].layers", p)
+            yield from records(inner, f"{where}[{i}].layers", *entries)
         else:
-            yield f"{where}[{i}]", layer, p
+            yield (f"{where}[{i}]", layer, *entries)
 
 
 def require_per_sample(layers: tuple[Any, ...], params: Any, where: str, quantity: str) -> None:
