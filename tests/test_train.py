@@ -216,6 +216,17 @@ class TestLoop:
         assert metrics["loss"].shape == (5,) and int(state.step) == 5
         assert float(metrics["loss"][-1]) < float(metrics["loss"][0])
 
+    def test_a_precision_scope_around_the_call_compiles_a_program_of_its_own(self):
+        """What ``fit`` under ``jax.default_matmul_precision`` relies on: a loop made without
+        ``precision=`` is traced at the precision where it is called, once per precision."""
+        net, params, x, y = _problem()
+        loop = make_train_loop(net, optax.sgd(0.1), steps=2, donate=False)
+        state = TrainState.create(params, optax.sgd(0.1))
+        with jax.default_matmul_precision("highest"):
+            assert "HIGHEST" in loop.lower(state, x, y).as_text()
+        with jax.default_matmul_precision("default"):
+            assert "HIGHEST" not in loop.lower(state, x, y).as_text()
+
     def test_wrong_number_of_batches(self):
         net, params, xs, ys = _problem(steps=3)
         loop = make_train_loop(net, optax.sgd(0.1), steps=4)
