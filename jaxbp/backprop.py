@@ -148,10 +148,11 @@ def apply_with_manual_vjp(net: MLP, params: Params, x: ArrayLike) -> Array:
     Args:
       net: the network description.
       params: as ``net.init`` returns.
-      x: (batch, n_in), floating.
+      x: (batch, *input_shape), floating; or int tokens (batch, T) for a network of
+        tokens (a GPT), which get no cotangent.
 
     Returns:
-      (batch, n_out) a^L.
+      a^L: (batch, n_out), or (batch, T, n_out) for a sequence output.
     """
     x, _ = input_checks.check_inputs(net, params, x)
     return _apply_manual(net, params, x)
