@@ -88,12 +88,15 @@ def _logits_at(net: Network, params: Any, window: Array, position: Array) -> Arr
 
 
 def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
-             key: Array | None = None, temperature: float = 0.0) -> list[int]:
+             key: Array | None = None, temperature: float = 0.0,
+             top_k: int | None = None) -> list[int]:
     """``length`` tokens continuing ``prompt`` (ids), one jitted forward per token.
 
     Greedy (argmax) at ``temperature`` 0, else drawn from softmax(logits / temperature)
-    with ``key``. The window is the last ``seq_len`` tokens, right-padded while shorter:
-    in a causal model the padding after a position does not reach it.
+    with ``key``; ``top_k``: drawn from the k largest logits only (the others' probability
+    0; ties with the k-th kept; k >= vocab: from all). The window is the last ``seq_len``
+    tokens, right-padded while shorter: in a causal model the padding after a position
+    does not reach it.
     """
     if not isinstance(net, Network) or value_checks.token_vocab(net) is None:
         first = f" whose first layer is a {type(net.layers[0]).__name__}" \
@@ -116,6 +119,11 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
         raise ValueError("key is used only to sample (temperature > 0); at temperature 0 "
                          "generate is greedy and draws nothing: give a temperature, or leave "
                          "key out")
+    top_k = check_int("top_k", top_k, 1, optional=True)
+    if top_k is not None and temperature == 0:
+        raise ValueError("top_k limits what is sampled (temperature > 0); at temperature 0 "
+                         "generate is greedy (top_k=1 already): give a temperature, or leave "
+                         "top_k out")
     start = len(tokens)
     for _ in range(length):
         window = tokens[-seq_len:]
@@ -123,6 +131,10 @@ def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
         logits = _logits_at(net, params, padded, jnp.int32(len(window) - 1))
         if temperature > 0:
             key, draw = jax.random.split(key)
+            if top_k is not None and top_k < logits.shape[-1]:
+                # the k-th largest logit is the floor; below it, probability 0
+                floor = jax.lax.top_k(logits, top_k)[0][-1]
+                logits = jnp.where(logits >= floor, logits, -jnp.inf)
             tokens.append(int(jax.random.categorical(draw, logits / temperature)))
         else:
             tokens.append(int(jnp.argmax(logits)))

@@ -168,10 +168,11 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     assert len(checkpoint.list_checkpoints(tmp_path / "ckpt")) == 3
     private = [a for a in argv if a not in ("--checkpoint-dir", str(tmp_path / "ckpt"))]
     code = cli.main([*private, "--epochs", "1", "--dp", "--target-epsilon", "8",
-                     "--sample-temperature", "0.7", "--sample-length", "30"])
+                     "--sample-temperature", "0.7", "--sample-length", "30",
+                     "--sample-top-k", "5"])
     out = capsys.readouterr().out
     assert code == 0 and "grad dp-sgd" in out and "bits/char)" in out, out
-    sample = out.split("sample (temperature 0.7, after 'the quick brown '):\n")[1]
+    sample = out.split("sample (temperature 0.7, top 5, after 'the quick brown '):\n")[1]
     assert len(sample.splitlines()[0]) <= 30 and len(sample.rstrip("\n")) == 30, sample
     assert 7 < float(out.split(", epsilon ")[1].split()[0]) <= 8, out
     assert cli.main(["train", "--model", "gpt", "--heads", "3", "--dim", "16"]) == 2
@@ -181,6 +182,11 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     assert cli.main(["train", "--attention-block", "8"]) == 2
     assert "--attention-block shapes a GPT (--model gpt), but --model is mlp" in \
         capsys.readouterr().err
+    assert cli.main(["train", "--model", "gpt", "--sample-top-k", "3"]) == 2
+    assert "--sample-top-k 3 limits what the sample draws from, but without " \
+        "--sample-temperature T > 0 it is greedy" in capsys.readouterr().err
+    assert cli.main(["train", "--sample-top-k", "3"]) == 2
+    assert "--sample-top-k samples from a GPT" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -315,9 +315,20 @@ def test_generate_continues_by_the_forward_and_names_bad_arguments():
                           ({"temperature": float("nan")}, "temperature must be a finite"),
                           ({"temperature": 1.0}, "a temperature > 0 samples: pass a PRNG key"),
                           ({"key": jax.random.key(0)}, "key is used only to sample "
-                                                       "(temperature > 0); at temperature 0")):
+                                                       "(temperature > 0); at temperature 0"),
+                          ({"top_k": 2}, "top_k limits what is sampled (temperature > 0)"),
+                          ({"top_k": 0, "temperature": 1.0, "key": jax.random.key(0)},
+                           "top_k must be None or an int >= 1, got 0")):
         with pytest.raises(ValueError, match=re.escape(words)):
             models.generate(net, params, **{"prompt": [1], "length": 2, **kwargs})
+    # top_k: top 1 at any temperature is greedy; top 2 draws only the two likeliest
+    hot = functools.partial(models.generate, net, params, temperature=5.0)
+    assert hot([1, 2], 6, key=jax.random.key(4), top_k=1) == tokens[2:]
+    logits = net.apply(params, jnp.array([[3, 0, 0, 0]]))[0, 0]
+    likeliest = set(np.argsort(np.asarray(logits))[-2:].tolist())
+    draws = {hot([3], 1, key=jax.random.key(k), top_k=2)[0] for k in range(24)}
+    assert draws == likeliest                 # at temperature 5 all 7 would come up
+    assert len({hot([3], 1, key=jax.random.key(k), top_k=7)[0] for k in range(24)}) > 2
 
 
 def test_bad_tokens_and_targets_are_named():

@@ -51,7 +51,7 @@ def _is_text(path: pathlib.Path) -> bool:
 
 
 GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_block": None,
-                "sample_length": 200, "sample_temperature": 0.0}
+                "sample_length": 200, "sample_temperature": 0.0, "sample_top_k": None}
 """``--model gpt``'s shape and sample options and their defaults (another model's: refused)."""
 
 NETWORK_DEFAULTS = {"activation": "relu", "output_activation": "identity"}
@@ -177,6 +177,12 @@ def _model_options(args: argparse.Namespace) -> None:
         if args.sample_length == 0 and args.sample_temperature:
             raise UsageError(f"--sample-temperature {args.sample_temperature:g} draws the final "
                              f"sample, but --sample-length 0 makes none")
+        if args.sample_top_k is not None:
+            positive("--sample-top-k", args.sample_top_k, integer=True)
+            if not args.sample_temperature:
+                raise UsageError(f"--sample-top-k {args.sample_top_k} limits what the sample "
+                                 f"draws from, but without --sample-temperature T > 0 it is "
+                                 f"greedy")
 
 
 def _mlp(args: argparse.Namespace, dataset: Any, loss: str, recipe: dict[str, str]) -> Any:

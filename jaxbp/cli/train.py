@@ -88,6 +88,9 @@ def _add_gpt_options(train: argparse.ArgumentParser) -> None:
     train.add_argument("--sample-temperature", type=float, default=None,
                        help="gpt sample: 0 greedy (the default), else drawn from "
                             "softmax(logits / temperature) with a key from --seed")
+    train.add_argument("--sample-top-k", type=int, default=None, metavar="K",
+                       help="gpt sample at a temperature: drawn from the K likeliest "
+                            "characters only (default: from all)")
 
 
 def _add_numerics_options(train: argparse.ArgumentParser) -> None:
@@ -289,6 +292,8 @@ def _print_sample(args: argparse.Namespace, net: Any, params: Any, dataset: Any)
     prompt, temperature = dataset.x_test[0][:16], args.sample_temperature
     key = jax.random.fold_in(jax.random.key(args.seed), 2) if temperature else None
     text = dataset.decode(models.generate(net, params, prompt.tolist(), args.sample_length,
-                                          key=key, temperature=temperature))
+                                          key=key, temperature=temperature,
+                                          top_k=args.sample_top_k))
     how = f"temperature {temperature:g}" if temperature else "greedy"
+    how += "" if args.sample_top_k is None else f", top {args.sample_top_k}"
     print(f"sample ({how}, after {dataset.decode(prompt)!r}):\n{text}")
