@@ -88,17 +88,17 @@ def plan_train(args: argparse.Namespace) -> dict[str, Any]:
     dataset = _load_data(args.data, args.seed, args.seq_len if args.model == "gpt" else None)
     loss = args.loss or ("softmax_cross_entropy" if dataset.is_classification
                          else "squared_error")
-    net, taken = _network(args, dataset, loss, RECIPES[args.recipe])
+    recipe = RECIPES[args.recipe]
     # the same network without the recipe: its float64 gradient is the truth checked
-    exact_net = _network(args, dataset, loss, {})[0] if RECIPES[args.recipe] else net
-    dataset = taken
+    exact_net = _network(args, dataset, loss, {})[0] if recipe else None
+    net, dataset = _network(args, dataset, loss, recipe)
     _check_fits(args, net, dataset, loss)
     mesh = _parse_mesh(args)
     if mesh is not None:
         _check_mesh(args, mesh)
     privacy = _plan_privacy(args, mesh, len(dataset.x_train))
     steps = _steps_per_epoch(args, privacy, len(dataset.x_train)) * args.epochs
-    return {"dataset": dataset, "net": net, "exact_net": exact_net,
+    return {"dataset": dataset, "net": net, "exact_net": net if exact_net is None else exact_net,
             "optimizer": optimizer.build(args, steps), "steps": steps, "mesh": mesh,
             "privacy": privacy}
 

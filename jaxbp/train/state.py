@@ -163,7 +163,7 @@ def optimizer_update(optimizer: optax.GradientTransformation, grads: Any, state:
     """
     value = {"value": loss} if takes_extra_args(optimizer) and not private else {}
     try:
-        return optimizer.update(grads, state.opt_state, state.params, **extras, **value)
+        return optimizer.update(grads, state.opt_state, state.params, **{**value, **extras})
     except TypeError as err:
         if "required keyword-only argument" not in str(err):
             raise
