@@ -69,12 +69,13 @@ def write_text(path: str | os.PathLike[str], text: str) -> pathlib.Path:
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> pathlib.Path:
-    """A matplotlib figure as a PNG at ``path``, whole or not at all; the figure is
-    closed."""
+    """A matplotlib figure at ``path`` in the format its suffix names (``.png``, ``.pdf``,
+    ``.svg``, ...; PNG without one), whole or not at all; the figure is closed."""
     import matplotlib.pyplot as plt
 
+    suffix = pathlib.Path(path).suffix or ".png"
     try:
-        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi), suffix=".png")
+        return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi), suffix=suffix)
     finally:
         plt.close(fig)
 
@@ -130,15 +131,22 @@ def check_writable_folder(name: str, folder: str | os.PathLike[str]) -> pathlib.
 
 def check_figure_path(name: str, path: str | os.PathLike[str]) -> pathlib.Path:
     """``path`` can take a figure later: not a folder, its folder writable
-    (:func:`check_writable_folder`), matplotlib installed (else an ImportError)."""
+    (:func:`check_writable_folder`), a suffix matplotlib writes (or none), matplotlib
+    installed (else an ImportError)."""
     target = as_path(name, path)
     if target.is_dir():
         raise ValueError(f"{name}: {str(path)!r} is a folder, expected a file name such as "
                          f"{str(target / 'curves.png')!r}")
     check_writable_folder(name, target.parent)
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise ImportError(f"{name}: plotting needs matplotlib: pip install 'jaxbp[plot]'") \
             from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix and suffix not in formats:   # savefig would fail after the run
+        raise ValueError(f"{name}: {str(path)!r} ends in .{suffix}, which is no figure format "
+                         f"matplotlib writes; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))} (no suffix: PNG)")
     return target

@@ -120,11 +120,21 @@ def test_resume_skips_a_corrupt_newest_checkpoint(digits, tmp_path):
                        {"state": result.state, "key": jax.random.split(jax.random.key(1))[1]})
 
 
-def test_plot_is_written(digits, tmp_path):
-    path = tmp_path / "curves.png"
-    fit(NET, optax.adam(3e-3), digits, epochs=2, batch_size=256, key=jax.random.key(0),
-        progress=False, plot=path)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_plot_is_written_in_the_format_its_suffix_names(digits, tmp_path):
+    """PNG, SVG or PDF by the suffix (every figure was a PNG, whatever its name said); a
+    suffix matplotlib cannot write is refused before training."""
+    def run(plot):
+        return fit(NET, optax.adam(3e-3), digits, epochs=1, batch_size=256,
+                   key=jax.random.key(0), progress=False, plot=plot)
+
+    for name, head in (("curves.png", b"\x89PNG\r\n\x1a\n"), ("curves.svg", b"<?xml"),
+                       ("curves.pdf", b"%PDF"), ("curves", b"\x89PNG\r\n\x1a\n")):
+        run(tmp_path / name)
+        assert (tmp_path / name).read_bytes().startswith(head), name
+    with pytest.raises(ValueError, match=r"plot: '.*curves.txt' ends in .txt, which is no "
+                                         r"figure format matplotlib writes; use one of .*\.png"):
+        run(tmp_path / "curves.txt")
+    assert not (tmp_path / "curves.txt").exists()
 
 
 def test_bad_arguments(digits):

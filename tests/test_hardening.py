@@ -942,6 +942,8 @@ class TestProbedKnobs:
     @pytest.mark.parametrize("argv, words", [
         (["--checkpoint-dir", ""], "--checkpoint-dir must name a folder"),
         (["--seed", str(2**70)], "--seed must be an integer in [-2**63, 2**63)"),
+        (["--diagnostics", "flow.txt"], "--diagnostics: 'flow.txt' ends in .txt, which is no "
+                                        "figure format matplotlib writes"),
     ])
     def test_command_line(self, argv, words, capsys, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)

@@ -54,7 +54,8 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
     train.add_argument("--checkpoint-dir", default=None,
                        help="save after every epoch; resume from here if it has checkpoints")
-    train.add_argument("--plot", default=None, help="write a PNG of the curves here")
+    train.add_argument("--plot", default=None, help="write a figure of the curves here (PNG, or "
+                       "the format its suffix names: .pdf, .svg, ...)")
     train.add_argument("--diagnostics", default=None, metavar="FLOW.png",
                        help="record per-layer gradient flow every epoch and plot it here")
     train.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")

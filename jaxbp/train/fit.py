@@ -115,7 +115,8 @@ def fit(
         and ``allow_run_change`` shape the checkpoints, so they need a
         ``checkpoint_dir``.
       progress: show a tqdm bar per epoch and print one line per epoch.
-      plot: write a PNG of train/test loss and accuracy here at the end
+      plot: write a figure of train/test loss and accuracy here at the end (PNG, or the
+        format its suffix names: .pdf, .svg, ...)
         (needs matplotlib: ``pip install 'jaxbp[plot]'``).
       diagnostics: after every epoch, record :func:`jaxbp.layer_stats` on the
         first ``eval_batch_size`` training samples in ``history["layer_stats"]``
