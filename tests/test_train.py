@@ -168,7 +168,8 @@ class TestStep:
 
     def test_bad_arguments(self):
         net = jaxbp.MLP((2, 2))
-        with pytest.raises(ValueError, match="Unknown grad 'manual'"):
+        with pytest.raises(ValueError, match=r"Unknown grad 'manual'. .* or a gradient "
+                                             r"source: jaxbp.sources.clipped\(C\)"):
             make_train_step(net, optax.sgd(0.1), grad="manual")
         for grad in (3, ["backprop"]):  # the list was "unhashable type: 'list'"
             with pytest.raises(TypeError, match=r"grad must be one of \['autodiff', 'backprop'\] "

@@ -61,7 +61,11 @@ def gradient_source(grad: str | GradFn) -> GradFn:
                         f"callable (net, params, x, y, step), such as jaxbp.sources.dp_sgd"
                         f"(...)), got {type(grad).__name__}")
     if grad not in GRADIENTS:
-        raise ValueError(f"Unknown grad {grad!r}. It needs to be one of {sorted(GRADIENTS)}.")
+        raise ValueError(f"Unknown grad {grad!r}. It needs to be one of {sorted(GRADIENTS)}, "
+                         f"or a gradient source: jaxbp.sources.clipped(C), dp_sgd(...), "
+                         f"jaxbp.feedback.alignment(B), direct(B), sign_symmetry(), "
+                         f"jaxbp.kfac_gradient() (the command line's fa, dfa and sign are "
+                         f"the feedback rules).")
     return GRADIENTS[grad]
 
 
