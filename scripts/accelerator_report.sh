@@ -17,7 +17,8 @@
 #   3. benchmarks/per_example_gpt.py --gpt2-small (the clipped step of a GPT-2-small-shaped
 #      model vs a plain one, tokens/s)                                     15% of what is left
 #   4. benchmarks/fit_overhead.py (fit vs the bare loop)                  15% of what is left
-#   5. jaxbp verify in float32 and bfloat16 (6 cases each)                17% of what is left
+#   5. jaxbp verify in float32 and bfloat16, and the bf16 and bf16-operands recipes against
+#      the float64 truth (6 cases each)                                   17% of what is left
 #   6. the fast tests (pytest -m "not slow", xdist workers, every failure named)  the rest
 # and writes one report, DIR/accelerator_<device kind>.md (default DIR benchmarks/results),
 # beside the parts' own tables (12 files in all). The max pool's backward
@@ -91,8 +92,9 @@ section "clipped step of a GPT-2-small-shaped model" "$limit" \
 limit=$(share 15)
 section "fit overhead" "$limit" python benchmarks/fit_overhead.py --rounds 3 --out "$out"
 limit=$(share 17)
-section "gradient suite, float32 and bfloat16" "$limit" \
-    python -m jaxbp.cli verify --dtypes float32,bfloat16 --cases 6 --n-fd 1
+section "gradient suite, float32 and bfloat16, and both bf16 recipes" "$limit" \
+    python -m jaxbp.cli verify --dtypes float32,bfloat16 --cases 6 --n-fd 1 \
+    --recipes bf16,bf16-operands
 limit=$(share 100)
 # one process per core, each taking GPU memory as it needs it (not 75% each up front)
 section "tests (not slow)" "$limit" env XLA_PYTHON_CLIENT_PREALLOCATE=false \

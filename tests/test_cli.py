@@ -23,10 +23,12 @@ from jaxbp.train import checkpoint
 def test_verify_runs_in_every_dtype_it_offers(restore_x64, capsys):
     """`jaxbp verify` over all of --dtypes' choices, two cases each (soft labels in
     bfloat16/float16 included: their rows sum to 1 only within the dtype's rounding)."""
-    code = cli.main(["verify", "--cases", "2", "--dtypes", ",".join(cli.DTYPES), "--n-fd", "1"])
+    code = cli.main(["verify", "--cases", "2", "--dtypes", ",".join(cli.DTYPES), "--n-fd", "1",
+                     "--recipes", "bf16,bf16-operands"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert f"all ok: 0 of {2 * len(cli.DTYPES)} cases failed" in out
+    assert f"all ok: 0 of {2 * len(cli.DTYPES) + 4} cases failed" in out
+    assert "worst error from the float64 truth: bf16 " in out and "; bf16-operands " in out
     worst = out.split("worst relative error vs jax.grad: ")[1].splitlines()[0]
     assert [part.split()[0] for part in worst.split(", ")] == list(cli.DTYPES)
     assert out.count(" ok") >= 2 * len(cli.DTYPES)
@@ -42,8 +44,27 @@ def test_verify_fails_with_exit_code_one_on_a_wrong_derivative(restore_x64, caps
     code = cli.main(["verify", "--cases", "3", "--dtypes", "float64", "--n-fd", "1"])
     out = capsys.readouterr().out
     assert code == 1
-    assert "FAILED: 3 of 3 cases failed" in out
+    assert "FAILED: 6 of 6 cases failed" in out   # the bf16 recipe rows too: their truth
+    #                                                is jax.grad's, which no g' moves
     assert "reference" in out
+
+
+def test_verify_fails_a_recipe_whose_gradient_is_off(restore_x64, capsys, monkeypatch):
+    """The recipe rows judge: a recipe's hand-written gradient 5% off fails them (exit 1),
+    while the dtype cases (no recipe) pass."""
+    from jaxbp.check import recipe
+
+    def five_percent_off(net, params, x, y):
+        loss, grads = jaxbp.value_and_backprop(net, params, x, y)
+        return loss, jax.tree.map(lambda g: g * (1.05 if net.compute_dtype else 1.0), grads)
+
+    monkeypatch.setattr(recipe, "value_and_backprop", five_percent_off)
+    assert cli.main(["verify", "--cases", "2", "--dtypes", "float32", "--n-fd", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: 2 of 4 cases failed" in out and out.count("  FAIL") == 2, out
+    assert cli.main(["verify", "--recipes", "fp8"]) == 2
+    assert "--recipes: unknown ['fp8']; choose from bf16, bf16-operands or none" in \
+        capsys.readouterr().err
 
 
 def test_verify_says_why_a_taylor_order_is_nan(restore_x64, capsys, monkeypatch):

@@ -3,8 +3,8 @@
 
 A recipe (:data:`jaxbp.layers.precision.RECIPES`) rounds by design, so a finite
 difference or a Taylor test of its loss measures the rounding, not the derivative. What
-can be judged is the distance of its gradient ``g`` from the truth ``g*`` (the same
-network without the recipe, in float64, at the same point), normwise,
+can be judged is the distance of its gradient ``g`` from the truth ``g*`` (``jax.grad``
+of the same network without the recipe, in float64, at the same point), normwise,
 
     err(g) = ||g - g*|| / ||g*||,
 
@@ -65,8 +65,8 @@ def check_recipe(net: Any, exact_net: Any, params: Params, x: ArrayLike,
     Args:
       net: the network in its recipe (``compute_dtype``/``activation_dtype`` set).
       exact_net: the same network without the recipe (the same params fit both): its
-        float64 hand-written gradient, with 64-bit JAX on for that call only, is the
-        truth. ``verify_grads`` checks that one against ``jax.grad``, FD and Taylor.
+        float64 gradient by ``jax.grad``, with 64-bit JAX on for that call only, is the
+        truth (independent of the hand-written rules, so a wrong rule cannot move it).
       params, x, y: the point (float32 params; x and y as the step gets them).
 
     Returns:
@@ -75,7 +75,7 @@ def check_recipe(net: Any, exact_net: Any, params: Params, x: ArrayLike,
     manual = value_and_backprop(net, params, x, y)[1]
     autodiff = value_and_autodiff(net, params, x, y)[1]
     with jax.enable_x64(True):
-        truth = value_and_backprop(exact_net, jax.tree.map(to_float64, params),
+        truth = value_and_autodiff(exact_net, jax.tree.map(to_float64, params),
                                    to_float64(x), to_float64(y))[1]
         truth = _flat64(truth)
     scale = max(float(np.linalg.norm(truth)), np.finfo(np.float64).tiny)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import time
@@ -30,8 +31,13 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     verify.add_argument("--max-depth", type=int, default=4, help="max weight layers (4)")
     verify.add_argument("--max-width", type=int, default=16, help="max layer width (16)")
     verify.add_argument("--cases", type=int, default=None,
-                        help="run only the first N cases of each dtype (default: all, "
-                             "29 per dtype)")
+                        help="run only the first N cases of each dtype and recipe (default: "
+                             "all, 32 per dtype)")
+    verify.add_argument("--recipes", default="bf16",
+                        help="comma-separated numerical recipes (bf16, bf16-operands) whose "
+                             "gradient is judged on the float32 cases against the float64 "
+                             "truth, beside jax.grad of the same recipe; none: no recipe "
+                             "(default bf16)")
     verify.set_defaults(run=run)
 
 
@@ -39,6 +45,10 @@ def check(args: argparse.Namespace) -> None:
     bad = sorted(set(args.dtypes.split(",")) - set(DTYPES))
     if bad:
         raise UsageError(f"--dtypes: unknown {bad}; choose from {', '.join(DTYPES)}")
+    bad = sorted(set(_recipes(args)) - set(_ROUNDING))
+    if bad:
+        raise UsageError(f"--recipes: unknown {bad}; choose from {', '.join(_ROUNDING)} or "
+                         f"none")
     if args.cases is not None:
         positive("--cases", args.cases, integer=True)
     positive("--n-fd", args.n_fd, integer=True, allow_zero=True)
@@ -88,6 +98,44 @@ def run(args: argparse.Namespace) -> int:
             print(report)
     print("worst relative error vs jax.grad: " +
           ", ".join(f"{dtype} {err:.2e}" for dtype, err in worst.items()))
+    if _recipes(args):
+        recipe_failed, recipe_count = _run_recipes(args)
+        failed, count = failed + recipe_failed, count + recipe_count
     print(f"{'FAILED' if failed else 'all ok'}: {failed} of {count} cases failed "
           f"({time.perf_counter() - start:.1f} s)")
     return 1 if failed else 0
+
+
+_ROUNDING = ("bf16", "bf16-operands")
+"""The recipes that round (``float32`` is the float32 dtype's cases above)."""
+
+
+def _recipes(args: argparse.Namespace) -> list[str]:
+    return [] if args.recipes == "none" else args.recipes.split(",")
+
+
+def _run_recipes(args: argparse.Namespace) -> tuple[int, int]:
+    """Each recipe on the float32 cases (:func:`jaxbp.check.recipe.check_recipe`): one line
+    per case, the worst per recipe; returns (failed, cases)."""
+    from jaxbp.check.recipe import check_recipe
+    from jaxbp.check.suite import case_data, random_cases
+    from jaxbp.layers.precision import RECIPES
+
+    print("recipes: the hand-written gradient in the recipe vs the float64 truth, normwise, "
+          "beside jax.grad of the same recipe; ok within max(1e-2, 2 x jax.grad's)")
+    print(f"{'#':>3} {'recipe':<13} {'case':<68} {'manual':>9} {'jax.grad':>9}  status")
+    failed, count, worst = 0, 0, {}
+    for recipe in _recipes(args):
+        cases = itertools.islice(random_cases(args.seed, ("float32",), max_depth=args.max_depth,
+                                              max_width=args.max_width), args.cases)
+        for case in cases:
+            params, x, y = case_data(case)
+            net = dataclasses.replace(case.net, **RECIPES[recipe])
+            result = check_recipe(net, case.net, params, x, y)
+            print(f"{count:>3} {recipe:<13} {case.describe():<68} {result.manual:>9.2e} "
+                  f"{result.autodiff:>9.2e}  {'ok' if result.ok else 'FAIL'}")
+            worst[recipe] = max(worst.get(recipe, (0.0, 0.0)), (result.manual, result.autodiff))
+            failed, count = failed + (not result.ok), count + 1
+    print("worst error from the float64 truth: " +
+          "; ".join(f"{r} {m:.2e} (jax.grad {a:.2e})" for r, (m, a) in worst.items()))
+    return failed, count
