@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     dtypes = tuple(args.dtypes.split(","))
     print(f"jaxbp verify: hand-written backprop vs jax.grad, central FD and the Taylor test "
           f"(L at matmul precision highest); seed {args.seed}, dtypes {', '.join(dtypes)}, "
+          f"recipes {', '.join(_recipes(args)) or 'none'}, "
           f"jax {jax.__version__} on "
           f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind})")
     print(f"{'#':>3} {'dtype':<9} {'case':<68} {'rel err':>9} {'FD err':>9} "
