@@ -59,6 +59,7 @@ from jaxbp.layers.base import (
     capability,
     feedback_of,
     feedback_params,
+    is_shape,
     variance_init,
 )
 from jaxbp.losses import cost_and_output_error
@@ -86,10 +87,6 @@ def _alignment_shape(layer: Any, in_shape: tuple[int, ...], where: str) -> Any:
         return layer.feedback_shape(in_shape)
     except LayerError as err:
         raise LayerError(f"{where} ({type(layer).__name__}): {err}") from None
-
-
-def _is_shape(shape: Any) -> bool:
-    return isinstance(shape, tuple) and all(isinstance(n, int) for n in shape)
 
 
 def _direct_shape(params: Any, out_shape: tuple[int, ...], n_out: int) -> tuple[int, ...] | None:
@@ -146,7 +143,7 @@ def _checked_entry(entry: Any, shape: Any, where: str) -> Any:
         if entry is not None:
             raise ValueError(f"{where} must be None: that layer keeps its own rule")
         return None
-    if _is_shape(shape):
+    if is_shape(shape):
         if entry is None or not hasattr(entry, "shape"):
             raise TypeError(f"{where} must be an array of shape {shape}, got "
                             f"{type(entry).__name__}")

@@ -34,7 +34,7 @@ from jaxbp.check.leaves import check_knobs, compare_leaves, rtol_table
 from jaxbp.check.report import GradReport, LeafCheck
 from jaxbp.check.verify_fn import verify_vjp
 from jaxbp.input_checks import as_array
-from jaxbp.layers.base import REQUIRED, feedback_of, feedback_params
+from jaxbp.layers.base import REQUIRED, feedback_of, feedback_params, is_shape
 from jaxbp.types import PyTree, check_not_deleted
 
 
@@ -260,10 +260,6 @@ def _per_sample_rows(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta
     return rows, notes
 
 
-def _is_shape(node: Any) -> bool:
-    return isinstance(node, tuple) and all(isinstance(d, int) for d in node)
-
-
 def _feedback_rows(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta: jax.Array,
                    plain: tuple[Any, Any], takes_error: bool, rtol: float | None,
                    atol: float | None) -> list[LeafCheck]:
@@ -277,7 +273,7 @@ def _feedback_rows(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta: 
         return []
     feedback = feedback_of(layer, params, in_shape)
     _check_like("feedback_of", feedback,
-                jax.tree.map(jnp.zeros, shapes, is_leaf=_is_shape))
+                jax.tree.map(jnp.zeros, shapes, is_leaf=is_shape))
     delta_in, grads = layer.backward(feedback_params(layer, params, feedback), cache, delta,
                                      need_input=takes_error)
     rows = _leaf_rows("feedback: grads under feedback_of", grads, plain[1], rtol, atol)

@@ -166,6 +166,12 @@ def feedback_params(layer: Any, params: Any, feedback: Any) -> Any:
     return {**params, "w": layer.feedback_transport(feedback)}
 
 
+def is_shape(node: Any) -> bool:
+    """A shape, a tuple of ints: a leaf of a ``feedback_shape`` pytree (whose nodes are
+    tuples too, so ``jax.tree`` reads it with ``is_leaf=is_shape``)."""
+    return isinstance(node, tuple) and all(isinstance(n, int) for n in node)
+
+
 def feedback_of(layer: Any, params: Any, in_shape: Shape) -> Any:
     """The feedback entry under which the rule is backprop exactly (W^T for a Dense; None
     for a layer that takes no feedback): random feedback draws it from the initialiser,
