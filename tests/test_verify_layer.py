@@ -43,6 +43,10 @@ def test_every_built_in_record_passes_in_float64(x64):
     assert "sq_grad_sum: not defined by the record, not checked" in attention.notes
     assert {"feedback: input error under feedback_of", "feedback: grads under feedback_of"
             "['wq']"} <= {row.path for row in attention.leaves}     # its four projections
+    conv = jaxbp.verify_layer(L.Conv2D(3, (2, 3), stride=2, padding="VALID"),
+                              _x(2, 7, 7, 2), n_fd=1)        # its patches, channel first
+    assert {"kfac: input rows^T errors['w']", "kfac: input rows^T errors['b']"} <= {
+        row.path for row in conv.leaves} and conv.ok
     pool = jaxbp.verify_layer(L.MaxPool((2, 2)), _x(2, 4, 4, 1))
     assert pool.ok and "no parameters: no per-sample rule to check" in pool.notes
 
@@ -101,6 +105,23 @@ def test_a_planted_bug_fails_its_own_rule_only(x64, bug, failing):
         assert any(d.fd_status == "FAIL" for d in report.directions)
     with pytest.raises(jaxbp.GradientCheckError, match=r"verify_layer \(Scale\): FAILED"):
         assert_layer_correct(Scale(bug), x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShuffledRows(L.Dense):
+    """A Dense whose K-FAC input rows come in another order than its errors' (a layout
+    slip K-FAC would not notice: it would precondition with the wrong Kronecker factor)."""
+
+    def kfac_inputs(self, cache):
+        rows, positions = super().kfac_inputs(cache)
+        return rows[::-1], positions
+
+
+def test_kfac_rows_out_of_order_fail_their_own_row(x64):
+    report = jaxbp.verify_layer(ShuffledRows(3, "tanh"), _x(4, 3))
+    assert {row.path for row in report.leaves if not row.ok} == {
+        "kfac: input rows^T errors['w']"}, report
+    assert jaxbp.verify_layer(L.Dense(3, "tanh"), _x(4, 3)).ok
 
 
 class Misshapen(Scale):

@@ -13,7 +13,9 @@ backward and per-sample rules. At one point ``(params, x)`` and random output er
 * where the record has them, ``per_sample_sq_norms_and_sum`` (its norms, and its
   ``weights -> sum_i w_i g_i`` at random weights), ``sq_grad_sum`` (``sum_k sum_i g_ki^2``
   for two sets of errors), ``backward_kept`` (its input error and gradient equal
-  ``backward``'s) and the feedback capabilities (``feedback_shape``, ``feedback_of``,
+  ``backward``'s), K-FAC's reading (``kfac_inputs`` and ``pre_activation_error``: the
+  input rows times the pre-activation errors are the weight gradient, in the rows the
+  preconditioner acts on) and the feedback capabilities (``feedback_shape``, ``feedback_of``,
   ``feedback_params`` or ``feedback_transport``: under the feedback that is backprop
   itself, of the shapes ``feedback_shape`` gives, the backward is ``backward``).
 
@@ -35,6 +37,7 @@ from jaxbp.check.report import GradReport, LeafCheck
 from jaxbp.check.verify_fn import verify_vjp
 from jaxbp.input_checks import as_array
 from jaxbp.layers.base import REQUIRED, feedback_of, feedback_params, is_shape
+from jaxbp.network_curvature import kfac_rows
 from jaxbp.types import PyTree, check_not_deleted
 
 
@@ -84,6 +87,11 @@ def verify_layer(layer: Any, x: Any, params: PyTree | None = None, *,
         rows += _kept_rows(returned, takes_error, rtol, atol)
     else:
         notes.append("backward_kept: not defined by the record, not checked")
+    if all(callable(getattr(layer, name, None)) for name in KFAC_READS):
+        rows += _kfac_rows(layer, cache, delta, returned["backward"][1], rtol, atol)
+    else:
+        notes.append("kfac_inputs, pre_activation_error: not both defined by the record, "
+                     "K-FAC's reading of it not checked")
     if callable(getattr(layer, "feedback_shape", None)):
         rows += _feedback_rows(layer, params, x, cache, delta, returned["backward"],
                                takes_error, rtol, atol)
@@ -258,6 +266,27 @@ def _per_sample_rows(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta
         else:
             notes.append(f"{name}: not defined by the record, not checked")
     return rows, notes
+
+
+KFAC_READS = ("kfac_inputs", "pre_activation_error")
+"""What K-FAC reads of a record with a weight ``"w"`` (and bias ``"b"``): its input rows
+and the errors at its pre-activation (the Kronecker block's A and G)."""
+
+
+def _kfac_rows(layer: Any, cache: Any, delta: jax.Array, grads: PyTree, rtol: float | None,
+               atol: float | None) -> list[LeafCheck]:
+    """K-FAC's reading of the record against its gradient: the input rows ``a`` of
+    ``kfac_inputs`` and the pre-activation errors ``e`` must give the weight gradient in
+    the rows the preconditioner acts on, ``a^T e = kfac_rows(dC/dW)`` (a conv kernel
+    channel first, the patches' order), and the bias's ``sum e``: a layout that does not
+    match would precondition another gradient's entries."""
+    inputs = layer.kfac_inputs(cache)[0]
+    errors = layer.pre_activation_error(cache, delta)
+    errors = errors.reshape(-1, errors.shape[-1])
+    got, want = {"w": inputs.T @ errors}, {"w": kfac_rows(grads["w"])}
+    if "b" in grads:
+        got["b"], want["b"] = jnp.sum(errors, axis=0), grads["b"]
+    return _leaf_rows("kfac: input rows^T errors", got, want, rtol, atol)
 
 
 def _feedback_rows(layer: Any, params: PyTree, x: jax.Array, cache: Any, delta: jax.Array,
