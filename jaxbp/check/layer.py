@@ -45,7 +45,8 @@ def verify_layer(layer: Any, x: Any, params: PyTree | None = None, *,
                  rtol: float | None = None, atol: float | None = None, n_fd: int = 3,
                  seed: int = 0) -> GradReport:
     """Check a layer record's backward and per-sample rules against ``jax.vjp`` of its
-    forward (see the module docstring for each rule and its reference).
+    forward, and K-FAC's and the feedback rules' reading of it against its backward (see
+    the module docstring for each rule and its reference).
 
     Args:
       layer: a layer record (``output_shape``, ``init``, ``forward``, ``backward``; the
@@ -58,8 +59,9 @@ def verify_layer(layer: Any, x: Any, params: PyTree | None = None, *,
 
     Returns:
       A :class:`~jaxbp.check.GradReport` titled ``verify_layer``: the backward's rows and
-      directions, then one row per per-sample rule, and a note naming each rule the record
-      does not have.
+      directions, then one row per leaf of each per-sample rule, ``backward_kept``, K-FAC's
+      reading and the feedback rules', and a note naming each rule the record does not
+      have.
     """
     _check_layer(layer)
     check_knobs(rtol=rtol, atol=atol, fd_eps=None, fd_rtol=None, n_fd=n_fd, seed=seed)
