@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import jaxbp
-from jaxbp import cli
+from jaxbp import cli, models
 from jaxbp.cli import optimizer
 from jaxbp.train import checkpoint
 
@@ -143,7 +143,7 @@ def test_train_on_a_schedule_and_resume_it_only_as_the_same_run(capsys, tmp_path
     assert cli.main([*argv, "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert ("adamw lr 0.001, cosine schedule, 4 warmup steps, gradient clipped to norm 1.0, "
-            "weight decay 0.01, grad backprop") in out
+            "weight decay 0.01 on the weights (not biases or norms), grad backprop") in out
     assert cli.main([*argv, "--epochs", "3"]) == 1
     assert "schedule_steps: checkpoint 22, now 33" in capsys.readouterr().err
     assert cli.main([*argv, "--epochs", "3", "--allow-run-change"]) == 0
@@ -165,6 +165,28 @@ def test_the_optimizer_options_build_the_schedule_they_name():
     update = rule.update({"w": jnp.array([30.0, 40.0])}, rule.init(params), params)[0]
     np.testing.assert_allclose(update["w"], [-0.3, -0.4], rtol=1e-6)
     assert optimizer.record(args, 100) == {"clip_grad_norm": 0.5}   # only what was set
+
+
+@pytest.mark.parametrize("decay", [None, 0.1])
+def test_adamw_decays_the_weights_and_tables_not_the_biases_and_norms(decay):
+    """With a zero gradient adamw's update is the decay alone, -lr * decay * param: on every
+    leaf of two or more axes of a GPT (tables, projections, dense weights), on no bias or
+    norm scale (GPT-2's and nanoGPT's convention)."""
+    argv = ["train", "--optimizer", "adamw", "--lr", "0.5"]
+    args = cli.build_parser().parse_args(argv + ([] if decay is None else
+                                                 ["--weight-decay", str(decay)]))
+    rule = optimizer.build(args, 10)
+    params = models.gpt(vocab=5, dim=4, depth=1, heads=2, seq_len=3).init(jax.random.key(0))
+    zero = jax.tree.map(jnp.zeros_like, params)
+    update = rule.update(zero, rule.init(params), params)[0]
+    rate = 1e-4 if decay is None else decay          # optax's default, or the option
+    decayed = [path for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+               if leaf.ndim >= 2]
+    assert len(decayed) == 9      # tokens, positions, wq wk wv wo, the two dense, the head
+    for (path, leaf), step in zip(jax.tree_util.tree_leaves_with_path(params),
+                                  jax.tree.leaves(update)):
+        expected = -0.5 * rate * leaf if leaf.ndim >= 2 else jnp.zeros_like(leaf)
+        np.testing.assert_allclose(step, expected, rtol=1e-6, atol=0, err_msg=str(path))
 
 
 @pytest.mark.slow

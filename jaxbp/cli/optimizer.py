@@ -1,13 +1,16 @@
 """``jaxbp train``'s optimizer: the rule of ``--optimizer`` at ``--lr``, on the schedule of
 ``--schedule`` and ``--warmup-steps``, after ``--clip-grad-norm``, with adamw's
 ``--weight-decay``. The defaults build the plain rule at a constant rate, as before these
-options were added (so a run record of an earlier run still matches)."""
+options were added (so a run record of an earlier run still matches). adamw decays the
+weights and tables only (:func:`decays`)."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 from typing import Any
 
+import jax
 import optax
 
 from jaxbp.cli.common import UsageError, positive
@@ -17,11 +20,19 @@ OPTIMIZERS = {
     "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
     "nesterov": lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
     "adam": lambda lr: optax.adam(lr),
-    "adamw": lambda lr: optax.adamw(lr),
+    "adamw": lambda lr: optax.adamw(lr, mask=decays),
 }
 SCHEDULES = ("constant", "cosine")
 FINAL_FRACTION = 0.1
 """The cosine schedule ends at this fraction of ``--lr`` (nanoGPT's min_lr = lr / 10)."""
+
+
+def decays(params: Any) -> Any:
+    """adamw's weight-decay mask: True for the leaves of two or more axes (dense and conv
+    weights, attention's projections, an Embedding's token and position tables), False
+    for biases and norm scales and shifts, as GPT-2 and nanoGPT decay (shrinking a
+    LayerNorm's scale to 0 would only fight the normalisation)."""
+    return jax.tree.map(lambda leaf: jax.numpy.ndim(leaf) >= 2, params)
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +49,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                              "optimizer (optax.clip_by_global_norm; with --dp, after the "
                              "noise: post-processing, no privacy cost)")
     parser.add_argument("--weight-decay", type=float, default=None,
-                        help="adamw's decoupled weight decay (default optax's 1e-4)")
+                        help="adamw's decoupled weight decay (default optax's 1e-4), on the "
+                             "weights and embedding tables, not the biases or norm scales")
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -71,7 +83,7 @@ def build(args: argparse.Namespace, total_steps: int) -> optax.GradientTransform
     """The optimizer of the options, for a run of ``total_steps`` steps."""
     rate = learning_rate(args.lr, args.schedule, args.warmup_steps, total_steps)
     if args.weight_decay is not None:
-        rule = optax.adamw(rate, weight_decay=args.weight_decay)
+        rule = optax.adamw(rate, weight_decay=args.weight_decay, mask=decays)
     else:
         rule = OPTIMIZERS[args.optimizer](rate)
     if args.clip_grad_norm is None:
@@ -88,8 +100,11 @@ def describe(args: argparse.Namespace) -> str:
         words.append(f"{args.warmup_steps} warmup steps")
     if args.clip_grad_norm is not None:
         words.append(f"gradient clipped to norm {args.clip_grad_norm}")
-    if args.weight_decay is not None:
-        words.append(f"weight decay {args.weight_decay}")
+    if args.optimizer == "adamw":
+        rate = args.weight_decay
+        if rate is None:
+            rate = inspect.signature(optax.adamw).parameters["weight_decay"].default
+        words.append(f"weight decay {rate} on the weights (not biases or norms)")
     return ", ".join(words)
 
 
