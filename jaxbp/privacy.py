@@ -363,7 +363,8 @@ class Privacy:
       accountant: ``"rdp"`` or ``"pld"``.
       microbatch: None (each padded Poisson batch runs whole), or m: only its sampled
         rows run, m at a time (:mod:`jaxbp.microbatch`; the same gradient, the padding
-        nearly free). Not part of the run's identity: a run may resume with another.
+        nearly free; one device's: refused with a mesh). Not part of the run's
+        identity: a run may resume with another.
     """
 
     clip_norm: float | tuple[float, ...] = 1.0

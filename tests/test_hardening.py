@@ -790,6 +790,9 @@ class TestCommandLine:
          "--warmup-steps 22 leaves no step of the cosine decay: the run has 22 steps"),
         (["train", "--dp", "--target-epsilon", "8", "--dp-microbatch", "-1"],
          "--dp-microbatch must be an integer >= 0, got -1"),
+        (["train", "--dp", "--noise-multiplier", "1", "--devices", "1", "--dp-microbatch",
+          "16"], "--dp-microbatch 16 runs a batch's sampled rows together, which a mesh "
+                 "keeps on different devices"),
         # trained nothing, then an IndexError in the report:
         (["train", "--dp", "--noise-multiplier", "1", "--target-epsilon", "3"],
          "--noise-multiplier 1.0 spends epsilon 3.2466 in one epoch (11 steps at sample rate "

@@ -53,13 +53,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run_two_processes(worker: str, *args: str) -> list[str]:
+def _run_two_processes(worker: str, *args: str, **env: str) -> list[str]:
     """The worker in two processes on 127.0.0.1, 2 host devices each; their stdouts."""
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, str(WORKERS / worker), *args],
         env=_env(2, JAXBP_COORDINATOR=f"127.0.0.1:{port}", JAXBP_NUM_PROCESSES="2",
-                 JAXBP_PROCESS_ID=str(i)),
+                 JAXBP_PROCESS_ID=str(i), **env),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (stdout, stderr) in zip(procs, outputs):
@@ -220,7 +220,8 @@ def test_fit_over_meshes_and_resume_across_device_counts(tmp_path):
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     for check in ("fit on mesh (8, 1)", "fit on mesh (4, 2)", "mesh resume", "1 device -> 8",
-                  "8 devices -> 1"):
+                  "8 devices -> 1", "private MLP on mesh (8, 1)", "private MLP on mesh (4, 2)",
+                  "private GPT on mesh (4, 2)"):
         assert f"ok {check}:" in result.stdout, check
 
 
@@ -249,3 +250,24 @@ def test_fit_over_two_processes_resumes_bit_identical(tmp_path):
                            key=jax.random.key(3), progress=False)
     for name, leaf in zip(names, jax.tree.leaves(single.state.params)):
         np.testing.assert_allclose(whole[0][name], np.asarray(leaf), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_private_run_over_two_processes_is_the_single_process_run(tmp_path):
+    """DP-SGD over a mesh of two processes: both draw the same Poisson batches, each feeds
+    its rows of every draw (padded to split), and the params after an epoch are those of
+    the same private fit on one device."""
+    stdouts = _run_two_processes("fit_multiprocess.py", str(tmp_path / "dp"), "1",
+                                 JAXBP_TEST_PRIVATE="1")
+    assert "of 2, 4 devices" in stdouts[0]
+    with jax.default_device(jax.devices("cpu")[0]):
+        single = jaxbp.fit(jaxbp.MLP((64, 32, 32, 10), "tanh"), optax.sgd(0.05, momentum=0.9),
+                           jaxbp.data.load_digits(), epochs=1, batch_size=64,
+                           key=jax.random.key(3), progress=False,
+                           privacy=jaxbp.privacy.Privacy(1.0, 1e-5, noise_multiplier=1.0))
+    for i in range(2):
+        with np.load(tmp_path / f"dp.{i}.npz") as saved:
+            for k, leaf in enumerate(jax.tree.leaves(single.state.params)):
+                np.testing.assert_allclose(saved[f"arr_{k}"], np.asarray(leaf), rtol=1e-5,
+                                           atol=1e-6)
+            np.testing.assert_array_equal(saved["accuracy"], single.history["test_accuracy"])

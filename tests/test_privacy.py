@@ -14,7 +14,7 @@ import pytest
 from helpers import assert_normwise_close
 
 import jaxbp
-from jaxbp import privacy, sources
+from jaxbp import parallel, privacy, sources
 from jaxbp.privacy import Privacy
 
 # the accounting is the dp-accounting extra's (installed with .[test]; absent on some
@@ -342,6 +342,10 @@ def test_private_fit_refuses_other_gradients():
         _private_fit(None, 1, privacy=Privacy(noise_multiplier=1.0), grad="autodiff")
     with pytest.raises(TypeError, match=r"privacy must be a jaxbp\.privacy\.Privacy"):
         _private_fit(None, 1, privacy={"noise_multiplier": 1.0})
+    # a mesh keeps a batch's rows on different devices: no microbatches of sampled rows
+    with pytest.raises(ValueError, match=r"microbatch=4 runs a batch's sampled rows"):
+        _private_fit(None, 1, privacy=Privacy(noise_multiplier=1.0, microbatch=4),
+                     mesh=parallel.make_mesh(1))
 
 
 def test_command_line_dp_run_and_its_errors(capsys, restore_x64):

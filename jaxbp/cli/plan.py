@@ -229,7 +229,8 @@ def _check_fits(args: argparse.Namespace, net: Any, dataset: Any, loss: str) -> 
 
 
 def _check_mesh(args: argparse.Namespace, mesh: Any) -> None:
-    """A mesh run can write its checkpoints and split every batch."""
+    """A mesh run can write its checkpoints and split every batch (a private run's padded
+    Poisson batch is rounded up to split: jaxbp.train.private.Plan.on_mesh)."""
     if args.checkpoint_dir is not None:
         try:
             import orbax.checkpoint  # noqa: F401
@@ -238,7 +239,7 @@ def _check_mesh(args: argparse.Namespace, mesh: Any) -> None:
                              "checkpoints through orbax: pip install "
                              "'jaxbp[scale]'") from None
     n_data = mesh.shape["data"]
-    if args.batch_size % (n_data * jax.process_count()):
+    if not args.dp and args.batch_size % (n_data * jax.process_count()):
         raise UsageError(f"--batch-size {args.batch_size} does not split over the "
                          f"{n_data} devices of the mesh's data axis and "
                          f"{jax.process_count()} process(es)")
@@ -264,8 +265,6 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
     if args.grad != "backprop":
         raise UsageError(f"--dp sets the gradient (clipped, noised per-example gradients): "
                          f"drop --grad {args.grad}")
-    if mesh is not None:
-        raise UsageError("--dp runs on one device: drop --mesh/--devices")
     if args.target_epsilon is None and args.noise_multiplier is None:
         raise UsageError("--dp needs --target-epsilon E (sigma calibrated to it) or "
                          "--noise-multiplier S")
@@ -285,7 +284,7 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
     from jaxbp.train import private
 
     privacy = Privacy(args.clip_norm, args.delta, args.target_epsilon, args.noise_multiplier,
-                      args.accountant, _dp_microbatch(args))
+                      args.accountant, _dp_microbatch(args, mesh))
     try:
         private.plan(privacy, n_train, args.batch_size, args.epochs)
     except ValueError as err:
@@ -296,14 +295,20 @@ def _plan_privacy(args: argparse.Namespace, mesh: Any, n_train: int) -> Any:
     return privacy
 
 
-def _dp_microbatch(args: argparse.Namespace) -> int | None:
+def _dp_microbatch(args: argparse.Namespace, mesh: Any) -> int | None:
     """``--dp-microbatch`` as :class:`jaxbp.privacy.Privacy`'s ``microbatch``: 0 the whole
     padded batch (None); by default a quarter of the expected batch on a CPU, where running
     only the sampled rows measured faster (benchmarks/results/per_example_*_cpu.md), and
-    the padded batch elsewhere (a while loop's trips not measured on a GPU/TPU)."""
+    the padded batch elsewhere (a while loop's trips not measured on a GPU/TPU) and on a
+    mesh (whose devices each run their share of the padded batch)."""
     if args.dp_microbatch is None:
-        return max(1, args.batch_size // 4) if jax.default_backend() == "cpu" else None
+        on_cpu = jax.default_backend() == "cpu" and mesh is None
+        return max(1, args.batch_size // 4) if on_cpu else None
     positive("--dp-microbatch", args.dp_microbatch, integer=True, allow_zero=True)
+    if args.dp_microbatch and mesh is not None:
+        raise UsageError(f"--dp-microbatch {args.dp_microbatch} runs a batch's sampled rows "
+                         f"together, which a mesh keeps on different devices: on a mesh each "
+                         f"device runs its share of the padded batch (--dp-microbatch 0)")
     return args.dp_microbatch or None
 
 

@@ -131,7 +131,7 @@ def _add_privacy_options(train: argparse.ArgumentParser) -> None:
                          help="run only each Poisson batch's sampled rows, M at a time (the "
                               "same gradient); 0: the whole padded batch. Default: "
                               "batch-size/4 on a CPU (there 1.2-4.5x faster for CNNs and "
-                              "GPTs), 0 on a GPU/TPU (not measured there)")
+                              "GPTs), 0 on a GPU/TPU (not measured there) and on a mesh")
 
 
 def _gradient_source(name: str, net: Any, key: Any) -> Any:

@@ -194,18 +194,21 @@ def _check_data_axis(mesh: Mesh, data_axis: str) -> None:
 
 def _over_mesh(net: Any, body: Callable[..., Any], mesh: Mesh, data_axis: str,
                model_axis: str | None, donate: bool, batch_dim: int) -> Callable[..., Any]:
-    """``body(state, x, y) -> (state, metrics)`` compiled over ``mesh``, once per shape.
+    """``body(state, x, y, *rest) -> (state, metrics)`` compiled over ``mesh``, once per
+    shape.
 
-    The state is placed on :func:`state_shardings`, x and y split over
-    ``data_axis`` along ``batch_dim``; metrics come back replicated. The returned
-    function has ``.lower(state, x, y)`` for the HLO.
+    The state is placed on :func:`state_shardings`, x, y and the rest (a loop's masks)
+    split over ``data_axis`` along ``batch_dim``; metrics come back replicated. The
+    returned function has ``.lower(state, x, y, *rest)`` for the HLO.
     """
     n_data = mesh.shape[data_axis]
     replicated = NamedSharding(mesh, PartitionSpec())
     compiled: dict[Any, tuple[Any, ...]] = {}
 
-    def program(state: TrainState, x: ArrayLike, y: ArrayLike):
-        x, y = input_checks.as_array("x", x), input_checks.as_array("y", y)
+    def program(state: TrainState, batch: tuple[Any, ...]):
+        names = ("x", "y", "masks")
+        batch = tuple(input_checks.as_array(name, a) for name, a in zip(names, batch))
+        x, y = batch[:2]
         if batch_dim and (np.ndim(x) != sample_rank(net) + 2 or np.ndim(y) < 2):
             raise ValueError(f"xs has shape {np.shape(x)} and ys {np.shape(y)} but expected "
                              f"(steps, batch, *sample) and (steps, batch, ...): one batch per "
@@ -217,28 +220,32 @@ def _over_mesh(net: Any, body: Callable[..., Any], mesh: Mesh, data_axis: str,
                              f"over the {n_data} devices of mesh axis {data_axis!r}; use a "
                              f"multiple of {n_data} (drop or pad the last batch)")
         key = (jax.tree.structure(state), tuple(np.shape(a) for a in jax.tree.leaves(state)),
-               np.shape(x), np.shape(y), str(x.dtype), str(y.dtype))
+               tuple((np.shape(a), str(a.dtype)) for a in batch))
         if key not in compiled:  # shardings and the program, once per shape
             state_sh = state_shardings(state, mesh, model_axis, net=net)
-            x_sh = batch_sharding(mesh, np.ndim(x), data_axis, batch_dim)
-            y_sh = batch_sharding(mesh, np.ndim(y), data_axis, batch_dim)
-            fn = jax.jit(body, in_shardings=(state_sh, x_sh, y_sh),
+            batch_sh = tuple(batch_sharding(mesh, np.ndim(a), data_axis, batch_dim)
+                             for a in batch)
+            fn = jax.jit(body, in_shardings=(state_sh, *batch_sh),
                          out_shardings=(state_sh, replicated),
                          donate_argnums=(0,) if donate else ())
-            compiled[key] = (fn, state_sh, x_sh, y_sh)
+            compiled[key] = (fn, state_sh, batch_sh)
         return compiled[key]
 
-    def step(state: TrainState, x: ArrayLike, y: ArrayLike):
-        check_not_donated(state)
-        fn, state_sh, x_sh, y_sh = program(state, x, y)
+    def placed(state: TrainState, batch: tuple[Any, ...]) -> tuple[Any, ...]:
+        fn, state_sh, batch_sh = program(state, batch)
         state = jax.device_put(state, state_sh)  # a no-op once the state lives there
-        return fn(state, _place(x, x_sh), _place(y, y_sh))
+        return fn, state, *(_place(a, sh) for a, sh in zip(batch, batch_sh))
 
-    def lower(state: TrainState, x: ArrayLike, y: ArrayLike):
+    def step(state: TrainState, x: ArrayLike, y: ArrayLike, *rest: ArrayLike):
+        check_not_donated(state)
+        fn, *arguments = placed(state, (x, y, *rest))
+        return fn(*arguments)
+
+    def lower(state: TrainState, x: ArrayLike, y: ArrayLike, *rest: ArrayLike):
         """The step's ``jax.stages.Lowered`` for these shapes (``.compile().as_text()``
         shows the collectives XLA placed)."""
-        fn, state_sh, x_sh, y_sh = program(state, x, y)
-        return fn.lower(jax.device_put(state, state_sh), _place(x, x_sh), _place(y, y_sh))
+        fn, *arguments = placed(state, (x, y, *rest))
+        return fn.lower(*arguments)
 
     step.lower = lower
     return step
@@ -304,6 +311,8 @@ def make_sharded_train_loop(
       (with several processes each process's rows of every batch,
       ``(k, batch / processes, n_in)``); the batch axis is split over
       ``data_axis``. Metrics have a leading axis of k and are replicated.
+      ``loop(state, xs, ys, masks)``: padded batches, as :func:`jaxbp.make_train_loop`
+      takes them (DP-SGD's Poisson batches), ``masks`` (k, batch) split like the rows.
     """
     _check_step_arguments(optimizer, mesh, data_axis, precision, donate)
     loop = make_train_loop(net, optimizer, steps, grad, donate=False, precision=precision)

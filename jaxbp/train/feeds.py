@@ -135,10 +135,12 @@ class PoissonFeed:
     pure function of the epoch's key, so a resumed run samples what it would have.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, rate: float, steps: int, max_batch: int):
+    def __init__(self, x: np.ndarray, y: np.ndarray, rate: float, steps: int, max_batch: int,
+                 per_process: bool = False):
         self.x, self.y, self.rate, self.steps, self.max_batch = x, y, rate, steps, max_batch
         self.overflow = 0
         self.on_device = False  # gathered on the host: the padded rows differ every step
+        self.per_process = per_process  # a mesh run: host arrays, each process its own rows
 
     def chunks(self, key: PRNGKey, chunk: int):
         from jaxbp.privacy import poisson_batches
@@ -152,8 +154,14 @@ class PoissonFeed:
                                f"{self.max_batch} this epoch and were left out of their step",
                                RuntimeWarning)
         for i in range(0, self.steps, chunk):
-            rows = index[i:i + chunk]
-            yield jax.device_put((self.x[rows], self.y[rows], masks[i:i + chunk]))
+            rows, mask = index[i:i + chunk], masks[i:i + chunk]
+            if not self.per_process:
+                yield jax.device_put((self.x[rows], self.y[rows], mask))
+                continue
+            # every process drew the same batches (the same key); it feeds its own rows of
+            # each, the mesh places them (jaxbp.parallel.process_rows)
+            rows, mask = process_rows(rows.T).T, process_rows(mask.T).T
+            yield self.x[rows], self.y[rows], mask
 
 
 def make_feed(net: Any, data: Dataset, dtype: Any, batch_size: int, drop_last: bool,
@@ -163,7 +171,8 @@ def make_feed(net: Any, data: Dataset, dtype: Any, batch_size: int, drop_last: b
 
     Integer tokens stay integers and class labels int32. Without a mesh, data up to
     :data:`DEVICE_DATA_BYTES` go to the device once (the test set with them); a private
-    run (``private``: rate and padded batch) draws Poisson batches on the host.
+    run (``private``: rate and padded batch) draws Poisson batches on the host (on a mesh,
+    each process its own rows of each).
     """
     tokens = getattr(network.as_network(net), "input_dtype", None)
     x_train = np.asarray(data.x_train, tokens or dtype)
@@ -171,7 +180,7 @@ def make_feed(net: Any, data: Dataset, dtype: Any, batch_size: int, drop_last: b
     y_train = np.asarray(data.y_train, np.int32 if labels else dtype)
     if private is not None:
         feed = PoissonFeed(x_train, y_train, private.rate, steps_per_epoch,
-                           private.max_batch)
+                           private.max_batch, per_process=mesh is not None)
     else:
         nbytes = sum(np.asarray(a).nbytes for a in data)
         feed = EpochFeed(x_train, y_train, batch_size, drop_last,

@@ -148,7 +148,9 @@ def fit(
         The epsilon spent is recorded after every epoch (``history["epsilon"]``,
         the progress line, the checkpoint); training stops, with a warning,
         before an epoch that would exceed the target. ``grad`` must stay
-        "backprop" and ``mesh`` None.
+        "backprop". On a ``mesh`` the padded batch is rounded up to split over
+        the data axis (each process feeds its rows of every draw) and runs
+        whole (``microbatch`` None): the same gradient as on one device.
 
     Returns:
       A :class:`FitResult` ``(state, history)``.
@@ -176,7 +178,7 @@ def fit(
     fit_checks.checkpoint_options(checkpoint_dir, keep=keep, run_config=run_config,
                                   allow_run_change=allow_run_change)
     keep = DEFAULT_KEEP if keep is None else keep
-    fit_checks.mesh(mesh, len(data.x_train), batch_size, drop_last)
+    fit_checks.mesh(mesh, len(data.x_train), batch_size, drop_last, private=privacy is not None)
     train_private.check_privacy(privacy, grad, mesh)
     main_process = jax.process_index() == 0
     progress, plot = progress and main_process, plot if main_process else None
@@ -210,7 +212,8 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     private, recorded = None, grad
     if privacy is not None:
         private, grad, recorded, run_config = _private_start(
-            privacy, len(data.x_train), batch_size, epochs, key_data, run_config, progress)
+            privacy, len(data.x_train), batch_size, epochs, key_data, run_config, progress,
+            mesh)
         history["epsilon"] = []
     run = describe_run(net, optimizer, recorded, batch_size, drop_last, key_data, data, run_config)
     state, key_data, history, first_epoch, metadata = _restore(
@@ -218,6 +221,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     tally = RunTally(int(parallel.fetch(state.step)))  # replicated: each process's own copy
     private, grad = _resumed_privately(private, metadata, tally.done, batch_size, epochs,
                                        first_epoch, key_data, grad, progress)
+    private = None if private is None else private.on_mesh(mesh)   # a re-plan on resume
     steps_per_epoch = _steps_per_epoch(len(data.x_train), batch_size, drop_last, private)
     dtype = jax.tree.leaves(state.params)[0].dtype
     feed, test = feeds.make_feed(net, data, dtype, batch_size, drop_last, mesh, private,
@@ -274,11 +278,12 @@ def _record_epoch(net: MLP, finish: Any, history: dict[str, list[Any]], steps_pe
 
 
 def _private_start(privacy: Any, n_train: int, batch_size: int, epochs: int, key: PRNGKey,
-                   run_config: dict[str, Any] | None, progress: bool
+                   run_config: dict[str, Any] | None, progress: bool, mesh: Any
                    ) -> tuple[train_private.Plan, GradFn, GradFn, dict[str, Any]]:
-    """A private run's plan, its DP-SGD source, that source as the run record describes
-    it (whole batches: microbatches are how, not what), and the record's privacy entries."""
-    private = train_private.plan(privacy, n_train, batch_size, epochs)
+    """A private run's plan (its padded batch split over ``mesh``), its DP-SGD source, that
+    source as the run record describes it (whole batches: microbatches are how, not what),
+    and the record's privacy entries."""
+    private = train_private.plan(privacy, n_train, batch_size, epochs).on_mesh(mesh)
     if privacy.delta >= 1 / n_train:
         user_warnings.warn(
             f"delta {privacy.delta:g} is not below 1/N = 1/{n_train}: publishing one random "

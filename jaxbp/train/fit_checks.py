@@ -103,8 +103,11 @@ def destinations(plot: Any, checkpoint_dir: Any) -> None:
         files.check_writable_folder("checkpoint_dir", checkpoint_dir)
 
 
-def mesh(mesh: Any, n_train: int, batch_size: int, drop_last: bool) -> None:
-    """A mesh with a data axis that splits every batch (and this process's share) evenly."""
+def mesh(mesh: Any, n_train: int, batch_size: int, drop_last: bool,
+         private: bool = False) -> None:
+    """A mesh with a data axis that splits every batch (and this process's share) evenly
+    (a private run's Poisson batches are padded to a size that does:
+    :meth:`jaxbp.train.private.Plan.on_mesh`)."""
     if mesh is None:
         return
     if not isinstance(mesh, jax.sharding.Mesh):
@@ -112,6 +115,8 @@ def mesh(mesh: Any, n_train: int, batch_size: int, drop_last: bool) -> None:
                         f"{type(mesh).__name__}")
     if parallel.DATA not in mesh.shape:
         raise ValueError(f"mesh has axes {tuple(mesh.shape)}, expected a {parallel.DATA!r} axis")
+    if private:
+        return
     n_data, processes = mesh.shape[parallel.DATA], jax.process_count()
     sizes = [batch_size] + ([] if drop_last or n_train % batch_size == 0
                             else [n_train % batch_size])
@@ -120,3 +125,4 @@ def mesh(mesh: Any, n_train: int, batch_size: int, drop_last: bool) -> None:
             raise ValueError(f"a batch of {size} rows does not split over the {n_data} devices "
                              f"of the mesh's data axis and {processes} process(es); choose "
                              f"batch_size (and drop_last=True) so that every batch does")
+

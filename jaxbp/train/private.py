@@ -8,6 +8,7 @@ spent is the composition of all segments (:func:`jaxbp.privacy.composed_epsilon`
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -19,7 +20,8 @@ Segment = tuple[float, float, int]
 
 
 def check_privacy(privacy: Any, grad: Any, mesh: Any) -> None:
-    """A :class:`jaxbp.privacy.Privacy`, with ``grad`` left "backprop" and no mesh."""
+    """A :class:`jaxbp.privacy.Privacy`, with ``grad`` left "backprop" (and, on a mesh,
+    whole padded batches: no microbatch)."""
     if privacy is None:
         return
     from jaxbp.privacy import Privacy
@@ -29,8 +31,11 @@ def check_privacy(privacy: Any, grad: Any, mesh: Any) -> None:
     if not (isinstance(grad, str) and grad == "backprop"):
         raise ValueError(f"privacy sets the gradient (clipped, noised per-example gradients): "
                          f"leave grad as 'backprop', got {grad!r}")
-    if mesh is not None:
-        raise ValueError("privacy runs on one device for now: pass mesh=None")
+    if mesh is not None and privacy.microbatch is not None:
+        raise ValueError(f"privacy's microbatch={privacy.microbatch} runs a batch's sampled "
+                         f"rows together, m at a time, which a mesh keeps on different "
+                         f"devices: on a mesh every device runs its share of the padded "
+                         f"batch; pass Privacy(..., microbatch=None)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,16 @@ class Plan:
         return sources.dp_sgd(self.privacy.clip_norm, self.sigma, key,
                               expected_batch_size=self.rate * self.n_train,
                               microbatch=None if recorded else self.privacy.microbatch)
+
+    def on_mesh(self, mesh: Any) -> Plan:
+        """The plan with its padded batch rounded up to split over ``mesh``'s data axis and
+        the processes (more padding, masked: the same gradient); as is without a mesh."""
+        if mesh is None:
+            return self
+        from jaxbp.parallel import DATA
+
+        split = math.lcm(mesh.shape[DATA], jax.process_count())
+        return dataclasses.replace(self, max_batch=-(-self.max_batch // split) * split)
 
     def segments(self, steps_now: int) -> list[Segment]:
         """Every segment of the run after ``steps_now`` steps: this call's at its sigma."""

@@ -89,7 +89,37 @@ def main(scratch: pathlib.Path) -> int:
                           and back.history["epoch"] == [1, 2, 3],
                           f"after epoch 3 on one device max rel param diff {diff:.2e}, "
                           f"devices {len(on_one)}"))
+    results.extend(private_checks(digits))
     return 0 if all(results) else 1
+
+
+def private_checks(digits: jaxbp.data.Dataset) -> list[bool]:
+    """DP-SGD over a mesh: the padded Poisson batch rounded up to split over the data axis,
+    the same draws, clipped sum and noise as on one device (an MLP; a GPT's attention and
+    embedding too), the same epsilon."""
+    from jaxbp.privacy import Privacy
+
+    privacy = Privacy(1.0, 1e-5, noise_multiplier=1.0)
+    text = jaxbp.data.load_text(seq_len=8)
+    short = jaxbp.data.Dataset(text.x_train[:240], text.y_train[:240], text.x_test[:16],
+                               text.y_test[:16])
+    gpt = jaxbp.models.gpt(len(text.vocab), 8, 1, 2, 8)
+    results = []
+    for name, net, data, batch, meshes in (("MLP", NET, digits, 60, ((8, 1), (4, 2))),
+                                           ("GPT", gpt, short, 30, ((4, 2),))):
+        args = ARGS | {"epochs": 1, "batch_size": batch, "privacy": privacy}
+        single = jaxbp.fit(net, optax.adam(1e-2), data, **args)
+        for data_axis, model_axis in meshes:
+            meshed = jaxbp.fit(net, optax.adam(1e-2), data,
+                               mesh=parallel.make_mesh(data_axis, model_axis), **args)
+            diff = max_rel(meshed.state.params, single.state.params)
+            same = meshed.history["epsilon"] == single.history["epsilon"]
+            results.append(report(f"private {name} on mesh ({data_axis}, {model_axis})",
+                                  diff < 1e-5 and same and int(meshed.state.step) > 1,
+                                  f"max rel param diff vs one device {diff:.2e}, epsilon "
+                                  f"{meshed.history['epsilon']} (one device "
+                                  f"{single.history['epsilon']})"))
+    return results
 
 
 if __name__ == "__main__":

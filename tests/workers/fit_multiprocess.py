@@ -1,12 +1,14 @@
 """One of two processes: fit over a mesh spanning both, with sharded checkpoints.
 
 argv: out_prefix epochs [checkpoint_dir]. Reads JAXBP_COORDINATOR, JAXBP_NUM_PROCESSES,
-JAXBP_PROCESS_ID. Writes <out_prefix>.<process>.npz with the final params (gathered from
-both processes), the test accuracy per epoch, and the seconds the run's checkpoint saves took.
+JAXBP_PROCESS_ID; JAXBP_TEST_PRIVATE=1: DP-SGD (Poisson batches, each process its rows).
+Writes <out_prefix>.<process>.npz with the final params (gathered from both processes),
+the test accuracy per epoch, and the seconds the run's checkpoint saves took.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -38,9 +40,12 @@ def timed_save(*args, **kwargs):
 
 
 sharded_checkpoint.save = timed_save
+private = os.environ.get("JAXBP_TEST_PRIVATE") == "1"
 result = jaxbp.fit(net, optax.sgd(0.05, momentum=0.9), jaxbp.data.load_digits(),
                    epochs=epochs, batch_size=64, key=jax.random.key(3), mesh=mesh,
-                   checkpoint_dir=folder, progress=jax.process_index() == 0)
+                   checkpoint_dir=folder, progress=jax.process_index() == 0,
+                   privacy=jaxbp.privacy.Privacy(1.0, 1e-5, noise_multiplier=1.0)
+                   if private else None)
 params = multihost_utils.process_allgather(result.state.params, tiled=True)
 np.savez(f"{out}.{jax.process_index()}.npz",
          *[np.asarray(leaf) for leaf in jax.tree.leaves(params)],
