@@ -5,6 +5,7 @@ line per check; exits 1 on failure. argv[1]: a scratch folder."""
 from __future__ import annotations
 
 import pathlib
+import re
 import sys
 import time
 
@@ -119,6 +120,22 @@ def private_checks(digits: jaxbp.data.Dataset) -> list[bool]:
                                   f"max rel param diff vs one device {diff:.2e}, epsilon "
                                   f"{meshed.history['epsilon']} (one device "
                                   f"{single.history['epsilon']})"))
+    # the clipped per-example sum is local to each device's rows: the DP loop's compiled
+    # program has the plain loop's collectives, one for one (no batch gathered)
+    mesh, x, y = parallel.make_mesh(4, 2), np.zeros((1, 64, 64), np.float32), np.zeros(
+        (1, 64), np.int32)
+    found = {}
+    for name, source, masks in (
+            ("plain", "backprop", ()),
+            ("dp", jaxbp.sources.dp_sgd(1.0, 1.0, jax.random.key(0), expected_batch_size=32.0),
+             (np.ones((1, 64), bool),))):
+        loop = parallel.make_sharded_train_loop(NET, optax.adam(1e-2), mesh, 1, source)
+        state = jaxbp.TrainState.create(NET.init(jax.random.key(0)), optax.adam(1e-2))
+        text = loop.lower(state, x, y, *masks).compile().as_text()
+        found[name] = sorted(re.findall(
+            r" (all-reduce|all-gather|all-to-all|collective-permute)(?:-start)?\(", text))
+    results.append(report("private loop collectives", found["dp"] == found["plain"],
+                          f"dp {found['dp']}, plain {found['plain']}"))
     return results
 
 
