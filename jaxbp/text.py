@@ -77,7 +77,8 @@ def load_text(path: str | pathlib.Path | None = None, seq_len: int = 128,
     domain, as shipped in Andrej Karpathy's char-rnn repository,
     ``data/tinyshakespeare/input.txt``), inside this package: no download. With
     ``path``: the user's UTF-8 text file (``.gz`` read as gzip; a leading byte-order mark
-    is not read as a character).
+    is not read as a character, and line ends are read as ``"\n"``, ``"\r\n"`` and
+    ``"\r"`` too: a Windows copy of a text has the vocabulary of its Unix copy).
 
     The last ``validation_fraction`` of the text is the validation set (a fixed split,
     no shuffling across it); each part is cut into non-overlapping windows of
