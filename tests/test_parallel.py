@@ -221,7 +221,8 @@ def test_fit_over_meshes_and_resume_across_device_counts(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for check in ("fit on mesh (8, 1)", "fit on mesh (4, 2)", "mesh resume", "1 device -> 8",
                   "8 devices -> 1", "private MLP on mesh (8, 1)", "private MLP on mesh (4, 2)",
-                  "private GPT on mesh (4, 2)", "private loop collectives"):
+                  "private GPT on mesh (4, 2)", "private mesh resume",
+                  "private loop collectives"):
         assert f"ok {check}:" in result.stdout, check
 
 

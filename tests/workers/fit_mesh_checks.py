@@ -90,14 +90,14 @@ def main(scratch: pathlib.Path) -> int:
                           and back.history["epoch"] == [1, 2, 3],
                           f"after epoch 3 on one device max rel param diff {diff:.2e}, "
                           f"devices {len(on_one)}"))
-    results.extend(private_checks(digits))
+    results.extend(private_checks(digits, scratch))
     return 0 if all(results) else 1
 
 
-def private_checks(digits: jaxbp.data.Dataset) -> list[bool]:
+def private_checks(digits: jaxbp.data.Dataset, scratch: pathlib.Path) -> list[bool]:
     """DP-SGD over a mesh: the padded Poisson batch rounded up to split over the data axis,
     the same draws, clipped sum and noise as on one device (an MLP; a GPT's attention and
-    embedding too), the same epsilon."""
+    embedding too), the same epsilon; resumed bit for bit; the plain loop's collectives."""
     from jaxbp.privacy import Privacy
 
     privacy = Privacy(1.0, 1e-5, noise_multiplier=1.0)
@@ -120,6 +120,17 @@ def private_checks(digits: jaxbp.data.Dataset) -> list[bool]:
                                   f"max rel param diff vs one device {diff:.2e}, epsilon "
                                   f"{meshed.history['epsilon']} (one device "
                                   f"{single.history['epsilon']})"))
+    # a private mesh run stopped after epoch 1 and resumed: bit for bit the uninterrupted one
+    mesh, args = parallel.make_mesh(4, 2), ARGS | {"batch_size": 60, "privacy": privacy}
+    whole = jaxbp.fit(NET, optax.adam(1e-2), digits, mesh=mesh, **args)
+    folder = scratch / "private_mesh"
+    jaxbp.fit(NET, optax.adam(1e-2), digits, mesh=mesh, checkpoint_dir=folder,
+              **(args | {"epochs": 1}))
+    resumed = jaxbp.fit(NET, optax.adam(1e-2), digits, mesh=mesh, checkpoint_dir=folder, **args)
+    same = all(np.array_equal(a, b) for a, b in zip(leaves(resumed.state), leaves(whole.state)))
+    results.append(report("private mesh resume", same and resumed.history["epsilon"]
+                          == whole.history["epsilon"], f"bit-identical {same}, epsilon "
+                          f"{resumed.history['epsilon']}"))
     # the clipped per-example sum is local to each device's rows: the DP loop's compiled
     # program has the plain loop's collectives, one for one (no batch gathered)
     mesh, x, y = parallel.make_mesh(4, 2), np.zeros((1, 64, 64), np.float32), np.zeros(
