@@ -13,12 +13,12 @@ import jax
 
 from jaxbp import input_checks, network
 from jaxbp.losses import mean_loss
-from jaxbp.mlp import MLP
+from jaxbp.mlp import Net
 from jaxbp.types import Array, ArrayLike, Params
 
 
 def value_grads_and_output(
-    net: MLP, params: Params, x: Array, y: Array
+    net: Net, params: Params, x: Array, y: Array
 ) -> tuple[Array, Params, Array]:
     """C, dC/dparams by ``jax.value_and_grad``, and a^L, for checked inputs."""
 
@@ -31,12 +31,12 @@ def value_grads_and_output(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _value_and_autodiff(net: MLP, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
+def _value_and_autodiff(net: Net, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
     return value_grads_and_output(net, params, x, y)[:2]
 
 
 def value_and_autodiff(
-    net: MLP, params: Params, x: ArrayLike, y: ArrayLike
+    net: Net, params: Params, x: ArrayLike, y: ArrayLike
 ) -> tuple[Array, Params]:
     """The cost and ``jax.value_and_grad`` of it: the reference gradient.
 

@@ -32,7 +32,7 @@ import jax
 
 from jaxbp import input_checks, network
 from jaxbp.layers.chain import chain_backward
-from jaxbp.mlp import MLP
+from jaxbp.mlp import Net
 from jaxbp.network import Network, as_network
 from jaxbp.types import Array, ArrayLike, Params, check_bool
 
@@ -42,7 +42,7 @@ def _layer_deltas(net: Network, params: Params, x: Array, y: Array, per_sample: 
     return network.layer_deltas(net, params, x, y, per_sample)
 
 
-def layer_deltas(net: MLP | Network, params: Params, x: ArrayLike, y: ArrayLike,
+def layer_deltas(net: Net, params: Params, x: ArrayLike, y: ArrayLike,
                  per_sample: bool = False) -> tuple[Array, tuple[Any, ...], tuple[Array, ...]]:
     """Every layer's cache and the error at its output, from one forward and one backward.
 
@@ -67,7 +67,7 @@ def layer_deltas(net: MLP | Network, params: Params, x: ArrayLike, y: ArrayLike,
 
 
 def value_grads_and_output(
-    net: MLP, params: Params, x: Array, y: Array
+    net: Net, params: Params, x: Array, y: Array
 ) -> tuple[Array, Params, Array]:
     """C, dC/dparams by the recursion, and a^L, for checked inputs (no input checks).
 
@@ -80,12 +80,12 @@ def value_grads_and_output(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _value_and_backprop(net: MLP, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
+def _value_and_backprop(net: Net, params: Params, x: Array, y: Array) -> tuple[Array, Params]:
     return value_grads_and_output(net, params, x, y)[:2]
 
 
 def value_and_backprop(
-    net: MLP, params: Params, x: ArrayLike, y: ArrayLike
+    net: Net, params: Params, x: ArrayLike, y: ArrayLike
 ) -> tuple[Array, Params]:
     """The cost and its gradient by the hand-written recursion, compiled.
 
@@ -108,23 +108,23 @@ def value_and_backprop(
     return value, jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads))
 
 
-def backprop(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
+def backprop(net: Net, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
     """The gradient dC/dparams by the hand-written recursion (see :func:`value_and_backprop`)."""
     return value_and_backprop(net, params, x, y)[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _apply_manual(net: MLP, params: Params, x: Array) -> Array:
+def _apply_manual(net: Net, params: Params, x: Array) -> Array:
     return network.forward(as_network(net), params, x)[0]
 
 
-def _apply_manual_fwd(net: MLP, params: Params, x: Array) -> tuple[Array, tuple[Params, Any]]:
+def _apply_manual_fwd(net: Net, params: Params, x: Array) -> tuple[Array, tuple[Params, Any]]:
     out, caches = network.forward(as_network(net), params, x)
     return out, (params, caches)
 
 
 def _apply_manual_bwd(
-    net: MLP, residuals: tuple[Params, Any], a_out_bar: Array
+    net: Net, residuals: tuple[Params, Any], a_out_bar: Array
 ) -> tuple[Params, Array]:
     params, caches = residuals
     # The reversed loop from the incoming cotangent dC/da^L, carried one step past
@@ -137,7 +137,7 @@ def _apply_manual_bwd(
 _apply_manual.defvjp(_apply_manual_fwd, _apply_manual_bwd)
 
 
-def apply_with_manual_vjp(net: MLP, params: Params, x: ArrayLike) -> Array:
+def apply_with_manual_vjp(net: Net, params: Params, x: ArrayLike) -> Array:
     """``net.apply`` whose reverse-mode derivative is the hand-written recursion.
 
     A :func:`jax.custom_vjp`: ``jax.grad`` of any scalar built from the output

@@ -29,13 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp import input_checks, network_curvature
-from jaxbp.mlp import MLP
-from jaxbp.network import Network, as_network, value_grads_and_errors
+from jaxbp.mlp import Net
+from jaxbp.network import as_network, value_grads_and_errors
 from jaxbp.sources import SourceResult
 from jaxbp.types import Array, ArrayLike, Params, check_like_params, is_real
 
 
-def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Params:
+def hvp(net: Net, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Params:
     """``H v``, the Hessian of the cost times a direction: forward mode over our gradient.
 
     Args:
@@ -58,7 +58,7 @@ def hvp(net: MLP, params: Params, x: ArrayLike, y: ArrayLike, v: Params) -> Para
     return network_curvature.hvp(as_network(net), params, x, y, v)
 
 
-def ggn_diag(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
+def ggn_diag(net: Net, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
     """The exact diagonal of the generalised Gauss-Newton ``(1/N) sum_n J_n^T H_n J_n``.
 
     ``J_n = d a^L_n / dparams``, ``H_n`` the Hessian of the sample loss with
@@ -97,7 +97,7 @@ def _kfac_kind(kind: Any, key: Any, without_key: str) -> str:
     return kind
 
 
-def kfac_factors(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
+def kfac_factors(net: Net, params: Params, x: ArrayLike, y: ArrayLike,
                  kind: str = "sampled", key: Array | None = None) -> tuple[dict[str, Array], ...]:
     """The Kronecker factors of each layer's Fisher block (K-FAC, Martens and Grosse 2015).
 
@@ -171,7 +171,7 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
     kind = _kfac_kind(kind, key, "kfac_gradient(kind='sampled') draws targets from the model "
                       "at every step: pass a PRNG key (fold_in(key, step) is used)")
 
-    def gradient(net: MLP | Network, params: Params, x: Array, y: Array, step: Array):
+    def gradient(net: Net, params: Params, x: Array, y: Array, step: Array):
         x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         net = as_network(net)
         value, grads, out, caches, kept = value_grads_and_errors(net, params, x, y)

@@ -17,13 +17,12 @@ import jax.numpy as jnp
 from jaxbp import input_checks, network
 from jaxbp.layers.chain import chain_backward, records
 from jaxbp.losses import cost_and_output_error, counted
-from jaxbp.mlp import MLP
-from jaxbp.network import Network
+from jaxbp.mlp import Net
 from jaxbp.types import Array, ArrayLike, Params, check_like_params
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _layer_stats(net: MLP | Network, params: Params, x: Array, y: Array,
+def _layer_stats(net: Net, params: Params, x: Array, y: Array,
                  updates: Params | None) -> dict[str, Array]:
     """The statistics of the layers with an activation (the ``pre_activation_error``
     capability: Dense, Conv2D; their weight is ``"w"``), from one reversed loop."""
@@ -46,7 +45,7 @@ def _layer_stats(net: MLP | Network, params: Params, x: Array, y: Array,
     }
 
 
-def layer_stats_places(net: MLP | Network) -> list[str]:
+def layer_stats_places(net: Net) -> list[str]:
     """Where each entry of :func:`layer_stats` sits, in its order (``layers[2].layers[1]``
     for a block's inner layer): the labels of a flow figure."""
     return [place for place, record in records(network.as_network(net).layers)
@@ -64,7 +63,7 @@ def _weighted(layers: tuple[Any, ...], params: Any, grads: Any, steps: Any, cach
             yield layer.pre_activation_error(c, e), p["w"], g["w"], s["w"]
 
 
-def layer_stats(net: MLP, params: Params, x: ArrayLike, y: ArrayLike,
+def layer_stats(net: Net, params: Params, x: ArrayLike, y: ArrayLike,
                 updates: Params | None = None) -> dict[str, Array]:
     """Per weight layer l = 1..L: how large the error, gradient, weights and update are.
 

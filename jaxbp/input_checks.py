@@ -20,7 +20,7 @@ from jaxbp import value_checks
 from jaxbp.types import Array, Params, check_not_deleted
 
 if TYPE_CHECKING:
-    from jaxbp.mlp import MLP
+    from jaxbp.mlp import Net
 
 
 def _shape(value: Any) -> tuple[int, ...]:
@@ -75,7 +75,7 @@ def _is_float(dtype: Any) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
-def check_x(net: MLP, x: Any, name: str = "x") -> Any:
+def check_x(net: Net, x: Any, name: str = "x") -> Any:
     """Check x: (batch, n_in), floating, batch >= 1 (errors call it ``name``). Returns x
     as an array.
 
@@ -100,7 +100,7 @@ def check_x(net: MLP, x: Any, name: str = "x") -> Any:
     return x
 
 
-def check_y(net: MLP, y: Any, batch: int, name: str = "y") -> Any:
+def check_y(net: Net, y: Any, batch: int, name: str = "y") -> Any:
     """Check y against the loss and the batch of x (errors call it ``name``). Returns y as
     an array.
 
@@ -248,7 +248,7 @@ def _check_network_params(net: Any, params: Any) -> None:
                         f"{sorted(d.name for d in dtypes)}")
 
 
-def check_params(net: MLP, params: Any) -> None:
+def check_params(net: Net, params: Any) -> None:
     """Check params: a sequence of ``{"w": (fan_in, fan_out), "b": (fan_out,)}``, one dtype.
 
     Raises:
@@ -291,7 +291,7 @@ def params_dtype(params: Params) -> Any:
     return jnp.dtype(jax.tree.leaves(params)[0].dtype)
 
 
-def check_inputs(net: MLP, params: Any, x: Any, y: Any = None) -> tuple[Array, Any]:
+def check_inputs(net: Net, params: Any, x: Any, y: Any = None) -> tuple[Array, Any]:
     """Check params, x (and y when given); return x (and y) ready for the math.
 
     x and targets y are cast to the dtype of the params, the dtype every

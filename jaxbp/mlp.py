@@ -204,6 +204,11 @@ class MLP:
         return mean_loss(self.loss_fn, network.forward(self.network, params, x)[0], y)
 
 
+Net = MLP | Network
+"""A network description: every step, quantity and check takes either (an MLP builds a
+Network of Dense records)."""
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _init(net: MLP, key: PRNGKey) -> Params:
     dtype = jnp.dtype(net.dtype)

@@ -37,7 +37,7 @@ from jaxbp import input_checks, network
 from jaxbp.layers.base import sq_norms_and_sum
 from jaxbp.layers.chain import require_per_sample
 from jaxbp.losses import mean_loss
-from jaxbp.mlp import MLP
+from jaxbp.mlp import Net
 from jaxbp.network import Network
 from jaxbp.types import Array, ArrayLike, Params, PRNGKey
 
@@ -91,7 +91,7 @@ def clipped_mean(net: Network, params: Params, x: Array, y: Array,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _per_example_grads(net: MLP | Network, params: Params, x: Array, y: Array) -> Params:
+def _per_example_grads(net: Net, params: Params, x: Array, y: Array) -> Params:
     chain = network.as_network(net)
     require_per_sample(chain.layers, params, "layers", "the per-example gradient")
     _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
@@ -99,7 +99,7 @@ def _per_example_grads(net: MLP | Network, params: Params, x: Array, y: Array) -
                  for layer, p, c, d in zip(chain.layers, params, caches, deltas))
 
 
-def per_example_grads(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
+def per_example_grads(net: Net, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
     """Every sample's own gradient: the grads pytree with a leading batch axis.
 
     .. math::
@@ -122,13 +122,13 @@ def per_example_grads(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> P
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _per_example_grad_norms(net: MLP | Network, params: Params, x: Array, y: Array) -> Array:
+def _per_example_grad_norms(net: Net, params: Params, x: Array, y: Array) -> Array:
     chain = network.as_network(net)
     _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
     return jnp.sqrt(jnp.sum(_network_sq_norms(chain, params, caches, deltas), axis=1))
 
 
-def per_example_grad_norms(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Array:
+def per_example_grad_norms(net: Net, params: Params, x: ArrayLike, y: ArrayLike) -> Array:
     """``||g_i||`` for every sample, exactly, without forming any g_i.
 
     .. math::
@@ -143,13 +143,13 @@ def per_example_grad_norms(net: MLP, params: Params, x: ArrayLike, y: ArrayLike)
     return _per_example_grad_norms(net, params, x, y)
 
 
-def _clip_groups(net: MLP | Network) -> int:
+def _clip_groups(net: Net) -> int:
     """How many per-layer clip norms a net takes: its weight layers (MLP) or its layers
     with parameters (Network)."""
     return len(_parametrised(network.as_network(net).param_shapes()))
 
 
-def check_clip_norm(net: MLP, clip_norm: Any) -> Any:
+def check_clip_norm(net: Net, clip_norm: Any) -> Any:
     """clip_norm checked: one number, or L numbers (one per layer), all > 0.
 
     Concrete values come back as a float64 NumPy array (shape () or (L,));
@@ -187,7 +187,7 @@ def check_clip_values(clip_norm: Any) -> Any:
     return values
 
 
-def check_noise_and_clip(net: MLP, clip_norm: Any, noise_multiplier: Any) -> tuple[Any, Any]:
+def check_noise_and_clip(net: Net, clip_norm: Any, noise_multiplier: Any) -> tuple[Any, Any]:
     """Both checked, and together: noise scaled by an infinite clip norm is infinite."""
     clip_norm, noise_multiplier = check_clip_norm(net, clip_norm), check_noise(noise_multiplier)
     if isinstance(clip_norm, np.ndarray) and isinstance(noise_multiplier, np.ndarray) \
@@ -212,12 +212,12 @@ def _clip_factors(sq: Array, clip_norm: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _clipped_grad(net: MLP, params: Params, x: Array, y: Array, clip_norm: Array) -> Params:
+def _clipped_grad(net: Net, params: Params, x: Array, y: Array, clip_norm: Array) -> Params:
     return clipped_mean(network.as_network(net), params, x, y, clip_norm)[1]
 
 
 def clipped_grad(
-    net: MLP, params: Params, x: ArrayLike, y: ArrayLike, clip_norm: ClipNorm
+    net: Net, params: Params, x: ArrayLike, y: ArrayLike, clip_norm: ClipNorm
 ) -> Params:
     """The mean of per-example gradients, each clipped to ``clip_norm``, in one backward pass.
 
@@ -261,7 +261,7 @@ def add_noise(grads: Params, key: PRNGKey, std: Array, batch: int) -> Params:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _dp_sgd_grad(net: MLP, params: Params, x: Array, y: Array, clip_norm: Array,
+def _dp_sgd_grad(net: Net, params: Params, x: Array, y: Array, clip_norm: Array,
                  noise_multiplier: Array, key: PRNGKey) -> Params:
     grads = clipped_mean(network.as_network(net), params, x, y, clip_norm)[1]
     return add_noise(grads, key, noise_std(clip_norm, noise_multiplier), x.shape[0])
@@ -282,7 +282,7 @@ def check_noise(noise_multiplier: Any) -> Any:
 
 
 def dp_sgd_grad(
-    net: MLP,
+    net: Net,
     params: Params,
     x: ArrayLike,
     y: ArrayLike,
@@ -325,7 +325,7 @@ def _moments_variance(layer: Any, params: Any, cache: Any, delta: Array) -> Any:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _per_example_grad_variance(net: MLP | Network, params: Params, x: Array,
+def _per_example_grad_variance(net: Net, params: Params, x: Array,
                                y: Array) -> Params:
     chain = network.as_network(net)
     require_per_sample(chain.layers, params, "layers", "the gradient variance")
@@ -342,7 +342,7 @@ def _per_example_grad_variance(net: MLP | Network, params: Params, x: Array,
     return tuple(out)
 
 
-def per_example_grad_variance(net: MLP, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
+def per_example_grad_variance(net: Net, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
     """Elementwise variance over the batch of the per-example gradients ``g_i = dl_i/dtheta``.
 
     .. math::

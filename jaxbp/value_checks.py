@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:
-    from jaxbp.mlp import MLP
+    from jaxbp.mlp import Net
 
 
 def is_concrete(value: Any) -> bool:
@@ -79,7 +79,7 @@ def target_tolerance(dtype: Any) -> float:
     return float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else 0.0
 
 
-def check_target_values(net: MLP, y: Any, what: str = "y") -> None:
+def check_target_values(net: Net, y: Any, what: str = "y") -> None:
     """Check the values of concrete targets against the loss (tracers are left alone).
 
     * integer labels (softmax cross-entropy): in ``[0, n_out)``; another value

@@ -21,6 +21,7 @@ import pytest
 
 import jaxbp
 from jaxbp import cli, value_checks
+from jaxbp import layers as L
 from jaxbp.data import Dataset
 from jaxbp.train import checkpoint
 
@@ -240,6 +241,37 @@ def test_every_public_seed_is_named_when_bad():
                 call(bad)
     with pytest.raises(ValueError, match="max_depth must be an int >= 1, got 0"):
         random_cases(0, max_depth=0)
+
+
+def test_every_public_signature_says_what_it_takes():
+    """A type checker reads the annotations: every public entry that takes a ``net`` says it
+    takes a Network (a GPT, a CNN), not only an MLP, and the layer records that take one
+    int for a pair (``MaxPool(2)``, ``Conv2D(8, 3)``) say so."""
+    import inspect
+    import typing
+
+    from jaxbp import feedback, models, parallel, sources
+    from jaxbp.network import Network
+
+    checked = []
+    for module in (jaxbp, parallel, sources, feedback, models):
+        for name in getattr(module, "__all__", None) or dir(module):
+            entry = getattr(module, name, None)
+            if name.startswith("_") or not callable(entry) or isinstance(entry, type):
+                continue
+            try:
+                parameter = inspect.signature(entry, eval_str=True).parameters.get("net")
+            except (TypeError, ValueError):   # a type alias, not a function
+                continue
+            if parameter is not None:
+                checked.append(f"{module.__name__}.{name}")
+                hint = parameter.annotation
+                assert hint in (Network, typing.Any) or Network in typing.get_args(hint), \
+                    (checked[-1], hint)
+    assert len(checked) >= 25 and "jaxbp.make_train_step" in checked
+    for record, field in ((L.MaxPool, "window"), (L.AvgPool, "window"), (L.Conv2D, "kernel"),
+                          (L.Conv2D, "stride")):
+        assert int in typing.get_args(typing.get_type_hints(record)[field]), (record, field)
 
 
 def test_results_and_figures_are_written_whole_or_not_at_all(tmp_path):

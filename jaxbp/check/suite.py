@@ -24,7 +24,7 @@ from jaxbp.backprop import value_and_backprop
 from jaxbp.check.recipe import to_float64
 from jaxbp.check.verify import GradReport, verify_grads
 from jaxbp.losses import LOSSES
-from jaxbp.mlp import MLP
+from jaxbp.mlp import MLP, Net
 from jaxbp.network import Network
 from jaxbp.types import Array, ArrayLike, Params, check_bool, check_int
 
@@ -107,7 +107,7 @@ def random_network(i: int, dtype: str) -> tuple[Network, int]:
 class Case:
     """One suite case: a network (MLP or Network), its data and the PRNG seed of its params."""
 
-    net: MLP | Network
+    net: Net
     batch: int
     seed: int
     label_targets: bool
@@ -213,7 +213,7 @@ def run_case(case: Case, n_fd: int = 2) -> GradReport:
 
 
 def verify_mlp(
-    net: MLP, params: Params, x: ArrayLike, y: ArrayLike, n_fd: int = 2, float64: bool = False
+    net: Net, params: Params, x: ArrayLike, y: ArrayLike, n_fd: int = 2, float64: bool = False
 ) -> GradReport:
     """verify_grads of ``backprop`` against ``jax.grad`` of ``net.cost`` at (params, x, y).
 

@@ -85,7 +85,7 @@ class Conv2D:
     """
 
     filters: int
-    kernel: tuple[int, int] = (3, 3)
+    kernel: int | tuple[int, int] = (3, 3)
     stride: int | tuple[int, int] = 1
     padding: str = "SAME"
     activation: str = "identity"

@@ -98,7 +98,7 @@ class _Pool:
 class MaxPool(_Pool):
     """The largest input of each ``window`` (stride = window, VALID)."""
 
-    window: tuple[int, int] = (2, 2)
+    window: int | tuple[int, int] = (2, 2)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", _window(self.window))
@@ -120,7 +120,7 @@ class MaxPool(_Pool):
 class AvgPool(_Pool):
     """The mean input of each ``window`` (stride = window, VALID)."""
 
-    window: tuple[int, int] = (2, 2)
+    window: int | tuple[int, int] = (2, 2)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", _window(self.window))

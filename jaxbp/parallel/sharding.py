@@ -45,7 +45,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxbp import input_checks
 from jaxbp.matmul_precision import check_precision, precision_scope
-from jaxbp.mlp import MLP
+from jaxbp.mlp import Net
 from jaxbp.train.state import check_not_donated
 from jaxbp.train.step import (
     GradFn,
@@ -252,7 +252,7 @@ def _over_mesh(net: Any, body: Callable[..., Any], mesh: Mesh, data_axis: str,
 
 
 def make_sharded_train_step(
-    net: MLP,
+    net: Net,
     optimizer: optax.GradientTransformation,
     mesh: Mesh,
     grad: str | GradFn = "backprop",
@@ -293,7 +293,7 @@ def make_sharded_train_step(
 
 
 def make_sharded_train_loop(
-    net: MLP,
+    net: Net,
     optimizer: optax.GradientTransformation,
     mesh: Mesh,
     steps: int,

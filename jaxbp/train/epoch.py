@@ -19,7 +19,7 @@ import numpy as np
 from jaxbp import parallel
 from jaxbp.data import Dataset
 from jaxbp.diagnostics import layer_stats, layer_stats_places
-from jaxbp.mlp import MLP
+from jaxbp.mlp import Net
 from jaxbp.train import feeds
 from jaxbp.train.step import TrainState, eval_sums, make_train_loop, scores_of
 from jaxbp.types import Params, PRNGKey
@@ -148,7 +148,7 @@ def train_epoch(loop_of: Any, chunks: Iterable[Any], state: TrainState, tally: R
     return state, finish, upcoming
 
 
-def evaluation_of(net: MLP, test: tuple[Any, Any], eval_batch_size: int) -> Any:
+def evaluation_of(net: Net, test: tuple[Any, Any], eval_batch_size: int) -> Any:
     """``state -> device sums of the test evaluation`` (:func:`jaxbp.train.step.eval_sums`)
     of the state's params, gathered from every process when there are several."""
     def then(state: TrainState) -> Any:
@@ -157,7 +157,7 @@ def evaluation_of(net: MLP, test: tuple[Any, Any], eval_batch_size: int) -> Any:
     return then
 
 
-def epoch_row(net: MLP, test_sums: Any, sums: dict[str, float], steps: int, epoch: int,
+def epoch_row(net: Net, test_sums: Any, sums: dict[str, float], steps: int, epoch: int,
               start: float) -> dict[str, float]:
     """The epoch's line of the history: train means, the test evaluation (from the host
     copy of its sums), seconds."""
@@ -170,7 +170,7 @@ def epoch_row(net: MLP, test_sums: Any, sums: dict[str, float], steps: int, epoc
             "seconds": time.perf_counter() - start}
 
 
-def layer_stats_lists(net: MLP, params: Params, data: Dataset, n: int) -> dict[str, list[Any]]:
+def layer_stats_lists(net: Net, params: Params, data: Dataset, n: int) -> dict[str, list[Any]]:
     """:func:`jaxbp.layer_stats` on the first ``n`` training samples, as lists, with where
     each entry sits (``"layers"``: :func:`jaxbp.diagnostics.layer_stats_places`)."""
     stats = layer_stats(net, params, data.x_train[:n], data.y_train[:n])
@@ -187,7 +187,7 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
-def epoch_line(net: MLP, row: dict[str, float], epochs: int) -> str:
+def epoch_line(net: Net, row: dict[str, float], epochs: int) -> str:
     line = f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f}"
     if net.loss_fn.is_classification:
         line += f" acc {row['train_accuracy']:.4f}"

@@ -21,7 +21,7 @@ import optax
 
 from jaxbp import input_checks, parallel, user_warnings
 from jaxbp.data import Dataset, num_batches
-from jaxbp.mlp import MLP
+from jaxbp.mlp import Net
 from jaxbp.train import checkpoint, feeds, fit_checks, plots, resume
 from jaxbp.train import private as train_private
 from jaxbp.train.epoch import (
@@ -65,7 +65,7 @@ class FitResult(NamedTuple):
 
 
 def fit(
-    net: MLP,
+    net: Net,
     optimizer: optax.GradientTransformation,
     data: Dataset,
     *,
@@ -198,7 +198,7 @@ def fit(
             file_lock.release()
 
 
-def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, epochs: int,
+def _fit(net: Net, optimizer: optax.GradientTransformation, data: Dataset, *, epochs: int,
          batch_size: int, key: PRNGKey, grad: str | GradFn, params: Params | None,
          drop_last: bool, eval_batch_size: int, checkpoint_dir: str | pathlib.Path | None,
          keep: int, progress: bool, plot: str | pathlib.Path | None, diagnostics: bool,
@@ -260,7 +260,7 @@ def _fit(net: MLP, optimizer: optax.GradientTransformation, data: Dataset, *, ep
     return FitResult(state, history)
 
 
-def _record_epoch(net: MLP, finish: Any, history: dict[str, list[Any]], steps_per_epoch: int,
+def _record_epoch(net: Net, finish: Any, history: dict[str, list[Any]], steps_per_epoch: int,
                   epoch: int, epochs: int, start: float, tally: RunTally,
                   private: train_private.Plan | None, progress: bool) -> None:
     """Wait for the epoch's end (``finish``), then add its line to ``history`` and print
@@ -313,7 +313,7 @@ def _resumed_privately(private: train_private.Plan | None, metadata: dict, done:
     return private, grad
 
 
-def _initial_state(net: MLP, optimizer: optax.GradientTransformation, params: Params | None,
+def _initial_state(net: Net, optimizer: optax.GradientTransformation, params: Params | None,
                    key: PRNGKey, mesh: Any) -> tuple[TrainState, Any]:
     """The step-0 state (``net.init(key)`` unless ``params`` are given), checked against the
     optimizer in half precision, and placed on the mesh's shardings (None without one)."""

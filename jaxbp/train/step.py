@@ -27,8 +27,7 @@ import optax
 from jaxbp import input_checks, network, sources, value_checks
 from jaxbp.losses import sample_sums
 from jaxbp.matmul_precision import check_precision, precision_scope
-from jaxbp.mlp import MLP
-from jaxbp.network import Network
+from jaxbp.mlp import Net
 from jaxbp.sources import GradientSource
 from jaxbp.train.state import (
     TrainState,
@@ -80,7 +79,7 @@ def _nonfinite_layer(grads: Params) -> Array:
     return jnp.where(jnp.any(bad), jnp.argmax(bad), -1)
 
 
-def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: GradFn,
+def update_step(net: Net, optimizer: optax.GradientTransformation, gradient: GradFn,
                 state: TrainState, x: Array, y: Array,
                 mask: Array | None = None) -> tuple[TrainState, dict[str, Array]]:
     """One update (uncompiled, for checked inputs): the source's gradient, the optimizer's
@@ -110,7 +109,7 @@ def update_step(net: MLP, optimizer: optax.GradientTransformation, gradient: Gra
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def sample_rank(net: MLP | Network) -> int:
+def sample_rank(net: Net) -> int:
     """The rank of one input sample: 1 for an MLP, ``len(input_shape)`` for a Network."""
     return len(net.input_shape)
 
@@ -125,7 +124,7 @@ def invalid_label_count(labels: Array, n_classes: int, low: int = 0) -> Array:
     return jnp.sum((labels < low) | (labels >= n_classes), dtype=jnp.int32)
 
 
-def _invalid_counts(net: MLP, x: Array, y: Array, mask: Array | None) -> dict[str, Array]:
+def _invalid_counts(net: Net, x: Array, y: Array, mask: Array | None) -> dict[str, Array]:
     """The values a compiled step cannot raise on (unknown at trace time), counted over the
     batch's samples: ``invalid_labels``, integer labels outside ``[0, n_out)`` (``[-1,
     n_out)`` for a sequence's, -1 an ignored token), and ``invalid_tokens``, tokens outside
@@ -145,7 +144,7 @@ def _invalid_counts(net: MLP, x: Array, y: Array, mask: Array | None) -> dict[st
 
 
 def make_train_step(
-    net: MLP,
+    net: Net,
     optimizer: optax.GradientTransformation,
     grad: str | GradFn = "backprop",
     donate: bool = True,
@@ -199,7 +198,7 @@ def make_train_step(
 
 
 def make_train_loop(
-    net: MLP,
+    net: Net,
     optimizer: optax.GradientTransformation,
     steps: int,
     grad: str | GradFn = "backprop",
@@ -283,7 +282,7 @@ def scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: Any, lengt
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _eval_sums(net: MLP, params: Params, x: Array, y: Array,
+def _eval_sums(net: Net, params: Params, x: Array, y: Array,
                size: int) -> tuple[Array, Array, Array]:
     """(sum of the losses, sum of hits, count) over all n rows (over their counted tokens
     for sequences), one compiled program: the rows padded to whole batches of ``size``,
@@ -311,7 +310,7 @@ def _eval_sums(net: MLP, params: Params, x: Array, y: Array,
 
 
 def evaluate(
-    net: MLP, params: Params, x: ArrayLike, y: ArrayLike, batch_size: int = 1024
+    net: Net, params: Params, x: ArrayLike, y: ArrayLike, batch_size: int = 1024
 ) -> dict[str, float]:
     """Mean loss (and accuracy for the cross-entropies) over a whole data set.
 
@@ -334,20 +333,20 @@ def evaluate(
     return evaluate_checked(net, params, x, y, check_int("batch_size", batch_size, 1))
 
 
-def evaluate_checked(net: MLP, params: Params, x: Array, y: Array,
+def evaluate_checked(net: Net, params: Params, x: Array, y: Array,
                      batch_size: int) -> dict[str, float]:
     """:func:`evaluate` for inputs already checked (``fit`` checks its data set once)."""
     return scores_of(net, jax.device_get(eval_sums(net, params, x, y, batch_size)))
 
 
-def eval_sums(net: MLP, params: Params, x: Array, y: Array,
+def eval_sums(net: Net, params: Params, x: Array, y: Array,
               batch_size: int) -> tuple[Array, Array, Array]:
     """The device sums (loss, hits, count) of :func:`evaluate` on checked inputs,
     dispatched without waiting: ``fit`` reads them with its last chunk's metrics."""
     return _eval_sums(net, params, x, y, min(batch_size, x.shape[0]))
 
 
-def scores_of(net: MLP, sums: tuple[Any, Any, Any]) -> dict[str, float]:
+def scores_of(net: Net, sums: tuple[Any, Any, Any]) -> dict[str, float]:
     """``{"loss", "accuracy"}`` from the host copy of :func:`eval_sums`' sums."""
     loss_sum, hit_sum, count = sums
     count = float(count) or float("nan")      # no counted target: no mean (not a loss of 0)
