@@ -167,6 +167,34 @@ def test_the_optimizer_options_build_the_schedule_they_name():
     assert optimizer.record(args, 100) == {"clip_grad_norm": 0.5}   # only what was set
 
 
+def test_grad_accum_updates_once_on_the_mean_gradient_of_k_batches():
+    """--grad-accum 2 in the train loop: two steps on two halves of a batch (the second
+    update on their mean gradient, the first none) give the params of one step on the whole
+    batch; the schedule counts updates, and the run's record and first line name it."""
+    argv = ["train", "--optimizer", "sgd", "--lr", "0.5", "--clip-grad-norm", "1"]
+    args = cli.build_parser().parse_args([*argv, "--grad-accum", "2"])
+    plain = cli.build_parser().parse_args(argv)
+    net = jaxbp.MLP((6, 5, 3), "tanh")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 6)).astype(np.float32), rng.integers(0, 3, 8)
+    params = net.init(jax.random.key(0))
+    accumulated = optimizer.build(args, 10)
+    state = jaxbp.TrainState.create(jax.tree.map(jnp.copy, params), accumulated)
+    state, _ = jaxbp.make_train_loop(net, accumulated, 2)(state, x.reshape(2, 4, 6),
+                                                          y.reshape(2, 4))
+    rule = optimizer.build(plain, 10)
+    whole, _ = jaxbp.make_train_step(net, rule)(jaxbp.TrainState.create(params, rule), x, y)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(whole.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert optimizer.record(args, 10) == {"clip_grad_norm": 1.0, "grad_accum": 2}
+    assert "an update every 2 batches (their mean gradient)" in optimizer.describe(args)
+    cosine = cli.build_parser().parse_args(["train", "--schedule", "cosine", "--warmup-steps",
+                                            "5", "--grad-accum", "2"])
+    with pytest.raises(cli.common.UsageError, match="leaves no step of the cosine decay: the "
+                                                    "run has 5 steps"):
+        optimizer.build(cosine, 10)   # 10 steps are 5 updates: all warmup
+
+
 @pytest.mark.parametrize("decay", [None, 0.1])
 def test_adamw_decays_the_weights_and_tables_not_the_biases_and_norms(decay):
     """With a zero gradient adamw's update is the decay alone, -lr * decay * param: on every

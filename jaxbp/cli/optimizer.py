@@ -48,6 +48,11 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                         help="scale the batch gradient to global norm <= G before the "
                              "optimizer (optax.clip_by_global_norm; with --dp, after the "
                              "noise: post-processing, no privacy cost)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                        help="average the gradients of K consecutive batches before each "
+                             "optimizer update (optax.MultiSteps): an update on K x "
+                             "batch-size samples in the memory of one batch; the schedule "
+                             "and --warmup-steps count updates (1)")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help="adamw's decoupled weight decay (default optax's 1e-4), on the "
                              "weights and embedding tables, not the biases or norm scales")
@@ -56,6 +61,14 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 def check_options(args: argparse.Namespace) -> None:
     """The numbers, before any data are read (the run's length is checked in ``build``)."""
     positive("--warmup-steps", args.warmup_steps, integer=True, allow_zero=True)
+    positive("--grad-accum", args.grad_accum, integer=True)
+    if args.grad_accum > 1 and getattr(args, "dp", False):
+        raise UsageError(f"--grad-accum {args.grad_accum} with --dp would average "
+                         f"{args.grad_accum} separately noised DP-SGD gradients (the privacy "
+                         f"of {args.grad_accum} steps spent on one update, with "
+                         f"sqrt({args.grad_accum}) times the noise of one DP step on their "
+                         f"samples): raise --batch-size instead (--dp-microbatch bounds its "
+                         f"memory)")
     if args.clip_grad_norm is not None:
         positive("--clip-grad-norm", args.clip_grad_norm)
     if args.weight_decay is not None:
@@ -80,8 +93,19 @@ def learning_rate(lr: float, schedule: str, warmup_steps: int,
 
 
 def build(args: argparse.Namespace, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer of the options, for a run of ``total_steps`` steps."""
-    rate = learning_rate(args.lr, args.schedule, args.warmup_steps, total_steps)
+    """The optimizer of the options, for a run of ``total_steps`` steps (``total_steps /
+    --grad-accum`` updates: what the schedule counts)."""
+    updates = max(1, total_steps // args.grad_accum)
+    rule = _rule(args, learning_rate(args.lr, args.schedule, args.warmup_steps, updates))
+    if args.grad_accum == 1:
+        return rule
+    return optax.MultiSteps(rule, every_k_schedule=args.grad_accum).gradient_transformation()
+
+
+def _rule(args: argparse.Namespace, rate: float | optax.Schedule
+          ) -> optax.GradientTransformation:
+    """The update rule at ``rate``, after ``--clip-grad-norm`` (of the batch gradient, or
+    of the K batches' average)."""
     if args.weight_decay is not None:
         rule = optax.adamw(rate, weight_decay=args.weight_decay, mask=decays)
     else:
@@ -100,6 +124,8 @@ def describe(args: argparse.Namespace) -> str:
         words.append(f"{args.warmup_steps} warmup steps")
     if args.clip_grad_norm is not None:
         words.append(f"gradient clipped to norm {args.clip_grad_norm}")
+    if args.grad_accum > 1:
+        words.append(f"an update every {args.grad_accum} batches (their mean gradient)")
     if args.optimizer == "adamw":
         rate = args.weight_decay
         if rate is None:
@@ -116,5 +142,6 @@ def record(args: argparse.Namespace, total_steps: int) -> dict[str, Any]:
     entries = {"schedule": args.schedule if cosine else None,
                "schedule_steps": total_steps if cosine else None,
                "warmup_steps": args.warmup_steps or None,
-               "clip_grad_norm": args.clip_grad_norm, "weight_decay": args.weight_decay}
+               "clip_grad_norm": args.clip_grad_norm, "weight_decay": args.weight_decay,
+               "grad_accum": args.grad_accum if args.grad_accum > 1 else None}
     return {name: value for name, value in entries.items() if value is not None}
