@@ -26,9 +26,10 @@ def first_bad(bad: Any) -> tuple[int, int]:
     """(count, first flat index) of a boolean mask, host or device (one small sync).
 
     Under an outer ``jax.jit`` even a closed-over concrete array gives a traced mask:
-    its values are not known at trace time, so nothing is reported (0, 0).
+    its values are not known at trace time, so nothing is reported (0, 0); nor in an
+    empty mask (a zero-size array holds no bad entry).
     """
-    if isinstance(bad, jax.core.Tracer):
+    if isinstance(bad, jax.core.Tracer) or np.size(bad) == 0:   # nothing to report
         return 0, 0
     if isinstance(bad, jax.Array):
         count, first = jax.device_get((jnp.sum(bad), jnp.argmax(jnp.ravel(bad))))

@@ -102,6 +102,22 @@ def test_nothing_checked_is_inconclusive_never_ok():
     assert jaxbp.verify_vjp(wrong, jnp.ones(3, jnp.float32)).failed   # FD refutes it there
 
 
+def test_empty_arrays_are_checked_as_they_are_and_nothing_but_them_is_named():
+    """A zero-size leaf among others is checked like any (its finite check crashed on an
+    empty argmax: JAX's bare "attempt to get argmax of an empty sequence"); only empty
+    arrays leave no derivative to check, which would pass vacuously: a ValueError."""
+    params = {"w": jnp.zeros((0, 3)), "b": jnp.ones(2)}
+    assert jaxbp.verify_grads(lambda p: {"w": p["w"], "b": 2 * p["b"]},
+                              lambda p: jnp.sum(p["b"] ** 2), params).ok
+    with pytest.raises(ValueError, match=r"args hold no entries \(each of its 1 arrays has "
+                                         r"size 0\): there is no derivative to check"):
+        jaxbp.verify_vjp(lambda z: 2 * z, jnp.zeros((0,)))
+    with pytest.raises(ValueError, match="f\\(\\*args\\) hold no entries"):
+        jaxbp.verify_jvp(lambda z: z[:0], jnp.ones(3))
+    with pytest.raises(ValueError, match="params hold no entries"):
+        jaxbp.verify_grads(lambda p: p, lambda p: jnp.sum(p["w"]), {"w": jnp.zeros((0, 3))})
+
+
 def test_custom_vjp_without_jvp_is_noted_not_failed(x64):
     _kind, f, reference = CORRECT["norm (custom_vjp, scalar out)"]
     report = jaxbp.verify_vjp(f, *make_args("norm"), reference=reference)

@@ -49,6 +49,15 @@ def check_float_leaves(params: PyTree) -> None:
             raise TypeError(f"params{jax.tree_util.keystr(path)} must be floating to be "
                             f"differentiated, got dtype {jnp.result_type(leaf)}")
         value_checks.check_finite(leaf, f"params{jax.tree_util.keystr(path)}")  # a point
+    check_has_entries(jax.tree.leaves(params), "params")
+
+
+def check_has_entries(leaves: Sequence[Any], what: str) -> None:
+    """Some leaf holds an entry: a check over nothing but empty arrays would pass vacuously
+    (one empty leaf among others is checked as it is)."""
+    if not any(np.size(leaf) for leaf in leaves):
+        raise ValueError(f"{what} hold no entries (each of its {len(leaves)} arrays has size "
+                         f"0): there is no derivative to check")
 
 
 def check_same_structure(params: PyTree, manual: PyTree) -> None:

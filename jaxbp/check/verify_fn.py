@@ -43,6 +43,7 @@ from jaxbp.check.directions import Slope, directional_checks, gradient_slope
 from jaxbp.check.leaves import (
     LOW_PRECISION_EPS,
     as_arrays,
+    check_has_entries,
     check_knobs,
     compare_leaves,
     rtol_for,
@@ -68,6 +69,7 @@ def _floating(tree: PyTree, what: str) -> list[Any]:
         # a derivative is checked at a finite point (else every comparison is NaN: FAILED)
         value_checks.check_finite(leaf, f"{what}{jax.tree_util.keystr(path)}")
         leaves.append(leaf)
+    check_has_entries(leaves, what)
     return leaves
 
 
