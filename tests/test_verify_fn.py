@@ -157,6 +157,12 @@ def test_bad_arguments_are_named():
         jaxbp.verify_jvp(jnp.sin, jnp.ones(3), order=3)
     with pytest.raises(ValueError, match="output structure"):
         jaxbp.verify_vjp(lambda x: (x, x), jnp.ones(3), reference=lambda x: x)
+    for check in (jaxbp.verify_vjp, jaxbp.verify_jvp):   # was JAX's "unexpected JAX type"
+        with pytest.raises(ValueError, match=r"reference\(\*args\)\[1\] has shape \(3,\) "
+                                             r"and dtype float16, but f's has \(3,\) and "
+                                             r"float32"):
+            check(lambda x: (x, jnp.sin(x)), jnp.ones(3),
+                  reference=lambda x: (x, jnp.sin(x).astype(jnp.float16)))
 
 
 def test_assert_grads_correct_raises_with_the_table():

@@ -319,6 +319,14 @@ def _value_rows(setup: _Setup, ref_out: PyTree, rtol: float | None,
     if jax.tree.structure(ref_out) != setup.out_def:
         raise ValueError(f"reference(*args) must have f's output structure {setup.out_def}, "
                          f"got {jax.tree.structure(ref_out)}")
+    for path, mine, theirs in zip(setup.out_paths, setup.out_leaves, jax.tree.leaves(ref_out)):
+        if (jnp.shape(mine), jnp.result_type(mine)) != (jnp.shape(theirs),
+                                                        jnp.result_type(theirs)):
+            raise ValueError(f"reference(*args){path.removeprefix('out')} has shape "
+                             f"{jnp.shape(theirs)} and dtype {jnp.result_type(theirs)}, but "
+                             f"f's has {jnp.shape(mine)} and {jnp.result_type(mine)}: the two "
+                             f"derivatives are compared entry by entry at f's tolerance; give "
+                             f"a reference in f's shapes and dtypes")
     return compare_leaves([f"value {p}" for p in setup.out_paths], setup.out_leaves,
                           jax.tree.leaves(ref_out), rtol, atol)
 
