@@ -64,6 +64,10 @@ class Dataset(NamedTuple):
         return self.y_train.ndim == 1
 
 
+AnyDataset = Dataset | TextDataset
+"""What :func:`jaxbp.fit` trains on: arrays of samples and targets, or a text's windows."""
+
+
 def _split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``(train, test)`` row indices: ``round(n * test_fraction)`` rows held out, at least
     one, and at least one left to train on."""

@@ -87,7 +87,7 @@ def _logits_at(net: Network, params: Any, window: Array, position: Array) -> Arr
     return network.forward(net, params, window[None])[0][0, position]
 
 
-def generate(net: Network, params: Any, prompt: Sequence[int], length: int,
+def generate(net: Network, params: Any, prompt: Sequence[int] | np.ndarray, length: int,
              key: Array | None = None, temperature: float = 0.0,
              top_k: int | None = None) -> list[int]:
     """``length`` tokens continuing ``prompt`` (ids), one jitted forward per token.

@@ -244,9 +244,11 @@ def test_every_public_seed_is_named_when_bad():
 
 
 def test_every_public_signature_says_what_it_takes():
-    """A type checker reads the annotations: every public entry that takes a ``net`` says it
-    takes a Network (a GPT, a CNN), not only an MLP, and the layer records that take one
-    int for a pair (``MaxPool(2)``, ``Conv2D(8, 3)``) say so."""
+    """A type checker (pyright in an editor reads them without a py.typed) takes the
+    annotations at their word: every public entry that takes a ``net`` says it takes a
+    Network (a GPT, a CNN), not only an MLP; the layer records that take one int for a pair
+    (``MaxPool(2)``, ``Conv2D(8, 3)``) say so; and the README's calls check (mypy flagged
+    a loop given masks, fit given a text, generate given an encoded prompt)."""
     import inspect
     import typing
 
@@ -272,6 +274,14 @@ def test_every_public_signature_says_what_it_takes():
     for record, field in ((L.MaxPool, "window"), (L.AvgPool, "window"), (L.Conv2D, "kernel"),
                           (L.Conv2D, "stride")):
         assert int in typing.get_args(typing.get_type_hints(record)[field]), (record, field)
+    # what the README's own examples pass: a loop's masks, a text to fit, an encoded prompt
+    for make in (jaxbp.make_train_loop, parallel.make_sharded_train_loop):
+        loop = inspect.signature(make, eval_str=True).return_annotation
+        assert "masks" in inspect.signature(loop.__call__).parameters, make
+    assert jaxbp.data.TextDataset in typing.get_args(
+        inspect.signature(jaxbp.fit, eval_str=True).parameters["data"].annotation)
+    assert np.ndarray in typing.get_args(
+        inspect.signature(models.generate, eval_str=True).parameters["prompt"].annotation)
 
 
 def test_results_and_figures_are_written_whole_or_not_at_all(tmp_path):

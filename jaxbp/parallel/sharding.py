@@ -49,6 +49,7 @@ from jaxbp.mlp import Net
 from jaxbp.train.state import check_not_donated
 from jaxbp.train.step import (
     GradFn,
+    TrainLoop,
     TrainState,
     check_optimizer,
     gradient_source,
@@ -302,7 +303,7 @@ def make_sharded_train_loop(
     model_axis: str | None = MODEL,
     donate: bool = True,
     precision: str | None = None,
-) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
+) -> TrainLoop:
     """:func:`jaxbp.make_train_loop` over ``mesh``: k steps in one scan, data (and model)
     parallel, as :func:`make_sharded_train_step` shards one.
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxbp import parallel
-from jaxbp.data import Dataset
+from jaxbp.data import AnyDataset
 from jaxbp.diagnostics import layer_stats, layer_stats_places
 from jaxbp.mlp import Net
 from jaxbp.train import feeds
@@ -170,7 +170,7 @@ def epoch_row(net: Net, test_sums: Any, sums: dict[str, float], steps: int, epoc
             "seconds": time.perf_counter() - start}
 
 
-def layer_stats_lists(net: Net, params: Params, data: Dataset, n: int) -> dict[str, list[Any]]:
+def layer_stats_lists(net: Net, params: Params, data: AnyDataset, n: int) -> dict[str, list[Any]]:
     """:func:`jaxbp.layer_stats` on the first ``n`` training samples, as lists, with where
     each entry sits (``"layers"``: :func:`jaxbp.diagnostics.layer_stats_places`)."""
     stats = layer_stats(net, params, data.x_train[:n], data.y_train[:n])

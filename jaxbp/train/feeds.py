@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbp import network, user_warnings, value_checks
-from jaxbp.data import Dataset, epoch_order
+from jaxbp.data import AnyDataset, epoch_order
 from jaxbp.parallel import process_rows
 from jaxbp.types import PRNGKey
 
@@ -164,7 +164,7 @@ class PoissonFeed:
             yield self.x[rows], self.y[rows], mask
 
 
-def make_feed(net: Any, data: Dataset, dtype: Any, batch_size: int, drop_last: bool,
+def make_feed(net: Any, data: AnyDataset, dtype: Any, batch_size: int, drop_last: bool,
               mesh: Any, private: Any, steps_per_epoch: int
               ) -> tuple[EpochFeed | PoissonFeed, tuple[Any, Any]]:
     """The training feed and the test set ``(x, y)``, cast once to the params' ``dtype``.

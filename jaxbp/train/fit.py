@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from jaxbp import input_checks, parallel, user_warnings
-from jaxbp.data import Dataset, num_batches
+from jaxbp.data import AnyDataset, num_batches
 from jaxbp.mlp import Net
 from jaxbp.train import checkpoint, feeds, fit_checks, plots, resume
 from jaxbp.train import private as train_private
@@ -67,7 +67,7 @@ class FitResult(NamedTuple):
 def fit(
     net: Net,
     optimizer: optax.GradientTransformation,
-    data: Dataset,
+    data: AnyDataset,
     *,
     epochs: int,
     batch_size: int,
@@ -198,7 +198,7 @@ def fit(
             file_lock.release()
 
 
-def _fit(net: Net, optimizer: optax.GradientTransformation, data: Dataset, *, epochs: int,
+def _fit(net: Net, optimizer: optax.GradientTransformation, data: AnyDataset, *, epochs: int,
          batch_size: int, key: PRNGKey, grad: str | GradFn, params: Params | None,
          drop_last: bool, eval_batch_size: int, checkpoint_dir: str | pathlib.Path | None,
          keep: int, progress: bool, plot: str | pathlib.Path | None, diagnostics: bool,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +197,14 @@ def make_train_step(
     return guard_donation(jax.jit(step, donate_argnums=(0,) if donate else ()))
 
 
+class TrainLoop(Protocol):
+    """``loop(state, xs, ys, masks=None) -> (state, metrics)``: k steps, one batch per step
+    (:func:`make_train_loop`); ``masks`` (k, batch) marks a padded batch's samples."""
+
+    def __call__(self, state: TrainState, xs: ArrayLike, ys: ArrayLike,
+                 masks: ArrayLike | None = None) -> tuple[TrainState, dict[str, Array]]: ...
+
+
 def make_train_loop(
     net: Net,
     optimizer: optax.GradientTransformation,
@@ -205,7 +213,7 @@ def make_train_loop(
     donate: bool = True,
     precision: str | None = None,
     unroll: int | bool = 1,
-) -> Callable[[TrainState, ArrayLike, ArrayLike], tuple[TrainState, dict[str, Array]]]:
+) -> TrainLoop:
     """``steps`` training steps inside one ``lax.scan``, compiled as one program.
 
     Args:
