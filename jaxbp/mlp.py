@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxbp import input_checks
 from jaxbp.activations import ACTIVATIONS, Activation, get_activation
@@ -71,13 +72,13 @@ class MLP:
       TypeError: sizes that are not integers.
     """
 
-    sizes: tuple[int, ...]
-    activation: str | tuple[str, ...] = "relu"
+    sizes: Sequence[int]
+    activation: str | Sequence[str] = "relu"
     output_activation: str = "identity"
     loss: str = "softmax_cross_entropy"
-    dtype: str = "float32"
-    compute_dtype: str | None = None
-    activation_dtype: str | None = None
+    dtype: DTypeLike = "float32"
+    compute_dtype: DTypeLike | None = None
+    activation_dtype: DTypeLike | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sizes", _checked_sizes(self.sizes))

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from jaxbp import input_checks, layers, network, value_checks
 from jaxbp.layers.chain import records
@@ -25,8 +26,8 @@ NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
 
 
 def cnn(side: int, n_out: int, activation: str = "relu", output_activation: str = "identity",
-        loss: str = "softmax_cross_entropy", compute_dtype: str | None = None,
-        activation_dtype: str | None = None) -> Network:
+        loss: str = "softmax_cross_entropy", compute_dtype: DTypeLike | None = None,
+        activation_dtype: DTypeLike | None = None) -> Network:
     """The digits CNN on (side, side, 1) images.
 
     Conv 3x3 (16, act) -> MaxPool 2 -> Conv 3x3 (32, act) -> MaxPool 2 -> Flatten ->
@@ -43,8 +44,8 @@ def cnn(side: int, n_out: int, activation: str = "relu", output_activation: str 
 
 
 def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: int = 4,
-        norm: str = "layer", dtype: str = "float32", causal: bool = True,
-        compute_dtype: str | None = None, activation_dtype: str | None = None,
+        norm: str = "layer", dtype: DTypeLike = "float32", causal: bool = True,
+        compute_dtype: DTypeLike | None = None, activation_dtype: DTypeLike | None = None,
         attention_block: int | None = None) -> Network:
     """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
     vocab), the mean softmax cross-entropy over every token whose target is not -1.

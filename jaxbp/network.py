@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxbp import input_checks
 from jaxbp.layers import precision
@@ -74,13 +75,13 @@ class Network:
         ``(n_out,)`` nor a sequence ``(T, n_out)`` (a loss per token).
     """
 
-    layers: tuple[Any, ...]
-    input_shape: tuple[int, ...]
+    layers: Sequence[Any]
+    input_shape: Sequence[int]
     loss: str = "softmax_cross_entropy"
-    dtype: str = "float32"
-    compute_dtype: str | None = None
-    activation_dtype: str | None = None
-    input_dtype: str | None = None
+    dtype: DTypeLike = "float32"
+    compute_dtype: DTypeLike | None = None
+    activation_dtype: DTypeLike | None = None
+    input_dtype: DTypeLike | None = None
 
     def __post_init__(self) -> None:
         layers = check_layers(self.layers, "layers")
@@ -267,7 +268,7 @@ def describe(net: Network) -> str:
     return f"input {'x'.join(map(str, net.input_shape))}: " + ", ".join(parts) + f"; {net.loss}"
 
 
-def _check_token_input(layers: Sequence[Any], input_dtype: str | None) -> None:
+def _check_token_input(layers: Sequence[Any], input_dtype: DTypeLike | None) -> None:
     """Integer tokens in, exactly when the first layer takes them (an Embedding): a float
     input reaching a table's rows, or tokens reaching a matmul, is named here rather than
     by JAX's indexing or dot."""

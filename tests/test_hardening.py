@@ -274,6 +274,17 @@ def test_every_public_signature_says_what_it_takes():
     for record, field in ((L.MaxPool, "window"), (L.AvgPool, "window"), (L.Conv2D, "kernel"),
                           (L.Conv2D, "stride")):
         assert int in typing.get_args(typing.get_type_hints(record)[field]), (record, field)
+    # lists for sequences, NumPy/JAX dtypes for the dtype names, as the checks accept them
+    from collections.abc import Sequence
+
+    for cls in (jaxbp.MLP, jaxbp.Network, L.Dense, L.Conv2D, L.SelfAttention, L.LayerNorm,
+                L.RMSNorm, L.Embedding, L.Residual):
+        for field, hint in typing.get_type_hints(cls).items():
+            if field.endswith("dtype"):
+                assert np.dtype in typing.get_args(hint) or np.dtype in typing.get_args(
+                    typing.get_args(hint)[0]), (cls, field, hint)
+            if field in ("sizes", "layers", "input_shape"):
+                assert typing.get_origin(hint) is Sequence, (cls, field, hint)
     # what the README's own examples pass: a loop's masks, a text to fit, an encoded prompt
     for make in (jaxbp.make_train_loop, parallel.make_sharded_train_loop):
         loop = inspect.signature(make, eval_str=True).return_annotation

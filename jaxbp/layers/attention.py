@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxbp.layers import blockwise_attention, kfac, precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
@@ -75,8 +76,8 @@ class SelfAttention:
 
     heads: int
     causal: bool = True
-    compute_dtype: str | None = None
-    activation_dtype: str | None = None
+    compute_dtype: DTypeLike | None = None
+    activation_dtype: DTypeLike | None = None
     block: int | None = None
 
     def __post_init__(self) -> None:

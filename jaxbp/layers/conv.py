@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxbp.activations import get_activation
 from jaxbp.layers import precision, token_grads
@@ -89,8 +90,8 @@ class Conv2D:
     stride: int | tuple[int, int] = 1
     padding: str = "SAME"
     activation: str = "identity"
-    compute_dtype: str | None = None
-    activation_dtype: str | None = None
+    compute_dtype: DTypeLike | None = None
+    activation_dtype: DTypeLike | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "filters", check_int("Conv2D filters", self.filters, 1))

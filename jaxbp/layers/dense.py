@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxbp.activations import get_activation
 from jaxbp.layers import precision, token_grads
@@ -50,8 +51,8 @@ class Dense:
 
     units: int
     activation: str = "identity"
-    compute_dtype: str | None = None
-    activation_dtype: str | None = None
+    compute_dtype: DTypeLike | None = None
+    activation_dtype: DTypeLike | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "units", check_int("Dense units", self.units, 1))

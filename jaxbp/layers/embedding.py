@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxbp.layers import kfac, precision
 from jaxbp.layers.base import TRUNCATED_NORMAL_STD, Shape, register
@@ -52,7 +53,7 @@ class Embedding:
     positions: int | None = None
     takes_tokens: ClassVar[bool] = True
     """Its input is integer tokens: it starts a Network with an integer ``input_dtype``."""
-    activation_dtype: str | None = None
+    activation_dtype: DTypeLike | None = None
 
     def __post_init__(self) -> None:
         precision.check_recipe(self)

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxbp.layers import kfac, precision
 from jaxbp.layers.base import Shape, register
@@ -40,7 +41,7 @@ class LayerNorm:
     """
 
     eps: float = 1e-5
-    activation_dtype: str | None = None
+    activation_dtype: DTypeLike | None = None
 
     def __post_init__(self) -> None:
         if not is_real(self.eps) or not self.eps > 0:

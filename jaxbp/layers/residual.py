@@ -10,6 +10,7 @@ its part). Params: the tuple of the inner layers' params.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ from jaxbp.types import Array
 class Residual:
     """``x + f(x)`` with f the chain ``layers`` (which must give back x's shape)."""
 
-    layers: tuple[Any, ...]
+    layers: Sequence[Any]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", check_layers(self.layers, "Residual layers"))

@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jaxbp.layers import kfac, precision
 from jaxbp.layers.base import Shape, register
@@ -37,7 +38,7 @@ class RMSNorm:
     """
 
     eps: float = 1e-6
-    activation_dtype: str | None = None
+    activation_dtype: DTypeLike | None = None
 
     def __post_init__(self) -> None:
         precision.check_recipe(self)
