@@ -83,7 +83,7 @@ def layer_stats(net: Net, params: Params, x: ArrayLike, y: ArrayLike,
     (after its own ``g'``). For a sequence output (a GPT) the per-sample scale is that of
     one counted token's loss (times M, the counted tokens), and the entries are each
     block's two MLP layers, then the head (attention's projections have no activation:
-    not an entry).
+    not an entry; nor a SwiGLU MLP's GatedDense, two weights with no one pre-activation).
     """
     x, y = input_checks.check_inputs(net, params, x, y)
     if updates is not None:

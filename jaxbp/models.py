@@ -24,6 +24,14 @@ from jaxbp.types import Array, check_bool, check_int
 NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
 """The norms :func:`gpt` takes by name."""
 
+POSITIONS = ("learned", "rope")
+"""How :func:`gpt` tells positions apart: a learned table added to the token embedding
+(GPT-2), or rotary embeddings in every attention (LLaMA)."""
+
+MLPS = ("gelu", "swiglu")
+"""The feed-forward halves :func:`gpt` takes: ``Dense(h, gelu) -> Dense(d)`` (GPT-2), or
+``GatedDense(h, silu) -> Dense(d)`` (SwiGLU, LLaMA)."""
+
 
 def cnn(side: int, n_out: int, activation: str = "relu", output_activation: str = "identity",
         loss: str = "softmax_cross_entropy", compute_dtype: DTypeLike | None = None,
@@ -46,7 +54,8 @@ def cnn(side: int, n_out: int, activation: str = "relu", output_activation: str 
 def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: int = 4,
         norm: str = "layer", dtype: DTypeLike = "float32", causal: bool = True,
         compute_dtype: DTypeLike | None = None, activation_dtype: DTypeLike | None = None,
-        attention_block: int | None = None) -> Network:
+        attention_block: int | None = None, positions: str = "learned",
+        mlp: str = "gelu") -> Network:
     """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
     vocab), the mean softmax cross-entropy over every token whose target is not -1.
 
@@ -61,6 +70,13 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     ``attention_block``: None (attention keeps its (T, T) softmax for the backward), or
     the keys taken at a time by :class:`jaxbp.layers.SelfAttention`'s blockwise form
     (memory T x block per head, the scores computed twice).
+    ``positions``: ``"learned"`` (a (seq_len, dim) table added to the token embedding,
+    GPT-2's) or ``"rope"`` (no table; every attention turns Q and K by rotary
+    embeddings, LLaMA's; needs an even head width dim / heads). ``mlp``: ``"gelu"``
+    (``Dense(mlp_ratio dim, gelu)``) or ``"swiglu"`` (``GatedDense(mlp_ratio dim,
+    silu)``, a third weight: LLaMA takes mlp_ratio 8/3 to keep the count; here the
+    hidden width is ``mlp_ratio dim`` whichever). ``norm="rms", positions="rope",
+    mlp="swiglu"`` is a LLaMA-style decoder (with biases).
     """
     for name, value in (("vocab", vocab), ("dim", dim), ("depth", depth), ("heads", heads),
                         ("seq_len", seq_len), ("mlp_ratio", mlp_ratio)):
@@ -70,12 +86,21 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     check_bool("gpt causal", causal)
     if not isinstance(norm, str) or norm not in NORMS:
         raise ValueError(f"gpt norm must be one of {sorted(NORMS)}, got {norm!r}")
+    for name, value, allowed in (("positions", positions, POSITIONS), ("mlp", mlp, MLPS)):
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"gpt {name} must be one of {list(allowed)}, got {value!r}")
+    if positions == "rope" and (dim // heads) % 2:
+        raise ValueError(f"gpt positions='rope' turns pairs of a head's features: the head "
+                         f"width dim / heads = {dim // heads} must be even")
     make_norm = NORMS[norm]
-    block = (layers.Residual((make_norm(), layers.SelfAttention(heads, causal,
-                                                                block=attention_block))),
-             layers.Residual((make_norm(), layers.Dense(int(mlp_ratio) * dim, "gelu"),
-                              layers.Dense(dim))))
-    return Network((layers.Embedding(vocab, dim, positions=seq_len), *block * int(depth),
+    hidden = (layers.GatedDense if mlp == "swiglu" else layers.Dense)(
+        int(mlp_ratio) * dim, "silu" if mlp == "swiglu" else "gelu")
+    attention = layers.SelfAttention(heads, causal, block=attention_block,
+                                     rope=positions == "rope")
+    block = (layers.Residual((make_norm(), attention)),
+             layers.Residual((make_norm(), hidden, layers.Dense(dim))))
+    table = seq_len if positions == "learned" else None
+    return Network((layers.Embedding(vocab, dim, positions=table), *block * int(depth),
                     make_norm(), layers.Dense(vocab)),
                    input_shape=(seq_len,), loss="softmax_cross_entropy", dtype=dtype,
                    input_dtype="int32", compute_dtype=compute_dtype,

@@ -255,8 +255,9 @@ def test_accelerator_presets_are_device_aware(monkeypatch, capsys):
     from jaxbp.bench import suite as bench_suite
 
     assert bench_suite.quick_cases("cpu") is bench_suite.QUICK
-    assert len(bench_suite.QUICK) == 36 and {c.precision for c in bench_suite.QUICK
+    assert len(bench_suite.QUICK) == 37 and {c.precision for c in bench_suite.QUICK
                                              if hasattr(c, "side")} == set(bench_suite.RECIPES)
+    assert {c.style for c in bench_suite.QUICK if hasattr(c, "seq_len")} == {"gpt2", "llama"}
     heavy = bench_suite.quick_cases("gpu")
     assert len(heavy) == 37 and min(c.gflop for c in heavy) > 1  # not launch-bound
     recipes = {c.precision for c in heavy if hasattr(c, "side")}

@@ -199,20 +199,24 @@ def test_bad_feedback_and_layers_are_named(x64):
         feedback.angles(net, params, np.zeros((2, 5)), np.zeros((2, 3)), "fa")
 
 
-def test_rules_on_a_gpt_replace_each_projections_transport_only(x64):
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_rules_on_a_gpt_replace_each_projections_transport_only(mlp, x64):
     """Through attention, the token-wise Dense layers and the Residual blocks: with every
     entry the layer's own W^T the rule is backprop; a random B is used only to carry
-    errors (B_o to the heads, B_q, B_k, B_v to the input; the softmax backward exact),
-    so the head's gradient stays exact and every earlier block's moves off; sign
-    symmetry alike. Angles are reported per top-level layer with parameters."""
-    net = jaxbp.models.gpt(vocab=6, dim=4, depth=2, heads=2, seq_len=5, dtype="float64")
+    errors (B_o to the heads, B_q, B_k, B_v to the input; the softmax backward exact;
+    a GatedDense's B_g and B_u, its gate's product exact), so the head's gradient stays
+    exact and every earlier block's moves off; sign symmetry alike. Angles are
+    reported per top-level layer with parameters."""
+    net = jaxbp.models.gpt(vocab=6, dim=4, depth=2, heads=2, seq_len=5, dtype="float64",
+                           mlp=mlp, positions="rope" if mlp == "swiglu" else "learned")
     params = net.init(jax.random.key(0))
     rng = np.random.default_rng(0)
     x = rng.integers(0, 6, (3, 5)).astype(np.int32)
     y = rng.integers(0, 6, (3, 5)).astype(np.int32)
     shapes = feedback.feedback_shapes(net)
     assert shapes[0] == (None, {p: (4, 4) for p in "qkvo"})        # LayerNorm, attention
-    assert shapes[1] == (None, (16, 4), (4, 16))                    # LayerNorm, the MLP
+    hidden = {"g": (16, 4), "u": (16, 4)} if mlp == "swiglu" else (16, 4)
+    assert shapes[1] == (None, hidden, (4, 16))                     # LayerNorm, the MLP
     own = tuple(jaxbp.layers.base.feedback_of(layer, p, shape) for layer, p, shape
                 in zip(net.layers[1:], params[1:], net.shapes[1:]))
     _, grads, _, _ = jax.jit(feedback.alignment(own), static_argnums=0)(net, params, x, y, 0)

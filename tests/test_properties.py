@@ -114,9 +114,10 @@ def test_a_conv_or_pools_backward_is_the_vjp_of_its_forward_for_any_setting(x64,
 
 
 sequence_settings = st.fixed_dictionaries({
-    "kind": st.sampled_from(["attention", "layernorm", "rmsnorm", "dense"]),
+    "kind": st.sampled_from(["attention", "layernorm", "rmsnorm", "dense", "gated"]),
     "heads": st.integers(1, 3), "head_dim": st.integers(1, 3), "T": st.integers(1, 9),
-    "causal": st.booleans(), "block": st.one_of(st.none(), st.integers(1, 10))})
+    "causal": st.booleans(), "block": st.one_of(st.none(), st.integers(1, 10)),
+    "rope": st.booleans(), "base": st.sampled_from([3.0, 1e4, 5e5])})
 
 
 @pytest.mark.slow
@@ -124,12 +125,16 @@ sequence_settings = st.fixed_dictionaries({
 @given(s=sequence_settings, seed=st.integers(0, 2**16))
 def test_a_token_wise_records_backward_is_the_vjp_of_its_forward(x64, s, seed):
     """SelfAttention (plain and blockwise, any block against any T, causal or not, T = 1
-    included), LayerNorm, RMSNorm and a token-wise Dense on (batch, T, d) sequences."""
-    d = s["heads"] * s["head_dim"]
+    included, rotary or not: a rotary head twice as wide), LayerNorm, RMSNorm, a
+    token-wise Dense and GatedDense on (batch, T, d) sequences."""
+    rope = s["kind"] == "attention" and s["rope"]
+    d = s["heads"] * s["head_dim"] * (2 if rope else 1)
     layer = {"attention": lambda: L.SelfAttention(s["heads"], causal=s["causal"],
-                                                  block=s["block"]),
+                                                  block=s["block"], rope=rope,
+                                                  rope_base=s["base"]),
              "layernorm": L.LayerNorm, "rmsnorm": L.RMSNorm,
-             "dense": lambda: L.Dense(s["heads"] + 1, "gelu")}[s["kind"]]()
+             "dense": lambda: L.Dense(s["heads"] + 1, "gelu"),
+             "gated": lambda: L.GatedDense(s["heads"] + 1)}[s["kind"]]()
     assert not _vjp_misses(layer, (s["T"], d), seed)
 
 

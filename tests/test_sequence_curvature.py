@@ -18,10 +18,12 @@ import jaxbp
 from jaxbp import models
 from jaxbp.check.suite import random_tokens
 
+LLAMA = {"positions": "rope", "mlp": "swiglu"}        # rotary attention, a SwiGLU MLP
 
-def _gpt(seq_len=3, norm="layer", causal=True, dtype="float64"):
+
+def _gpt(seq_len=3, norm="layer", causal=True, dtype="float64", **style):
     return models.gpt(vocab=5, dim=4, depth=1, heads=2, seq_len=seq_len, mlp_ratio=1,
-                      norm=norm, causal=causal, dtype=dtype)
+                      norm=norm, causal=causal, dtype=dtype, **style)
 
 
 def _moved(net, seed=0):
@@ -31,10 +33,11 @@ def _moved(net, seed=0):
         net.init(jax.random.key(seed)))
 
 
-def test_ggn_diag_of_a_gpt_is_the_token_sum_of_jacobian_hessian_products(x64):
+@pytest.mark.parametrize("style", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_ggn_diag_of_a_gpt_is_the_token_sum_of_jacobian_hessian_products(style, x64):
     """diag((1/M) sum over counted tokens (n, t) of J_nt^T H_nt J_nt), J from jax.jacfwd of
     the logits and H from jax.hessian of one token's loss; padded tokens add nothing."""
-    net = _gpt(norm="layer", causal=False)          # RMSNorm and causal: the K-FAC tests
+    net = _gpt(norm="layer", causal=False, **style)  # RMSNorm and causal: the K-FAC tests
     params = _moved(net)
     x, y = random_tokens(np.random.default_rng(2), net, 2, ignored=0.3)
     assert (y < 0).any() and (y >= 0).any()
@@ -53,11 +56,13 @@ def test_ggn_diag_of_a_gpt_is_the_token_sum_of_jacobian_hessian_products(x64):
 
 
 
-def test_kfac_blocks_of_one_token_are_its_gradients_outer_product(x64):
+@pytest.mark.parametrize("style", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_kfac_blocks_of_one_token_are_its_gradients_outer_product(style, x64):
     """T = 1, one sample, empirical: under "expand" every block of every record (the
     tables' diagonal A, attention's four projections, the norms' diagonals, the Dense
-    layers inside the Residual blocks and the head) is its gradient's outer product."""
-    net = _gpt(seq_len=1, norm="rms")
+    layers inside the Residual blocks, a GatedDense's two branches and the head) is its
+    gradient's outer product."""
+    net = _gpt(seq_len=1, norm="rms", **style)
     params = _moved(net)
     x, y = np.array([[3]], np.int32), np.array([[1]], np.int32)
     factors = jaxbp.kfac_factors(net, params, x, y, kind="empirical")
@@ -68,8 +73,9 @@ def test_kfac_blocks_of_one_token_are_its_gradients_outer_product(x64):
         got = np.diag(matrix) if "diag" in block else matrix
         np.testing.assert_allclose(got, g * g if "diag" in block else np.outer(g, g),
                                    rtol=1e-10, atol=1e-14)
-    assert kinds.count(["A_diag", "G"]) == 2 and kinds.count(["diag"]) == 3
-    assert kinds.count(["A", "G"]) == 4 + 2 + 1                # attention, the MLP, the head
+    tables = 1 if style else 2                              # rotary: no positions table
+    assert kinds.count(["A_diag", "G"]) == tables and kinds.count(["diag"]) == 3
+    assert kinds.count(["A", "G"]) == 4 + 2 + bool(style) + 1  # attention, the MLP, the head
 
 
 @pytest.mark.parametrize("kind", ["exact", "empirical"])
@@ -97,10 +103,11 @@ def test_kfac_head_factors_follow_the_expand_convention_with_padding(kind, x64):
     assert_normwise_close(head["G"], want_g, rtol=1e-12)
 
 
-def test_kfac_preconditioner_solves_every_gpt_block(x64):
+@pytest.mark.parametrize("style", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_kfac_preconditioner_solves_every_gpt_block(style, x64):
     """Each block's update is the explicit damped Kronecker (or diagonal) solve: A and G
     damped by pi sqrt(l) and sqrt(l)/pi (A_diag's mean in tr A / dim A), diag by l."""
-    net = _gpt(seq_len=3)
+    net = _gpt(seq_len=3, **style)
     params = _moved(net)
     x, y = random_tokens(np.random.default_rng(4), net, 2)
     damping = 0.3

@@ -37,9 +37,13 @@ def test_cases_cover_the_space():
             if isinstance(layer, L.Residual) and isinstance(layer.layers[1], L.SelfAttention)]
     assert {a.heads for a in attn} >= {1, 2, 3, 4} and {a.causal for a in attn} == {True, False}
     assert {a.block is None for a in attn} == {True, False}         # case 7: blockwise
+    assert {a.rope for a in attn} == {True, False}                  # rotary: i = 1, 2 mod 4
     assert {net.input_shape[0] for net in nets} >= {1} and max(n.input_shape[0] for n in nets) > 8
     kinds = {type(layer).__name__ for net in nets for layer in net.layers}
     assert {"LayerNorm", "RMSNorm", "Embedding", "Dense", "Residual"} <= kinds
+    inner = {type(inside).__name__ for net in nets for layer in net.layers
+             if isinstance(layer, L.Residual) for inside in layer.layers}
+    assert "GatedDense" in inner and "Dense" in inner               # SwiGLU: i = 2, 3 mod 4
     assert {len(net.layers) for net in nets} == {5, 7, 9}       # depth 1, 2 and 3
 
 
@@ -380,15 +384,18 @@ def test_other_sequence_lengths_name_the_network_that_takes_them(x64):
     assert global_rel_error(jaxbp.backprop(short, params, x[:, :4], y),
                             jaxbp.value_and_autodiff(short, params, x[:, :4], y)[1]) < 1e-12
 
-@pytest.mark.parametrize("precision", ["float32", "bf16"])
-def test_gpt_model_flops_are_the_manual_steps_matmul_flops(precision):
+@pytest.mark.parametrize(("precision", "style"), [("float32", "gpt2"), ("bf16", "gpt2"),
+                                                  ("float32", "llama")])
+def test_gpt_model_flops_are_the_manual_steps_matmul_flops(precision, style):
     """6N + 12LTd per token is exactly what the hand-written step multiplies, in every
-    recipe: the sum of 2 x (output size) x (contracted size) over its dot_generals."""
+    recipe and style: the sum of 2 x (output size) x (contracted size) over its
+    dot_generals."""
     from helpers import jaxpr_equations
 
     from jaxbp.bench.gpt import GptCase
 
-    case = GptCase(dim=8, depth=2, heads=2, seq_len=5, batch=3, vocab=11, precision=precision)
+    case = GptCase(dim=8, depth=2, heads=2, seq_len=5, batch=3, vocab=11, precision=precision,
+                   style=style)
     net = case.net()
     params = net.init(jax.random.key(0))
     x, y = random_tokens(np.random.default_rng(0), net, case.batch, ignored=0.0)
@@ -402,7 +409,7 @@ def test_gpt_model_flops_are_the_manual_steps_matmul_flops(precision):
     assert flops == case.flops()["total"]
     weights = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
                if jax.tree_util.keystr(path).endswith(("'w']", "'wq']", "'wk']", "'wv']",
-                                                       "'wo']"))]
+                                                       "'wo']", "'wg']", "'wu']"))]
     assert case.matmul_params == sum(w.size for w in weights)
 
 

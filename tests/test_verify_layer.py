@@ -28,6 +28,9 @@ def test_every_built_in_record_passes_in_float64(x64):
         (L.AvgPool((2, 2)), _x(2, 4, 4, 2)),
         (L.RMSNorm(), _x(2, 3, 5)),
         (L.SelfAttention(2), _x(2, 5, 4)),
+        (L.SelfAttention(2, causal=False, block=2, rope=True), _x(2, 5, 4)),
+        (L.GatedDense(3), _x(2, 4, 5)),
+        (L.GatedDense(3, "gelu"), _x(3, 4)),
         (L.Embedding(7, 4, positions=6), np.arange(10).reshape(2, 5) % 7),
         (L.Residual((L.LayerNorm(), L.Dense(4, "relu"), L.Dense(4))), _x(3, 4)),
     )

@@ -181,9 +181,10 @@ def _quick(widths: tuple[int, int], batches: tuple[int, int], convs: list[ConvCa
 
 QUICK = _quick((64, 512), (32, 512),
                [ConvCase(8, 1, 16, 2, 32), ConvCase(16, 8, 32, 2, 128, pool=2)],
-               [GptCase(128, 2, 4, 64, 16), GptCase(192, 3, 6, 128, 4)])
-"""The CPU ``--quick`` preset: 2 CNNs and 28 small MLP cases in the three recipes, 2
-small float32 GPTs (the shipped text's 65 characters): 36 cases."""
+               [GptCase(128, 2, 4, 64, 16), GptCase(128, 2, 4, 64, 16, style="llama"),
+                GptCase(192, 3, 6, 128, 4)])
+"""The CPU ``--quick`` preset: 2 CNNs and 28 small MLP cases in the three recipes, 3
+small float32 GPTs (the shipped text's 65 characters; one LLaMA-style): 37 cases."""
 
 QUICK_ACCELERATOR = _quick((1024, 4096), (512, 8192),
                            [ConvCase(32, 64, 128, 2, 256, pool=2),

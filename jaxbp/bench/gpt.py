@@ -1,9 +1,9 @@
 """The GPT case of the training-step benchmark, its model FLOPs counted by hand.
 
 Per token, with N the parameters that multiply (each block's four attention
-projections ``4 d^2`` and its MLP ``2 r d^2``, the head ``d V``; the embedding is a
-lookup, biases and norms are elementwise), L blocks and T positions (PaLM's
-convention, Chowdhery et al. 2022, appendix B):
+projections ``4 d^2`` and its MLP ``2 r d^2``, ``3 r d^2`` with SwiGLU's gate, the head
+``d V``; the embedding is a lookup, biases, norms and rotary turns are elementwise), L
+blocks and T positions (PaLM's convention, Chowdhery et al. 2022, appendix B):
 
 .. math::
     \\text{FLOPs per token} = 6 N + 12 L T d
@@ -24,11 +24,16 @@ from jaxbp.layers.precision import RECIPES
 from jaxbp.models import gpt
 from jaxbp.network import Network
 
+STYLES = {"gpt2": {}, "llama": {"norm": "rms", "positions": "rope", "mlp": "swiglu"}}
+"""The GPT styles of the bench, as :func:`jaxbp.models.gpt`'s options."""
+
 
 @dataclasses.dataclass(frozen=True)
 class GptCase:
-    """A GPT training step (:func:`jaxbp.models.gpt`, LayerNorm, mlp_ratio 4) on (batch,
-    seq_len) tokens in one of the :data:`RECIPES`; softmax cross-entropy over every token."""
+    """A GPT training step (:func:`jaxbp.models.gpt`, mlp_ratio 4) on (batch, seq_len)
+    tokens in one of the :data:`RECIPES`; softmax cross-entropy over every token.
+    ``style``: ``"gpt2"`` (LayerNorm, learned positions, gelu MLP) or ``"llama"``
+    (RMSNorm, rotary attention, SwiGLU: :data:`STYLES`)."""
 
     dim: int
     depth: int
@@ -39,6 +44,7 @@ class GptCase:
     precision: str = "float32"
     loss: str = "softmax_cross_entropy"
     mlp_ratio: int = 4
+    style: str = "gpt2"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -55,13 +61,13 @@ class GptCase:
 
     def net(self) -> Network:
         return gpt(self.vocab, self.dim, self.depth, self.heads, self.seq_len, self.mlp_ratio,
-                   **RECIPES[self.precision])
+                   **STYLES[self.style], **RECIPES[self.precision])
 
     @property
     def matmul_params(self) -> int:
         """N: the parameters that multiply (projections, MLP, head)."""
-        d = self.dim
-        return self.depth * (4 + 2 * self.mlp_ratio) * d * d + d * self.vocab
+        d, mlp_weights = self.dim, 3 if STYLES[self.style].get("mlp") == "swiglu" else 2
+        return self.depth * (4 + mlp_weights * self.mlp_ratio) * d * d + d * self.vocab
 
     def flops(self) -> dict[str, int]:
         """Model FLOPs of one step, ``tokens (6 N + 12 L T d)``, by kind."""
@@ -78,7 +84,8 @@ class GptCase:
         return self.flops()["total"] / 1e9
 
     def label(self, arithmetic: str | None = None) -> str:
-        """``GPT d128 L2 H4 T64 B16 float32``."""
+        """``GPT d128 L2 H4 T64 B16 float32`` (``LLaMA-style GPT ...`` in that style)."""
         ran = f" ({arithmetic})" if arithmetic else ""
-        return (f"GPT d{self.dim} L{self.depth} H{self.heads} T{self.seq_len} B{self.batch} "
-                f"{self.precision}{ran}")
+        style = "LLaMA-style " if self.style == "llama" else ""
+        return (f"{style}GPT d{self.dim} L{self.depth} H{self.heads} T{self.seq_len} "
+                f"B{self.batch} {self.precision}{ran}")

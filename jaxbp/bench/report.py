@@ -22,7 +22,8 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 METHOD = (
     "One sgd training step, relu MLP (W, ..., W, 10) with `D` weight layers (CNN: "
     "`D` 3x3 SAME relu convs of `F` filters, Dense(10); GPT: `jaxbp.models.gpt` of "
-    "width d, L blocks, H heads on T tokens, its FLOPs the model FLOPs 6N + 12LTd per "
+    "width d, L blocks, H heads on T tokens (GPT-2's blocks; LLaMA-style: RMSNorm, "
+    "rotary attention and a SwiGLU MLP), its FLOPs the model FLOPs 6N + 12LTd per "
     "token, so that `peak` is its MFU), in a numerical recipe named "
     "in the label: `float32`; `bf16-operands` (bf16 matmul operands, float32 "
     "activations, errors and master weights); `bf16` (activations and errors stored "

@@ -35,19 +35,25 @@ def random_transformer(i: int, dtype: str) -> tuple[Network, int]:
     """Transformer case i (and its batch): a GPT (:func:`jaxbp.models.gpt`) of depth 1-3,
     1-4 heads of width 1-4, T 1-16 (1 every fourth case), causal or not, LayerNorm or
     RMSNorm, vocab 2-50, mlp_ratio 1-4; every eighth case (i = 7 mod 8) attention's
-    blockwise form, 1-8 keys a block. Targets may hold -1 (ignored tokens)."""
+    blockwise form, 1-8 keys a block; rotary positions where i = 1, 2 mod 4 (head
+    width 2 or 4), learned ones otherwise; the SwiGLU feed-forward where i = 2, 3 mod 4.
+    Targets may hold -1 (ignored tokens)."""
     from jaxbp import models
 
     rng = np.random.default_rng(3000 + i)
     heads = int(rng.integers(1, 5))
-    shape = dict(vocab=int(rng.integers(2, 51)), dim=heads * int(rng.integers(1, 5)),
+    rope = i % 4 in (1, 2)
+    width = int(rng.integers(1, 5))
+    shape = dict(vocab=int(rng.integers(2, 51)),
+                 dim=heads * (2 * ((width + 1) // 2) if rope else width),
                  depth=int(rng.integers(1, 4)), heads=heads,
                  seq_len=1 if i % 4 == 0 else int(rng.integers(2, 17)),
                  mlp_ratio=int(rng.integers(1, 5)))
     batch = int(rng.integers(1, 5))
     block = int(rng.integers(1, 9)) if i % 8 == 7 else None
     return models.gpt(**shape, norm=("layer", "rms")[i % 2], dtype=dtype, causal=i % 3 != 2,
-                      attention_block=block), batch
+                      attention_block=block, positions=("learned", "rope")[rope],
+                      mlp=("gelu", "swiglu")[i % 4 in (2, 3)]), batch
 
 
 def random_tokens(rng: np.random.Generator, net: Network, batch: int,

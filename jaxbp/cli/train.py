@@ -16,6 +16,7 @@ from jaxbp.cli.common import UsageError
 from jaxbp.cli.plan import DP_DEFAULTS, FEEDBACK_RULES, GPT_DEFAULTS, plan_train
 from jaxbp.layers.precision import RECIPES
 from jaxbp.matmul_precision import MATMUL_PRECISIONS, precision_scope
+from jaxbp.models import MLPS, NORMS, POSITIONS
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -83,6 +84,13 @@ def _add_gpt_options(train: argparse.ArgumentParser) -> None:
                          ("sample_length", "characters of the sample generated at the end")):
         train.add_argument(f"--{option.replace('_', '-')}", type=int, default=None,
                            help=f"gpt {what} ({GPT_DEFAULTS[option]})")
+    for option, choices, what in (
+            ("norm", NORMS, "norm: layer (LayerNorm, GPT-2's) or rms (RMSNorm, LLaMA's)"),
+            ("positions", POSITIONS, "positions: learned (a table, GPT-2's) or rope (rotary "
+                                     "attention, LLaMA's)"),
+            ("mlp", MLPS, "feed-forward: gelu (GPT-2's) or swiglu (a gated unit, LLaMA's)")):
+        train.add_argument(f"--{option}", default=None, choices=list(choices),
+                           help=f"gpt {what} (default {GPT_DEFAULTS[option]})")
     train.add_argument("--attention-block", type=int, default=None,
                        help="gpt attention over this many keys at a time, its (T, T) softmax "
                             "never kept (memory T x block; default: the plain form)")
@@ -212,6 +220,9 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
                  f"{args.seq_len}, vocab {dataset.n_out} ({_n_params(net)} params)")
         if args.attention_block is not None:
             shape += f", attention over {args.attention_block} keys at a time"
+        shape += "".join(f", {label}" for name, label in (
+            ("norm", "RMSNorm"), ("positions", "rotary positions"), ("mlp", "SwiGLU"))
+            if getattr(args, name) != GPT_DEFAULTS[name])
     else:
         shape = f"cnn {network.describe(net)}, {args.activation}"  # describe names the loss
     grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad

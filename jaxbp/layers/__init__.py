@@ -1,7 +1,8 @@
 """Layer records for :class:`jaxbp.Network`: each a forward beside its hand-written backward.
 
 ``Dense``, ``Conv2D``, ``MaxPool``, ``AvgPool``, ``Flatten``, ``LayerNorm``,
-``RMSNorm``, ``Residual``, and for sequences ``Embedding`` and ``SelfAttention``;
+``RMSNorm``, ``Residual``, ``GatedDense``, and for sequences ``Embedding`` and
+``SelfAttention``;
 :data:`LAYER_TYPES` is the registry. See :mod:`jaxbp.layers.base`
 for what every record provides.
 """
@@ -12,6 +13,7 @@ from jaxbp.layers.conv import Conv2D
 from jaxbp.layers.dense import Dense
 from jaxbp.layers.embedding import Embedding
 from jaxbp.layers.flatten import Flatten
+from jaxbp.layers.gated import GatedDense
 from jaxbp.layers.layernorm import LayerNorm
 from jaxbp.layers.pool import AvgPool, MaxPool
 from jaxbp.layers.residual import Residual
@@ -24,6 +26,7 @@ __all__ = [
     "Dense",
     "Embedding",
     "Flatten",
+    "GatedDense",
     "LayerError",
     "LayerNorm",
     "LayerRecord",

@@ -15,7 +15,9 @@ heads and M the mask (0 on and below the diagonal, -inf above it when causal):
 
 and every projection's gradient is a token-wise Dense's, ``x^T dQ`` (O^T delta for
 W_o), its bias the sum of its error over batch and tokens. The masked positions
-have P = 0, so dS is 0 there: they get no error. Memory: P is (batch, heads, T, T);
+have P = 0, so dS is 0 there: they get no error. With ``rope``, Q and K are turned by
+their positions' rotations before the scores (:mod:`jaxbp.layers.rotary`) and dQ, dK
+turned back, ``R_t^T dQ``, before the projections' rules. Memory: P is (batch, heads, T, T);
 with ``block`` set, the keys are taken that many at a time and P is never formed
 (:mod:`jaxbp.layers.blockwise_attention`: the forward keeps each row's log-sum-exp,
 the backward recomputes P block by block).
@@ -31,8 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from jaxbp.layers import blockwise_attention, kfac, precision, token_grads
-from jaxbp.layers.base import Shape, register, variance_init
+from jaxbp.layers import blockwise_attention, kfac, precision, rotary, token_grads
+from jaxbp.layers.base import Shape, register, repr_beside_defaults, variance_init
 from jaxbp.types import Array, check_bool, check_int
 
 _PROJECTIONS = ("q", "k", "v", "o")
@@ -69,6 +71,11 @@ class SelfAttention:
         log-sum-exps instead of P and the backward recomputes P one (T, block) slice
         at a time, so memory grows as T block instead of T^2 (the same gradient to
         rounding; more work: the scores are computed twice).
+      rope: rotary position embedding (RoFormer; LLaMA's): each head's Q and K turned
+        by their positions' angles before the scores (:mod:`jaxbp.layers.rotary`), so
+        attention sees the tokens' distances; needs an even head width d / heads.
+      rope_base: the base of the rotary frequencies ``base^(-2i/d_h)`` (a number > 0;
+        10000 as RoFormer and LLaMA 1-2; LLaMA 3 takes 500000).
 
     Params: ``{"wq", "wk", "wv", "wo": (d, d), "bq", "bk", "bv", "bo": (d,)}``; the
     weights Glorot truncated normals, the biases 0.
@@ -79,6 +86,8 @@ class SelfAttention:
     compute_dtype: DTypeLike | None = None
     activation_dtype: DTypeLike | None = None
     block: int | None = None
+    rope: bool = False
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
         precision.check_recipe(self)
@@ -86,6 +95,17 @@ class SelfAttention:
         object.__setattr__(self, "causal", check_bool("SelfAttention causal", self.causal))
         object.__setattr__(self, "block", check_int("SelfAttention block", self.block, 1,
                                                     optional=True))
+        object.__setattr__(self, "rope", check_bool("SelfAttention rope", self.rope))
+        base = self.rope_base
+        if isinstance(base, bool) or not isinstance(base, (int, float)) \
+                or not math.isfinite(base) or base <= 0:
+            raise ValueError(f"SelfAttention rope_base must be a finite number > 0, "
+                             f"got {base!r}")
+        object.__setattr__(self, "rope_base", float(base))
+
+    def __repr__(self) -> str:
+        """The fields, rope's two only when set (a GPT saved before them reads the same)."""
+        return repr_beside_defaults(self, ("rope", "rope_base"))
 
     def output_shape(self, in_shape: Shape) -> Shape:
         if len(in_shape) != 2:
@@ -94,6 +114,9 @@ class SelfAttention:
         if in_shape[1] % self.heads:
             raise ValueError(f"its {self.heads} heads do not divide the width d = "
                              f"{in_shape[1]}")
+        if self.rope and (in_shape[1] // self.heads) % 2:
+            raise ValueError(f"rope turns pairs of a head's features, but the head width "
+                             f"d / heads = {in_shape[1] // self.heads} is odd")
         return in_shape
 
     def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
@@ -129,6 +152,8 @@ class SelfAttention:
                                     self.activation_dtype)
         out = precision.output_dtype(self, jnp.result_type(x, params["wq"]))
         q, k, v = (_split(self._project(params, x, p, out), self.heads) for p in "qkv")
+        if self.rope:                                             # R_t Q, R_t K
+            q, k = (rotary.rotate(a, *self._angles(q, params)) for a in (q, k))
         if self.block is not None:                   # O and each row's lse, P never formed
             o, kept = blockwise_attention.forward(self._heads_dot, q, k, v, self.block,
                                                   self.causal, out, params["wq"].dtype)
@@ -139,6 +164,18 @@ class SelfAttention:
             o = self._heads_dot("bhts,bhsd->bhtd", kept, v, out)       # O = P V
         o = _merge(o)
         return self._project(params, o, "o", out), (x, q, k, v, kept, o)
+
+    def _angles(self, q: Array, params: dict[str, Array]) -> tuple[Array, Array]:
+        """RoPE's ``(cos, sin)`` for q's T positions and head width, in the params' dtype."""
+        return rotary.angles(q.shape[2], q.shape[3], self.rope_base, params["wq"].dtype)
+
+    def _turned_back(self, params: dict[str, Array], q: Array, d_q: Array, d_k: Array,
+                     d_v: Array, delta: Array) -> dict[str, Array]:
+        """The projections' errors, (B, T, d): with rope, dQ and dK (at the turned Q, K)
+        turned back, ``R_t^T dQ``."""
+        if self.rope:
+            d_q, d_k = (rotary.rotate_back(e, *self._angles(q, params)) for e in (d_q, d_k))
+        return {"q": _merge(d_q), "k": _merge(d_k), "v": _merge(d_v), "o": delta}
 
     def _projection_errors(self, params: dict[str, Array], cache: tuple[Array, ...],
                            delta: Array) -> dict[str, Array]:
@@ -152,14 +189,14 @@ class SelfAttention:
             d_q, d_k, d_v = blockwise_attention.backward(
                 self._heads_dot, q, k, v, _split(o, self.heads), prob, d_o, self.block,
                 self.causal, out, params["wq"].dtype)
-            return {"q": _merge(d_q), "k": _merge(d_k), "v": _merge(d_v), "o": delta}
+            return self._turned_back(params, q, d_q, d_k, d_v, delta)
         d_v = self._heads_dot("bhts,bhtd->bhsd", prob, d_o, out)       # dV = P^T dO
         d_p = self._heads_dot("bhtd,bhsd->bhts", d_o, v, prob.dtype)   # dP = dO V^T
         d_s = prob * (d_p - jnp.sum(d_p * prob, axis=-1, keepdims=True))
         scale = 1 / math.sqrt(q.shape[-1])
         d_q = self._heads_dot("bhts,bhsd->bhtd", d_s, k, out) * scale  # dQ = dS K / sqrt(d_h)
         d_k = self._heads_dot("bhts,bhtd->bhsd", d_s, q, out) * scale  # dK = dS^T Q / sqrt(d_h)
-        return {"q": _merge(d_q), "k": _merge(d_k), "v": _merge(d_v), "o": delta}
+        return self._turned_back(params, q, d_q, d_k, d_v, delta)
 
     def _projection_inputs(self, cache: tuple[Array, ...]) -> dict[str, Array]:
         x, o = cache[0], cache[-1]
@@ -224,32 +261,17 @@ class SelfAttention:
 
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_out: Array) -> dict[str, Array]:
-        inputs, errors = self._in_params_dtype(params, cache, delta_out)
-        grads = {}
-        for p in _PROJECTIONS:
-            grads[f"w{p}"] = token_grads.formed_grads(inputs[p], errors[p])
-            grads[f"b{p}"] = jnp.sum(errors[p], axis=1)
-        return grads
+        return token_grads.projections_grads(*self._in_params_dtype(params, cache, delta_out))
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_out: Array) -> Array:
-        inputs, errors = self._in_params_dtype(params, cache, delta_out)
-        return sum(token_grads.weight_sq_norms(inputs[p], errors[p])
-                   + token_grads.bias_sq_norms_and_sum(errors[p])[0] for p in _PROJECTIONS)
+        return token_grads.projections_sq_norms(
+            *self._in_params_dtype(params, cache, delta_out))
 
     def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
                                     delta_out: Array) -> tuple[Array, Any]:
         """``(B,)`` squared norms over the four projections and ``weights -> sum_i w_i g_i``:
         each projection a token-wise weight (input x or O, error dQ, dK, dV or delta) by the
         routes of :mod:`jaxbp.layers.token_grads`; the softmax backward runs once."""
-        inputs, errors = self._in_params_dtype(params, cache, delta_out)
-        total, sums = 0, {}
-        for p in _PROJECTIONS:
-            w_sq, sums[f"w{p}"] = token_grads.weight_sq_norms_and_sum(inputs[p], errors[p])
-            b_sq, sums[f"b{p}"] = token_grads.bias_sq_norms_and_sum(errors[p])
-            total = total + w_sq + b_sq
-
-        def weighted_sum(weights: Array) -> dict[str, Array]:
-            return {name: rule(weights) for name, rule in sums.items()}
-
-        return total, weighted_sum
+        return token_grads.projections_sq_norms_and_sum(
+            *self._in_params_dtype(params, cache, delta_out))

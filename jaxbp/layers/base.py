@@ -97,6 +97,17 @@ def register(cls: type) -> type:
     return cls
 
 
+def repr_beside_defaults(record: Any, later: tuple[str, ...]) -> str:
+    """A record's dataclass repr, the fields in ``later`` left out while at their defaults:
+    fields a record gained after runs were saved, so that a net built as before prints as
+    before and a saved run's recorded net still reads as this one's."""
+    import dataclasses
+
+    shown = [f"{f.name}={getattr(record, f.name)!r}" for f in dataclasses.fields(record)
+             if f.name not in later or getattr(record, f.name) != f.default]
+    return f"{type(record).__name__}({', '.join(shown)})"
+
+
 class LayerError(ValueError):
     """A layer that does not fit where it stands in a network (names its index and type)."""
 

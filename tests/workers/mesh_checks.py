@@ -102,6 +102,21 @@ def check_gpt(mesh_shape, steps=3, batch=8) -> bool:
     return check_network("gpt", net, xs, ys, mesh_shape)
 
 
+def check_gated(mesh_shape, steps=3, batch=16) -> bool:
+    """A GatedDense (SwiGLU) column-split over the model axis, both branches alike, and the
+    Dense after it row-split: Megatron's pair."""
+    net = jaxbp.Network((L.GatedDense(16), L.Dense(12), L.Dense(5)), (12,))
+    rng = np.random.default_rng(3)
+    xs = rng.normal(size=(steps, batch, 12)).astype(np.float32)
+    ys = rng.integers(0, 5, size=(steps, batch)).astype(np.int32)
+    state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optax.sgd(0.1))
+    specs = parallel.state_shardings(state, parallel.make_mesh(*mesh_shape), net=net).params
+    split = (specs[0]["wg"].spec == specs[0]["wu"].spec == PartitionSpec(None, "model")
+             and specs[1]["w"].spec == PartitionSpec("model", None))
+    print(f"{'ok' if split else 'FAIL'} GatedDense column-split, the next Dense row-split")
+    return check_network("gated", net, xs, ys, mesh_shape) and split
+
+
 def check_cnn(mesh_shape, steps=3, batch=16) -> bool:
     """A CNN (strided conv, max pool): its backward convolutions take the CPU's form."""
     net = jaxbp.Network((L.Conv2D(8, 3, activation="relu"), L.MaxPool(2),
@@ -137,6 +152,7 @@ def main() -> int:
     results.append(check_collectives())
     results.append(check_gpt((4, 2)))
     results.append(check_cnn((8, 1)))
+    results.append(check_gated((4, 2)))
     results.append(check_user_record())
     return 0 if all(results) else 1
 

@@ -1,0 +1,180 @@
+"""GatedDense: a gated linear unit ``g(x W_g + b_g) * (x W_u + b_u)`` (SwiGLU with silu).
+
+.. math::
+    z = x W_g + b_g, \\quad u = x W_u + b_u, \\quad a = g(z) \\odot u
+
+    \\delta_z = \\delta_a \\odot u \\odot g'(z), \\quad \\delta_u = \\delta_a \\odot g(z),
+    \\quad \\delta_{in} = \\delta_z W_g^\\top + \\delta_u W_u^\\top
+
+    \\frac{\\partial C}{\\partial W_g} = x^\\top \\delta_z, \\quad
+    \\frac{\\partial C}{\\partial W_u} = x^\\top \\delta_u
+
+(the biases: the errors summed over the batch and positions). Two token-wise Dense
+products that share their input and meet in a product: the LLaMA/PaLM feed-forward's
+first half, ``GatedDense(h, "silu")`` then ``Dense(d)`` (Shazeer 2020, "GLU Variants
+Improve Transformer"). Each of the two weights has a Dense's per-sample rules
+(:mod:`jaxbp.layers.token_grads`), a Kronecker K-FAC block and a feedback matrix in its
+W^T place, as attention's projections have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from jaxbp.activations import get_activation
+from jaxbp.layers import kfac, precision, token_grads
+from jaxbp.layers.base import Shape, register, variance_init
+from jaxbp.types import Array, check_int
+
+_BRANCHES = ("g", "u")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class GatedDense:
+    """A gated linear unit on the last axis: ``g(x W_g + b_g) * (x W_u + b_u)``.
+
+    On (batch, d) inputs or tokens (batch, T, d), as :class:`~jaxbp.layers.Dense`.
+
+    Args:
+      units: the output width (>= 1).
+      activation: the gate's activation, a name of :data:`jaxbp.ACTIVATIONS` (default
+        ``"silu"``: SwiGLU; ``"gelu"``: GEGLU; ``"sigmoid"``: the original GLU).
+      compute_dtype, activation_dtype: the numerical recipe, as Dense's
+        (:mod:`jaxbp.layers.precision`).
+
+    Params: ``{"wg", "wu": (d, units), "bg", "bu": (units,)}``: the gate's weight and
+    bias, the linear branch's; the weights Glorot (He for the gate's rectifying
+    activations, as Dense's), the biases 0.
+    """
+
+    units: int
+    activation: str = "silu"
+    compute_dtype: DTypeLike | None = None
+    activation_dtype: DTypeLike | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", check_int("GatedDense units", self.units, 1))
+        get_activation(self.activation)
+        precision.check_recipe(self)
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        if not in_shape:
+            raise ValueError("needs at least one feature axis")
+        return (*in_shape[:-1], self.units)
+
+    def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
+        import jax
+
+        fan_in = in_shape[-1]
+        he = get_activation(self.activation).he_init
+        gate_key, linear_key = jax.random.split(key)
+        return {"wg": variance_init(gate_key, (fan_in, self.units), fan_in, self.units, he,
+                                    dtype),
+                "bg": jnp.zeros((self.units,), dtype),
+                "wu": variance_init(linear_key, (fan_in, self.units), fan_in, self.units,
+                                    False, dtype),
+                "bu": jnp.zeros((self.units,), dtype)}
+
+    def _branch(self, params: dict[str, Array], x: Array, p: str, out: Any) -> Array:
+        """``x W_p + b_p`` in the recipe."""
+        return precision.dot(self, x, params[f"w{p}"], out) \
+            + precision.to_activation(params[f"b{p}"], self.activation_dtype)
+
+    def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, ...]]:
+        x = precision.to_activation(x, self.activation_dtype)
+        out = precision.output_dtype(self, jnp.result_type(x, params["wg"]))
+        z, u = self._branch(params, x, "g", out), self._branch(params, x, "u", out)
+        gate = get_activation(self.activation).g(z)
+        return gate * u, (x, z, gate, u)                              # a = g(z) * u
+
+    def _branch_errors(self, cache: tuple[Array, ...], delta_a: Array) -> dict[str, Array]:
+        """The errors at z and u: ``delta_a u g'(z)`` and ``delta_a g(z)``."""
+        _, z, gate, u = cache
+        delta_a = precision.to_activation(delta_a, self.activation_dtype)
+        return {"g": delta_a * u * get_activation(self.activation).dg(z, gate),
+                "u": delta_a * gate}
+
+    def backward(self, params: dict[str, Array], cache: tuple[Array, ...], delta_a: Array,
+                 need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
+        return self.backward_kept(params, cache, delta_a, need_input)[:2]
+
+    def backward_kept(self, params: dict[str, Array], cache: tuple[Array, ...],
+                      delta_a: Array, need_input: bool = True
+                      ) -> tuple[Array | None, dict[str, Array], dict[str, Array]]:
+        """The backward, and the errors at z and u it formed: what K-FAC reads."""
+        x, dtype = cache[0], params["wg"].dtype
+        errors = self._branch_errors(cache, delta_a)
+        leading = tuple(range(x.ndim - 1))
+        grads = {}
+        for p in _BRANCHES:                                      # x^T delta_z, x^T delta_u
+            grads[f"w{p}"] = precision.weight_grad(self, x, errors[p], dtype)
+            grads[f"b{p}"] = jnp.sum(errors[p], axis=leading, dtype=dtype)
+        if not need_input:
+            return None, grads, errors
+        out = precision.output_dtype(self, jnp.result_type(errors["g"], params["wg"]))
+        return sum(precision.dot(self, errors[p], params[f"w{p}"], out, transpose_b=True)
+                   for p in _BRANCHES), grads, errors        # delta_z W_g^T + delta_u W_u^T
+
+    def _in_params_dtype(self, params: dict[str, Array], cache: tuple[Array, ...],
+                         delta_a: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+        """Each branch's input and error, (B, T, ...) positions flat, in the params' dtype."""
+        dtype = params["wg"].dtype
+        x = token_grads.positions_flat(cache[0].astype(dtype))
+        errors = self._branch_errors(cache, delta_a)
+        return ({p: x for p in _BRANCHES},
+                {p: token_grads.positions_flat(e.astype(dtype)) for p, e in errors.items()})
+
+    def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
+                         delta_a: Array) -> dict[str, Array]:
+        return token_grads.projections_grads(*self._in_params_dtype(params, cache, delta_a))
+
+    def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
+                            delta_a: Array) -> Array:
+        return token_grads.projections_sq_norms(*self._in_params_dtype(params, cache, delta_a))
+
+    def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
+                                    delta_a: Array) -> tuple[Array, Any]:
+        """``(B,)`` squared norms of both branches and ``weights -> sum_i w_i g_i``, each
+        branch a token-wise weight by the routes of :mod:`jaxbp.layers.token_grads`."""
+        return token_grads.projections_sq_norms_and_sum(
+            *self._in_params_dtype(params, cache, delta_a))
+
+    def kfac_factors(self, params: dict[str, Array], cache: tuple[Array, ...],
+                     errors: dict[str, Array], scale: kfac.KfacScale, where: str
+                     ) -> dict[str, Any]:
+        """A Kronecker block per branch, ``{"g", "u"}``: both read x; their errors ``(k, B,
+        ..., units)`` are delta_z and delta_u as :meth:`backward_kept` kept them."""
+        return {p: kfac.kronecker_block(cache[0], errors[p], scale) for p in _BRANCHES}
+
+    def model_axis_fans(self, params: dict[str, Any]) -> tuple[int, int]:
+        """``(fan_in, fan_out)`` of both weights (:func:`jaxbp.parallel.layer_splits`)."""
+        return tuple(params["wg"].shape)
+
+    def model_axis_specs(self, split: str, axis: str) -> dict[str, Any]:
+        """Both branches split alike: a ``"column"`` split over the units (the product
+        ``g(z) * u`` stays on each device), a ``"row"`` split over fan_in."""
+        from jax.sharding import PartitionSpec
+
+        if split == "column":
+            weight, bias = PartitionSpec(None, axis), PartitionSpec(axis)
+        else:
+            weight, bias = PartitionSpec(axis, None), PartitionSpec()
+        return {"wg": weight, "bg": bias, "wu": weight, "bu": bias}
+
+    def feedback_shape(self, in_shape: Shape) -> dict[str, Shape]:
+        """A feedback B in each branch's W^T place, ``{"g", "u"}: (units, fan_in)``."""
+        return {p: (self.units, in_shape[-1]) for p in _BRANCHES}
+
+    def feedback_params(self, params: dict[str, Array],
+                        feedback: dict[str, Array]) -> dict[str, Array]:
+        """The params the backward reads: each ``w_p`` replaced by ``B_p^T``."""
+        return {**params, **{f"w{p}": feedback[p].T for p in _BRANCHES}}
+
+    def feedback_of(self, params: dict[str, Array], in_shape: Shape) -> dict[str, Array]:
+        """``{p: W_p^T}``: the feedback that is backprop."""
+        return {p: params[f"w{p}"].T for p in _BRANCHES}

@@ -1,0 +1,178 @@
+"""Rotary attention (SelfAttention(rope=True)) and GatedDense (SwiGLU), and models.gpt's
+LLaMA-style options: forwards against NumPy loops written from the papers' formulas,
+the backward against jax.grad, the checks on their arguments."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import forbid_autodiff, global_rel_error
+
+import jaxbp
+from jaxbp import layers as L
+from jaxbp import models
+from jaxbp.check.suite import random_tokens
+from jaxbp.layers import rotary
+
+
+def _numpy_rope(x, base):
+    """RoFormer's rotation in the rotate-half layout, one position and pair at a time:
+    feature i turns with feature i + d_h/2 by the angle t base^(-2i/d_h)."""
+    out = np.empty_like(x)
+    half = x.shape[-1] // 2
+    for t in range(x.shape[-2]):
+        for i in range(half):
+            angle = t * base ** (-2 * i / x.shape[-1])
+            c, s = np.cos(angle), np.sin(angle)
+            out[..., t, i] = x[..., t, i] * c - x[..., t, i + half] * s
+            out[..., t, i + half] = x[..., t, i + half] * c + x[..., t, i] * s
+    return out
+
+
+def test_rotation_is_roformers_and_turns_back_exactly(x64):
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 6))
+    cos, sin = rotary.angles(7, 6, 500.0, jnp.float64)
+    turned = rotary.rotate(jnp.asarray(x), cos, sin)
+    np.testing.assert_allclose(turned, _numpy_rope(x, 500.0), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(rotary.rotate_back(turned, cos, sin), x, rtol=1e-13,
+                               atol=1e-15)
+
+
+def test_rotated_scores_depend_on_the_distance_only(x64):
+    """<R_t q, R_s k> = <R_{t+m} q, R_{s+m} k>: what rotary embeddings are for."""
+    rng = np.random.default_rng(1)
+    q, k = rng.standard_normal(8), rng.standard_normal(8)
+    cos, sin = rotary.angles(12, 8, 1e4, jnp.float64)
+
+    def score(t, s):
+        tiled_q = jnp.broadcast_to(q, (12, 8))
+        tiled_k = jnp.broadcast_to(k, (12, 8))
+        return float(rotary.rotate(tiled_q, cos, sin)[t] @ rotary.rotate(tiled_k, cos, sin)[s])
+
+    for t, s, m in ((3, 1, 5), (0, 4, 7), (2, 2, 9)):
+        assert score(t, s) == pytest.approx(score(t + m, s + m), rel=1e-12)
+    assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
+
+
+def _numpy_attention(params, x, heads, causal, base):
+    """softmax((R Q)(R K)^T / sqrt(d_h) + mask) V, then W_o: a NumPy loop over heads."""
+    _, t, d = x.shape
+    dh = d // heads
+    proj = {p: x @ params[f"w{p}"] + params[f"b{p}"] for p in "qkv"}
+    heads_out = []
+    for h in range(heads):
+        q, k, v = (proj[p][:, :, h * dh:(h + 1) * dh] for p in "qkv")
+        q, k = _numpy_rope(q, base), _numpy_rope(k, base)
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(dh)
+        if causal:
+            s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        heads_out.append((p / p.sum(-1, keepdims=True)) @ v)
+    return np.concatenate(heads_out, -1) @ params["wo"] + params["bo"]
+
+
+@pytest.mark.parametrize("block", [None, 3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_rotary_attention_is_the_numpy_loop_and_its_backward_jax_grads(block, causal, x64):
+    layer = L.SelfAttention(2, causal=causal, block=block, rope=True, rope_base=100.0)
+    rng = np.random.default_rng(2)
+    params = {k: jnp.asarray(v + 0.2 * rng.standard_normal(v.shape))
+              for k, v in layer.init(jax.random.key(0), (5, 8), jnp.float64).items()}
+    x = rng.standard_normal((3, 5, 8))
+    out, cache = layer.forward(params, jnp.asarray(x))
+    np.testing.assert_allclose(out, _numpy_attention({k: np.asarray(v) for k, v in
+                                                      params.items()}, x, 2, causal, 100.0),
+                               rtol=1e-12, atol=1e-13)
+    delta = jnp.asarray(rng.standard_normal(out.shape))
+    error, grads = layer.backward(params, cache, delta)
+    grads_ref, error_ref = jax.vjp(lambda p, v: layer.forward(p, v)[0], params,
+                                   jnp.asarray(x))[1](delta)
+    assert global_rel_error(error, error_ref) <= 1e-13
+    assert global_rel_error(grads, grads_ref) <= 1e-13
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 5, 3)])
+def test_gated_dense_is_swiglu_and_its_backward_jax_grads(shape, x64):
+    layer = L.GatedDense(6)
+    rng = np.random.default_rng(3)
+    params = {k: jnp.asarray(v + 0.2 * rng.standard_normal(v.shape))
+              for k, v in layer.init(jax.random.key(0), shape[1:], jnp.float64).items()}
+    x = rng.standard_normal(shape)
+    out, cache = layer.forward(params, jnp.asarray(x))
+    p = {k: np.asarray(v) for k, v in params.items()}
+    z = x @ p["wg"] + p["bg"]
+    np.testing.assert_allclose(out, z / (1 + np.exp(-z)) * (x @ p["wu"] + p["bu"]),
+                               rtol=1e-13)                     # silu(x W_g + b_g) (x W_u + b_u)
+    delta = jnp.asarray(rng.standard_normal(out.shape))
+    error, grads = layer.backward(params, cache, delta)
+    grads_ref, error_ref = jax.vjp(lambda q, v: layer.forward(q, v)[0], params,
+                                   jnp.asarray(x))[1](delta)
+    assert global_rel_error(error, error_ref) <= 1e-13
+    assert global_rel_error(grads, grads_ref) <= 1e-13
+
+
+def test_gated_dense_in_an_mlp_has_per_example_rules(x64):
+    """On (batch, d) vectors: per-sample gradients and norms against vmap(grad)."""
+    net = jaxbp.Network((L.GatedDense(5, "gelu"), L.Dense(3)), (4,), dtype="float64")
+    params = net.init(jax.random.key(1))
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
+    want = jax.vmap(lambda xi, yi: jax.grad(net.cost)(params, xi[None], yi[None]))(x, y)
+    assert global_rel_error(jaxbp.per_example_grads(net, params, x, y), want) <= 1e-13
+    norms = np.sqrt(sum(np.sum(np.reshape(g, (6, -1)) ** 2, 1) for g in jax.tree.leaves(want)))
+    np.testing.assert_allclose(jaxbp.per_example_grad_norms(net, params, x, y), norms,
+                               rtol=1e-12)
+
+
+def test_a_llama_style_gpt_trains_by_hand(monkeypatch):
+    """RMSNorm, rotary attention, SwiGLU: no positions table, and the step calls no
+    autodiff."""
+    net = models.gpt(vocab=8, dim=8, depth=1, heads=2, seq_len=6, norm="rms",
+                     positions="rope", mlp="swiglu")
+    assert net.layers[0].positions is None
+    x, _ = random_tokens(np.random.default_rng(5), net, 16)
+    y = (x + 1) % 8                                   # each token's target: the next symbol
+    optimizer = optax.adam(3e-2)
+    forbid_autodiff(monkeypatch)
+    step = jaxbp.make_train_step(net, optimizer)
+    state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optimizer)
+    first = float(net.cost(state.params, x, y))
+    for _ in range(40):
+        state, _ = step(state, x, y)
+    assert float(net.cost(state.params, x, y)) < 0.2 * first
+
+
+@pytest.mark.parametrize(("build", "error", "words"), [
+    (lambda: L.SelfAttention(2, rope="yes"), TypeError, "SelfAttention rope must be"),
+    (lambda: L.SelfAttention(2, rope=True, rope_base=0), ValueError,
+     r"rope_base must be a finite number > 0, got 0"),
+    (lambda: L.SelfAttention(2, rope=True, rope_base="1e4"), ValueError,
+     r"rope_base must be a finite number > 0, got '1e4'"),
+    (lambda: jaxbp.Network((L.Embedding(5, 6), L.SelfAttention(2, rope=True), L.Dense(5)),
+                           (3,), input_dtype="int32"), L.LayerError,
+     r"layers\[1\] \(SelfAttention\): rope turns pairs of a head's features, but the "
+     r"head width d / heads = 3 is odd"),
+    (lambda: models.gpt(5, 6, 1, 2, 3, positions="rope"), ValueError,
+     r"head width dim / heads = 3 must be even"),
+    (lambda: models.gpt(5, 4, 1, 2, 3, positions="alibi"), ValueError,
+     r"gpt positions must be one of \['learned', 'rope'\], got 'alibi'"),
+    (lambda: models.gpt(5, 4, 1, 2, 3, mlp="relu"), ValueError,
+     r"gpt mlp must be one of \['gelu', 'swiglu'\], got 'relu'"),
+    (lambda: L.GatedDense(0), ValueError, "GatedDense units must be an int >= 1"),
+    (lambda: L.GatedDense(4, "swish"), ValueError, "swish"),
+])
+def test_bad_llama_options_are_named(build, error, words):
+    with pytest.raises(error, match=words):
+        build()
+
+
+def test_a_saved_gpts_recorded_net_reads_as_before():
+    """Runs saved before rotary attention recorded SelfAttention without its two fields;
+    they print only when set, so such a run resumes as the same net."""
+    assert repr(L.SelfAttention(2)) == ("SelfAttention(heads=2, causal=True, compute_dtype="
+                                        "None, activation_dtype=None, block=None)")
+    assert repr(L.SelfAttention(2, rope=True, rope_base=5e5)).endswith(
+        "block=None, rope=True, rope_base=500000.0)")
