@@ -79,39 +79,42 @@ def _numpy_attention(params, x, heads, causal, base):
 def test_rotary_attention_is_the_numpy_loop_and_its_backward_jax_grads(block, causal, x64):
     layer = L.SelfAttention(2, causal=causal, block=block, rope=True, rope_base=100.0)
     rng = np.random.default_rng(2)
-    params = {k: jnp.asarray(v + 0.2 * rng.standard_normal(v.shape))
-              for k, v in layer.init(jax.random.key(0), (5, 8), jnp.float64).items()}
-    x = rng.standard_normal((3, 5, 8))
-    out, cache = layer.forward(params, jnp.asarray(x))
+    params, x = _moved_params(layer, (3, 5, 8), rng), rng.standard_normal((3, 5, 8))
+    out = _assert_backward_is_the_vjp(layer, params, x, rng)
     np.testing.assert_allclose(out, _numpy_attention({k: np.asarray(v) for k, v in
                                                       params.items()}, x, 2, causal, 100.0),
                                rtol=1e-12, atol=1e-13)
+
+
+def _moved_params(layer, shape, rng):
+    """The layer's params for inputs of ``shape`` (batch first), moved off their init."""
+    return {k: jnp.asarray(v + 0.2 * rng.standard_normal(v.shape))
+            for k, v in layer.init(jax.random.key(0), shape[1:], jnp.float64).items()}
+
+
+def _assert_backward_is_the_vjp(layer, params, x, rng):
+    """The hand-written input error and gradient are jax.vjp's of the forward (float64,
+    normwise 1e-13) for a random output error; returns the forward's output."""
+    out, cache = layer.forward(params, jnp.asarray(x))
     delta = jnp.asarray(rng.standard_normal(out.shape))
     error, grads = layer.backward(params, cache, delta)
     grads_ref, error_ref = jax.vjp(lambda p, v: layer.forward(p, v)[0], params,
                                    jnp.asarray(x))[1](delta)
     assert global_rel_error(error, error_ref) <= 1e-13
     assert global_rel_error(grads, grads_ref) <= 1e-13
+    return out
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 5, 3)])
 def test_gated_dense_is_swiglu_and_its_backward_jax_grads(shape, x64):
     layer = L.GatedDense(6)
     rng = np.random.default_rng(3)
-    params = {k: jnp.asarray(v + 0.2 * rng.standard_normal(v.shape))
-              for k, v in layer.init(jax.random.key(0), shape[1:], jnp.float64).items()}
-    x = rng.standard_normal(shape)
-    out, cache = layer.forward(params, jnp.asarray(x))
+    params, x = _moved_params(layer, shape, rng), rng.standard_normal(shape)
+    out = _assert_backward_is_the_vjp(layer, params, x, rng)
     p = {k: np.asarray(v) for k, v in params.items()}
     z = x @ p["wg"] + p["bg"]
     np.testing.assert_allclose(out, z / (1 + np.exp(-z)) * (x @ p["wu"] + p["bu"]),
                                rtol=1e-13)                     # silu(x W_g + b_g) (x W_u + b_u)
-    delta = jnp.asarray(rng.standard_normal(out.shape))
-    error, grads = layer.backward(params, cache, delta)
-    grads_ref, error_ref = jax.vjp(lambda q, v: layer.forward(q, v)[0], params,
-                                   jnp.asarray(x))[1](delta)
-    assert global_rel_error(error, error_ref) <= 1e-13
-    assert global_rel_error(grads, grads_ref) <= 1e-13
 
 
 def test_gated_dense_in_an_mlp_has_per_example_rules(x64):

@@ -55,14 +55,10 @@ class Dense:
     activation_dtype: DTypeLike | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "units", check_int("Dense units", self.units, 1))
-        get_activation(self.activation)
-        precision.check_recipe(self)
+        check_width_record(self)
 
     def output_shape(self, in_shape: Shape) -> Shape:
-        if not in_shape:
-            raise ValueError("needs at least one feature axis")
-        return (*in_shape[:-1], self.units)
+        return last_axis_shape(in_shape, self.units)
 
     def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
         fan_in = in_shape[-1]
@@ -169,6 +165,22 @@ class Dense:
     def feedback_transport(self, array: Array) -> Array:
         """B (W^T's shape) as the array the backward reads as W, and back: a transpose."""
         return array.T
+
+
+def check_width_record(record: Any) -> None:
+    """A layer of ``units`` outputs on the last axis (Dense, GatedDense): its width an int
+    >= 1, its activation known, its recipe canonical (else errors naming the record)."""
+    kind = type(record).__name__
+    object.__setattr__(record, "units", check_int(f"{kind} units", record.units, 1))
+    get_activation(record.activation)
+    precision.check_recipe(record)
+
+
+def last_axis_shape(in_shape: Shape, units: int) -> Shape:
+    """``(..., d) -> (..., units)``: a layer on the last axis of any rank."""
+    if not in_shape:
+        raise ValueError("needs at least one feature axis")
+    return (*in_shape[:-1], units)
 
 
 def _vector_sq_norms(x: Array, delta: Array) -> Array:

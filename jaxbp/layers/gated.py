@@ -22,13 +22,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from jaxbp.activations import get_activation
 from jaxbp.layers import kfac, precision, token_grads
 from jaxbp.layers.base import Shape, register, variance_init
-from jaxbp.types import Array, check_int
+from jaxbp.layers.dense import check_width_record, last_axis_shape
+from jaxbp.types import Array
 
 _BRANCHES = ("g", "u")
 
@@ -58,18 +60,12 @@ class GatedDense:
     activation_dtype: DTypeLike | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "units", check_int("GatedDense units", self.units, 1))
-        get_activation(self.activation)
-        precision.check_recipe(self)
+        check_width_record(self)
 
     def output_shape(self, in_shape: Shape) -> Shape:
-        if not in_shape:
-            raise ValueError("needs at least one feature axis")
-        return (*in_shape[:-1], self.units)
+        return last_axis_shape(in_shape, self.units)
 
     def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
-        import jax
-
         fan_in = in_shape[-1]
         he = get_activation(self.activation).he_init
         gate_key, linear_key = jax.random.split(key)
