@@ -48,7 +48,8 @@ METHOD = (
     "three loops (a chain of products, the chain unrolled, independent products "
     "unrolled) so that no loop overhead lowers it, measured half before and half after "
     "the step's timing and the faster kept (on a CPU, which widens bf16 operands, also "
-    "with float32 operands, the faster kept); `roofline`: "
+    "with float32 operands, the faster kept), or the fastest any earlier case of the run "
+    "measured of the same product; `roofline`: "
     "the time those rates need for the step's matmuls / the step's time. "
 )
 """How the table was measured (the paragraph under the machine line)."""

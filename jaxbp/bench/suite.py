@@ -125,7 +125,8 @@ def _fraction(value: float | None, roof: float | None) -> float | None:
 
 def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision: str | None = None,
                    steps: int | None = None, min_sample_s: float = 5e-3,
-                   max_steps: int = 1000) -> dict[str, Any]:
+                   max_steps: int = 1000, roofs: dict[Any, float] | None = None
+                   ) -> dict[str, Any]:
     """Time, count and place one case (see the module docstring). Returns a JSON-able row.
 
     Args:
@@ -135,6 +136,10 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
         JAX's current setting.
       steps: steps per loop call; None chooses k so that one call is at least
         ``min_sample_s`` of work (at most ``max_steps``).
+      roofs: the best rate measured so far of each product (shape, dtypes, precision),
+        updated with this case's: :func:`run_suite` shares one over its cases, so that a
+        product measured in several cases has the fastest of its measurements as its
+        roof (a shared machine's slow spell during one case's loops cannot lower it).
     """
     net = case.net()
     params = net.init(jax.random.key(0))
@@ -168,10 +173,11 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
     # the roof is measured half before and half after the step's timing, each shape's
     # best rate kept: a machine that slows or speeds up meanwhile (a shared CPU, a clock)
     # cannot leave the roof measured in its slow spell and the step in its fast one
-    before = _roof_rates(case, budget_s / 2, precision)
+    roofs = {} if roofs is None else roofs
+    before = _roof_rates(case, budget_s / 2, precision, roofs)
     timings = time_interleaved({g: call(g) for g in grads}, budget_s=budget_s,
                                compile_s=compile_s, min_sample_s=min_sample_s)
-    after = _roof_rates(case, budget_s / 2, precision)
+    after = _roof_rates(case, budget_s / 2, precision, roofs)
     row, matmul_s = _roof_row(case, steps, {k: max(before[k], after[k]) for k in before},
                               precision)
     row["unrolled"] = _unrolled(steps)
@@ -193,14 +199,17 @@ def _roof_work(case: BenchCase | ConvCase | GptCase) -> list[tuple[str, Any, int
     return [(shape.name, shape, flops[shape.name]) for shape in case.roof_shapes()]
 
 
-def _roof_rates(case: BenchCase | ConvCase, budget_s: float,
-                precision: str | None) -> dict[str, float]:
+def _roof_rates(case: BenchCase | ConvCase, budget_s: float, precision: str | None,
+                roofs: dict[Any, float] | None = None) -> dict[str, float]:
     """The measured FLOP/s of each of the case's own GEMM/conv shapes, each product as the
     recipe runs it (bf16 outputs in the bf16 recipe, weight gradients included:
     precision.weight_grad). On a CPU, where XLA widens bf16 operands to float32 (it has no
     bf16 matmul of its own), the faster of bf16 and float32 operands: the loops of bf16
     operands alone had measured a CNN's convolutions below the rate its bf16-operands
-    step reached (roofline fraction 1.03-1.05 in two runs)."""
+    step reached (roofline fraction 1.03-1.05 in two runs). Each rate is the best of this
+    measurement and ``roofs``' (updated): the same product measured earlier in the run (a
+    bf16 CNN's float32 way is the float32 CNN's product; a quick run on a CPU slowed to
+    less than half its speed had measured it 17% lower there, roofline fraction 1.12)."""
     recipe = RECIPES[case.precision]
     compute = recipe.get("compute_dtype")
     out = recipe.get("activation_dtype")
@@ -208,11 +217,16 @@ def _roof_rates(case: BenchCase | ConvCase, budget_s: float,
     # outputs (a narrower preferred type is refused), the rounding being elementwise work
     ways = ((compute, out), (None, None)) if compute and jax.devices()[0].platform == "cpu" \
         else ((compute, out),)
+    roofs = {} if roofs is None else roofs
     rates = {}
     for key, shape, _ in _roof_work(case):
         rate = conv_rate if isinstance(shape, ConvShape) else gemm_rate
-        rates[key] = max(rate(shape, "float32", dtype, budget_s=budget_s / 3 / len(ways),
-                              precision=precision, out_dtype=out_dtype)
+        for dtype, out_dtype in ways:
+            product = (shape, dtype, out_dtype, precision)
+            roofs[product] = max(roofs.get(product, 0.0), rate(
+                shape, "float32", dtype, budget_s=budget_s / 3 / len(ways),
+                precision=precision, out_dtype=out_dtype))
+        rates[key] = max(roofs[(shape, dtype, out_dtype, precision)]
                          for dtype, out_dtype in ways)
     return rates
 
@@ -294,6 +308,7 @@ def run_suite(cases: list[BenchCase], out_dir: str | pathlib.Path, name: str,
     info = machine_info(precision)
     log(f"jaxbp bench: {len(cases)} cases on {describe_machine(info)}")
     rows, left_out = [], []
+    roofs: dict[Any, float] = {}          # each product's best rate over the whole run
     start = time.perf_counter()
     for case in cases:
         if max_gflop is not None and case.gflop > max_gflop:
@@ -303,7 +318,7 @@ def run_suite(cases: list[BenchCase], out_dir: str | pathlib.Path, name: str,
             left_out.append(f"{case.label()} (time limit {time_limit_s:g} s)")
             continue
         row = benchmark_case(case, budget_s=budget_s, precision=precision, steps=steps,
-                             min_sample_s=min_sample_s)
+                             min_sample_s=min_sample_s, roofs=roofs)
         rows.append(row)
         m = row["backprop"]
         peak = "" if m["peak_fraction"] is None else f"  peak {m['peak_fraction']:.2f}"
