@@ -55,7 +55,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
         norm: str = "layer", dtype: DTypeLike = "float32", causal: bool = True,
         compute_dtype: DTypeLike | None = None, activation_dtype: DTypeLike | None = None,
         attention_block: int | None = None, positions: str = "learned",
-        mlp: str = "gelu") -> Network:
+        mlp: str = "gelu", kv_heads: int | None = None) -> Network:
     """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
     vocab), the mean softmax cross-entropy over every token whose target is not -1.
 
@@ -76,7 +76,9 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     (``Dense(mlp_ratio dim, gelu)``) or ``"swiglu"`` (``GatedDense(mlp_ratio dim,
     silu)``, a third weight: LLaMA takes mlp_ratio 8/3 to keep the count; here the
     hidden width is ``mlp_ratio dim`` whichever). ``norm="rms", positions="rope",
-    mlp="swiglu"`` is a LLaMA-style decoder (with biases).
+    mlp="swiglu"`` is a LLaMA-style decoder (with biases). ``kv_heads``: None (as many
+    key/value heads as heads), or fewer that groups of query heads share (grouped-query
+    attention, LLaMA 2-3's; 1: multi-query); it must divide ``heads``.
     """
     for name, value in (("vocab", vocab), ("dim", dim), ("depth", depth), ("heads", heads),
                         ("seq_len", seq_len), ("mlp_ratio", mlp_ratio)):
@@ -89,6 +91,10 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     for name, value, allowed in (("positions", positions, POSITIONS), ("mlp", mlp, MLPS)):
         if not isinstance(value, str) or value not in allowed:
             raise ValueError(f"gpt {name} must be one of {list(allowed)}, got {value!r}")
+    if check_int("gpt kv_heads", kv_heads, 1, optional=True) is not None \
+            and heads % kv_heads:
+        raise ValueError(f"gpt kv_heads must divide heads: {kv_heads} key/value heads "
+                         f"cannot serve {heads} query heads in equal groups")
     if positions == "rope" and (dim // heads) % 2:
         raise ValueError(f"gpt positions='rope' turns pairs of a head's features: the head "
                          f"width dim / heads = {dim // heads} must be even")
@@ -96,7 +102,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     hidden = (layers.GatedDense if mlp == "swiglu" else layers.Dense)(
         int(mlp_ratio) * dim, "silu" if mlp == "swiglu" else "gelu")
     attention = layers.SelfAttention(heads, causal, block=attention_block,
-                                     rope=positions == "rope")
+                                     rope=positions == "rope", kv_heads=kv_heads)
     block = (layers.Residual((make_norm(), attention)),
              layers.Residual((make_norm(), hidden, layers.Dense(dim))))
     table = seq_len if positions == "learned" else None

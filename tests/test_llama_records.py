@@ -57,14 +57,17 @@ def test_rotated_scores_depend_on_the_distance_only(x64):
     assert score(3, 1) != pytest.approx(score(3, 2), rel=1e-3)
 
 
-def _numpy_attention(params, x, heads, causal, base):
-    """softmax((R Q)(R K)^T / sqrt(d_h) + mask) V, then W_o: a NumPy loop over heads."""
+def _numpy_attention(params, x, heads, causal, base, kv_heads):
+    """softmax((R Q)(R K)^T / sqrt(d_h) + mask) V, then W_o: a NumPy loop over heads,
+    query head h reading key/value head h // (heads / kv_heads)."""
     _, t, d = x.shape
     dh = d // heads
     proj = {p: x @ params[f"w{p}"] + params[f"b{p}"] for p in "qkv"}
     heads_out = []
     for h in range(heads):
-        q, k, v = (proj[p][:, :, h * dh:(h + 1) * dh] for p in "qkv")
+        j = h // (heads // kv_heads)
+        q = proj["q"][:, :, h * dh:(h + 1) * dh]
+        k, v = (proj[p][:, :, j * dh:(j + 1) * dh] for p in "kv")
         q, k = _numpy_rope(q, base), _numpy_rope(k, base)
         s = q @ k.transpose(0, 2, 1) / np.sqrt(dh)
         if causal:
@@ -74,15 +77,22 @@ def _numpy_attention(params, x, heads, causal, base):
     return np.concatenate(heads_out, -1) @ params["wo"] + params["bo"]
 
 
-@pytest.mark.parametrize("block", [None, 3])
+@pytest.mark.parametrize(("block", "kv_heads"), [(None, None), (3, None), (None, 1),
+                                                (3, 2)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_rotary_attention_is_the_numpy_loop_and_its_backward_jax_grads(block, causal, x64):
-    layer = L.SelfAttention(2, causal=causal, block=block, rope=True, rope_base=100.0)
+def test_rotary_attention_is_the_numpy_loop_and_its_backward_jax_grads(block, kv_heads,
+                                                                       causal, x64):
+    """Plain and blockwise, one key/value head per query head, shared by all 4 (multi-
+    query) or by pairs (grouped-query)."""
+    layer = L.SelfAttention(4, causal=causal, block=block, rope=True, rope_base=100.0,
+                            kv_heads=kv_heads)
     rng = np.random.default_rng(2)
-    params, x = _moved_params(layer, (3, 5, 8), rng), rng.standard_normal((3, 5, 8))
+    params, x = _moved_params(layer, (3, 5, 16), rng), rng.standard_normal((3, 5, 16))
+    assert params["wk"].shape == (16, 4 * (kv_heads or 4))
     out = _assert_backward_is_the_vjp(layer, params, x, rng)
     np.testing.assert_allclose(out, _numpy_attention({k: np.asarray(v) for k, v in
-                                                      params.items()}, x, 2, causal, 100.0),
+                                                      params.items()}, x, 4, causal, 100.0,
+                                                     kv_heads or 4),
                                rtol=1e-12, atol=1e-13)
 
 
@@ -130,6 +140,26 @@ def test_gated_dense_in_an_mlp_has_per_example_rules(x64):
                                rtol=1e-12)
 
 
+def test_a_grouped_query_gpt_has_every_rule(x64):
+    """kv_heads = 1 of 2 heads in a rotary GPT: the gradient is jax.grad's, per-example
+    gradients vmap(grad)'s, and K-FAC and the feedback rules take k and v at their
+    narrower width."""
+    net = models.gpt(vocab=7, dim=8, depth=1, heads=2, seq_len=5, norm="rms",
+                     positions="rope", mlp="swiglu", kv_heads=1, dtype="float64")
+    params = jax.tree.map(lambda a: a + 0.2, net.init(jax.random.key(3)))
+    x, y = random_tokens(np.random.default_rng(6), net, 3, ignored=0.0)  # l_i: a mean over T
+    attention = params[1][1]
+    assert attention["wk"].shape == attention["wv"].shape == (8, 4)
+    _, manual = jaxbp.value_and_backprop(net, params, x, y)
+    assert global_rel_error(manual, jaxbp.value_and_autodiff(net, params, x, y)[1]) <= 1e-12
+    want = jax.vmap(lambda xi, yi: jax.grad(net.cost)(params, xi[None], yi[None]))(x, y)
+    assert global_rel_error(jaxbp.per_example_grads(net, params, x, y), want) <= 1e-12
+    factors = jaxbp.kfac_factors(net, params, x, y, kind="empirical")[1][1]
+    assert factors["k"]["G"].shape == factors["v"]["G"].shape == (4, 4)
+    assert jaxbp.feedback.feedback_shapes(net)[0][1] == {"q": (8, 8), "k": (4, 8),
+                                                         "v": (4, 8), "o": (8, 8)}
+
+
 def test_a_llama_style_gpt_trains_by_hand(monkeypatch):
     """RMSNorm, rotary attention, SwiGLU: no positions table, and the step calls no
     autodiff."""
@@ -164,6 +194,12 @@ def test_a_llama_style_gpt_trains_by_hand(monkeypatch):
      r"gpt positions must be one of \['learned', 'rope'\], got 'alibi'"),
     (lambda: models.gpt(5, 4, 1, 2, 3, mlp="relu"), ValueError,
      r"gpt mlp must be one of \['gelu', 'swiglu'\], got 'relu'"),
+    (lambda: L.SelfAttention(4, kv_heads=3), ValueError,
+     r"SelfAttention kv_heads = 3 must divide heads = 4"),
+    (lambda: L.SelfAttention(4, kv_heads=0), ValueError,
+     r"SelfAttention kv_heads must be None or an int >= 1, got 0"),
+    (lambda: models.gpt(5, 8, 1, 4, 3, kv_heads=3), ValueError,
+     r"gpt kv_heads must divide heads: 3 key/value heads cannot serve 4"),
     (lambda: L.GatedDense(0), ValueError, "GatedDense units must be an int >= 1"),
     (lambda: L.GatedDense(4, "swish"), ValueError, "swish"),
 ])
@@ -177,5 +213,20 @@ def test_a_saved_gpts_recorded_net_reads_as_before():
     they print only when set, so such a run resumes as the same net."""
     assert repr(L.SelfAttention(2)) == ("SelfAttention(heads=2, causal=True, compute_dtype="
                                         "None, activation_dtype=None, block=None)")
-    assert repr(L.SelfAttention(2, rope=True, rope_base=5e5)).endswith(
-        "block=None, rope=True, rope_base=500000.0)")
+    assert repr(L.SelfAttention(2, rope=True, rope_base=5e5, kv_heads=1)).endswith(
+        "block=None, rope=True, rope_base=500000.0, kv_heads=1)")
+
+
+def test_rotary_angles_of_a_bf16_layer_are_turned_in_float32():
+    """Angles t f at t in the hundreds carry a bf16 rounding of a tenth of their cosine;
+    a bf16 layer turns Q and K by float32 angles, so at T = 512 its turned Q stays within
+    bf16 rounding (2^-8) of the float32 layer's with the same params."""
+    layer = L.SelfAttention(2, rope=True)
+    rng = np.random.default_rng(7)
+    params = {k: (v + 0.3 * rng.standard_normal(v.shape)).astype(jnp.bfloat16)
+              for k, v in layer.init(jax.random.key(0), (512, 8), jnp.float32).items()}
+    x = rng.standard_normal((1, 512, 8)).astype(np.float32)
+    low = layer.forward(params, jnp.asarray(x, jnp.bfloat16))[1][1].astype(np.float32)
+    wide = layer.forward({k: v.astype(jnp.float32) for k, v in params.items()},
+                         jnp.asarray(x))[1][1]                      # the turned Q
+    assert global_rel_error(low, wide) < 2 ** -7

@@ -117,7 +117,8 @@ sequence_settings = st.fixed_dictionaries({
     "kind": st.sampled_from(["attention", "layernorm", "rmsnorm", "dense", "gated"]),
     "heads": st.integers(1, 3), "head_dim": st.integers(1, 3), "T": st.integers(1, 9),
     "causal": st.booleans(), "block": st.one_of(st.none(), st.integers(1, 10)),
-    "rope": st.booleans(), "base": st.sampled_from([3.0, 1e4, 5e5])})
+    "rope": st.booleans(), "base": st.sampled_from([3.0, 1e4, 5e5]),
+    "kv_heads": st.sampled_from([None, 1])})
 
 
 @pytest.mark.slow
@@ -125,13 +126,15 @@ sequence_settings = st.fixed_dictionaries({
 @given(s=sequence_settings, seed=st.integers(0, 2**16))
 def test_a_token_wise_records_backward_is_the_vjp_of_its_forward(x64, s, seed):
     """SelfAttention (plain and blockwise, any block against any T, causal or not, T = 1
-    included, rotary or not: a rotary head twice as wide), LayerNorm, RMSNorm, a
+    included, rotary or not: a rotary head twice as wide, one key/value head per query
+    head or one for all), LayerNorm, RMSNorm, a
     token-wise Dense and GatedDense on (batch, T, d) sequences."""
     rope = s["kind"] == "attention" and s["rope"]
     d = s["heads"] * s["head_dim"] * (2 if rope else 1)
     layer = {"attention": lambda: L.SelfAttention(s["heads"], causal=s["causal"],
                                                   block=s["block"], rope=rope,
-                                                  rope_base=s["base"]),
+                                                  rope_base=s["base"],
+                                                  kv_heads=s["kv_heads"]),
              "layernorm": L.LayerNorm, "rmsnorm": L.RMSNorm,
              "dense": lambda: L.Dense(s["heads"] + 1, "gelu"),
              "gated": lambda: L.GatedDense(s["heads"] + 1)}[s["kind"]]()

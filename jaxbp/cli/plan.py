@@ -51,7 +51,7 @@ def _is_text(path: pathlib.Path) -> bool:
 
 
 GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_block": None,
-                "norm": "layer", "positions": "learned", "mlp": "gelu",
+                "norm": "layer", "positions": "learned", "mlp": "gelu", "kv_heads": None,
                 "sample_length": 200, "sample_temperature": 0.0, "sample_top_k": None}
 """``--model gpt``'s shape and sample options and their defaults (another model's: refused)."""
 
@@ -380,6 +380,11 @@ def _gpt(args: argparse.Namespace, dataset: Any, recipe: dict[str, str]) -> Any:
         positive(option, value, integer=True)
     if args.dim % args.heads:
         raise UsageError(f"--heads {args.heads} must divide --dim {args.dim}")
+    if args.kv_heads is not None:
+        positive("--kv-heads", args.kv_heads, integer=True)
+        if args.heads % args.kv_heads:
+            raise UsageError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}: "
+                             f"each key/value head serves a group of query heads")
     if args.positions == "rope" and (args.dim // args.heads) % 2:
         raise UsageError(f"--positions rope turns pairs of a head's features: the head width "
                          f"--dim / --heads = {args.dim // args.heads} must be even")
@@ -387,4 +392,5 @@ def _gpt(args: argparse.Namespace, dataset: Any, recipe: dict[str, str]) -> Any:
         positive("--attention-block", args.attention_block, integer=True)
     return models.gpt(dataset.n_out, args.dim, args.depth, args.heads, args.seq_len,
                       attention_block=args.attention_block, norm=args.norm,
-                      positions=args.positions, mlp=args.mlp, **recipe)
+                      positions=args.positions, mlp=args.mlp, kv_heads=args.kv_heads,
+                      **recipe)

@@ -91,6 +91,9 @@ def _add_gpt_options(train: argparse.ArgumentParser) -> None:
             ("mlp", MLPS, "feed-forward: gelu (GPT-2's) or swiglu (a gated unit, LLaMA's)")):
         train.add_argument(f"--{option}", default=None, choices=list(choices),
                            help=f"gpt {what} (default {GPT_DEFAULTS[option]})")
+    train.add_argument("--kv-heads", type=int, default=None,
+                       help="gpt key/value heads shared by groups of query heads "
+                            "(grouped-query attention; 1: multi-query; default: one per head)")
     train.add_argument("--attention-block", type=int, default=None,
                        help="gpt attention over this many keys at a time, its (T, T) softmax "
                             "never kept (memory T x block; default: the plain form)")
@@ -223,6 +226,8 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
         shape += "".join(f", {label}" for name, label in (
             ("norm", "RMSNorm"), ("positions", "rotary positions"), ("mlp", "SwiGLU"))
             if getattr(args, name) != GPT_DEFAULTS[name])
+        if args.kv_heads is not None:
+            shape += f", {args.kv_heads} key/value head" + "s" * (args.kv_heads > 1)
     else:
         shape = f"cnn {network.describe(net)}, {args.activation}"  # describe names the loss
     grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad

@@ -17,7 +17,10 @@ and every projection's gradient is a token-wise Dense's, ``x^T dQ`` (O^T delta f
 W_o), its bias the sum of its error over batch and tokens. The masked positions
 have P = 0, so dS is 0 there: they get no error. With ``rope``, Q and K are turned by
 their positions' rotations before the scores (:mod:`jaxbp.layers.rotary`) and dQ, dK
-turned back, ``R_t^T dQ``, before the projections' rules. Memory: P is (batch, heads, T, T);
+turned back, ``R_t^T dQ``, before the projections' rules. With ``kv_heads`` below
+``heads`` (grouped-query attention; 1: multi-query), each key/value head serves a group
+of ``heads / kv_heads`` query heads, and its dK, dV are the sums of the errors its group's
+heads send it. Memory: P is (batch, heads, T, T);
 with ``block`` set, the keys are taken that many at a time and P is never formed
 (:mod:`jaxbp.layers.blockwise_attention`: the forward keeps each row's log-sum-exp,
 the backward recomputes P block by block).
@@ -76,9 +79,12 @@ class SelfAttention:
         attention sees the tokens' distances; needs an even head width d / heads.
       rope_base: the base of the rotary frequencies ``base^(-2i/d_h)`` (a number > 0;
         10000 as RoFormer and LLaMA 1-2; LLaMA 3 takes 500000).
+      kv_heads: None (one key/value head per query head), or fewer key/value heads that
+        groups of query heads share (an int >= 1 dividing ``heads``: grouped-query
+        attention, Ainslie et al. 2023, as LLaMA 2-3 and Mistral; 1 is multi-query).
 
-    Params: ``{"wq", "wk", "wv", "wo": (d, d), "bq", "bk", "bv", "bo": (d,)}``; the
-    weights Glorot truncated normals, the biases 0.
+    Params: ``{"wq", "wo": (d, d), "wk", "wv": (d, kv_heads d_h), "bq", "bo": (d,),
+    "bk", "bv": (kv_heads d_h,)}``; the weights Glorot truncated normals, the biases 0.
     """
 
     heads: int
@@ -88,6 +94,7 @@ class SelfAttention:
     block: int | None = None
     rope: bool = False
     rope_base: float = 10000.0
+    kv_heads: int | None = None
 
     def __post_init__(self) -> None:
         precision.check_recipe(self)
@@ -102,10 +109,42 @@ class SelfAttention:
             raise ValueError(f"SelfAttention rope_base must be a finite number > 0, "
                              f"got {base!r}")
         object.__setattr__(self, "rope_base", float(base))
+        kv = check_int("SelfAttention kv_heads", self.kv_heads, 1, optional=True)
+        if kv is not None and self.heads % kv:
+            raise ValueError(f"SelfAttention kv_heads = {kv} must divide heads = "
+                             f"{self.heads}: each key/value head serves a group of query "
+                             f"heads")
+        object.__setattr__(self, "kv_heads", kv)
 
     def __repr__(self) -> str:
-        """The fields, rope's two only when set (a GPT saved before them reads the same)."""
-        return repr_beside_defaults(self, ("rope", "rope_base"))
+        """The fields, rope's two and kv_heads only when set (a GPT saved before them
+        reads the same)."""
+        return repr_beside_defaults(self, ("rope", "rope_base", "kv_heads"))
+
+    @property
+    def _groups(self) -> tuple[int, int]:
+        """``(key/value heads, query heads each serves)``."""
+        kv = self.kv_heads or self.heads
+        return kv, self.heads // kv
+
+    def _widths(self, d: int) -> dict[str, int]:
+        """Each projection's output width: d, and ``kv_heads d_h`` for k and v."""
+        kv = d // self.heads * self._groups[0]
+        return {"q": d, "k": kv, "v": kv, "o": d}
+
+    def _shared(self, a: Array) -> Array:
+        """(B, kv_heads, T, d_h) -> (B, heads, T, d_h): each query head's key/value head."""
+        group = self._groups[1]
+        return a if group == 1 else jnp.repeat(a, group, axis=1)
+
+    def _grouped(self, e: Array) -> Array:
+        """(B, heads, T, d_h) -> (B, kv_heads, T, d_h): the errors a key/value head gets,
+        summed over the query heads of its group (the transpose of :meth:`_shared`)."""
+        kv, group = self._groups
+        if group == 1:
+            return e
+        b, _, t, dh = e.shape
+        return jnp.sum(e.reshape(b, kv, group, t, dh), axis=2)
 
     def output_shape(self, in_shape: Shape) -> Shape:
         if len(in_shape) != 2:
@@ -121,10 +160,11 @@ class SelfAttention:
 
     def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
         d = in_shape[-1]
+        widths = self._widths(d)
         keys = jax.random.split(key, len(_PROJECTIONS))
-        params = {f"w{p}": variance_init(k, (d, d), d, d, False, dtype)
+        params = {f"w{p}": variance_init(k, (d, widths[p]), d, widths[p], False, dtype)
                   for p, k in zip(_PROJECTIONS, keys)}
-        params.update({f"b{p}": jnp.zeros((d,), dtype) for p in _PROJECTIONS})
+        params.update({f"b{p}": jnp.zeros((widths[p],), dtype) for p in _PROJECTIONS})
         return params
 
     def _scores(self, q: Array, k: Array, dtype: Any) -> Array:
@@ -151,28 +191,35 @@ class SelfAttention:
         x = precision.to_activation(x.astype(jnp.result_type(x, params["wq"])),
                                     self.activation_dtype)
         out = precision.output_dtype(self, jnp.result_type(x, params["wq"]))
-        q, k, v = (_split(self._project(params, x, p, out), self.heads) for p in "qkv")
+        q = _split(self._project(params, x, "q", out), self.heads)
+        k, v = (_split(self._project(params, x, p, out), self._groups[0]) for p in "kv")
         if self.rope:                                             # R_t Q, R_t K
             q, k = (rotary.rotate(a, *self._angles(q, params)) for a in (q, k))
+        k_all, v_all = self._shared(k), self._shared(v)     # each query head's K and V
         if self.block is not None:                   # O and each row's lse, P never formed
-            o, kept = blockwise_attention.forward(self._heads_dot, q, k, v, self.block,
-                                                  self.causal, out, params["wq"].dtype)
+            o, kept = blockwise_attention.forward(self._heads_dot, q, k_all, v_all,
+                                                  self.block, self.causal, out,
+                                                  params["wq"].dtype)
         else:
-            s = self._scores(q, k, params["wq"].dtype)
+            s = self._scores(q, k_all, params["wq"].dtype)
             e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
             kept = e / jnp.sum(e, axis=-1, keepdims=True)             # P = softmax(S)
-            o = self._heads_dot("bhts,bhsd->bhtd", kept, v, out)       # O = P V
+            o = self._heads_dot("bhts,bhsd->bhtd", kept, v_all, out)   # O = P V
         o = _merge(o)
         return self._project(params, o, "o", out), (x, q, k, v, kept, o)
 
     def _angles(self, q: Array, params: dict[str, Array]) -> tuple[Array, Array]:
-        """RoPE's ``(cos, sin)`` for q's T positions and head width, in the params' dtype."""
-        return rotary.angles(q.shape[2], q.shape[3], self.rope_base, params["wq"].dtype)
+        """RoPE's ``(cos, sin)`` for q's T positions and head width, in the params' dtype
+        or float32 if that is wider (bf16 angles ``t f`` are off by a tenth of their
+        cosine at t in the hundreds: the turn is computed in float32, as LLaMA's)."""
+        dtype = jnp.promote_types(params["wq"].dtype, jnp.float32)
+        return rotary.angles(q.shape[2], q.shape[3], self.rope_base, dtype)
 
     def _turned_back(self, params: dict[str, Array], q: Array, d_q: Array, d_k: Array,
                      d_v: Array, delta: Array) -> dict[str, Array]:
-        """The projections' errors, (B, T, d): with rope, dQ and dK (at the turned Q, K)
-        turned back, ``R_t^T dQ``."""
+        """The projections' errors, (B, T, width): dK and dV summed over each key/value
+        head's group; with rope, dQ and dK (at the turned Q, K) turned back, ``R_t^T dQ``."""
+        d_k, d_v = self._grouped(d_k), self._grouped(d_v)
         if self.rope:
             d_q, d_k = (rotary.rotate_back(e, *self._angles(q, params)) for e in (d_q, d_k))
         return {"q": _merge(d_q), "k": _merge(d_k), "v": _merge(d_v), "o": delta}
@@ -181,6 +228,7 @@ class SelfAttention:
                            delta: Array) -> dict[str, Array]:
         """The error at each projection's output, (B, T, d): dQ, dK, dV and delta itself."""
         _, q, k, v, prob, o = cache          # prob: P, or each row's lse in the blockwise form
+        k, v = self._shared(k), self._shared(v)
         delta = precision.to_activation(delta, self.activation_dtype)
         out = precision.output_dtype(self, jnp.result_type(delta, params["wo"]))
         d_o = _split(precision.dot(self, delta, params["wo"], out, transpose_b=True),
@@ -225,11 +273,12 @@ class SelfAttention:
                    for p in "qkv"), grads, errors
 
     def feedback_shape(self, in_shape: Shape) -> dict[str, Shape]:
-        """A feedback B in each projection's W^T place, ``{"q", "k", "v", "o"}: (d, d)``:
-        B_o carries delta to the heads (dO), B_q, B_k, B_v carry dQ, dK, dV to the input;
-        the softmax backward between them stays exact."""
+        """A feedback B in each projection's W^T place, ``{"q", "k", "v", "o"}: (width,
+        d)`` (d, or ``kv_heads d_h`` for k and v): B_o carries delta to the heads (dO),
+        B_q, B_k, B_v carry dQ, dK, dV to the input; the softmax backward between them
+        stays exact."""
         d = in_shape[-1]
-        return {p: (d, d) for p in _PROJECTIONS}
+        return {p: (width, d) for p, width in self._widths(d).items()}
 
     def feedback_params(self, params: dict[str, Array],
                         feedback: dict[str, Array]) -> dict[str, Array]:
