@@ -63,6 +63,7 @@ Shapes are one sample's (no batch axis); arrays carry the batch first.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -101,8 +102,6 @@ def repr_beside_defaults(record: Any, later: tuple[str, ...]) -> str:
     """A record's dataclass repr, the fields in ``later`` left out while at their defaults:
     fields a record gained after runs were saved, so that a net built as before prints as
     before and a saved run's recorded net still reads as this one's."""
-    import dataclasses
-
     shown = [f"{f.name}={getattr(record, f.name)!r}" for f in dataclasses.fields(record)
              if f.name not in later or getattr(record, f.name) != f.default]
     return f"{type(record).__name__}({', '.join(shown)})"
