@@ -80,11 +80,11 @@ def _gpt_run(folder: pathlib.Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(1, 12))
+@pytest.mark.parametrize("index", range(1, 13))
 def test_every_python_block_of_the_readme_runs(index, tmp_path, monkeypatch):
     """Each block runs as pasted (in an empty folder: the runs and figures they write go
     there); a block on many devices runs on 8 host devices in its own process."""
-    assert len(_python_blocks()) == 12
+    assert len(_python_blocks()) == 13
     code = _runnable(index)
     monkeypatch.chdir(tmp_path)
     if "parallel.make_mesh" in code:
