@@ -239,13 +239,14 @@ def test_recipe_fields_are_checked_and_named():
 
 
 @pytest.mark.parametrize(("norm", "style"), [("layer", {}),
-                                              ("rms", {"positions": "rope", "mlp": "swiglu"})])
+                                              ("rms", {"positions": "rope", "mlp": "swiglu",
+                                                       "kv_heads": 1})])
 def test_bf16_gpt_recipe_is_as_accurate_as_jax_grad_of_the_same_recipe(norm, style):
     """A GPT in the bf16 recipe (Embedding, both norms, SelfAttention with its softmax in
-    float32, rotary or not, token-wise Dense and GatedDense): caches in bf16, params and
-    grads float32, and the manual gradient no further from the float64 truth than
-    jax.grad of the same recipe (the criterion of the networks above), every matmul of its
-    step with bf16 operands."""
+    float32, rotary and multi-query or not, token-wise Dense and GatedDense): caches in
+    bf16, params and grads float32, and the manual gradient no further from the float64
+    truth than jax.grad of the same recipe (the criterion of the networks above), every
+    matmul of its step with bf16 operands."""
     shape = dict(vocab=11, dim=16, depth=1, heads=2, seq_len=8, norm=norm, **style)
     recipe = models.gpt(**shape, **BF16)
     params = recipe.init(jax.random.key(3))
