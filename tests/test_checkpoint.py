@@ -147,8 +147,19 @@ def test_another_tree_is_a_mismatch_not_skipped(tmp_path):
                                                       r"is float32\[3, 4\], template "
                                                       r"float32\[3, 5\]"):   # by its path
         checkpoint.restore_latest(tmp_path, other)
-    with pytest.raises(CheckpointMismatchError, match="template has"):
+    with pytest.raises(CheckpointMismatchError, match="template has") as raised:
         checkpoint.restore(checkpoint.list_checkpoints(tmp_path)[0], {"only": jnp.ones(2)})
+    # another structure: where the two trees part, not both trees whole (a GPT's optimizer
+    # state printed thousands of characters on one line)
+    deep = {"state": TrainState.create(jaxbp.models.gpt(5, 4, 2, 2, 3).init(jax.random.key(0)),
+                                       optax.adam(1e-3))}
+    checkpoint.save(tmp_path / "gpt", 1, deep)
+    with pytest.raises(CheckpointMismatchError, match="they part at: checkpoint ") as raised:
+        checkpoint.restore(checkpoint.list_checkpoints(tmp_path / "gpt")[0],
+                           {"state": TrainState.create(jaxbp.models.gpt(
+                               5, 4, 2, 2, 3, norm="rms").init(jax.random.key(0)),
+                               optax.adam(1e-3))})
+    assert len(str(raised.value)) < 500 and "'bias'" in str(raised.value), raised.value
 
 
 def test_empty_folder_and_bad_arguments(tmp_path):

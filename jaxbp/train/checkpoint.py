@@ -297,9 +297,10 @@ def restore(path: str | pathlib.Path, template: PyTree) -> tuple[PyTree, dict[st
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(template)
     template_leaves = [like for _, like in with_paths]
     if len(leaves) != len(template_leaves) or header["treedef"] != str(treedef):
+        saved, wanted = where_they_differ(header["treedef"], str(treedef))
         raise CheckpointMismatchError(
-            f"checkpoint {str(path)!r} holds a tree of {len(leaves)} leaves "
-            f"{header['treedef']} but the template has {len(template_leaves)}: {treedef}",
+            f"checkpoint {str(path)!r} holds a tree of {len(leaves)} leaves but the template "
+            f"has {len(template_leaves)}; they part at: checkpoint {saved}, template {wanted}",
             path, header.get("metadata"))
     restored, problems = [], []
     for (where, like), leaf in zip(with_paths, leaves):
@@ -360,3 +361,15 @@ def restore_latest(
             continue
         return tree, metadata, path
     return None
+
+
+def where_they_differ(before: str, after: str, limit: int = 120) -> tuple[str, str]:
+    """Both texts, cut to ``limit`` characters around their first difference: a long
+    entry (a GPT's repr) that differs near its end (``input_shape``) still shows where."""
+    if max(len(before), len(after)) <= limit:
+        return before, after
+    first = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b),
+                 min(len(before), len(after)))
+    start = max(0, first - limit // 3)
+    return tuple(("..." if start else "") + text[start:start + limit]
+                 + ("..." if start + limit < len(text) else "") for text in (before, after))

@@ -21,7 +21,8 @@ from jaxbp.mlp import MLP
 from jaxbp.network import Network
 from jaxbp.parallel import fetch
 from jaxbp.train import checkpoint
-from jaxbp.train.run_config import run_differences, where_they_differ
+from jaxbp.train.checkpoint import where_they_differ
+from jaxbp.train.run_config import run_differences
 from jaxbp.train.step import TrainState
 from jaxbp.types import PRNGKey
 

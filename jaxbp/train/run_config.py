@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxbp.train.checkpoint import where_they_differ
+
 _MAX_DEPTH = 32   # a chain of a clip and adamw on a schedule holds its numbers at depth 13
 _SMALL_ARRAY = 16
 SPELLINGS = frozenset({"data"})
@@ -94,14 +96,3 @@ def run_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             lines.append(f"{name}: checkpoint {shown[0]}, now {shown[1]}")
     return lines
 
-
-def where_they_differ(before: str, after: str, limit: int = 120) -> tuple[str, str]:
-    """Both texts, cut to ``limit`` characters around their first difference: a long
-    entry (a GPT's repr) that differs near its end (``input_shape``) still shows where."""
-    if max(len(before), len(after)) <= limit:
-        return before, after
-    first = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b),
-                 min(len(before), len(after)))
-    start = max(0, first - limit // 3)
-    return tuple(("..." if start else "") + text[start:start + limit]
-                 + ("..." if start + limit < len(text) else "") for text in (before, after))
