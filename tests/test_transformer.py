@@ -38,6 +38,7 @@ def test_cases_cover_the_space():
     assert {a.heads for a in attn} >= {1, 2, 3, 4} and {a.causal for a in attn} == {True, False}
     assert {a.block is None for a in attn} == {True, False}         # case 7: blockwise
     assert {a.rope for a in attn} == {True, False}                  # rotary: i = 1, 2 mod 4
+    assert any(a.kv_heads == 1 and a.heads > 1 for a in attn)      # multi-query: case 5
     assert {net.input_shape[0] for net in nets} >= {1} and max(n.input_shape[0] for n in nets) > 8
     kinds = {type(layer).__name__ for net in nets for layer in net.layers}
     assert {"LayerNorm", "RMSNorm", "Embedding", "Dense", "Residual"} <= kinds
@@ -67,7 +68,7 @@ def test_float64_matches_autodiff(i):
         assert global_rel_error(grads_m, grads_r) <= 1e-12
 
 
-@pytest.mark.parametrize("i", [5])   # RMSNorm, 3 heads, not causal (case 2 ran alike)
+@pytest.mark.parametrize("i", [5])   # RMSNorm, 3 rotary heads on 1 key/value head, not causal
 def test_float32_is_as_accurate_as_autodiff(i):
     net, params, x, y = transformer_case(i, "float32")
     with jax.default_matmul_precision("highest"):
