@@ -422,3 +422,23 @@ def test_an_accountant_failure_names_the_setting(monkeypatch):
                                          r"delta=1e-05, sample_rate=0.01, steps=2000, "
                                          r"accountant='pld': dp-accounting raised MemoryError"):
         privacy.noise_multiplier(2.0, 1e-5, 0.01, 2000, accountant="pld")
+
+
+def test_a_poisson_overflow_is_said_once_over_the_processes(monkeypatch):
+    """Rows drawn beyond the padded batch are left out, said by a warning; every process
+    drew the same batches, so only process 0 says it (a many-host run said it once per
+    host)."""
+    import warnings
+
+    from jaxbp.train.feeds import PoissonFeed
+
+    x, y = np.zeros((20, 3), np.float32), np.zeros(20, np.int32)
+    for index, said in ((0, True), (1, False)):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        feed = PoissonFeed(x, y, rate=0.9, steps=2, max_batch=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            list(feed.chunks(jax.random.key(0), 2))
+        assert feed.overflow > 0                           # 18 of 20 rows expected a step
+        texts = [str(w.message) for w in caught]
+        assert any("did not fit the padded batch of 2" in t for t in texts) == said, texts

@@ -149,7 +149,9 @@ class PoissonFeed:
         index, masks, overflow = poisson_batches(np.random.default_rng(seed), len(self.x),
                                                  self.rate, self.steps, self.max_batch)
         self.overflow += overflow
-        if overflow:  # P < 1e-12 per step by max_batch_size; said, never silent
+        # P < 1e-12 per step by max_batch_size; said, never silent, and once: every process
+        # drew the same batches, so process 0 speaks for all
+        if overflow and jax.process_index() == 0:
             user_warnings.warn(f"{overflow} Poisson-sampled rows did not fit the padded batch of "
                                f"{self.max_batch} this epoch and were left out of their step",
                                RuntimeWarning)
