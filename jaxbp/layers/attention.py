@@ -37,7 +37,14 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from jaxbp.layers import blockwise_attention, kfac, precision, rotary, token_grads
-from jaxbp.layers.base import Shape, register, repr_beside_defaults, variance_init
+from jaxbp.layers.base import (
+    Shape,
+    named_weights_transposed,
+    register,
+    repr_beside_defaults,
+    variance_init,
+    with_named_feedback,
+)
 from jaxbp.types import Array, check_bool, check_int
 
 _PROJECTIONS = ("q", "k", "v", "o")
@@ -283,11 +290,11 @@ class SelfAttention:
     def feedback_params(self, params: dict[str, Array],
                         feedback: dict[str, Array]) -> dict[str, Array]:
         """The params the backward reads: each ``w_p`` replaced by ``B_p^T``."""
-        return {**params, **{f"w{p}": feedback[p].T for p in _PROJECTIONS}}
+        return with_named_feedback(params, feedback)
 
     def feedback_of(self, params: dict[str, Array], in_shape: Shape) -> dict[str, Array]:
         """``{p: W_p^T}``: the feedback that is backprop."""
-        return {p: params[f"w{p}"].T for p in _PROJECTIONS}
+        return named_weights_transposed(params, _PROJECTIONS)
 
     def kfac_factors(self, params: dict[str, Array], cache: tuple[Array, ...],
                      errors: dict[str, Array], scale: kfac.KfacScale, where: str

@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -163,6 +163,20 @@ def sq_norms_and_sum(layer: Any, params: Any, cache: Any, delta_out: Array
         return layer.per_sample_sq_norms_and_sum(params, cache, delta_out)
     return (layer.per_sample_sq_norms(params, cache, delta_out),
             weighted_backward(layer, params, cache, delta_out))
+
+
+def named_weights_transposed(params: dict[str, Array], names: Sequence[str]
+                             ) -> dict[str, Array]:
+    """``{p: W_p^T}`` of named weights ``"w" + p`` (attention's projections, a gated
+    unit's branches): the feedback that is backprop, in each W^T place."""
+    return {p: params[f"w{p}"].T for p in names}
+
+
+def with_named_feedback(params: dict[str, Array], feedback: dict[str, Array]
+                        ) -> dict[str, Array]:
+    """The params a backward reads under named feedback ``{p: B_p}``: each weight
+    ``"w" + p`` replaced by ``B_p^T`` (the biases, and the forward, untouched)."""
+    return {**params, **{f"w{p}": b.T for p, b in feedback.items()}}
 
 
 def feedback_params(layer: Any, params: Any, feedback: Any) -> Any:

@@ -28,7 +28,13 @@ from jax.typing import DTypeLike
 
 from jaxbp.activations import get_activation
 from jaxbp.layers import kfac, precision, token_grads
-from jaxbp.layers.base import Shape, register, variance_init
+from jaxbp.layers.base import (
+    Shape,
+    named_weights_transposed,
+    register,
+    variance_init,
+    with_named_feedback,
+)
 from jaxbp.layers.dense import check_width_record, last_axis_shape
 from jaxbp.types import Array
 
@@ -169,8 +175,8 @@ class GatedDense:
     def feedback_params(self, params: dict[str, Array],
                         feedback: dict[str, Array]) -> dict[str, Array]:
         """The params the backward reads: each ``w_p`` replaced by ``B_p^T``."""
-        return {**params, **{f"w{p}": feedback[p].T for p in _BRANCHES}}
+        return with_named_feedback(params, feedback)
 
     def feedback_of(self, params: dict[str, Array], in_shape: Shape) -> dict[str, Array]:
         """``{p: W_p^T}``: the feedback that is backprop."""
-        return {p: params[f"w{p}"].T for p in _BRANCHES}
+        return named_weights_transposed(params, _BRANCHES)
