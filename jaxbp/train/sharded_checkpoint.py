@@ -194,6 +194,7 @@ def restore_latest(directory: str | pathlib.Path, template: PyTree,
     steps = list_steps(directory)
     if steps:
         _orbax()
+        drop_unretrieved_read_errors()
     for step in reversed(steps):
         path = path_for(directory, step)
         try:
@@ -266,6 +267,36 @@ def drop_closed_loop_callbacks() -> None:
 
     hook.drops_closed_loop_callbacks = True
     sys.unraisablehook = hook
+
+
+_UNRETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+
+
+class _UnretrievedReadErrors(logging.Filter):
+    """Drops asyncio's log of a read orbax abandoned: a task or future collected with its
+    tensorstore error never retrieved (the sibling reads of a damaged step, logged at ERROR
+    with the whole tensorstore spec at whatever moment the garbage collector runs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not is_unretrieved_read_error(record)
+
+
+def drop_unretrieved_read_errors() -> None:
+    """Install, once, the asyncio log filter of :class:`_UnretrievedReadErrors`: the failed
+    step is reported by its one warning, its abandoned sibling reads by nothing."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedReadErrors) for f in logger.filters):
+        logger.addFilter(_UnretrievedReadErrors())
+
+
+def is_unretrieved_read_error(record: logging.LogRecord) -> bool:
+    """An asyncio "... exception was never retrieved" record whose exception is tensorstore's
+    (its spec in the text) or was raised in orbax's code; every other record is kept."""
+    if not (record.exc_info and str(record.msg).startswith(_UNRETRIEVED)):
+        return False
+    err, tb = record.exc_info[1], record.exc_info[2]
+    in_orbax = any("/orbax/" in frame.filename for frame in traceback.extract_tb(tb))
+    return in_orbax or "[tensorstore_spec" in str(err)
 
 
 def is_closed_loop_callback(unraisable: Any) -> bool:
