@@ -253,13 +253,17 @@ def _precondition(grads: Any, factors: Any, damping: float) -> Any:
     tuple (a chain, a Residual) block by block, ``{"A", "G"}`` on ``{"w", "b"}`` (a conv
     kernel in the factors' row order), ``{"A_diag", "G"}`` on a table, ``{"diag"}``
     elementwise, and a dict of named blocks on ``grads[name]`` or on the pair
-    ``{"w": grads["w" + name], "b": grads["b" + name]}`` (attention's projections)."""
+    ``{"w": grads["w" + name], "b": grads["b" + name]}`` (attention's projections; the
+    weight alone where the layer has no bias)."""
     if isinstance(factors, tuple):
         return tuple(_precondition(g, f, damping) for g, f in zip(grads, factors))
     if not factors:                                       # a layer without parameters
         return grads
     if "A" in factors:
         rows = network_curvature.kfac_rows(grads["w"])
+        if "b" not in grads:                                  # a weight without a bias
+            pre = _kronecker_solve(factors, rows, damping)
+            return {"w": network_curvature.from_kfac_rows(pre, grads["w"].shape)}
         pre = _kronecker_solve(factors, jnp.concatenate([rows, grads["b"][None]], axis=0),
                                damping)
         return {"w": network_curvature.from_kfac_rows(pre[:-1], grads["w"].shape),
@@ -273,7 +277,7 @@ def _precondition(grads: Any, factors: Any, damping: float) -> Any:
         if name in grads:
             out[name] = _precondition(grads[name], block, damping)
         else:
-            pair = _precondition({"w": grads["w" + name], "b": grads["b" + name]}, block,
-                                 damping)
-            out["w" + name], out["b" + name] = pair["w"], pair["b"]
+            pair = {key: grads[key + name] for key in ("w", "b") if key + name in grads}
+            for key, value in _precondition(pair, block, damping).items():
+                out[key + name] = value
     return out

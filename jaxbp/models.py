@@ -55,7 +55,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
         norm: str = "layer", dtype: DTypeLike = "float32", causal: bool = True,
         compute_dtype: DTypeLike | None = None, activation_dtype: DTypeLike | None = None,
         attention_block: int | None = None, positions: str = "learned",
-        mlp: str = "gelu", kv_heads: int | None = None) -> Network:
+        mlp: str = "gelu", kv_heads: int | None = None, bias: bool = True) -> Network:
     """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
     vocab), the mean softmax cross-entropy over every token whose target is not -1.
 
@@ -76,9 +76,12 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     (``Dense(mlp_ratio dim, gelu)``) or ``"swiglu"`` (``GatedDense(mlp_ratio dim,
     silu)``, a third weight: LLaMA takes mlp_ratio 8/3 to keep the count; here the
     hidden width is ``mlp_ratio dim`` whichever). ``norm="rms", positions="rope",
-    mlp="swiglu"`` is a LLaMA-style decoder (with biases). ``kv_heads``: None (as many
+    mlp="swiglu", bias=False`` is a LLaMA-style decoder. ``kv_heads``: None (as many
     key/value heads as heads), or fewer that groups of query heads share (grouped-query
-    attention, LLaMA 2-3's; 1: multi-query); it must divide ``heads``.
+    attention, LLaMA 2-3's; 1: multi-query); it must divide ``heads``. ``bias``: whether
+    the matmul layers (attention's projections, the MLP, the head) add biases (GPT-2's;
+    False: LLaMA's and PaLM's); the norms keep theirs (LayerNorm's shift; RMSNorm has
+    none).
     """
     for name, value in (("vocab", vocab), ("dim", dim), ("depth", depth), ("heads", heads),
                         ("seq_len", seq_len), ("mlp_ratio", mlp_ratio)):
@@ -86,6 +89,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     if dim % heads:
         raise ValueError(f"gpt heads must divide dim: {heads} heads do not divide dim = {dim}")
     check_bool("gpt causal", causal)
+    check_bool("gpt bias", bias)
     if not isinstance(norm, str) or norm not in NORMS:
         raise ValueError(f"gpt norm must be one of {sorted(NORMS)}, got {norm!r}")
     for name, value, allowed in (("positions", positions, POSITIONS), ("mlp", mlp, MLPS)):
@@ -100,14 +104,14 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
                          f"width dim / heads = {dim // heads} must be even")
     make_norm = NORMS[norm]
     hidden = (layers.GatedDense if mlp == "swiglu" else layers.Dense)(
-        int(mlp_ratio) * dim, "silu" if mlp == "swiglu" else "gelu")
+        int(mlp_ratio) * dim, "silu" if mlp == "swiglu" else "gelu", bias=bias)
     attention = layers.SelfAttention(heads, causal, block=attention_block,
-                                     rope=positions == "rope", kv_heads=kv_heads)
+                                     rope=positions == "rope", kv_heads=kv_heads, bias=bias)
     block = (layers.Residual((make_norm(), attention)),
-             layers.Residual((make_norm(), hidden, layers.Dense(dim))))
+             layers.Residual((make_norm(), hidden, layers.Dense(dim, bias=bias))))
     table = seq_len if positions == "learned" else None
     return Network((layers.Embedding(vocab, dim, positions=table), *block * int(depth),
-                    make_norm(), layers.Dense(vocab)),
+                    make_norm(), layers.Dense(vocab, bias=bias)),
                    input_shape=(seq_len,), loss="softmax_cross_entropy", dtype=dtype,
                    input_dtype="int32", compute_dtype=compute_dtype,
                    activation_dtype=activation_dtype)

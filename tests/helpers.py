@@ -189,8 +189,8 @@ def _kfac_views(factors, grads):
             yield from _kfac_views(f, g)
     elif factors and not {"A", "A_diag", "diag"} & set(factors):
         for name, block in factors.items():
-            view = grads[name] if name in grads else {"w": grads["w" + name],
-                                                      "b": grads["b" + name]}
+            view = grads[name] if name in grads else {
+                key: grads[key + name] for key in ("w", "b") if key + name in grads}
             yield from _kfac_views(block, view)
     elif factors:
         yield factors, grads
@@ -198,8 +198,8 @@ def _kfac_views(factors, grads):
 
 def kfac_block_matrix(block):
     """The block's Fisher approximation as one explicit matrix (numpy), and the gradient
-    as the vector it acts on: ``A kron G`` on ``[W rows; b]`` flattened, ``diag(A) kron G``
-    on a table, ``diag`` on the flattened leaves."""
+    as the vector it acts on: ``A kron G`` on ``[W rows; b]`` flattened (``W rows`` alone
+    without a bias), ``diag(A) kron G`` on a table, ``diag`` on the flattened leaves."""
     import jax
 
     from jaxbp.network_curvature import kfac_rows
@@ -209,8 +209,10 @@ def kfac_block_matrix(block):
             return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
         if "A_diag" in block:
             return np.ravel(np.asarray(grads))
-        return np.concatenate([np.asarray(kfac_rows(grads["w"])),
-                               np.asarray(grads["b"])[None]]).ravel()
+        rows = [np.asarray(kfac_rows(grads["w"]))]
+        if "b" in grads:
+            rows.append(np.asarray(grads["b"])[None])
+        return np.concatenate(rows).ravel()
 
     if "diag" in block:
         matrix = np.diag(np.concatenate([np.ravel(d) for d in jax.tree.leaves(block["diag"])]))

@@ -18,7 +18,7 @@ import jaxbp
 from jaxbp import models
 from jaxbp.check.suite import random_tokens
 
-LLAMA = {"positions": "rope", "mlp": "swiglu"}        # rotary attention, a SwiGLU MLP
+LLAMA = {"positions": "rope", "mlp": "swiglu", "bias": False}  # rotary, SwiGLU, no biases
 
 
 def _gpt(seq_len=3, norm="layer", causal=True, dtype="float64", **style):

@@ -24,6 +24,8 @@ def test_every_built_in_record_passes_in_float64(x64):
     records = (
         (L.Dense(5, "tanh"), _x(3, 4)),
         (L.Dense(5, "gelu"), _x(2, 3, 4)),                  # token-wise
+        (L.Dense(5, "tanh", bias=False), _x(3, 4)),         # its rules on W alone
+        (L.SelfAttention(2, rope=True, kv_heads=1, bias=False), _x(2, 5, 4)),
         (L.Conv2D(3, (3, 3), stride=2, padding="VALID", activation="relu"), _x(2, 7, 7, 2)),
         (L.AvgPool((2, 2)), _x(2, 4, 4, 2)),
         (L.RMSNorm(), _x(2, 3, 5)),

@@ -94,6 +94,9 @@ def _add_gpt_options(train: argparse.ArgumentParser) -> None:
     train.add_argument("--kv-heads", type=int, default=None,
                        help="gpt key/value heads shared by groups of query heads "
                             "(grouped-query attention; 1: multi-query; default: one per head)")
+    train.add_argument("--no-bias", action="store_const", const=True, default=None,
+                       help="gpt matmul layers without biases (attention, MLP, head: "
+                            "LLaMA's; default: with, GPT-2's)")
     train.add_argument("--attention-block", type=int, default=None,
                        help="gpt attention over this many keys at a time, its (T, T) softmax "
                             "never kept (memory T x block; default: the plain form)")
@@ -228,6 +231,7 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
             if getattr(args, name) != GPT_DEFAULTS[name])
         if args.kv_heads is not None:
             shape += f", {args.kv_heads} key/value head" + "s" * (args.kv_heads > 1)
+        shape += ", no biases" * args.no_bias
     else:
         shape = f"cnn {network.describe(net)}, {args.activation}"  # describe names the loss
     grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad

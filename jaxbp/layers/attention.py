@@ -45,6 +45,7 @@ from jaxbp.layers.base import (
     variance_init,
     with_named_feedback,
 )
+from jaxbp.layers.dense import affine
 from jaxbp.types import Array, check_bool, check_int
 
 _PROJECTIONS = ("q", "k", "v", "o")
@@ -89,9 +90,12 @@ class SelfAttention:
       kv_heads: None (one key/value head per query head), or fewer key/value heads that
         groups of query heads share (an int >= 1 dividing ``heads``: grouped-query
         attention, Ainslie et al. 2023, as LLaMA 2-3 and Mistral; 1 is multi-query).
+      bias: whether the four projections add biases (default True, GPT-2's; False:
+        LLaMA's).
 
     Params: ``{"wq", "wo": (d, d), "wk", "wv": (d, kv_heads d_h), "bq", "bo": (d,),
-    "bk", "bv": (kv_heads d_h,)}``; the weights Glorot truncated normals, the biases 0.
+    "bk", "bv": (kv_heads d_h,)}``; the weights Glorot truncated normals, the biases 0
+    (none without ``bias``).
     """
 
     heads: int
@@ -102,6 +106,7 @@ class SelfAttention:
     rope: bool = False
     rope_base: float = 10000.0
     kv_heads: int | None = None
+    bias: bool = True
 
     def __post_init__(self) -> None:
         precision.check_recipe(self)
@@ -110,6 +115,7 @@ class SelfAttention:
         object.__setattr__(self, "block", check_int("SelfAttention block", self.block, 1,
                                                     optional=True))
         object.__setattr__(self, "rope", check_bool("SelfAttention rope", self.rope))
+        object.__setattr__(self, "bias", check_bool("SelfAttention bias", self.bias))
         base = self.rope_base
         if isinstance(base, bool) or not isinstance(base, (int, float)) \
                 or not math.isfinite(base) or base <= 0:
@@ -124,9 +130,9 @@ class SelfAttention:
         object.__setattr__(self, "kv_heads", kv)
 
     def __repr__(self) -> str:
-        """The fields, rope's two and kv_heads only when set (a GPT saved before them
-        reads the same)."""
-        return repr_beside_defaults(self, ("rope", "rope_base", "kv_heads"))
+        """The fields, rope's two, kv_heads and bias only when set (a GPT saved before
+        them reads the same)."""
+        return repr_beside_defaults(self, ("rope", "rope_base", "kv_heads", "bias"))
 
     @property
     def _groups(self) -> tuple[int, int]:
@@ -171,7 +177,8 @@ class SelfAttention:
         keys = jax.random.split(key, len(_PROJECTIONS))
         params = {f"w{p}": variance_init(k, (d, widths[p]), d, widths[p], False, dtype)
                   for p, k in zip(_PROJECTIONS, keys)}
-        params.update({f"b{p}": jnp.zeros((widths[p],), dtype) for p in _PROJECTIONS})
+        if self.bias:
+            params.update({f"b{p}": jnp.zeros((widths[p],), dtype) for p in _PROJECTIONS})
         return params
 
     def _scores(self, q: Array, k: Array, dtype: Any) -> Array:
@@ -189,17 +196,12 @@ class SelfAttention:
         a, b = precision.low_operands(self, a, b)
         return jnp.einsum(spec, a, b, preferred_element_type=precision.preferred(out, a, b))
 
-    def _project(self, params: dict[str, Array], x: Array, p: str, out: Any) -> Array:
-        """``x W_p + b_p`` in the recipe (token-wise, as a Dense)."""
-        return precision.dot(self, x, params[f"w{p}"], out) \
-            + precision.to_activation(params[f"b{p}"], self.activation_dtype)
-
     def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, ...]]:
         x = precision.to_activation(x.astype(jnp.result_type(x, params["wq"])),
                                     self.activation_dtype)
         out = precision.output_dtype(self, jnp.result_type(x, params["wq"]))
-        q = _split(self._project(params, x, "q", out), self.heads)
-        k, v = (_split(self._project(params, x, p, out), self._groups[0]) for p in "kv")
+        q = _split(affine(self, params, x, "q", out), self.heads)      # x W_q + b_q
+        k, v = (_split(affine(self, params, x, p, out), self._groups[0]) for p in "kv")
         if self.rope:                                             # R_t Q, R_t K
             q, k = (rotary.rotate(a, *self._angles(q, params)) for a in (q, k))
         k_all, v_all = self._shared(k), self._shared(v)     # each query head's K and V
@@ -213,7 +215,7 @@ class SelfAttention:
             kept = e / jnp.sum(e, axis=-1, keepdims=True)             # P = softmax(S)
             o = self._heads_dot("bhts,bhsd->bhtd", kept, v_all, out)   # O = P V
         o = _merge(o)
-        return self._project(params, o, "o", out), (x, q, k, v, kept, o)
+        return affine(self, params, o, "o", out), (x, q, k, v, kept, o)
 
     def _angles(self, q: Array, params: dict[str, Array]) -> tuple[Array, Array]:
         """RoPE's ``(cos, sin)`` for q's T positions and head width, in the params' dtype
@@ -272,7 +274,8 @@ class SelfAttention:
         grads = {}
         for p in _PROJECTIONS:                                         # x^T dQ, O^T delta
             grads[f"w{p}"] = precision.weight_grad(self, inputs[p], errors[p], w_dtype)
-            grads[f"b{p}"] = jnp.sum(errors[p], axis=(0, 1), dtype=w_dtype)
+            if self.bias:
+                grads[f"b{p}"] = jnp.sum(errors[p], axis=(0, 1), dtype=w_dtype)
         if not need_input:
             return None, grads, errors
         out = precision.output_dtype(self, jnp.result_type(errors["q"], params["wq"]))
@@ -304,7 +307,8 @@ class SelfAttention:
         are dQ, dK, dV and delta as :meth:`backward_kept` kept them (the softmax backward
         exact for every error column)."""
         inputs = self._projection_inputs(cache)
-        return {p: kfac.kronecker_block(inputs[p], errors[p], scale) for p in _PROJECTIONS}
+        return {p: kfac.kronecker_block(inputs[p], errors[p], scale, self.bias)
+                for p in _PROJECTIONS}
 
     def _in_params_dtype(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_out: Array) -> tuple[dict[str, Array], dict[str, Array]]:
@@ -317,12 +321,13 @@ class SelfAttention:
 
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_out: Array) -> dict[str, Array]:
-        return token_grads.projections_grads(*self._in_params_dtype(params, cache, delta_out))
+        return token_grads.projections_grads(*self._in_params_dtype(params, cache, delta_out),
+                                             self.bias)
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_out: Array) -> Array:
         return token_grads.projections_sq_norms(
-            *self._in_params_dtype(params, cache, delta_out))
+            *self._in_params_dtype(params, cache, delta_out), self.bias)
 
     def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
                                     delta_out: Array) -> tuple[Array, Any]:
@@ -330,4 +335,4 @@ class SelfAttention:
         each projection a token-wise weight (input x or O, error dQ, dK, dV or delta) by the
         routes of :mod:`jaxbp.layers.token_grads`; the softmax backward runs once."""
         return token_grads.projections_sq_norms_and_sum(
-            *self._in_params_dtype(params, cache, delta_out))
+            *self._in_params_dtype(params, cache, delta_out), self.bias)

@@ -24,8 +24,14 @@ from jax.typing import DTypeLike
 
 from jaxbp.activations import get_activation
 from jaxbp.layers import precision, token_grads
-from jaxbp.layers.base import Shape, register, variance_init, weighted_backward
-from jaxbp.types import Array, check_int
+from jaxbp.layers.base import (
+    Shape,
+    register,
+    repr_beside_defaults,
+    variance_init,
+    weighted_backward,
+)
+from jaxbp.types import Array, check_bool, check_int
 
 
 @register
@@ -47,15 +53,22 @@ class Dense:
         stored in (``"bfloat16"``: flax's ``Dense(dtype=bfloat16)``); matmul
         outputs in it, the weight gradient accumulated in float32, rounded once
         to it and returned in the params' dtype (:mod:`jaxbp.layers.precision`).
+      bias: whether the layer adds a bias b (default True; False: ``g(x W)``, params
+        ``{"w"}`` alone, as LLaMA's and GPT-2's head).
     """
 
     units: int
     activation: str = "identity"
     compute_dtype: DTypeLike | None = None
     activation_dtype: DTypeLike | None = None
+    bias: bool = True
 
     def __post_init__(self) -> None:
         check_width_record(self)
+
+    def __repr__(self) -> str:
+        """The fields, ``bias`` only when False (a net saved before it reads the same)."""
+        return repr_beside_defaults(self, ("bias",))
 
     def output_shape(self, in_shape: Shape) -> Shape:
         return last_axis_shape(in_shape, self.units)
@@ -63,14 +76,18 @@ class Dense:
     def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
         fan_in = in_shape[-1]
         he = get_activation(self.activation).he_init
-        return {"w": variance_init(key, (fan_in, self.units), fan_in, self.units, he, dtype),
-                "b": jnp.zeros((self.units,), dtype)}
+        params = {"w": variance_init(key, (fan_in, self.units), fan_in, self.units, he,
+                                     dtype)}
+        if self.bias:
+            params["b"] = jnp.zeros((self.units,), dtype)
+        return params
 
     def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, ...]]:
         x = precision.to_activation(x, self.activation_dtype)
         out = precision.output_dtype(self, jnp.result_type(x, params["w"]))
-        z = precision.dot(self, x, params["w"], out) \
-            + precision.to_activation(params["b"], self.activation_dtype)  # z = a_in W + b
+        z = precision.dot(self, x, params["w"], out)                 # z = a_in W + b
+        if self.bias:
+            z = z + precision.to_activation(params["b"], self.activation_dtype)
         a = get_activation(self.activation).g(z)                     # a = g(z)
         return a, (x, z, a)
 
@@ -85,8 +102,9 @@ class Dense:
         x, w = cache[0], params["w"]
         delta = self.pre_activation_error(cache, delta_a)
         leading = tuple(range(delta.ndim - 1))
-        grads = {"w": precision.weight_grad(self, x, delta, w.dtype),    # a_in^T delta
-                 "b": jnp.sum(delta, axis=leading, dtype=w.dtype)}   # dC/db = sum_n delta_n
+        grads = {"w": precision.weight_grad(self, x, delta, w.dtype)}    # a_in^T delta
+        if self.bias:
+            grads["b"] = jnp.sum(delta, axis=leading, dtype=w.dtype)  # dC/db = sum_n delta_n
         if not need_input:
             return None, grads
         out = precision.output_dtype(self, jnp.result_type(delta, w))
@@ -95,35 +113,31 @@ class Dense:
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_a: Array) -> dict[str, Array]:
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
-        if x.ndim == 2:
-            return {"w": x[:, :, None] * delta[:, None, :], "b": delta}  # g_i = a_i (x) delta_i
-        x, delta = token_grads.positions_flat(x), token_grads.positions_flat(delta)
-        return {"w": token_grads.formed_grads(x, delta),           # g_i = sum_t a_it (x) d_it
-                "b": jnp.sum(delta, axis=1)}
+        if x.ndim == 2:                      # g_i = a_i (x) delta_i, and delta_i for b
+            grads = {"w": x[:, :, None] * delta[:, None, :]}
+            return {**grads, "b": delta} if self.bias else grads
+        return token_grads.projections_grads(*_as_tokens(x, delta), self.bias)
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         if x.ndim == 2:
-            return _vector_sq_norms(x, delta)
-        x, delta = token_grads.positions_flat(x), token_grads.positions_flat(delta)
-        return (token_grads.weight_sq_norms(x, delta)
-                + token_grads.bias_sq_norms_and_sum(delta)[0])
+            return _vector_sq_norms(x, delta, self.bias)
+        return token_grads.projections_sq_norms(*_as_tokens(x, delta), self.bias)
 
     def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
                                     delta_a: Array) -> tuple[Array, Any]:
         """``(B,)`` squared norms and ``weights -> sum_i w_i g_i``.
 
         On vectors ``||a_i delta_i^T||^2 + ||delta_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)``
-        and the sum is the layer's own rule on the weighted errors; on tokens the routes
-        of :mod:`jaxbp.layers.token_grads` (T x T Grams or the formed ``g_i``)."""
+        (``+ 0`` without a bias) and the sum is the layer's own rule on the weighted
+        errors; on tokens the routes of :mod:`jaxbp.layers.token_grads` (T x T Grams or
+        the formed ``g_i``)."""
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         if x.ndim == 2:
-            return _vector_sq_norms(x, delta), weighted_backward(self, params, cache, delta_a)
-        x, delta = token_grads.positions_flat(x), token_grads.positions_flat(delta)
-        w_sq, w_sum = token_grads.weight_sq_norms_and_sum(x, delta)
-        b_sq, b_sum = token_grads.bias_sq_norms_and_sum(delta)
-        return w_sq + b_sq, lambda weights: {"w": w_sum(weights), "b": b_sum(weights)}
+            return (_vector_sq_norms(x, delta, self.bias),
+                    weighted_backward(self, params, cache, delta_a))
+        return token_grads.projections_sq_norms_and_sum(*_as_tokens(x, delta), self.bias)
 
     def sq_grad_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
                     deltas: Array) -> dict[str, Array]:
@@ -136,8 +150,8 @@ class Dense:
         dz = jax.vmap(self.pre_activation_error, in_axes=(None, 0))(cache, deltas)
         x, dz = cache[0].astype(params["w"].dtype), dz.astype(params["w"].dtype)
         sq = jnp.sum(dz * dz, axis=0)                                       # (B, units)
-        return {"w": jax.lax.dot_general(x * x, sq, (((0,), (0,)), ((), ()))),
-                "b": jnp.sum(sq, axis=0)}
+        sums = {"w": jax.lax.dot_general(x * x, sq, (((0,), (0,)), ((), ())))}
+        return {**sums, "b": jnp.sum(sq, axis=0)} if self.bias else sums
 
     def kfac_inputs(self, cache: tuple[Array, ...]) -> tuple[Array, int]:
         """K-FAC's input rows ``(B [T], d_in)`` and the positions per sample (1 on vectors)."""
@@ -155,8 +169,10 @@ class Dense:
         from jax.sharding import PartitionSpec
 
         if split == "column":
-            return {"w": PartitionSpec(None, axis), "b": PartitionSpec(axis)}
-        return {"w": PartitionSpec(axis, None), "b": PartitionSpec()}
+            specs = {"w": PartitionSpec(None, axis), "b": PartitionSpec(axis)}
+        else:
+            specs = {"w": PartitionSpec(axis, None), "b": PartitionSpec()}
+        return specs if self.bias else {"w": specs["w"]}
 
     def feedback_shape(self, in_shape: Shape) -> Shape:
         """A feedback B in W^T's place: ``(units, fan_in)``."""
@@ -172,8 +188,19 @@ def check_width_record(record: Any) -> None:
     >= 1, its activation known, its recipe canonical (else errors naming the record)."""
     kind = type(record).__name__
     object.__setattr__(record, "units", check_int(f"{kind} units", record.units, 1))
+    object.__setattr__(record, "bias", check_bool(f"{kind} bias", record.bias))
     get_activation(record.activation)
     precision.check_recipe(record)
+
+
+def affine(record: Any, params: dict[str, Array], x: Array, name: str, out: Any) -> Array:
+    """``x W_name + b_name`` in the record's recipe (:func:`jaxbp.layers.precision.dot`),
+    the bias added where the record has one (``record.bias``): a named weight of a layer
+    with several (attention's projections, a gated unit's branches)."""
+    z = precision.dot(record, x, params[f"w{name}"], out)
+    if not record.bias:
+        return z
+    return z + precision.to_activation(params[f"b{name}"], record.activation_dtype)
 
 
 def last_axis_shape(in_shape: Shape, units: int) -> Shape:
@@ -183,7 +210,13 @@ def last_axis_shape(in_shape: Shape, units: int) -> Shape:
     return (*in_shape[:-1], units)
 
 
-def _vector_sq_norms(x: Array, delta: Array) -> Array:
+def _vector_sq_norms(x: Array, delta: Array, bias: bool) -> Array:
     """``||a_i delta_i^T||^2 + ||delta_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)``: (B,) from
-    (B, d_in) inputs and (B, d_out) errors."""
-    return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + 1)
+    (B, d_in) inputs and (B, d_out) errors (the ``+ 1`` the bias's)."""
+    return jnp.sum(delta * delta, axis=1) * (jnp.sum(x * x, axis=1) + int(bias))
+
+
+def _as_tokens(x: Array, delta: Array) -> tuple[dict[str, Array], dict[str, Array]]:
+    """(B, ..., d) inputs and errors as the one unnamed weight of
+    :mod:`jaxbp.layers.token_grads`' projections (``"w"``, ``"b"``): (B, T, d) each."""
+    return {"": token_grads.positions_flat(x)}, {"": token_grads.positions_flat(delta)}

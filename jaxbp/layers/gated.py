@@ -32,10 +32,11 @@ from jaxbp.layers.base import (
     Shape,
     named_weights_transposed,
     register,
+    repr_beside_defaults,
     variance_init,
     with_named_feedback,
 )
-from jaxbp.layers.dense import check_width_record, last_axis_shape
+from jaxbp.layers.dense import affine, check_width_record, last_axis_shape
 from jaxbp.types import Array
 
 _BRANCHES = ("g", "u")
@@ -54,19 +55,26 @@ class GatedDense:
         ``"silu"``: SwiGLU; ``"gelu"``: GEGLU; ``"sigmoid"``: the original GLU).
       compute_dtype, activation_dtype: the numerical recipe, as Dense's
         (:mod:`jaxbp.layers.precision`).
+      bias: whether both branches add a bias (default True; False: ``g(x W_g) * (x
+        W_u)``, LLaMA's).
 
     Params: ``{"wg", "wu": (d, units), "bg", "bu": (units,)}``: the gate's weight and
     bias, the linear branch's; the weights Glorot (He for the gate's rectifying
-    activations, as Dense's), the biases 0.
+    activations, as Dense's), the biases 0 (none without ``bias``).
     """
 
     units: int
     activation: str = "silu"
     compute_dtype: DTypeLike | None = None
     activation_dtype: DTypeLike | None = None
+    bias: bool = True
 
     def __post_init__(self) -> None:
         check_width_record(self)
+
+    def __repr__(self) -> str:
+        """The fields, ``bias`` only when False (a net saved before it reads the same)."""
+        return repr_beside_defaults(self, ("bias",))
 
     def output_shape(self, in_shape: Shape) -> Shape:
         return last_axis_shape(in_shape, self.units)
@@ -75,22 +83,18 @@ class GatedDense:
         fan_in = in_shape[-1]
         he = get_activation(self.activation).he_init
         gate_key, linear_key = jax.random.split(key)
-        return {"wg": variance_init(gate_key, (fan_in, self.units), fan_in, self.units, he,
-                                    dtype),
-                "bg": jnp.zeros((self.units,), dtype),
-                "wu": variance_init(linear_key, (fan_in, self.units), fan_in, self.units,
-                                    False, dtype),
-                "bu": jnp.zeros((self.units,), dtype)}
-
-    def _branch(self, params: dict[str, Array], x: Array, p: str, out: Any) -> Array:
-        """``x W_p + b_p`` in the recipe."""
-        return precision.dot(self, x, params[f"w{p}"], out) \
-            + precision.to_activation(params[f"b{p}"], self.activation_dtype)
+        params = {"wg": variance_init(gate_key, (fan_in, self.units), fan_in, self.units,
+                                      he, dtype),
+                  "wu": variance_init(linear_key, (fan_in, self.units), fan_in, self.units,
+                                      False, dtype)}
+        if self.bias:
+            params.update({f"b{p}": jnp.zeros((self.units,), dtype) for p in _BRANCHES})
+        return params
 
     def forward(self, params: dict[str, Array], x: Array) -> tuple[Array, tuple[Array, ...]]:
         x = precision.to_activation(x, self.activation_dtype)
         out = precision.output_dtype(self, jnp.result_type(x, params["wg"]))
-        z, u = self._branch(params, x, "g", out), self._branch(params, x, "u", out)
+        z, u = (affine(self, params, x, p, out) for p in _BRANCHES)  # x W_p + b_p
         gate = get_activation(self.activation).g(z)
         return gate * u, (x, z, gate, u)                              # a = g(z) * u
 
@@ -115,7 +119,8 @@ class GatedDense:
         grads = {}
         for p in _BRANCHES:                                      # x^T delta_z, x^T delta_u
             grads[f"w{p}"] = precision.weight_grad(self, x, errors[p], dtype)
-            grads[f"b{p}"] = jnp.sum(errors[p], axis=leading, dtype=dtype)
+            if self.bias:
+                grads[f"b{p}"] = jnp.sum(errors[p], axis=leading, dtype=dtype)
         if not need_input:
             return None, grads, errors
         out = precision.output_dtype(self, jnp.result_type(errors["g"], params["wg"]))
@@ -133,25 +138,28 @@ class GatedDense:
 
     def per_sample_grads(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_a: Array) -> dict[str, Array]:
-        return token_grads.projections_grads(*self._in_params_dtype(params, cache, delta_a))
+        return token_grads.projections_grads(*self._in_params_dtype(params, cache, delta_a),
+                                             self.bias)
 
     def per_sample_sq_norms(self, params: dict[str, Array], cache: tuple[Array, ...],
                             delta_a: Array) -> Array:
-        return token_grads.projections_sq_norms(*self._in_params_dtype(params, cache, delta_a))
+        return token_grads.projections_sq_norms(*self._in_params_dtype(params, cache, delta_a),
+                                                self.bias)
 
     def per_sample_sq_norms_and_sum(self, params: dict[str, Array], cache: tuple[Array, ...],
                                     delta_a: Array) -> tuple[Array, Any]:
         """``(B,)`` squared norms of both branches and ``weights -> sum_i w_i g_i``, each
         branch a token-wise weight by the routes of :mod:`jaxbp.layers.token_grads`."""
         return token_grads.projections_sq_norms_and_sum(
-            *self._in_params_dtype(params, cache, delta_a))
+            *self._in_params_dtype(params, cache, delta_a), self.bias)
 
     def kfac_factors(self, params: dict[str, Array], cache: tuple[Array, ...],
                      errors: dict[str, Array], scale: kfac.KfacScale, where: str
                      ) -> dict[str, Any]:
         """A Kronecker block per branch, ``{"g", "u"}``: both read x; their errors ``(k, B,
         ..., units)`` are delta_z and delta_u as :meth:`backward_kept` kept them."""
-        return {p: kfac.kronecker_block(cache[0], errors[p], scale) for p in _BRANCHES}
+        return {p: kfac.kronecker_block(cache[0], errors[p], scale, self.bias)
+                for p in _BRANCHES}
 
     def model_axis_fans(self, params: dict[str, Any]) -> tuple[int, int]:
         """``(fan_in, fan_out)`` of both weights (:func:`jaxbp.parallel.layer_splits`)."""
@@ -166,7 +174,8 @@ class GatedDense:
             weight, bias = PartitionSpec(None, axis), PartitionSpec(axis)
         else:
             weight, bias = PartitionSpec(axis, None), PartitionSpec()
-        return {"wg": weight, "bg": bias, "wu": weight, "bu": bias}
+        specs = {"wg": weight, "wu": weight}
+        return {**specs, "bg": bias, "bu": bias} if self.bias else specs
 
     def feedback_shape(self, in_shape: Shape) -> dict[str, Shape]:
         """A feedback B in each branch's W^T place, ``{"g", "u"}: (units, fan_in)``."""

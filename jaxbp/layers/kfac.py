@@ -6,7 +6,8 @@ its Fisher block. Three kinds of block, told apart by their keys:
 
 * ``{"A", "G"}``, a weight ``W`` with its bias (Dense, Conv2D, each projection of
   SelfAttention): with ``a_bar = [a, 1]`` the input rows and ``delta`` the errors at the
-  pre-activation, ``F ~ A (x) G`` acting on ``[W; b]`` row by row;
+  pre-activation, ``F ~ A (x) G`` acting on ``[W; b]`` row by row (a layer without a
+  bias: ``a_bar = a``, on W alone);
 * ``{"A_diag", "G"}``, a table read by one-hot rows (Embedding): ``A`` is diagonal, the
   counts of the rows read;
 * ``{"diag"}``, the exact diagonal of the block (LayerNorm, RMSNorm scales and shifts):
@@ -57,12 +58,15 @@ def _norms(scale: KfacScale, positions: int) -> tuple[Any, Any]:
     return scale.batch, scale.batch * positions
 
 
-def kronecker_block(rows: Array, delta: Array, scale: KfacScale) -> dict[str, Array]:
+def kronecker_block(rows: Array, delta: Array, scale: KfacScale,
+                    bias: bool = True) -> dict[str, Array]:
     """``{"A", "G"}`` of a weight and bias from input rows ``(B, ..., d_in)`` (or patches
-    already flat, ``(B P, d_in)``) and pre-activation errors ``(k, B, ..., d_out)``."""
+    already flat, ``(B P, d_in)``) and pre-activation errors ``(k, B, ..., d_out)``;
+    without ``bias``, of the weight alone (``a_bar = a``: A is ``(d_in, d_in)``)."""
     rows = rows.reshape(-1, rows.shape[-1])
     a_norm, g_norm = _norms(scale, rows.shape[0] // scale.batch)
-    a_bar = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+    a_bar = (jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+             if bias else rows)
     flat = delta.reshape(-1, delta.shape[-1])                       # (k B P, d_out)
     return {"A": a_bar.T @ a_bar / a_norm, "G": flat.T @ flat / g_norm}
 
@@ -102,4 +106,4 @@ def layer_factors(layer: Any, params: Any, cache: Any, errors: Any, scale: KfacS
     capability(layer, "kfac_inputs", where, "K-FAC")
     capability(layer, "pre_activation_error", where, "K-FAC")
     delta = jax.vmap(layer.pre_activation_error, in_axes=(None, 0))(cache, delta_out)
-    return kronecker_block(layer.kfac_inputs(cache)[0], delta, scale)
+    return kronecker_block(layer.kfac_inputs(cache)[0], delta, scale, bias="b" in params)

@@ -116,35 +116,42 @@ def bias_sq_norms_and_sum(e: Array) -> tuple[Array, WeightedSum]:
     return jnp.sum(grads * grads, axis=1), weighted
 
 
-def projections_grads(inputs: dict[str, Array], errors: dict[str, Array]) -> dict[str, Array]:
-    """Per-sample gradients of named token-wise weights with biases (attention's
-    projections, a gated unit's branches): ``{"w" + p: (B, d_in, d_out), "b" + p: (B,
-    d_out)}`` from each name's (B, T, d_in) inputs and (B, T, d_out) errors."""
+def projections_grads(inputs: dict[str, Array], errors: dict[str, Array],
+                      bias: bool = True) -> dict[str, Array]:
+    """Per-sample gradients of named token-wise weights (attention's projections, a gated
+    unit's branches, a Dense as the one name ``""``): ``{"w" + p: (B, d_in, d_out)}``
+    and, with ``bias``, ``{"b" + p: (B, d_out)}``, from each name's (B, T, d_in) inputs
+    and (B, T, d_out) errors."""
     grads = {}
     for p in errors:
-        grads[f"w{p}"] = formed_grads(inputs[p], errors[p])
-        grads[f"b{p}"] = jnp.sum(errors[p], axis=1)
+        grads[f"w{p}"] = formed_grads(inputs[p], errors[p])        # g_i = sum_t x_it (x) e_it
+        if bias:
+            grads[f"b{p}"] = jnp.sum(errors[p], axis=1)            # g_i = sum_t e_it
     return grads
 
 
-def projections_sq_norms(inputs: dict[str, Array], errors: dict[str, Array]) -> Array:
-    """``(B,)``: the squared per-sample gradient norms of named token-wise weights and
-    biases, summed (each weight by :func:`weight_sq_norms`' cheaper route)."""
-    return sum(weight_sq_norms(inputs[p], errors[p]) + bias_sq_norms_and_sum(errors[p])[0]
-               for p in errors)
+def projections_sq_norms(inputs: dict[str, Array], errors: dict[str, Array],
+                         bias: bool = True) -> Array:
+    """``(B,)``: the squared per-sample gradient norms of named token-wise weights (and,
+    with ``bias``, their biases), summed (each weight by :func:`weight_sq_norms`' cheaper
+    route)."""
+    return sum(weight_sq_norms(inputs[p], errors[p])
+               + (bias_sq_norms_and_sum(errors[p])[0] if bias else 0) for p in errors)
 
 
-def projections_sq_norms_and_sum(inputs: dict[str, Array], errors: dict[str, Array]
-                                 ) -> tuple[Array, WeightedSum]:
-    """``(B,)`` squared norms summed over named token-wise weights and biases, and
-    ``weights -> {"w" + p, "b" + p: sum_i w_i g_i}`` (:func:`weight_sq_norms_and_sum`'s
-    route for each weight)."""
+def projections_sq_norms_and_sum(inputs: dict[str, Array], errors: dict[str, Array],
+                                 bias: bool = True) -> tuple[Array, WeightedSum]:
+    """``(B,)`` squared norms summed over named token-wise weights (and, with ``bias``,
+    their biases), and ``weights -> {"w" + p[, "b" + p]: sum_i w_i g_i}``
+    (:func:`weight_sq_norms_and_sum`'s route for each weight)."""
     total: Any = 0
     sums = {}
     for p in errors:
         w_sq, sums[f"w{p}"] = weight_sq_norms_and_sum(inputs[p], errors[p])
-        b_sq, sums[f"b{p}"] = bias_sq_norms_and_sum(errors[p])
-        total = total + w_sq + b_sq
+        total = total + w_sq
+        if bias:
+            b_sq, sums[f"b{p}"] = bias_sq_norms_and_sum(errors[p])
+            total = total + b_sq
 
     def weighted_sum(weights: Array) -> dict[str, Array]:
         return {name: rule(weights) for name, rule in sums.items()}

@@ -104,15 +104,17 @@ def check_gpt(mesh_shape, steps=3, batch=8) -> bool:
 
 def check_gated(mesh_shape, steps=3, batch=16) -> bool:
     """A GatedDense (SwiGLU) column-split over the model axis, both branches alike, and the
-    Dense after it row-split: Megatron's pair."""
-    net = jaxbp.Network((L.GatedDense(16), L.Dense(12), L.Dense(5)), (12,))
+    Dense after it row-split: Megatron's pair, both without biases (LLaMA's)."""
+    net = jaxbp.Network((L.GatedDense(16, bias=False), L.Dense(12, bias=False), L.Dense(5)),
+                        (12,))
     rng = np.random.default_rng(3)
     xs = rng.normal(size=(steps, batch, 12)).astype(np.float32)
     ys = rng.integers(0, 5, size=(steps, batch)).astype(np.int32)
     state = jaxbp.TrainState.create(net.init(jax.random.key(0)), optax.sgd(0.1))
     specs = parallel.state_shardings(state, parallel.make_mesh(*mesh_shape), net=net).params
     split = (specs[0]["wg"].spec == specs[0]["wu"].spec == PartitionSpec(None, "model")
-             and specs[1]["w"].spec == PartitionSpec("model", None))
+             and specs[1]["w"].spec == PartitionSpec("model", None)
+             and set(specs[0]) == {"wg", "wu"} and set(specs[1]) == {"w"})
     print(f"{'ok' if split else 'FAIL'} GatedDense column-split, the next Dense row-split")
     return check_network("gated", net, xs, ys, mesh_shape) and split
 
