@@ -79,9 +79,9 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     mlp="swiglu", bias=False`` is a LLaMA-style decoder. ``kv_heads``: None (as many
     key/value heads as heads), or fewer that groups of query heads share (grouped-query
     attention, LLaMA 2-3's; 1: multi-query); it must divide ``heads``. ``bias``: whether
-    the matmul layers (attention's projections, the MLP, the head) add biases (GPT-2's;
-    False: LLaMA's and PaLM's); the norms keep theirs (LayerNorm's shift; RMSNorm has
-    none).
+    the matmul layers (attention's projections, the MLP, the head) add biases and
+    LayerNorm shifts (GPT-2's; False: LLaMA's, PaLM's, nanoGPT's ``bias=False``;
+    RMSNorm has no shift either way).
     """
     for name, value in (("vocab", vocab), ("dim", dim), ("depth", depth), ("heads", heads),
                         ("seq_len", seq_len), ("mlp_ratio", mlp_ratio)):
@@ -102,7 +102,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     if positions == "rope" and (dim // heads) % 2:
         raise ValueError(f"gpt positions='rope' turns pairs of a head's features: the head "
                          f"width dim / heads = {dim // heads} must be even")
-    make_norm = NORMS[norm]
+    make_norm = functools.partial(NORMS[norm], bias=bias) if norm == "layer" else NORMS[norm]
     hidden = (layers.GatedDense if mlp == "swiglu" else layers.Dense)(
         int(mlp_ratio) * dim, "silu" if mlp == "swiglu" else "gelu", bias=bias)
     attention = layers.SelfAttention(heads, causal, block=attention_block,

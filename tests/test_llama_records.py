@@ -206,6 +206,7 @@ def test_a_llama_style_gpt_trains_by_hand(monkeypatch):
     (lambda: L.GatedDense(4, bias=0), TypeError, "GatedDense bias must be True or False"),
     (lambda: L.SelfAttention(2, bias=None), TypeError, "SelfAttention bias must be True"),
     (lambda: models.gpt(5, 4, 1, 2, 3, bias="false"), TypeError, "gpt bias must be True"),
+    (lambda: L.LayerNorm(bias=1), TypeError, "LayerNorm bias must be True or False, got 1"),
 ])
 def test_bad_llama_options_are_named(build, error, words):
     with pytest.raises(error, match=words):
@@ -228,7 +229,8 @@ def test_a_saved_gpts_recorded_net_reads_as_before():
 BIAS_FREE = [(L.Dense(5, "tanh"), (3, 4)), (L.Dense(5, "gelu"), (2, 3, 4)),
              (L.GatedDense(3), (2, 4, 5)), (L.GatedDense(3, "gelu"), (3, 4)),
              (L.SelfAttention(2, rope=True, kv_heads=1), (2, 5, 4)),
-             (L.SelfAttention(2, causal=False, block=2), (2, 5, 4))]
+             (L.SelfAttention(2, causal=False, block=2), (2, 5, 4)),
+             (L.LayerNorm(), (2, 3, 4))]
 
 
 @pytest.mark.parametrize(("layer", "shape"), BIAS_FREE, ids=repr)
@@ -244,10 +246,11 @@ def test_a_bias_free_record_is_the_biased_one_at_zero_bias_less_its_biases(layer
     free = dataclasses.replace(layer, bias=False)
     rng = np.random.default_rng(11)
     x = jnp.asarray(rng.standard_normal(shape))
-    params = {k: v + 0.3 * rng.standard_normal(v.shape) if k.startswith("w") else v
+    kept = set(free.init(jax.random.key(0), shape[1:], jnp.float64))  # all but the biases
+    params = {k: v + 0.3 * rng.standard_normal(v.shape) if k in kept else v
               for k, v in layer.init(jax.random.key(0), shape[1:], jnp.float64).items()}
-    weights = {k: v for k, v in params.items() if k.startswith("w")}
-    assert set(free.init(jax.random.key(0), shape[1:], jnp.float64)) == set(weights)
+    weights = {k: v for k, v in params.items() if k in kept}
+    assert len(params) == 2 * len(weights)                  # a bias for every weight
     out, cache = layer.forward(params, x)
     out_free, cache_free = free.forward(weights, x)
     np.testing.assert_allclose(out_free, out, rtol=1e-13, atol=1e-14)
@@ -257,25 +260,26 @@ def test_a_bias_free_record_is_the_biased_one_at_zero_bias_less_its_biases(layer
     assert set(grads_free) == set(weights)
     np.testing.assert_allclose(d_in_free, d_in, rtol=1e-12, atol=1e-14)
     per_sample = {k: v for k, v in layer.per_sample_grads(params, cache, delta).items()
-                  if k.startswith("w")}
+                  if k in kept}
     for k in weights:
         np.testing.assert_allclose(grads_free[k], grads[k], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(free.per_sample_grads(weights, cache_free, delta)[k],
                                    per_sample[k], rtol=1e-12, atol=1e-14)
     want_sq = sum(jnp.sum(g.reshape(len(x), -1) ** 2, axis=1) for g in per_sample.values())
-    sq, weighted = free.per_sample_sq_norms_and_sum(weights, cache_free, delta)
-    np.testing.assert_allclose(sq, want_sq, rtol=1e-12)
     np.testing.assert_allclose(free.per_sample_sq_norms(weights, cache_free, delta),
                                want_sq, rtol=1e-12)
-    w = jnp.asarray(rng.random(len(x)))
-    for k, v in weighted(w).items():
-        np.testing.assert_allclose(v, jnp.einsum("b,b...->...", w, per_sample[k]),
-                                   rtol=1e-12, atol=1e-14)
-    if hasattr(free, "kfac_factors"):
-        kept = free.backward_kept(weights, cache_free, delta)[2]
+    if hasattr(free, "per_sample_sq_norms_and_sum"):
+        sq, weighted = free.per_sample_sq_norms_and_sum(weights, cache_free, delta)
+        np.testing.assert_allclose(sq, want_sq, rtol=1e-12)
+        w = jnp.asarray(rng.random(len(x)))
+        for k, v in weighted(w).items():
+            np.testing.assert_allclose(v, jnp.einsum("b,b...->...", w, per_sample[k]),
+                                       rtol=1e-12, atol=1e-14)
+    if hasattr(free, "backward_kept"):
+        errors = free.backward_kept(weights, cache_free, delta)[2]
         scale = L.kfac.KfacScale(len(x), len(x), expand=True)
         for name, block in free.kfac_factors(weights, cache_free, jax.tree.map(
-                lambda e: e[None], kept), scale, "layers[0]").items():
+                lambda e: e[None], errors), scale, "layers[0]").items():
             assert block["A"].shape == (weights[f"w{name}"].shape[0],) * 2, name
 
 

@@ -118,7 +118,7 @@ sequence_settings = st.fixed_dictionaries({
     "heads": st.integers(1, 3), "head_dim": st.integers(1, 3), "T": st.integers(1, 9),
     "causal": st.booleans(), "block": st.one_of(st.none(), st.integers(1, 10)),
     "rope": st.booleans(), "base": st.sampled_from([3.0, 1e4, 5e5]),
-    "kv_heads": st.sampled_from([None, 1])})
+    "kv_heads": st.sampled_from([None, 1]), "bias": st.booleans()})
 
 
 @pytest.mark.slow
@@ -128,16 +128,17 @@ def test_a_token_wise_records_backward_is_the_vjp_of_its_forward(x64, s, seed):
     """SelfAttention (plain and blockwise, any block against any T, causal or not, T = 1
     included, rotary or not: a rotary head twice as wide, one key/value head per query
     head or one for all), LayerNorm, RMSNorm, a
-    token-wise Dense and GatedDense on (batch, T, d) sequences."""
+    token-wise Dense and GatedDense on (batch, T, d) sequences; with biases (shifts) or
+    without."""
     rope = s["kind"] == "attention" and s["rope"]
     d = s["heads"] * s["head_dim"] * (2 if rope else 1)
     layer = {"attention": lambda: L.SelfAttention(s["heads"], causal=s["causal"],
                                                   block=s["block"], rope=rope,
                                                   rope_base=s["base"],
-                                                  kv_heads=s["kv_heads"]),
-             "layernorm": L.LayerNorm, "rmsnorm": L.RMSNorm,
-             "dense": lambda: L.Dense(s["heads"] + 1, "gelu"),
-             "gated": lambda: L.GatedDense(s["heads"] + 1)}[s["kind"]]()
+                                                  kv_heads=s["kv_heads"], bias=s["bias"]),
+             "layernorm": lambda: L.LayerNorm(bias=s["bias"]), "rmsnorm": L.RMSNorm,
+             "dense": lambda: L.Dense(s["heads"] + 1, "gelu", bias=s["bias"]),
+             "gated": lambda: L.GatedDense(s["heads"] + 1, bias=s["bias"])}[s["kind"]]()
     assert not _vjp_misses(layer, (s["T"], d), seed)
 
 

@@ -24,7 +24,8 @@ from jaxbp.layers.precision import RECIPES
 from jaxbp.models import gpt
 from jaxbp.network import Network
 
-STYLES = {"gpt2": {}, "llama": {"norm": "rms", "positions": "rope", "mlp": "swiglu"}}
+STYLES = {"gpt2": {}, "llama": {"norm": "rms", "positions": "rope", "mlp": "swiglu",
+                                "bias": False}}
 """The GPT styles of the bench, as :func:`jaxbp.models.gpt`'s options."""
 
 
@@ -33,7 +34,7 @@ class GptCase:
     """A GPT training step (:func:`jaxbp.models.gpt`, mlp_ratio 4) on (batch, seq_len)
     tokens in one of the :data:`RECIPES`; softmax cross-entropy over every token.
     ``style``: ``"gpt2"`` (LayerNorm, learned positions, gelu MLP) or ``"llama"``
-    (RMSNorm, rotary attention, SwiGLU: :data:`STYLES`)."""
+    (RMSNorm, rotary attention, SwiGLU, no biases: :data:`STYLES`)."""
 
     dim: int
     depth: int

@@ -95,8 +95,8 @@ def _add_gpt_options(train: argparse.ArgumentParser) -> None:
                        help="gpt key/value heads shared by groups of query heads "
                             "(grouped-query attention; 1: multi-query; default: one per head)")
     train.add_argument("--no-bias", action="store_const", const=True, default=None,
-                       help="gpt matmul layers without biases (attention, MLP, head: "
-                            "LLaMA's; default: with, GPT-2's)")
+                       help="gpt without biases (attention, MLP, head) and LayerNorm "
+                            "shifts: LLaMA's, nanoGPT's bias=False (default: with, GPT-2's)")
     train.add_argument("--attention-block", type=int, default=None,
                        help="gpt attention over this many keys at a time, its (T, T) softmax "
                             "never kept (memory T x block; default: the plain form)")
