@@ -55,7 +55,8 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
         norm: str = "layer", dtype: DTypeLike = "float32", causal: bool = True,
         compute_dtype: DTypeLike | None = None, activation_dtype: DTypeLike | None = None,
         attention_block: int | None = None, positions: str = "learned",
-        mlp: str = "gelu", kv_heads: int | None = None, bias: bool = True) -> Network:
+        mlp: str = "gelu", kv_heads: int | None = None, bias: bool = True,
+        mlp_hidden: int | None = None) -> Network:
     """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
     vocab), the mean softmax cross-entropy over every token whose target is not -1.
 
@@ -74,18 +75,43 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     GPT-2's) or ``"rope"`` (no table; every attention turns Q and K by rotary
     embeddings, LLaMA's; needs an even head width dim / heads). ``mlp``: ``"gelu"``
     (``Dense(mlp_ratio dim, gelu)``) or ``"swiglu"`` (``GatedDense(mlp_ratio dim,
-    silu)``, a third weight: LLaMA takes mlp_ratio 8/3 to keep the count; here the
-    hidden width is ``mlp_ratio dim`` whichever). ``norm="rms", positions="rope",
+    silu)``, a third weight: LLaMA takes a hidden width of 8 dim / 3 to keep the count,
+    ``mlp_hidden``; the default is ``mlp_ratio dim`` whichever). ``norm="rms", positions="rope",
     mlp="swiglu", bias=False`` is a LLaMA-style decoder. ``kv_heads``: None (as many
     key/value heads as heads), or fewer that groups of query heads share (grouped-query
     attention, LLaMA 2-3's; 1: multi-query); it must divide ``heads``. ``bias``: whether
     the matmul layers (attention's projections, the MLP, the head) add biases and
     LayerNorm shifts (GPT-2's; False: LLaMA's, PaLM's, nanoGPT's ``bias=False``;
-    RMSNorm has no shift either way).
+    RMSNorm has no shift either way). ``mlp_hidden``: None, or the MLP's hidden width in
+    place of ``mlp_ratio dim`` (LLaMA's SwiGLU takes about ``8 dim / 3``, so that its
+    three weights hold what GPT-2's two hold at ratio 4).
     """
+    _check_gpt(vocab, dim, depth, heads, seq_len, mlp_ratio, norm, causal, positions, mlp,
+               kv_heads, bias, mlp_hidden)
+    make_norm = functools.partial(NORMS[norm], bias=bias) if norm == "layer" else NORMS[norm]
+    hidden = (layers.GatedDense if mlp == "swiglu" else layers.Dense)(
+        mlp_hidden or int(mlp_ratio) * dim, "silu" if mlp == "swiglu" else "gelu", bias=bias)
+    attention = layers.SelfAttention(heads, causal, block=attention_block,
+                                     rope=positions == "rope", kv_heads=kv_heads, bias=bias)
+    block = (layers.Residual((make_norm(), attention)),
+             layers.Residual((make_norm(), hidden, layers.Dense(dim, bias=bias))))
+    table = seq_len if positions == "learned" else None
+    return Network((layers.Embedding(vocab, dim, positions=table), *block * int(depth),
+                    make_norm(), layers.Dense(vocab, bias=bias)),
+                   input_shape=(seq_len,), loss="softmax_cross_entropy", dtype=dtype,
+                   input_dtype="int32", compute_dtype=compute_dtype,
+                   activation_dtype=activation_dtype)
+
+
+def _check_gpt(vocab: Any, dim: Any, depth: Any, heads: Any, seq_len: Any, mlp_ratio: Any,
+               norm: Any, causal: Any, positions: Any, mlp: Any, kv_heads: Any, bias: Any,
+               mlp_hidden: Any) -> None:
+    """:func:`gpt`'s arguments, each error naming the argument, what it must be and what
+    came."""
     for name, value in (("vocab", vocab), ("dim", dim), ("depth", depth), ("heads", heads),
                         ("seq_len", seq_len), ("mlp_ratio", mlp_ratio)):
         check_int(f"gpt {name}", value, 1)
+    check_int("gpt mlp_hidden", mlp_hidden, 1, optional=True)
     if dim % heads:
         raise ValueError(f"gpt heads must divide dim: {heads} heads do not divide dim = {dim}")
     check_bool("gpt causal", causal)
@@ -102,19 +128,6 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     if positions == "rope" and (dim // heads) % 2:
         raise ValueError(f"gpt positions='rope' turns pairs of a head's features: the head "
                          f"width dim / heads = {dim // heads} must be even")
-    make_norm = functools.partial(NORMS[norm], bias=bias) if norm == "layer" else NORMS[norm]
-    hidden = (layers.GatedDense if mlp == "swiglu" else layers.Dense)(
-        int(mlp_ratio) * dim, "silu" if mlp == "swiglu" else "gelu", bias=bias)
-    attention = layers.SelfAttention(heads, causal, block=attention_block,
-                                     rope=positions == "rope", kv_heads=kv_heads, bias=bias)
-    block = (layers.Residual((make_norm(), attention)),
-             layers.Residual((make_norm(), hidden, layers.Dense(dim, bias=bias))))
-    table = seq_len if positions == "learned" else None
-    return Network((layers.Embedding(vocab, dim, positions=table), *block * int(depth),
-                    make_norm(), layers.Dense(vocab, bias=bias)),
-                   input_shape=(seq_len,), loss="softmax_cross_entropy", dtype=dtype,
-                   input_dtype="int32", compute_dtype=compute_dtype,
-                   activation_dtype=activation_dtype)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -241,14 +241,15 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     code = cli.main([*private, "--epochs", "1", "--dp", "--target-epsilon", "8",
                      "--sample-temperature", "0.7", "--sample-length", "30",
                      "--sample-top-k", "5", "--norm", "rms", "--positions", "rope",
-                     "--mlp", "swiglu", "--kv-heads", "1", "--no-bias"])  # private, LLaMA
+                     "--mlp", "swiglu", "--kv-heads", "1", "--no-bias",
+                     "--mlp-hidden", "40"])                    # private, LLaMA-style
     out = capsys.readouterr().out
     assert code == 0 and "grad dp-sgd" in out and "bits/char)" in out, out
     # tokens 28x16, no positions table; norms 3x16; attention 2 (16x16) for q and o,
-    # 2 (16x8) for the one key/value head of 8; GatedDense 2 (16x64); Dense 64x16; head
+    # 2 (16x8) for the one key/value head of 8; GatedDense 2 (16x40); Dense 40x16; head
     # 16x28; no biases
-    assert "(4784 params), RMSNorm, rotary positions, SwiGLU, 1 key/value head, no biases," \
-        in out, out
+    assert ("(3632 params), RMSNorm, rotary positions, SwiGLU, 1 key/value head, MLP hidden "
+            "40, no biases,") in out, out
     sample = out.split("sample (temperature 0.7, top 5, after 'the quick brown '):\n")[1]
     assert len(sample.splitlines()[0]) <= 30 and len(sample.rstrip("\n")) == 30, sample
     assert 7 < float(out.split(", epsilon ")[1].split()[0]) <= 8, out
@@ -262,6 +263,8 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     assert "--kv-heads 3 must divide --heads 4" in capsys.readouterr().err
     assert cli.main(["train", "--mlp", "swiglu"]) == 2
     assert "--mlp shapes a GPT (--model gpt), but --model is mlp" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "gpt", "--mlp-hidden", "0"]) == 2
+    assert "--mlp-hidden must be an integer > 0, got 0" in capsys.readouterr().err
     assert cli.main(["train", "--model", "cnn", "--no-bias"]) == 2
     assert "--no-bias shapes a GPT (--model gpt), but --model is cnn" in \
         capsys.readouterr().err

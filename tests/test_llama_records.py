@@ -207,6 +207,8 @@ def test_a_llama_style_gpt_trains_by_hand(monkeypatch):
     (lambda: L.SelfAttention(2, bias=None), TypeError, "SelfAttention bias must be True"),
     (lambda: models.gpt(5, 4, 1, 2, 3, bias="false"), TypeError, "gpt bias must be True"),
     (lambda: L.LayerNorm(bias=1), TypeError, "LayerNorm bias must be True or False, got 1"),
+    (lambda: models.gpt(5, 4, 1, 2, 3, mlp_hidden=0), ValueError,
+     "gpt mlp_hidden must be None or an int >= 1, got 0"),
 ])
 def test_bad_llama_options_are_named(build, error, words):
     with pytest.raises(error, match=words):
@@ -296,3 +298,18 @@ def test_rotary_angles_of_a_bf16_layer_are_turned_in_float32():
     wide = layer.forward({k: v.astype(jnp.float32) for k, v in params.items()},
                          jnp.asarray(x))[1][1]                      # the turned Q
     assert global_rel_error(low, wide) < 2 ** -7
+
+
+def test_mlp_hidden_sets_the_feed_forward_width():
+    """``mlp_hidden`` in place of ``mlp_ratio dim``: a SwiGLU of hidden 8 d / 3 holds the
+    parameters of GPT-2's ratio-4 MLP (three weights of d x 8d/3, two of d x 4d)."""
+    llama = models.gpt(7, 12, 1, 2, 4, mlp="swiglu", mlp_hidden=32, bias=False)
+    gpt2 = models.gpt(7, 12, 1, 2, 4, bias=False)
+    (_, gated, out), (_, dense, _) = llama.layers[2].layers, gpt2.layers[2].layers
+    assert gated == L.GatedDense(32, bias=False) and out == L.Dense(12, bias=False)
+    assert dense == L.Dense(48, "gelu", bias=False)
+
+    def count(net):
+        return sum(a.size for a in jax.tree.leaves(net.init(jax.random.key(0))[2]))
+
+    assert count(llama) == count(gpt2) == 3 * 12 * 32 + 12

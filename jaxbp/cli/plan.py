@@ -52,7 +52,7 @@ def _is_text(path: pathlib.Path) -> bool:
 
 GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_block": None,
                 "norm": "layer", "positions": "learned", "mlp": "gelu", "kv_heads": None,
-                "no_bias": False, "sample_length": 200, "sample_temperature": 0.0,
+                "no_bias": False, "mlp_hidden": None, "sample_length": 200, "sample_temperature": 0.0,
                 "sample_top_k": None}
 """``--model gpt``'s shape and sample options and their defaults (another model's: refused)."""
 
@@ -389,9 +389,11 @@ def _gpt(args: argparse.Namespace, dataset: Any, recipe: dict[str, str]) -> Any:
     if args.positions == "rope" and (args.dim // args.heads) % 2:
         raise UsageError(f"--positions rope turns pairs of a head's features: the head width "
                          f"--dim / --heads = {args.dim // args.heads} must be even")
-    if args.attention_block is not None:
-        positive("--attention-block", args.attention_block, integer=True)
+    for option, value in (("--attention-block", args.attention_block),
+                          ("--mlp-hidden", args.mlp_hidden)):
+        if value is not None:
+            positive(option, value, integer=True)
     return models.gpt(dataset.n_out, args.dim, args.depth, args.heads, args.seq_len,
                       attention_block=args.attention_block, norm=args.norm,
                       positions=args.positions, mlp=args.mlp, kv_heads=args.kv_heads,
-                      bias=not args.no_bias, **recipe)
+                      bias=not args.no_bias, mlp_hidden=args.mlp_hidden, **recipe)

@@ -94,6 +94,9 @@ def _add_gpt_options(train: argparse.ArgumentParser) -> None:
     train.add_argument("--kv-heads", type=int, default=None,
                        help="gpt key/value heads shared by groups of query heads "
                             "(grouped-query attention; 1: multi-query; default: one per head)")
+    train.add_argument("--mlp-hidden", type=int, default=None,
+                       help="gpt MLP hidden width (default 4 x --dim; LLaMA's SwiGLU takes "
+                            "about 8 x --dim / 3 to hold GPT-2's MLP parameter count)")
     train.add_argument("--no-bias", action="store_const", const=True, default=None,
                        help="gpt without biases (attention, MLP, head) and LayerNorm "
                             "shifts: LLaMA's, nanoGPT's bias=False (default: with, GPT-2's)")
@@ -231,6 +234,8 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
             if getattr(args, name) != GPT_DEFAULTS[name])
         if args.kv_heads is not None:
             shape += f", {args.kv_heads} key/value head" + "s" * (args.kv_heads > 1)
+        if args.mlp_hidden is not None:
+            shape += f", MLP hidden {args.mlp_hidden}"
         shape += ", no biases" * args.no_bias
     else:
         shape = f"cnn {network.describe(net)}, {args.activation}"  # describe names the loss
