@@ -207,6 +207,7 @@ def test_a_llama_style_gpt_trains_by_hand(monkeypatch):
     (lambda: L.SelfAttention(2, bias=None), TypeError, "SelfAttention bias must be True"),
     (lambda: models.gpt(5, 4, 1, 2, 3, bias="false"), TypeError, "gpt bias must be True"),
     (lambda: L.LayerNorm(bias=1), TypeError, "LayerNorm bias must be True or False, got 1"),
+    (lambda: L.Conv2D(3, bias="off"), TypeError, "Conv2D bias must be True or False"),
     (lambda: models.gpt(5, 4, 1, 2, 3, mlp_hidden=0), ValueError,
      "gpt mlp_hidden must be None or an int >= 1, got 0"),
 ])
@@ -232,7 +233,9 @@ BIAS_FREE = [(L.Dense(5, "tanh"), (3, 4)), (L.Dense(5, "gelu"), (2, 3, 4)),
              (L.GatedDense(3), (2, 4, 5)), (L.GatedDense(3, "gelu"), (3, 4)),
              (L.SelfAttention(2, rope=True, kv_heads=1), (2, 5, 4)),
              (L.SelfAttention(2, causal=False, block=2), (2, 5, 4)),
-             (L.LayerNorm(), (2, 3, 4))]
+             (L.LayerNorm(), (2, 3, 4)),
+             (L.Conv2D(3, 2, stride=2, padding="VALID", activation="tanh"), (2, 7, 7, 2)),
+             (L.Conv2D(16, 3), (2, 2, 2, 8))]                 # formed and ghost norms
 
 
 @pytest.mark.parametrize(("layer", "shape"), BIAS_FREE, ids=repr)

@@ -40,6 +40,10 @@ def test_cases_cover_the_space():
     assert {c.padding for c in convs} == {"SAME", "VALID"} and {1, 2} <= {c.stride[0]
                                                                           for c in convs}
     assert {k for c in convs for k in c.kernel} == {1, 2, 3, 4, 5}
+    assert {c.bias for c in convs} == {True, False}                 # none: i = 3 mod 4
+    inner = [inside for net, _ in nets for layer in net.layers
+             if isinstance(layer, L.Residual) for inside in layer.layers]
+    assert {d.bias for d in inner if isinstance(d, L.Dense | L.LayerNorm)} == {True, False}
     assert {net.loss for net, _ in nets} == set(LOSSES)
     assert min(b for _, b in nets) == 1 and (1, 1, 1) in {net.input_shape for net, _ in nets}
 

@@ -77,7 +77,9 @@ def random_network(i: int, dtype: str) -> tuple[Network, int]:
     every other case a residual block (Dense, LayerNorm, Dense), the output Dense.
 
     Over i = 0..17 every layer type, padding, stride 1 and 2, kernel size 1-5,
-    every activation and loss, batch 1, one channel and 1x1 images occur.
+    every activation and loss, batch 1, one channel and 1x1 images occur; the first conv
+    has no bias where i = 3 mod 4, the residual block's first Dense and LayerNorm none
+    where i = 0 mod 4.
     """
     acts, losses = sorted(ACTIVATIONS), sorted(LOSSES)
     rng = np.random.default_rng(2000 + i)
@@ -91,7 +93,7 @@ def random_network(i: int, dtype: str) -> tuple[Network, int]:
         fits = all(size >= kk for size, kk in zip(shape, k))
         padding = "VALID" if rng.random() < 0.4 and fits else "SAME"
         conv = layers.Conv2D(int(rng.integers(1, 5)), k, int(rng.integers(1, 3)), padding,
-                             acts[(i + len(chain)) % 9])
+                             acts[(i + len(chain)) % 9], bias=bool(chain) or i % 4 != 3)
         chain.append(conv)
         shape = conv.output_shape((*shape, 1))[:2]
     if min(shape) >= 2 and rng.random() < 0.7:
@@ -102,8 +104,8 @@ def random_network(i: int, dtype: str) -> tuple[Network, int]:
     width = int(rng.integers(2, 12))
     chain.append(layers.Dense(width, acts[i % 9]))
     if i % 2 == 0:
-        chain.append(layers.Residual((layers.Dense(width, acts[(i + 4) % 9]),
-                                      layers.LayerNorm(), layers.Dense(width))))
+        chain.append(layers.Residual((layers.Dense(width, acts[(i + 4) % 9], bias=i % 4 != 0),
+                                      layers.LayerNorm(bias=i % 4 != 0), layers.Dense(width))))
     loss = losses[i % 3]
     n_out = int(rng.integers(2, 6))
     chain.append(layers.Dense(n_out, acts[(i // 3) % 9] if not LOSSES[loss].probability_targets

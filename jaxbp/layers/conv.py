@@ -32,8 +32,8 @@ from jax.typing import DTypeLike
 
 from jaxbp.activations import get_activation
 from jaxbp.layers import precision, token_grads
-from jaxbp.layers.base import Shape, register, variance_init
-from jaxbp.types import Array, check_int, is_int
+from jaxbp.layers.base import Shape, register, repr_beside_defaults, variance_init
+from jaxbp.types import Array, check_bool, check_int, is_int
 
 PADDINGS = ("SAME", "VALID")
 CHANNELS_LAST = ("NHWC", "HWIO", "NHWC")
@@ -81,6 +81,8 @@ class Conv2D:
       activation: a name of :data:`jaxbp.ACTIVATIONS` (default identity).
       compute_dtype, activation_dtype: the numerical recipe, as for
         :class:`~jaxbp.layers.Dense` (:mod:`jaxbp.layers.precision`).
+      bias: whether it adds a bias per filter (default True; False: params ``{"w"}``
+        alone, as a conv before a norm usually is).
 
     Params: ``{"w": (kh, kw, c_in, filters), "b": (filters,)}`` (HWIO, as lax and flax).
     """
@@ -92,9 +94,11 @@ class Conv2D:
     activation: str = "identity"
     compute_dtype: DTypeLike | None = None
     activation_dtype: DTypeLike | None = None
+    bias: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "filters", check_int("Conv2D filters", self.filters, 1))
+        object.__setattr__(self, "bias", check_bool("Conv2D bias", self.bias))
         object.__setattr__(self, "kernel", _pair(self.kernel, "kernel"))
         object.__setattr__(self, "stride", _pair(self.stride, "stride"))
         if not isinstance(self.padding, str) or self.padding.upper() not in PADDINGS:
@@ -103,6 +107,10 @@ class Conv2D:
         object.__setattr__(self, "padding", self.padding.upper())   # one spelling: one jit
         get_activation(self.activation)
         precision.check_recipe(self)
+
+    def __repr__(self) -> str:
+        """The fields, ``bias`` only when False (a net saved before it reads the same)."""
+        return repr_beside_defaults(self, ("bias",))
 
     def _pads(self, hw: tuple[int, int]) -> list[tuple[int, int]]:
         return jax.lax.padtype_to_pads(hw, self.kernel, self.stride, self.padding)
@@ -126,7 +134,7 @@ class Conv2D:
         he = get_activation(self.activation).he_init
         w = variance_init(key, (kh, kw, c_in, self.filters), kh * kw * c_in,
                           kh * kw * self.filters, he, dtype)
-        return {"w": w, "b": jnp.zeros((self.filters,), dtype)}
+        return {"w": w, "b": jnp.zeros((self.filters,), dtype)} if self.bias else {"w": w}
 
     def _conv(self, lhs: Array, rhs: Array, out: Any, **conv: Any) -> Array:
         """One ``conv_general_dilated`` with the layer's operands, its output in ``out``."""
@@ -139,8 +147,9 @@ class Conv2D:
         out = precision.output_dtype(self, jnp.result_type(x, params["w"]))
         z = self._conv(x, params["w"], out, window_strides=self.stride,
                        padding=self._pads(x.shape[1:3]),
-                       dimension_numbers=CHANNELS_LAST) \
-            + precision.to_activation(params["b"], self.activation_dtype)
+                       dimension_numbers=CHANNELS_LAST)
+        if self.bias:
+            z = z + precision.to_activation(params["b"], self.activation_dtype)
         a = get_activation(self.activation).g(z)
         return a, (x, z, a)
 
@@ -181,8 +190,9 @@ class Conv2D:
         # with float32 outputs at a fraction of the bf16 rate (H200, bf16 CNNs: 1.2-1.3x
         # jax.grad's step with them)
         wgrad = self._weight_grad(x, delta, precision.output_dtype(self, w.dtype))
-        grads = {"w": wgrad.astype(w.dtype),
-                 "b": jnp.sum(delta, axis=(0, 1, 2), dtype=w.dtype)}
+        grads = {"w": wgrad.astype(w.dtype)}
+        if self.bias:
+            grads["b"] = jnp.sum(delta, axis=(0, 1, 2), dtype=w.dtype)
         if not need_input:
             return None, grads
         out = precision.output_dtype(self, jnp.result_type(delta, w))
@@ -192,8 +202,8 @@ class Conv2D:
                          delta_a: Array) -> dict[str, Array]:
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         grads = jnp.moveaxis(self._formed_grads(x, delta), 0, 1)       # (B, kh kw, c, o)
-        return {"w": grads.reshape(x.shape[0], *params["w"].shape),
-                "b": jnp.sum(delta, axis=(1, 2))}
+        formed = {"w": grads.reshape(x.shape[0], *params["w"].shape)}
+        return {**formed, "b": jnp.sum(delta, axis=(1, 2))} if self.bias else formed
 
     def _padded(self, x: Array) -> Array:
         return jnp.pad(x, ((0, 0), *self._pads(x.shape[1:3]), (0, 0)))
@@ -297,13 +307,15 @@ class Conv2D:
         """
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
         bias_sq, bias_sum = token_grads.bias_sq_norms_and_sum(token_grads.positions_flat(delta))
+        if not self.bias:
+            bias_sq = 0
         if self.uses_ghost_norm(x.shape[1:]):
             weight_sq = self._ghost_sq_norms(x, delta)
 
             def weighted_errors_sum(weights: Array) -> dict[str, Array]:
-                return {"w": self._weight_grad(x, delta * weights[:, None, None, None],
-                                               params["w"].dtype),
-                        "b": bias_sum(weights)}
+                return self._with_bias(self._weight_grad(
+                    x, delta * weights[:, None, None, None], params["w"].dtype),
+                    bias_sum, weights)
 
             return weight_sq + bias_sq, weighted_errors_sum
         formed = self._formed_grads(x, delta)                          # (kh kw, B, c, o)
@@ -311,6 +323,10 @@ class Conv2D:
         def weighted_sum(weights: Array) -> dict[str, Array]:
             # a fused multiply-reduce: a dot here would copy the formed gradients to its layout
             w = jnp.sum(weights[:, None, None] * formed, axis=1)
-            return {"w": w.reshape(params["w"].shape), "b": bias_sum(weights)}
+            return self._with_bias(w.reshape(params["w"].shape), bias_sum, weights)
 
         return jnp.sum(jnp.square(formed), axis=(0, 2, 3)) + bias_sq, weighted_sum
+
+    def _with_bias(self, w_sum: Array, bias_sum: Any, weights: Array) -> dict[str, Array]:
+        """``{"w": w_sum}`` and, where the layer has a bias, its ``sum_i w_i g_i``."""
+        return {"w": w_sum, "b": bias_sum(weights)} if self.bias else {"w": w_sum}
