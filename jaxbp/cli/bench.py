@@ -32,7 +32,7 @@ def add_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
     bench.add_argument("--quick", action="store_true",
                        help=f"{len(QUICK)} small cases on a CPU (2 CNNs and 28 MLPs in three "
-                            f"recipes, 2 GPTs: about 6 minutes on 2 cores); "
+                            f"recipes, 3 GPTs, one LLaMA-style: about 6 minutes on 2 cores); "
                             f"{len(QUICK_ACCELERATOR)} on a GPU/TPU (CNNs, a GPT-2-small step, "
                             f"W1024-4096 x B512-8192 MLPs) so that none is launch-bound")
     bench.add_argument("--out", default="benchmarks/results", help="results folder")
