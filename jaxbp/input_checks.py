@@ -223,6 +223,30 @@ def _expected_params(net: Any) -> tuple[Any, list[tuple[str, tuple[int, ...]]]]:
             [(jax.tree_util.keystr(path), tuple(leaf.shape)) for path, leaf in leaves])
 
 
+def _structure_difference(structure: Any, expected: list[tuple[str, Any]], params: Any,
+                          shown: int = 3) -> str:
+    """Where ``params`` part from ``net.init``'s (its ``structure`` and ``(path, shape)``
+    leaves): the leaves it lacks and the leaves it has beyond them (a few of each, by
+    path), else (the same paths in other containers: a list for a tuple) both
+    structures."""
+    paths = [path for path, _ in expected]
+    given = [jax.tree_util.keystr(path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    given_set, paths_set = set(given), set(paths)
+    missing = [p for p in paths if p not in given_set]
+    extra = [p for p in given if p not in paths_set]
+
+    def listed(names: list[str]) -> str:
+        more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+        return ", ".join(f"params{p}" for p in names[:shown]) + more
+
+    parts = ([f"it lacks {listed(missing)}"] if missing else []) \
+        + ([f"it has {listed(extra)}, which net.init does not give"] if extra else [])
+    if parts:     # e.g. the params of a net with biases given to one built with bias=False
+        return "; ".join(parts)
+    return f"expected {structure}, got {jax.tree.structure(params)}"
+
+
 def _check_network_params(net: Any, params: Any) -> None:
     """params of a :class:`jaxbp.Network`: the structure and shapes ``net.init`` gives."""
     structure, expected = _expected_params(net)
@@ -232,8 +256,8 @@ def _check_network_params(net: Any, params: Any) -> None:
                          f"nothing to train; add a layer with parameters (Dense, Conv2D, a "
                          f"norm, ...)")
     if jax.tree.structure(params) != structure:
-        raise TypeError(f"params must have the structure net.init gives, {structure}, got "
-                        f"{jax.tree.structure(params)}")
+        raise TypeError(f"params must have the structure net.init gives: "
+                        f"{_structure_difference(structure, expected, params)}")
     problems, dtypes = [], set()
     for (path, shape), leaf in zip(expected, jax.tree.leaves(params)):
         leaf = as_array(f"params{path}", leaf)

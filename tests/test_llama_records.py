@@ -316,3 +316,19 @@ def test_mlp_hidden_sets_the_feed_forward_width():
         return sum(a.size for a in jax.tree.leaves(net.init(jax.random.key(0))[2]))
 
     assert count(llama) == count(gpt2) == 3 * 12 * 32 + 12
+
+
+def test_params_of_another_bias_setting_are_refused_by_path():
+    """A biased net's params given to the bias-free one (and back): a TypeError naming the
+    first leaves that are extra or missing by path, before XLA sees them; a list where
+    the tuple belongs still shows both structures."""
+    free, biased = models.gpt(20, 16, 1, 2, 8, bias=False), models.gpt(20, 16, 1, 2, 8)
+    x = np.ones((2, 8), np.int32)
+    with pytest.raises(TypeError, match=r"it has params\[1\]\[0\]\['bias'\], params\[1\]"
+                                        r"\[1\]\['bk'\], params\[1\]\[1\]\['bo'\], \.\.\. "
+                                        r"\(10 in all\), which net.init does not give"):
+        free.apply(biased.init(jax.random.key(0)), x)
+    with pytest.raises(TypeError, match=r"it lacks params\[1\]\[0\]\['bias'\]"):
+        jaxbp.value_and_backprop(biased, free.init(jax.random.key(0)), x, x)
+    with pytest.raises(TypeError, match=r"expected PyTreeDef\(\(.*got PyTreeDef\(\["):
+        free.apply(list(free.init(jax.random.key(0))), x)
