@@ -45,7 +45,7 @@ from jaxbp.layers.base import (
     variance_init,
     with_named_feedback,
 )
-from jaxbp.layers.dense import affine
+from jaxbp.layers.dense import affine, affine_grads, affine_input_error
 from jaxbp.types import Array, check_bool, check_int
 
 _PROJECTIONS = ("q", "k", "v", "o")
@@ -269,18 +269,11 @@ class SelfAttention:
         """The backward, and the errors at the four projections (dQ, dK, dV, delta) it
         formed on the way: what :meth:`kfac_factors` reads."""
         errors = self._projection_errors(params, cache, delta_out.astype(params["wq"].dtype))
-        inputs = self._projection_inputs(cache)
-        w_dtype = params["wq"].dtype
-        grads = {}
-        for p in _PROJECTIONS:                                         # x^T dQ, O^T delta
-            grads[f"w{p}"] = precision.weight_grad(self, inputs[p], errors[p], w_dtype)
-            if self.bias:
-                grads[f"b{p}"] = jnp.sum(errors[p], axis=(0, 1), dtype=w_dtype)
+        grads = affine_grads(self, self._projection_inputs(cache), errors,
+                             params["wq"].dtype)                       # x^T dQ, O^T delta
         if not need_input:
             return None, grads, errors
-        out = precision.output_dtype(self, jnp.result_type(errors["q"], params["wq"]))
-        return sum(precision.dot(self, errors[p], params[f"w{p}"], out, transpose_b=True)
-                   for p in "qkv"), grads, errors
+        return affine_input_error(self, params, errors, "qkv"), grads, errors
 
     def feedback_shape(self, in_shape: Shape) -> dict[str, Shape]:
         """A feedback B in each projection's W^T place, ``{"q", "k", "v", "o"}: (width,

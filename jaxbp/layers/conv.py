@@ -306,9 +306,8 @@ class Conv2D:
         pre-activation errors, ``sum_i w_i g_i = P^T (w E)`` (the rule is linear in E).
         """
         x, delta = precision.in_params_dtype(self, params, cache, delta_a)
-        bias_sq, bias_sum = token_grads.bias_sq_norms_and_sum(token_grads.positions_flat(delta))
-        if not self.bias:
-            bias_sq = 0
+        bias_sq, bias_sum = (token_grads.bias_sq_norms_and_sum(token_grads.positions_flat(delta))
+                             if self.bias else (0, None))
         if self.uses_ghost_norm(x.shape[1:]):
             weight_sq = self._ghost_sq_norms(x, delta)
 

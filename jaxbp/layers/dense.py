@@ -203,6 +203,30 @@ def affine(record: Any, params: dict[str, Array], x: Array, name: str, out: Any)
     return z + precision.to_activation(params[f"b{name}"], record.activation_dtype)
 
 
+def affine_grads(record: Any, inputs: dict[str, Array], errors: dict[str, Array],
+                 dtype: Any) -> dict[str, Array]:
+    """The gradients of named affine maps (:func:`affine`): ``x_p^T e_p`` for each weight
+    ``w_p`` and, where the record has biases, ``sum e_p`` over every axis but the last
+    for ``b_p``, in ``dtype`` (the params')."""
+    grads = {}
+    for p, e in errors.items():
+        grads[f"w{p}"] = precision.weight_grad(record, inputs[p], e, dtype)     # x^T e
+        if record.bias:
+            grads[f"b{p}"] = jnp.sum(e, axis=tuple(range(e.ndim - 1)), dtype=dtype)
+    return grads
+
+
+def affine_input_error(record: Any, params: dict[str, Array], errors: dict[str, Array],
+                       names: str | tuple[str, ...]) -> Array:
+    """``sum_p e_p W_p^T`` over the named affine maps that read the layer's input, in the
+    record's recipe."""
+    first = names[0]
+    out = precision.output_dtype(record, jnp.result_type(errors[first],
+                                                          params[f"w{first}"]))
+    return sum(precision.dot(record, errors[p], params[f"w{p}"], out, transpose_b=True)
+               for p in names)
+
+
 def last_axis_shape(in_shape: Shape, units: int) -> Shape:
     """``(..., d) -> (..., units)``: a layer on the last axis of any rank."""
     if not in_shape:

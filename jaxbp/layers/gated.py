@@ -36,7 +36,13 @@ from jaxbp.layers.base import (
     variance_init,
     with_named_feedback,
 )
-from jaxbp.layers.dense import affine, check_width_record, last_axis_shape
+from jaxbp.layers.dense import (
+    affine,
+    affine_grads,
+    affine_input_error,
+    check_width_record,
+    last_axis_shape,
+)
 from jaxbp.types import Array
 
 _BRANCHES = ("g", "u")
@@ -113,19 +119,13 @@ class GatedDense:
                       delta_a: Array, need_input: bool = True
                       ) -> tuple[Array | None, dict[str, Array], dict[str, Array]]:
         """The backward, and the errors at z and u it formed: what K-FAC reads."""
-        x, dtype = cache[0], params["wg"].dtype
         errors = self._branch_errors(cache, delta_a)
-        leading = tuple(range(x.ndim - 1))
-        grads = {}
-        for p in _BRANCHES:                                      # x^T delta_z, x^T delta_u
-            grads[f"w{p}"] = precision.weight_grad(self, x, errors[p], dtype)
-            if self.bias:
-                grads[f"b{p}"] = jnp.sum(errors[p], axis=leading, dtype=dtype)
+        grads = affine_grads(self, {p: cache[0] for p in _BRANCHES}, errors,
+                             params["wg"].dtype)                 # x^T delta_z, x^T delta_u
         if not need_input:
             return None, grads, errors
-        out = precision.output_dtype(self, jnp.result_type(errors["g"], params["wg"]))
-        return sum(precision.dot(self, errors[p], params[f"w{p}"], out, transpose_b=True)
-                   for p in _BRANCHES), grads, errors        # delta_z W_g^T + delta_u W_u^T
+        return (affine_input_error(self, params, errors, _BRANCHES), grads,
+                errors)                                      # delta_z W_g^T + delta_u W_u^T
 
     def _in_params_dtype(self, params: dict[str, Array], cache: tuple[Array, ...],
                          delta_a: Array) -> tuple[dict[str, Array], dict[str, Array]]:
