@@ -122,12 +122,71 @@ def test_gemm_roof_is_not_lowered_by_a_slow_loop(monkeypatch):
     the chain's own rate under the same overhead (a factor 4 of margin for noise)."""
     shape = roof.step_matmul_shapes(batch=8, fan_in=8, fan_out=8)[0]
     monkeypatch.setattr(roof, "_ITERATION_HOOK", lambda _: time.sleep(1e-3))
+    monkeypatch.setattr(roof, "TIME_ALONE", False)            # the loops alone
     # every loop is measured, however slow a loaded machine makes an iteration look
     monkeypatch.setattr(roof, "LONG_PRODUCT_S", float("inf"))
     best = roof.gemm_rate(shape, budget_s=0.2, min_sample_s=1e-3)
     monkeypatch.setattr(roof, "GEMM_LOOPS", roof.GEMM_LOOPS[:1])
     chain = roof.gemm_rate(shape, budget_s=0.2, min_sample_s=1e-3)
     assert best >= 8 * chain, (best, chain)
+
+
+def test_gemm_roof_also_times_the_product_alone(monkeypatch):
+    """Where every loop iteration costs a fake 20 ms (a loop that rewrites its operand,
+    or a slow trip), the product called alone still gives the roof: at least 8x the
+    loops' best rate under the same overhead."""
+    shape = roof.step_matmul_shapes(batch=8, fan_in=8, fan_out=8)[0]
+    monkeypatch.setattr(roof, "_ITERATION_HOOK", lambda _: time.sleep(2e-2))
+    monkeypatch.setattr(roof, "LONG_PRODUCT_S", float("inf"))
+    best = roof.gemm_rate(shape, budget_s=0.3, min_sample_s=1e-3)
+    monkeypatch.setattr(roof, "TIME_ALONE", False)
+    loops = roof.gemm_rate(shape, budget_s=0.3, min_sample_s=1e-3)
+    assert best >= 8 * loops, (best, loops)
+
+
+def test_a_product_measured_again_compiles_nothing(monkeypatch):
+    """The roof's loops are compiled once per product: measured again (after a case's
+    timing, or longer where the step outran it) they are reused."""
+    compiled = []
+    original = roof.compile_ahead
+    monkeypatch.setattr(roof, "compile_ahead",
+                        lambda *args: compiled.append(1) or original(*args))
+    monkeypatch.setattr(roof, "_COMPILED_LOOPS", {})
+    shape = roof.ConvShape("weight_grad", 2, 4, 2, 3)
+    roof.conv_rate(shape, budget_s=0.02, min_sample_s=1e-4)
+    first = len(compiled)
+    assert first >= 2                                  # a loop and the product alone
+    roof.conv_rate(shape, budget_s=0.02, min_sample_s=1e-4)
+    assert len(compiled) == first
+    roof.conv_rate(shape, "float32", "bfloat16", budget_s=0.02, min_sample_s=1e-4)
+    assert len(compiled) > first                       # another product: its own programs
+
+
+@pytest.mark.parametrize("caught_up", [True, False])
+def test_a_roof_the_step_outran_is_measured_again_longer(monkeypatch, caught_up):
+    """A step faster than its roof's rates allow (fraction > 1) has its roof measured
+    again with 2x, then 4x the budget; the row keeps the best rates and says how many
+    measurements it took, and a fraction still above 1 keeps its warning."""
+    from jaxbp.bench import suite
+    from jaxbp.bench.suite import BenchCase
+
+    budgets = []
+
+    def fake_rates(case, budget_s, precision, roofs=None):
+        budgets.append(budget_s)
+        fast = caught_up and len(budgets) == 3          # the first longer look catches it
+        return {key: 1e30 if fast else 1.0 for key, *_ in suite._roof_work(case)}
+
+    monkeypatch.setattr(suite, "_roof_rates", fake_rates)
+    row = suite.benchmark_case(BenchCase(16, 2, 8), steps=1, budget_s=0.05,
+                               min_sample_s=1e-3)
+    if caught_up:
+        assert budgets == [0.025, 0.025, 0.1] and row["roof_measurements"] == 3
+        assert row["backprop"]["roofline_fraction"] < 1e-6 and not row["warnings"]
+    else:
+        assert budgets == [0.025, 0.025, 0.1, 0.2] and row["roof_measurements"] == 4
+        assert row["backprop"]["roofline_fraction"] > 1
+        assert any("best of 4 measurements" in w for w in row["warnings"])
 
 
 def test_every_recipe_runs_its_own_net_and_gemm_outputs():

@@ -49,7 +49,9 @@ METHOD = (
     "unrolled) so that no loop overhead lowers it, measured half before and half after "
     "the step's timing and the faster kept (on a CPU, which widens bf16 operands, also "
     "with float32 operands, the faster kept), or the fastest any earlier case of the run "
-    "measured of the same product; `roofline`: "
+    "measured of the same product, and measured again for 2x and 4x as long where the "
+    "step ran faster than those rates allow (the loops had missed the machine's best); "
+    "`roofline`: "
     "the time those rates need for the step's matmuls / the step's time. "
 )
 """How the table was measured (the paragraph under the machine line)."""

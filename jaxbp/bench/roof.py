@@ -82,12 +82,26 @@ GEMM_LOOPS = ((1, 1), (8, 1), (8, 4))
 a chain of products, the chain unrolled 8-fold, and 4 independent products per step
 unrolled 8-fold (32 products per loop iteration)."""
 
+TIME_ALONE = True
+"""Also time the product called alone (one compiled call per product, no loop): a loop
+rewrites an entry of its operand every round, and on a CPU that made a weight gradient's
+transposing conv 6% slower than its plain call (8.6 against 8.1 ms, bf16 operands), so
+that a bf16 CNN step outran a loops-only roof. For a product of microseconds the call's
+dispatch lowers this rate and a loop's is the higher: the best is kept."""
+
 LONG_PRODUCT_S = 5e-3
 """A chain iteration (one product) at least this long is timed alone: a loop's overhead
 (microseconds; tens on a GPU's host round trip) is then a percent or less of it."""
 
 _ITERATION_HOOK: Any = None
 """Tests only: a host function called once per loop iteration (a fake loop overhead)."""
+
+_COMPILED_LOOPS: dict[tuple[Any, ...], Any] = {}
+"""Each loop compiled once per process, keyed by its product, loop form and hook: a roof
+measured again (before and after a case's timing, again where the step outran it) costs
+no second compilation (the iteration count is a run-time argument)."""
+
+_MAX_COMPILED_LOOPS = 256
 
 
 def _product_loop(product: Callable[[Any, Any], Any], out: Any, unroll: int,
@@ -136,18 +150,46 @@ def _iteration_s(compiled: Any, a: jax.Array, bs: tuple[jax.Array, ...]) -> floa
     return max((best_of_two(3) - one) / 2, one / 100, 1e-9)
 
 
-def _best_loop_rate(product: Callable[[Any, Any], Any], a: jax.Array, b: jax.Array,
-                    flops: int, budget_s: float, precision: str | None,
+def _cached(key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """``build()`` (a compiled program), once per ``key`` and process."""
+    if key not in _COMPILED_LOOPS:
+        if len(_COMPILED_LOOPS) >= _MAX_COMPILED_LOOPS:
+            _COMPILED_LOOPS.clear()
+        _COMPILED_LOOPS[key] = build()
+    return _COMPILED_LOOPS[key]
+
+
+def _compiled_loop(key: tuple[Any, ...], product: Callable[[Any, Any], Any], out: Any,
+                   unroll: int, precision: str | None, a: jax.Array,
+                   bs: tuple[jax.Array, ...]) -> Any:
+    """The loop of :func:`_product_loop` compiled for ``a, bs``, from the cache when the
+    same product (``key``: its kind, shape, dtypes and precision) was compiled before."""
+    loop = _product_loop(product, out, unroll, precision)
+    return _cached((*key, unroll, len(bs), _ITERATION_HOOK),
+                   lambda: compile_ahead(loop, a, bs, jnp.int32(1))[0])
+
+
+def _compiled_alone(key: tuple[Any, ...], product: Callable[[Any, Any], Any],
+                    precision: str | None, a: jax.Array, b: jax.Array) -> Any:
+    """``product`` compiled for ``a, b`` as one program (cached as the loops are)."""
+    def build() -> Any:
+        with precision_scope(precision):
+            return compile_ahead(product, a, b)[0]
+    return _cached((*key, "alone"), build)
+
+
+def _best_loop_rate(key: tuple[Any, ...], product: Callable[[Any, Any], Any], a: jax.Array,
+                    b: jax.Array, flops: int, budget_s: float, precision: str | None,
                     min_sample_s: float) -> float:
-    """FLOP/s of ``product(a, b)`` (``flops`` each): the fastest sample of the fastest of
-    :data:`GEMM_LOOPS` (see :func:`gemm_rate`)."""
+    """FLOP/s of ``product(a, b)`` (``flops`` each; ``key`` names the product for the
+    cache of compiled loops): the fastest sample of the fastest of :data:`GEMM_LOOPS`
+    and, with :data:`TIME_ALONE`, of the product called alone (see :func:`gemm_rate`)."""
     with precision_scope(precision):
         out = jax.eval_shape(product, a, b)
     calls, per_call = {}, {}
     for unroll, independent in GEMM_LOOPS:
-        loop = _product_loop(product, out, unroll, precision)
         bs = tuple(b + i for i in range(independent))
-        compiled, _, _ = compile_ahead(loop, a, bs, jnp.int32(1))
+        compiled = _compiled_loop(key, product, out, unroll, precision, a, bs)
         per_iteration = _iteration_s(compiled, a, bs)
         iterations = int(min(1 << 20, max(1, math.ceil(min_sample_s / per_iteration))))
         name = f"unroll {unroll} x {independent}"
@@ -155,6 +197,10 @@ def _best_loop_rate(product: Callable[[Any, Any], Any], a: jax.Array, b: jax.Arr
         per_call[name] = unroll * independent * iterations
         if per_iteration >= LONG_PRODUCT_S:
             break  # loop overheads are microseconds: under 1% of an iteration this long
+    if TIME_ALONE:
+        calls["alone"] = functools.partial(_compiled_alone(key, product, precision, a, b),
+                                           a, b)
+        per_call["alone"] = 1
     timings = time_interleaved(calls, budget_s=budget_s, min_sample_s=min_sample_s)
     # the roof is the best the machine did: the fastest sample of the fastest loop
     return max(flops * per_call[name] / min(t.rounds) for name, t in timings.items())
@@ -164,7 +210,7 @@ def gemm_rate(shape: MatmulShape, dtype: str = "float32", compute_dtype: str | N
               budget_s: float = 0.5, precision: str | None = None,
               min_sample_s: float = 2e-3, out_dtype: str | None = None) -> float:
     """The machine's measured FLOP/s for one matmul shape, in this recipe: the best of
-    :data:`GEMM_LOOPS`.
+    :data:`GEMM_LOOPS` and of the product called alone (:data:`TIME_ALONE`).
 
     Each loop runs its products inside one compiled ``fori_loop``; the iteration
     count is a run-time argument, set after a probe (the marginal cost of an iteration)
@@ -196,7 +242,8 @@ def gemm_rate(shape: MatmulShape, dtype: str = "float32", compute_dtype: str | N
     def product(a: jax.Array, b: jax.Array) -> jax.Array:
         return jax.lax.dot_general(a, b, dims, preferred_element_type=out)
 
-    return _best_loop_rate(product, a, b, shape.flops, budget_s, precision, min_sample_s)
+    key = ("gemm", shape, low.name, out.name, precision)
+    return _best_loop_rate(key, product, a, b, shape.flops, budget_s, precision, min_sample_s)
 
 
 class ConvShape(NamedTuple):
@@ -233,7 +280,9 @@ def conv_rate(shape: ConvShape, dtype: str = "float32", compute_dtype: str | Non
     beats cuBLAS's rate for those narrow GEMMs on an H200, so a GEMM roof sat below the
     step: fractions up to 2.6)."""
     a, b, product = conv_product(shape, dtype, compute_dtype, out_dtype)
-    return _best_loop_rate(product, a, b, shape.flops, budget_s, precision, min_sample_s)
+    key = ("conv", shape, jnp.dtype(compute_dtype or dtype).name,
+           jnp.dtype(out_dtype or dtype).name, precision)
+    return _best_loop_rate(key, product, a, b, shape.flops, budget_s, precision, min_sample_s)
 
 
 def conv_product(shape: ConvShape, dtype: str = "float32", compute_dtype: str | None = None,

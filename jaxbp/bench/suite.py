@@ -28,8 +28,10 @@ recipe: autodiff is ``jax.grad`` of the same forward. For each case:
   float32 at default precision on NVIDIA, ...), and the step's arithmetic
   intensity is set against the device's balance point.
 
-A fraction above 1 is never reported silently: the row carries a warning
-that says which figure exceeds which and why it can.
+Where the step runs its matmuls faster than the roof's rates allow, the roof is
+measured again, longer (:data:`ROOF_REMEASURES`). A fraction above 1 is never
+reported silently: the row carries a warning that says which figure exceeds
+which and why it can.
 """
 
 from __future__ import annotations
@@ -119,6 +121,16 @@ def _unrolled(steps: int) -> bool:
     return jax.default_backend() == "cpu" and steps <= CPU_UNROLLED_UP_TO
 
 
+ROOF_REMEASURES = 2
+"""Times a case's roof is measured again, with 2x and then 4x the budget, while its step
+runs the matmuls faster than the roof's rates allow (a roofline fraction above 1): the
+roof is the best the machine does, and the step has just shown that the loops missed it.
+On a CPU slowed to under half its speed (another tenant), the loops' best sample rose
+with the sampling time (a 16x16x8 CNN's weight-gradient conv 53, 61 and 64 GFLOP/s with
+1, 6 and 6 more seconds), and its bf16 step read 1.07 of the shorter measurement's roof.
+A fraction still above 1 after these is reported as it is, with its warning."""
+
+
 def _fraction(value: float | None, roof: float | None) -> float | None:
     return None if value is None or not roof else value / roof
 
@@ -178,13 +190,22 @@ def benchmark_case(case: BenchCase | ConvCase, budget_s: float = 1.0, precision:
     timings = time_interleaved({g: call(g) for g in grads}, budget_s=budget_s,
                                compile_s=compile_s, min_sample_s=min_sample_s)
     after = _roof_rates(case, budget_s / 2, precision, roofs)
-    row, matmul_s = _roof_row(case, steps, {k: max(before[k], after[k]) for k in before},
-                              precision)
+    rates = {k: max(before[k], after[k]) for k in before}
+    for measured in range(2, 3 + ROOF_REMEASURES):
+        row, matmul_s = _roof_row(case, steps, rates, precision)
+        for grad, timing in timings.items():
+            row[grad] = _timing_row(case, timing, steps, row, matmul_s, cost[grad],
+                                    compile_s[grad], memory[grad])
+        if measured == 2 + ROOF_REMEASURES or all(
+                row[grad]["roofline_fraction"] <= 1 for grad in grads):
+            break
+        # the step outran the loops: they missed the machine's best, so measure longer
+        again = _roof_rates(case, budget_s * 2 ** (measured - 1), precision, roofs)
+        rates = {k: max(rates[k], again[k]) for k in rates}
+    row["roof_measurements"] = measured
     row["unrolled"] = _unrolled(steps)
-    for grad, timing in timings.items():
-        row[grad] = _timing_row(case, timing, steps, row, matmul_s, cost[grad],
-                                compile_s[grad], memory[grad])
-        row["warnings"] += _warnings(grad, row[grad])
+    for grad in grads:
+        row["warnings"] += _warnings(grad, row[grad], measured)
     row["manual_over_autodiff"] = paired_ratio(timings["backprop"], timings["autodiff"])
     return row
 
@@ -279,14 +300,15 @@ def _timing_row(case: BenchCase | ConvCase, timing: Any, steps: int, row: dict[s
     return figures
 
 
-def _warnings(grad: str, result: dict[str, Any]) -> list[str]:
+def _warnings(grad: str, result: dict[str, Any], roof_measurements: int = 2) -> list[str]:
     """Why a fraction above 1 can appear, for each one that did."""
     notes = []
     if result["roofline_fraction"] > 1:
         notes.append(f"{grad}: roofline fraction {result['roofline_fraction']:.2f} > 1: the "
-                     f"step ran its matmuls faster than the best GEMM loop measured them "
-                     f"alone (a noisy round of the loops, or the step's smaller layers "
-                     f"counted at the widest layer's rate); read it as ~1")
+                     f"step ran its matmuls faster than the best of {roof_measurements} "
+                     f"measurements of the GEMM/conv loops ran them alone (a machine "
+                     f"whose speed varies, or layers credited at another shape's rate); "
+                     f"read it as ~1")
     if result["peak_fraction"] is not None and result["peak_fraction"] > 1:
         notes.append(f"{grad}: {result['peak_fraction']:.2f} of the datasheet peak > 1: the "
                      f"arithmetic that ran is not the one assumed (check the matmul precision "
