@@ -15,6 +15,7 @@ from jaxbp.check.verify import GradientCheckError, GradReport, verify_grads
 from jaxbp.check.verify_fn import verify_jvp, verify_vjp
 from jaxbp.curvature import ggn_diag, hvp, kfac_factors, kfac_gradient, kfac_preconditioner
 from jaxbp.diagnostics import layer_stats
+from jaxbp.grad_variance import per_example_grad_variance
 from jaxbp.losses import LOSSES, Loss
 from jaxbp.mlp import MLP
 from jaxbp.network import Network
@@ -24,7 +25,6 @@ from jaxbp.per_example import (
     dp_sgd_grad,
     dp_sgd_gradient,
     per_example_grad_norms,
-    per_example_grad_variance,
     per_example_grads,
 )
 from jaxbp.train import checkpoint

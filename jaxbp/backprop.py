@@ -30,7 +30,7 @@ from typing import Any
 
 import jax
 
-from jaxbp import input_checks, network
+from jaxbp import input_checks, network, tied_embedding
 from jaxbp.layers.chain import chain_backward
 from jaxbp.mlp import Net
 from jaxbp.network import Network, as_network
@@ -127,11 +127,12 @@ def _apply_manual_bwd(
     net: Net, residuals: tuple[Params, Any], a_out_bar: Array
 ) -> tuple[Params, Array]:
     params, caches = residuals
+    chain = as_network(net)
     # The reversed loop from the incoming cotangent dC/da^L, carried one step past
     # the first layer: dC/dx is the error at the input.
-    x_bar, grads, _ = chain_backward(as_network(net).layers, params, caches, a_out_bar,
-                                     need_input=True)
-    return grads, x_bar
+    seen = tied_embedding.layer_params(chain, params)     # a tied head's weight: E^T
+    x_bar, grads, _ = chain_backward(chain.layers, seen, caches, a_out_bar, need_input=True)
+    return tied_embedding.tied_grads(chain, grads), x_bar
 
 
 _apply_manual.defvjp(_apply_manual_fwd, _apply_manual_bwd)

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp import input_checks, network
+from jaxbp import input_checks, network, tied_embedding
 from jaxbp.layers.chain import chain_backward, records
 from jaxbp.losses import cost_and_output_error, counted
 from jaxbp.mlp import Net
@@ -31,9 +31,11 @@ def _layer_stats(net: Net, params: Params, x: Array, y: Array,
     delta = cost_and_output_error(chain.loss_fn, out, y)[1]    # dC/da^L of the mean cost
     count = counted(out, y)                  # M: samples, or counted tokens of sequences
     # kept: a block's errors are its inner layers' (the same pass; what K-FAC reads too)
+    params = tied_embedding.layer_params(chain, params)    # a tied head's weight: the table^T
     _, grads, deltas = chain_backward(chain.layers, params, caches, delta, need_input=False,
                                       kept=True)
-    steps = grads if updates is None else updates
+    # a tied head's step is the table's, transposed (its gradient: its own use's)
+    steps = grads if updates is None else tied_embedding.layer_params(chain, updates)
     rows = list(_weighted(chain.layers, params, grads, steps, caches, deltas))
     # delta^l at the pre-activation z^l, of the mean cost, times M: the per-sample scale
     weight = jnp.stack([jnp.linalg.norm(w) for _, w, _, _ in rows])

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import input_checks, network
+from jaxbp import input_checks, network, tied_embedding
 from jaxbp.backprop import value_grads_and_output as _backprop_grads
 from jaxbp.layers.base import (
     LayerError,
@@ -196,6 +196,7 @@ def _backward_with(net: network.Network, params: Params, x: Array, y: Array,
     (:func:`jaxbp.layers.base.feedback_params`; None: its own)."""
     out, caches = network.forward(net, params, x)
     cost, delta = cost_and_output_error(net.loss_fn, out, y)
+    params = tied_embedding.layer_params(net, params)     # a tied head's weight: the table^T
     grads: list[Any] = [None] * net.n_layers
     for l in reversed(range(net.n_layers)):
         layer = net.layers[l]
@@ -203,7 +204,7 @@ def _backward_with(net: network.Network, params: Params, x: Array, y: Array,
         # the records read their weights only to pass errors on: each weight gradient is
         # exact for the error that arrives
         delta, grads[l] = layer.backward(seen, caches[l], delta, need_input=l > 0)
-    return SourceResult(cost, tuple(grads), out)
+    return SourceResult(cost, tied_embedding.tied_grads(net, tuple(grads)), out)
 
 
 def alignment(feedback: Sequence[ArrayLike | None]) -> GradientSource:
@@ -245,9 +246,10 @@ def sign_symmetry() -> GradientSource:
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array):
         chain = _chain_of(net)
         x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
+        seen = tied_embedding.layer_params(chain, params)
         transports = [None] + [jax.tree.map(jnp.sign, feedback_of(layer, p, shape))
                                for layer, p, shape
-                               in zip(chain.layers[1:], params[1:], chain.shapes[1:])]
+                               in zip(chain.layers[1:], seen[1:], chain.shapes[1:])]
         return _backward_with(chain, params, x, y, transports)
 
     gradient.__qualname__ = "feedback.sign_symmetry"
@@ -275,6 +277,7 @@ def direct(feedback: Sequence[ArrayLike | None]) -> GradientSource:
         entries = _check_feedback(chain, feedback, "direct")
         out, caches = network.forward(chain, params, x)
         cost, delta_out = cost_and_output_error(chain.loss_fn, out, y)
+        params = tied_embedding.layer_params(chain, params)   # a tied head's weight: the table^T
         last = chain.layers[-1]
         _, last_grads = last.backward(params[-1], caches[-1], delta_out, need_input=False)
         e = (last.pre_activation_error(caches[-1], delta_out)
@@ -286,7 +289,7 @@ def direct(feedback: Sequence[ArrayLike | None]) -> GradientSource:
                 continue
             delta_a = (e @ jnp.asarray(b, x.dtype)).reshape((x.shape[0], *chain.shapes[l + 1]))
             grads.append(layer.backward(params[l], caches[l], delta_a, need_input=False)[1])
-        return SourceResult(cost, (*grads, last_grads), out)
+        return SourceResult(cost, tied_embedding.tied_grads(chain, (*grads, last_grads)), out)
 
     gradient.__qualname__ = "feedback.direct"
     return gradient

@@ -56,7 +56,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
         compute_dtype: DTypeLike | None = None, activation_dtype: DTypeLike | None = None,
         attention_block: int | None = None, positions: str = "learned",
         mlp: str = "gelu", kv_heads: int | None = None, bias: bool = True,
-        mlp_hidden: int | None = None) -> Network:
+        mlp_hidden: int | None = None, tie_embedding: bool = False) -> Network:
     """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
     vocab), the mean softmax cross-entropy over every token whose target is not -1.
 
@@ -84,7 +84,9 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     LayerNorm shifts (GPT-2's; False: LLaMA's, PaLM's, nanoGPT's ``bias=False``;
     RMSNorm has no shift either way). ``mlp_hidden``: None, or the MLP's hidden width in
     place of ``mlp_ratio dim`` (LLaMA's SwiGLU takes about ``8 dim / 3``, so that its
-    three weights hold what GPT-2's two hold at ratio 4).
+    three weights hold what GPT-2's two hold at ratio 4). ``tie_embedding``: the head's
+    weight is the token table transposed (GPT-2's and nanoGPT's tied embedding:
+    ``vocab dim`` fewer params; :class:`jaxbp.Network`'s ``tie_embedding``).
     """
     _check_gpt(vocab, dim, depth, heads, seq_len, mlp_ratio, norm, causal, positions, mlp,
                kv_heads, bias, mlp_hidden)
@@ -100,7 +102,8 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
                     make_norm(), layers.Dense(vocab, bias=bias)),
                    input_shape=(seq_len,), loss="softmax_cross_entropy", dtype=dtype,
                    input_dtype="int32", compute_dtype=compute_dtype,
-                   activation_dtype=activation_dtype)
+                   activation_dtype=activation_dtype,
+                   tie_embedding=check_bool("gpt tie_embedding", tie_embedding))
 
 
 def _check_gpt(vocab: Any, dim: Any, depth: Any, heads: Any, seq_len: Any, mlp_ratio: Any,

@@ -23,7 +23,7 @@ from jax.typing import DTypeLike
 
 from jaxbp import input_checks
 from jaxbp.layers import precision
-from jaxbp.layers.base import LayerError
+from jaxbp.layers.base import LayerError, repr_beside_defaults
 from jaxbp.layers.chain import (
     chain_backward,
     chain_forward,
@@ -39,7 +39,8 @@ from jaxbp.losses import (
     mean_loss,
     per_sample_losses_and_errors,
 )
-from jaxbp.types import Array, ArrayLike, PRNGKey, is_int
+from jaxbp.tied_embedding import check_tie, layer_params, tied_grads
+from jaxbp.types import Array, ArrayLike, PRNGKey, check_bool, is_int
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -58,6 +59,11 @@ class Network:
       input_dtype: None (floating inputs, cast to the params' dtype), or an integer
         dtype such as ``"int32"`` for token inputs (an :class:`~jaxbp.layers.Embedding`
         first): x is then checked to be integers and passed on as it is.
+      tie_embedding: the last layer, a ``Dense(vocab)`` head, reads the first layer's
+        (an :class:`~jaxbp.layers.Embedding`'s) token table as its weight, transposed:
+        ``W_head = E^T`` (GPT-2's tied embedding). The params hold the table once (the
+        head's entry has no ``"w"``) and its gradient sums both uses:
+        ``dC/dE = scatter(delta_embedding) + (a_head^T delta_head)^T``.
       compute_dtype, activation_dtype: network-wide defaults of the numerical recipe
         for every layer that has these fields and leaves them None (``Dense``,
         ``Conv2D``; ``LayerNorm`` takes the activation dtype; inside ``Residual``
@@ -82,6 +88,10 @@ class Network:
     compute_dtype: DTypeLike | None = None
     activation_dtype: DTypeLike | None = None
     input_dtype: DTypeLike | None = None
+    tie_embedding: bool = False
+
+    def __repr__(self) -> str:   # as before where nothing is tied: saved runs still match
+        return repr_beside_defaults(self, ("tie_embedding",))
 
     def __post_init__(self) -> None:
         layers = check_layers(self.layers, "layers")
@@ -121,6 +131,10 @@ class Network:
                              f": the network must end in a vector (n_out,) or a sequence "
                              f"(T, n_out) for the loss, got {out}; add Flatten() and a Dense")
         check_output_width(self.loss_fn, out[-1], "the last layer's width")
+        object.__setattr__(self, "tie_embedding",
+                           check_bool("Network tie_embedding", self.tie_embedding))
+        if self.tie_embedding:
+            check_tie(self.layers, self.shapes, jnp.dtype(self.dtype))
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -157,7 +171,10 @@ class Network:
                              "jax.config.update('jax_enable_x64', True) or use "
                              "`with jax.enable_x64(True):` first")
         input_checks.check_key("key", key)
-        return chain_init(self.layers, key, self.shapes, jnp.dtype(self.dtype))
+        params = chain_init(self.layers, key, self.shapes, jnp.dtype(self.dtype))
+        if self.tie_embedding:   # the head's weight is the token table: not held twice
+            params = (*params[:-1], {k: v for k, v in params[-1].items() if k != "w"})
+        return params
 
     def apply(self, params: Any, x: ArrayLike) -> Array:
         """The network output a^L, (batch, n_out) or (batch, T, n_out)."""
@@ -197,7 +214,7 @@ def forward(net: Network, params: Any, x: Array) -> tuple[Array, tuple[Any, ...]
     a^L comes back in the params' dtype when the layers stored it in a lower
     activation dtype: the loss and its error are computed in the params' dtype.
     """
-    out, caches = chain_forward(net.layers, params, x)
+    out, caches = chain_forward(net.layers, layer_params(net, params), x)
     leaves = jax.tree.leaves(params)
     if leaves and jnp.promote_types(out.dtype, leaves[0].dtype) != out.dtype:
         out = out.astype(leaves[0].dtype)
@@ -215,9 +232,9 @@ def value_grads_and_errors(net: Network, params: Any, x: Array, y: Array
     """
     out, caches = forward(net, params, x)
     cost, delta = cost_and_output_error(net.loss_fn, out, y)   # dC/da^L = (1/N) dl/da^L
-    _, grads, kept = chain_backward(net.layers, params, caches, delta, need_input=False,
-                                    kept=True)
-    return cost, grads, out, caches, kept
+    _, grads, kept = chain_backward(net.layers, layer_params(net, params), caches, delta,
+                                    need_input=False, kept=True)
+    return cost, tied_grads(net, grads), out, caches, kept
 
 
 def value_grads_and_output(net: Network, params: Any, x: Array,
@@ -247,7 +264,8 @@ def layer_deltas(net: Network, params: Any, x: Array, y: Array,
         return per_sample_deltas(net, params, x, y)[1:]
     out, caches = forward(net, params, x)
     delta = cost_and_output_error(net.loss_fn, out, y)[1]
-    _, _, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
+    _, _, deltas = chain_backward(net.layers, layer_params(net, params), caches, delta,
+                                  need_input=False)
     return out, caches, deltas
 
 
@@ -257,7 +275,8 @@ def per_sample_deltas(net: Network, params: Any, x: Array, y: Array
     ``l_i`` at every layer's output, from one forward and one reversed loop."""
     out, caches = forward(net, params, x)
     losses, delta = per_sample_losses_and_errors(net.loss_fn, out, y)
-    _, _, deltas = chain_backward(net.layers, params, caches, delta, need_input=False)
+    _, _, deltas = chain_backward(net.layers, layer_params(net, params), caches, delta,
+                                  need_input=False)
     return losses, out, caches, deltas
 
 
@@ -282,3 +301,4 @@ def _check_token_input(layers: Sequence[Any], input_dtype: DTypeLike | None) -> 
         raise LayerError(f"layers[0] ({type(layers[0]).__name__}): input_dtype "
                          f"{input_dtype!r} gives integer tokens, which only a first layer "
                          f"that takes them (Embedding) reads")
+

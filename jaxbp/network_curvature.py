@@ -47,7 +47,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxbp import losses, network
+from jaxbp import losses, network, tied_embedding
 from jaxbp.layers import kfac
 from jaxbp.layers.chain import chain_backward, require_per_sample
 from jaxbp.network import Network
@@ -90,6 +90,7 @@ def ggn_diag(net: Network, params: Params, x: Array, y: Array) -> Params:
     """diag((1/M) sum_m J_m^T H_m J_m) over the M samples (counted tokens of sequences)
     for checked inputs."""
     require_per_sample(net.layers, params, "layers", "the GGN diagonal")
+    tied_embedding.require_untied(net, "the GGN diagonal")
     out, caches = network.forward(net, params, x)
     errors = _column_errors(net, params, caches, _hessian_columns(net, out, y))
     count = losses.counted(out, y)
@@ -154,6 +155,7 @@ def _target_columns(net: Network, out: Array, y: Array, kind: str,
 def kfac_factors(net: Network, params: Params, x: Array, y: Array, kind: str,
                  key: Array | None) -> tuple[Any, ...]:
     """Every layer's K-FAC factors (:mod:`jaxbp.layers.kfac`) for checked inputs."""
+    tied_embedding.require_untied(net, "K-FAC")
     out, caches = network.forward(net, params, x)
     columns = _target_columns(net, out, y, kind, key)
     errors = _column_errors(net, params, caches, columns, kept=True)
@@ -170,6 +172,7 @@ def kfac_from_errors(net: Network, params: Params, caches: tuple, errors: tuple,
     """The factors from every layer's cache and its kept errors ``(k, B, ...)`` (k target
     draws or Hessian columns of each sample's own loss; ``chain_backward(..., kept=True)``):
     one entry per layer, ``{}`` for a layer without parameters."""
+    tied_embedding.require_untied(net, "K-FAC")
     return tuple(kfac.layer_factors(layer, p, cache, delta, scale, f"layers[{i}]")
                  for i, (layer, p, cache, delta)
                  in enumerate(zip(net.layers, params, caches, errors)))

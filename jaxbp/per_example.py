@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import input_checks, network
+from jaxbp import input_checks, network, tied_embedding
 from jaxbp.layers.base import sq_norms_and_sum
 from jaxbp.layers.chain import require_per_sample
 from jaxbp.losses import mean_loss
@@ -52,10 +52,13 @@ def _parametrised(params: Params) -> list[int]:
 
 def _network_sq_norms(net: Network, params: Params, caches: tuple[Any, ...],
                       deltas: tuple[Array, ...]) -> Array:
-    """(B, G): each sample's squared gradient norm per parametrised layer, from the records."""
+    """(B, G): each sample's squared gradient norm per parametrised layer, from the records
+    (a tied table's cross term with the first group: :mod:`jaxbp.tied_embedding`)."""
     require_per_sample(net.layers, params, "layers", "the per-example norm")
-    return jnp.stack([sq_norms_and_sum(net.layers[l], params[l], caches[l], deltas[l])[0]
-                      for l in _parametrised(params)], axis=1)
+    params = tied_embedding.layer_params(net, params)
+    sq = jnp.stack([sq_norms_and_sum(net.layers[l], params[l], caches[l], deltas[l])[0]
+                    for l in _parametrised(params)], axis=1)
+    return tied_embedding.with_cross_term(net, params, caches, deltas, sq)
 
 
 def clipped_mean(net: Network, params: Params, x: Array, y: Array,
@@ -73,21 +76,25 @@ def clipped_mean(net: Network, params: Params, x: Array, y: Array,
     """
     require_per_sample(net.layers, params, "layers", "per-example clipping")
     losses, out, caches, deltas = network.per_sample_deltas(net, params, x, y)
+    params = tied_embedding.layer_params(net, params)    # a tied head's weight: E^T
     if mask is not None:
         deltas = tuple(jnp.where(mask.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)
                        for d in deltas)
     groups = _parametrised(params)
     norms_and_sums = [sq_norms_and_sum(net.layers[l], params[l], caches[l], deltas[l])
                       for l in groups]
-    factors = _clip_factors(jnp.stack([sq for sq, _ in norms_and_sums], axis=1), clip_norm)
+    sq = tied_embedding.with_cross_term(net, params, caches, deltas,
+                                        jnp.stack([sq for sq, _ in norms_and_sums], axis=1))
+    factors = _clip_factors(sq, clip_norm)
     denominator = x.shape[0] if denominator is None else denominator
     grads = [jax.tree.map(jnp.zeros_like, p) for p in params]
     for g, (l, (_, weighted_sum)) in enumerate(zip(groups, norms_and_sums)):
         grads[l] = weighted_sum((factors[:, g] / denominator).astype(deltas[l].dtype))
+    grads = tied_embedding.tied_grads(net, tuple(grads))  # each use's clipped sum: linear
     if mask is None:
-        return mean_loss(net.loss_fn, out, y), tuple(grads), out
+        return mean_loss(net.loss_fn, out, y), grads, out
     losses = jnp.where(mask, losses, 0)
-    return jnp.sum(losses) / jnp.maximum(jnp.sum(mask), 1), tuple(grads), out
+    return jnp.sum(losses) / jnp.maximum(jnp.sum(mask), 1), grads, out
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -95,8 +102,10 @@ def _per_example_grads(net: Net, params: Params, x: Array, y: Array) -> Params:
     chain = network.as_network(net)
     require_per_sample(chain.layers, params, "layers", "the per-example gradient")
     _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
-    return tuple(layer.per_sample_grads(p, c, d) if jax.tree.leaves(p) else p
-                 for layer, p, c, d in zip(chain.layers, params, caches, deltas))
+    params = tied_embedding.layer_params(chain, params)
+    return tied_embedding.tied_grads(chain, tuple(
+        layer.per_sample_grads(p, c, d) if jax.tree.leaves(p) else p
+        for layer, p, c, d in zip(chain.layers, params, caches, deltas)))
 
 
 def per_example_grads(net: Net, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
@@ -158,6 +167,9 @@ def check_clip_norm(net: Net, clip_norm: Any) -> Any:
     values = check_clip_values(clip_norm)
     if isinstance(values, jax.core.Tracer):
         return values
+    if np.ndim(values) == 1 and getattr(network.as_network(net), "tie_embedding", False):
+        raise ValueError("clip_norm must be one number for a network with tie_embedding=True: "
+                         "its token table serves two layers, so no per-layer norm bounds it")
     groups = _clip_groups(net)
     if values.ndim > 1 or (values.ndim == 1 and len(values) != groups):
         which = "layer with parameters" if isinstance(net, Network) else "layer"
@@ -313,61 +325,6 @@ def dp_sgd_grad(
     input_checks.check_key("key", key)
     return _dp_sgd_grad(net, params, x, y, *check_noise_and_clip(net, clip_norm,
                                                                  noise_multiplier), key)
-
-
-def _moments_variance(layer: Any, params: Any, cache: Any, delta: Array) -> Any:
-    """Var = E[g^2] - E[g]^2 from the record's ``sq_grad_sum`` and its batch gradient
-    (Dense: ``(a^2)^T (delta^2) / B``, no (B, fan_in, fan_out) formed)."""
-    batch = delta.shape[0]
-    second = layer.sq_grad_sum(params, cache, delta[None])
-    mean = layer.backward(params, cache, delta, need_input=False)[1]
-    return jax.tree.map(lambda s, m: jnp.maximum(s / batch - (m / batch) ** 2, 0), second, mean)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _per_example_grad_variance(net: Net, params: Params, x: Array,
-                               y: Array) -> Params:
-    chain = network.as_network(net)
-    require_per_sample(chain.layers, params, "layers", "the gradient variance")
-    _, caches, deltas = network.layer_deltas(chain, params, x, y, per_sample=True)
-    out = []
-    for layer, p, cache, delta in zip(chain.layers, params, caches, deltas):
-        if not jax.tree.leaves(p):
-            out.append(p)
-        elif hasattr(layer, "sq_grad_sum"):   # the moments, no per-sample gradient formed
-            out.append(_moments_variance(layer, p, cache, delta))
-        else:                          # the layer's per-sample gradients, then their variance
-            grads = layer.per_sample_grads(p, cache, delta)
-            out.append(jax.tree.map(lambda g: jnp.var(g, axis=0), grads))
-    return tuple(out)
-
-
-def per_example_grad_variance(net: Net, params: Params, x: ArrayLike, y: ArrayLike) -> Params:
-    """Elementwise variance over the batch of the per-example gradients ``g_i = dl_i/dtheta``.
-
-    .. math::
-        \\mathrm{Var}[g^{W}]_{jk} = \\frac{1}{B}\\sum_i a_{ij}^2 \\delta_{ik}^2
-        - \\Big(\\frac{1}{B}\\sum_i a_{ij}\\delta_{ik}\\Big)^2
-
-    The population variance (divide by B) of the gradients of each sample's own
-    loss ``l_i`` (not divided by B). Against BackPACK's ``Variance``: BackPACK's
-    individual gradients are those of the loss as the module computes it, so on a
-    *summed* loss (``reduction="sum"``) its Variance is this one; on jaxbp's
-    *mean* cost ``C = (1/B) sum_i l_i`` (``reduction="mean"``) its individual
-    gradients are ``g_i / B`` and its Variance is this one divided by ``B^2``.
-
-    For dense layers both moments are matrix products of (B, width) arrays, so
-    nothing per-example is materialised; for the other layers of a
-    :class:`jaxbp.Network` (Conv2D, LayerNorm, Residual) the layer's per-sample
-    gradients are formed (its record's ``per_sample_grads``) and their variance
-    taken. ``E[g^2] - E[g]^2`` cancels where the variance is tiny against the
-    squared mean; rounding below zero is clipped to 0.
-
-    Returns:
-      Variances shaped like ``params``.
-    """
-    x, y = input_checks.check_inputs(net, params, x, y)
-    return _per_example_grad_variance(net, params, x, y)
 
 
 def clipped_gradient(clip_norm: ClipNorm):

@@ -242,14 +242,14 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
                      "--sample-temperature", "0.7", "--sample-length", "30",
                      "--sample-top-k", "5", "--norm", "rms", "--positions", "rope",
                      "--mlp", "swiglu", "--kv-heads", "1", "--no-bias",
-                     "--mlp-hidden", "40"])                    # private, LLaMA-style
+                     "--mlp-hidden", "40", "--tie-embedding"])  # private, LLaMA-style, tied
     out = capsys.readouterr().out
     assert code == 0 and "grad dp-sgd" in out and "bits/char)" in out, out
     # tokens 28x16, no positions table; norms 3x16; attention 2 (16x16) for q and o,
-    # 2 (16x8) for the one key/value head of 8; GatedDense 2 (16x40); Dense 40x16; head
-    # 16x28; no biases
-    assert ("(3632 params), RMSNorm, rotary positions, SwiGLU, 1 key/value head, MLP hidden "
-            "40, no biases,") in out, out
+    # 2 (16x8) for the one key/value head of 8; GatedDense 2 (16x40); Dense 40x16; the head
+    # the token table; no biases
+    assert ("(3184 params), RMSNorm, rotary positions, SwiGLU, 1 key/value head, MLP hidden "
+            "40, no biases, tied embedding,") in out, out
     sample = out.split("sample (temperature 0.7, top 5, after 'the quick brown '):\n")[1]
     assert len(sample.splitlines()[0]) <= 30 and len(sample.rstrip("\n")) == 30, sample
     assert 7 < float(out.split(", epsilon ")[1].split()[0]) <= 8, out
@@ -265,6 +265,9 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     assert "--mlp shapes a GPT (--model gpt), but --model is mlp" in capsys.readouterr().err
     assert cli.main(["train", "--model", "gpt", "--mlp-hidden", "0"]) == 2
     assert "--mlp-hidden must be an integer > 0, got 0" in capsys.readouterr().err
+    assert cli.main(["train", "--tie-embedding"]) == 2
+    assert "--tie-embedding shapes a GPT (--model gpt), but --model is mlp" in \
+        capsys.readouterr().err
     assert cli.main(["train", "--model", "cnn", "--no-bias"]) == 2
     assert "--no-bias shapes a GPT (--model gpt), but --model is cnn" in \
         capsys.readouterr().err

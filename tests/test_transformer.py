@@ -40,6 +40,7 @@ def test_cases_cover_the_space():
     assert {a.rope for a in attn} == {True, False}                  # rotary: i = 1, 2 mod 4
     assert any(a.kv_heads == 1 and a.heads > 1 for a in attn)      # multi-query: case 5
     assert {a.bias for a in attn} == {True, False}                  # no biases: i = 2 mod 4
+    assert {net.tie_embedding for net in nets} == {True, False}     # tied: i = 0 mod 3
     assert {net.input_shape[0] for net in nets} >= {1} and max(n.input_shape[0] for n in nets) > 8
     kinds = {type(layer).__name__ for net in nets for layer in net.layers}
     assert {"LayerNorm", "RMSNorm", "Embedding", "Dense", "Residual"} <= kinds

@@ -38,8 +38,9 @@ def random_transformer(i: int, dtype: str) -> tuple[Network, int]:
     blockwise form, 1-8 keys a block; rotary positions where i = 1, 2 mod 4 (head
     width 2 or 4), learned ones otherwise; the SwiGLU feed-forward where i = 2, 3 mod 4;
     one key/value head for all query heads (multi-query) where i = 5, 6 mod 8; no biases
-    where i = 2 mod 4 (with rotary positions and SwiGLU: LLaMA-style). Targets may hold -1
-    (ignored tokens)."""
+    where i = 2 mod 4 (with rotary positions and SwiGLU: LLaMA-style); the head tied to the
+    token table where i = 0 mod 3 (GPT-2's tied embedding). Targets may hold -1 (ignored
+    tokens)."""
     from jaxbp import models
 
     rng = np.random.default_rng(3000 + i)
@@ -56,7 +57,8 @@ def random_transformer(i: int, dtype: str) -> tuple[Network, int]:
     return models.gpt(**shape, norm=("layer", "rms")[i % 2], dtype=dtype, causal=i % 3 != 2,
                       attention_block=block, positions=("learned", "rope")[rope],
                       mlp=("gelu", "swiglu")[i % 4 in (2, 3)],
-                      kv_heads=1 if i % 8 in (5, 6) else None, bias=i % 4 != 2), batch
+                      kv_heads=1 if i % 8 in (5, 6) else None, bias=i % 4 != 2,
+                      tie_embedding=i % 3 == 0), batch
 
 
 def random_tokens(rng: np.random.Generator, net: Network, batch: int,

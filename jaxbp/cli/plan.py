@@ -52,8 +52,8 @@ def _is_text(path: pathlib.Path) -> bool:
 
 GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_block": None,
                 "norm": "layer", "positions": "learned", "mlp": "gelu", "kv_heads": None,
-                "no_bias": False, "mlp_hidden": None, "sample_length": 200,
-                "sample_temperature": 0.0, "sample_top_k": None}
+                "no_bias": False, "mlp_hidden": None, "tie_embedding": False,
+                "sample_length": 200, "sample_temperature": 0.0, "sample_top_k": None}
 """``--model gpt``'s shape and sample options and their defaults (another model's: refused)."""
 
 NETWORK_DEFAULTS = {"activation": "relu", "output_activation": "identity"}
@@ -396,4 +396,5 @@ def _gpt(args: argparse.Namespace, dataset: Any, recipe: dict[str, str]) -> Any:
     return models.gpt(dataset.n_out, args.dim, args.depth, args.heads, args.seq_len,
                       attention_block=args.attention_block, norm=args.norm,
                       positions=args.positions, mlp=args.mlp, kv_heads=args.kv_heads,
-                      bias=not args.no_bias, mlp_hidden=args.mlp_hidden, **recipe)
+                      bias=not args.no_bias, mlp_hidden=args.mlp_hidden,
+                      tie_embedding=args.tie_embedding, **recipe)

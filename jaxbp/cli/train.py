@@ -100,6 +100,10 @@ def _add_gpt_options(train: argparse.ArgumentParser) -> None:
     train.add_argument("--no-bias", action="store_const", const=True, default=None,
                        help="gpt without biases (attention, MLP, head) and LayerNorm "
                             "shifts: LLaMA's, nanoGPT's bias=False (default: with, GPT-2's)")
+    train.add_argument("--tie-embedding", action="store_const", const=True, default=None,
+                       help="gpt head reading the token table, transposed, as its weight "
+                            "(GPT-2's and nanoGPT's tied embedding: vocab x dim fewer "
+                            "params; default: a head of its own)")
     train.add_argument("--attention-block", type=int, default=None,
                        help="gpt attention over this many keys at a time, its (T, T) softmax "
                             "never kept (memory T x block; default: the plain form)")
@@ -236,7 +240,7 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
             shape += f", {args.kv_heads} key/value head" + "s" * (args.kv_heads > 1)
         if args.mlp_hidden is not None:
             shape += f", MLP hidden {args.mlp_hidden}"
-        shape += ", no biases" * args.no_bias
+        shape += ", no biases" * args.no_bias + ", tied embedding" * args.tie_embedding
     else:
         shape = f"cnn {network.describe(net)}, {args.activation}"  # describe names the loss
     grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxbp import input_checks
+from jaxbp import input_checks, tied_embedding
 from jaxbp.matmul_precision import check_precision, precision_scope
 from jaxbp.mlp import Net
 from jaxbp.train.state import check_not_donated
@@ -122,10 +122,14 @@ def layer_splits(shapes: Sequence[tuple[int, int] | None],
     return tuple(splits)
 
 
-def _records(net: Any) -> tuple[Any, ...]:
+def _network(net: Any) -> Any:
     from jaxbp import network
 
-    return network.as_network(net).layers
+    return network.as_network(net)
+
+
+def _records(net: Any) -> tuple[Any, ...]:
+    return _network(net).layers
 
 
 def _fans(layer: Any, params: Any) -> tuple[int, int] | None:
@@ -148,13 +152,16 @@ def state_shardings(state: PyTree, mesh: Mesh, model_axis: str | None = MODEL, *
     size = _axis_size(mesh, model_axis)
     params = state.params
     records = _records(net)
-    shapes = tuple(_fans(layer, p) for layer, p in zip(records, params))
+    # a tied head's weight is the table transposed: split as its shape says, held by none
+    seen = tied_embedding.layer_params(_network(net), params)
+    shapes = tuple(_fans(layer, p) for layer, p in zip(records, seen))
     splits = layer_splits(shapes, size)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_shardings = tuple(
         jax.tree.map(lambda _: replicated, layer_params) if split == "replicated" else
         {name: NamedSharding(mesh, spec)
-         for name, spec in layer.model_axis_specs(split, model_axis).items()}
+         for name, spec in layer.model_axis_specs(split, model_axis).items()
+         if name in layer_params}
         for layer, layer_params, split in zip(records, params, splits))
     structure = jax.tree.structure(params)
     leaf_shapes = [np.shape(leaf) for leaf in jax.tree.leaves(params)]

@@ -93,13 +93,16 @@ def check_network(name, net, xs, ys, mesh_shape) -> bool:
     return ok
 
 
-def check_gpt(mesh_shape, steps=3, batch=8) -> bool:
-    """A GPT (token inputs, per-token loss, padding targets)."""
-    net = jaxbp.models.gpt(vocab=11, dim=16, depth=1, heads=2, seq_len=6)
+def check_gpt(mesh_shape, steps=3, batch=8, vocab=11, tie_embedding=False) -> bool:
+    """A GPT (token inputs, per-token loss, padding targets); tied: its head (vocab 12,
+    split over the model axis) holds only its bias, the table's."""
+    net = jaxbp.models.gpt(vocab=vocab, dim=16, depth=1, heads=2, seq_len=6,
+                           tie_embedding=tie_embedding)
     rng = np.random.default_rng(1)
-    xs = rng.integers(0, 11, size=(steps, batch, 6)).astype(np.int32)
-    ys = np.where(rng.random((steps, batch, 6)) < 0.2, -1, (xs + 1) % 11).astype(np.int32)
-    return check_network("gpt", net, xs, ys, mesh_shape)
+    xs = rng.integers(0, vocab, size=(steps, batch, 6)).astype(np.int32)
+    ys = np.where(rng.random((steps, batch, 6)) < 0.2, -1, (xs + 1) % vocab).astype(np.int32)
+    name = "tied gpt" if tie_embedding else "gpt"
+    return check_network(name, net, xs, ys, mesh_shape)
 
 
 def check_gated(mesh_shape, steps=3, batch=16) -> bool:
@@ -153,6 +156,7 @@ def main() -> int:
         results.append(good)
     results.append(check_collectives())
     results.append(check_gpt((4, 2)))
+    results.append(check_gpt((4, 2), vocab=12, tie_embedding=True))
     results.append(check_cnn((8, 1)))
     results.append(check_gated((4, 2)))
     results.append(check_user_record())
