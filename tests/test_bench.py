@@ -324,6 +324,10 @@ def test_accelerator_presets_are_device_aware(monkeypatch, capsys):
     gpt2 = [c for c in heavy if hasattr(c, "seq_len")]                 # GPT-2 small's shape
     assert [(c.dim, c.depth, c.heads, c.seq_len, c.vocab, c.precision) for c in gpt2] == [
         (768, 12, 12, 1024, 50257, r) for r in ("float32", "bf16-operands", "bf16")]
+    # GPT-2 small's 124,439,808 params (tied) and the head's bias (GPT-2's has none)
+    shapes = gpt2[0].net().param_shapes()
+    assert sum(a.size for a in jax.tree.leaves(shapes)) == 124_439_808 + 50_257
+    assert gpt2[0].label().startswith("tied GPT d768 L12 H12 T1024 B8")
     seen = {}
     monkeypatch.setattr(bench_suite, "run_suite",
                         lambda cases, out, name, **kw: seen.update(kw, cases=cases, name=name))

@@ -387,18 +387,18 @@ def test_other_sequence_lengths_name_the_network_that_takes_them(x64):
     assert global_rel_error(jaxbp.backprop(short, params, x[:, :4], y),
                             jaxbp.value_and_autodiff(short, params, x[:, :4], y)[1]) < 1e-12
 
-@pytest.mark.parametrize(("precision", "style"), [("float32", "gpt2"), ("bf16", "gpt2"),
-                                                  ("float32", "llama")])
-def test_gpt_model_flops_are_the_manual_steps_matmul_flops(precision, style):
+@pytest.mark.parametrize(("precision", "style", "tied"), [
+    ("float32", "gpt2", False), ("bf16", "gpt2", True), ("float32", "llama", False)])
+def test_gpt_model_flops_are_the_manual_steps_matmul_flops(precision, style, tied):
     """6N + 12LTd per token is exactly what the hand-written step multiplies, in every
-    recipe and style: the sum of 2 x (output size) x (contracted size) over its
-    dot_generals."""
+    recipe and style, tied or not: the sum of 2 x (output size) x (contracted size) over
+    its dot_generals (a tied table multiplies in the head, a lookup in the embedding)."""
     from helpers import jaxpr_equations
 
     from jaxbp.bench.gpt import GptCase
 
     case = GptCase(dim=8, depth=2, heads=2, seq_len=5, batch=3, vocab=11, precision=precision,
-                   style=style)
+                   style=style, tie_embedding=tied)
     net = case.net()
     params = net.init(jax.random.key(0))
     x, y = random_tokens(np.random.default_rng(0), net, case.batch, ignored=0.0)
@@ -413,6 +413,7 @@ def test_gpt_model_flops_are_the_manual_steps_matmul_flops(precision, style):
     weights = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
                if jax.tree_util.keystr(path).endswith(("'w']", "'wq']", "'wk']", "'wv']",
                                                        "'wo']", "'wg']", "'wu']"))]
+    weights += [params[0]["tokens"]] * tied            # the head's weight: the table
     assert case.matmul_params == sum(w.size for w in weights)
 
 

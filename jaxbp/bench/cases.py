@@ -189,12 +189,14 @@ small float32 GPTs (the shipped text's 65 characters; one LLaMA-style): 37 cases
 QUICK_ACCELERATOR = _quick((1024, 4096), (512, 8192),
                            [ConvCase(32, 64, 128, 2, 256, pool=2),
                             ConvCase(16, 16, 64, 2, 512, pool=2)],
-                           [GptCase(768, 12, 12, 1024, 8, vocab=50257, precision=r)
+                           [GptCase(768, 12, 12, 1024, 8, vocab=50257, precision=r,
+                                    tie_embedding=True)
                             for r in PRECISIONS], mlp_recipes=PRECISIONS[::-1],
                            mlps_before_gpts=8)
 """The ``--quick`` preset on a GPU/TPU: 6 CNNs (two shapes with a max pool, in three
 recipes), a GPT-2-small-shaped step (d 768, 12 blocks, 12 heads, T 1024, vocab 50257,
-batch 8) and 28 MLP cases of 3 to 3300 matmul GFLOP per step, so that no case
+the head tied to the token table as GPT-2's: 124.5M params; batch 8) and 28 MLP cases
+of 3 to 3300 matmul GFLOP per step, so that no case
 is launch-bound (the CPU preset's smallest would be microseconds there). The GPT runs in
 each recipe (``float32`` as TF32 at the default precision). Order: the CNNs, the 8 bf16
 MLPs, the GPTs, the other MLPs (float32 last): on the one GPU run so far float32 held

@@ -34,7 +34,9 @@ class GptCase:
     """A GPT training step (:func:`jaxbp.models.gpt`, mlp_ratio 4) on (batch, seq_len)
     tokens in one of the :data:`RECIPES`; softmax cross-entropy over every token.
     ``style``: ``"gpt2"`` (LayerNorm, learned positions, gelu MLP) or ``"llama"``
-    (RMSNorm, rotary attention, SwiGLU, no biases: :data:`STYLES`)."""
+    (RMSNorm, rotary attention, SwiGLU, no biases: :data:`STYLES`). ``tie_embedding``:
+    the head reads the token table (GPT-2's): the same products, so the same model
+    FLOPs (the table multiplies in the head in place of a weight of its own)."""
 
     dim: int
     depth: int
@@ -46,6 +48,7 @@ class GptCase:
     loss: str = "softmax_cross_entropy"
     mlp_ratio: int = 4
     style: str = "gpt2"
+    tie_embedding: bool = False
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -62,7 +65,8 @@ class GptCase:
 
     def net(self) -> Network:
         return gpt(self.vocab, self.dim, self.depth, self.heads, self.seq_len, self.mlp_ratio,
-                   **STYLES[self.style], **RECIPES[self.precision])
+                   tie_embedding=self.tie_embedding, **STYLES[self.style],
+                   **RECIPES[self.precision])
 
     @property
     def matmul_params(self) -> int:
@@ -85,8 +89,10 @@ class GptCase:
         return self.flops()["total"] / 1e9
 
     def label(self, arithmetic: str | None = None) -> str:
-        """``GPT d128 L2 H4 T64 B16 float32`` (``LLaMA-style GPT ...`` in that style)."""
+        """``GPT d128 L2 H4 T64 B16 float32`` (``LLaMA-style GPT ...`` in that style,
+        ``tied GPT ...`` with a tied embedding)."""
         ran = f" ({arithmetic})" if arithmetic else ""
         style = "LLaMA-style " if self.style == "llama" else ""
+        style += "tied " * self.tie_embedding
         return (f"{style}GPT d{self.dim} L{self.depth} H{self.heads} T{self.seq_len} "
                 f"B{self.batch} {self.precision}{ran}")
