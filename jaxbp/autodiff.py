@@ -18,12 +18,13 @@ from jaxbp.types import Array, ArrayLike, Params
 
 
 def value_grads_and_output(
-    net: Net, params: Params, x: Array, y: Array
+    net: Net, params: Params, x: Array, y: Array, key: Array | None = None
 ) -> tuple[Array, Params, Array]:
-    """C, dC/dparams by ``jax.value_and_grad``, and a^L, for checked inputs."""
+    """C, dC/dparams by ``jax.value_and_grad``, and a^L, for checked inputs (``key``: a
+    training step's: the same dropout masks as the hand-written step's)."""
 
     def cost_and_output(params: Params) -> tuple[Array, Array]:
-        out = network.forward(network.as_network(net), params, x)[0]
+        out = network.forward(network.as_network(net), params, x, key)[0]
         return mean_loss(net.loss_fn, out, y), out
 
     (value, out), grads = jax.value_and_grad(cost_and_output, has_aux=True)(params)

@@ -67,16 +67,16 @@ def layer_deltas(net: Net, params: Params, x: ArrayLike, y: ArrayLike,
 
 
 def value_grads_and_output(
-    net: Net, params: Params, x: Array, y: Array
+    net: Net, params: Params, x: Array, y: Array, key: Array | None = None
 ) -> tuple[Array, Params, Array]:
     """C, dC/dparams by the recursion, and a^L, for checked inputs (no input checks).
 
     The reversed loop over the layer records (an MLP's are its Dense layers,
     :attr:`jaxbp.MLP.network`); see :func:`jaxbp.network.value_grads_and_output`.
     The training step uses the output a^L for its metrics without a second
-    forward pass.
+    forward pass. ``key``: a training step's (dropout masks), None to evaluate.
     """
-    return network.value_grads_and_output(as_network(net), params, x, y)
+    return network.value_grads_and_output(as_network(net), params, x, y, key)
 
 
 @functools.partial(jax.jit, static_argnums=0)

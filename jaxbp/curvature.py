@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import input_checks, network_curvature
+from jaxbp import input_checks, network, network_curvature
 from jaxbp.mlp import Net
 from jaxbp.network import as_network, value_grads_and_errors
 from jaxbp.sources import SourceResult
@@ -174,7 +174,10 @@ def kfac_gradient(kind: str = "empirical", key: Array | None = None):
     def gradient(net: Net, params: Params, x: Array, y: Array, step: Array):
         x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         net = as_network(net)
-        value, grads, out, caches, kept = value_grads_and_errors(net, params, x, y)
+        # the step's dropout masks in the gradient (and so in the empirical factors); the
+        # sampled and exact factors take their own pass, the evaluation forward
+        value, grads, out, caches, kept = value_grads_and_errors(
+            net, params, x, y, network.step_key(net, step))
         if kind == "empirical":     # the gradient's own errors, times M: no extra pass
             scale = network_curvature.kfac_scale(net, out, y)
             errors = jax.tree.map(lambda e: scale.count * e[None], kept)

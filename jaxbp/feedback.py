@@ -191,10 +191,11 @@ def random_feedback(net: Any, key: PRNGKey, kind: str = "alignment") -> Feedback
 
 
 def _backward_with(net: network.Network, params: Params, x: Array, y: Array,
-                   transports: Sequence[Any]) -> tuple[Array, Params, Array]:
+                   transports: Sequence[Any], step: Array) -> tuple[Array, Params, Array]:
     """The reversed loop with layer l's feedback ``transports[l]`` in its weights' places
-    (:func:`jaxbp.layers.base.feedback_params`; None: its own)."""
-    out, caches = network.forward(net, params, x)
+    (:func:`jaxbp.layers.base.feedback_params`; None: its own), on step ``step``'s
+    forward (its dropout masks)."""
+    out, caches = network.forward(net, params, x, network.step_key(net, step))
     cost, delta = cost_and_output_error(net.loss_fn, out, y)
     params = tied_embedding.layer_params(net, params)     # a tied head's weight: the table^T
     grads: list[Any] = [None] * net.n_layers
@@ -227,7 +228,7 @@ def alignment(feedback: Sequence[ArrayLike | None]) -> GradientSource:
         dtype = jnp.result_type(*jax.tree.leaves(params))
         transports = [None] + [jax.tree.map(lambda b: jnp.asarray(b, dtype), entry)
                                for entry in entries]
-        return _backward_with(chain, params, x, y, transports)
+        return _backward_with(chain, params, x, y, transports, step)
 
     gradient.__qualname__ = "feedback.alignment"
     return gradient
@@ -250,7 +251,7 @@ def sign_symmetry() -> GradientSource:
         transports = [None] + [jax.tree.map(jnp.sign, feedback_of(layer, p, shape))
                                for layer, p, shape
                                in zip(chain.layers[1:], seen[1:], chain.shapes[1:])]
-        return _backward_with(chain, params, x, y, transports)
+        return _backward_with(chain, params, x, y, transports, step)
 
     gradient.__qualname__ = "feedback.sign_symmetry"
     return gradient
@@ -275,7 +276,7 @@ def direct(feedback: Sequence[ArrayLike | None]) -> GradientSource:
         chain = _chain_of(net)
         x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         entries = _check_feedback(chain, feedback, "direct")
-        out, caches = network.forward(chain, params, x)
+        out, caches = network.forward(chain, params, x, network.step_key(chain, step))
         cost, delta_out = cost_and_output_error(chain.loss_fn, out, y)
         params = tied_embedding.layer_params(chain, params)   # a tied head's weight: the table^T
         last = chain.layers[-1]

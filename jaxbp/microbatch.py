@@ -46,11 +46,12 @@ def _real_rows_first(size: int, x: Array, y: Array, mask: Array
 
 
 def clipped_mean(net: Network, params: Params, x: Array, y: Array, clip_norm: Array,
-                 mask: Array | None, denominator: Array | float, size: int
-                 ) -> tuple[Array, Params, Array]:
+                 mask: Array | None, denominator: Array | float, size: int,
+                 key: Array | None = None) -> tuple[Array, Params, Array]:
     """:func:`jaxbp.per_example.clipped_mean` of the rows where ``mask`` is True (all rows
     without one), ``size`` rows at a time: ``(loss over the real rows, clipped sum / D,
-    output)``; the output of a masked row is 0."""
+    output)``; the output of a masked row is 0. ``key``: a training step's (microbatch j
+    draws its dropout masks from ``fold_in(key, j)``)."""
     batch = x.shape[0]
     mask = jnp.ones(batch, bool) if mask is None else mask
     xs, ys, masks, order = _real_rows_first(size, x, y, mask)
@@ -61,7 +62,8 @@ def clipped_mean(net: Network, params: Params, x: Array, y: Array, clip_norm: Ar
 
     def microbatch(j: Array) -> tuple[Array, Params, Array]:
         return per_example.clipped_mean(net, params, rows(xs, j), rows(ys, j), clip_norm,
-                                        rows(masks, j), denominator)
+                                        rows(masks, j), denominator,
+                                        None if key is None else jax.random.fold_in(key, j))
 
     loss_like, grads_like, out_like = jax.eval_shape(microbatch, jnp.int32(0))
 

@@ -19,7 +19,7 @@ from jax.typing import DTypeLike
 from jaxbp import input_checks, layers, network, value_checks
 from jaxbp.layers.chain import records
 from jaxbp.network import Network
-from jaxbp.types import Array, check_bool, check_int
+from jaxbp.types import Array, check_bool, check_int, is_real
 
 NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
 """The norms :func:`gpt` takes by name."""
@@ -56,7 +56,8 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
         compute_dtype: DTypeLike | None = None, activation_dtype: DTypeLike | None = None,
         attention_block: int | None = None, positions: str = "learned",
         mlp: str = "gelu", kv_heads: int | None = None, bias: bool = True,
-        mlp_hidden: int | None = None, tie_embedding: bool = False) -> Network:
+        mlp_hidden: int | None = None, tie_embedding: bool = False,
+        dropout: float = 0.0) -> Network:
     """A GPT-2-style decoder: tokens (batch, seq_len) -> next-token logits (batch, seq_len,
     vocab), the mean softmax cross-entropy over every token whose target is not -1.
 
@@ -87,18 +88,25 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     three weights hold what GPT-2's two hold at ratio 4). ``tie_embedding``: the head's
     weight is the token table transposed (GPT-2's and nanoGPT's tied embedding:
     ``vocab dim`` fewer params; :class:`jaxbp.Network`'s ``tie_embedding``).
+    ``dropout``: a rate p > 0 puts ``Dropout(p)`` where GPT-2 has its residual dropout,
+    after the embedding and at the end of each block's two branches (``x + drop(attn(
+    norm(x)))``; attention's probabilities are not dropped): active in training steps
+    only, the identity when evaluating and generating.
     """
     _check_gpt(vocab, dim, depth, heads, seq_len, mlp_ratio, norm, causal, positions, mlp,
                kv_heads, bias, mlp_hidden)
+    if isinstance(dropout, bool) or not is_real(dropout) or not 0 <= dropout < 1:
+        raise ValueError(f"gpt dropout must be a rate in [0, 1), got {dropout!r}")
     make_norm = functools.partial(NORMS[norm], bias=bias) if norm == "layer" else NORMS[norm]
     hidden = (layers.GatedDense if mlp == "swiglu" else layers.Dense)(
         mlp_hidden or int(mlp_ratio) * dim, "silu" if mlp == "swiglu" else "gelu", bias=bias)
     attention = layers.SelfAttention(heads, causal, block=attention_block,
                                      rope=positions == "rope", kv_heads=kv_heads, bias=bias)
-    block = (layers.Residual((make_norm(), attention)),
-             layers.Residual((make_norm(), hidden, layers.Dense(dim, bias=bias))))
+    drop = (layers.Dropout(dropout),) if dropout else ()
+    block = (layers.Residual((make_norm(), attention, *drop)),
+             layers.Residual((make_norm(), hidden, layers.Dense(dim, bias=bias), *drop)))
     table = seq_len if positions == "learned" else None
-    return Network((layers.Embedding(vocab, dim, positions=table), *block * int(depth),
+    return Network((layers.Embedding(vocab, dim, positions=table), *drop, *block * int(depth),
                     make_norm(), layers.Dense(vocab, bias=bias)),
                    input_shape=(seq_len,), loss="softmax_cross_entropy", dtype=dtype,
                    input_dtype="int32", compute_dtype=compute_dtype,

@@ -30,6 +30,7 @@ from jaxbp.layers.chain import (
     chain_init,
     chain_shapes,
     check_layers,
+    takes_key,
 )
 from jaxbp.losses import (
     LOSSES,
@@ -208,39 +209,58 @@ def as_network(net: Any) -> Network:
     return net if isinstance(net, Network) else net.network
 
 
-def forward(net: Network, params: Any, x: Array) -> tuple[Array, tuple[Any, ...]]:
-    """The output a^L and every layer's cache, for checked inputs.
+DROPOUT_SEED = 0
+"""The seed of a training step's dropout masks: step t's key is ``fold_in(key(0), t)``
+(:func:`step_key`), so a run's masks are fixed by its steps (resumable, and the same
+for the hand-written gradient and jax.grad's)."""
+
+
+def step_key(net: Network, step: Array) -> Array | None:
+    """The key of training step ``step`` for a network that draws randomness (a Dropout
+    in it), None for one that does not (its step runs no random op)."""
+    if not any(takes_key(layer) for layer in net.layers):
+        return None
+    return jax.random.fold_in(jax.random.key(DROPOUT_SEED), step)
+
+
+def forward(net: Network, params: Any, x: Array,
+            key: Array | None = None) -> tuple[Array, tuple[Any, ...]]:
+    """The output a^L and every layer's cache, for checked inputs; ``key``: a training
+    step's (:func:`step_key`: dropout masks drawn), None to evaluate.
 
     a^L comes back in the params' dtype when the layers stored it in a lower
     activation dtype: the loss and its error are computed in the params' dtype.
     """
-    out, caches = chain_forward(net.layers, layer_params(net, params), x)
+    out, caches = chain_forward(net.layers, layer_params(net, params), x, key)
     leaves = jax.tree.leaves(params)
     if leaves and jnp.promote_types(out.dtype, leaves[0].dtype) != out.dtype:
         out = out.astype(leaves[0].dtype)
     return out, caches
 
 
-def value_grads_and_errors(net: Network, params: Any, x: Array, y: Array
+def value_grads_and_errors(net: Network, params: Any, x: Array, y: Array,
+                           key: Array | None = None
                            ) -> tuple[Array, Any, Array, tuple[Any, ...], tuple[Array, ...]]:
     """C, dC/dparams by the reversed loop over the layer records, a^L, every layer's
     cache and its kept errors, from one pass (checked inputs): the error ``dC/da^l`` at
     its output, or what a record's ``backward_kept`` kept (a Residual's inner layers',
     SelfAttention's at its projections; what K-FAC reads).
 
-    The loss value and ``dl/da`` come from one pass (the fused softmax form).
+    The loss value and ``dl/da`` come from one pass (the fused softmax form); ``key``: a
+    training step's (:func:`step_key`), None to evaluate.
     """
-    out, caches = forward(net, params, x)
+    out, caches = forward(net, params, x, key)
     cost, delta = cost_and_output_error(net.loss_fn, out, y)   # dC/da^L = (1/N) dl/da^L
     _, grads, kept = chain_backward(net.layers, layer_params(net, params), caches, delta,
                                     need_input=False, kept=True)
     return cost, tied_grads(net, grads), out, caches, kept
 
 
-def value_grads_and_output(net: Network, params: Any, x: Array,
-                           y: Array) -> tuple[Array, Any, Array]:
-    """C, dC/dparams by the reversed loop over the layer records, and a^L (checked inputs)."""
-    return value_grads_and_errors(net, params, x, y)[:3]
+def value_grads_and_output(net: Network, params: Any, x: Array, y: Array,
+                           key: Array | None = None) -> tuple[Array, Any, Array]:
+    """C, dC/dparams by the reversed loop over the layer records, and a^L (checked inputs;
+    ``key``: a training step's)."""
+    return value_grads_and_errors(net, params, x, y, key)[:3]
 
 
 def require_vector_output(net: Any, quantity: str) -> None:
@@ -269,11 +289,13 @@ def layer_deltas(net: Network, params: Any, x: Array, y: Array,
     return out, caches, deltas
 
 
-def per_sample_deltas(net: Network, params: Any, x: Array, y: Array
+def per_sample_deltas(net: Network, params: Any, x: Array, y: Array,
+                      key: Array | None = None
                       ) -> tuple[Array, Array, tuple[Any, ...], tuple[Array, ...]]:
     """``(l, a^L, caches, deltas)``: each sample's loss ``l_i`` (B,) and the errors of
-    ``l_i`` at every layer's output, from one forward and one reversed loop."""
-    out, caches = forward(net, params, x)
+    ``l_i`` at every layer's output, from one forward and one reversed loop (``key``: a
+    training step's)."""
+    out, caches = forward(net, params, x, key)
     losses, delta = per_sample_losses_and_errors(net.loss_fn, out, y)
     _, _, deltas = chain_backward(net.layers, layer_params(net, params), caches, delta,
                                   need_input=False)

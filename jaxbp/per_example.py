@@ -63,8 +63,8 @@ def _network_sq_norms(net: Network, params: Params, caches: tuple[Any, ...],
 
 def clipped_mean(net: Network, params: Params, x: Array, y: Array,
                           clip_norm: Array, mask: Array | None = None,
-                          denominator: Array | float | None = None
-                          ) -> tuple[Array, Params, Array]:
+                          denominator: Array | float | None = None,
+                          key: Array | None = None) -> tuple[Array, Params, Array]:
     """The clipped mean for a Network: per-sample errors at every layer's output (one
     reversed loop), norms from the records, then each parametrised layer's gradient rule
     applied once to its errors scaled by ``s_i / B`` (every rule is linear in them).
@@ -72,10 +72,11 @@ def clipped_mean(net: Network, params: Params, x: Array, y: Array,
     With ``mask`` (B,) bool, a padded batch: the errors of rows where it is False are
     zeroed before anything reads them, so those rows reach no sum, norm or clip factor,
     the loss is the mean over the real rows, and the clipped sum is divided by
-    ``denominator`` (default B) rather than by the number of real rows.
+    ``denominator`` (default B) rather than by the number of real rows. ``key``: a
+    training step's (dropout masks: each sample's own rows of them).
     """
     require_per_sample(net.layers, params, "layers", "per-example clipping")
-    losses, out, caches, deltas = network.per_sample_deltas(net, params, x, y)
+    losses, out, caches, deltas = network.per_sample_deltas(net, params, x, y, key)
     params = tied_embedding.layer_params(net, params)    # a tied head's weight: E^T
     if mask is not None:
         deltas = tuple(jnp.where(mask.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0)

@@ -117,12 +117,14 @@ def _check_mask(mask: Any, x: Array) -> None:
 
 
 def _unmasked(name: str, value_grads_and_output: Any) -> GradientSource:
-    """A source of ``value_grads_and_output(net, params, x, y) -> (C, grads, a^L)``."""
+    """A source of ``value_grads_and_output(net, params, x, y, key) -> (C, grads, a^L)``,
+    the key step ``step``'s (:func:`jaxbp.network.step_key`: dropout masks)."""
     def gradient(net: Any, params: Params, x: Array, y: Array, step: Array,
                  mask: Array | None = None) -> SourceResult:
         x, y = input_checks.check_inputs(net, params, x, y)   # called directly: named errors
         _no_mask(name, mask)
-        return SourceResult(*value_grads_and_output(net, params, x, y))
+        key = network.step_key(network.as_network(net), step)
+        return SourceResult(*value_grads_and_output(net, params, x, y, key))
 
     gradient.__qualname__ = f"sources.{name}"
     return gradient
@@ -149,8 +151,9 @@ def clipped(clip_norm: per_example.ClipNorm) -> GradientSource:
         clip = per_example.check_clip_norm(net, clip_norm)
         _check_mask(mask, x)
         count = None if mask is None else jnp.maximum(jnp.sum(mask), 1)
-        return SourceResult(*per_example.clipped_mean(network.as_network(net), params, x, y,
-                                                      clip, mask, count))
+        chain = network.as_network(net)
+        return SourceResult(*per_example.clipped_mean(chain, params, x, y, clip, mask, count,
+                                                      network.step_key(chain, step)))
 
     gradient.__qualname__ = "sources.clipped"
     return gradient
@@ -213,11 +216,13 @@ def _noised_clipped_mean(net: Any, params: Params, x: Array, y: Array, step: Arr
     divisor = expected if expected is not None else (
         x.shape[0] if mask is None else jnp.maximum(jnp.sum(mask), 1))
     chain = network.as_network(net)
+    masks_key = network.step_key(chain, step)            # dropout's, not the noise's
     if microbatch is None:
-        value, grads, out = per_example.clipped_mean(chain, params, x, y, clip, mask, divisor)
+        value, grads, out = per_example.clipped_mean(chain, params, x, y, clip, mask, divisor,
+                                                     masks_key)
     else:
         value, grads, out = microbatched.clipped_mean(chain, params, x, y, clip, mask, divisor,
-                                                      microbatch)
+                                                      microbatch, masks_key)
     noisy = per_example.add_noise(grads, jax.random.fold_in(key, step),
                                   per_example.noise_std(clip, sigma), divisor)
     return SourceResult(value, noisy, out)

@@ -227,11 +227,12 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     argv = ["train", "--model", "gpt", "--data", str(text), "--dim", "16", "--depth", "1",
             "--heads", "2", "--seq-len", "16", "--batch-size", "32", "--lr", "1e-2",
             "--quiet", "--checkpoint-dir", str(tmp_path / "ckpt"), "--compilation-cache",
-            "off"]
+            "off", "--dropout", "0.1"]
     code = cli.main([*argv, "--epochs", "2"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "gpt dim 16, depth 1, heads 2, seq_len 16, vocab 28" in out
+    assert ", dropout 0.1," in out
     assert "verify_grads: OK" in out and "bits/char)" in out and "sample (greedy" in out
     code = cli.main([*argv, "--epochs", "3"])
     out = capsys.readouterr().out

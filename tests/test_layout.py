@@ -17,7 +17,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).parent.parent / "jaxbp"
 LOSS_NAMES = {"squared_error", "softmax_cross_entropy", "sigmoid_cross_entropy"}
 LAYER_TYPES = {"Dense", "Conv2D", "MaxPool", "AvgPool", "Flatten", "LayerNorm", "RMSNorm",
-               "Residual", "Embedding", "SelfAttention", "GatedDense"}
+               "Residual", "Embedding", "SelfAttention", "GatedDense", "Dropout"}
 
 
 def modules() -> dict[str, ast.Module]:

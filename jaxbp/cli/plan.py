@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 
-from jaxbp.cli import optimizer
+from jaxbp.cli import gpt_options, optimizer
 from jaxbp.cli.common import UsageError, option_for, positive, writable_dir, writable_file
 from jaxbp.layers.precision import RECIPES
 
@@ -52,7 +52,7 @@ def _is_text(path: pathlib.Path) -> bool:
 
 GPT_DEFAULTS = {"dim": 128, "depth": 2, "heads": 4, "seq_len": 64, "attention_block": None,
                 "norm": "layer", "positions": "learned", "mlp": "gelu", "kv_heads": None,
-                "no_bias": False, "mlp_hidden": None, "tie_embedding": False,
+                "no_bias": False, "mlp_hidden": None, "tie_embedding": False, "dropout": 0.0,
                 "sample_length": 200, "sample_temperature": 0.0, "sample_top_k": None}
 """``--model gpt``'s shape and sample options and their defaults (another model's: refused)."""
 
@@ -376,25 +376,9 @@ def _gpt(args: argparse.Namespace, dataset: Any, recipe: dict[str, str]) -> Any:
     if args.sizes:
         raise UsageError("--sizes sets the layers of an MLP; --model gpt takes --dim, "
                          "--depth and --heads")
-    for option, value in (("--dim", args.dim), ("--depth", args.depth),
-                          ("--heads", args.heads)):
-        positive(option, value, integer=True)
-    if args.dim % args.heads:
-        raise UsageError(f"--heads {args.heads} must divide --dim {args.dim}")
-    if args.kv_heads is not None:
-        positive("--kv-heads", args.kv_heads, integer=True)
-        if args.heads % args.kv_heads:
-            raise UsageError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}: "
-                             f"each key/value head serves a group of query heads")
-    if args.positions == "rope" and (args.dim // args.heads) % 2:
-        raise UsageError(f"--positions rope turns pairs of a head's features: the head width "
-                         f"--dim / --heads = {args.dim // args.heads} must be even")
-    for option, value in (("--attention-block", args.attention_block),
-                          ("--mlp-hidden", args.mlp_hidden)):
-        if value is not None:
-            positive(option, value, integer=True)
+    gpt_options.check(args)
     return models.gpt(dataset.n_out, args.dim, args.depth, args.heads, args.seq_len,
                       attention_block=args.attention_block, norm=args.norm,
                       positions=args.positions, mlp=args.mlp, kv_heads=args.kv_heads,
                       bias=not args.no_bias, mlp_hidden=args.mlp_hidden,
-                      tie_embedding=args.tie_embedding, **recipe)
+                      tie_embedding=args.tie_embedding, dropout=args.dropout, **recipe)

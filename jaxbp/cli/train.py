@@ -104,6 +104,10 @@ def _add_gpt_options(train: argparse.ArgumentParser) -> None:
                        help="gpt head reading the token table, transposed, as its weight "
                             "(GPT-2's and nanoGPT's tied embedding: vocab x dim fewer "
                             "params; default: a head of its own)")
+    train.add_argument("--dropout", type=float, default=None, metavar="P",
+                       help="gpt residual dropout rate: after the embedding and each "
+                            "block's two branches, in training steps only (GPT-2's, "
+                            "nanoGPT's; default 0: none)")
     train.add_argument("--attention-block", type=int, default=None,
                        help="gpt attention over this many keys at a time, its (T, T) softmax "
                             "never kept (memory T x block; default: the plain form)")
@@ -241,6 +245,7 @@ def _header(args: argparse.Namespace, plan: dict[str, Any]) -> str:
         if args.mlp_hidden is not None:
             shape += f", MLP hidden {args.mlp_hidden}"
         shape += ", no biases" * args.no_bias + ", tied embedding" * args.tie_embedding
+        shape += f", dropout {args.dropout:g}" * (args.dropout > 0)
     else:
         shape = f"cnn {network.describe(net)}, {args.activation}"  # describe names the loss
     grad_name = "dp-sgd (clipped, noised per-example backprop)" if args.dp else args.grad

@@ -1,7 +1,7 @@
 """Layer records for :class:`jaxbp.Network`: each a forward beside its hand-written backward.
 
 ``Dense``, ``Conv2D``, ``MaxPool``, ``AvgPool``, ``Flatten``, ``LayerNorm``,
-``RMSNorm``, ``Residual``, ``GatedDense``, and for sequences ``Embedding`` and
+``RMSNorm``, ``Residual``, ``GatedDense``, ``Dropout``, and for sequences ``Embedding`` and
 ``SelfAttention``;
 :data:`LAYER_TYPES` is the registry. See :mod:`jaxbp.layers.base`
 for what every record provides.
@@ -11,6 +11,7 @@ from jaxbp.layers.attention import SelfAttention
 from jaxbp.layers.base import LAYER_TYPES, LayerError, LayerRecord, capability, register
 from jaxbp.layers.conv import Conv2D
 from jaxbp.layers.dense import Dense
+from jaxbp.layers.dropout import Dropout
 from jaxbp.layers.embedding import Embedding
 from jaxbp.layers.flatten import Flatten
 from jaxbp.layers.gated import GatedDense
@@ -24,6 +25,7 @@ __all__ = [
     "AvgPool",
     "Conv2D",
     "Dense",
+    "Dropout",
     "Embedding",
     "Flatten",
     "GatedDense",

@@ -60,14 +60,25 @@ def chain_init(layers: tuple[Any, ...], key: Array, shapes: list[Shape],
     return tuple(layer.init(k, shape, dtype) for layer, k, shape in zip(layers, keys, shapes))
 
 
-def chain_forward(layers: tuple[Any, ...], params: Sequence[Any],
-                  x: Array) -> tuple[Array, tuple[Any, ...]]:
-    """The output and every layer's cache."""
+def chain_forward(layers: tuple[Any, ...], params: Sequence[Any], x: Array,
+                  key: Array | None = None) -> tuple[Array, tuple[Any, ...]]:
+    """The output and every layer's cache. ``key``: None (evaluation), or the key of a
+    training step, which layer i that draws randomness (``takes_key``: Dropout, a
+    block holding one) gets as ``fold_in(key, i)``."""
     caches = []
-    for layer, p in zip(layers, params):
-        x, cache = layer.forward(p, x)
+    for i, (layer, p) in enumerate(zip(layers, params)):
+        if key is not None and takes_key(layer):
+            x, cache = layer.forward(p, x, key=jax.random.fold_in(key, i))
+        else:
+            x, cache = layer.forward(p, x)
         caches.append(cache)
     return x, tuple(caches)
+
+
+def takes_key(layer: Any) -> bool:
+    """Whether a record's forward draws randomness from a key (Dropout), or holds such a
+    record in its chain (a Residual)."""
+    return bool(getattr(layer, "takes_key", False))
 
 
 def chain_backward(layers: tuple[Any, ...], params: Sequence[Any], caches: Sequence[Any],

@@ -30,6 +30,7 @@ from jaxbp.layers.chain import (
     chain_init,
     chain_shapes,
     check_layers,
+    takes_key,
 )
 from jaxbp.types import Array
 
@@ -55,8 +56,14 @@ class Residual:
         return chain_init(self.layers, key, chain_shapes(self.layers, in_shape, "layers"),
                           dtype)
 
-    def forward(self, params: tuple[Any, ...], x: Array) -> tuple[Array, tuple[Any, ...]]:
-        out, caches = chain_forward(self.layers, params, x)
+    @property
+    def takes_key(self) -> bool:
+        """Whether its chain draws randomness (a Dropout inside)."""
+        return any(takes_key(layer) for layer in self.layers)
+
+    def forward(self, params: tuple[Any, ...], x: Array,
+                key: Array | None = None) -> tuple[Array, tuple[Any, ...]]:
+        out, caches = chain_forward(self.layers, params, x, key)
         return x + out, caches                                        # a = x + f(x)
 
     def backward(self, params: tuple[Any, ...], caches: tuple[Any, ...], delta_out: Array,

@@ -93,15 +93,17 @@ def check_network(name, net, xs, ys, mesh_shape) -> bool:
     return ok
 
 
-def check_gpt(mesh_shape, steps=3, batch=8, vocab=11, tie_embedding=False) -> bool:
+def check_gpt(mesh_shape, steps=3, batch=8, vocab=11, tie_embedding=False,
+              dropout=0.0) -> bool:
     """A GPT (token inputs, per-token loss, padding targets); tied: its head (vocab 12,
-    split over the model axis) holds only its bias, the table's."""
+    split over the model axis) holds only its bias, the table's; with dropout, each
+    step's masks drawn over the sharded batch as on one device."""
     net = jaxbp.models.gpt(vocab=vocab, dim=16, depth=1, heads=2, seq_len=6,
-                           tie_embedding=tie_embedding)
+                           tie_embedding=tie_embedding, dropout=dropout)
     rng = np.random.default_rng(1)
     xs = rng.integers(0, vocab, size=(steps, batch, 6)).astype(np.int32)
     ys = np.where(rng.random((steps, batch, 6)) < 0.2, -1, (xs + 1) % vocab).astype(np.int32)
-    name = "tied gpt" if tie_embedding else "gpt"
+    name = "tied gpt" if tie_embedding else f"gpt, dropout {dropout}" if dropout else "gpt"
     return check_network(name, net, xs, ys, mesh_shape)
 
 
@@ -157,6 +159,7 @@ def main() -> int:
     results.append(check_collectives())
     results.append(check_gpt((4, 2)))
     results.append(check_gpt((4, 2), vocab=12, tie_embedding=True))
+    results.append(check_gpt((8, 1), dropout=0.2))
     results.append(check_cnn((8, 1)))
     results.append(check_gated((4, 2)))
     results.append(check_user_record())

@@ -1,0 +1,71 @@
+"""Dropout: each activation kept with probability 1 - p and scaled by 1 / (1 - p) in training.
+
+.. math::
+    a = x \\odot m, \\qquad m_j = \\frac{[u_j \\geq p]}{1 - p},\\; u_j \\sim U(0, 1),
+    \\qquad \\delta_{in} = \\delta \\odot m
+
+(inverted dropout: the expected activation is x, so evaluation is the identity). The
+mask is drawn from the key the chain hands the record (:func:`jaxbp.layers.chain.
+chain_forward`), kept as its cache, and the backward multiplies by it: the same J^T as
+any elementwise layer. Without a key (evaluation, gradient checks, the quantities asked
+directly) it is the identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jaxbp.layers.base import Shape, register
+from jaxbp.types import Array, is_real
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+    """Inverted dropout of rate ``p`` (each activation zeroed with probability p, the rest
+    scaled by 1 / (1 - p)) where the chain is given a key (a train step's), else the
+    identity. No params."""
+
+    rate: float
+    takes_key: ClassVar[bool] = True
+    """Its forward reads a key when one is given (:func:`jaxbp.layers.chain.chain_forward`)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rate, bool) or not is_real(self.rate) or not 0 <= self.rate < 1:
+            raise ValueError(f"Dropout rate must be a number in [0, 1), got {self.rate!r}")
+        object.__setattr__(self, "rate", float(self.rate))
+
+    def output_shape(self, in_shape: Shape) -> Shape:
+        return tuple(in_shape)
+
+    def init(self, key: Array, in_shape: Shape, dtype: Any) -> dict[str, Array]:
+        return {}
+
+    def forward(self, params: Any, x: Array, key: Array | None = None
+                ) -> tuple[Array, Array | None]:
+        """``(x * m, m)``, m the scaled mask (in x's dtype); ``(x, None)`` without a key."""
+        if key is None or self.rate == 0:
+            return x, None
+        kept = jax.random.bernoulli(key, 1 - self.rate, x.shape)
+        mask = jnp.where(kept, 1 / (1 - self.rate), 0).astype(x.dtype)
+        return x * mask, mask
+
+    def backward(self, params: Any, mask: Array | None, delta_out: Array,
+                 need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
+        if not need_input:
+            return None, {}
+        return (delta_out if mask is None else delta_out * mask.astype(delta_out.dtype)), {}
+
+    def per_sample_grads(self, params: Any, cache: Any, delta_out: Array) -> dict[str, Array]:
+        return {}
+
+    def feedback_shape(self, in_shape: Shape) -> None:
+        """No feedback: the feedback rules keep its own J^T (the mask)."""
+        return None
+
+    def per_sample_sq_norms(self, params: Any, cache: Any, delta_out: Array) -> None:
+        return None
