@@ -22,7 +22,8 @@ def test_the_record_keeps_1_minus_p_scaled_and_its_backward_is_the_mask(x64):
     same, cache = layer.forward({}, x)                  # no key: evaluation, the identity
     assert same is x and cache is None
     out, mask = layer.forward({}, x, key=jax.random.key(1))
-    kept = np.asarray(mask) > 0
+    kept = np.asarray(mask)
+    assert mask.dtype == jnp.bool_                          # a byte per activation
     assert abs(1 - kept.mean() - 0.3) < 0.02                # 10,000 draws: sd 0.005
     np.testing.assert_allclose(np.asarray(out)[kept], np.asarray(x)[kept] / 0.7, rtol=1e-15)
     assert np.all(np.asarray(out)[~kept] == 0)

@@ -47,18 +47,24 @@ class Dropout:
 
     def forward(self, params: Any, x: Array, key: Array | None = None
                 ) -> tuple[Array, Array | None]:
-        """``(x * m, m)``, m the scaled mask (in x's dtype); ``(x, None)`` without a key."""
+        """``(x * m, kept)``, kept the boolean mask (its cache: a byte per activation);
+        ``(x, None)`` without a key."""
         if key is None or self.rate == 0:
             return x, None
         kept = jax.random.bernoulli(key, 1 - self.rate, x.shape)
-        mask = jnp.where(kept, 1 / (1 - self.rate), 0).astype(x.dtype)
-        return x * mask, mask
+        return self._masked(x, kept), kept
 
-    def backward(self, params: Any, mask: Array | None, delta_out: Array,
+    def backward(self, params: Any, kept: Array | None, delta_out: Array,
                  need_input: bool = True) -> tuple[Array | None, dict[str, Array]]:
         if not need_input:
             return None, {}
-        return (delta_out if mask is None else delta_out * mask.astype(delta_out.dtype)), {}
+        return (delta_out if kept is None else self._masked(delta_out, kept)), {}
+
+    def _masked(self, v: Array, kept: Array) -> Array:
+        """``v * m``: kept entries scaled by 1 / (1 - p) in at least float32 (a bf16 scale
+        would round 1/0.9 to 1.109), then stored in v's dtype; the others 0."""
+        wide = jnp.promote_types(v.dtype, jnp.float32)
+        return jnp.where(kept, (v.astype(wide) * (1 / (1 - self.rate))).astype(v.dtype), 0)
 
     def per_sample_grads(self, params: Any, cache: Any, delta_out: Array) -> dict[str, Array]:
         return {}
