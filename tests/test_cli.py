@@ -232,7 +232,8 @@ def test_train_gpt_on_a_users_text_checkpoints_resumes_and_samples(capsys, tmp_p
     out = capsys.readouterr().out
     assert code == 0, out
     assert "gpt dim 16, depth 1, heads 2, seq_len 16, vocab 28" in out
-    assert ", dropout 0.1," in out
+    assert ", dropout 0.1," in out and "with the first step's dropout masks: verify_grads: " \
+        "OK" in out
     assert "verify_grads: OK" in out and "bits/char)" in out and "sample (greedy" in out
     code = cli.main([*argv, "--epochs", "3"])
     out = capsys.readouterr().out

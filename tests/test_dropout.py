@@ -82,7 +82,9 @@ def test_a_steps_masks_are_the_same_for_backprop_and_jax_grad(style, x64):
                      jnp.stack([y] * 3))
     assert global_rel_error(looped.params, ends["backprop"]) <= 1e-12
     assert float(net.cost(params, x, y)) == float(net.cost(params, x, y))
-    assert key is not None
+    # verify_grads with a step's masks: backprop vs jax.grad, FD and Taylor on the masked cost
+    report = jaxbp.verify_mlp(net, params, x, y, key=key)
+    assert not report.failed and "verify_grads: OK" in report.summary(), report
 
 
 def test_a_private_run_and_the_cli_take_dropout(x64, capsys):

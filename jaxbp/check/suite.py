@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbp import layers, network
+from jaxbp import input_checks, layers, network
 from jaxbp.activations import ACTIVATIONS
 from jaxbp.backprop import value_and_backprop
+from jaxbp.backprop import value_grads_and_output as backprop_values
 from jaxbp.check.recipe import to_float64
 from jaxbp.check.verify import GradReport, verify_grads
-from jaxbp.losses import LOSSES
+from jaxbp.losses import LOSSES, mean_loss
 from jaxbp.mlp import MLP, Net
 from jaxbp.network import Network
 from jaxbp.types import Array, ArrayLike, Params, check_bool, check_int
@@ -226,7 +227,8 @@ def run_case(case: Case, n_fd: int = 2) -> GradReport:
 
 
 def verify_mlp(
-    net: Net, params: Params, x: ArrayLike, y: ArrayLike, n_fd: int = 2, float64: bool = False
+    net: Net, params: Params, x: ArrayLike, y: ArrayLike, n_fd: int = 2, float64: bool = False,
+    key: Array | None = None
 ) -> GradReport:
     """verify_grads of ``backprop`` against ``jax.grad`` of ``net.cost`` at (params, x, y).
 
@@ -234,12 +236,24 @@ def verify_mlp(
     and the check runs with 64-bit JAX switched on for its duration only: the
     same network and data, checked where FD and the Taylor test are sharp
     (a float32 FD step along a random direction crosses ReLU kinks of a wide net).
+    ``key``: a training step's (:func:`jaxbp.network.step_key`): the gradient and the
+    cost with that step's dropout masks, both sides the same ones; None: the evaluation
+    forward (no dropout).
     """
     def grad_fn(p, x, y):
-        return value_and_backprop(net, p, x, y)[1]
+        if key is None:
+            return value_and_backprop(net, p, x, y)[1]
+        x, y = input_checks.check_inputs(net, p, x, y)
+        return backprop_values(net, p, x, y, key)[1]
+
+    def cost(p, x, y):
+        if key is None:
+            return net.cost(p, x, y)
+        chain = network.as_network(net)
+        return mean_loss(chain.loss_fn, network.forward(chain, p, x, key)[0], y)
 
     if not check_bool("float64", float64):
-        return verify_grads(grad_fn, jax.jit(net.cost), params, x, y, n_fd=n_fd)
+        return verify_grads(grad_fn, jax.jit(cost), params, x, y, n_fd=n_fd)
     with jax.enable_x64(True):
-        return verify_grads(grad_fn, jax.jit(net.cost), jax.tree.map(to_float64, params),
+        return verify_grads(grad_fn, jax.jit(cost), jax.tree.map(to_float64, params),
                             to_float64(x), to_float64(y), n_fd=n_fd)

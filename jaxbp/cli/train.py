@@ -261,18 +261,22 @@ def _gradient_checked(args: argparse.Namespace, plan: dict[str, Any], key: Any,
                       main_process: bool) -> bool:
     """verify_grads in float64 at the params fit starts from, on the first batch; with a
     recipe, of the net without it, then the recipe's gradient against the float64 truth."""
+    from jaxbp import network
     from jaxbp.check.recipe import check_recipe
     from jaxbp.check.suite import verify_mlp
 
     net, exact_net, dataset = plan["net"], plan["exact_net"], plan["dataset"]
     params = net.init(jax.random.split(key)[0])  # the params fit starts from
     x0, y0 = dataset.x_train[:args.batch_size], dataset.y_train[:args.batch_size]
-    report = verify_mlp(exact_net, params, x0, y0, n_fd=2, float64=True)
+    # a net with dropout is checked with the first step's masks: the gradient it trains on
+    masks = network.step_key(network.as_network(exact_net), 0)
+    report = verify_mlp(exact_net, params, x0, y0, n_fd=2, float64=True, key=masks)
     if main_process:
         rule = ("" if args.grad in ("backprop", "autodiff") or args.dp else
                 f" (of the recursion, which --grad {args.grad} changes: its updates are not the "
                 f"gradient)")
         without = "" if net is exact_net else f", without the {args.recipe} recipe"
+        without += "" if masks is None else ", with the first step's dropout masks"
         print(f"gradient check at the initial params, first {len(x0)} samples, in float64"
               f"{without}{rule}: {report.summary()}")
     if report.failed:
