@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxbp.layers.base import Shape, register
 from jaxbp.types import Array, is_real
@@ -51,7 +52,9 @@ class Dropout:
         ``(x, None)`` without a key."""
         if key is None or self.rate == 0:
             return x, None
-        kept = jax.random.bernoulli(key, 1 - self.rate, x.shape)
+        # a float32 draw whatever the mode: 64-bit JAX would draw float64 uniforms and
+        # other masks, and a float64 check would not see the step's masks
+        kept = jax.random.bernoulli(key, np.float32(1 - self.rate), x.shape)
         return self._masked(x, kept), kept
 
     def backward(self, params: Any, kept: Array | None, delta_out: Array,
