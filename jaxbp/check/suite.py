@@ -38,6 +38,7 @@ def random_transformer(i: int, dtype: str) -> tuple[Network, int]:
     RMSNorm, vocab 2-50, mlp_ratio 1-4; every eighth case (i = 7 mod 8) attention's
     blockwise form, 1-8 keys a block; rotary positions where i = 1, 2 mod 4 (head
     width 2 or 4), learned ones otherwise; the SwiGLU feed-forward where i = 2, 3 mod 4;
+    residual dropout 0.1 where i = 4 mod 5 (the identity unless a step's key is given);
     one key/value head for all query heads (multi-query) where i = 5, 6 mod 8; no biases
     where i = 2 mod 4 (with rotary positions and SwiGLU: LLaMA-style); the head tied to the
     token table where i = 0 mod 3 (GPT-2's tied embedding). Targets may hold -1 (ignored
@@ -59,7 +60,7 @@ def random_transformer(i: int, dtype: str) -> tuple[Network, int]:
                       attention_block=block, positions=("learned", "rope")[rope],
                       mlp=("gelu", "swiglu")[i % 4 in (2, 3)],
                       kv_heads=1 if i % 8 in (5, 6) else None, bias=i % 4 != 2,
-                      tie_embedding=i % 3 == 0), batch
+                      tie_embedding=i % 3 == 0, dropout=0.1 if i % 5 == 4 else 0.0), batch
 
 
 def random_tokens(rng: np.random.Generator, net: Network, batch: int,
@@ -221,9 +222,11 @@ def case_data(case: Case) -> tuple[tuple[dict[str, Array], ...], Array, Array]:
 
 
 def run_case(case: Case, n_fd: int = 2) -> GradReport:
-    """verify_grads of the hand-written gradient of one case (needs x64 for float64)."""
+    """verify_grads of the hand-written gradient of one case (needs x64 for float64); a
+    net with dropout with the masks of a training step drawn from the case's seed."""
     params, x, y = case_data(case)
-    return verify_mlp(case.net, params, x, y, n_fd=n_fd)
+    masks = network.step_key(network.as_network(case.net), case.seed % 1000)
+    return verify_mlp(case.net, params, x, y, n_fd=n_fd, key=masks)
 
 
 def verify_mlp(
