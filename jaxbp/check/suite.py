@@ -131,12 +131,15 @@ class Case:
         """``sizes act->out_act loss dtype`` on one line (the layers for a Network)."""
         if getattr(self.net, "input_dtype", None) is not None:
             (steps, dim), vocab = self.net.shapes[1], self.net.n_out
-            blocks = (len(self.net.layers) - 3) // 2
+            blocks = sum(hasattr(layer, "layers") for layer in self.net.layers) // 2
             keys = {getattr(inner, "block", None) for layer in self.net.layers
                     for inner in getattr(layer, "layers", ())} - {None}
-            blockwise = "".join(f" attention {k} keys a block" for k in sorted(keys))
+            shown = "".join(f" attention {k} keys a block" for k in sorted(keys))
+            shown += " tied" * self.net.tie_embedding
+            rates = {getattr(layer, "rate", None) for layer in self.net.layers} - {None}
+            shown += "".join(f" dropout {rate:g}" for rate in sorted(rates))
             return (f"gpt T={steps} d={dim} blocks={blocks} vocab={vocab} B={self.batch}"
-                    f"{blockwise} (int labels, -1 ignored)")
+                    f"{shown} (int labels, -1 ignored)")
         if isinstance(self.net, Network):
             labels = " (int labels)" if self.label_targets else ""
             return f"{network.describe(self.net)} B={self.batch}{labels}"
