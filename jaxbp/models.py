@@ -18,8 +18,9 @@ from jax.typing import DTypeLike
 
 from jaxbp import input_checks, layers, network, value_checks
 from jaxbp.layers.chain import records
+from jaxbp.layers.dropout import check_rate
 from jaxbp.network import Network
-from jaxbp.types import Array, check_bool, check_int, is_real
+from jaxbp.types import Array, check_bool, check_int
 
 NORMS = {"layer": layers.LayerNorm, "rms": layers.RMSNorm}
 """The norms :func:`gpt` takes by name."""
@@ -95,8 +96,7 @@ def gpt(vocab: int, dim: int, depth: int, heads: int, seq_len: int, mlp_ratio: i
     """
     _check_gpt(vocab, dim, depth, heads, seq_len, mlp_ratio, norm, causal, positions, mlp,
                kv_heads, bias, mlp_hidden)
-    if isinstance(dropout, bool) or not is_real(dropout) or not 0 <= dropout < 1:
-        raise ValueError(f"gpt dropout must be a rate in [0, 1), got {dropout!r}")
+    dropout = check_rate("gpt dropout", dropout)
     make_norm = functools.partial(NORMS[norm], bias=bias) if norm == "layer" else NORMS[norm]
     hidden = (layers.GatedDense if mlp == "swiglu" else layers.Dense)(
         mlp_hidden or int(mlp_ratio) * dim, "silu" if mlp == "swiglu" else "gelu", bias=bias)

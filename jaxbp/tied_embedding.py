@@ -72,13 +72,11 @@ def tied_grads(net: Any, grads: Any) -> Any:
 def cross_sq_norms(net: Any, params: Any, caches: Sequence[Any],
                    deltas: Sequence[Array]) -> Array:
     """(B,): ``2 <g_i^E, (g_i^W)^T>`` for each sample, the cross term of the table's two
-    uses in ``||g_i||^2`` (zero without ``net.tie_embedding``), from the per-sample
+    uses in ``||g_i||^2`` (a net with ``tie_embedding``), from the per-sample
     errors: ``2 sum_{t,s} <e_t, h_s> d_s[x_t]`` with e (T, dim) the error at the
     embedding's output, h (S, dim) the head's input and d (S, vocab) its pre-activation
     error (``params``: :func:`layer_params`'s)."""
     tokens, e = caches[0], deltas[0]
-    if not net.tie_embedding:
-        return jnp.zeros(tokens.shape[:1], params[0]["tokens"].dtype)
     dtype = params[0]["tokens"].dtype
     head, cache = net.layers[-1], caches[-1]
     batch = tokens.shape[0]

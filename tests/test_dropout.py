@@ -39,7 +39,7 @@ def test_the_record_keeps_1_minus_p_scaled_and_its_backward_is_the_mask(x64):
     for bad in (1.0, -0.1, True, "0.1", float("nan")):
         with pytest.raises(ValueError, match=r"Dropout rate must be a number in \[0, 1\)"):
             L.Dropout(bad)
-    with pytest.raises(ValueError, match=r"gpt dropout must be a rate in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"gpt dropout must be a number in \[0, 1\), got 1.5"):
         models.gpt(5, 4, 1, 2, 3, dropout=1.5)
 
 

@@ -164,9 +164,10 @@ def _compiled_loop(key: tuple[Any, ...], product: Callable[[Any, Any], Any], out
                    bs: tuple[jax.Array, ...]) -> Any:
     """The loop of :func:`_product_loop` compiled for ``a, bs``, from the cache when the
     same product (``key``: its kind, shape, dtypes and precision) was compiled before."""
-    loop = _product_loop(product, out, unroll, precision)
-    return _cached((*key, unroll, len(bs), _ITERATION_HOOK),
-                   lambda: compile_ahead(loop, a, bs, jnp.int32(1))[0])
+    def build() -> Any:
+        loop = _product_loop(product, out, unroll, precision)
+        return compile_ahead(loop, a, bs, jnp.int32(1))[0]
+    return _cached((*key, unroll, len(bs), _ITERATION_HOOK), build)
 
 
 def _compiled_alone(key: tuple[Any, ...], product: Callable[[Any, Any], Any],

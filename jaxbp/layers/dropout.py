@@ -24,6 +24,13 @@ from jaxbp.layers.base import Shape, register
 from jaxbp.types import Array, is_real
 
 
+def check_rate(name: str, rate: Any) -> float:
+    """A dropout rate as a float in [0, 1), or a ValueError naming ``name``."""
+    if isinstance(rate, bool) or not is_real(rate) or not 0 <= rate < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
+    return float(rate)
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class Dropout:
@@ -36,9 +43,7 @@ class Dropout:
     """Its forward reads a key when one is given (:func:`jaxbp.layers.chain.chain_forward`)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.rate, bool) or not is_real(self.rate) or not 0 <= self.rate < 1:
-            raise ValueError(f"Dropout rate must be a number in [0, 1), got {self.rate!r}")
-        object.__setattr__(self, "rate", float(self.rate))
+        object.__setattr__(self, "rate", check_rate("Dropout rate", self.rate))
 
     def output_shape(self, in_shape: Shape) -> Shape:
         return tuple(in_shape)
